@@ -1,0 +1,12 @@
+"""loft: LoFT, low-rank adaptation that behaves like full fine-tuning (Tastan et al., ICLR 2026).
+
+>>> import loft
+>>> optimizer = loft.LoFTAdamW(peft_model, lr=1e-4)
+"""
+
+from .clip import clip_grad_norm_
+from .optim import SWITCHES, LoFTAdamW
+from .pairs import LoRAPair, find_lora_pairs, split_lora_parameters
+
+__all__ = ["SWITCHES", "LoFTAdamW", "LoRAPair", "clip_grad_norm_", "find_lora_pairs", "split_lora_parameters"]
+__version__ = "0.1.0"

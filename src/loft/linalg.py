@@ -1,0 +1,145 @@
+"""Small dense linear algebra used by the LoFT step.
+
+Everything here is a pure function of its tensor arguments. Shapes use the "side" convention of
+:mod:`loft.functional`: a factor ``F`` of shape ``(r, k)`` whose partner is ``P`` of shape
+``(l, r)``, so that the adapter's change is ``P @ F`` (``(l, k)``).
+
+Symmetric ``r x r`` second-moment grams are stored *packed*: only the ``p`` entries ``(i, j)``
+selected by a :class:`PackedIndex` (the upper triangle, ``p = r (r + 1) / 2``, or just the
+diagonal, ``p = r``, for the simple variant). A stack of ``k`` grams is a ``(k, p)`` matrix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "PackedIndex",
+    "compute_dtype",
+    "damped_solve",
+    "packed_index",
+    "packed_outer",
+    "packed_transport",
+    "projected_adam_direction",
+]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype LoFT does its math and keeps its state in: float64 for float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def damped_solve(gram: Tensor, rhs: Tensor, damping: float) -> Tensor:
+    """Solve ``(gram + lam I) X = rhs`` for a symmetric positive semi-definite ``gram``.
+
+    ``gram``: ``(..., r, r)``, ``rhs``: ``(..., r, k)``. The damping is relative to the matrix
+    scale, ``lam = damping * trace(gram) / r``, so the result does not depend on how the factors
+    are scaled. An all-zero ``gram`` (LoRA's ``B = 0`` start) is solved as ``lam = tiny`` and a
+    zero right-hand side gives exactly zero. Cholesky is used; if it still fails (a matrix that
+    is singular to working precision), an eigen-decomposition pseudo-solve that drops the
+    directions below the damping level is used instead. No explicit inverse is ever formed.
+    """
+    r = gram.shape[-1]
+    eye = torch.eye(r, dtype=gram.dtype, device=gram.device)
+    scale = gram.diagonal(dim1=-2, dim2=-1).sum(-1) / r
+    lam = (scale * damping).clamp_min(torch.finfo(gram.dtype).tiny)
+    damped = gram + lam[..., None, None] * eye
+    chol, info = torch.linalg.cholesky_ex(damped)
+    if not bool((info != 0).any()):
+        return torch.cholesky_solve(rhs, chol)
+    evals, evecs = torch.linalg.eigh(damped)
+    floor = lam[..., None] * 2
+    inv = torch.where(evals > floor, evals.reciprocal(), torch.zeros_like(evals))
+    return evecs @ (inv[..., :, None] * (evecs.transpose(-1, -2) @ rhs))
+
+
+@dataclass(frozen=True)
+class PackedIndex:
+    """Which entries ``(rows[q], cols[q])`` of a symmetric ``r x r`` matrix are stored.
+
+    ``weight[q]`` is 2 off the diagonal (the entry stands for itself and its mirror) and 1 on it,
+    so ``x^T S x == sum_q weight[q] * S_packed[q] * x[rows[q]] * x[cols[q]]``.
+    ``diag[i]`` is the packed position of entry ``(i, i)``.
+    """
+
+    r: int
+    rows: Tensor
+    cols: Tensor
+    weight: Tensor
+    diag: Tensor
+
+    @property
+    def size(self) -> int:
+        return int(self.rows.numel())
+
+    @property
+    def diagonal_only(self) -> bool:
+        return self.size == self.r
+
+
+@lru_cache(maxsize=256)
+def packed_index(r: int, diagonal_only: bool, dtype: torch.dtype, device: torch.device) -> PackedIndex:
+    """The packed layout for rank ``r``: upper triangle (full grams) or diagonal only."""
+    if diagonal_only:
+        rows = cols = torch.arange(r, device=device)
+    else:
+        rows, cols = torch.triu_indices(r, r, device=device)
+    weight = torch.where(rows == cols, 1.0, 2.0).to(dtype)
+    diag = torch.nonzero(rows == cols).flatten()
+    return PackedIndex(r, rows, cols, weight, diag)
+
+
+def packed_outer(g: Tensor, index: PackedIndex) -> Tensor:
+    """Packed outer products of the columns of ``g``: ``(r, k) -> (k, p)``.
+
+    Row ``j`` of the result is ``g[:, j] g[:, j]^T`` in packed form.
+    """
+    return (g[index.rows] * g[index.cols]).T
+
+
+def packed_transport(packed: Tensor, c: Tensor, index: PackedIndex) -> Tensor:
+    """Congruence ``S <- C S C^T`` applied to every packed gram: ``(k, p), (r, r) -> (k, p)``."""
+    r = index.r
+    full = packed.new_zeros(packed.shape[0], r, r)
+    full[:, index.rows, index.cols] = packed
+    full[:, index.cols, index.rows] = packed
+    moved = c @ full @ c.T
+    return moved[:, index.rows, index.cols]
+
+
+def projected_adam_direction(
+    partner: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    index: PackedIndex,
+    *,
+    bias_correction1: float,
+    bias_correction2: float,
+    eps: float,
+    chunk_bytes: int,
+) -> Tensor:
+    """``P^T D`` where ``D`` is the full-space AdamW direction rebuilt from factor moments.
+
+    ``partner`` ``P``: ``(l, r)``; ``exp_avg`` ``m``: ``(r, k)``; ``exp_avg_sq``: ``(k, p)``
+    packed grams ``S_j``. The full first moment is ``M = P m`` (``(l, k)``), the full second
+    moment ``V[i, j] = P_i^T S_j P_i`` and ``D = (M / bc1) / (sqrt(V / bc2) + eps)``; the result
+    is ``P^T D`` (``(r, k)``). ``V`` is a GEMM of packed partner products ``(l, p)`` with the
+    packed grams, computed ``rows`` of ``P`` at a time so that no temporary larger than about
+    ``chunk_bytes`` (two ``(rows, k)`` buffers) and no ``(l, r, k)`` tensor ever exists.
+    """
+    l, k = partner.shape[0], exp_avg.shape[1]
+    out = torch.zeros_like(exp_avg)
+    rows_per_chunk = max(1, chunk_bytes // (2 * k * partner.element_size()))
+    sq_t = exp_avg_sq.T
+    inv_sqrt_bc2 = bias_correction2 ** -0.5
+    for start in range(0, l, rows_per_chunk):
+        p_rows = partner[start : start + rows_per_chunk]
+        products = p_rows[:, index.rows] * p_rows[:, index.cols] * index.weight
+        denom = (products @ sq_t).clamp_min_(0).sqrt_().mul_(inv_sqrt_bc2).add_(eps)
+        direction = (p_rows @ exp_avg).div_(denom).div_(bias_correction1)
+        out.addmm_(p_rows.T, direction)
+    return out

@@ -1,0 +1,503 @@
+"""``LoFTAdamW``: the LoFT optimizer as a drop-in ``torch.optim.Optimizer``.
+
+The math lives in :mod:`loft.functional` (one side of a pair), :mod:`loft.linalg` (solves,
+packed grams, the chunked full-direction rebuild) and :mod:`loft.clip` (projected norms); this
+module finds the pairs, keeps the state and runs the step.
+"""
+
+from __future__ import annotations
+
+import difflib
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from torch.optim.adamw import adamw as _adamw_functional
+
+from .clip import clip_coefficient, pair_sq_norm
+from .functional import Side, calibrate, factor_adam_update, projected_update, update_moments
+from .linalg import compute_dtype, damped_solve, packed_index
+from .pairs import LoRAPair, count_lora_layers, split_lora_parameters
+
+__all__ = ["LoFTAdamW", "SWITCHES"]
+
+#: The building blocks of LoFT, each a boolean option (and param-group key) that is on by default.
+#: With all of them off the optimizer is AdamW on the LoRA factors; with only
+#: ``second_moment_calibration`` off it is the paper's "LoFT (simple)".
+SWITCHES = (
+    "gradient_scaling",
+    "alternating_updates",
+    "first_moment_calibration",
+    "second_moment_calibration",
+    "projected_update",
+    "projected_clipping",
+)
+
+_OPTIONS = ("lr", "betas", "eps", "weight_decay", "max_grad_norm", *SWITCHES, "damping", "chunk_bytes", "nonfinite_grads")
+
+
+@dataclass
+class _PreparedPair:
+    """One pair's inputs to this step, computed before any state changes."""
+
+    pair: LoRAPair
+    group: dict[str, Any]
+    step: int
+    move_a: bool
+    move_b: bool
+    scaling: float
+    side_a: Side
+    side_b: Side
+
+
+class LoFTAdamW(Optimizer):
+    r"""LoFT: AdamW for LoRA adapters that takes the step full fine-tuning would take,
+    projected onto the adapter's subspace (Tastan et al., ICLR 2026).
+
+    Args:
+        params: the model (a PEFT model, any module holding PEFT LoRA layers, or either wrapped
+            in ``DistributedDataParallel``); or an iterable of :class:`~loft.LoRAPair` objects
+            and tensors; or a list of param-group dicts whose ``"params"`` hold modules, pairs
+            and tensors. Modules are expanded into their LoRA pairs (LoFT) and their other
+            trainable parameters (plain AdamW). A plain iterable of tensors such as
+            ``model.parameters()`` is refused: LoFT must know which tensors form a pair.
+        lr, betas, eps, weight_decay: as in :class:`torch.optim.AdamW`. For a pair, ``eps`` is
+            added in the full weight space and weight decay shrinks the adapter's change
+            ``dW`` toward the pretrained weight (``dW <- (1 - lr wd) dW``).
+        max_grad_norm: clip inside the step by the projected full-gradient norm (``None``: no
+            clipping). Clip outside the step with :func:`loft.clip_grad_norm_` instead.
+        gradient_scaling, alternating_updates, first_moment_calibration,
+        second_moment_calibration, projected_update, projected_clipping: LoFT's building
+            blocks, each on by default and each a param-group key (see :data:`SWITCHES`).
+        damping: relative damping of the ``r x r`` solves (``None``: ten machine epsilons of the
+            compute dtype, 1.2e-6 in float32).
+        chunk_bytes: memory budget of the temporaries of the full-direction rebuild.
+        nonfinite_grads: ``"skip"`` (warn and leave parameters and state untouched) or
+            ``"raise"`` when a gradient holds inf or NaN.
+
+    State and solves are float32 for float32 / bfloat16 / float16 parameters and float64 for
+    float64 ones. Parameters that are not LoRA factors follow ``torch.optim.AdamW`` exactly.
+    """
+
+    def __init__(
+        self,
+        params: nn.Module | Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        max_grad_norm: float | None = None,
+        *,
+        gradient_scaling: bool = True,
+        alternating_updates: bool = True,
+        first_moment_calibration: bool = True,
+        second_moment_calibration: bool = True,
+        projected_update: bool = True,
+        projected_clipping: bool = True,
+        damping: float | None = None,
+        chunk_bytes: int = 32 * 2**20,
+        nonfinite_grads: str = "skip",
+        **unknown: Any,
+    ) -> None:
+        if unknown:
+            name = next(iter(unknown))
+            close = difflib.get_close_matches(name, _OPTIONS, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise TypeError(f"LoFTAdamW got an unknown option {name!r}.{hint} Options: {', '.join(_OPTIONS)}.")
+        _check_options(lr, betas, eps, weight_decay, max_grad_norm, damping, chunk_bytes, nonfinite_grads)
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        self.damping = damping
+        self.chunk_bytes = int(chunk_bytes)
+        self.nonfinite_grads = nonfinite_grads
+        #: total gradient norm (clipping norm) seen by the last step, when clipping is on
+        self.last_grad_norm: Tensor | None = None
+        #: how many steps were skipped because of non-finite gradients
+        self.skipped_steps = 0
+        self._pairs: list[LoRAPair] = []
+        self._pair_by_param: dict[int, LoRAPair] = {}
+        self._param_names: dict[int, str] = {}
+        self._modules_seen: list[nn.Module] = []
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            gradient_scaling=gradient_scaling,
+            alternating_updates=alternating_updates,
+            first_moment_calibration=first_moment_calibration,
+            second_moment_calibration=second_moment_calibration,
+            projected_update=projected_update,
+            projected_clipping=projected_clipping,
+        )
+        super().__init__(_as_param_groups(params), defaults)
+        if not self._pairs:
+            raise ValueError(self._no_pairs_message())
+
+    # ----------------------------------------------------------------------------- set-up
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group whose ``"params"`` may hold modules, :class:`LoRAPair` objects and tensors."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"A param group must be a dict, got {type(param_group).__name__}.")
+        group = dict(param_group)
+        items = group.get("params", [])
+        items = [items] if isinstance(items, (Tensor, nn.Module, LoRAPair)) else list(items)
+        pairs: list[LoRAPair] = []
+        plain: list[Tensor] = []
+        for item in items:
+            if isinstance(item, nn.Module):
+                found, others = split_lora_parameters(item)
+                pairs += found
+                plain += others
+                self._modules_seen.append(item)
+                self._param_names.update({id(p): n for n, p in item.named_parameters()})
+            elif isinstance(item, LoRAPair):
+                pairs.append(item)
+            elif isinstance(item, Tensor):
+                plain.append(item)
+            else:
+                raise TypeError(
+                    f"LoFTAdamW params must be modules, loft.LoRAPair objects or tensors, got {type(item).__name__}."
+                )
+        unknown = set(group) - {"params", *self.defaults}
+        if unknown:
+            name = sorted(unknown)[0]
+            close = difflib.get_close_matches(name, list(self.defaults), n=1)
+            if close:  # other extra keys (names, tags) are allowed, as in torch
+                raise ValueError(f"Param group has unknown option {name!r}. Did you mean {close[0]!r}?")
+        group["params"] = [t for p in pairs for t in (p.A, p.B)] + plain
+        super().add_param_group(group)
+        for pair in pairs:
+            self._pairs.append(pair)
+            self._pair_by_param[id(pair.A)] = pair
+            self._pair_by_param[id(pair.B)] = pair
+            self._param_names.setdefault(id(pair.A), f"{pair.name}.A" if pair.name else "lora A")
+            self._param_names.setdefault(id(pair.B), f"{pair.name}.B" if pair.name else "lora B")
+
+    def _no_pairs_message(self) -> str:
+        if self._modules_seen:
+            layers = sum(count_lora_layers(m) for m in self._modules_seen)
+            kinds = ", ".join(sorted({type(m).__name__ for m in self._modules_seen}))
+            if layers:
+                return (
+                    f"{kinds} has {layers} LoRA layer(s) but none with trainable factors. Make the adapter "
+                    "trainable (e.g. peft_model.set_adapter(name) or requires_grad_(True) on lora_A/lora_B)."
+                )
+            return (
+                f"No LoRA layers found in {kinds}. LoFTAdamW trains LoRA adapters: wrap the model first, "
+                "e.g. model = peft.get_peft_model(model, peft.LoraConfig(r=8, target_modules=[...])), "
+                "or pass explicit pairs with loft.LoRAPair(A, B, scaling). For a model without adapters "
+                "use torch.optim.AdamW."
+            )
+        return (
+            "LoFTAdamW got tensors but no LoRA pairs. Pass the model itself, LoFTAdamW(model), not "
+            "model.parameters(): LoFT must know which tensors form a LoRA pair (A, B, scaling). For "
+            "your own LoRA modules pass loft.LoRAPair(A, B, scaling) objects (tensors may follow)."
+        )
+
+    # ----------------------------------------------------------------------------- the step
+    def _pair_moves(self, group: dict[str, Any], step: int) -> tuple[bool, bool]:
+        """``(move_a, move_b)`` at 1-based ``step``: B moves on odd steps, A on even ones."""
+        if not group["alternating_updates"]:
+            return True, True
+        return step % 2 == 0, step % 2 == 1
+
+    def _damping(self, dtype: torch.dtype) -> float:
+        return self.damping if self.damping is not None else 10 * torch.finfo(dtype).eps
+
+    def _prepare(self, group: dict[str, Any], pair: LoRAPair, need_scaled: bool) -> _PreparedPair:
+        state = self.state[pair.A]
+        step = state.get("step", 0) + 1
+        move_a, move_b = self._pair_moves(group, step)
+        s = pair.scale()
+        cd = compute_dtype(pair.A.dtype)
+        a = LoRAPair.matrix(pair.A).to(cd)
+        u = LoRAPair.matrix(pair.B).to(cd) * s
+        grad_a = _grad_matrix(pair.A, cd)
+        grad_u = _grad_matrix(pair.B, cd) / s
+        side_a = Side(factor=a, partner=u, gram=u.T @ u, grad=grad_a, unit=1.0)
+        side_b = Side(factor=u.T, partner=a.T, gram=a @ a.T, grad=grad_u.T, unit=s)
+        if need_scaled:
+            damping = self._damping(cd)
+            for side in (side_a, side_b):
+                side.scaled = damped_solve(side.gram, side.grad, damping)
+        return _PreparedPair(pair, group, step, move_a, move_b, s, side_a, side_b)
+
+    def _collect(self, clipping: bool) -> tuple[list[_PreparedPair], list[tuple[dict[str, Any], list[Tensor]]]]:
+        """Pairs with gradients (prepared) and, per group, the other parameters with gradients.
+        ``clipping``: a norm will be taken, so projected clipping needs the scaled gradients."""
+        prepared: list[_PreparedPair] = []
+        plain: list[tuple[dict[str, Any], list[Tensor]]] = []
+        for group in self.param_groups:
+            others = []
+            for p in group["params"]:
+                if p.grad is not None and p.grad.is_sparse:
+                    raise RuntimeError(
+                        f"LoFTAdamW does not support sparse gradients ({self._name(p)}). Use dense "
+                        "gradients (e.g. nn.Embedding(..., sparse=False))."
+                    )
+                pair = self._pair_by_param.get(id(p))
+                if pair is None:
+                    if p.grad is not None:
+                        others.append(p)
+                elif p is pair.A and (pair.A.grad is not None or pair.B.grad is not None):
+                    need = group["gradient_scaling"] or (clipping and group["projected_clipping"])
+                    prepared.append(self._prepare(group, pair, need))
+            plain.append((group, others))
+        return prepared, plain
+
+    def _all_finite(self, prepared: list[_PreparedPair], plain: list[tuple[dict[str, Any], list[Tensor]]]) -> bool:
+        params = [t for pp in prepared for t in (pp.pair.A, pp.pair.B)] + [p for _, ps in plain for p in ps]
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return True
+        flags = torch.stack([torch.isfinite(g).all().to(grads[0].device) for g in grads])
+        if bool(flags.all()):
+            return True
+        bad = [self._name(p) for p in params if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+        message = (
+            f"Non-finite gradient (inf or NaN) in {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; "
+            "the LoFTAdamW step was skipped and no parameter or state changed."
+        )
+        if self.nonfinite_grads == "raise":
+            raise FloatingPointError(message + " (nonfinite_grads='raise')")
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+        self.skipped_steps += 1
+        return False
+
+    def _total_sq_norm(self, prepared: list[_PreparedPair], plain: list[tuple[dict[str, Any], list[Tensor]]]) -> Tensor:
+        total = torch.zeros((), dtype=torch.float64)
+        for pp in prepared:
+            sq = pair_sq_norm(
+                pp.side_a,
+                pp.side_b,
+                move_a=pp.move_a,
+                move_b=pp.move_b,
+                projected=pp.group["projected_clipping"],
+                damping=self._damping(pp.side_a.factor.dtype),
+            )
+            total = total + sq.double().cpu()
+        for _, params in plain:
+            for p in params:
+                total = total + p.grad.double().square().sum().cpu()
+        return total
+
+    @torch.no_grad()
+    def grad_norm(self) -> Tensor:
+        """The norm LoFT clips by, for the current gradients and the next step's active factors:
+        the projected full-gradient norm of each pair plus the plain norm of the other parameters."""
+        prepared, plain = self._collect(clipping=True)
+        return self._total_sq_norm(prepared, plain).sqrt().float()
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One LoFT step for every pair and one AdamW step for every other parameter."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        prepared, plain = self._collect(clipping=self.max_grad_norm is not None)
+        if not self._all_finite(prepared, plain):
+            return loss
+        coef = None
+        if self.max_grad_norm is not None:
+            self.last_grad_norm = self._total_sq_norm(prepared, plain).sqrt()
+            coef = float(clip_coefficient(self.last_grad_norm, self.max_grad_norm))
+        for pp in prepared:
+            self._step_pair(pp, coef)
+        for group, params in plain:
+            self._step_plain(group, params, coef)
+        return loss
+
+    def _init_pair_state(self, pp: _PreparedPair, diagonal_only: bool) -> None:
+        for side, param in ((pp.side_a, pp.pair.A), (pp.side_b, pp.pair.B)):
+            r, k = side.factor.shape
+            p = r if diagonal_only else r * (r + 1) // 2
+            self.state[param].update(
+                step=0,
+                exp_avg=torch.zeros_like(side.factor),
+                exp_avg_sq=side.factor.new_zeros(k, p),
+                partner=torch.zeros_like(side.partner),
+            )
+
+    def _step_pair(self, pp: _PreparedPair, coef: float | None) -> None:
+        group, pair, t = pp.group, pp.pair, pp.step
+        beta1, beta2 = group["betas"]
+        cd = pp.side_a.factor.dtype
+        damping = self._damping(cd)
+        index = packed_index(pair.rank, not group["second_moment_calibration"], cd, pair.A.device)
+        if t == 1:
+            self._init_pair_state(pp, index.diagonal_only)
+        prev_a, prev_b = self._pair_moves(group, t - 1) if t > 1 else (False, False)
+        new_factors: list[tuple[Tensor, Side, dict[str, Any]]] = []
+        for side, param, partner_moved, moves in (
+            (pp.side_a, pair.A, prev_b, pp.move_a),
+            (pp.side_b, pair.B, prev_a, pp.move_b),
+        ):
+            st = self.state[param]
+            if partner_moved:
+                calibrate(
+                    st["exp_avg"],
+                    st["exp_avg_sq"],
+                    side,
+                    st["partner"],
+                    index,
+                    first_moment=group["first_moment_calibration"],
+                    second_moment=group["second_moment_calibration"],
+                    damping=damping,
+                )
+            st["partner"].copy_(side.partner)
+            grad = side.scaled if group["gradient_scaling"] else side.grad
+            if coef is not None and coef != 1.0:
+                grad = grad * coef
+            update_moments(st["exp_avg"], st["exp_avg_sq"], grad, index, beta1, beta2)
+            st["step"] = t
+            if moves:
+                new_factors.append((self._new_factor(group, side, st, index, t, damping), side, st))
+        for new, side, _ in new_factors:  # written back only after every new factor is computed
+            if side is pp.side_a:
+                pair.A.copy_(new.view_as(pair.A))
+            else:
+                pair.B.copy_((new.T / pp.scaling).view_as(pair.B))
+
+    def _new_factor(self, group: dict[str, Any], side: Side, st: dict[str, Any], index: Any, t: int, damping: float) -> Tensor:
+        beta1, beta2 = group["betas"]
+        common = dict(
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            bias_correction1=1 - beta1**t,
+            bias_correction2=1 - beta2**t,
+        )
+        if group["projected_update"]:
+            return projected_update(
+                side, st["exp_avg"], st["exp_avg_sq"], index, damping=damping, chunk_bytes=self.chunk_bytes, **common
+            )
+        return factor_adam_update(side, st["exp_avg"], st["exp_avg_sq"], index, **common)
+
+    def _step_plain(self, group: dict[str, Any], params: list[Tensor], coef: float | None) -> None:
+        if not params:
+            return
+        exp_avgs, exp_avg_sqs, steps = [], [], []
+        for p in params:
+            st = self.state[p]
+            if not st:
+                st["step"] = torch.tensor(0.0)
+                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            exp_avgs.append(st["exp_avg"])
+            exp_avg_sqs.append(st["exp_avg_sq"])
+            steps.append(st["step"])
+        grads = [p.grad for p in params]
+        if coef is not None and coef != 1.0:
+            grads = [g * coef for g in grads]
+        beta1, beta2 = group["betas"]
+        _adamw_functional(
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            [],
+            steps,
+            foreach=None,
+            has_complex=any(torch.is_complex(p) for p in params),
+            amsgrad=False,
+            beta1=beta1,
+            beta2=beta2,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            maximize=False,
+        )
+
+    # ----------------------------------------------------------------------------- state
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state saved by :meth:`state_dict`; pair states keep their compute dtype
+        (torch would cast them to the parameter dtype) and are checked against the pairs."""
+        params = [p for g in self.param_groups for p in g["params"]]
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        if len(saved_ids) != len(params):
+            raise ValueError(
+                f"This optimizer state holds {len(saved_ids)} parameters but the optimizer has {len(params)}: "
+                "it was saved for a different model or adapter configuration (target modules, adapters)."
+            )
+        saved_state = state_dict["state"]
+        for pid, p in zip(saved_ids, params):
+            pair = self._pair_by_param.get(id(p))
+            st = saved_state.get(pid)
+            if pair is None or not st:
+                continue
+            side_rows = pair.rank
+            side_cols = LoRAPair.matrix(pair.A).shape[1] if p is pair.A else pair.shape[0]
+            if tuple(st["exp_avg"].shape) != (side_rows, side_cols):
+                raise ValueError(
+                    f"Saved state for {self._name(p)} has shape {tuple(st['exp_avg'].shape)}, expected "
+                    f"{(side_rows, side_cols)}: the checkpoint was saved with a different LoRA rank or layer."
+                )
+        super().load_state_dict(state_dict)
+        for pid, p in zip(saved_ids, params):
+            if id(p) in self._pair_by_param and saved_state.get(pid):
+                cd = compute_dtype(p.dtype)
+                for key, value in saved_state[pid].items():
+                    if isinstance(value, Tensor):
+                        self.state[p][key] = value.to(device=p.device, dtype=cd, copy=True)
+
+    def _name(self, p: Tensor) -> str:
+        return self._param_names.get(id(p), f"a parameter of shape {tuple(p.shape)}")
+
+    @property
+    def pairs(self) -> list[LoRAPair]:
+        """The LoRA pairs this optimizer trains with LoFT."""
+        return list(self._pairs)
+
+
+def _grad_matrix(param: Tensor, dtype: torch.dtype) -> Tensor:
+    if param.grad is None:
+        return LoRAPair.matrix(param).new_zeros(LoRAPair.matrix(param).shape, dtype=dtype)
+    return LoRAPair.matrix(param.grad).to(dtype)
+
+
+def _as_param_groups(params: Any) -> list[dict[str, Any]]:
+    if isinstance(params, (nn.Module, Tensor, LoRAPair)):
+        return [{"params": [params]}]
+    if isinstance(params, dict):
+        return [params]
+    items = list(params)
+    if not items:
+        raise ValueError("LoFTAdamW got an empty parameter list; pass the model: LoFTAdamW(model).")
+    if all(isinstance(i, dict) for i in items):
+        return items
+    if any(isinstance(i, dict) for i in items):
+        raise TypeError("Pass either param-group dicts or modules/pairs/tensors, not a mix of both.")
+    return [{"params": items}]
+
+
+def _check_options(
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+    max_grad_norm: float | None,
+    damping: float | None,
+    chunk_bytes: int,
+    nonfinite_grads: str,
+) -> None:
+    if not lr >= 0.0:
+        raise ValueError(f"Invalid learning rate: {lr} (must be >= 0).")
+    if len(tuple(betas)) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ValueError(f"Invalid betas: {betas} (two numbers in [0, 1)).")
+    if not eps >= 0.0:
+        raise ValueError(f"Invalid eps: {eps} (must be >= 0).")
+    if not weight_decay >= 0.0:
+        raise ValueError(f"Invalid weight_decay: {weight_decay} (must be >= 0).")
+    if max_grad_norm is not None and not max_grad_norm > 0.0:
+        raise ValueError(f"Invalid max_grad_norm: {max_grad_norm} (a positive number, or None for no clipping).")
+    if damping is not None and not damping >= 0.0:
+        raise ValueError(f"Invalid damping: {damping} (must be >= 0, or None for the default).")
+    if int(chunk_bytes) < 1:
+        raise ValueError(f"Invalid chunk_bytes: {chunk_bytes} (must be >= 1).")
+    if nonfinite_grads not in ("skip", "raise"):
+        raise ValueError(f"Invalid nonfinite_grads: {nonfinite_grads!r} (use 'skip' or 'raise').")
