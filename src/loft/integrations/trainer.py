@@ -1,0 +1,117 @@
+"""Train a PEFT model with LoFT under ``transformers.Trainer`` (and its subclasses, such as
+TRL's ``SFTTrainer``).
+
+>>> from loft.integrations import LoFTTrainer
+>>> trainer = LoFTTrainer(model=peft_model, args=TrainingArguments(...), train_dataset=ds,
+...                       loft_options={"head_lr": 1e-3})
+>>> trainer.train()                                  # or trainer.train(resume_from_checkpoint=True)
+
+For another Trainer subclass: ``LoFTSFTTrainer = with_loft(SFTTrainer)``.
+
+What the mixin changes, and only that:
+
+- ``create_optimizer`` builds a :class:`loft.LoFTAdamW` over the whole model from the
+  ``TrainingArguments`` (``learning_rate``, ``adam_beta1/2``, ``adam_epsilon``,
+  ``weight_decay``) plus ``loft_options`` (``head_lr``, switches, ...). The optimizer is made
+  inside the Trainer, after any model wrapping, which is why this works where Trainer refuses
+  a pre-built optimizer (FSDP). LR schedulers, gradient accumulation, ``save_steps``
+  checkpoints and ``resume_from_checkpoint`` (optimizer state included) are Trainer's own.
+- Gradient clipping: Trainer's ``max_grad_norm`` (default 1.0) is kept, but the clipping is
+  LoFT's (:func:`loft.clip_grad_norm_`, by the norm of the projected full gradient) instead of
+  ``torch.nn.utils.clip_grad_norm_`` over the factors; the two never both run. The logged
+  ``grad_norm`` is LoFT's norm. Set ``max_grad_norm=0`` to turn clipping off.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainingArguments
+
+from ..clip import clip_grad_norm_
+from ..optim import LoFTAdamW
+from ..pairs import split_lora_parameters
+
+__all__ = ["LoFTTrainer", "LoFTTrainerMixin", "build_loft_optimizer", "with_loft"]
+
+
+def build_loft_optimizer(model: torch.nn.Module, args: TrainingArguments, **loft_options: Any) -> LoFTAdamW:
+    """A :class:`loft.LoFTAdamW` for ``model`` with the optimizer settings of ``args``.
+
+    ``loft_options`` go to ``LoFTAdamW`` (``head_lr``, ``head_weight_decay``, switches ...) and
+    override the values taken from ``args``. Clipping is left to the caller (``max_grad_norm``
+    is not set): :class:`LoFTTrainerMixin` clips with :func:`loft.clip_grad_norm_`.
+    """
+    options: dict[str, Any] = dict(
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        eps=args.adam_epsilon,
+        weight_decay=args.weight_decay,
+    )
+    options.update(loft_options)
+    head_lr = options.get("head_lr")
+    if head_lr is not None and "head_lr" not in inspect.signature(LoFTAdamW).parameters:
+        # older LoFTAdamW: the same thing with two param groups
+        options.pop("head_lr")
+        pairs, others = split_lora_parameters(model)
+        groups = [{"params": pairs}] + ([{"params": others, "lr": head_lr}] if others else [])
+        return LoFTAdamW(groups, **options)
+    return LoFTAdamW(model, **options)
+
+
+def _unwrap(optimizer: Any) -> Any:
+    """The optimizer inside accelerate's ``AcceleratedOptimizer`` wrapper (if any)."""
+    while hasattr(optimizer, "optimizer") and not isinstance(optimizer, LoFTAdamW):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+class LoFTTrainerMixin:
+    """Mix into a ``transformers.Trainer`` subclass to train with :class:`loft.LoFTAdamW`.
+
+    Extra keyword argument: ``loft_options`` (dict), passed to ``LoFTAdamW``. Must come before
+    the Trainer class in the bases: ``class MyTrainer(LoFTTrainerMixin, SFTTrainer)``.
+    """
+
+    def __init__(self, *args: Any, loft_options: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        optimizers = kwargs.get("optimizers")
+        if optimizers is not None and optimizers[0] is not None:
+            raise ValueError(
+                f"{type(self).__name__} builds its LoFTAdamW itself; do not pass optimizers=(optimizer, ...). "
+                "Pass LoFT settings as loft_options={...} (a scheduler may still be passed as optimizers=(None, scheduler))."
+            )
+        if kwargs.get("optimizer_cls_and_kwargs") is not None:
+            raise ValueError(f"{type(self).__name__} builds its LoFTAdamW itself; pass loft_options={{...}} instead of optimizer_cls_and_kwargs.")
+        if not hasattr(Trainer, "_clip_grad_norm"):  # pragma: no cover - guards against a Trainer refactor
+            raise RuntimeError(
+                "This transformers version has no Trainer._clip_grad_norm hook, which loft uses to clip with "
+                "LoFT's norm instead of Trainer's; upgrade transformers (>=5.0)."
+            )
+        self.loft_options = dict(loft_options or {})
+        super().__init__(*args, **kwargs)
+
+    def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
+        """Build the :class:`loft.LoFTAdamW` (once)."""
+        if self.optimizer is None:
+            opt_model = self.model if model is None else model
+            self.optimizer = build_loft_optimizer(opt_model, self.args, **self.loft_options)
+        return self.optimizer
+
+    def _clip_grad_norm(self, model: torch.nn.Module) -> torch.Tensor:
+        """Trainer's clipping hook: clip by LoFT's projected full-gradient norm."""
+        optimizer = _unwrap(self.optimizer)
+        if not isinstance(optimizer, LoFTAdamW):
+            return super()._clip_grad_norm(model)
+        self.accelerator.unscale_gradients()  # a no-op without an fp16 grad scaler
+        return clip_grad_norm_(optimizer, self.args.max_grad_norm)
+
+
+class LoFTTrainer(LoFTTrainerMixin, Trainer):
+    """``transformers.Trainer`` that trains with :class:`loft.LoFTAdamW` (see the module docs)."""
+
+
+def with_loft(trainer_cls: type[Trainer]) -> type[Trainer]:
+    """A subclass of ``trainer_cls`` (e.g. TRL's ``SFTTrainer``) that trains with LoFT."""
+    return type(f"LoFT{trainer_cls.__name__}", (LoFTTrainerMixin, trainer_cls), {"__doc__": LoFTTrainerMixin.__doc__})

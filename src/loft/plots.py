@@ -1,0 +1,63 @@
+"""Plots of the fine-tuning workflow (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+__all__ = ["plot_compare", "plot_loss_curve"]
+
+
+def plot_loss_curve(curve: Sequence[tuple[int, float]], path: str | Path, title: str) -> None:
+    """Training loss against step, one line."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if curve:
+        steps, losses = zip(*curve)
+        ax.plot(steps, losses, marker=".", linewidth=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_compare(rows: Sequence[Mapping], curves: Mapping[str, Sequence[tuple[int, float]]], path: str | Path, title: str) -> None:
+    """Left: eval accuracy against rank, one line per method (full fine-tuning as a
+    horizontal line). Right: the training loss curve of every run."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "full"]
+    for method in methods:
+        pts = sorted((r["rank"], r["eval_accuracy"]) for r in rows if r["method"] == method)
+        left.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+    for r in rows:
+        if r["method"] == "full":
+            left.axhline(r["eval_accuracy"], color="black", linestyle="--", linewidth=1, label="full fine-tuning")
+    ranks = sorted({r["rank"] for r in rows if r["method"] != "full"})
+    if ranks:
+        left.set_xscale("log", base=2)
+        left.set_xticks(ranks, [str(r) for r in ranks])
+    left.set_xlabel("LoRA rank")
+    left.set_ylabel("eval accuracy")
+    left.set_title("accuracy vs rank")
+    left.grid(alpha=0.3)
+    left.legend()
+    for name, curve in curves.items():
+        if curve:
+            steps, losses = zip(*curve)
+            right.plot(steps, losses, linewidth=1, label=name)
+    right.set_xlabel("step")
+    right.set_ylabel("training loss")
+    right.set_title("loss curves")
+    right.grid(alpha=0.3)
+    right.legend(fontsize="small", ncol=2)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

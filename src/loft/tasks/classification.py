@@ -1,0 +1,158 @@
+"""Text classification with an encoder: ``{"text", "label"}`` records, a fresh classification
+head (``AutoModelForSequenceClassification``), accuracy by the argmax of the logits."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding
+
+from ..errors import LoftUsageError
+
+__all__ = ["ClassificationTask"]
+
+_INT = re.compile(r"^-?\d+$")
+
+
+def _label_value(record: dict[str, Any], path: str | Path) -> int | str:
+    line = record.get("_line", "?")
+    value = record["label"]
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip():
+        value = value.strip()
+        return int(value) if _INT.match(value) else value
+    raise LoftUsageError(
+        f"{path}, line {line}: label {value!r} is not a class name or an integer class id."
+    )
+
+
+def _check_text(record: dict[str, Any], path: str | Path) -> str:
+    text = record.get("text")
+    if not isinstance(text, str) or not text.strip():
+        raise LoftUsageError(f"{path}, line {record.get('_line', '?')}: 'text' must be a non-empty string, got {text!r}.")
+    return text
+
+
+def _check_fields(record: dict[str, Any], path: str | Path) -> None:
+    missing = [k for k in ("text", "label") if k not in record]
+    if missing:
+        raise LoftUsageError(
+            f"{path}, line {record.get('_line', '?')}: missing field {missing[0]!r} "
+            "(classification records are {\"text\": ..., \"label\": ...})."
+        )
+
+
+@dataclass
+class ClassificationTask:
+    """Validated classification data and everything task-specific about training on it."""
+
+    train_texts: list[str]
+    train_labels: list[int]
+    eval_texts: list[str]
+    eval_labels: list[int]
+    label_names: list[str]
+
+    kind = "classification"
+    default_model = "minilm-l6"
+    default_max_length = 64
+
+    @classmethod
+    def from_records(cls, train: list[dict], train_path: str | Path, eval_: list[dict], eval_path: str | Path):
+        """Check every record; map labels to ids (sorted); refuse eval labels unseen in training."""
+        parsed = []
+        for records, path in ((train, train_path), (eval_, eval_path)):
+            texts, labels = [], []
+            for r in records:
+                _check_fields(r, path)
+                texts.append(_check_text(r, path))
+                labels.append(_label_value(r, path))
+            parsed.append((texts, labels))
+        (train_texts, train_values), (eval_texts, eval_values) = parsed
+        kinds = {type(v) for v in train_values + eval_values}
+        if len(kinds) > 1:
+            raise LoftUsageError(
+                f"Labels mix integers and names ({train_path}, {eval_path}); use one kind of label throughout."
+            )
+        classes = sorted(set(train_values))
+        if len(classes) < 2:
+            raise LoftUsageError(f"{train_path}: every record has label {classes[0]!r}; classification needs two or more classes.")
+        unseen = sorted(set(eval_values) - set(classes))
+        if unseen:
+            line = next(r["_line"] for r, v in zip(eval_, eval_values) if v == unseen[0])
+            raise LoftUsageError(
+                f"Labels do not match: {eval_path} has label(s) {unseen[:5]} (first at line {line}) that the "
+                f"training data {train_path} never uses (its labels: {classes[:20]})."
+            )
+        index = {c: i for i, c in enumerate(classes)}
+        return cls(
+            train_texts,
+            [index[v] for v in train_values],
+            eval_texts,
+            [index[v] for v in eval_values],
+            [str(c) for c in classes],
+        )
+
+    # -------------------------------------------------------------------- model and data
+    @property
+    def num_train(self) -> int:
+        return len(self.train_texts)
+
+    def limit_eval(self, n: int | None) -> None:
+        """Keep the first ``n`` eval examples (``None``: all)."""
+        if n is not None:
+            self.eval_texts, self.eval_labels = self.eval_texts[:n], self.eval_labels[:n]
+
+    def load_model(self, path: str, **kwargs: Any):
+        """The pretrained encoder with a fresh head; returns ``(model, names of fresh parameters)``."""
+        n = len(self.label_names)
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            path,
+            num_labels=n,
+            id2label=dict(enumerate(self.label_names)),
+            label2id={name: i for i, name in enumerate(self.label_names)},
+            output_loading_info=True,
+            **kwargs,
+        )
+        return model, list(info.get("missing_keys", []))
+
+    @staticmethod
+    def prepare_tokenizer(tokenizer) -> None:
+        """Give the tokenizer a pad token if it has none."""
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+
+    @staticmethod
+    def prepare_model(model, tokenizer) -> None:
+        if getattr(model.config, "pad_token_id", None) is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+
+    def _encode(self, tokenizer, texts: list[str], labels: list[int], max_length: int) -> list[dict[str, Any]]:
+        enc = tokenizer(texts, truncation=True, max_length=max_length)
+        keys = list(enc.keys())
+        return [{**{k: enc[k][i] for k in keys}, "labels": labels[i]} for i in range(len(texts))]
+
+    def train_dataset(self, tokenizer, max_length: int) -> list[dict[str, Any]]:
+        return self._encode(tokenizer, self.train_texts, self.train_labels, max_length)
+
+    def eval_dataset(self, tokenizer, max_length: int) -> list[dict[str, Any]]:
+        return self._encode(tokenizer, self.eval_texts, self.eval_labels, max_length)
+
+    @staticmethod
+    def collator(tokenizer):
+        return DataCollatorWithPadding(tokenizer)
+
+    @torch.no_grad()
+    def evaluate(self, trainer, tokenizer, max_length: int) -> dict[str, float]:
+        """Accuracy (and mean loss) of ``trainer.model`` on the eval data, via ``Trainer.predict``."""
+        out = trainer.predict(self.eval_dataset(tokenizer, max_length), metric_key_prefix="eval")
+        logits = out.predictions[0] if isinstance(out.predictions, tuple) else out.predictions
+        accuracy = float((np.asarray(logits).argmax(-1) == np.asarray(out.label_ids)).mean())
+        return {"eval_accuracy": accuracy, "eval_loss": float(out.metrics.get("eval_loss", float("nan")))}

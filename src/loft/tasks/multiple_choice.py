@@ -1,0 +1,136 @@
+"""Multiple-choice QA with a causal LM: ``{"question", "choices", "answer"}`` records.
+
+Training: the language-model loss on the correct answer only, after the prompt
+``"Question: <question>\\nAnswer:"``. Evaluation: the summed log-likelihood of each choice
+after the same prompt; the most likely choice is the prediction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq
+
+from ..errors import LoftUsageError
+
+__all__ = ["MultipleChoiceTask", "prompt"]
+
+
+def prompt(question: str) -> str:
+    """The text before an answer."""
+    return f"Question: {question}\nAnswer:"
+
+
+def _check(record: dict[str, Any], path: str | Path) -> tuple[str, list[str], int]:
+    line = record.get("_line", "?")
+    where = f"{path}, line {line}"
+    for key in ("question", "choices", "answer"):
+        if key not in record:
+            raise LoftUsageError(
+                f"{where}: missing field {key!r} (multiple-choice records are "
+                '{"question": ..., "choices": [...], "answer": index}).'
+            )
+    question, choices, answer = record["question"], record["choices"], record["answer"]
+    if not isinstance(question, str) or not question.strip():
+        raise LoftUsageError(f"{where}: 'question' must be a non-empty string.")
+    if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c.strip() for c in choices):
+        raise LoftUsageError(f"{where}: 'choices' must be a list of two or more non-empty strings, got {choices!r}.")
+    if isinstance(answer, str) and answer in choices:
+        answer = choices.index(answer)
+    if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(choices):
+        raise LoftUsageError(
+            f"{where}: 'answer' must be the index of the correct choice (0..{len(choices) - 1}) "
+            f"or its text, got {answer!r}."
+        )
+    return question, choices, answer
+
+
+@dataclass
+class MultipleChoiceTask:
+    """Validated multiple-choice data and everything task-specific about training on it."""
+
+    train_items: list[tuple[str, list[str], int]]
+    eval_items: list[tuple[str, list[str], int]]
+
+    kind = "multiple_choice"
+    default_model = "smollm2-135m"
+    default_max_length = 128
+    label_names: list[str] | None = None
+
+    @classmethod
+    def from_records(cls, train: list[dict], train_path: str | Path, eval_: list[dict], eval_path: str | Path):
+        return cls([_check(r, train_path) for r in train], [_check(r, eval_path) for r in eval_])
+
+    @property
+    def num_train(self) -> int:
+        return len(self.train_items)
+
+    def limit_eval(self, n: int | None) -> None:
+        if n is not None:
+            self.eval_items = self.eval_items[:n]
+
+    def load_model(self, path: str, **kwargs: Any):
+        """The pretrained causal LM; nothing in it is fresh."""
+        model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
+        return model, list(info.get("missing_keys", []))
+
+    @staticmethod
+    def prepare_tokenizer(tokenizer) -> None:
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        tokenizer.padding_side = "right"
+
+    @staticmethod
+    def prepare_model(model, tokenizer) -> None:
+        if getattr(model.config, "pad_token_id", None) is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+
+    @staticmethod
+    def _example(tokenizer, question: str, choice: str, max_length: int) -> dict[str, list[int]]:
+        """Prompt + `` choice`` token ids, with labels -100 on the prompt (cut from the left if long)."""
+        head = tokenizer(prompt(question))["input_ids"]
+        tail = tokenizer(" " + choice.strip(), add_special_tokens=False)["input_ids"][: max_length - 1]
+        head = head[-(max_length - len(tail)) :]
+        ids = head + tail
+        return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [-100] * len(head) + tail}
+
+    def train_dataset(self, tokenizer, max_length: int) -> list[dict[str, Any]]:
+        return [self._example(tokenizer, q, c[a], max_length) for q, c, a in self.train_items]
+
+    @staticmethod
+    def collator(tokenizer):
+        return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+
+    @torch.no_grad()
+    def evaluate(self, trainer, tokenizer, max_length: int) -> dict[str, float]:
+        """Accuracy: the choice with the highest summed log-likelihood; eval_loss: mean NLL per
+        token of the correct answers."""
+        model = trainer.model
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        collate = self.collator(tokenizer)
+        flat = [(i, j, self._example(tokenizer, q, c, max_length)) for i, (q, cs, _) in enumerate(self.eval_items) for j, c in enumerate(cs)]
+        scores: dict[tuple[int, int], tuple[float, int]] = {}
+        batch_size = trainer.args.per_device_eval_batch_size
+        for start in range(0, len(flat), batch_size):
+            chunk = flat[start : start + batch_size]
+            batch = {k: v.to(device) for k, v in collate([ex for _, _, ex in chunk]).items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+            labels = batch["labels"][:, 1:]
+            logp = torch.log_softmax(logits[:, :-1], dim=-1)
+            mask = labels != -100
+            token_logp = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
+            for (i, j, _), s, n in zip(chunk, token_logp.sum(-1).tolist(), mask.sum(-1).tolist()):
+                scores[(i, j)] = (s, n)
+        model.train(was_training)
+        correct, nll, tokens = 0, 0.0, 0
+        for i, (_, choices, answer) in enumerate(self.eval_items):
+            best = max(range(len(choices)), key=lambda j: scores[(i, j)][0])
+            correct += best == answer
+            s, n = scores[(i, answer)]
+            nll, tokens = nll - s, tokens + n
+        return {"eval_accuracy": correct / len(self.eval_items), "eval_loss": nll / max(tokens, 1)}
