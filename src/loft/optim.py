@@ -37,7 +37,7 @@ SWITCHES = (
     "projected_clipping",
 )
 
-_OPTIONS = ("lr", "betas", "eps", "weight_decay", "max_grad_norm", *SWITCHES, "damping", "chunk_bytes", "nonfinite_grads")
+_OPTIONS = ("lr", "betas", "eps", "weight_decay", "max_grad_norm", "head_lr", "head_weight_decay", *SWITCHES, "damping", "chunk_bytes", "nonfinite_grads")
 
 
 @dataclass
@@ -70,6 +70,13 @@ class LoFTAdamW(Optimizer):
             ``dW`` toward the pretrained weight (``dW <- (1 - lr wd) dW``).
         max_grad_norm: clip inside the step by the projected full-gradient norm (``None``: no
             clipping). Clip outside the step with :func:`loft.clip_grad_norm_` instead.
+        head_lr, head_weight_decay: learning rate and weight decay of the parameters that are
+            not LoRA factors (fresh heads, ``modules_to_save``, biases, norms, DoRA magnitudes).
+            They are put in a param group of their own, next to each group's pairs, so LR
+            schedulers scale both by the same factor. ``None``: the group's ``lr`` /
+            ``weight_decay``. A param-group dict may carry its own ``"head_lr"`` /
+            ``"head_weight_decay"``. LoFT's good learning rates are full fine-tuning's, often
+            several times lower than a fresh head wants.
         gradient_scaling, alternating_updates, first_moment_calibration,
         second_moment_calibration, projected_update, projected_clipping: LoFT's building
             blocks, each on by default and each a param-group key (see :data:`SWITCHES`).
@@ -92,6 +99,8 @@ class LoFTAdamW(Optimizer):
         weight_decay: float = 0.0,
         max_grad_norm: float | None = None,
         *,
+        head_lr: float | None = None,
+        head_weight_decay: float | None = None,
         gradient_scaling: bool = True,
         alternating_updates: bool = True,
         first_moment_calibration: bool = True,
@@ -109,6 +118,11 @@ class LoFTAdamW(Optimizer):
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise TypeError(f"LoFTAdamW got an unknown option {name!r}.{hint} Options: {', '.join(_OPTIONS)}.")
         _check_options(lr, betas, eps, weight_decay, max_grad_norm, damping, chunk_bytes, nonfinite_grads)
+        for name, value in (("head_lr", head_lr), ("head_weight_decay", head_weight_decay)):
+            if value is not None and not value >= 0.0:
+                raise ValueError(f"Invalid {name}: {value} (must be >= 0, or None to use the group's value).")
+        self.head_lr = head_lr
+        self.head_weight_decay = head_weight_decay
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self.damping = damping
         self.chunk_bytes = int(chunk_bytes)
@@ -162,6 +176,8 @@ class LoFTAdamW(Optimizer):
                 raise TypeError(
                     f"LoFTAdamW params must be modules, loft.LoRAPair objects or tensors, got {type(item).__name__}."
                 )
+        head_lr = group.pop("head_lr", self.head_lr)
+        head_weight_decay = group.pop("head_weight_decay", self.head_weight_decay)
         unknown = set(group) - {"params", *self.defaults}
         if unknown:
             name = sorted(unknown)[0]
@@ -169,7 +185,18 @@ class LoFTAdamW(Optimizer):
             if close:  # other extra keys (names, tags) are allowed, as in torch
                 raise ValueError(f"Param group has unknown option {name!r}. Did you mean {close[0]!r}?")
         group["params"] = [t for p in pairs for t in (p.A, p.B)] + plain
-        super().add_param_group(group)
+        if plain and (head_lr is not None or head_weight_decay is not None):
+            head_group = dict(group, params=plain)
+            if head_lr is not None:
+                head_group["lr"] = head_lr
+            if head_weight_decay is not None:
+                head_group["weight_decay"] = head_weight_decay
+            group["params"] = group["params"][: 2 * len(pairs)]
+            if group["params"]:
+                super().add_param_group(group)
+            super().add_param_group(head_group)
+        else:
+            super().add_param_group(group)
         for pair in pairs:
             self._pairs.append(pair)
             self._pair_by_param[id(pair.A)] = pair

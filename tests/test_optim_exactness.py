@@ -1,0 +1,187 @@
+"""LoFTAdamW against exact references, in float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import Regression, delta_w, factors, lora_linear, orthogonal_factors_, rel_err
+from reference import ReferenceLoFT
+from torch import nn
+
+import loft
+
+STEPS = 60
+
+
+def dense_adamw_trajectory(layer, problem: Regression, steps: int, *, lr, weight_decay, max_norm, betas=(0.9, 0.999)):
+    """torch.optim.AdamW on ``dW`` (``W = W0 + dW``, decay applied to ``dW``), clipping with
+    ``torch.nn.utils.clip_grad_norm_``: what full fine-tuning would do."""
+    w0 = layer.base_layer.weight.detach().clone()
+    b0 = layer.base_layer.bias.detach().clone()
+    dw = nn.Parameter(delta_w(layer))
+    opt = torch.optim.AdamW([dw], lr=lr, betas=betas, weight_decay=weight_decay)
+    out = []
+    for _ in range(steps):
+        opt.zero_grad()
+        problem.loss(problem.x @ (w0 + dw).T + b0).backward()
+        if max_norm is not None:
+            torch.nn.utils.clip_grad_norm_([dw], max_norm)
+        opt.step()
+        out.append(dw.detach().clone())
+    return out
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+@pytest.mark.parametrize("max_norm", [None, 0.05])
+def test_full_rank_square_layer_recovers_adamw(weight_decay, max_norm):
+    n = r = 6
+    model, layer = lora_linear(n, n, r, alpha=3.0, random_b=True)
+    orthogonal_factors_(layer)
+    problem = Regression(n, n)
+    expected = dense_adamw_trajectory(layer, problem, STEPS, lr=5e-3, weight_decay=weight_decay, max_norm=max_norm)
+    # precondition of exactness in floating point: dW stays far from singular (see docs/algorithm.md)
+    assert max(float(torch.linalg.cond(w)) for w in expected) < 100
+    opt = loft.LoFTAdamW(model, lr=5e-3, weight_decay=weight_decay, max_grad_norm=max_norm)
+    clipped = 0
+    for t in range(STEPS):
+        opt.zero_grad()
+        problem.model_loss(model).backward()
+        opt.step()
+        if max_norm is not None:
+            clipped += int(opt.last_grad_norm > max_norm)
+        assert rel_err(delta_w(layer), expected[t]) < 1e-8, f"step {t + 1}"
+    if max_norm is not None:
+        assert clipped > STEPS // 2  # the clipping branch really ran
+    assert rel_err(expected[-1], expected[0]) > 0.3  # the trajectory really moved
+
+
+def test_full_rank_gpt2_conv1d_fan_in_fan_out_recovers_adamw():
+    """GPT-2's Conv1D stores its weight as (in, out); PEFT marks it fan_in_fan_out."""
+    import copy
+
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(
+        n_embd=8, n_layer=1, n_head=2, vocab_size=20, n_positions=8, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+    )
+    base = transformers.GPT2LMHeadModel(cfg).double()
+    ref_model = copy.deepcopy(base).requires_grad_(False)
+    model = peft.get_peft_model(
+        base,
+        peft.LoraConfig(r=8, lora_alpha=16, target_modules=["attn.c_proj"], fan_in_fan_out=True, init_lora_weights=False),
+    )
+    layer = model.base_model.model.transformer.h[0].attn.c_proj
+    orthogonal_factors_(layer)
+    ids = torch.randint(0, 20, (4, 8), generator=torch.Generator().manual_seed(0))
+    # reference: the same network with attn.c_proj's weight a dense W0 + dW, dW trained by AdamW
+    ref_layer = ref_model.transformer.h[0].attn.c_proj
+    w0 = ref_layer.weight.detach().clone()  # (in, out)
+    del ref_layer._parameters["weight"]
+    dw = nn.Parameter(delta_w(layer))  # (out, in)
+    opt_ref = torch.optim.AdamW([dw], lr=5e-3, weight_decay=0.0)
+    opt = loft.LoFTAdamW(model, lr=5e-3)
+    start = dw.detach().clone()
+    for t in range(50):
+        opt.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt_ref.zero_grad()
+        ref_layer.weight = w0 + dw.T
+        ref_model(input_ids=ids, labels=ids).loss.backward()
+        opt_ref.step()
+        assert rel_err(delta_w(layer), dw.detach()) < 1e-8, f"step {t + 1}"
+    assert rel_err(dw.detach(), start) > 0.05
+
+
+@pytest.mark.parametrize(
+    "m, n, r, options",
+    [
+        (12, 7, 3, {}),
+        (5, 9, 2, {"weight_decay": 0.05}),
+        (8, 8, 4, {"alternating": False}),
+        (10, 6, 3, {"second_moment_calibration": False}),
+        (6, 6, 6, {"betas": (0.0, 0.9)}),
+    ],
+)
+def test_low_rank_matches_the_slow_reference(m, n, r, options):
+    """Packing, chunking and the two-sided code against the algorithm written out plainly."""
+    model, layer = lora_linear(m, n, r, alpha=2 * r, random_b=True, seed=3)
+    problem = Regression(n, m, seed=4)
+    A, B, s = factors(layer)
+    ref = ReferenceLoFT(A.detach(), B.detach(), s, lr=5e-3, **options)
+    kw = dict(options)
+    kw["alternating_updates"] = kw.pop("alternating", True)
+    opt = loft.LoFTAdamW(model, lr=5e-3, chunk_bytes=64, **kw)  # tiny budget: many chunks
+    w0 = layer.base_layer.weight.detach()
+    b0 = layer.base_layer.bias.detach()
+    for t in range(40):
+        opt.zero_grad()
+        problem.model_loss(model).backward()
+        opt.step()
+        a_ref = ref.A.clone().requires_grad_(True)
+        b_ref = ref.B.clone().requires_grad_(True)
+        problem.loss(problem.x @ (w0 + s * b_ref @ a_ref).T + b0).backward()
+        ref.step(a_ref.grad, b_ref.grad)
+        assert rel_err(A.detach(), ref.A) < 1e-9, f"A at step {t + 1}"
+        assert rel_err(B.detach(), ref.B) < 1e-9, f"B at step {t + 1}"
+
+
+def test_low_rank_clipping_matches_reference_projected_norm():
+    m, n, r, max_norm = 9, 7, 3, 0.02
+    model, layer = lora_linear(m, n, r, random_b=True, seed=5)
+    problem = Regression(n, m, seed=6)
+    A, B, s = factors(layer)
+    ref = ReferenceLoFT(A.detach(), B.detach(), s, lr=5e-3)
+    opt = loft.LoFTAdamW(model, lr=5e-3, max_grad_norm=max_norm)
+    w0, b0 = layer.base_layer.weight.detach(), layer.base_layer.bias.detach()
+    for t in range(20):
+        opt.zero_grad()
+        problem.model_loss(model).backward()
+        opt.step()
+        a_ref = ref.A.clone().requires_grad_(True)
+        b_ref = ref.B.clone().requires_grad_(True)
+        problem.loss(problem.x @ (w0 + s * b_ref @ a_ref).T + b0).backward()
+        norm = ref.projected_grad_norm_sq(a_ref.grad, b_ref.grad) ** 0.5
+        assert abs(float(opt.last_grad_norm) - norm) < 1e-10 * norm
+        assert norm > max_norm  # clipping is active in this test
+        ref.step(a_ref.grad, b_ref.grad, clip_coef=min(1.0, max_norm / (norm + 1e-6)))
+        assert rel_err(A.detach(), ref.A) < 1e-9 and rel_err(B.detach(), ref.B) < 1e-9, f"step {t + 1}"
+
+
+ALL_OFF = {name: False for name in loft.SWITCHES}
+
+
+@pytest.mark.parametrize("max_norm", [None, 0.01])
+def test_all_switches_off_is_adamw_on_the_factors(max_norm):
+    model, layer = lora_linear(7, 5, 3, alpha=6.0, random_b=True)
+    twin, twin_layer = lora_linear(7, 5, 3, alpha=6.0, random_b=True)
+    problem = Regression(5, 7)
+    opt = loft.LoFTAdamW(model, lr=1e-2, weight_decay=0.1, max_grad_norm=max_norm, **ALL_OFF)
+    twin_params = [p for p in twin.parameters() if p.requires_grad]
+    ref = torch.optim.AdamW(twin_params, lr=1e-2, weight_decay=0.1)
+    for t in range(30):
+        for o, mdl in ((opt, model), (ref, twin)):
+            o.zero_grad()
+            problem.model_loss(mdl).backward()
+        if max_norm is not None:
+            torch.nn.utils.clip_grad_norm_(twin_params, max_norm)
+        opt.step()
+        ref.step()
+        for got, want in zip(factors(layer)[:2], factors(twin_layer)[:2]):
+            assert rel_err(got.detach(), want.detach()) < 1e-12, f"step {t + 1}"
+
+
+def test_chunk_budget_does_not_change_the_result():
+    results = []
+    for chunk_bytes in (1, 1000, 2**30):
+        model, layer = lora_linear(33, 17, 4, random_b=False, seed=7)
+        problem = Regression(17, 33)
+        opt = loft.LoFTAdamW(model, lr=1e-2, chunk_bytes=chunk_bytes)
+        for _ in range(6):
+            opt.zero_grad()
+            problem.model_loss(model).backward()
+            opt.step()
+        results.append(delta_w(layer))
+    assert rel_err(results[0], results[2]) < 1e-10 and rel_err(results[1], results[2]) < 1e-10
+    assert results[2].abs().max() > 0
