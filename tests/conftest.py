@@ -37,7 +37,8 @@ def lora_linear(
         use_rslora=rslora,
         **config,
     )
-    model = peft.get_peft_model(base, cfg)
+    # keep the adapter in ``dtype`` (PEFT would upcast half-precision adapters to float32)
+    model = peft.get_peft_model(base, cfg, autocast_adapter_dtype=False)
     return model, model.base_model.model[0]
 
 
