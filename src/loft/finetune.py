@@ -329,7 +329,7 @@ def _training_args(cfg: FinetuneConfig, out: Path, max_steps: int, lr: float):
         lr_scheduler_type="linear",
         warmup_steps=int(round(cfg.warmup_ratio * max_steps)),
         max_grad_norm=cfg.max_grad_norm,
-        logging_steps=cfg.logging_steps,
+        logging_steps=max(1, min(cfg.logging_steps, max_steps // 10)),
         save_strategy="steps",
         save_steps=cfg.save_steps,
         save_total_limit=1,
@@ -415,6 +415,9 @@ def finetune(
                                       weight_decay=cfg.weight_decay)
         trainer = Trainer(**common, optimizers=(optimizer, None))
     trainer.remove_callback(PrinterCallback)
+    if task.kind == "classification":
+        # sequence classifiers take **kwargs but do not average their loss over accumulation steps
+        trainer.loss_is_scaled_for_ga = False
 
     state_file = out / "eval_before.json"
     before: dict[str, float] = {}
