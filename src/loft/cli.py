@@ -162,13 +162,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\nloft: aborted.", file=sys.stderr)
         return 130
-    except Exception as e:  # click's own usage errors
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
+    except Exception as e:  # click's usage errors (typer vendors its own click)
+        names = {c.__name__ for c in type(e).__mro__}
+        if "ClickException" in names:
             e.show()
-            return 2
-        if isinstance(e, click.exceptions.Abort):
+            return int(getattr(e, "exit_code", 2))
+        if "Abort" in names:
             return 130
         raise
     return 0

@@ -267,6 +267,7 @@ def _load_data(cfg: FinetuneConfig):
         eval_records = read_records(eval_path)
         eval_note = f"{cfg.data} (built-in test split)"
     else:  # hold out 10% of the training file
+        make_task(train_records, train_path, train_records, train_path)  # check every record first
         if len(train_records) < 10:
             raise LoftUsageError(f"{train_path}: {len(train_records)} records; give --eval-data or at least 10 records.")
         shuffled = train_records[:]
@@ -383,17 +384,18 @@ def finetune(
         max_steps = max(1, math.ceil(cfg.epochs * steps_per_epoch))
     else:
         max_steps = DEFAULT_MAX_STEPS
+    set_seed(cfg.seed)  # the fresh head starts the same for every method
+    model, tokenizer, missing = _load_model(task, model_path, spec)
+    fresh = _fresh_modules(missing)
+    model, is_head = _apply_method(cfg, task, model, fresh)
+
+    # only now, with every input checked, touch the output directory
     out = Path(cfg.output_dir or Path("runs") / f"{Path(cfg.data).stem}-{cfg.method}-r{cfg.rank}")
     checkpoint = prepare_output_dir(out, cfg.identity(), overwrite=overwrite, resume=resume)
     if checkpoint is None:
         (out / CONFIG_FILE).write_text(
             json.dumps({"settings": cfg.identity(), "model_path": model_path, "loft_version": __version__}, indent=2)
         )
-
-    set_seed(cfg.seed)  # the fresh head starts the same for every method
-    model, tokenizer, missing = _load_model(task, model_path, spec)
-    fresh = _fresh_modules(missing)
-    model, is_head = _apply_method(cfg, task, model, fresh)
     has_head = any(is_head(n) for n, p in model.named_parameters() if p.requires_grad)
     trainable, total = _count(model)
 
