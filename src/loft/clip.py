@@ -16,7 +16,6 @@ import torch
 from torch import Tensor
 
 from .functional import Side, projected_sq_norm
-from .linalg import damped_solve
 
 if TYPE_CHECKING:  # pragma: no cover
     from .optim import LoFTAdamW
@@ -24,7 +23,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["clip_coefficient", "clip_grad_norm_", "pair_sq_norm"]
 
 
-def pair_sq_norm(side_a: Side, side_b: Side, *, move_a: bool, move_b: bool, projected: bool, damping: float) -> Tensor:
+def pair_sq_norm(side_a: Side, side_b: Side, *, move_a: bool, move_b: bool, projected: bool) -> Tensor:
     """Squared gradient norm of one pair for clipping.
 
     ``projected=False``: the plain ``||grad_A||^2 + ||grad_B||^2`` (parameter units), what
@@ -36,7 +35,7 @@ def pair_sq_norm(side_a: Side, side_b: Side, *, move_a: bool, move_b: bool, proj
     if move_a and move_b:
         # ||P_U G||^2 + ||G P_A||^2 - ||P_U G P_A||^2, the last as tr((AA^T)^-1 K^T (U^T U) K), K = gA A^T
         k = side_a.scaled @ side_b.partner
-        cross = damped_solve(side_b.gram, k.T @ side_a.gram @ k, damping).diagonal().sum()
+        cross = side_b.solver.solve(k.T @ side_a.gram @ k).diagonal().sum()
         return projected_sq_norm(side_a) + projected_sq_norm(side_b) - cross
     return projected_sq_norm(side_a if move_a else side_b)
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .linalg import PackedIndex, damped_solve, packed_outer, packed_transport, projected_adam_direction
+from .linalg import DampedGram, PackedIndex, packed_outer, packed_transport, projected_adam_direction
 
 __all__ = [
     "Side",
@@ -48,15 +48,17 @@ __all__ = [
 class Side:
     """One factor of a pair in compute dtype, with what its step needs.
 
-    ``factor`` ``F``: ``(r, k)``; ``partner`` ``P``: ``(l, r)``; ``gram``: ``P^T P`` ``(r, r)``;
-    ``grad``: ``dL/dF = P^T G`` ``(r, k)``; ``scaled``: ``(P^T P)^-1 grad`` (``(r, k)``, computed
-    when gradient scaling or projected clipping needs it); ``unit``: the factor's size in its
-    parameter's own units (1 for A, ``s`` for B, since ``F = s B^T``).
+    ``factor`` ``F``: ``(r, k)``; ``partner`` ``P``: ``(l, r)``; ``gram``: ``P^T P`` ``(r, r)``
+    and ``solver``, its damped factorisation; ``grad``: ``dL/dF = P^T G`` ``(r, k)``;
+    ``scaled``: ``(P^T P)^-1 grad`` (``(r, k)``, computed when gradient scaling or projected
+    clipping needs it); ``unit``: the factor's size in its parameter's own units (1 for A, ``s``
+    for B, since ``F = s B^T``).
     """
 
     factor: Tensor
     partner: Tensor
     gram: Tensor
+    solver: DampedGram
     grad: Tensor
     unit: float
     scaled: Tensor | None = None
@@ -77,7 +79,6 @@ def calibrate(
     *,
     first_moment: bool,
     second_moment: bool,
-    damping: float,
 ) -> None:
     """Carry the moments from the basis ``previous_partner`` into the current partner's, in place.
 
@@ -87,7 +88,7 @@ def calibrate(
     """
     if not (first_moment or second_moment):
         return
-    c = damped_solve(side.gram, side.partner.T @ previous_partner, damping)
+    c = side.solver.solve(side.partner.T @ previous_partner)
     if first_moment:
         exp_avg.copy_(c @ exp_avg)
     if second_moment and not index.diagonal_only:
@@ -118,7 +119,6 @@ def projected_update(
     eps: float,
     bias_correction1: float,
     bias_correction2: float,
-    damping: float,
     chunk_bytes: int,
 ) -> Tensor:
     """The new factor after LoFT's projected full AdamW step: ``(r, k)``.
@@ -137,7 +137,7 @@ def projected_update(
         eps=eps,
         chunk_bytes=chunk_bytes,
     )
-    step = damped_solve(side.gram, projected, damping)
+    step = side.solver.solve(projected)
     return side.factor.mul(1 - lr * weight_decay).sub_(step, alpha=lr)
 
 

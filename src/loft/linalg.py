@@ -18,9 +18,9 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "DampedGram",
     "PackedIndex",
     "compute_dtype",
-    "damped_solve",
     "packed_index",
     "packed_outer",
     "packed_transport",
@@ -33,28 +33,34 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def damped_solve(gram: Tensor, rhs: Tensor, damping: float) -> Tensor:
-    """Solve ``(gram + lam I) X = rhs`` for a symmetric positive semi-definite ``gram``.
+class DampedGram:
+    """A factorisation of ``gram + lam I`` for repeated solves; ``gram``: ``(..., r, r)`` SPSD.
 
-    ``gram``: ``(..., r, r)``, ``rhs``: ``(..., r, k)``. The damping is relative to the matrix
-    scale, ``lam = damping * trace(gram) / r``, so the result does not depend on how the factors
-    are scaled. An all-zero ``gram`` (LoRA's ``B = 0`` start) is solved as ``lam = tiny`` and a
-    zero right-hand side gives exactly zero. Cholesky is used; if it still fails (a matrix that
-    is singular to working precision), an eigen-decomposition pseudo-solve that drops the
-    directions below the damping level is used instead. No explicit inverse is ever formed.
+    The damping is relative to the matrix scale, ``lam = damping * trace(gram) / r``, so results do
+    not depend on how the factors are scaled. An all-zero ``gram`` (LoRA's ``B = 0`` start) gets
+    ``lam = tiny`` and a zero right-hand side solves to exactly zero. Cholesky is used; if it
+    still fails (singular to working precision) an eigen-decomposition pseudo-solve that drops
+    the directions below the damping level is used instead. No explicit inverse is formed.
     """
-    r = gram.shape[-1]
-    eye = torch.eye(r, dtype=gram.dtype, device=gram.device)
-    scale = gram.diagonal(dim1=-2, dim2=-1).sum(-1) / r
-    lam = (scale * damping).clamp_min(torch.finfo(gram.dtype).tiny)
-    damped = gram + lam[..., None, None] * eye
-    chol, info = torch.linalg.cholesky_ex(damped)
-    if not bool((info != 0).any()):
-        return torch.cholesky_solve(rhs, chol)
-    evals, evecs = torch.linalg.eigh(damped)
-    floor = lam[..., None] * 2
-    inv = torch.where(evals > floor, evals.reciprocal(), torch.zeros_like(evals))
-    return evecs @ (inv[..., :, None] * (evecs.transpose(-1, -2) @ rhs))
+
+    def __init__(self, gram: Tensor, damping: float) -> None:
+        r = gram.shape[-1]
+        scale = gram.diagonal(dim1=-2, dim2=-1).sum(-1) / r
+        lam = (scale * damping).clamp_min(torch.finfo(gram.dtype).tiny)
+        damped = gram + lam[..., None, None] * torch.eye(r, dtype=gram.dtype, device=gram.device)
+        self._chol, info = torch.linalg.cholesky_ex(damped)
+        self._eig: tuple[Tensor, Tensor] | None = None
+        if bool((info != 0).any()):
+            evals, evecs = torch.linalg.eigh(damped)
+            inv = torch.where(evals > 2 * lam[..., None], evals.reciprocal(), torch.zeros_like(evals))
+            self._eig = (inv, evecs)
+
+    def solve(self, rhs: Tensor) -> Tensor:
+        """``(gram + lam I)^-1 rhs`` for ``rhs`` of shape ``(..., r, k)``."""
+        if self._eig is None:
+            return torch.cholesky_solve(rhs, self._chol)
+        inv, evecs = self._eig
+        return evecs @ (inv[..., :, None] * (evecs.transpose(-1, -2) @ rhs))
 
 
 @dataclass(frozen=True)
@@ -102,13 +108,16 @@ def packed_outer(g: Tensor, index: PackedIndex) -> Tensor:
 
 
 def packed_transport(packed: Tensor, c: Tensor, index: PackedIndex) -> Tensor:
-    """Congruence ``S <- C S C^T`` applied to every packed gram: ``(k, p), (r, r) -> (k, p)``."""
-    r = index.r
-    full = packed.new_zeros(packed.shape[0], r, r)
-    full[:, index.rows, index.cols] = packed
-    full[:, index.cols, index.rows] = packed
-    moved = c @ full @ c.T
-    return moved[:, index.rows, index.cols]
+    """Congruence ``S <- C S C^T`` applied to every packed gram: ``(k, p), (r, r) -> (k, p)``.
+
+    The congruence is linear in the packed entries, ``S_new = S T^T`` with a ``(p, p)`` matrix
+    ``T[q', q] = C[a, i] C[b, j] + [i != j] C[a, j] C[b, i]`` for ``q' = (a, b)``, ``q = (i, j)``:
+    one GEMM, no unpacked ``(k, r, r)`` stack.
+    """
+    rows, cols = index.rows, index.cols
+    c_i, c_j = c[:, rows], c[:, cols]  # (r, p): columns i and j of each packed input entry
+    t = c_i[rows] * c_j[cols] + (rows != cols).to(c.dtype) * c_j[rows] * c_i[cols]
+    return packed @ t.T
 
 
 def projected_adam_direction(
@@ -134,12 +143,12 @@ def projected_adam_direction(
     l, k = partner.shape[0], exp_avg.shape[1]
     out = torch.zeros_like(exp_avg)
     rows_per_chunk = max(1, chunk_bytes // (2 * k * partner.element_size()))
-    sq_t = exp_avg_sq.T
-    inv_sqrt_bc2 = bias_correction2 ** -0.5
+    # bias corrections folded into the small operands: V / bc2 and M / bc1 come out of the GEMMs
+    sq_t = (exp_avg_sq * (index.weight / bias_correction2)).T  # (p, k)
+    avg = exp_avg / bias_correction1  # (r, k)
     for start in range(0, l, rows_per_chunk):
         p_rows = partner[start : start + rows_per_chunk]
-        products = p_rows[:, index.rows] * p_rows[:, index.cols] * index.weight
-        denom = (products @ sq_t).clamp_min_(0).sqrt_().mul_(inv_sqrt_bc2).add_(eps)
-        direction = (p_rows @ exp_avg).div_(denom).div_(bias_correction1)
-        out.addmm_(p_rows.T, direction)
+        products = p_rows[:, index.rows] * p_rows[:, index.cols]  # (rows, p)
+        denom = (products @ sq_t).clamp_min_(0).sqrt_().add_(eps)  # sqrt(V / bc2) + eps
+        out.addmm_(p_rows.T, (p_rows @ avg).div_(denom))
     return out

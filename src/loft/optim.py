@@ -20,7 +20,7 @@ from torch.optim.adamw import adamw as _adamw_functional
 
 from .clip import clip_coefficient, pair_sq_norm
 from .functional import Side, calibrate, factor_adam_update, projected_update, update_moments
-from .linalg import compute_dtype, damped_solve, packed_index
+from .linalg import DampedGram, compute_dtype, packed_index
 from .pairs import LoRAPair, count_lora_layers, split_lora_parameters
 
 __all__ = ["LoFTAdamW", "SWITCHES"]
@@ -245,12 +245,13 @@ class LoFTAdamW(Optimizer):
         u = LoRAPair.matrix(pair.B).to(cd) * s
         grad_a = _grad_matrix(pair.A, cd)
         grad_u = _grad_matrix(pair.B, cd) / s
-        side_a = Side(factor=a, partner=u, gram=u.T @ u, grad=grad_a, unit=1.0)
-        side_b = Side(factor=u.T, partner=a.T, gram=a @ a.T, grad=grad_u.T, unit=s)
+        damping = self._damping(cd)
+        gram_u, gram_a = u.T @ u, a @ a.T
+        side_a = Side(a, u, gram_u, DampedGram(gram_u, damping), grad_a, unit=1.0)
+        side_b = Side(u.T, a.T, gram_a, DampedGram(gram_a, damping), grad_u.T, unit=s)
         if need_scaled:
-            damping = self._damping(cd)
             for side in (side_a, side_b):
-                side.scaled = damped_solve(side.gram, side.grad, damping)
+                side.scaled = side.solver.solve(side.grad)
         return _PreparedPair(pair, group, step, move_a, move_b, s, side_a, side_b)
 
     def _collect(self, clipping: bool) -> tuple[list[_PreparedPair], list[tuple[dict[str, Any], list[Tensor]]]]:
@@ -304,7 +305,6 @@ class LoFTAdamW(Optimizer):
                 move_a=pp.move_a,
                 move_b=pp.move_b,
                 projected=pp.group["projected_clipping"],
-                damping=self._damping(pp.side_a.factor.dtype),
             )
             total = total + sq.double().cpu()
         for _, params in plain:
@@ -354,7 +354,6 @@ class LoFTAdamW(Optimizer):
         group, pair, t = pp.group, pp.pair, pp.step
         beta1, beta2 = group["betas"]
         cd = pp.side_a.factor.dtype
-        damping = self._damping(cd)
         index = packed_index(pair.rank, not group["second_moment_calibration"], cd, pair.A.device)
         if t == 1:
             self._init_pair_state(pp, index.diagonal_only)
@@ -374,7 +373,6 @@ class LoFTAdamW(Optimizer):
                     index,
                     first_moment=group["first_moment_calibration"],
                     second_moment=group["second_moment_calibration"],
-                    damping=damping,
                 )
             st["partner"].copy_(side.partner)
             grad = side.scaled if group["gradient_scaling"] else side.grad
@@ -383,14 +381,14 @@ class LoFTAdamW(Optimizer):
             update_moments(st["exp_avg"], st["exp_avg_sq"], grad, index, beta1, beta2)
             st["step"] = t
             if moves:
-                new_factors.append((self._new_factor(group, side, st, index, t, damping), side, st))
+                new_factors.append((self._new_factor(group, side, st, index, t), side, st))
         for new, side, _ in new_factors:  # written back only after every new factor is computed
             if side is pp.side_a:
                 pair.A.copy_(new.view_as(pair.A))
             else:
                 pair.B.copy_((new.T / pp.scaling).view_as(pair.B))
 
-    def _new_factor(self, group: dict[str, Any], side: Side, st: dict[str, Any], index: Any, t: int, damping: float) -> Tensor:
+    def _new_factor(self, group: dict[str, Any], side: Side, st: dict[str, Any], index: Any, t: int) -> Tensor:
         beta1, beta2 = group["betas"]
         common = dict(
             lr=group["lr"],
@@ -401,7 +399,7 @@ class LoFTAdamW(Optimizer):
         )
         if group["projected_update"]:
             return projected_update(
-                side, st["exp_avg"], st["exp_avg_sq"], index, damping=damping, chunk_bytes=self.chunk_bytes, **common
+                side, st["exp_avg"], st["exp_avg_sq"], index, chunk_bytes=self.chunk_bytes, **common
             )
         return factor_adam_update(side, st["exp_avg"], st["exp_avg_sq"], index, **common)
 
