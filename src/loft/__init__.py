@@ -5,8 +5,17 @@
 """
 
 from .clip import clip_grad_norm_
+from .distributed import UnsupportedDistributedSetup
 from .optim import SWITCHES, LoFTAdamW
 from .pairs import LoRAPair, find_lora_pairs, split_lora_parameters
 
-__all__ = ["SWITCHES", "LoFTAdamW", "LoRAPair", "clip_grad_norm_", "find_lora_pairs", "split_lora_parameters"]
+__all__ = [
+    "SWITCHES",
+    "LoFTAdamW",
+    "LoRAPair",
+    "UnsupportedDistributedSetup",
+    "clip_grad_norm_",
+    "find_lora_pairs",
+    "split_lora_parameters",
+]
 __version__ = "0.1.0"

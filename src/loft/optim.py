@@ -19,6 +19,12 @@ from torch.optim import Optimizer
 from torch.optim.adamw import adamw as _adamw_functional
 
 from .clip import clip_coefficient, pair_sq_norm
+from .distributed import (
+    UnsupportedDistributedSetup,
+    check_module_supported,
+    check_pairs_agree_across_ranks,
+    check_tensor_supported,
+)
 from .functional import Side, calibrate, factor_adam_update, projected_update, update_moments
 from .linalg import DampedGram, compute_dtype, packed_index
 from .pairs import LoRAPair, count_lora_layers, split_lora_parameters
@@ -133,6 +139,7 @@ class LoFTAdamW(Optimizer):
         self.skipped_steps = 0
         self._pairs: list[LoRAPair] = []
         self._pair_by_param: dict[int, LoRAPair] = {}
+        self._plain_ids: set[int] = set()
         self._param_names: dict[int, str] = {}
         self._modules_seen: list[nn.Module] = []
         defaults = dict(
@@ -150,6 +157,7 @@ class LoFTAdamW(Optimizer):
         super().__init__(_as_param_groups(params), defaults)
         if not self._pairs:
             raise ValueError(self._no_pairs_message())
+        check_pairs_agree_across_ranks((p.name, p.A.shape, p.B.shape) for p in self._pairs)
 
     # ----------------------------------------------------------------------------- set-up
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -163,6 +171,7 @@ class LoFTAdamW(Optimizer):
         plain: list[Tensor] = []
         for item in items:
             if isinstance(item, nn.Module):
+                check_module_supported(item)
                 found, others = split_lora_parameters(item)
                 pairs += found
                 plain += others
@@ -176,6 +185,11 @@ class LoFTAdamW(Optimizer):
                 raise TypeError(
                     f"LoFTAdamW params must be modules, loft.LoRAPair objects or tensors, got {type(item).__name__}."
                 )
+        for pair in pairs:
+            check_tensor_supported(pair.A, pair.name or "a LoRA factor")
+            check_tensor_supported(pair.B, pair.name or "a LoRA factor")
+        for t in plain:
+            check_tensor_supported(t, self._param_names.get(id(t), f"a parameter of shape {tuple(t.shape)}"))
         head_lr = group.pop("head_lr", self.head_lr)
         head_weight_decay = group.pop("head_weight_decay", self.head_weight_decay)
         unknown = set(group) - {"params", *self.defaults}
@@ -197,6 +211,7 @@ class LoFTAdamW(Optimizer):
             super().add_param_group(head_group)
         else:
             super().add_param_group(group)
+        self._plain_ids.update(id(t) for t in plain)
         for pair in pairs:
             self._pairs.append(pair)
             self._pair_by_param[id(pair.A)] = pair
@@ -268,6 +283,12 @@ class LoFTAdamW(Optimizer):
                         "gradients (e.g. nn.Embedding(..., sparse=False))."
                     )
                 pair = self._pair_by_param.get(id(p))
+                if pair is None and id(p) not in self._plain_ids:
+                    raise UnsupportedDistributedSetup(
+                        f"LoFTAdamW's param_groups hold a tensor of shape {tuple(p.shape)} it was not built with. "
+                        "Something replaced the optimizer's parameters (DeepSpeed ZeRO and other wrappers that "
+                        "flatten or partition them are not supported); add parameters with add_param_group."
+                    )
                 if pair is None:
                     if p.grad is not None:
                         others.append(p)

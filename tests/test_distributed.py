@@ -1,0 +1,120 @@
+"""LoFTAdamW under data parallelism: 2 CPU processes on gloo (127.0.0.1, a free port)."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from conftest import rel_err
+from dist_worker import single_process_reference
+
+pytest.importorskip("peft")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_two_ranks(scenario: str, tmp_path) -> list[dict]:
+    from dist_worker import worker
+
+    mp.start_processes(worker, args=(2, free_port(), scenario, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+
+def assert_ranks_agree_and_match_one_process(results):
+    reference = single_process_reference()
+    rank0, rank1 = results[0]["params"], results[1]["params"]
+    assert rank0.keys() == reference.keys()
+    for name in reference:
+        assert torch.equal(rank0[name], rank1[name]), name
+        assert rel_err(rank0[name], reference[name]) < 1e-8, name
+
+
+def test_ddp_equals_one_process_with_the_whole_batch(tmp_path):
+    assert_ranks_agree_and_match_one_process(run_two_ranks("ddp", tmp_path))
+
+
+def test_ddp_gradient_accumulation_with_no_sync_equals_the_large_batch(tmp_path):
+    assert_ranks_agree_and_match_one_process(run_two_ranks("accumulate", tmp_path))
+
+
+def test_accelerate_prepared_model_and_optimizer(tmp_path):
+    pytest.importorskip("accelerate")
+    results = run_two_ranks("accelerate", tmp_path)
+    assert results[0]["distributed_type"] == "DistributedType.MULTI_CPU"
+    assert_ranks_agree_and_match_one_process(results)
+
+
+def test_ranks_with_different_lora_pairs_are_refused(tmp_path):
+    results = run_two_ranks("mismatch", tmp_path)
+    for r in results:
+        assert r["error"] is not None and "found different LoRA pairs" in r["error"]
+        assert "Every data-parallel rank must build the same model" in r["error"]
+
+
+def _small_peft_model():
+    import peft
+    from torch import nn
+
+    base = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    return peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["0"]))
+
+
+def test_fsdp2_sharded_factors_are_refused(tmp_path):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    import loft
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rdzv'}", rank=0, world_size=1)
+    try:
+        model = _small_peft_model()
+        fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+        with pytest.raises(loft.UnsupportedDistributedSetup, match=r"is a DTensor \(FSDP2.*Supported: DistributedDataParallel"):
+            loft.LoFTAdamW(model)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp1_wrapped_model_is_refused():
+    """FSDP (v1) cannot be built on a CPU-only machine; the check looks for its wrapper module."""
+    from torch import nn
+
+    import loft
+
+    class FullyShardedDataParallel(nn.Module):  # stands in for torch's wrapper, matched by name
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    with pytest.raises(loft.UnsupportedDistributedSetup, match="wrapped in FullyShardedDataParallel"):
+        loft.LoFTAdamW(FullyShardedDataParallel(_small_peft_model()))
+
+
+def test_deepspeed_zero3_partitioned_parameters_are_refused():
+    import loft
+
+    model = _small_peft_model()
+    for p in model.parameters():
+        p.ds_id = 0  # what ZeRO-3 attaches to each partitioned parameter
+    with pytest.raises(loft.UnsupportedDistributedSetup, match="partitioned by DeepSpeed ZeRO-3"):
+        loft.LoFTAdamW(model)
+
+
+def test_parameters_replaced_behind_the_optimizer_are_refused_at_step():
+    """ZeRO-1/2 style wrappers swap param_groups' tensors for flat partitions: never a silent step."""
+    import loft
+
+    model = _small_peft_model()
+    opt = loft.LoFTAdamW(model)
+    flat = torch.nn.Parameter(torch.cat([p.detach().flatten() for p in opt.param_groups[0]["params"]]))
+    flat.grad = torch.zeros_like(flat)
+    opt.param_groups[0]["params"] = [flat]
+    with pytest.raises(loft.UnsupportedDistributedSetup, match="it was not built with"):
+        opt.step()
