@@ -19,7 +19,6 @@ import re
 import shutil
 import tempfile
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 from .errors import LoftUsageError
@@ -94,12 +93,14 @@ def resolve_model(spec: str) -> str:
 
 
 def _package_folder(model: BuiltinModel) -> Path:
-    if importlib.util.find_spec(model.package) is None:
+    spec = importlib.util.find_spec(model.package)
+    if spec is None or not spec.submodule_search_locations:
         raise LoftUsageError(
             f"Built-in model {model.name!r} needs the PyPI package {model.package.replace('_', '-')!r}, "
             f"which is not installed. Install it with:\n  {model.install}\n(scripts/setup.sh does this.)"
         )
-    return Path(str(resources.files(model.package)))
+    # the folder only: importing these packages would pull their unused dependencies
+    return Path(list(spec.submodule_search_locations)[0])
 
 
 def _builtin_folder(model: BuiltinModel) -> Path:
@@ -133,6 +134,7 @@ def _converted_smollm(package: Path) -> Path:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        tmp.chmod(0o755)  # mkdtemp makes it private
         os.replace(tmp, target)  # atomic: a half-written folder is never used
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
