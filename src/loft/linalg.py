@@ -19,6 +19,7 @@ from torch import Tensor
 
 __all__ = [
     "DampedGram",
+    "balanced_factors",
     "PackedIndex",
     "compute_dtype",
     "packed_index",
@@ -112,12 +113,18 @@ def packed_transport(packed: Tensor, c: Tensor, index: PackedIndex) -> Tensor:
 
     The congruence is linear in the packed entries, ``S_new = S T^T`` with a ``(p, p)`` matrix
     ``T[q', q] = C[a, i] C[b, j] + [i != j] C[a, j] C[b, i]`` for ``q' = (a, b)``, ``q = (i, j)``:
-    one GEMM, no unpacked ``(k, r, r)`` stack.
+    one GEMM. ``T`` has ``p^2 ~ r^4 / 4`` entries, so above rank 32 the grams are unpacked to
+    ``(k, r, r)`` and multiplied instead.
     """
     rows, cols = index.rows, index.cols
-    c_i, c_j = c[:, rows], c[:, cols]  # (r, p): columns i and j of each packed input entry
-    t = c_i[rows] * c_j[cols] + (rows != cols).to(c.dtype) * c_j[rows] * c_i[cols]
-    return packed @ t.T
+    if index.r <= 32:
+        c_i, c_j = c[:, rows], c[:, cols]  # (r, p): columns i and j of each packed input entry
+        t = c_i[rows] * c_j[cols] + (rows != cols).to(c.dtype) * c_j[rows] * c_i[cols]
+        return packed @ t.T
+    full = packed.new_zeros(packed.shape[0], index.r, index.r)
+    full[:, rows, cols] = packed
+    full[:, cols, rows] = packed
+    return (c @ full @ c.T)[:, rows, cols]
 
 
 def projected_adam_direction(
@@ -152,3 +159,30 @@ def projected_adam_direction(
         denom = (products @ sq_t).clamp_min_(0).sqrt_().add_(eps)  # sqrt(V / bc2) + eps
         out.addmm_(p_rows.T, (p_rows @ avg).div_(denom))
     return out
+
+
+def balanced_factors(u: Tensor, a: Tensor, threshold: float) -> tuple[Tensor, Tensor] | None:
+    """Re-factor ``dW = u @ a`` (``(m, r)``, ``(r, n)``) into balanced factors, if it pays.
+
+    Alternating updates let the two factors drift apart in conditioning even while ``dW`` stays
+    well-conditioned; the solves with ``u^T u`` and ``a a^T`` then lose ``eps * cond`` of
+    accuracy for nothing (in float32 this can make a run diverge). With ``u = Q_u R_u``,
+    ``a^T = Q_a R_a`` and ``R_u R_a^T = X S Y^T``, the factors ``u' = Q_u X S^(1/2)`` and
+    ``a' = S^(1/2) Y^T Q_a^T`` have the same product, the same column / row spaces, and equal
+    grams ``u'^T u' = a' a'^T = S``, the best conditioning any factorisation of ``dW`` can have.
+
+    Returns ``(u', a')`` when the worse gram's condition number exceeds ``threshold`` times the
+    balanced one, else ``None`` (also when ``dW`` is rank-deficient: the bases then carry
+    information the product does not).
+    """
+    q_u, r_u = torch.linalg.qr(u)
+    q_a, r_a = torch.linalg.qr(a.T)
+    x, sigma, yh = torch.linalg.svd(r_u @ r_a.T)
+    if not bool(sigma[-1] > sigma[0] * torch.finfo(sigma.dtype).eps * 100):
+        return None
+    s_u, s_a = torch.linalg.svdvals(r_u), torch.linalg.svdvals(r_a)
+    worst_gram_cond = max(float(s_u[0] / s_u[-1]), float(s_a[0] / s_a[-1])) ** 2
+    if worst_gram_cond <= threshold * float(sigma[0] / sigma[-1]):
+        return None
+    root = sigma.sqrt()
+    return q_u @ (x * root), (root[:, None] * yh) @ q_a.T

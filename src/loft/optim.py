@@ -26,7 +26,7 @@ from .distributed import (
     check_tensor_supported,
 )
 from .functional import Side, calibrate, factor_adam_update, projected_update, update_moments
-from .linalg import DampedGram, compute_dtype, packed_index
+from .linalg import DampedGram, balanced_factors, compute_dtype, packed_index
 from .pairs import LoRAPair, count_lora_layers, split_lora_parameters
 
 __all__ = ["LoFTAdamW", "SWITCHES"]
@@ -43,7 +43,7 @@ SWITCHES = (
     "projected_clipping",
 )
 
-_OPTIONS = ("lr", "betas", "eps", "weight_decay", "max_grad_norm", "head_lr", "head_weight_decay", *SWITCHES, "damping", "chunk_bytes", "nonfinite_grads")
+_OPTIONS = ("lr", "betas", "eps", "weight_decay", "max_grad_norm", "head_lr", "head_weight_decay", *SWITCHES, "rebalance", "damping", "chunk_bytes", "nonfinite_grads")
 
 
 @dataclass
@@ -86,6 +86,12 @@ class LoFTAdamW(Optimizer):
         gradient_scaling, alternating_updates, first_moment_calibration,
         second_moment_calibration, projected_update, projected_clipping: LoFT's building
             blocks, each on by default and each a param-group key (see :data:`SWITCHES`).
+        rebalance: when the two factors of a pair drift apart in conditioning, re-factor them
+            into balanced ones with the same product (see :func:`loft.linalg.balanced_factors`).
+            The moments follow through calibration, so ``dW``'s trajectory is unchanged in exact
+            arithmetic and much more accurate in float32. Only in configurations that are
+            invariant to the factors' basis (scaling, both calibrations and the projected update
+            on); ``A`` and ``B`` themselves change, their product does not.
         damping: relative damping of the ``r x r`` solves (``None``: ten machine epsilons of the
             compute dtype, 1.2e-6 in float32).
         chunk_bytes: memory budget of the temporaries of the full-direction rebuild.
@@ -113,6 +119,7 @@ class LoFTAdamW(Optimizer):
         second_moment_calibration: bool = True,
         projected_update: bool = True,
         projected_clipping: bool = True,
+        rebalance: bool = True,
         damping: float | None = None,
         chunk_bytes: int = 32 * 2**20,
         nonfinite_grads: str = "skip",
@@ -131,6 +138,7 @@ class LoFTAdamW(Optimizer):
         self.head_weight_decay = head_weight_decay
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self.damping = damping
+        self.rebalance = bool(rebalance)
         self.chunk_bytes = int(chunk_bytes)
         self.nonfinite_grads = nonfinite_grads
         #: total gradient norm (clipping norm) seen by the last step, when clipping is on
@@ -378,14 +386,11 @@ class LoFTAdamW(Optimizer):
         index = packed_index(pair.rank, not group["second_moment_calibration"], cd, pair.A.device)
         if t == 1:
             self._init_pair_state(pp, index.diagonal_only)
-        prev_a, prev_b = self._pair_moves(group, t - 1) if t > 1 else (False, False)
-        new_factors: list[tuple[Tensor, Side, dict[str, Any]]] = []
-        for side, param, partner_moved, moves in (
-            (pp.side_a, pair.A, prev_b, pp.move_a),
-            (pp.side_b, pair.B, prev_a, pp.move_b),
-        ):
+        new: dict[str, Tensor] = {}
+        for key, side, param, moves in (("A", pp.side_a, pair.A, pp.move_a), ("B", pp.side_b, pair.B, pp.move_b)):
             st = self.state[param]
-            if partner_moved:
+            # the moments are in the basis of the partner at the last step; carry them over if it moved
+            if t > 1 and not torch.equal(st["partner"], side.partner):
                 calibrate(
                     st["exp_avg"],
                     st["exp_avg_sq"],
@@ -402,12 +407,23 @@ class LoFTAdamW(Optimizer):
             update_moments(st["exp_avg"], st["exp_avg_sq"], grad, index, beta1, beta2)
             st["step"] = t
             if moves:
-                new_factors.append((self._new_factor(group, side, st, index, t), side, st))
-        for new, side, _ in new_factors:  # written back only after every new factor is computed
-            if side is pp.side_a:
-                pair.A.copy_(new.view_as(pair.A))
-            else:
-                pair.B.copy_((new.T / pp.scaling).view_as(pair.B))
+                new[key] = self._new_factor(group, side, st, index, t)
+        # written back only after every new factor is computed
+        a, u_t = new.get("A", pp.side_a.factor), new.get("B", pp.side_b.factor)
+        if self.rebalance and self._basis_invariant(group):
+            balanced = balanced_factors(u_t.T, a, threshold=10.0)
+            if balanced is not None:
+                new = {"B": balanced[0].T, "A": balanced[1]}
+        if "A" in new:
+            pair.A.copy_(new["A"].view_as(pair.A))
+        if "B" in new:
+            pair.B.copy_((new["B"].T / pp.scaling).view_as(pair.B))
+
+    @staticmethod
+    def _basis_invariant(group: dict[str, Any]) -> bool:
+        """Whether the group's step depends on the product ``dW`` only, not on the factors' basis."""
+        keys = ("gradient_scaling", "first_moment_calibration", "second_moment_calibration", "projected_update")
+        return all(group[k] for k in keys)
 
     def _new_factor(self, group: dict[str, Any], side: Side, st: dict[str, Any], index: Any, t: int) -> Tensor:
         beta1, beta2 = group["betas"]
