@@ -162,3 +162,5 @@ def test_with_loft_subclass_and_refusals(base, dataset, tmp_path):
     with pytest.raises(ValueError, match="loft_options"):
         LoFTTrainer(model=model, args=targs(tmp_path), train_dataset=dataset,
                     optimizers=(torch.optim.AdamW(model.parameters()), None))
+    with pytest.raises(ValueError, match="TrainingArguments"):
+        LoFTTrainer(model=model, args=targs(tmp_path), train_dataset=dataset, loft_options={"max_grad_norm": 1.0})

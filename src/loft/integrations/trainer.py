@@ -90,6 +90,11 @@ class LoFTTrainerMixin:
                 "LoFT's norm instead of Trainer's; upgrade transformers (>=5.0)."
             )
         self.loft_options = dict(loft_options or {})
+        if "max_grad_norm" in self.loft_options:
+            raise ValueError(
+                "Set clipping with TrainingArguments(max_grad_norm=...), not loft_options: the trainer already "
+                "clips with LoFT's projected norm, and clipping twice would hide which limit applies."
+            )
         super().__init__(*args, **kwargs)
 
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
