@@ -51,7 +51,7 @@ def full_adamw(w_star: torch.Tensor, lr: float, init: torch.Tensor | None = None
     losses = []
     for _ in range(STEPS):
         loss = (w - w_star).square().mean()
-        losses.append(float(loss))
+        losses.append(loss.item())
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -69,7 +69,7 @@ def factored(w_star: torch.Tensor, A, B, s: float, optimizer) -> list[float]:
     losses = []
     for _ in range(STEPS):
         loss = (s * B @ A - w_star).square().mean()
-        losses.append(float(loss))
+        losses.append(loss.item())
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
