@@ -326,20 +326,16 @@ class LoFTAdamW(Optimizer):
         return False
 
     def _total_sq_norm(self, prepared: list[_PreparedPair], plain: list[tuple[dict[str, Any], list[Tensor]]]) -> Tensor:
-        total = torch.zeros((), dtype=torch.float64)
-        for pp in prepared:
-            sq = pair_sq_norm(
-                pp.side_a,
-                pp.side_b,
-                move_a=pp.move_a,
-                move_b=pp.move_b,
-                projected=pp.group["projected_clipping"],
-            )
-            total = total + sq.double().cpu()
-        for _, params in plain:
-            for p in params:
-                total = total + p.grad.double().square().sum().cpu()
-        return total
+        """Sum of the squared clipping norms, float64, on the first parameter's device (one sync)."""
+        terms = [
+            pair_sq_norm(pp.side_a, pp.side_b, move_a=pp.move_a, move_b=pp.move_b, projected=pp.group["projected_clipping"])
+            for pp in prepared
+        ]
+        terms += [p.grad.double().square().sum() for _, params in plain for p in params]
+        if not terms:
+            return torch.zeros((), dtype=torch.float64)
+        device = terms[0].device
+        return torch.stack([t.to(device=device, dtype=torch.float64) for t in terms]).sum()
 
     @torch.no_grad()
     def grad_norm(self) -> Tensor:
@@ -361,7 +357,7 @@ class LoFTAdamW(Optimizer):
         coef = None
         if self.max_grad_norm is not None:
             self.last_grad_norm = self._total_sq_norm(prepared, plain).sqrt()
-            coef = float(clip_coefficient(self.last_grad_norm, self.max_grad_norm))
+            coef = float(clip_coefficient(self.last_grad_norm, self.max_grad_norm))  # a host number
         for pp in prepared:
             self._step_pair(pp, coef)
         for group, params in plain:
