@@ -13,8 +13,9 @@ What the mixin changes, and only that:
 - ``create_optimizer`` builds a :class:`loft.LoFTAdamW` over the whole model from the
   ``TrainingArguments`` (``learning_rate``, ``adam_beta1/2``, ``adam_epsilon``,
   ``weight_decay``) plus ``loft_options`` (``head_lr``, switches, ...). The optimizer is made
-  inside the Trainer, after any model wrapping, which is why this works where Trainer refuses
-  a pre-built optimizer (FSDP). LR schedulers, gradient accumulation, ``save_steps``
+  inside the Trainer, after any model wrapping, so Trainer's refusal of a pre-built optimizer
+  under FSDP does not apply (``LoFTAdamW`` itself refuses sharded LoRA factors; use DDP).
+  LR schedulers, gradient accumulation, ``save_steps``
   checkpoints and ``resume_from_checkpoint`` (optimizer state included) are Trainer's own.
 - Gradient clipping: Trainer's ``max_grad_norm`` (default 1.0) is kept, but the clipping is
   LoFT's (:func:`loft.clip_grad_norm_`, by the norm of the projected full gradient) instead of
