@@ -79,6 +79,7 @@ def calibrate(
     *,
     first_moment: bool,
     second_moment: bool,
+    chunk_bytes: int = 4 * 2**20,
 ) -> None:
     """Carry the moments from the basis ``previous_partner`` into the current partner's, in place.
 
@@ -92,7 +93,7 @@ def calibrate(
     if first_moment:
         exp_avg.copy_(c @ exp_avg)
     if second_moment and not index.diagonal_only:
-        exp_avg_sq.copy_(packed_transport(exp_avg_sq, c, index))
+        exp_avg_sq.copy_(packed_transport(exp_avg_sq, c, index, chunk_bytes))
 
 
 def update_moments(

@@ -108,23 +108,29 @@ def packed_outer(g: Tensor, index: PackedIndex) -> Tensor:
     return (g[index.rows] * g[index.cols]).T
 
 
-def packed_transport(packed: Tensor, c: Tensor, index: PackedIndex) -> Tensor:
+def packed_transport(packed: Tensor, c: Tensor, index: PackedIndex, chunk_bytes: int = 4 * 2**20) -> Tensor:
     """Congruence ``S <- C S C^T`` applied to every packed gram: ``(k, p), (r, r) -> (k, p)``.
 
     The congruence is linear in the packed entries, ``S_new = S T^T`` with a ``(p, p)`` matrix
     ``T[q', q] = C[a, i] C[b, j] + [i != j] C[a, j] C[b, i]`` for ``q' = (a, b)``, ``q = (i, j)``:
-    one GEMM. ``T`` has ``p^2 ~ r^4 / 4`` entries, so above rank 32 the grams are unpacked to
-    ``(k, r, r)`` and multiplied instead.
+    one GEMM. ``T`` has ``p^2 ~ r^4 / 4`` entries and costs ``k p^2`` multiply-adds, so above rank
+    32 the grams are unpacked to ``(rows, r, r)`` blocks of at most ``chunk_bytes`` and
+    multiplied instead (``2 k r^3``).
     """
     rows, cols = index.rows, index.cols
     if index.r <= 32:
         c_i, c_j = c[:, rows], c[:, cols]  # (r, p): columns i and j of each packed input entry
         t = c_i[rows] * c_j[cols] + (rows != cols).to(c.dtype) * c_j[rows] * c_i[cols]
         return packed @ t.T
-    full = packed.new_zeros(packed.shape[0], index.r, index.r)
-    full[:, rows, cols] = packed
-    full[:, cols, rows] = packed
-    return (c @ full @ c.T)[:, rows, cols]
+    out = torch.empty_like(packed)
+    step = max(1, chunk_bytes // (3 * index.r**2 * packed.element_size()))
+    for start in range(0, packed.shape[0], step):
+        block = packed[start : start + step]
+        full = block.new_zeros(block.shape[0], index.r, index.r)
+        full[:, rows, cols] = block
+        full[:, cols, rows] = block
+        out[start : start + step] = (c @ full @ c.T)[:, rows, cols]
+    return out
 
 
 def projected_adam_direction(

@@ -121,7 +121,7 @@ class LoFTAdamW(Optimizer):
         projected_clipping: bool = True,
         rebalance: bool = True,
         damping: float | None = None,
-        chunk_bytes: int = 32 * 2**20,
+        chunk_bytes: int = 4 * 2**20,
         nonfinite_grads: str = "skip",
         **unknown: Any,
     ) -> None:
@@ -395,6 +395,7 @@ class LoFTAdamW(Optimizer):
                     index,
                     first_moment=group["first_moment_calibration"],
                     second_moment=group["second_moment_calibration"],
+                    chunk_bytes=self.chunk_bytes,
                 )
             st["partner"].copy_(side.partner)
             grad = side.scaled if group["gradient_scaling"] else side.grad
