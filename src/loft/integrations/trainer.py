@@ -25,7 +25,6 @@ What the mixin changes, and only that:
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
@@ -33,7 +32,6 @@ from transformers import Trainer, TrainingArguments
 
 from ..clip import clip_grad_norm_
 from ..optim import LoFTAdamW
-from ..pairs import split_lora_parameters
 
 __all__ = ["LoFTTrainer", "LoFTTrainerMixin", "build_loft_optimizer", "with_loft"]
 
@@ -52,13 +50,6 @@ def build_loft_optimizer(model: torch.nn.Module, args: TrainingArguments, **loft
         weight_decay=args.weight_decay,
     )
     options.update(loft_options)
-    head_lr = options.get("head_lr")
-    if head_lr is not None and "head_lr" not in inspect.signature(LoFTAdamW).parameters:
-        # older LoFTAdamW: the same thing with two param groups
-        options.pop("head_lr")
-        pairs, others = split_lora_parameters(model)
-        groups = [{"params": pairs}] + ([{"params": others, "lr": head_lr}] if others else [])
-        return LoFTAdamW(groups, **options)
     return LoFTAdamW(model, **options)
 
 
