@@ -10,6 +10,8 @@ from typing import Any
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
+from .launch import any_rank, is_main_process
+
 __all__ = ["InterruptCallback", "ProgressBar"]
 
 
@@ -48,27 +50,37 @@ class ProgressBar(TrainerCallback):
 
 class InterruptCallback(TrainerCallback):
     """The first Ctrl-C asks Trainer to save a checkpoint at the end of the current step and
-    stop; a second Ctrl-C aborts at once (the last periodic checkpoint remains)."""
+    stop; a second Ctrl-C aborts at once (the last periodic checkpoint remains).
+
+    On several processes (torchrun forwards Ctrl-C to every worker, each at its own moment) the
+    ranks agree at the end of every step: when any rank has seen Ctrl-C, all of them save the
+    same step's checkpoint and stop together (one all-reduce of a flag per step).
+    """
 
     def __init__(self) -> None:
         self.interrupted = False
         self._previous: Any = None
+        self._presses = 0
 
     def request_stop(self) -> None:
         """What Ctrl-C does (tests call it directly)."""
         self.interrupted = True
 
     def _handler(self, signum, frame):  # pragma: no cover - exercised by a real Ctrl-C
-        if self.interrupted:
+        # count this process's own Ctrl-Cs: a stop agreed with the other ranks is not a first press
+        self._presses += 1
+        if self._presses > 1:
             raise KeyboardInterrupt
         self.request_stop()
-        print("\nCtrl-C: saving a checkpoint after this step (Ctrl-C again to abort without it) ...", flush=True)
+        if is_main_process():
+            print("\nCtrl-C: saving a checkpoint after this step (Ctrl-C again to abort without it) ...", flush=True)
 
     def on_train_begin(self, args, state, control, **kwargs: Any):
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGINT, self._handler)
 
     def on_step_end(self, args, state, control, **kwargs: Any):
+        self.interrupted = any_rank(self.interrupted, args.device)
         if self.interrupted:
             control.should_save = True
             control.should_training_stop = True

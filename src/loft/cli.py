@@ -3,10 +3,14 @@
 Bad input raises :class:`loft.errors.LoftUsageError`; :func:`main` prints its message (no
 traceback) and exits with status 2. Ctrl-C during training saves a checkpoint and exits with
 status 130; ``--resume`` continues from it.
+
+Under ``torchrun`` / ``accelerate launch`` every process runs the command; only the main process
+(rank 0) prints the summary and the error messages (docs/distributed.md).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Annotated, Optional
 
@@ -39,7 +43,7 @@ TargetModules = Annotated[Optional[list[str]], typer.Option("--target-modules", 
 MaxSteps = Annotated[Optional[int], typer.Option("--max-steps", help="Optimizer steps (default 400 when --epochs is not given).")]
 Epochs = Annotated[Optional[float], typer.Option("--epochs", help="Epochs over --data instead of --max-steps.")]
 HeadLr = Annotated[Optional[float], typer.Option("--head-lr", help="Learning rate of the fresh head (every method). Default 2e-3.")]
-BatchSize = Annotated[int, typer.Option("--batch-size", "-b", help="Examples per optimizer step.")]
+BatchSize = Annotated[int, typer.Option("--batch-size", "-b", help="Examples per optimizer step; on several processes (torchrun, accelerate launch) the global batch, split evenly over them.")]
 MaxLength = Annotated[Optional[int], typer.Option("--max-length", help="Max tokens per example (default 64 classification, 128 multiple choice).")]
 MaxEval = Annotated[Optional[int], typer.Option("--max-eval", help="Evaluate on the first N eval examples only.")]
 Seed = Annotated[int, typer.Option("--seed", help="Random seed (data order, head init).")]
@@ -82,6 +86,8 @@ def finetune(
         output_dir=output_dir,
     )
     metrics = run(cfg, overwrite=overwrite, resume=resume, progress=not quiet)
+    if not _main_process():
+        return
     out = cfg.output_dir or f"runs/{_stem(data)}-{method}-r{rank}"
     before = metrics["eval_accuracy_before"]
     print(
@@ -129,6 +135,8 @@ def compare(
         head_lr=head_lr, batch_size=batch_size, max_length=max_length, max_eval=max_eval, seed=seed,
         output_dir=output_dir, overwrite=overwrite, progress=not quiet,
     )
+    if not _main_process():
+        return
     print("\n" + result["markdown"])
     print(f"Wrote {output_dir}/compare.md, compare.csv and compare.png ({result['seconds']:.0f} s in all).")
 
@@ -149,15 +157,26 @@ def _stem(data: str) -> str:
     return Path(data).stem
 
 
+def _main_process() -> bool:
+    """Whether this process prints: rank 0 under torchrun / accelerate launch, else always."""
+    if "torch" in sys.modules:
+        from .launch import is_main_process
+
+        return is_main_process()
+    return os.environ.get("RANK", "0") == "0"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``loft`` script; returns the exit status."""
     try:
         app(args=argv, standalone_mode=False)
     except LoftUsageError as e:
-        print(f"loft: error: {e}", file=sys.stderr)
+        if _main_process():  # every rank stops with the same message; print it once
+            print(f"loft: error: {e}", file=sys.stderr)
         return 2
     except RunInterrupted as e:
-        print(f"\nloft: {e}", file=sys.stderr)
+        if _main_process():
+            print(f"\nloft: {e}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
         print("\nloft: aborted.", file=sys.stderr)

@@ -3,6 +3,9 @@
 Each run is a :func:`loft.finetune.finetune` into ``<output_dir>/<method>-r<rank>`` (``full``
 for full fine-tuning). The results go to ``compare.md`` / ``compare.csv`` (one row per run)
 and ``compare.png`` (accuracy against rank per method, and every loss curve).
+
+Under ``torchrun`` / ``accelerate launch`` every process runs the same plan; the main process
+(rank 0) checks the folder, writes the table and the plot, and prints.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any
 
 from .errors import LoftUsageError
 from .finetune import DEFAULT_LR, METHODS, FinetuneConfig, finetune
+from .launch import barrier, init_processes, is_main_process, launched_processes, on_main_process
 
 __all__ = ["parse_lrs", "run_compare"]
 
@@ -66,6 +70,18 @@ def _table(rows: list[dict[str, Any]]) -> tuple[str, str]:
     return "\n".join(md) + "\n", buf.getvalue()
 
 
+def _prepare_folder(out: Path, overwrite: bool) -> None:
+    """Refuse a non-empty folder unless ``overwrite``; create it (main process only)."""
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise LoftUsageError(
+                f"Output directory {str(out)!r} is not empty; nothing was changed. Choose another --output-dir "
+                "or pass --overwrite to replace it."
+            )
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
 def run_compare(
     *,
     methods: list[str],
@@ -92,19 +108,15 @@ def run_compare(
         raise LoftUsageError("Nothing to compare: give --methods or --full.")
     lrs = lrs or {}
     out = Path(output_dir)
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise LoftUsageError(
-                f"Output directory {str(out)!r} is not empty; nothing was changed. Choose another --output-dir "
-                "or pass --overwrite to replace it."
-            )
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-
     plan = [(m, r) for m in methods for r in ranks] + ([("full", ranks[0])] if full else [])
     # Check the shared settings (data, model, targets, ranks) once, before any run starts.
+    processes = launched_processes()
     for method, rank in plan:
-        FinetuneConfig(method=method, rank=rank, lr=lrs.get(method), **settings).check()
+        FinetuneConfig(method=method, rank=rank, lr=lrs.get(method), **settings).check(processes)
+    init_processes()
+    on_main_process(_prepare_folder, out, overwrite)
+    main = is_main_process()
+    progress = progress and main
     t0 = time.perf_counter()
     rows, curves = [], {}
     for i, (method, rank) in enumerate(plan, 1):
@@ -118,9 +130,11 @@ def run_compare(
         curves[name] = metrics["loss_curve"]
     seconds = time.perf_counter() - t0
     markdown, csv_text = _table(rows)
-    (out / "compare.md").write_text(markdown)
-    (out / "compare.csv").write_text(csv_text)
-    data_name = Path(str(settings.get("data", "movie_sentiment"))).stem
-    plot_compare(rows, curves, out / "compare.png", f"{data_name}: same data, seed and steps")
-    (out / "compare.json").write_text(json.dumps({"rows": rows, "seconds": round(seconds, 1), "settings": {k: v for k, v in settings.items()}, "lrs": lrs}, indent=2, default=str))
+    if main:
+        (out / "compare.md").write_text(markdown)
+        (out / "compare.csv").write_text(csv_text)
+        data_name = Path(str(settings.get("data", "movie_sentiment"))).stem
+        plot_compare(rows, curves, out / "compare.png", f"{data_name}: same data, seed and steps")
+        (out / "compare.json").write_text(json.dumps({"rows": rows, "seconds": round(seconds, 1), "settings": {k: v for k, v in settings.items()}, "lrs": lrs}, indent=2, default=str))
+    barrier()
     return {"rows": rows, "markdown": markdown, "csv": csv_text, "seconds": seconds}

@@ -14,6 +14,10 @@ Output directory::
     metrics.json                  accuracy before / after, losses, learning rates, timings
     loss_curve.png
     checkpoints/checkpoint-N      while training (Ctrl-C or --save-steps); removed at the end
+
+Under ``torchrun`` / ``accelerate launch`` every process runs :func:`finetune`; Trainer trains
+with DDP, ``batch_size`` is the global batch (split evenly over the processes), and only the
+main process (rank 0) touches the output directory and prints (see :mod:`loft.launch`).
 """
 
 from __future__ import annotations
@@ -36,6 +40,14 @@ from torch import nn
 from . import __version__
 from .data import BUILTIN_DATASETS, read_records, resolve_data
 from .errors import LoftUsageError, RunInterrupted
+from .launch import (
+    barrier,
+    cpu_processes,
+    init_processes,
+    is_main_process,
+    launched_processes,
+    on_main_process,
+)
 from .models import resolve_model
 
 __all__ = ["DEFAULT_HEAD_LR", "DEFAULT_LR", "METHODS", "FinetuneConfig", "finetune"]
@@ -51,6 +63,7 @@ DEFAULT_MAX_STEPS = 400
 CONFIG_FILE = "run_config.json"
 METRICS_FILE = "metrics.json"
 CHECKPOINTS = "checkpoints"
+EVAL_BEFORE_FILE = "eval_before.json"
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +96,8 @@ class FinetuneConfig:
     logging_steps: int = 10
     eval_before: bool = True
 
-    def check(self) -> None:
-        """Refuse impossible settings with a clear message."""
+    def check(self, processes: int = 1) -> None:
+        """Refuse impossible settings with a clear message (``processes``: data-parallel processes)."""
         if self.method not in METHODS:
             raise LoftUsageError(f"Unknown --method {self.method!r}; choose one of: {', '.join(METHODS)}.")
         if self.rank < 1:
@@ -101,6 +114,7 @@ class FinetuneConfig:
                 raise LoftUsageError(f"--{name.replace('_', '-')} must be > 0, got {value}.")
         if self.batch_size < 1 or self.grad_accum < 1:
             raise LoftUsageError("--batch-size and --grad-accum must be >= 1.")
+        check_batch_split(self.batch_size, processes)
         if self.max_length is not None and self.max_length < 8:
             raise LoftUsageError(f"--max-length must be >= 8, got {self.max_length}.")
         if self.max_eval is not None and self.max_eval < 1:
@@ -112,6 +126,18 @@ class FinetuneConfig:
         for key in ("output_dir", "save_steps", "logging_steps"):
             d.pop(key)
         return d
+
+
+def check_batch_split(batch_size: int, processes: int) -> None:
+    """``--batch-size`` is the global batch; refuse one that ``processes`` cannot share evenly."""
+    if processes > 1 and batch_size % processes:
+        lower = batch_size // processes * processes
+        choices = " or ".join(str(b) for b in (lower, lower + processes) if b > 0)
+        raise LoftUsageError(
+            f"--batch-size {batch_size} cannot be split evenly over {processes} processes: --batch-size is the "
+            f"global batch (examples per optimizer step, all processes together), each process takes "
+            f"--batch-size / {processes}. Give a multiple of {processes}, e.g. {choices}."
+        )
 
 
 # ----------------------------------------------------------------------------- output dir
@@ -242,6 +268,42 @@ def _param_groups(model: nn.Module, lr: float, head_lr: float, is_head) -> list[
     return groups
 
 
+def _start_run(
+    out: Path, cfg: FinetuneConfig, *, model_path: str, world: int, overwrite: bool, resume: bool
+) -> tuple[str | None, dict[str, float] | None]:
+    """Prepare ``out`` (main process only): ``(checkpoint to resume from, saved eval-before metrics)``."""
+    checkpoint = prepare_output_dir(out, cfg.identity(), overwrite=overwrite, resume=resume)
+    if checkpoint is None:
+        (out / CONFIG_FILE).write_text(json.dumps(
+            {"settings": cfg.identity(), "processes": world, "model_path": model_path, "loft_version": __version__},
+            indent=2,
+        ))
+        return None, None
+    started = json.loads((out / CONFIG_FILE).read_text()).get("processes", 1)
+    if started != world:
+        raise LoftUsageError(
+            f"The run in {str(out)!r} was started on {started} process(es); resume it on {started} (now {world}), "
+            "so that every process finds its own saved random state. Nothing was changed."
+        )
+    state_file = out / EVAL_BEFORE_FILE
+    return str(checkpoint), (json.loads(state_file.read_text()) if state_file.is_file() else None)
+
+
+def _check_world(args: Any, processes: int, cfg: FinetuneConfig) -> int:
+    """The number of processes Trainer trains on; refuse a launch it does not see as one run."""
+    world = args.world_size
+    if processes > 1 and world != processes:
+        raise LoftUsageError(
+            f"{processes} processes were launched (WORLD_SIZE={processes}) but transformers.Trainer runs on "
+            f"{world}, so each process would train alone. Supported: torchrun or accelerate launch with DDP on "
+            "GPUs (one per process) or on the CPU (gloo)."
+        )
+    if world != processes:  # a launcher that does not set WORLD_SIZE (e.g. mpirun): split here
+        check_batch_split(cfg.batch_size, world)
+        args.per_device_train_batch_size = cfg.batch_size // world
+    return world
+
+
 # ----------------------------------------------------------------------------- the run
 def _quiet_libraries() -> None:
     import transformers
@@ -316,13 +378,14 @@ def _apply_method(cfg: FinetuneConfig, task, model: nn.Module, fresh: list[str])
     return get_peft_model(model, lora), lambda n: "modules_to_save" in n
 
 
-def _training_args(cfg: FinetuneConfig, out: Path, max_steps: int, lr: float):
+def _training_args(cfg: FinetuneConfig, out: Path, max_steps: int, lr: float, processes: int = 1):
     from transformers import TrainingArguments
 
+    cpu = cpu_processes()  # several processes, no GPU: DDP on the CPU over gloo
     return TrainingArguments(
         output_dir=str(out / CHECKPOINTS),
         max_steps=max_steps,
-        per_device_train_batch_size=cfg.batch_size,
+        per_device_train_batch_size=cfg.batch_size // processes,
         per_device_eval_batch_size=max(32, cfg.batch_size),
         gradient_accumulation_steps=cfg.grad_accum,
         learning_rate=lr,
@@ -341,7 +404,29 @@ def _training_args(cfg: FinetuneConfig, out: Path, max_steps: int, lr: float):
         dataloader_num_workers=0,
         remove_unused_columns=False,
         dataloader_pin_memory=False,
+        use_cpu=cpu,
+        ddp_backend="gloo" if cpu else None,
     )
+
+
+def _train_after_evaluation(trainer: Any) -> None:
+    """Let ``trainer.train()`` wrap the model in DDP after a ``Trainer.predict`` before training.
+
+    On several processes ``Trainer.predict`` before ``train()`` prepares the model for evaluation
+    only (no DDP wrapper), and accelerate marks it as prepared (transformers 5.24, accelerate
+    1.15); ``train()`` then skips the DDP wrapper and each process trains alone on its share of
+    every batch, gradients never averaged. Clear that mark (and accelerate's record of the model)
+    so that ``train()`` prepares it for training. tests/test_cli_distributed.py compares a
+    2-process run with a 1-process run and fails without this.
+    """
+    model = trainer.model
+    if trainer.args.world_size <= 1 or trainer.model_wrapped is not model:
+        return
+    if getattr(model, "_is_accelerate_prepared", False):
+        model._is_accelerate_prepared = False
+        prepared = getattr(trainer.accelerator, "_models", None)
+        if isinstance(prepared, list):
+            prepared[:] = [m for m in prepared if m is not model]
 
 
 def _count(model: nn.Module) -> tuple[int, int]:
@@ -369,7 +454,11 @@ def finetune(
     from .plots import plot_loss_curve
 
     t_start = time.perf_counter()
-    cfg.check()
+    processes = launched_processes()
+    cfg.check(processes)
+    init_processes()  # joins torchrun's / accelerate's process group (no-op for one process)
+    main = is_main_process()
+    progress = progress and main
     _quiet_libraries()
     task, train_path, eval_note = _load_data(cfg)
     spec = cfg.model or task.default_model
@@ -389,17 +478,17 @@ def finetune(
     fresh = _fresh_modules(missing)
     model, is_head = _apply_method(cfg, task, model, fresh)
 
-    # only now, with every input checked, touch the output directory
     out = Path(cfg.output_dir or Path("runs") / f"{Path(cfg.data).stem}-{cfg.method}-r{cfg.rank}")
-    checkpoint = prepare_output_dir(out, cfg.identity(), overwrite=overwrite, resume=resume)
-    if checkpoint is None:
-        (out / CONFIG_FILE).write_text(
-            json.dumps({"settings": cfg.identity(), "model_path": model_path, "loft_version": __version__}, indent=2)
-        )
+    args = _training_args(cfg, out, max_steps, method_lr, processes)
+    world = _check_world(args, processes, cfg)
+
+    # only now, with every input checked, touch the output directory (rank 0; the others wait)
+    checkpoint, before = on_main_process(
+        _start_run, out, cfg, model_path=model_path, world=world, overwrite=overwrite, resume=resume
+    )
     has_head = any(is_head(n) for n, p in model.named_parameters() if p.requires_grad)
     trainable, total = _count(model)
 
-    args = _training_args(cfg, out, max_steps, method_lr)
     interrupt = InterruptCallback()
     common = dict(
         model=model,
@@ -420,14 +509,16 @@ def finetune(
     if task.kind == "classification":
         # sequence classifiers take **kwargs but do not average their loss over accumulation steps
         trainer.loss_is_scaled_for_ga = False
+        # ... nor over the processes' examples: with num_items_in_batch Trainer would multiply their
+        # per-process mean loss by the number of processes (DDP then averages): N times the gradient
+        trainer.model_accepts_loss_kwargs = False
 
-    state_file = out / "eval_before.json"
-    before: dict[str, float] = {}
-    if state_file.is_file():
-        before = json.loads(state_file.read_text())
-    elif cfg.eval_before:
+    state_file = out / EVAL_BEFORE_FILE
+    if before is None and cfg.eval_before:  # every rank evaluates (Trainer.predict is a collective)
         before = task.evaluate(trainer, tokenizer, max_length)
-        state_file.write_text(json.dumps(before))
+        _train_after_evaluation(trainer)
+        if main:
+            state_file.write_text(json.dumps(before))
         if progress:
             print(f"accuracy before training: {before['eval_accuracy']:.4f} on {len(getattr(task, 'eval_texts', getattr(task, 'eval_items', [])))} eval examples", flush=True)
 
@@ -437,6 +528,7 @@ def finetune(
     finally:
         interrupt.restore()
     train_seconds = time.perf_counter() - t_train
+    barrier()  # rank 0 has finished writing the last checkpoint before any rank moves on or exits
     if interrupt.interrupted:
         saved = _latest_checkpoint(out)
         raise RunInterrupted(
@@ -446,15 +538,13 @@ def finetune(
         )
 
     after = task.evaluate(trainer, tokenizer, max_length)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
     curve = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
     n_eval = len(getattr(task, "eval_texts", None) or getattr(task, "eval_items", []))
     metrics: dict[str, Any] = {
         "eval_accuracy": after["eval_accuracy"],
         "eval_loss": after["eval_loss"],
-        "eval_accuracy_before": before.get("eval_accuracy"),
-        "eval_loss_before": before.get("eval_loss"),
+        "eval_accuracy_before": (before or {}).get("eval_accuracy"),
+        "eval_loss_before": (before or {}).get("eval_loss"),
         "train_loss": result.training_loss,
         "train_loss_last": curve[-1][1] if curve else None,
         "steps": trainer.state.global_step,
@@ -475,6 +565,7 @@ def finetune(
         "num_train": task.num_train,
         "num_eval": n_eval,
         "batch_size": cfg.batch_size * cfg.grad_accum,
+        "processes": world,
         "max_length": max_length,
         "seed": cfg.seed,
         "trainable_params": trainable,
@@ -485,8 +576,12 @@ def finetune(
         "loft_version": __version__,
         "torch_threads": torch.get_num_threads(),
     }
-    plot_loss_curve(curve, out / "loss_curve.png", f"{cfg.method} r{cfg.rank} on {Path(cfg.data).stem}")
-    (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
-    shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
-    state_file.unlink(missing_ok=True)
+    if main:
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        plot_loss_curve(curve, out / "loss_curve.png", f"{cfg.method} r{cfg.rank} on {Path(cfg.data).stem}")
+        (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+        shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
+        state_file.unlink(missing_ok=True)
+    barrier()  # the run's files are complete before any rank returns
     return metrics

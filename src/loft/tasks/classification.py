@@ -154,5 +154,11 @@ class ClassificationTask:
         """Accuracy (and mean loss) of ``trainer.model`` on the eval data, via ``Trainer.predict``."""
         out = trainer.predict(self.eval_dataset(tokenizer, max_length), metric_key_prefix="eval")
         logits = out.predictions[0] if isinstance(out.predictions, tuple) else out.predictions
-        accuracy = float((np.asarray(logits).argmax(-1) == np.asarray(out.label_ids)).mean())
-        return {"eval_accuracy": accuracy, "eval_loss": float(out.metrics.get("eval_loss", float("nan")))}
+        labels = np.asarray(out.label_ids)
+        accuracy = float((np.asarray(logits).argmax(-1) == labels).mean())
+        # The mean cross-entropy over the examples, from the gathered logits. (Trainer's own
+        # eval_loss averages per-batch means; on several processes, where accelerate pads the last
+        # batches with repeated examples and then cuts them off, that weighting is off.)
+        loss = torch.nn.functional.cross_entropy(torch.as_tensor(np.asarray(logits), dtype=torch.float32),
+                                                 torch.as_tensor(labels, dtype=torch.long))
+        return {"eval_accuracy": accuracy, "eval_loss": float(loss)}
