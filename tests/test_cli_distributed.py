@@ -143,6 +143,14 @@ def test_torchrun_ctrl_c_checkpoint_by_rank_0_then_resume_matches_uninterrupted(
     assert torch.load(ckpt / "optimizer.pt", weights_only=False)["state"]  # loads, and holds LoFT's moments
     assert all(torch.isfinite(t).all() for t in load_file(ckpt / "adapter_model.safetensors").values())
 
+    # without --resume rank 0 refuses to touch the unfinished run; rank 1 stops with it (no hang),
+    # the message is printed once, the checkpoint is kept
+    again = torchrun(*cmd)
+    assert again.returncode != 0
+    assert again.stderr.count("loft: error: Output directory") == 1, again.stderr[-3000:]
+    assert "continue it with --resume" in again.stderr
+    assert sorted((out / "checkpoints").iterdir()) == saved
+
     resumed = torchrun(*cmd, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert len(summary_lines(resumed.stdout)) == 1
