@@ -55,6 +55,14 @@ def single_process_reference(micro_batches: int = 1):
 
 
 def worker(rank: int, world: int, port: int, scenario: str, out_dir: str) -> None:
+    run_scenario(rank, world, port, scenario, out_dir)
+    # Leave without the interpreter's teardown: gloo's background threads can abort the process
+    # there ("terminate called without an active exception", seen once in CI after the results
+    # were saved), which would fail the test for a reason that has nothing to do with LoFT.
+    os._exit(0)
+
+
+def run_scenario(rank: int, world: int, port: int, scenario: str, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
@@ -104,5 +112,6 @@ def worker(rank: int, world: int, port: int, scenario: str, out_dir: str) -> Non
                 opt.step()
             result["params"] = trainable(model)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # neither rank tears the group down while the other still uses it
     finally:
         dist.destroy_process_group()
