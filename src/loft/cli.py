@@ -189,6 +189,11 @@ def main(argv: list[str] | None = None) -> int:
         if "Abort" in names:
             return 130
         raise
+    finally:
+        if "torch" in sys.modules:
+            from .launch import shutdown_processes
+
+            shutdown_processes()
     return 0
 
 

@@ -27,6 +27,7 @@ __all__ = [
     "is_main_process",
     "launched_processes",
     "on_main_process",
+    "shutdown_processes",
     "world_size",
 ]
 
@@ -72,6 +73,14 @@ def init_processes() -> None:
 
     cpu = cpu_processes()
     PartialState(cpu=cpu, **({"backend": "gloo"} if cpu else {}))
+
+
+def shutdown_processes() -> None:
+    """Leave the process group before the interpreter exits (no-op with one process): tearing
+    gloo down at exit instead can abort a process that has finished its work."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def world_size() -> int:
