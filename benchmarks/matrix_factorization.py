@@ -131,7 +131,7 @@ def main() -> None:
         lines.append(f"| {name} | {ys[50]:.3e} | {ys[150]:.3e} | {ys[-1]:.3e} |")
     lines += [
         "",
-        f"LoRA + AdamW learning-rate sweep (final loss): "
+        "LoRA + AdamW learning-rate sweep (final loss): "
         + ", ".join(f"{lr:g}: {v:.3e}" for lr, v in sweep.items()),
         "",
         f"Full-rank square panel: largest relative gap between LoFT and AdamW losses over {STEPS} steps: "

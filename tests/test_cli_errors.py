@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from _tiny import make_bert, make_llama, mc_records, sentiment_records, write_jsonl
+from _tiny import make_bert, mc_records, sentiment_records, write_jsonl
 
 from loft.cli import main
 

@@ -94,6 +94,15 @@ def test_full_rank_gpt2_conv1d_fan_in_fan_out_recovers_adamw():
     assert rel_err(dw.detach(), start) > 0.05
 
 
+def reference_grads(ref: ReferenceLoFT, layer, problem: Regression):
+    """``(grad_A, grad_B)`` of the problem's loss at the reference's own factors."""
+    a_ref = ref.A.clone().requires_grad_(True)
+    b_ref = ref.B.clone().requires_grad_(True)
+    w = layer.base_layer.weight.detach() + ref.s * b_ref @ a_ref
+    problem.loss(problem.x @ w.T + layer.base_layer.bias.detach()).backward()
+    return a_ref.grad, b_ref.grad
+
+
 @pytest.mark.parametrize(
     "m, n, r, options",
     [
@@ -114,16 +123,11 @@ def test_low_rank_matches_the_slow_reference(m, n, r, options):
     kw["alternating_updates"] = kw.pop("alternating", True)
     # tiny budget: many chunks; the reference compares factors, so no rebalancing of the factors
     opt = loft.LoFTAdamW(model, lr=5e-3, chunk_bytes=64, rebalance=False, **kw)
-    w0 = layer.base_layer.weight.detach()
-    b0 = layer.base_layer.bias.detach()
     for t in range(40):
         opt.zero_grad()
         problem.model_loss(model).backward()
         opt.step()
-        a_ref = ref.A.clone().requires_grad_(True)
-        b_ref = ref.B.clone().requires_grad_(True)
-        problem.loss(problem.x @ (w0 + s * b_ref @ a_ref).T + b0).backward()
-        ref.step(a_ref.grad, b_ref.grad)
+        ref.step(*reference_grads(ref, layer, problem))
         assert rel_err(A.detach(), ref.A) < 1e-9, f"A at step {t + 1}"
         assert rel_err(B.detach(), ref.B) < 1e-9, f"B at step {t + 1}"
 
@@ -135,18 +139,15 @@ def test_low_rank_clipping_matches_reference_projected_norm():
     A, B, s = factors(layer)
     ref = ReferenceLoFT(A.detach(), B.detach(), s, lr=5e-3)
     opt = loft.LoFTAdamW(model, lr=5e-3, max_grad_norm=max_norm, rebalance=False)
-    w0, b0 = layer.base_layer.weight.detach(), layer.base_layer.bias.detach()
     for t in range(20):
         opt.zero_grad()
         problem.model_loss(model).backward()
         opt.step()
-        a_ref = ref.A.clone().requires_grad_(True)
-        b_ref = ref.B.clone().requires_grad_(True)
-        problem.loss(problem.x @ (w0 + s * b_ref @ a_ref).T + b0).backward()
-        norm = ref.projected_grad_norm_sq(a_ref.grad, b_ref.grad) ** 0.5
+        grad_a, grad_b = reference_grads(ref, layer, problem)
+        norm = ref.projected_grad_norm_sq(grad_a, grad_b) ** 0.5
         assert abs(float(opt.last_grad_norm) - norm) < 1e-10 * norm
         assert norm > max_norm  # clipping is active in this test
-        ref.step(a_ref.grad, b_ref.grad, clip_coef=min(1.0, max_norm / (norm + 1e-6)))
+        ref.step(grad_a, grad_b, clip_coef=min(1.0, max_norm / (norm + 1e-6)))
         assert rel_err(A.detach(), ref.A) < 1e-9 and rel_err(B.detach(), ref.B) < 1e-9, f"step {t + 1}"
 
 

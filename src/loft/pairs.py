@@ -12,7 +12,6 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import torch
 from torch import Tensor, nn
 
 __all__ = ["LoRAPair", "find_lora_pairs", "split_lora_parameters"]
