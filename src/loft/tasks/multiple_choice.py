@@ -107,24 +107,46 @@ class MultipleChoiceTask:
     @torch.no_grad()
     def evaluate(self, trainer, tokenizer, max_length: int) -> dict[str, float]:
         """Accuracy: the choice with the highest summed log-likelihood; eval_loss: mean NLL per
-        token of the correct answers."""
+        token of the correct answers.
+
+        Sequences go in batches of similar length (less padding), and where the model supports
+        a boolean ``logits_to_keep`` (transformers 5 causal LMs) the vocabulary projection is
+        computed only at the answer positions instead of at every token.
+        """
         model = trainer.model
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device
         collate = self.collator(tokenizer)
         flat = [(i, j, self._example(tokenizer, q, c, max_length)) for i, (q, cs, _) in enumerate(self.eval_items) for j, c in enumerate(cs)]
+        flat.sort(key=lambda t: len(t[2]["input_ids"]))
         scores: dict[tuple[int, int], tuple[float, int]] = {}
         batch_size = trainer.args.per_device_eval_batch_size
+        sliced = True  # try logits at the answer positions only; fall back to every position
         for start in range(0, len(flat), batch_size):
             chunk = flat[start : start + batch_size]
             batch = {k: v.to(device) for k, v in collate([ex for _, _, ex in chunk]).items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-            labels = batch["labels"][:, 1:]
-            logp = torch.log_softmax(logits[:, :-1], dim=-1)
+            labels = batch["labels"][:, 1:]  # (B, T-1): logits at position t predict token t + 1
             mask = labels != -100
-            token_logp = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
-            for (i, j, _), s, n in zip(chunk, token_logp.sum(-1).tolist(), mask.sum(-1).tolist()):
+            rows = torch.arange(len(chunk), device=device)[:, None].expand_as(mask)[mask]  # (N,) sequence of each target
+            targets = labels[mask]  # (N,)
+            logits = None
+            if sliced:
+                keep = torch.cat([mask, torch.zeros_like(mask[:, :1])], dim=1)  # (B, T) bool
+                try:
+                    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep)
+                    if out.logits.shape[:-1] == targets.shape:
+                        logits = out.logits.float()  # (N, V)
+                except (TypeError, ValueError, IndexError, RuntimeError):
+                    pass
+                sliced = logits is not None
+            if logits is None:
+                full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                logits = full[:, :-1][mask].float()  # (N, V)
+            token_logp = logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+            sums = torch.zeros(len(chunk), dtype=token_logp.dtype, device=device).index_add_(0, rows, token_logp)
+            counts = mask.sum(-1)
+            for (i, j, _), s, n in zip(chunk, sums.tolist(), counts.tolist()):
                 scores[(i, j)] = (s, n)
         model.train(was_training)
         correct, nll, tokens = 0, 0.0, 0
