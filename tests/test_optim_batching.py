@@ -159,6 +159,12 @@ def test_pairs_without_gradients_leave_and_rejoin_their_batch():
     steps = [opt1.state[model1.A[i]]["step"] for i in range(3)]
     assert steps == [STEPS - 3, STEPS - 3, STEPS - 3]
     model1.loss().backward()
+    # no state is left a view of a stack larger than its pair's batch (which would keep it alive)
+    for i, expected in enumerate([3, 3, 3, None, None, None, None]):
+        for p in (model1.A[i], model1.B[i]):
+            for key in ("exp_avg", "exp_avg_sq", "partner"):
+                base = opt1.state[p][key]._base
+                assert (None if base is None else base.shape[0]) == expected, (i, key)
     # pairs 0-2 together again; pair 3 (skipped once) is now out of step with pair 4
     assert sorted(len(pb.pairs) for pb in opt1._collect(clipping=False)[0]) == [1, 1, 1, 1, 3]
 

@@ -181,34 +181,53 @@ def projected_adam_direction(
     ``(l, r, k)`` tensor ever exists. A block is as many whole pairs as fit in the budget, or
     ``rows`` of one pair when a whole pair does not fit (then exactly the unbatched blocks).
     """
-    batched = exp_avg.dim() == 3
-    if not batched:
-        partner, exp_avg, exp_avg_sq = partner[None], exp_avg[None], exp_avg_sq[None]
-    b, l, k = partner.shape[0], partner.shape[1], exp_avg.shape[2]
+    k = exp_avg.shape[-1]
     out = torch.zeros_like(exp_avg)
     row_bytes = 2 * k * partner.element_size()
+    rows_per_chunk = max(1, chunk_bytes // row_bytes)
+    options = dict(bias_correction1=bias_correction1, bias_correction2=bias_correction2, eps=eps)
+    if exp_avg.dim() == 2:
+        _add_direction(out, partner, exp_avg, exp_avg_sq, index, rows_per_chunk=rows_per_chunk, **options)
+        return out
+    b, l = partner.shape[:2]
     pairs_per_block = max(1, min(b, chunk_bytes // (row_bytes * l)))
     for first in range(0, b, pairs_per_block):
         if pairs_per_block == 1:  # plain GEMMs on one pair's matrices
-            sel: int | slice = first
-            rows_per_chunk = max(1, chunk_bytes // row_bytes)
+            _add_direction(
+                out[first], partner[first], exp_avg[first], exp_avg_sq[first], index, rows_per_chunk=rows_per_chunk, **options
+            )
         else:
-            sel = slice(first, first + pairs_per_block)
-            rows_per_chunk = l
-        # bias corrections folded into the small operands: V / bc2 and M / bc1 come out of the GEMMs
-        sq_t = (exp_avg_sq[sel] * (index.weight / bias_correction2)).transpose(-1, -2)  # ([pairs,] p, k)
-        avg = exp_avg[sel] / bias_correction1  # ([pairs,] r, k)
-        out_sel = out[sel]
-        for start in range(0, l, rows_per_chunk):
-            p_rows = partner[sel][..., start : start + rows_per_chunk, :]  # ([pairs,] rows, r)
-            products = p_rows[..., index.rows] * p_rows[..., index.cols]  # ([pairs,] rows, p)
-            denom = (products @ sq_t).clamp_min_(0).sqrt_().add_(eps)  # sqrt(V / bc2) + eps
-            direction = (p_rows @ avg).div_(denom)
-            if pairs_per_block == 1:
-                out_sel.addmm_(p_rows.T, direction)
-            else:
-                out_sel.baddbmm_(p_rows.transpose(-1, -2), direction)
-    return out if batched else out[0]
+            block = slice(first, first + pairs_per_block)
+            _add_direction(out[block], partner[block], exp_avg[block], exp_avg_sq[block], index, rows_per_chunk=l, **options)
+    return out
+
+
+def _add_direction(
+    out: Tensor,
+    partner: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    index: PackedIndex,
+    *,
+    bias_correction1: float,
+    bias_correction2: float,
+    eps: float,
+    rows_per_chunk: int,
+) -> None:
+    """``out += P^T D`` for one pair (2-D operands) or a block of pairs (3-D), ``rows_per_chunk``
+    rows of ``P`` at a time: the body of :func:`projected_adam_direction`."""
+    # bias corrections folded into the small operands: V / bc2 and M / bc1 come out of the GEMMs
+    sq_t = (exp_avg_sq * (index.weight / bias_correction2)).transpose(-1, -2)  # ([pairs,] p, k)
+    avg = exp_avg / bias_correction1  # ([pairs,] r, k)
+    for start in range(0, partner.shape[-2], rows_per_chunk):
+        p_rows = partner[..., start : start + rows_per_chunk, :]  # ([pairs,] rows, r)
+        products = p_rows[..., index.rows] * p_rows[..., index.cols]  # ([pairs,] rows, p)
+        denom = (products @ sq_t).clamp_min_(0).sqrt_().add_(eps)  # sqrt(V / bc2) + eps
+        direction = (p_rows @ avg).div_(denom)
+        if out.dim() == 2:
+            out.addmm_(p_rows.T, direction)
+        else:
+            out.baddbmm_(p_rows.transpose(-1, -2), direction)
 
 
 def rebalanced_factors(u: Tensor, a: Tensor, threshold: float) -> tuple[Tensor, Tensor, Tensor] | None:
@@ -224,9 +243,9 @@ def rebalanced_factors(u: Tensor, a: Tensor, threshold: float) -> tuple[Tensor, 
     q_a, r_a = torch.linalg.qr(a.transpose(-1, -2))
     x, sigma, yh = torch.linalg.svd(r_u @ r_a.transpose(-1, -2))
     full_rank = sigma[..., -1] > sigma[..., 0] * torch.finfo(sigma.dtype).eps * 100
-    s_u, s_a = torch.linalg.svdvals(r_u).double(), torch.linalg.svdvals(r_a).double()
-    worst_gram_cond = torch.maximum(s_u[..., 0] / s_u[..., -1], s_a[..., 0] / s_a[..., -1]) ** 2
-    better = full_rank & (worst_gram_cond > threshold * (sigma[..., 0] / sigma[..., -1]).double())
+    s_u, s_a = torch.linalg.svdvals(r_u), torch.linalg.svdvals(r_a)
+    worst_gram_cond = torch.maximum(s_u[..., 0] / s_u[..., -1], s_a[..., 0] / s_a[..., -1]).square_()
+    better = full_rank & (worst_gram_cond > threshold * (sigma[..., 0] / sigma[..., -1]))
     if not bool(better.any()):
         return None
     root = sigma.sqrt()

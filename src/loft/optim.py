@@ -325,7 +325,9 @@ class LoFTAdamW(Optimizer):
 
     def _all_finite(self, prepared: list[_PreparedBatch], plain: list[tuple[dict[str, Any], list[Tensor]]]) -> bool:
         params = [t for pb in prepared for pair in pb.pairs for t in (pair.A, pair.B)] + [p for _, ps in plain for p in ps]
-        grads = [p.grad for p in params if p.grad is not None]
+        # the pairs' gradients as stacked for the step: one check per batch and side
+        grads = [side.grad for pb in prepared for side in (pb.side_a, pb.side_b)]
+        grads += [p.grad for _, ps in plain for p in ps]
         if not grads:
             return True
         flags = torch.stack([torch.isfinite(g).all().to(grads[0].device) for g in grads])
@@ -400,25 +402,27 @@ class LoFTAdamW(Optimizer):
         The stack is kept from step to step (the state tensors are views of it); it is made
         again, one copy, only when the batch changed or the state was replaced (loading a state
         dict). A state tensor left behind as a view of a larger stack gets its own copy when its
-        parameter is next stepped, so a stack is freed once no batch uses it.
+        parameter is next stepped (alone, or in a new stack), so a stack is freed once no batch
+        uses it.
         """
-        tensors = [self.state[p][key] for p in params]
-        first = tensors[0]
-        size, itemsize = first.numel(), first.element_size()
-        ptr = first.data_ptr()
-        if (
-            first.storage_offset() == 0
-            and first.untyped_storage().nbytes() == len(tensors) * size * itemsize
-            and all(
-                t.data_ptr() == ptr + i * size * itemsize and t.shape == first.shape and t.is_contiguous()
-                for i, t in enumerate(tensors)
-            )
-        ):
-            return first.as_strided((len(tensors), *first.shape), (size, *first.stride()))
-        stacked = torch.stack(tensors)
-        for p, view in zip(params, stacked.unbind(0)):
+        first = self.state[params[0]][key]
+        if len(params) == 1:
+            if first._base is not None:  # a view of a stack it has left: its own copy frees the stack
+                first = self.state[params[0]][key] = first.clone()
+            return first.unsqueeze(0)
+        stack = first._base
+        if stack is not None and stack.shape == (len(params), *first.shape) and stack.is_contiguous():
+            step = first.numel() * first.element_size()
+            ptr = stack.data_ptr()
+            if all(
+                t._base is stack and t.data_ptr() == ptr + i * step and t.shape == first.shape
+                for i, t in enumerate(self.state[p][key] for p in params)
+            ):
+                return stack
+        stack = torch.stack([self.state[p][key] for p in params])
+        for p, view in zip(params, stack.unbind(0)):
             self.state[p][key] = view
-        return stacked
+        return stack
 
     def _step_batch(self, pb: _PreparedBatch, coef: float | None) -> None:
         group, pairs, t = pb.group, pb.pairs, pb.step
@@ -438,18 +442,17 @@ class LoFTAdamW(Optimizer):
             # their (pairs, k, p) temporaries stay within about chunk_bytes.
             k, p = exp_avg_sq.shape[1:]
             per_slice = max(1, self.chunk_bytes // (k * p * exp_avg_sq.element_size()))
-            if t > 1:
-                moved = (partner != side.partner).flatten(1).any(1)
-                n_moved = int(moved.sum())
+            if t > 1 and not torch.equal(partner, side.partner):
+                moved = None if len(pairs) == 1 else (partner != side.partner).flatten(1).any(1)
                 options = dict(
                     first_moment=group["first_moment_calibration"],
                     second_moment=group["second_moment_calibration"],
                     chunk_bytes=self.chunk_bytes,
                 )
-                if n_moved == len(pairs):
+                if moved is None or bool(moved.all()):
                     for sl in _slices(len(pairs), per_slice):
                         calibrate(exp_avg[sl], exp_avg_sq[sl], side.select(sl), partner[sl], index, **options)
-                elif n_moved:
+                else:  # only some partners moved (rebalanced pairs, say)
                     for which in moved.nonzero().flatten().split(per_slice):
                         some_avg, some_sq = exp_avg[which], exp_avg_sq[which]
                         calibrate(some_avg, some_sq, side.select(which), partner[which], index, **options)
@@ -475,12 +478,12 @@ class LoFTAdamW(Optimizer):
                 pick = better[:, None, None]
                 a, u_t = torch.where(pick, a_new, a), torch.where(pick, u_new.mT, u_t)
                 write_a = write_b = better.tolist()
-        b_new = u_t.mT / pb.scaling
-        for i, pair in enumerate(pairs):
-            if pb.move_a or (write_a is not None and write_a[i]):
-                pair.A.copy_(a[i].reshape(pair.A.shape))
-            if pb.move_b or (write_b is not None and write_b[i]):
-                pair.B.copy_(b_new[i].reshape(pair.B.shape))
+        for factor, move, write in (("A", pb.move_a, write_a), ("B", pb.move_b, write_b)):
+            which = [i for i in range(len(pairs)) if move or (write is not None and write[i])]
+            if which:
+                new_values = a if factor == "A" else u_t.mT / pb.scaling
+                params = [getattr(pairs[i], factor) for i in which]
+                torch._foreach_copy_(params, [new_values[i].reshape(p.shape) for i, p in zip(which, params)])
 
     @staticmethod
     def _basis_invariant(group: dict[str, Any]) -> bool:
