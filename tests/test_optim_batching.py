@@ -47,7 +47,9 @@ class Pairs(nn.Module):
         self.bias = nn.Parameter(torch.randn(3, generator=g).to(dtype))
 
     def pairs(self) -> list[loft.LoRAPair]:
-        return [loft.LoRAPair(a, b, s, name=f"pair{i}") for i, (a, b, s) in enumerate(zip(self.A, self.B, self.scalings))]
+        return [
+            loft.LoRAPair(a, b, s, name=f"pair{i}") for i, (a, b, s) in enumerate(zip(self.A, self.B, self.scalings))
+        ]
 
     def loss(self) -> torch.Tensor:
         total = self.bias.square().sum()
@@ -124,7 +126,7 @@ def test_every_switch_combination_with_clipping_and_weight_decay(flags):
 
 
 def test_default_options_without_clipping_and_a_zero_b_start():
-    model1, opt1, model2, opt2 = both(model_kwargs=dict(random_b=False), lr=2e-2)
+    model1, opt1, model2, opt2 = both(model_kwargs={"random_b": False}, lr=2e-2)
     assert_same(model1, opt1, model2, opt2)
     assert all(float(b.abs().max()) > 0 for b in model1.B)  # the B = 0 start really moved
 
@@ -200,7 +202,7 @@ def test_a_per_pair_checkpoint_with_strided_state_loads_into_batches():
     model, opt = make(False, lr=2e-2)
     run(model, opt, 5)
     state = copy.deepcopy(opt.state_dict())  # (torch shares the plain parameters' step tensors)
-    for pid, st in state["state"].items():
+    for st in state["state"].values():
         if "partner" in st:
             for key in ("exp_avg", "partner"):
                 st[key] = st[key].T.contiguous().T  # same values, other strides
@@ -245,11 +247,11 @@ def test_eigh_fallback_inside_a_batch(monkeypatch):
             model.B[1][0, 0] = model.B[1][0, 2] = model.B[1][1, 1] = 1.0
         return [*model.pairs(), model.bias]
 
-    options = dict(lr=2e-2, damping=0.0, rebalance=False, alternating_updates=False, first_moment_calibration=False)
+    options = {"damping": 0.0, "rebalance": False, "alternating_updates": False, "first_moment_calibration": False}
     results = []
     for batch_pairs in (True, False):
         model = Pairs()
-        opt = loft.LoFTAdamW(singular(model), batch_pairs=batch_pairs, **options)
+        opt = loft.LoFTAdamW(singular(model), lr=2e-2, batch_pairs=batch_pairs, **options)
         n = len(calls)
         run(model, opt, 1)
         results += [model, opt, calls[n:]]
@@ -285,7 +287,7 @@ def test_rebalancing_only_the_pairs_that_need_it_inside_a_batch(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_low_precision_parameters_keep_float32_state_in_batches(dtype):
-    model1, opt1, model2, opt2 = both(model_kwargs=dict(dtype=dtype), steps=6, lr=1e-2)
+    model1, opt1, model2, _ = both(model_kwargs={"dtype": dtype}, steps=6, lr=1e-2)
     for p in model1.A:
         assert opt1.state[p]["exp_avg_sq"].dtype == torch.float32
     for p1, p2 in zip(model1.parameters(), model2.parameters()):

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from .linalg import DampedGram, PackedIndex, packed_outer, packed_transport, projected_adam_direction

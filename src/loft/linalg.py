@@ -185,7 +185,7 @@ def projected_adam_direction(
     out = torch.zeros_like(exp_avg)
     row_bytes = 2 * k * partner.element_size()
     rows_per_chunk = max(1, chunk_bytes // row_bytes)
-    options = dict(bias_correction1=bias_correction1, bias_correction2=bias_correction2, eps=eps)
+    options = {"bias_correction1": bias_correction1, "bias_correction2": bias_correction2, "eps": eps}
     if exp_avg.dim() == 2:
         _add_direction(out, partner, exp_avg, exp_avg_sq, index, rows_per_chunk=rows_per_chunk, **options)
         return out
@@ -194,11 +194,19 @@ def projected_adam_direction(
     for first in range(0, b, pairs_per_block):
         if pairs_per_block == 1:  # plain GEMMs on one pair's matrices
             _add_direction(
-                out[first], partner[first], exp_avg[first], exp_avg_sq[first], index, rows_per_chunk=rows_per_chunk, **options
+                out[first],
+                partner[first],
+                exp_avg[first],
+                exp_avg_sq[first],
+                index,
+                rows_per_chunk=rows_per_chunk,
+                **options,
             )
         else:
             block = slice(first, first + pairs_per_block)
-            _add_direction(out[block], partner[block], exp_avg[block], exp_avg_sq[block], index, rows_per_chunk=l, **options)
+            _add_direction(
+                out[block], partner[block], exp_avg[block], exp_avg_sq[block], index, rows_per_chunk=l, **options
+            )
     return out
 
 
