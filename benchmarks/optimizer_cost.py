@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/optimizer_cost.py            # everything, writes docs/benchmark_results.md
     .venv/bin/python benchmarks/optimizer_cost.py --quick    # small shapes, a smoke run
+    .venv/bin/python benchmarks/optimizer_cost.py --batching # batched vs one pair at a time (prints only)
 
 Three measurements, each within one run so that the ratios are fair on a noisy machine:
 
@@ -14,6 +15,9 @@ Three measurements, each within one run so that the ratios are fair on a noisy m
    shapes (random weights), LoRA on all seven projections, batch 4 x 128 tokens, r in 4, 16:
    LoFT vs LoRA + AdamW, interleaved.
 3. Optimizer state bytes per method.
+
+LoFT runs with its defaults, so pairs of one shape are stepped as a batch (``batch_pairs=True``).
+``--batching`` compares that with one pair at a time on the whole-step model, interleaved.
 """
 
 from __future__ import annotations
@@ -155,17 +159,53 @@ def model_times(r: int, steps: int, quick: bool) -> dict[str, float]:
     return result
 
 
+def batching_times(r: int, steps: int, quick: bool) -> dict[str, float]:
+    """Whole training step and optimizer step of LoFT with pairs of one shape batched (the
+    default) and one pair at a time, interleaved (alternating which goes first)."""
+    names = ("batched", "per_pair")
+    models = {name: smollm2_shaped_model(r, quick) for name in names}
+    opts = {name: loft.LoFTAdamW(models[name], lr=1e-4, batch_pairs=name == "batched") for name in names}
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 49152, (4, 128), generator=g)
+    times: dict[str, list[float]] = {key: [] for name in names for key in (name, name + "_step")}
+    for i in range(steps + 2):
+        for name in names if i % 2 else names[::-1]:
+            model, opt = models[name], opts[name]
+            t0 = time.perf_counter()
+            model(input_ids=ids, labels=ids).loss.backward()
+            t1 = time.perf_counter()
+            opt.step()
+            opt.zero_grad()
+            t2 = time.perf_counter()
+            if i >= 2:  # warm-up
+                times[name].append(t2 - t0)
+                times[name + "_step"].append(t2 - t1)
+    return {key: statistics.median(v) for key, v in times.items()}
+
+
 # ----------------------------------------------------------------------------- report
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small shapes and few steps (a smoke run)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per configuration")
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmark_results.md"))
+    parser.add_argument("--batching", action="store_true", help="only compare batched pairs with one pair at a time")
     parser.add_argument("--memory-child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
         method, m, n, r, steps = args.memory_child
         layer_memory_child(method, int(m), int(n), int(r), int(steps))
+        return
+
+    if args.batching:
+        print("| r | batched step s | per-pair step s | batched optimizer s | per-pair optimizer s |")
+        print("| --- | --- | --- | --- | --- |")
+        for r in (4, 16):
+            t = batching_times(r, args.steps or (3 if args.quick else 10), args.quick)
+            print(
+                f"| {r} | {t['batched']:.3f} | {t['per_pair']:.3f} | {t['batched_step']:.3f} | {t['per_pair_step']:.3f} |",
+                flush=True,
+            )
         return
 
     shapes = [(512, 512), (512, 1376)] if args.quick else [(4096, 4096), (4096, 11008), (11008, 4096)]

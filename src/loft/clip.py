@@ -24,18 +24,18 @@ __all__ = ["clip_coefficient", "clip_grad_norm_", "pair_sq_norm"]
 
 
 def pair_sq_norm(side_a: Side, side_b: Side, *, move_a: bool, move_b: bool, projected: bool) -> Tensor:
-    """Squared gradient norm of one pair for clipping.
+    """Squared gradient norm of one pair for clipping (``()``, or ``(b,)`` for a batch of pairs).
 
     ``projected=False``: the plain ``||grad_A||^2 + ||grad_B||^2`` (parameter units), what
     ``torch.nn.utils.clip_grad_norm_`` would see. Otherwise the projected full gradient of the
     factor(s) that move this step; both sides need ``scaled`` set.
     """
     if not projected:
-        return side_a.grad.square().sum() + side_b.grad.square().sum() * side_b.unit**2
+        return side_a.grad.square().sum((-2, -1)) + side_b.grad.square().sum((-2, -1)) * side_b.unit**2
     if move_a and move_b:
         # ||P_U G||^2 + ||G P_A||^2 - ||P_U G P_A||^2, the last as tr((AA^T)^-1 K^T (U^T U) K), K = gA A^T
         k = side_a.scaled @ side_b.partner
-        cross = side_b.solver.solve(k.T @ side_a.gram @ k).diagonal().sum()
+        cross = side_b.solver.solve(k.transpose(-1, -2) @ side_a.gram @ k).diagonal(dim1=-2, dim2=-1).sum(-1)
         return projected_sq_norm(side_a) + projected_sq_norm(side_b) - cross
     return projected_sq_norm(side_a if move_a else side_b)
 

@@ -23,13 +23,16 @@ With ``G = dL/d(dW)`` (seen from the side: ``G`` or ``G^T``), autograd's gradien
 
 The B side is stored in units of ``U = s B``; :func:`factor_adam_update` converts back to B's
 own units so that, with every building block off, the optimizer is plain AdamW on ``B``.
+
+Every function also takes a *batch* of sides of pairs of one shape: each tensor then has a
+leading batch dimension (``(b, r, k)``, ``(b, l, r)``, ``(b, k, p)``, ...) and the math is done
+per pair with batched GEMMs and solves.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from .linalg import DampedGram, PackedIndex, packed_outer, packed_transport, projected_adam_direction
@@ -46,13 +49,14 @@ __all__ = [
 
 @dataclass
 class Side:
-    """One factor of a pair in compute dtype, with what its step needs.
+    """One factor of a pair (or of a batch of pairs) in compute dtype, with what its step needs.
 
     ``factor`` ``F``: ``(r, k)``; ``partner`` ``P``: ``(l, r)``; ``gram``: ``P^T P`` ``(r, r)``
     and ``solver``, its damped factorisation; ``grad``: ``dL/dF = P^T G`` ``(r, k)``;
     ``scaled``: ``(P^T P)^-1 grad`` (``(r, k)``, computed when gradient scaling or projected
     clipping needs it); ``unit``: the factor's size in its parameter's own units (1 for A, ``s``
-    for B, since ``F = s B^T``).
+    for B, since ``F = s B^T``). A batch of ``b`` pairs has ``(b, r, k)``, ``(b, l, r)``, ...
+    and one ``unit`` for all.
     """
 
     factor: Tensor
@@ -63,11 +67,24 @@ class Side:
     unit: float
     scaled: Tensor | None = None
 
+    def select(self, index: Tensor) -> Side:
+        """The sides ``index`` of a batch (a gather on the first dimension)."""
+        return Side(
+            self.factor[index],
+            self.partner[index],
+            self.gram[index],
+            self.solver.select(index),
+            self.grad[index],
+            self.unit,
+            None if self.scaled is None else self.scaled[index],
+        )
+
 
 def projected_sq_norm(side: Side) -> Tensor:
-    """``||P (P^T P)^-1 P^T G||_F^2 = <grad, scaled>``: squared norm of the projected gradient."""
+    """``||P (P^T P)^-1 P^T G||_F^2 = <grad, scaled>``: squared norm of the projected gradient
+    (``()``, or ``(b,)`` for a batch)."""
     assert side.scaled is not None
-    return torch.vdot(side.grad.flatten(), side.scaled.flatten())
+    return (side.grad * side.scaled).sum((-2, -1))
 
 
 def calibrate(
@@ -85,11 +102,12 @@ def calibrate(
 
     ``C = (P^T P)^-1 P^T P_prev`` (``r x r``); ``exp_avg <- C exp_avg`` (``(r, k)``) and each
     packed gram row of ``exp_avg_sq`` (``(k, p)``) ``S_j <- C S_j C^T``. With only the diagonal
-    stored (``second_moment`` off) the second moment is left as it is.
+    stored (``second_moment`` off) the second moment is left as it is. ``previous_partner``:
+    ``(l, r)`` (``(b, l, r)`` for a batch).
     """
     if not (first_moment or second_moment):
         return
-    c = side.solver.solve(side.partner.T @ previous_partner)
+    c = side.solver.solve(side.partner.transpose(-1, -2) @ previous_partner)
     if first_moment:
         exp_avg.copy_(c @ exp_avg)
     if second_moment and not index.diagonal_only:
@@ -161,6 +179,6 @@ def factor_adam_update(
     ``u^2 v``, so ``F_new = (1 - lr wd) F - lr u (m / bc1) / (sqrt(v / bc2) + eps / u)``.
     """
     u = side.unit
-    v = exp_avg_sq[:, index.diag].T
+    v = exp_avg_sq[..., index.diag].transpose(-1, -2)
     denom = v.sqrt().mul_(bias_correction2 ** -0.5).add_(eps / u)
     return side.factor.mul(1 - lr * weight_decay).addcdiv_(exp_avg, denom, value=-lr * u / bias_correction1)

@@ -26,6 +26,7 @@ __all__ = [
     "packed_outer",
     "packed_transport",
     "projected_adam_direction",
+    "rebalanced_factors",
 ]
 
 
@@ -37,11 +38,13 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 class DampedGram:
     """A factorisation of ``gram + lam I`` for repeated solves; ``gram``: ``(..., r, r)`` SPSD.
 
-    The damping is relative to the matrix scale, ``lam = damping * trace(gram) / r``, so results do
-    not depend on how the factors are scaled. An all-zero ``gram`` (LoRA's ``B = 0`` start) gets
-    ``lam = tiny`` and a zero right-hand side solves to exactly zero. Cholesky is used; if it
-    still fails (singular to working precision) an eigen-decomposition pseudo-solve that drops
-    the directions below the damping level is used instead. No explicit inverse is formed.
+    The damping is relative to the matrix scale, ``lam = damping * trace(gram) / r`` (per matrix
+    of a batch), so results do not depend on how the factors are scaled. An all-zero ``gram``
+    (LoRA's ``B = 0`` start) gets ``lam = tiny`` and a zero right-hand side solves to exactly
+    zero. Cholesky is used; a matrix for which it still fails (singular to working precision)
+    is solved by an eigen-decomposition pseudo-solve that drops the directions below the damping
+    level instead; the other matrices of a batch keep their Cholesky solve. No explicit inverse
+    is formed.
     """
 
     def __init__(self, gram: Tensor, damping: float) -> None:
@@ -50,18 +53,37 @@ class DampedGram:
         lam = (scale * damping).clamp_min(torch.finfo(gram.dtype).tiny)
         damped = gram + lam[..., None, None] * torch.eye(r, dtype=gram.dtype, device=gram.device)
         self._chol, info = torch.linalg.cholesky_ex(damped)
-        self._eig: tuple[Tensor, Tensor] | None = None
-        if bool((info != 0).any()):
-            evals, evecs = torch.linalg.eigh(damped)
-            inv = torch.where(evals > 2 * lam[..., None], evals.reciprocal(), torch.zeros_like(evals))
-            self._eig = (inv, evecs)
+        #: ``(failed, inv, evecs)``: which matrices fell back to the eigen pseudo-solve and, for
+        #: those, the kept inverse eigenvalues ``(..., r)`` and eigenvectors ``(..., r, r)``
+        #: (zeros / identity elsewhere)
+        self._eig: tuple[Tensor, Tensor, Tensor] | None = None
+        failed = info != 0
+        if bool(failed.any()):
+            evals, evecs = torch.linalg.eigh(damped[failed])
+            keep = evals > 2 * lam[failed][..., None]
+            inv = damped.new_zeros(damped.shape[:-1])
+            vecs = torch.eye(r, dtype=gram.dtype, device=gram.device).expand_as(damped).clone()
+            inv[failed] = torch.where(keep, evals.reciprocal(), torch.zeros_like(evals))
+            vecs[failed] = evecs
+            self._chol = self._chol.clone()
+            self._chol[failed] = torch.eye(r, dtype=gram.dtype, device=gram.device)  # finite, unused
+            self._eig = (failed, inv, vecs)
 
     def solve(self, rhs: Tensor) -> Tensor:
         """``(gram + lam I)^-1 rhs`` for ``rhs`` of shape ``(..., r, k)``."""
+        out = torch.cholesky_solve(rhs, self._chol)
         if self._eig is None:
-            return torch.cholesky_solve(rhs, self._chol)
-        inv, evecs = self._eig
-        return evecs @ (inv[..., :, None] * (evecs.transpose(-1, -2) @ rhs))
+            return out
+        failed, inv, evecs = self._eig
+        pseudo = evecs @ (inv[..., :, None] * (evecs.transpose(-1, -2) @ rhs))
+        return torch.where(failed[..., None, None], pseudo, out)
+
+    def select(self, index: Tensor) -> DampedGram:
+        """The factorisations of the matrices ``index`` of a batch (a gather on the first dim)."""
+        out = DampedGram.__new__(DampedGram)
+        out._chol = self._chol[index]
+        out._eig = None if self._eig is None else tuple(t[index] for t in self._eig)  # type: ignore[assignment]
+        return out
 
 
 @dataclass(frozen=True)
@@ -101,35 +123,38 @@ def packed_index(r: int, diagonal_only: bool, dtype: torch.dtype, device: torch.
 
 
 def packed_outer(g: Tensor, index: PackedIndex) -> Tensor:
-    """Packed outer products of the columns of ``g``: ``(r, k) -> (k, p)``.
+    """Packed outer products of the columns of ``g``: ``(..., r, k) -> (..., k, p)``.
 
     Row ``j`` of the result is ``g[:, j] g[:, j]^T`` in packed form.
     """
-    return (g[index.rows] * g[index.cols]).T
+    return (g.index_select(-2, index.rows) * g.index_select(-2, index.cols)).transpose(-1, -2)
 
 
 def packed_transport(packed: Tensor, c: Tensor, index: PackedIndex, chunk_bytes: int = 4 * 2**20) -> Tensor:
-    """Congruence ``S <- C S C^T`` applied to every packed gram: ``(k, p), (r, r) -> (k, p)``.
+    """Congruence ``S <- C S C^T`` applied to every packed gram: ``(..., k, p), (..., r, r) -> (..., k, p)``.
 
     The congruence is linear in the packed entries, ``S_new = S T^T`` with a ``(p, p)`` matrix
     ``T[q', q] = C[a, i] C[b, j] + [i != j] C[a, j] C[b, i]`` for ``q' = (a, b)``, ``q = (i, j)``:
-    one GEMM. ``T`` has ``p^2 ~ r^4 / 4`` entries and costs ``k p^2`` multiply-adds, so above rank
-    32 the grams are unpacked to ``(rows, r, r)`` blocks of at most ``chunk_bytes`` and
-    multiplied instead (``2 k r^3``).
+    one GEMM (a batched one for a batch of pairs, each with its own ``C``). ``T`` has
+    ``p^2 ~ r^4 / 4`` entries and costs ``k p^2`` multiply-adds, so above rank 32 the grams are
+    unpacked to ``(..., rows, r, r)`` blocks of at most ``chunk_bytes`` in all and multiplied
+    instead (``2 k r^3``).
     """
     rows, cols = index.rows, index.cols
     if index.r <= 32:
-        c_i, c_j = c[:, rows], c[:, cols]  # (r, p): columns i and j of each packed input entry
-        t = c_i[rows] * c_j[cols] + (rows != cols).to(c.dtype) * c_j[rows] * c_i[cols]
-        return packed @ t.T
+        c_i, c_j = c[..., :, rows], c[..., :, cols]  # (..., r, p): columns i and j of each packed input entry
+        t = c_i[..., rows, :] * c_j[..., cols, :] + (rows != cols).to(c.dtype) * c_j[..., rows, :] * c_i[..., cols, :]
+        return packed @ t.transpose(-1, -2)
     out = torch.empty_like(packed)
-    step = max(1, chunk_bytes // (3 * index.r**2 * packed.element_size()))
-    for start in range(0, packed.shape[0], step):
-        block = packed[start : start + step]
-        full = block.new_zeros(block.shape[0], index.r, index.r)
-        full[:, rows, cols] = block
-        full[:, cols, rows] = block
-        out[start : start + step] = (c @ full @ c.T)[:, rows, cols]
+    batch = packed[..., 0, 0].numel()
+    step = max(1, chunk_bytes // (3 * index.r**2 * batch * packed.element_size()))
+    c_b = c.unsqueeze(-3)  # (..., 1, r, r): one C for every row of a block
+    for start in range(0, packed.shape[-2], step):
+        block = packed[..., start : start + step, :]
+        full = block.new_zeros(*block.shape[:-1], index.r, index.r)
+        full[..., rows, cols] = block
+        full[..., cols, rows] = block
+        out[..., start : start + step, :] = (c_b @ full @ c_b.transpose(-1, -2))[..., rows, cols]
     return out
 
 
@@ -147,24 +172,92 @@ def projected_adam_direction(
     """``P^T D`` where ``D`` is the full-space AdamW direction rebuilt from factor moments.
 
     ``partner`` ``P``: ``(l, r)``; ``exp_avg`` ``m``: ``(r, k)``; ``exp_avg_sq``: ``(k, p)``
-    packed grams ``S_j``. The full first moment is ``M = P m`` (``(l, k)``), the full second
-    moment ``V[i, j] = P_i^T S_j P_i`` and ``D = (M / bc1) / (sqrt(V / bc2) + eps)``; the result
-    is ``P^T D`` (``(r, k)``). ``V`` is a GEMM of packed partner products ``(l, p)`` with the
-    packed grams, computed ``rows`` of ``P`` at a time so that no temporary larger than about
-    ``chunk_bytes`` (two ``(rows, k)`` buffers) and no ``(l, r, k)`` tensor ever exists.
+    packed grams ``S_j``; or a batch of pairs of these, ``(b, l, r)``, ``(b, r, k)``,
+    ``(b, k, p)``. The full first moment is ``M = P m`` (``(l, k)``), the full second moment
+    ``V[i, j] = P_i^T S_j P_i`` and ``D = (M / bc1) / (sqrt(V / bc2) + eps)``; the result is
+    ``P^T D`` (``(r, k)``, or ``(b, r, k)``). ``V`` is a GEMM of packed partner products
+    ``(rows, p)`` with the packed grams, computed a block at a time so that the temporaries of a
+    block (two ``(pairs, rows, k)`` buffers) stay within about ``chunk_bytes`` in all and no
+    ``(l, r, k)`` tensor ever exists. A block is as many whole pairs as fit in the budget, or
+    ``rows`` of one pair when a whole pair does not fit (then exactly the unbatched blocks).
     """
-    l, k = partner.shape[0], exp_avg.shape[1]
+    k = exp_avg.shape[-1]
     out = torch.zeros_like(exp_avg)
-    rows_per_chunk = max(1, chunk_bytes // (2 * k * partner.element_size()))
-    # bias corrections folded into the small operands: V / bc2 and M / bc1 come out of the GEMMs
-    sq_t = (exp_avg_sq * (index.weight / bias_correction2)).T  # (p, k)
-    avg = exp_avg / bias_correction1  # (r, k)
-    for start in range(0, l, rows_per_chunk):
-        p_rows = partner[start : start + rows_per_chunk]
-        products = p_rows[:, index.rows] * p_rows[:, index.cols]  # (rows, p)
-        denom = (products @ sq_t).clamp_min_(0).sqrt_().add_(eps)  # sqrt(V / bc2) + eps
-        out.addmm_(p_rows.T, (p_rows @ avg).div_(denom))
+    row_bytes = 2 * k * partner.element_size()
+    rows_per_chunk = max(1, chunk_bytes // row_bytes)
+    options = {"bias_correction1": bias_correction1, "bias_correction2": bias_correction2, "eps": eps}
+    if exp_avg.dim() == 2:
+        _add_direction(out, partner, exp_avg, exp_avg_sq, index, rows_per_chunk=rows_per_chunk, **options)
+        return out
+    b, l = partner.shape[:2]
+    pairs_per_block = max(1, min(b, chunk_bytes // (row_bytes * l)))
+    for first in range(0, b, pairs_per_block):
+        if pairs_per_block == 1:  # plain GEMMs on one pair's matrices
+            _add_direction(
+                out[first],
+                partner[first],
+                exp_avg[first],
+                exp_avg_sq[first],
+                index,
+                rows_per_chunk=rows_per_chunk,
+                **options,
+            )
+        else:
+            block = slice(first, first + pairs_per_block)
+            _add_direction(
+                out[block], partner[block], exp_avg[block], exp_avg_sq[block], index, rows_per_chunk=l, **options
+            )
     return out
+
+
+def _add_direction(
+    out: Tensor,
+    partner: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    index: PackedIndex,
+    *,
+    bias_correction1: float,
+    bias_correction2: float,
+    eps: float,
+    rows_per_chunk: int,
+) -> None:
+    """``out += P^T D`` for one pair (2-D operands) or a block of pairs (3-D), ``rows_per_chunk``
+    rows of ``P`` at a time: the body of :func:`projected_adam_direction`."""
+    # bias corrections folded into the small operands: V / bc2 and M / bc1 come out of the GEMMs
+    sq_t = (exp_avg_sq * (index.weight / bias_correction2)).transpose(-1, -2)  # ([pairs,] p, k)
+    avg = exp_avg / bias_correction1  # ([pairs,] r, k)
+    for start in range(0, partner.shape[-2], rows_per_chunk):
+        p_rows = partner[..., start : start + rows_per_chunk, :]  # ([pairs,] rows, r)
+        products = p_rows[..., index.rows] * p_rows[..., index.cols]  # ([pairs,] rows, p)
+        denom = (products @ sq_t).clamp_min_(0).sqrt_().add_(eps)  # sqrt(V / bc2) + eps
+        direction = (p_rows @ avg).div_(denom)
+        if out.dim() == 2:
+            out.addmm_(p_rows.T, direction)
+        else:
+            out.baddbmm_(p_rows.transpose(-1, -2), direction)
+
+
+def rebalanced_factors(u: Tensor, a: Tensor, threshold: float) -> tuple[Tensor, Tensor, Tensor] | None:
+    """Balanced re-factorisations of ``dW = u @ a`` and which of them pay: the batched core of
+    :func:`balanced_factors`.
+
+    ``u``: ``(..., m, r)``, ``a``: ``(..., r, n)``. Returns ``None`` when none pays, else
+    ``(u', a', better)`` with ``better`` (``(...,)`` bool) true where the worse gram's condition
+    number exceeds ``threshold`` times the balanced one and ``dW`` has full rank; ``u'``, ``a'``
+    are meaningful only there.
+    """
+    q_u, r_u = torch.linalg.qr(u)
+    q_a, r_a = torch.linalg.qr(a.transpose(-1, -2))
+    x, sigma, yh = torch.linalg.svd(r_u @ r_a.transpose(-1, -2))
+    full_rank = sigma[..., -1] > sigma[..., 0] * torch.finfo(sigma.dtype).eps * 100
+    s_u, s_a = torch.linalg.svdvals(r_u), torch.linalg.svdvals(r_a)
+    worst_gram_cond = torch.maximum(s_u[..., 0] / s_u[..., -1], s_a[..., 0] / s_a[..., -1]).square_()
+    better = full_rank & (worst_gram_cond > threshold * (sigma[..., 0] / sigma[..., -1]))
+    if not bool(better.any()):
+        return None
+    root = sigma.sqrt()
+    return q_u @ (x * root[..., None, :]), (root[..., :, None] * yh) @ q_a.transpose(-1, -2), better
 
 
 def balanced_factors(u: Tensor, a: Tensor, threshold: float) -> tuple[Tensor, Tensor] | None:
@@ -179,16 +272,7 @@ def balanced_factors(u: Tensor, a: Tensor, threshold: float) -> tuple[Tensor, Te
 
     Returns ``(u', a')`` when the worse gram's condition number exceeds ``threshold`` times the
     balanced one, else ``None`` (also when ``dW`` is rank-deficient: the bases then carry
-    information the product does not).
+    information the product does not). :func:`rebalanced_factors` does a batch of pairs.
     """
-    q_u, r_u = torch.linalg.qr(u)
-    q_a, r_a = torch.linalg.qr(a.T)
-    x, sigma, yh = torch.linalg.svd(r_u @ r_a.T)
-    if not bool(sigma[-1] > sigma[0] * torch.finfo(sigma.dtype).eps * 100):
-        return None
-    s_u, s_a = torch.linalg.svdvals(r_u), torch.linalg.svdvals(r_a)
-    worst_gram_cond = max(float(s_u[0] / s_u[-1]), float(s_a[0] / s_a[-1])) ** 2
-    if worst_gram_cond <= threshold * float(sigma[0] / sigma[-1]):
-        return None
-    root = sigma.sqrt()
-    return q_u @ (x * root), (root[:, None] * yh) @ q_a.T
+    balanced = rebalanced_factors(u, a, threshold)
+    return None if balanced is None else balanced[:2]
