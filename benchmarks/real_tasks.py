@@ -47,7 +47,7 @@ TASKS: dict[str, dict[str, Any]] = {
         "n_val": 1000,
         "common": {"max_steps": 100, "batch_size": 16},
         "tune_rank": 4,
-        "lr_grid": {"loft": [2e-4, 5e-4, 1e-3, 2e-3], "lora": [5e-4, 2e-3, 8e-3], "dora": [5e-4, 2e-3, 8e-3],
+        "lr_grid": {"loft": [5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3], "lora": [5e-4, 2e-3, 8e-3], "dora": [5e-4, 2e-3, 8e-3],
                     "full": [3e-5, 1e-4, 3e-4]},
         "alpha_grid": True,
         "head_lr_grid": [1e-2],  # the default 2e-3 is in the first pass
@@ -61,11 +61,13 @@ TASKS: dict[str, dict[str, Any]] = {
         "n_val": 200,
         "common": {"max_steps": 80, "batch_size": 8, "target_modules": ["q_proj", "v_proj"]},
         "tune_rank": 4,
-        "lr_grid": {"loft": [3e-4, 1e-3, 3e-3], "lora": [1e-3, 3e-3, 1e-2], "full": [1e-5, 3e-5]},
+        "lr_grid": {"loft": [3e-5, 1e-4, 3e-4], "lora": [3e-4, 1e-3, 3e-3]},
+        # full fine-tuning left out: one run (80 steps, 1 thread, shared machine) had not finished
+        # after 17 minutes, more than this whole budget allows for five of them
         "alpha_grid": False,  # lora_alpha = 2r; DoRA takes LoRA's learning rate (stated in the report)
         "head_lr_grid": [],
         "ranks": [1, 4, 16],
-        "seeds": [0, 1],
+        "seeds": [0],  # one seed: a run takes ~7 min here (1 thread, shared machine)
     },
 }
 
@@ -137,7 +139,7 @@ def plan_and_run(name: str, jobs: int, threads: int, report_only: bool) -> dict[
         best = _best([res[_sweep.key(r)] for r in pass2 if r["method"] == "dora"])["run"]
         chosen["dora"] = {"lr": best["lr"], "alpha_ratio": lora_ratio}
     pass3 = []
-    for method in METHODS:
+    for method in METHODS if task["head_lr_grid"] else ():
         c = chosen[method]
         alpha = c["alpha_ratio"] * r0 if method in ("lora", "dora") else None
         pass3 += [_run(task, method, rank=r0, lr=c["lr"], alpha=alpha, head_lr=h, **on_val) for h in task["head_lr_grid"]]
@@ -160,6 +162,8 @@ def plan_and_run(name: str, jobs: int, threads: int, report_only: bool) -> dict[
                 alpha = c["alpha_ratio"] * rank if method != "loft" else None
                 sweep.append(_run(task, method, rank=rank, lr=c["lr"], alpha=alpha, head_lr=c["head_lr"], seed=seed,
                                   data=train, eval_data=test))
+        if "full" not in chosen:
+            continue
         c = chosen["full"]
         sweep.append(_run(task, "full", rank=1, lr=c["lr"], head_lr=c["head_lr"], seed=seed, data=train, eval_data=test))
     res = execute(sweep)
@@ -265,9 +269,10 @@ def report(name: str, plan: dict[str, Any], elapsed: float) -> None:
         xs = task["ranks"]
         ms = [_mean_sd([m["eval_accuracy"] for m in table[(method, r)]]) for r in xs]
         ax.errorbar(xs, [m for m, _ in ms], yerr=[s for _, s in ms], marker="o", capsize=3, color=color, label=method)
-    fm, fs = _mean_sd([m["eval_accuracy"] for m in table[("full", 0)]])
-    ax.axhline(fm, color="k", ls="--", label=f"full ({fm:.3f})")
-    ax.axhspan(fm - fs, fm + fs, color="k", alpha=0.08)
+    if ("full", 0) in table:
+        fm, fs = _mean_sd([m["eval_accuracy"] for m in table[("full", 0)]])
+        ax.axhline(fm, color="k", ls="--", label=f"full ({fm:.3f})")
+        ax.axhspan(fm - fs, fm + fs, color="k", alpha=0.08)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("rank")
     ax.set_ylabel(f"test accuracy (mean +- sd, {len(task['seeds'])} seeds)")
