@@ -106,9 +106,25 @@ def test_target_modules_matching_nothing_lists_names(capsys, bert, train, tmp_pa
     assert not (tmp_path / "o").exists()  # nothing written for a run that cannot start
 
 
-def test_rank_larger_than_layer(capsys, bert, train, tmp_path):
-    err = fails(capsys, "finetune", "--model", bert, "--data", train, "--rank", "64", "-o", tmp_path / "o")
-    assert "--rank 64 is larger than layer" in err and "at most 32" in err
+def test_rank_between_a_layers_sides_is_refused(capsys, bert, train, tmp_path):
+    # the tiny BERT's intermediate layers are 32 -> 64: a rank in (32, 64) is refused for them
+    err = fails(capsys, "finetune", "--model", bert, "--data", train, "--rank", "48", "-o", tmp_path / "o")
+    assert "--rank 48 does not fit layer" in err and "intermediate" in err
+    assert "--rank 32 or lower" in err and "--rank 64" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_rank_at_or_above_every_layers_larger_side_is_accepted(bert):
+    """r >= max(m, n) is exactly full fine-tuning of a layer with LoFT: not refused."""
+    from transformers import AutoModelForSequenceClassification
+
+    from loft.finetune import resolve_targets
+
+    model = AutoModelForSequenceClassification.from_pretrained(bert, num_labels=2)
+    for rank in (64, 80):
+        targets = resolve_targets(model, None, rank, set())
+        assert "bert.encoder.layer.0.intermediate.dense" in targets and len(targets) >= 12
+    assert len(resolve_targets(model, ["query"], 40, set())) == 2  # 32 x 32: any rank above 32 is "full"
 
 
 def test_output_dir_with_other_run_is_refused_unless_overwrite(capsys, bert, train, tmp_path):

@@ -48,6 +48,7 @@ from .launch import (
     launched_processes,
     on_main_process,
 )
+from .linalg import rank_regime
 from .models import resolve_model
 
 __all__ = ["DEFAULT_HEAD_LR", "DEFAULT_LR", "METHODS", "FinetuneConfig", "finetune"]
@@ -227,7 +228,7 @@ def _layer_shape(module: nn.Module) -> tuple[int, int]:
 
 def resolve_targets(model: nn.Module, requested: list[str] | None, rank: int, fresh: set[str]) -> list[str]:
     """Full names of the linear layers to adapt; clear errors for names that match nothing and
-    for a rank larger than a layer allows."""
+    for a rank that does not fit a layer (see :func:`loft.linalg.rank_regime`)."""
     linears = _linear_modules(model, fresh)
     if not linears:
         raise LoftUsageError("The model has no linear layers that LoRA can adapt.")
@@ -246,10 +247,13 @@ def resolve_targets(model: nn.Module, requested: list[str] | None, rank: int, fr
             targets += [h for h in hits if h not in targets]
     for name in targets:
         d_in, d_out = _layer_shape(linears[name])
-        if rank > min(d_in, d_out):
+        if rank_regime(d_out, d_in, rank) == "between":  # see loft.linalg.rank_regime
             raise LoftUsageError(
-                f"--rank {rank} is larger than layer {name!r} allows ({d_in} -> {d_out}: rank at most "
-                f"{min(d_in, d_out)}). Lower --rank or leave that layer out of --target-modules."
+                f"--rank {rank} does not fit layer {name!r} ({d_in} -> {d_out}): a rank between "
+                f"{min(d_in, d_out)} and {max(d_in, d_out)} adds no expressiveness (the update has rank at most "
+                f"{min(d_in, d_out)}) and makes LoFT's step depend on rounding. Use --rank {min(d_in, d_out)} or "
+                f"lower, --rank {max(d_in, d_out)} (exactly full fine-tuning of that layer with LoFT), or leave "
+                "that layer out of --target-modules."
             )
     return targets
 

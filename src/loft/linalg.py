@@ -26,6 +26,7 @@ __all__ = [
     "packed_outer",
     "packed_transport",
     "projected_adam_direction",
+    "rank_regime",
     "rebalanced_factors",
 ]
 
@@ -238,26 +239,84 @@ def _add_direction(
             out.baddbmm_(p_rows.transpose(-1, -2), direction)
 
 
+def rank_regime(m: int, n: int, r: int) -> str:
+    """Where rank ``r`` sits for an ``m x n`` layer: ``"low"`` (``r <= min(m, n)``, excluding a
+    square layer's full rank), ``"full"`` (``r >= max(m, n)``) or ``"between"``
+    (``min(m, n) < r < max(m, n)``).
+
+    * ``"low"``: at a generic point both factors have rank ``r``; the step depends on ``dW``
+      only (basis invariance) and is AdamW's step projected onto the adapter's subspace. At
+      ``r = min(m, n)`` of a non-square layer the narrower factor spans fewer than
+      ``max(m, n)`` dimensions, so every other step is projected: not exactly AdamW.
+    * ``"full"``: ``U`` spans all ``m`` rows and ``A`` all ``n`` columns, so both projections
+      are the identity and every step is exactly AdamW's on ``dW``. Above ``min(m, n)`` one
+      gram (above ``max(m, n)`` both) is singular; the damped solve returns the minimum-norm
+      step, whose part in the gram's null space the product never sees.
+    * ``"between"``: the wider factor's gram is singular while the other factor does not span
+      its side. The minimum-norm solve then depends on the basis, and rounding noise in the
+      null space (amplified by ``1 / damping``) moves the narrower factor's span: the
+      trajectory is neither basis-invariant nor reproducible across roundings, and ``dW`` has
+      rank at most ``min(m, n)`` anyway. ``r <= min(m, n)`` has the same expressiveness;
+      ``r >= max(m, n)`` is exact.
+    """
+    if r >= max(m, n):
+        return "full"
+    return "low" if r <= min(m, n) else "between"
+
+
 def rebalanced_factors(u: Tensor, a: Tensor, threshold: float) -> tuple[Tensor, Tensor, Tensor] | None:
     """Balanced re-factorisations of ``dW = u @ a`` and which of them pay: the batched core of
     :func:`balanced_factors`.
 
-    ``u``: ``(..., m, r)``, ``a``: ``(..., r, n)``. Returns ``None`` when none pays, else
-    ``(u', a', better)`` with ``better`` (``(...,)`` bool) true where the worse gram's condition
-    number exceeds ``threshold`` times the balanced one and ``dW`` has full rank; ``u'``, ``a'``
-    are meaningful only there.
+    ``u``: ``(..., m, r)``, ``a``: ``(..., r, n)``, any rank ``r`` (also above ``min(m, n)``).
+    Returns ``None`` when none pays, else ``(u', a', better)`` with ``better`` (``(...,)``
+    bool) true where the worse gram's condition number (of its nonzero part) exceeds
+    ``threshold`` times the balanced one and ``dW`` has full rank ``min(m, n, r)``; ``u'``,
+    ``a'`` are meaningful only there.
+
+    With ``q = min(m, n, r)`` the rank of ``dW``, the first ``q`` columns of ``u'`` and rows of
+    ``a'`` are the balanced factors of ``dW``. When ``r > min(m, n)`` one factor has directions
+    that ``dW`` does not use (``u`` spans ``min(m, r) > q`` dimensions, or ``a``'s rows span
+    ``min(n, r) > q``): ``u'`` keeps them, orthonormal and scaled to the geometric mean of the
+    balanced gram's range, beside zero rows of ``a'`` (or the mirror image), so ``u'`` and
+    ``a'`` span exactly the spaces ``u`` and ``a`` span and ``(u', a')`` is a change of basis of
+    ``(u, a)``. Any slots left over (``r > max(m, n)``) are zero in both. At ranks strictly
+    between ``min(m, n)`` and ``max(m, n)`` the step depends on the basis (see
+    :func:`rank_regime`), so nothing is rebalanced there (``None``).
     """
-    q_u, r_u = torch.linalg.qr(u)
-    q_a, r_a = torch.linalg.qr(a.transpose(-1, -2))
-    x, sigma, yh = torch.linalg.svd(r_u @ r_a.transpose(-1, -2))
-    full_rank = sigma[..., -1] > sigma[..., 0] * torch.finfo(sigma.dtype).eps * 100
+    m, r, n = u.shape[-2], u.shape[-1], a.shape[-1]
+    if rank_regime(m, n, r) == "between":  # the step is not basis-invariant: a new basis would change it
+        return None
+    q_u, r_u = torch.linalg.qr(u)  # (..., m, m'), (..., m', r) with m' = min(m, r)
+    q_a, r_a = torch.linalg.qr(a.transpose(-1, -2))  # (..., n, n'), (..., n', r) with n' = min(n, r)
+    x, sigma, yh = torch.linalg.svd(r_u @ r_a.transpose(-1, -2))  # (..., m', m'), (..., q), (..., n', n')
+    tol = torch.finfo(sigma.dtype).eps * 100
     s_u, s_a = torch.linalg.svdvals(r_u), torch.linalg.svdvals(r_a)
+    full_rank = sigma[..., -1] > sigma[..., 0] * tol
+    m_used, n_used, q = x.shape[-1], yh.shape[-2], sigma.shape[-1]
+    # a factor with directions dW does not use must span them (else u' would span more than u)
+    if m_used > q:
+        full_rank &= s_u[..., -1] > s_u[..., 0] * tol
+    if n_used > q:
+        full_rank &= s_a[..., -1] > s_a[..., 0] * tol
     worst_gram_cond = torch.maximum(s_u[..., 0] / s_u[..., -1], s_a[..., 0] / s_a[..., -1]).square_()
     better = full_rank & (worst_gram_cond > threshold * (sigma[..., 0] / sigma[..., -1]))
     if not bool(better.any()):
         return None
     root = sigma.sqrt()
-    return q_u @ (x * root[..., None, :]), (root[..., :, None] * yh) @ q_a.transpose(-1, -2), better
+    if m_used > q or n_used > q:  # r > min(m, n): scale of the directions dW does not use
+        spare = (root[..., :1] * root[..., -1:]).sqrt()  # (..., 1): gram entry sqrt(s_max s_min)
+        root_u = torch.cat([root, spare.expand(*root.shape[:-1], m_used - q)], -1)
+        root_a = torch.cat([root, spare.expand(*root.shape[:-1], n_used - q)], -1)
+    else:
+        root_u = root_a = root
+    u_new = q_u @ (x * root_u[..., None, :])  # (..., m, m')
+    a_new = (root_a[..., :, None] * yh) @ q_a.transpose(-1, -2)  # (..., n', n)
+    if m_used < r:  # the slots u does not span: zero columns of u'
+        u_new = torch.cat([u_new, u_new.new_zeros(*u_new.shape[:-1], r - m_used)], -1)
+    if n_used < r:  # likewise zero rows of a'
+        a_new = torch.cat([a_new, a_new.new_zeros(*a_new.shape[:-2], r - n_used, n)], -2)
+    return u_new, a_new, better
 
 
 def balanced_factors(u: Tensor, a: Tensor, threshold: float) -> tuple[Tensor, Tensor] | None:

@@ -27,7 +27,7 @@ from .distributed import (
 )
 from .functional import Side, calibrate, factor_adam_update, projected_update, update_moments
 from .linalg import DampedGram, compute_dtype, packed_index, rebalanced_factors
-from .pairs import LoRAPair, count_lora_layers, split_lora_parameters
+from .pairs import LoRAPair, count_lora_layers, split_lora_parameters, warn_about_ranks_between
 
 __all__ = ["LoFTAdamW", "SWITCHES"]
 
@@ -192,6 +192,7 @@ class LoFTAdamW(Optimizer):
         if not self._pairs:
             raise ValueError(self._no_pairs_message())
         check_pairs_agree_across_ranks((p.name, p.A.shape, p.B.shape) for p in self._pairs)
+        warn_about_ranks_between(self._pairs)
 
     # ----------------------------------------------------------------------------- set-up
     def add_param_group(self, param_group: dict[str, Any]) -> None:

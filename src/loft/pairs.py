@@ -9,12 +9,15 @@ bitsandbytes) has. People with their own LoRA modules build :class:`LoRAPair` th
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
-__all__ = ["LoRAPair", "find_lora_pairs", "split_lora_parameters"]
+from .linalg import rank_regime
+
+__all__ = ["LoRAPair", "find_lora_pairs", "split_lora_parameters", "warn_about_ranks_between"]
 
 
 @dataclass(eq=False)
@@ -69,6 +72,11 @@ class LoRAPair:
     def shape(self) -> tuple[int, int]:
         """``(m, n)``: the shape of ``dW``."""
         return int(self.B.shape[0]), int(self.A[0].numel())
+
+    @property
+    def rank_regime(self) -> str:
+        """``"low"``, ``"between"`` or ``"full"``: see :func:`loft.linalg.rank_regime`."""
+        return rank_regime(*self.shape, self.rank)
 
     def scale(self) -> float:
         s = float(self.scaling() if callable(self.scaling) else self.scaling)
@@ -152,3 +160,26 @@ def count_lora_layers(model: nn.Module) -> int:
     """How many modules of ``model`` hold LoRA factors, trainable or not."""
     return sum(1 for _, m in model.named_modules() if _adapter_factors(m))
 
+
+
+def warn_about_ranks_between(pairs: Iterable[LoRAPair]) -> None:
+    """Warn once about the pairs whose rank lies strictly between ``min(m, n)`` and ``max(m, n)``.
+
+    PEFT accepts such ranks, and LoFT trains them, but its step there is neither invariant to
+    the factors' basis nor reproducible across roundings (see :func:`loft.linalg.rank_regime`).
+    """
+    between = [p for p in pairs if p.rank_regime == "between"]
+    if not between:
+        return
+    p = between[0]
+    (m, n), r = p.shape, p.rank
+    more = f" and {len(between) - 1} more" if len(between) > 1 else ""
+    warnings.warn(
+        f"LoRA rank {r} of {p.name or 'a pair'} ({m} x {n}){more} lies between min(m, n) = {min(m, n)} and "
+        f"max(m, n) = {max(m, n)}. LoFT's step there depends on how the factors split dW and on rounding "
+        f"(one gram is singular while the other factor does not span its side), and dW cannot exceed rank "
+        f"{min(m, n)} anyway. Use rank <= {min(m, n)} (the same expressiveness), or rank >= {max(m, n)}, where "
+        "LoFT is exactly AdamW on the layer.",
+        UserWarning,
+        stacklevel=3,
+    )
