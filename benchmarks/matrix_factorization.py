@@ -125,7 +125,7 @@ def main() -> None:
     ax1.legend(fontsize=8)
     for name, ys in full_rank.items():
         ax2.semilogy(ys, label=name, ls="--" if "LoFT" in name else "-", lw=2 if "LoFT" not in name else 1.5)
-    ax2.set(title="Full rank (r >= max(m, n)) and r = min(m, n) < max(m, n), from the same dW", xlabel="step")
+    ax2.set(title="Full rank: r >= max(m, n) is AdamW;\nr = min(m, n) < max(m, n) is not", xlabel="step")
     ax2.legend(fontsize=8)
     fig.tight_layout()
     fig_path = ROOT / "docs" / "figures" / "matrix_factorization.png"
