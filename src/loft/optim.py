@@ -413,8 +413,10 @@ class LoFTAdamW(Optimizer):
         The preparation it makes (stacked factors, grams, solves) is kept for the next
         :meth:`step`, which reuses it if the gradients, factors and options are unchanged.
         """
-        total = self._total_norm(self._prepare(with_norm=True), self._plain_with_grads())
-        if not bool(torch.isfinite(total)):
+        prepared, plain = self._prepare(with_norm=True), self._plain_with_grads()
+        total = self._total_norm(prepared, plain)
+        # a non-finite gradient of a factor that does not move next is not in LoFT's norm
+        if not (bool(torch.isfinite(total)) and self._grads_finite(prepared, plain)):
             grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
             norms = [torch.linalg.vector_norm(g.double()).to(grads[0].device) for g in grads]
             total = torch.linalg.vector_norm(torch.stack(norms))
@@ -505,14 +507,18 @@ class LoFTAdamW(Optimizer):
                     param = pair.A if side == 0 else pair.B
                     param.copy_(values[i].reshape(param.shape))
 
-    def _all_finite(self, prepared: _Preparation, plain: list[tuple[dict[str, Any], list[Tensor]]]) -> bool:
-        # the pairs' gradients as stacked for the step: one check per batch and side
+    @staticmethod
+    def _grads_finite(prepared: _Preparation, plain: list[tuple[dict[str, Any], list[Tensor]]]) -> bool:
+        # the pairs' gradients as stacked for the step: one check per batch and side; one sync
         grads = [side.grad for b in prepared.batches for side in b.sides]
         grads += [p.grad for _, ps in plain for p in ps]
         if not grads:
             return True
-        flags = torch.stack([torch.isfinite(g).all().to(grads[0].device) for g in grads])
-        if bool(flags.all()):
+        return bool(torch.stack([torch.isfinite(g).all().to(grads[0].device) for g in grads]).all())
+
+    def _all_finite(self, prepared: _Preparation, plain: list[tuple[dict[str, Any], list[Tensor]]]) -> bool:
+        """Whether the step may go on: warn and skip (or raise) when a gradient is not finite."""
+        if self._grads_finite(prepared, plain):
             return True
         params = [t for b in prepared.batches for pair in b.pairs for t in (pair.A, pair.B)]
         params += [p for _, ps in plain for p in ps]
