@@ -46,7 +46,8 @@ CASES = [
     Case("both_move", {"alternating_updates": False}, {"alternating": False}),
     Case("no_scaling", {"gradient_scaling": False}, {"gradient_scaling": False}),
     Case("no_first_calibration", {"first_moment_calibration": False}, {"first_moment_calibration": False}),
-    Case("factor_adam", {"projected_update": False, "weight_decay": 0.1}, {"projected_update": False, "weight_decay": 0.1}),
+    Case("factor_adam", {"projected_update": False, "weight_decay": 0.1},
+         {"projected_update": False, "weight_decay": 0.1}),
     Case("lora_baseline", {**OFF, "max_grad_norm": 0.05}, None),
     Case("one_at_a_time", {"batch_pairs": False, "chunk_bytes": 64}, {}),
 ]

@@ -33,7 +33,8 @@ def test_every_numerical_option_is_a_param_group_key_and_engineering_settings_ar
 def test_group_rebalance_threshold_reaches_the_rebalancing(monkeypatch):
     seen = []
     original = functional.rebalanced_factors
-    monkeypatch.setattr(functional, "rebalanced_factors", lambda u, a, threshold: seen.append(threshold) or original(u, a, threshold))
+    spy = lambda u, a, threshold: seen.append(threshold) or original(u, a, threshold)  # noqa: E731
+    monkeypatch.setattr(functional, "rebalanced_factors", spy)
     model = Pairs()
     pairs = model.pairs()
     opt = loft.LoFTAdamW([{"params": pairs[:3]}, {"params": pairs[3:], "rebalance_threshold": 50.0}], lr=1e-2)

@@ -322,7 +322,8 @@ def loft_step(
     chunk_bytes: int,
 ) -> StepResult:
     """Steps 2-4 and rebalancing for a batch of pairs: updates ``state`` (A side, B side) in
-    place and returns the new factors (see :class:`StepResult`). ``step``: the 1-based step number after this one (bias correction);
+    place and returns the new factors (see :class:`StepResult`). ``step``: the 1-based number
+    of this step (bias correction);
     ``move``: whether A and B move; ``clip_coef``: the clipping coefficient (``None``: none).
 
     Calibration and the moment updates go a slice of pairs at a time, a quarter of

@@ -158,7 +158,8 @@ class LoFTAdamW(Optimizer):
     ) -> None:
         if unknown:
             name = next(iter(unknown))
-            options = [p for p in inspect.signature(LoFTAdamW.__init__).parameters if p not in ("self", "params", "unknown")]
+            signature = inspect.signature(LoFTAdamW.__init__).parameters
+            options = [p for p in signature if p not in ("self", "params", "unknown")]
             close = difflib.get_close_matches(name, options, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise TypeError(f"LoFTAdamW got an unknown option {name!r}.{hint} Options: {', '.join(options)}.")
@@ -434,12 +435,17 @@ class LoFTAdamW(Optimizer):
                     p.grad.mul_(coef_t.to(device=p.grad.device, dtype=p.grad.dtype))
         if not valid:
             return
+        if float(coef_t) != 1.0:
+            self._restack_grads(prepared)
+        prepared.fingerprint = self._fingerprint()
+
+    @staticmethod
+    def _restack_grads(prepared: _Preparation) -> None:
         # the stacked factors, grams and their factorisations stay; the gradients are stacked
         # and solved again, the same operations as a fresh preparation (bit-identical results)
         for batch in prepared.batches:
             grad_a, grad_u = _stacked_grads(batch.pairs, batch.sides.a.factor.dtype, batch.scaling)
             batch.sides = PreparedPair(batch.sides.a.with_grad(grad_a), batch.sides.b.with_grad(grad_u.mT))
-        prepared.fingerprint = self._fingerprint()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As torch's; also drops a kept preparation (it holds the stacked gradients)."""
