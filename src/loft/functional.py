@@ -100,10 +100,10 @@ class Side:
             None if self.scaled is None else self.scaled[index],
         )
 
-    def with_grad(self, grad: Tensor) -> Side:
-        """The same side with another gradient ``(b, r, k)`` (clipped outside the step, say): the
-        factorisations are reused, the scaled gradient is solved again if there was one."""
-        return replace(self, grad=grad, scaled=None if self.scaled is None else self.solver.solve(grad))
+    def grads_scaled_by(self, coef: float) -> Side:
+        """The same side with its gradients multiplied by ``coef`` (clipping outside the step)."""
+        scaled = None if self.scaled is None else self.scaled * coef
+        return replace(self, grad=self.grad * coef, scaled=scaled)
 
 
 def _side(factor: Tensor, partner: Tensor, grad: Tensor, param_scale: float, damping: float, scale: bool) -> Side:

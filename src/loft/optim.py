@@ -362,7 +362,8 @@ class LoFTAdamW(Optimizer):
         sides = prepare_pair(
             _stack([LoRAPair.matrix(pair.A) for pair in pairs], cd),  # A: (b, r, n)
             _stack([LoRAPair.matrix(pair.B) for pair in pairs], cd) * s,  # U = s B: (b, m, r)
-            *_stacked_grads(pairs, cd, s),
+            _stack([_grad_matrix(pair.A) for pair in pairs], cd),  # dL/dA
+            _stack([_grad_matrix(pair.B) for pair in pairs], cd) / s,  # dL/dU = dL/dB / s
             scaling=s,
             damping=damping,
             scale_grads=scale_grads,
@@ -425,27 +426,22 @@ class LoFTAdamW(Optimizer):
     @torch.no_grad()
     def scale_grads_(self, coef: Tensor | float) -> None:
         """Multiply every gradient by ``coef`` in place (clipping outside the step), keeping the
-        preparation of :meth:`grad_norm` valid for :meth:`step`."""
+        preparation of :meth:`grad_norm` valid for :meth:`step`: its stacked gradients and scaled
+        gradients are scaled by the same number (linear in the gradient; the same values as a
+        fresh preparation up to rounding)."""
         coef_t = torch.as_tensor(coef)
         prepared = self._prepared
         valid = prepared is not None and prepared.fingerprint == self._fingerprint()
+        if valid and float(coef_t) != 1.0:
+            factor = float(coef_t)
+            for batch in prepared.batches:  # before the gradients: a lone pair's stack may be a view of its gradient
+                batch.sides = PreparedPair(*(side.grads_scaled_by(factor) for side in batch.sides))
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
                     p.grad.mul_(coef_t.to(device=p.grad.device, dtype=p.grad.dtype))
-        if not valid:
-            return
-        if float(coef_t) != 1.0:
-            self._restack_grads(prepared)
-        prepared.fingerprint = self._fingerprint()
-
-    @staticmethod
-    def _restack_grads(prepared: _Preparation) -> None:
-        # the stacked factors, grams and their factorisations stay; the gradients are stacked
-        # and solved again, the same operations as a fresh preparation (bit-identical results)
-        for batch in prepared.batches:
-            grad_a, grad_u = _stacked_grads(batch.pairs, batch.sides.a.factor.dtype, batch.scaling)
-            batch.sides = PreparedPair(batch.sides.a.with_grad(grad_a), batch.sides.b.with_grad(grad_u.mT))
+        if valid:
+            prepared.fingerprint = self._fingerprint()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As torch's; also drops a kept preparation (it holds the stacked gradients)."""
@@ -695,11 +691,6 @@ def _grad_matrix(param: Tensor) -> Tensor:
     if param.grad is None:
         return LoRAPair.matrix(param).new_zeros(LoRAPair.matrix(param).shape)
     return LoRAPair.matrix(param.grad)
-
-
-def _stacked_grads(pairs: list[LoRAPair], dtype: torch.dtype, s: float) -> tuple[Tensor, Tensor]:
-    """``dL/dA`` ``(b, r, n)`` and ``dL/dU = (dL/dB) / s`` ``(b, m, r)`` of a batch, in ``dtype``."""
-    return _stack([_grad_matrix(p.A) for p in pairs], dtype), _stack([_grad_matrix(p.B) for p in pairs], dtype) / s
 
 
 def _stack(matrices: list[Tensor], dtype: torch.dtype) -> Tensor:
