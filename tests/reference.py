@@ -26,10 +26,14 @@ class ReferenceLoFT:
         weight_decay: float = 0.0,
         alternating: bool = True,
         second_moment_calibration: bool = True,
+        gradient_scaling: bool = True,
+        first_moment_calibration: bool = True,
+        projected_update: bool = True,
     ) -> None:
         self.A, self.U, self.s = A.clone(), s * B.clone(), s
         self.lr, (self.b1, self.b2), self.eps, self.wd = lr, betas, eps, weight_decay
         self.alternating, self.smc = alternating, second_moment_calibration
+        self.scaling, self.fmc, self.projected = gradient_scaling, first_moment_calibration, projected_update
         r, n = A.shape
         m = B.shape[0]
         self.t = 0
@@ -56,17 +60,22 @@ class ReferenceLoFT:
         U, A, s = self.U, self.A, self.s
         self.t += 1
         t = self.t
-        gA = torch.linalg.solve(U.T @ U, grad_A) * clip_coef if U.any() else torch.zeros_like(grad_A)  # B = 0 start
-        gU = (grad_B / s) @ torch.linalg.inv(A @ A.T) * clip_coef
+        if self.scaling:
+            gA = torch.linalg.solve(U.T @ U, grad_A) * clip_coef if U.any() else torch.zeros_like(grad_A)  # B = 0 start
+            gU = (grad_B / s) @ torch.linalg.inv(A @ A.T) * clip_coef
+        else:  # the raw factor gradients, in U's units for U
+            gA, gU = grad_A * clip_coef, grad_B / s * clip_coef
         if self.U_prev is not None:
             if not torch.equal(self.U_prev, U):
                 C_U = torch.linalg.solve(U.T @ U, U.T @ self.U_prev)
-                self.mA = C_U @ self.mA
+                if self.fmc:
+                    self.mA = C_U @ self.mA
                 if self.smc:
                     self.SA = C_U @ self.SA @ C_U.T
             if not torch.equal(self.A_prev, A):
                 C_A = self.A_prev @ A.T @ torch.linalg.inv(A @ A.T)
-                self.mU = self.mU @ C_A
+                if self.fmc:
+                    self.mU = self.mU @ C_A
                 if self.smc:
                     self.SU = C_A.T @ self.SU @ C_A
         self.U_prev, self.A_prev = U.clone(), A.clone()
@@ -83,6 +92,18 @@ class ReferenceLoFT:
         move_u = (not self.alternating) or t % 2 == 1
         move_a = (not self.alternating) or t % 2 == 0
         new_U, new_A = U, A
+        if not self.projected:  # plain AdamW on each factor's parameter (A, and B = U / s)
+            vA = torch.einsum("jkk->kj", self.SA) if self.smc else self.vA
+            vU = torch.einsum("ikk->ik", self.SU) if self.smc else self.vU
+            c = abs(s)
+            if move_u:
+                m_b, v_b = s * self.mU, c**2 * vU  # B's moments in B's units
+                new_B = (1 - self.lr * self.wd) * self.B - self.lr * (m_b / bc1) / ((v_b / bc2).sqrt() + self.eps)
+                new_U = s * new_B
+            if move_a:
+                new_A = (1 - self.lr * self.wd) * A - self.lr * (self.mA / bc1) / ((vA / bc2).sqrt() + self.eps)
+            self.U, self.A = new_U, new_A
+            return
         if move_u:
             M = self.mU @ A
             V = torch.einsum("kj,ikl,lj->ij", A, self.SU, A) if self.smc else self.vU @ (A**2)

@@ -106,14 +106,17 @@ def both(model_kwargs=None, groups=None, steps=STEPS, without_grad=lambda step: 
     return results
 
 
+def batch_sizes(opt) -> list[int]:
+    return sorted(len(batch.pairs) for batch in opt.batch_states())
+
+
 def test_batches_are_formed_by_shape_group_step_and_scaling():
     model, opt = make(True, lr=1e-2)
-    model.loss().backward()
-    prepared, _ = opt._collect(clipping=False)
-    assert sorted(len(pb.pairs) for pb in prepared) == [1, 1, 2, 3]
+    run(model, opt, 1)
+    assert batch_sizes(opt) == [1, 1, 2, 3]
     model, opt = make(False, lr=1e-2)
-    model.loss().backward()
-    assert [len(pb.pairs) for pb in opt._collect(clipping=False)[0]] == [1] * len(SHAPES)
+    run(model, opt, 1)
+    assert batch_sizes(opt) == [1] * len(SHAPES)
 
 
 @pytest.mark.parametrize("flags", list(itertools.product([True, False], repeat=len(loft.SWITCHES))))
@@ -142,8 +145,7 @@ def test_param_groups_with_different_options_are_not_batched_together():
 
     model1, opt1, model2, opt2 = both(groups=groups, max_grad_norm=0.5)
     assert_same(model1, opt1, model2, opt2)
-    model1.loss().backward()
-    assert sorted(len(pb.pairs) for pb in opt1._collect(clipping=False)[0]) == [1, 1, 1, 2, 2]
+    assert batch_sizes(opt1) == [1, 1, 1, 2, 2]
 
 
 def test_pairs_without_gradients_leave_and_rejoin_their_batch():
@@ -160,25 +162,30 @@ def test_pairs_without_gradients_leave_and_rejoin_their_batch():
     assert_same(model1, opt1, model2, opt2)
     steps = [opt1.state[model1.A[i]]["step"] for i in range(3)]
     assert steps == [STEPS - 3, STEPS - 3, STEPS - 3]
-    model1.loss().backward()
-    # no state is left a view of a stack larger than its pair's batch (which would keep it alive)
-    for i, expected in enumerate([3, 3, 3, None, None, None, None]):
-        for p in (model1.A[i], model1.B[i]):
-            for key in ("exp_avg", "exp_avg_sq", "partner"):
-                base = opt1.state[p][key]._base
-                assert (None if base is None else base.shape[0]) == expected, (i, key)
-    # pairs 0-2 together again; pair 3 (skipped once) is now out of step with pair 4
-    assert sorted(len(pb.pairs) for pb in opt1._collect(clipping=False)[0]) == [1, 1, 1, 1, 3]
+    # pairs 0-2 together again; pair 3 (skipped once) is now out of step with pair 4; every pair's
+    # state is held by exactly one batch (a pair that left a batch took its rows along)
+    batches = opt1.batch_states()
+    assert sorted(len(b.pairs) for b in batches) == [1, 1, 1, 1, 3]
+    held = [pair.A for b in batches for pair in b.pairs]
+    assert len(held) == len(SHAPES) and {id(t) for t in held} == {id(a) for a in model1.A}
+    (three,) = [b for b in batches if len(b.pairs) == 3]
+    assert [pair.A for pair in three.pairs] == [model1.A[0], model1.A[1], model1.A[2]]
+    assert all(b.sides[0].exp_avg.shape[0] == len(b.pairs) for b in batches)
 
 
-def test_state_stays_per_parameter_and_batches_keep_their_stacks():
+def test_state_shows_per_parameter_and_batches_keep_their_stacks():
     model, opt = make(True, lr=2e-2)
     run(model, opt, 3)
-    a0, a1 = opt.state[model.A[0]]["exp_avg_sq"], opt.state[model.A[1]]["exp_avg_sq"]
-    assert a0.shape == (6, 6) and a0.is_contiguous()
-    assert a1.data_ptr() == a0.data_ptr() + a0.numel() * a0.element_size()  # views of one stack
+    (batch,) = [b for b in opt.batch_states() if len(b.pairs) == 3]
+    stack = batch.sides[0].exp_avg_sq
+    assert stack.shape == (3, 6, 6)
+    a0 = opt.state[model.A[0]]["exp_avg_sq"]
+    assert a0.shape == (6, 6) and torch.equal(a0, stack[0])
+    assert opt.state_dict()["state"][0]["exp_avg_sq"].shape == (6, 6)
     run(model, opt, 2)
-    assert opt.state[model.A[0]]["exp_avg_sq"].data_ptr() == a0.data_ptr()  # not copied again
+    (again,) = [b for b in opt.batch_states() if len(b.pairs) == 3]
+    assert again is batch and again.sides[0].exp_avg_sq is stack  # not regrouped, not copied
+    assert batch.step == 5 and opt.state[model.A[0]]["step"] == 5
 
 
 def test_state_dict_round_trip_and_resume_are_bit_exact():
@@ -271,7 +278,7 @@ def test_rebalancing_only_the_pairs_that_need_it_inside_a_batch(monkeypatch):
             seen.append(out[2].tolist())
         return out
 
-    monkeypatch.setattr("loft.optim.rebalanced_factors", spy)
+    monkeypatch.setattr("loft.functional.rebalanced_factors", spy)
 
     def unbalance(model):
         with torch.no_grad():  # same product, badly conditioned factors for pair 1 only

@@ -128,3 +128,69 @@ def test_explicit_pairs_for_a_home_made_lora_module():
         net(torch.randn(8, 5)).square().mean().backward()
         opt.step()
     assert float(net.up.abs().max()) > 0 and opt.state[net.down]["step"] == 3
+
+
+# ----------------------------------------------------------------------------- reliability (#11 item 7)
+def _model_with_head(labels: int):
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, labels))
+    return peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["0"], modules_to_save=["2"]))
+
+
+def _train(model, opt, steps: int = 2):
+    for _ in range(steps):
+        opt.zero_grad()
+        model(torch.randn(4, 6)).square().mean().backward()
+        opt.step()
+
+
+def test_checkpoint_with_a_head_of_another_shape_is_refused_at_load():
+    model = _model_with_head(3)
+    opt = loft.LoFTAdamW(model, lr=1e-2)
+    _train(model, opt)
+    other = _model_with_head(5)
+    opt_other = loft.LoFTAdamW(other, lr=1e-2)
+    with pytest.raises(ValueError, match=r"modules_to_save.*weight.*shape \(3, 8\).*shape \(5, 8\).*different model"):
+        opt_other.load_state_dict(opt.state_dict())
+
+
+@pytest.mark.parametrize("lr", ["abc", None, [1e-3]])
+def test_learning_rate_that_is_not_a_number(lr):
+    model, _ = lora_linear(4, 4, 2)
+    with pytest.raises(TypeError, match=r"Invalid lr: .* it must be a number"):
+        loft.LoFTAdamW(model, lr=lr)
+
+
+def test_tensor_options_are_refused_with_the_conversion_to_use():
+    model, _ = lora_linear(4, 4, 2)
+    with pytest.raises(TypeError, match=r"Invalid lr: a tensor .*lr=float\(value\)"):
+        loft.LoFTAdamW(model, lr=torch.tensor(1e-3))
+    with pytest.raises(TypeError, match=r"Invalid weight_decay"):
+        loft.LoFTAdamW([{"params": [model], "weight_decay": "0.1"}])
+
+
+def test_clip_grad_norm_given_parameters_says_to_pass_the_optimizer():
+    model, _ = lora_linear(4, 4, 2)
+    with pytest.raises(TypeError, match=r"takes the LoFTAdamW optimizer, not generator.*clip_grad_norm_\(optimizer"):
+        loft.clip_grad_norm_(model.parameters(), 1.0)
+    with pytest.raises(TypeError, match=r"takes the LoFTAdamW optimizer, not list"):
+        loft.clip_grad_norm_(list(model.parameters()), 1.0)
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+@pytest.mark.parametrize("factor", ["A", "B"])
+def test_clip_grad_norm_with_nonfinite_gradients_returns_what_torch_returns(bad, factor):
+    model = _model_with_head(3)
+    opt = loft.LoFTAdamW(model, lr=1e-2)
+    _train(model, opt, 1)
+    opt.zero_grad()
+    model(torch.randn(4, 6)).square().mean().backward()
+    (pair,) = opt.pairs
+    getattr(pair, factor).grad[0, 1] = bad
+    params = [p for p in model.parameters() if p.requires_grad]
+    expected = torch.nn.utils.get_total_norm([p.grad for p in params])
+    got = loft.clip_grad_norm_(opt, 1.0)
+    assert got.isinf() == expected.isinf() and got.isnan() == expected.isnan()
+    assert not bool(torch.isfinite(got))
+    with pytest.raises(RuntimeError, match="error_if_nonfinite"):
+        loft.clip_grad_norm_(opt, 1.0, error_if_nonfinite=True)

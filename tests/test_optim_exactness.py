@@ -154,10 +154,12 @@ def test_low_rank_clipping_matches_reference_projected_norm():
 ALL_OFF = {name: False for name in loft.SWITCHES}
 
 
-@pytest.mark.parametrize("max_norm", [None, 0.01])
-def test_all_switches_off_is_adamw_on_the_factors(max_norm):
-    model, layer = lora_linear(7, 5, 3, alpha=6.0, random_b=True)
-    twin, twin_layer = lora_linear(7, 5, 3, alpha=6.0, random_b=True)
+@pytest.mark.parametrize("max_norm, alpha", [(None, 6.0), (0.01, 6.0), (None, -6.0)])
+def test_all_switches_off_is_adamw_on_the_factors(max_norm, alpha):
+    """Also with a negative LoRA scaling (alpha < 0), where B's step must not go uphill."""
+    model, layer = lora_linear(7, 5, 3, alpha=alpha, random_b=True)
+    twin, twin_layer = lora_linear(7, 5, 3, alpha=alpha, random_b=True)
+    assert (layer.scaling["default"] < 0) == (alpha < 0)
     problem = Regression(5, 7)
     opt = loft.LoFTAdamW(model, lr=1e-2, weight_decay=0.1, max_grad_norm=max_norm, **ALL_OFF)
     twin_params = [p for p in twin.parameters() if p.requires_grad]

@@ -1,8 +1,8 @@
-"""The LoFT update as pure functions on one *side* of a LoRA pair.
+"""The LoFT algorithm as pure functions: one step of a batch of same-shape LoRA pairs.
 
 A LoRA pair computes ``dW = U @ A`` with ``U = s * B`` (``m x r``) and ``A`` (``r x n``). The
-algorithm treats its two factors symmetrically, since ``dW^T = A^T @ U^T``. Each side is a
-factor ``F`` (``r x k``) with a fixed partner ``P`` (``l x r``) such that the side's view of the
+algorithm treats its two factors symmetrically, since ``dW^T = A^T @ U^T``. Each *side* is a
+factor ``F`` (``r x k``) with a partner ``P`` (``l x r``) such that the side's view of the
 adapter is ``P @ F``:
 
 =========  ==========  ==========  ===========================
@@ -13,50 +13,71 @@ B          ``U^T``     ``A^T``     ``dW^T`` (``n x m``)
 =========  ==========  ==========  ===========================
 
 With ``G = dL/d(dW)`` (seen from the side: ``G`` or ``G^T``), autograd's gradient of ``F`` is
-``P^T G``. Every formula of the paper then has one form:
+``P^T G``. Every formula of the paper then has one form, written once here and used for both
+sides. Every tensor carries a leading batch dimension ``b``: the pairs of one shape, param group
+and step count are stepped together with batched GEMMs and solves (a lone pair is a batch of one).
 
-* gradient scaling: ``g = (P^T P)^-1 P^T G``, so ``P g`` is the projection of ``G``;
-* calibration: when ``P`` moved from ``P_prev``, ``C = (P^T P)^-1 P^T P_prev`` carries the
-  moments into the new basis, ``m <- C m`` and ``S_j <- C S_j C^T``;
-* projected full update: ``F <- (1 - lr wd) F - lr (P^T P)^-1 P^T D`` with ``D`` the full-space
-  AdamW direction rebuilt from the moments.
+The step, in the paper's order (:func:`prepare_pair` does 1, :func:`pair_sq_norm` and
+:func:`clip_coefficient` do 5, :func:`loft_step` does 2-4 and the rebalancing)::
 
-The B side is stored in units of ``U = s B``; :func:`factor_adam_update` converts back to B's
-own units so that, with every building block off, the optimizer is plain AdamW on ``B``.
+    1. scaled gradients     g = (P^T P)^-1 P^T G                       (b, r, k)
+    5. clipping coefficient c = min(1, max_norm / (||proj G|| + 1e-6))  over all pairs and heads
+    2. calibration          C = (P^T P)^-1 P^T P_prev;  m <- C m;  S_j <- C S_j C^T
+    3. moments              m <- b1 m + (1 - b1) c g;   S_j <- b2 S_j + (1 - b2) c^2 g_j g_j^T
+    4. projected update     F <- (1 - lr wd) F - lr (P^T P)^-1 P^T D,
+                            D = (P m / bc1) / (sqrt(V / bc2) + eps),  V_ij = P_i^T S_j P_i
+       (only the active side moves: B on odd steps, A on even ones)
+    +  rebalancing          (U, A) <- balanced factors of U A, when the grams drift apart
 
-Every function also takes a *batch* of sides of pairs of one shape: each tensor then has a
-leading batch dimension (``(b, r, k)``, ``(b, l, r)``, ``(b, k, p)``, ...) and the math is done
-per pair with batched GEMMs and solves.
+Clipping's coefficient needs every pair's norm before any moment changes, so it is computed
+between preparation and the rest of the step.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import NamedTuple
 
+import torch
 from torch import Tensor
 
-from .linalg import DampedGram, PackedIndex, packed_outer, packed_transport, projected_adam_direction
+from .linalg import (
+    DampedGram,
+    PackedIndex,
+    packed_outer,
+    packed_transport,
+    projected_adam_direction,
+    rebalanced_factors,
+)
 
 __all__ = [
+    "PairOptions",
+    "PreparedPair",
     "Side",
+    "SideState",
+    "StepResult",
+    "basis_invariant",
     "calibrate",
+    "clip_coefficient",
     "factor_adam_update",
-    "projected_update",
+    "loft_step",
+    "pair_sq_norm",
+    "prepare_pair",
     "projected_sq_norm",
+    "projected_update",
     "update_moments",
 ]
 
 
-@dataclass
+@dataclass(frozen=True)
 class Side:
-    """One factor of a pair (or of a batch of pairs) in compute dtype, with what its step needs.
+    """One factor of a batch of pairs in compute dtype, with what its step needs.
 
-    ``factor`` ``F``: ``(r, k)``; ``partner`` ``P``: ``(l, r)``; ``gram``: ``P^T P`` ``(r, r)``
-    and ``solver``, its damped factorisation; ``grad``: ``dL/dF = P^T G`` ``(r, k)``;
-    ``scaled``: ``(P^T P)^-1 grad`` (``(r, k)``, computed when gradient scaling or projected
-    clipping needs it); ``unit``: the factor's size in its parameter's own units (1 for A, ``s``
-    for B, since ``F = s B^T``). A batch of ``b`` pairs has ``(b, r, k)``, ``(b, l, r)``, ...
-    and one ``unit`` for all.
+    ``factor`` ``F``: ``(b, r, k)``; ``partner`` ``P``: ``(b, l, r)``; ``gram``: ``P^T P``
+    ``(b, r, r)`` and ``solver``, its damped factorisation; ``grad``: ``dL/dF = P^T G``
+    ``(b, r, k)``; ``scaled``: ``(P^T P)^-1 grad`` (``(b, r, k)``, or ``None`` when neither
+    gradient scaling nor projected clipping needs it); ``param_scale``: the number ``c`` with
+    ``F = c * param^T`` (1 for A, the LoRA scaling ``s`` for B, since ``F = U^T = s B^T``).
     """
 
     factor: Tensor
@@ -64,29 +85,88 @@ class Side:
     gram: Tensor
     solver: DampedGram
     grad: Tensor
-    unit: float
-    scaled: Tensor | None = None
+    param_scale: float
+    scaled: Tensor | None
 
-    def select(self, index: Tensor) -> Side:
-        """The sides ``index`` of a batch (a gather on the first dimension)."""
+    def select(self, index: slice | Tensor) -> Side:
+        """The sides ``index`` of the batch (a slice or gather on the first dimension)."""
         return Side(
             self.factor[index],
             self.partner[index],
             self.gram[index],
             self.solver.select(index),
             self.grad[index],
-            self.unit,
+            self.param_scale,
             None if self.scaled is None else self.scaled[index],
         )
 
+    def grads_scaled_by(self, coef: float) -> Side:
+        """The same side with its gradients multiplied by ``coef`` (clipping outside the step)."""
+        scaled = None if self.scaled is None else self.scaled * coef
+        return replace(self, grad=self.grad * coef, scaled=scaled)
 
+
+def _side(factor: Tensor, partner: Tensor, grad: Tensor, param_scale: float, damping: float, scale: bool) -> Side:
+    gram = partner.mT @ partner
+    solver = DampedGram(gram, damping)
+    # 1. scaled gradient: g = (P^T P)^-1 P^T G, so P g is the projection of G onto P's columns
+    scaled = solver.solve(grad) if scale else None
+    return Side(factor, partner, gram, solver, grad, param_scale, scaled)
+
+
+class PreparedPair(NamedTuple):
+    """Both sides of a batch of pairs at gradient time, before any state changes."""
+
+    a: Side
+    b: Side
+
+
+def prepare_pair(
+    a: Tensor, u: Tensor, grad_a: Tensor, grad_u: Tensor, *, scaling: float, damping: float, scale_grads: bool
+) -> PreparedPair:
+    """Step 1 for a batch: grams, their damped factorisations and the scaled gradients.
+
+    ``a``: ``A`` ``(b, r, n)``; ``u``: ``U = s B`` ``(b, m, r)``; ``grad_a``: ``dL/dA``
+    ``(b, r, n)``; ``grad_u``: ``dL/dU = (dL/dB) / s`` ``(b, m, r)``. Both sides are built from
+    the factors as they are now, before either moves.
+    """
+    side_a = _side(a, u, grad_a, 1.0, damping, scale_grads)
+    side_b = _side(u.mT, a.mT, grad_u.mT, scaling, damping, scale_grads)
+    return PreparedPair(side_a, side_b)
+
+
+# ----------------------------------------------------------------------------- 5. clipping
 def projected_sq_norm(side: Side) -> Tensor:
-    """``||P (P^T P)^-1 P^T G||_F^2 = <grad, scaled>``: squared norm of the projected gradient
-    (``()``, or ``(b,)`` for a batch)."""
+    """``||P (P^T P)^-1 P^T G||_F^2 = <grad, scaled>``: squared norm of the projected gradient ``(b,)``."""
     assert side.scaled is not None
     return (side.grad * side.scaled).sum((-2, -1))
 
 
+def pair_sq_norm(pair: PreparedPair, *, move_a: bool, move_b: bool, projected: bool) -> Tensor:
+    """Squared gradient norm of each pair of a batch for clipping, ``(b,)``.
+
+    ``projected=False``: the plain ``||grad_A||^2 + ||grad_B||^2`` (parameter units), what
+    ``torch.nn.utils.clip_grad_norm_`` would see. Otherwise the projected full gradient of the
+    factor(s) that move this step: ``||G P_A||^2`` (B moves), ``||P_U G||^2`` (A moves), or the
+    tangent norm ``||P_U G||^2 + ||G P_A||^2 - ||P_U G P_A||^2`` (both move).
+    """
+    side_a, side_b = pair
+    if not projected:
+        return side_a.grad.square().sum((-2, -1)) + side_b.grad.square().sum((-2, -1)) * side_b.param_scale**2
+    if move_a and move_b:
+        # ||P_U G P_A||^2 = tr((AA^T)^-1 K^T (U^T U) K) with K = gA A^T
+        k = side_a.scaled @ side_b.partner
+        cross = side_b.solver.solve(k.mT @ side_a.gram @ k).diagonal(dim1=-2, dim2=-1).sum(-1)
+        return projected_sq_norm(side_a) + projected_sq_norm(side_b) - cross
+    return projected_sq_norm(side_a if move_a else side_b)
+
+
+def clip_coefficient(total_norm: Tensor, max_norm: float) -> Tensor:
+    """``min(1, max_norm / (total_norm + 1e-6))``, as in ``torch.nn.utils.clip_grad_norm_``."""
+    return (max_norm / (total_norm + 1e-6)).clamp(max=1.0)
+
+
+# ----------------------------------------------------------------------------- 2-4. the sub-steps
 def calibrate(
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
@@ -98,16 +178,16 @@ def calibrate(
     second_moment: bool,
     chunk_bytes: int = 4 * 2**20,
 ) -> None:
-    """Carry the moments from the basis ``previous_partner`` into the current partner's, in place.
+    """Step 2: carry the moments from the basis ``previous_partner`` into the current partner's, in place.
 
-    ``C = (P^T P)^-1 P^T P_prev`` (``r x r``); ``exp_avg <- C exp_avg`` (``(r, k)``) and each
-    packed gram row of ``exp_avg_sq`` (``(k, p)``) ``S_j <- C S_j C^T``. With only the diagonal
-    stored (``second_moment`` off) the second moment is left as it is. ``previous_partner``:
-    ``(l, r)`` (``(b, l, r)`` for a batch).
+    ``C = (P^T P)^-1 P^T P_prev`` (``(b, r, r)``); ``exp_avg <- C exp_avg`` (``(b, r, k)``) and
+    each packed gram row of ``exp_avg_sq`` (``(b, k, p)``) ``S_j <- C S_j C^T``. With only the
+    diagonal stored (``second_moment`` off) the second moment is left as it is.
+    ``previous_partner``: ``(b, l, r)``.
     """
     if not (first_moment or second_moment):
         return
-    c = side.solver.solve(side.partner.transpose(-1, -2) @ previous_partner)
+    c = side.solver.solve(side.partner.mT @ previous_partner)
     if first_moment:
         exp_avg.copy_(c @ exp_avg)
     if second_moment and not index.diagonal_only:
@@ -117,11 +197,11 @@ def calibrate(
 def update_moments(
     exp_avg: Tensor, exp_avg_sq: Tensor, grad: Tensor, index: PackedIndex, beta1: float, beta2: float
 ) -> None:
-    """Adam's moment updates for one side, in place.
+    """Step 3: Adam's moment updates for one side, in place.
 
-    ``exp_avg`` ``(r, k)``: ``m <- b1 m + (1 - b1) g``. ``exp_avg_sq`` ``(k, p)``: each column's
-    gram ``S_j <- b2 S_j + (1 - b2) g_j g_j^T`` in packed form (with a diagonal-only index this
-    is Adam's elementwise ``v``, stored transposed).
+    ``exp_avg`` ``(b, r, k)``: ``m <- b1 m + (1 - b1) g``. ``exp_avg_sq`` ``(b, k, p)``: each
+    column's gram ``S_j <- b2 S_j + (1 - b2) g_j g_j^T`` in packed form (with a diagonal-only
+    index this is Adam's elementwise ``v``, stored transposed).
     """
     exp_avg.lerp_(grad, 1 - beta1)
     exp_avg_sq.mul_(beta2).add_(packed_outer(grad, index), alpha=1 - beta2)
@@ -140,7 +220,7 @@ def projected_update(
     bias_correction2: float,
     chunk_bytes: int,
 ) -> Tensor:
-    """The new factor after LoFT's projected full AdamW step: ``(r, k)``.
+    """Step 4: the new factor after LoFT's projected full AdamW step, ``(b, r, k)``.
 
     ``F_new = (1 - lr wd) F - lr (P^T P)^-1 P^T D``, where ``D`` (``l x k``, never stored whole)
     is the AdamW direction of the full weight rebuilt from the moments. Weight decay scales only
@@ -172,13 +252,151 @@ def factor_adam_update(
     bias_correction1: float,
     bias_correction2: float,
 ) -> Tensor:
-    """The new factor after a plain elementwise AdamW step on the factor itself: ``(r, k)``.
+    """Step 4 with the projected update off: a plain elementwise AdamW step on the factor's
+    *parameter* (A, or B = U / s), returned as the new factor ``(b, r, k)``.
 
-    Used when the projected full update is switched off. The step is AdamW on the *parameter*
-    (A, or B = U / s): with ``u = side.unit``, moments in parameter units are ``u m`` and
-    ``u^2 v``, so ``F_new = (1 - lr wd) F - lr u (m / bc1) / (sqrt(v / bc2) + eps / u)``.
+    With ``c = side.param_scale``, the moments in parameter units are ``c m`` and ``c^2 v``, so
+    ``F_new = c * B_new`` is ``(1 - lr wd) F - lr |c| (m / bc1) / (sqrt(v / bc2) + eps / |c|)``:
+    only ``|c|`` enters (Adam's step has the sign of its gradient whatever the sign of ``s``).
     """
-    u = side.unit
-    v = exp_avg_sq[..., index.diag].transpose(-1, -2)
-    denom = v.sqrt().mul_(bias_correction2 ** -0.5).add_(eps / u)
-    return side.factor.mul(1 - lr * weight_decay).addcdiv_(exp_avg, denom, value=-lr * u / bias_correction1)
+    c = abs(side.param_scale)
+    v = exp_avg_sq[..., index.diag].mT
+    denom = v.sqrt().mul_(bias_correction2**-0.5).add_(eps / c)
+    return side.factor.mul(1 - lr * weight_decay).addcdiv_(exp_avg, denom, value=-lr * c / bias_correction1)
+
+
+# ----------------------------------------------------------------------------- the whole step
+@dataclass(frozen=True)
+class PairOptions:
+    """A param group's numerical options, as the functional step reads them."""
+
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    gradient_scaling: bool
+    first_moment_calibration: bool
+    second_moment_calibration: bool
+    projected_update: bool
+    rebalance: bool
+    rebalance_threshold: float
+
+
+@dataclass
+class SideState:
+    """The stacked state of one side of a batch of pairs (mutated in place by :func:`loft_step`).
+
+    ``exp_avg``: ``(b, r, k)``; ``exp_avg_sq``: packed grams ``(b, k, p)``; ``partner``: the
+    partner the moments are expressed in, ``(b, l, r)``.
+    """
+
+    exp_avg: Tensor
+    exp_avg_sq: Tensor
+    partner: Tensor
+
+
+class StepResult(NamedTuple):
+    """The factors after a step of a batch: ``a`` ``(b, r, n)`` and ``u_t`` (``U^T``,
+    ``(b, r, m)``), the old ones where nothing changed; ``rebalanced``: ``(b,)`` bool, the pairs
+    whose factors were both re-factored (``None``: none were)."""
+
+    a: Tensor
+    u_t: Tensor
+    rebalanced: Tensor | None
+
+
+def _slices(n: int, size: int) -> list[slice]:
+    return [slice(start, start + size) for start in range(0, n, size)]
+
+
+def loft_step(
+    pair: PreparedPair,
+    state: tuple[SideState, SideState],
+    *,
+    step: int,
+    move: tuple[bool, bool],
+    options: PairOptions,
+    index: PackedIndex,
+    clip_coef: float | None,
+    chunk_bytes: int,
+) -> StepResult:
+    """Steps 2-4 and rebalancing for a batch of pairs: updates ``state`` (A side, B side) in
+    place and returns the new factors (see :class:`StepResult`). ``step``: the 1-based number
+    of this step (bias correction);
+    ``move``: whether A and B move; ``clip_coef``: the clipping coefficient (``None``: none).
+
+    Calibration and the moment updates go a slice of pairs at a time, a quarter of
+    ``chunk_bytes`` of grams per slice, so that their chained passes stay in cache.
+    """
+    bc1, bc2 = 1 - options.beta1**step, 1 - options.beta2**step
+    new: list[Tensor] = []
+    for side, st, moves in zip(pair, state, move):
+        b, k, p = st.exp_avg_sq.shape
+        per_slice = max(1, chunk_bytes // (4 * k * p * st.exp_avg_sq.element_size()))
+        # which pairs' partner moved since the moments were stored (none at the first step: all zero)
+        moved = (st.partner != side.partner).flatten(1).any(1) if step > 1 else None
+        grad = side.scaled if options.gradient_scaling else side.grad
+        if clip_coef is not None and clip_coef != 1.0:
+            grad = grad * clip_coef
+        for sl in _slices(b, per_slice):
+            exp_avg, exp_avg_sq = st.exp_avg[sl], st.exp_avg_sq[sl]
+            # 2. calibration: C = (P^T P)^-1 P^T P_prev; m <- C m; S_j <- C S_j C^T (moved pairs only)
+            some = None if moved is None else moved[sl]
+            if some is not None and bool(some.any()):
+                before = None if bool(some.all()) else (exp_avg.clone(), exp_avg_sq.clone())
+                calibrate(
+                    exp_avg,
+                    exp_avg_sq,
+                    side.select(sl),
+                    st.partner[sl],
+                    index,
+                    first_moment=options.first_moment_calibration,
+                    second_moment=options.second_moment_calibration,
+                    chunk_bytes=chunk_bytes,
+                )
+                if before is not None:  # pairs whose partner did not move keep their moments exactly
+                    keep = ~some
+                    exp_avg[keep] = before[0][keep]
+                    exp_avg_sq[keep] = before[1][keep]
+            # 3. moments: m <- b1 m + (1 - b1) g; S_j <- b2 S_j + (1 - b2) g_j g_j^T
+            update_moments(exp_avg, exp_avg_sq, grad[sl], index, options.beta1, options.beta2)
+        st.partner.copy_(side.partner)  # the basis the moments are now expressed in
+        if not moves:
+            new.append(side.factor)
+            continue
+        # 4. update: F <- (1 - lr wd) F - lr (P^T P)^-1 P^T D  (or AdamW on the factor itself)
+        common = dict(
+            lr=options.lr,
+            weight_decay=options.weight_decay,
+            eps=options.eps,
+            bias_correction1=bc1,
+            bias_correction2=bc2,
+        )
+        if options.projected_update:
+            new.append(projected_update(side, st.exp_avg, st.exp_avg_sq, index, chunk_bytes=chunk_bytes, **common))
+        else:
+            new.append(factor_adam_update(side, st.exp_avg, st.exp_avg_sq, index, **common))
+    a, u_t = new
+    rebalanced = None
+    # rebalancing: (U, A) <- (Q_U X S^1/2, S^1/2 Y^T Q_A^T) when the worse gram is more than
+    # `rebalance_threshold` times worse-conditioned than the balanced factors' (basis-invariant
+    # configurations only: there the step depends on U A alone)
+    if options.rebalance and basis_invariant(options):
+        balanced = rebalanced_factors(u_t.mT, a, options.rebalance_threshold)
+        if balanced is not None:
+            u_new, a_new, better = balanced
+            pick = better[:, None, None]
+            a, u_t = torch.where(pick, a_new, a), torch.where(pick, u_new.mT, u_t)
+            rebalanced = better
+    return StepResult(a, u_t, rebalanced)
+
+
+def basis_invariant(options: PairOptions) -> bool:
+    """Whether the step depends on the product ``dW`` only, not on the factors' basis."""
+    return (
+        options.gradient_scaling
+        and options.first_moment_calibration
+        and options.second_moment_calibration
+        and options.projected_update
+    )

@@ -1,13 +1,16 @@
 """``LoFTAdamW``: the LoFT optimizer as a drop-in ``torch.optim.Optimizer``.
 
-The math lives in :mod:`loft.functional` (one side of a pair), :mod:`loft.linalg` (solves,
-packed grams, the chunked full-direction rebuild) and :mod:`loft.clip` (projected norms); this
-module finds the pairs, keeps the state and runs the step.
+The math is in :mod:`loft.functional` (the step of a batch of pairs, in the paper's order) on
+top of :mod:`loft.linalg`; the pairs' state in :mod:`loft.state`; the options in
+:mod:`loft.options`. This module keeps the bookkeeping: it finds the pairs, groups them into
+batches, stacks their factors and gradients, runs the functional step, writes the factors back,
+translates the state to and from ``state_dict()``, and steps the other parameters with AdamW.
 """
 
 from __future__ import annotations
 
 import difflib
+import inspect
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -18,69 +21,71 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.adamw import adamw as _adamw_functional
 
-from .clip import clip_coefficient, pair_sq_norm
 from .distributed import (
     UnsupportedDistributedSetup,
     check_module_supported,
     check_pairs_agree_across_ranks,
     check_tensor_supported,
 )
-from .functional import Side, calibrate, factor_adam_update, projected_update, update_moments
-from .linalg import DampedGram, compute_dtype, packed_index, rebalanced_factors
+from .functional import PairOptions, PreparedPair, SideState, clip_coefficient, loft_step, pair_sq_norm, prepare_pair
+from .linalg import compute_dtype, packed_index
+from .options import GROUP_DEFAULTS, SWITCHES, Settings, check_group
 from .pairs import LoRAPair, count_lora_layers, split_lora_parameters, warn_about_ranks_between
+from .state import STATE_KEYS, BatchState, PairStates, ParamStateView
 
 __all__ = ["LoFTAdamW", "SWITCHES"]
 
-#: The building blocks of LoFT, each a boolean option (and param-group key) that is on by default.
-#: With all of them off the optimizer is AdamW on the LoRA factors; with only
-#: ``second_moment_calibration`` off it is the paper's "LoFT (simple)".
-SWITCHES = (
-    "gradient_scaling",
-    "alternating_updates",
-    "first_moment_calibration",
-    "second_moment_calibration",
-    "projected_update",
-    "projected_clipping",
-)
-
-_OPTIONS = (
-    "lr",
-    "betas",
-    "eps",
-    "weight_decay",
-    "max_grad_norm",
-    "head_lr",
-    "head_weight_decay",
-    *SWITCHES,
-    "rebalance",
-    "damping",
-    "chunk_bytes",
-    "nonfinite_grads",
-    "batch_pairs",
-)
-
 
 @dataclass
-class _PreparedBatch:
-    """The inputs to this step of a batch of pairs, computed before any state changes.
-
-    The pairs share their factors' shapes, dtype and device, param group, step count and
-    scaling; the sides' tensors are stacked along a leading batch dimension (``(b, r, k)``, ...).
-    """
+class _Batch:
+    """A batch of pairs prepared for this step: same factor shapes, dtype, device, param group,
+    step count and scaling; ``sides`` stacked along a leading batch dimension."""
 
     pairs: list[LoRAPair]
     group: dict[str, Any]
-    step: int
-    move_a: bool
-    move_b: bool
+    step: int  # the step this is (1-based)
+    move: tuple[bool, bool]  # (A moves, B moves)
     scaling: float
-    side_a: Side
-    side_b: Side
+    sides: PreparedPair
+
+
+@dataclass
+class _Preparation:
+    """Everything this step computes from the gradients before any state changes, shared by
+    :meth:`LoFTAdamW.grad_norm` and :meth:`LoFTAdamW.step` while the gradients are unchanged."""
+
+    batches: list[_Batch]
+    fingerprint: tuple[Any, ...]
+    with_norm: bool  # the scaled gradients that the projected norm needs are there
 
 
 class LoFTAdamW(Optimizer):
     r"""LoFT: AdamW for LoRA adapters that takes the step full fine-tuning would take,
     projected onto the adapter's subspace (Tastan et al., ICLR 2026).
+
+    .. code-block:: text
+
+        input: pairs (A: r x n, B: m x r, scaling s), other parameters theta,
+               lr, betas (b1, b2), eps, weight decay wd, max_grad_norm, switches
+        for t = 1, 2, ...:
+          for each batch of pairs of one shape (stacked; U = s B, G = dL/d(U A)):
+            1  gA = (U^T U)^-1 grad_A,  gU = (grad_B / s) (A A^T)^-1        scaled gradients
+          5  c = min(1, max_grad_norm / (norm + 1e-6)),                      clipping coefficient
+               norm^2 = sum_pairs ||proj G||^2 + sum ||grad_theta||^2
+          for each batch, for each side (F, P) in ((A, U), (U^T, A^T)):
+            2  C = (P^T P)^-1 P^T P_prev;  m <- C m;  S_j <- C S_j C^T       calibration
+               P_prev <- P
+            3  m <- b1 m + (1 - b1) c g;  S_j <- b2 S_j + (1 - b2) c^2 g_j g_j^T   moments
+            4  if F moves at t (B on odd t, A on even t):                    projected AdamW
+                 D = (P m / (1 - b1^t)) / (sqrt(V / (1 - b2^t)) + eps),  V_ij = P_i^T S_j P_i
+                 F <- (1 - lr wd) F - lr (P^T P)^-1 P^T D
+          rebalance (U, A) when their grams drift apart (same U A)
+          write back A and B = U / s
+          theta <- AdamW(theta, c grad_theta)                                the other parameters
+
+    The code follows this box line by line: :func:`loft.functional.prepare_pair` (1),
+    :func:`~loft.functional.pair_sq_norm` and :func:`~loft.functional.clip_coefficient` (5),
+    :func:`~loft.functional.loft_step` (2, 3, 4, rebalancing).
 
     Args:
         params: the model (a PEFT model, any module holding PEFT LoRA layers, or either wrapped
@@ -93,37 +98,37 @@ class LoFTAdamW(Optimizer):
             added in the full weight space and weight decay shrinks the adapter's change
             ``dW`` toward the pretrained weight (``dW <- (1 - lr wd) dW``).
         max_grad_norm: clip inside the step by the projected full-gradient norm (``None``: no
-            clipping). Clip outside the step with :func:`loft.clip_grad_norm_` instead.
+            clipping). Clip outside the step with :func:`loft.clip_grad_norm_` instead. The norm
+            is over all groups, so every group must hold the same value.
         head_lr, head_weight_decay: learning rate and weight decay of the parameters that are
             not LoRA factors (fresh heads, ``modules_to_save``, biases, norms, DoRA magnitudes).
             They are put in a param group of their own, next to each group's pairs, so LR
             schedulers scale both by the same factor. ``None``: the group's ``lr`` /
-            ``weight_decay``. A param-group dict may carry its own ``"head_lr"`` /
-            ``"head_weight_decay"``. LoFT's good learning rates are full fine-tuning's, often
-            several times lower than a fresh head wants.
+            ``weight_decay``. LoFT's good learning rates are full fine-tuning's, often several
+            times lower than a fresh head wants.
         gradient_scaling, alternating_updates, first_moment_calibration,
         second_moment_calibration, projected_update, projected_clipping: LoFT's building
-            blocks, each on by default and each a param-group key (see :data:`SWITCHES`).
-        rebalance: when the two factors of a pair drift apart in conditioning, re-factor them
-            into balanced ones with the same product (see :func:`loft.linalg.balanced_factors`).
-            The moments follow through calibration, so ``dW``'s trajectory is unchanged in exact
-            arithmetic and much more accurate in float32. Only in configurations that are
-            invariant to the factors' basis (scaling, both calibrations and the projected update
-            on); ``A`` and ``B`` themselves change, their product does not.
+            blocks, each on by default (see :data:`SWITCHES`). Switching
+            ``second_moment_calibration`` between steps converts the state (see
+            :meth:`loft.state.BatchState.match_layout`).
+        rebalance, rebalance_threshold: when the worse of a pair's two grams is more than
+            ``rebalance_threshold`` times worse-conditioned than necessary, re-factor the pair
+            into balanced factors with the same product (see
+            :func:`loft.linalg.balanced_factors`). The moments follow through calibration, so
+            ``dW``'s trajectory is unchanged in exact arithmetic and much more accurate in
+            float32. Only in configurations that are invariant to the factors' basis (scaling,
+            both calibrations and the projected update on); ``A`` and ``B`` themselves change.
         damping: relative damping of the ``r x r`` solves (``None``: ten machine epsilons of the
             compute dtype, 1.2e-6 in float32).
-        chunk_bytes: memory budget of the temporaries of the full-direction rebuild (for a
-            batch of pairs, of the whole batch); calibration and the moment updates take slices
-            of a batch of a quarter of it.
-        batch_pairs: process pairs with equal shapes, dtype, device, param group, step count
-            and scaling together (stacked, with batched GEMMs and solves: all the q_proj pairs
-            of a model at once, say) instead of one at a time. The results are the same up to
-            rounding; ``False`` is there for testing and comparison.
-        nonfinite_grads: ``"skip"`` (warn and leave parameters and state untouched) or
-            ``"raise"`` when a gradient holds inf or NaN.
+        chunk_bytes, batch_pairs, nonfinite_grads: how the step computes, not what; they form
+            ``optimizer.settings`` (:class:`loft.options.Settings`).
 
-    State and solves are float32 for float32 / bfloat16 / float16 parameters and float64 for
-    float64 ones. Parameters that are not LoRA factors follow ``torch.optim.AdamW`` exactly.
+    Every option but the last three is a param-group key (:data:`loft.options.GROUP_DEFAULTS`),
+    so a param-group dict may override any of them. State and solves are float32 for float32 /
+    bfloat16 / float16 parameters and float64 for float64 ones. Parameters that are not LoRA
+    factors follow ``torch.optim.AdamW`` exactly. A pair's state lives in a
+    :class:`loft.state.BatchState` shared with the pairs it is stepped with;
+    ``optimizer.state[param]`` and ``state_dict()`` show it per parameter.
     """
 
     def __init__(
@@ -144,6 +149,7 @@ class LoFTAdamW(Optimizer):
         projected_update: bool = True,
         projected_clipping: bool = True,
         rebalance: bool = True,
+        rebalance_threshold: float = 10.0,
         damping: float | None = None,
         chunk_bytes: int = 4 * 2**20,
         nonfinite_grads: str = "skip",
@@ -152,33 +158,16 @@ class LoFTAdamW(Optimizer):
     ) -> None:
         if unknown:
             name = next(iter(unknown))
-            close = difflib.get_close_matches(name, _OPTIONS, n=1)
+            signature = inspect.signature(LoFTAdamW.__init__).parameters
+            options = [p for p in signature if p not in ("self", "params", "unknown")]
+            close = difflib.get_close_matches(name, options, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise TypeError(f"LoFTAdamW got an unknown option {name!r}.{hint} Options: {', '.join(_OPTIONS)}.")
-        _check_options(lr, betas, eps, weight_decay, max_grad_norm, damping, chunk_bytes, nonfinite_grads)
-        for name, value in (("head_lr", head_lr), ("head_weight_decay", head_weight_decay)):
-            if value is not None and not value >= 0.0:
-                raise ValueError(f"Invalid {name}: {value} (must be >= 0, or None to use the group's value).")
-        self.head_lr = head_lr
-        self.head_weight_decay = head_weight_decay
-        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
-        self.damping = damping
-        self.rebalance = bool(rebalance)
-        self.chunk_bytes = int(chunk_bytes)
-        self.nonfinite_grads = nonfinite_grads
-        self.batch_pairs = bool(batch_pairs)
-        #: total gradient norm (clipping norm) seen by the last step, when clipping is on
-        self.last_grad_norm: Tensor | None = None
-        #: how many steps were skipped because of non-finite gradients
-        self.skipped_steps = 0
-        self._pairs: list[LoRAPair] = []
-        self._pair_by_param: dict[int, LoRAPair] = {}
-        self._plain_ids: set[int] = set()
-        self._param_names: dict[int, str] = {}
-        self._modules_seen: list[nn.Module] = []
+            raise TypeError(f"LoFTAdamW got an unknown option {name!r}.{hint} Options: {', '.join(options)}.")
+        #: how the step computes (batching, memory budget, non-finite policy)
+        self.settings = Settings(chunk_bytes=chunk_bytes, batch_pairs=batch_pairs, nonfinite_grads=nonfinite_grads)
         defaults = dict(
             lr=lr,
-            betas=tuple(betas),
+            betas=tuple(betas) if isinstance(betas, (tuple, list)) else betas,
             eps=eps,
             weight_decay=weight_decay,
             gradient_scaling=gradient_scaling,
@@ -187,12 +176,42 @@ class LoFTAdamW(Optimizer):
             second_moment_calibration=second_moment_calibration,
             projected_update=projected_update,
             projected_clipping=projected_clipping,
+            max_grad_norm=max_grad_norm,
+            rebalance=rebalance,
+            rebalance_threshold=rebalance_threshold,
+            damping=damping,
+            head_lr=head_lr,
+            head_weight_decay=head_weight_decay,
         )
+        assert defaults.keys() == GROUP_DEFAULTS.keys()
+        check_group(defaults)
+        #: total gradient norm (clipping norm) seen by the last step, when clipping is on
+        self.last_grad_norm: Tensor | None = None
+        #: how many steps were skipped because of non-finite gradients
+        self.skipped_steps = 0
+        self._pairs: list[LoRAPair] = []
+        self._pair_by_param: dict[int, tuple[LoRAPair, int]] = {}  # id(param) -> (pair, 0 for A / 1 for B)
+        self._plain_ids: set[int] = set()
+        self._param_names: dict[int, str] = {}
+        self._modules_seen: list[nn.Module] = []
+        self._states = PairStates()
+        self._prepared: _Preparation | None = None
+        self._loaded_pairs: list[tuple[LoRAPair, dict[str, Any], dict[str, Any]]] = []
         super().__init__(_as_param_groups(params), defaults)
         if not self._pairs:
             raise ValueError(self._no_pairs_message())
         check_pairs_agree_across_ranks((p.name, p.A.shape, p.B.shape) for p in self._pairs)
         warn_about_ranks_between(self._pairs)
+        self.register_state_dict_post_hook(_pack_pair_state)
+        self.register_load_state_dict_pre_hook(_unpack_pair_state)
+        self.register_load_state_dict_post_hook(_install_loaded_pair_state)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        # groups saved before an option existed get its default (the constructor's value)
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
 
     # ----------------------------------------------------------------------------- set-up
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -225,15 +244,23 @@ class LoFTAdamW(Optimizer):
             check_tensor_supported(pair.B, pair.name or "a LoRA factor")
         for t in plain:
             check_tensor_supported(t, self._param_names.get(id(t), f"a parameter of shape {tuple(t.shape)}"))
-        head_lr = group.pop("head_lr", self.head_lr)
-        head_weight_decay = group.pop("head_weight_decay", self.head_weight_decay)
         unknown = set(group) - {"params", *self.defaults}
         if unknown:
             name = sorted(unknown)[0]
             close = difflib.get_close_matches(name, list(self.defaults), n=1)
             if close:  # other extra keys (names, tags) are allowed, as in torch
                 raise ValueError(f"Param group has unknown option {name!r}. Did you mean {close[0]!r}?")
+        for key, value in self.defaults.items():
+            group.setdefault(key, value)
+        check_group(group)
+        norms = {g["max_grad_norm"] for g in self.param_groups} | {group["max_grad_norm"]}
+        if len(norms) > 1:
+            raise ValueError(
+                f"Param groups with different max_grad_norm ({sorted(norms, key=str)}): clipping is by the norm "
+                "over all groups, so every group must hold the same max_grad_norm."
+            )
         group["params"] = [t for p in pairs for t in (p.A, p.B)] + plain
+        head_lr, head_weight_decay = group["head_lr"], group["head_weight_decay"]
         if plain and (head_lr is not None or head_weight_decay is not None):
             head_group = dict(group, params=plain)
             if head_lr is not None:
@@ -249,10 +276,12 @@ class LoFTAdamW(Optimizer):
         self._plain_ids.update(id(t) for t in plain)
         for pair in pairs:
             self._pairs.append(pair)
-            self._pair_by_param[id(pair.A)] = pair
-            self._pair_by_param[id(pair.B)] = pair
+            for side, t in enumerate((pair.A, pair.B)):
+                self._pair_by_param[id(t)] = (pair, side)
+                self.state[t] = ParamStateView(self._states, pair, side)
             self._param_names.setdefault(id(pair.A), f"{pair.name}.A" if pair.name else "lora A")
             self._param_names.setdefault(id(pair.B), f"{pair.name}.B" if pair.name else "lora B")
+        self._prepared = None
 
     def _no_pairs_message(self) -> str:
         if self._modules_seen:
@@ -275,117 +304,152 @@ class LoFTAdamW(Optimizer):
             "your own LoRA modules pass loft.LoRAPair(A, B, scaling) objects (tensors may follow)."
         )
 
-    # ----------------------------------------------------------------------------- the step
-    def _pair_moves(self, group: dict[str, Any], step: int) -> tuple[bool, bool]:
-        """``(move_a, move_b)`` at 1-based ``step``: B moves on odd steps, A on even ones."""
-        if not group["alternating_updates"]:
-            return True, True
-        return step % 2 == 0, step % 2 == 1
+    # ----------------------------------------------------------------------------- preparation
+    def _fingerprint(self) -> tuple[Any, ...]:
+        """What a preparation depends on besides the state: each pair's factors and gradients
+        (their tensor version counters), scalings, and the group options read by preparation."""
+        items: list[Any] = []
+        for pair in self._pairs:
+            for t in (pair.A, pair.B):
+                g = t.grad
+                items += (t._version, None if g is None else (id(g), g._version))
+        items += [pair.scale() for pair in self._pairs]
+        keys = ("gradient_scaling", "projected_clipping", "alternating_updates", "damping")
+        items += [tuple(group[k] for k in keys) for group in self.param_groups]
+        return tuple(items)
 
-    def _damping(self, dtype: torch.dtype) -> float:
-        return self.damping if self.damping is not None else 10 * torch.finfo(dtype).eps
-
-    def _prepare(
-        self, group: dict[str, Any], pairs: list[LoRAPair], scaling: float, need_scaled: bool
-    ) -> _PreparedBatch:
-        first = pairs[0]
-        step = self.state[first.A].get("step", 0) + 1
-        move_a, move_b = self._pair_moves(group, step)
-        s = scaling
-        cd = compute_dtype(first.A.dtype)
-        a = _stack([LoRAPair.matrix(pair.A) for pair in pairs], cd)  # (b, r, n)
-        u = _stack([LoRAPair.matrix(pair.B) for pair in pairs], cd) * s  # (b, m, r)
-        grad_a = _stack([_grad_matrix(pair.A) for pair in pairs], cd)
-        grad_u = _stack([_grad_matrix(pair.B) for pair in pairs], cd) / s
-        damping = self._damping(cd)
-        gram_u, gram_a = u.mT @ u, a @ a.mT
-        side_a = Side(a, u, gram_u, DampedGram(gram_u, damping), grad_a, unit=1.0)
-        side_b = Side(u.mT, a.mT, gram_a, DampedGram(gram_a, damping), grad_u.mT, unit=s)
-        if need_scaled:
-            for side in (side_a, side_b):
-                side.scaled = side.solver.solve(side.grad)
-        return _PreparedBatch(pairs, group, step, move_a, move_b, s, side_a, side_b)
-
-    def _collect(self, clipping: bool) -> tuple[list[_PreparedBatch], list[tuple[dict[str, Any], list[Tensor]]]]:
-        """Pairs with gradients (prepared, in batches) and, per group, the other parameters with
-        gradients. ``clipping``: a norm will be taken, so projected clipping needs the scaled
-        gradients."""
-        prepared: list[_PreparedBatch] = []
-        plain: list[tuple[dict[str, Any], list[Tensor]]] = []
+    def _prepare(self, with_norm: bool) -> _Preparation:
+        """Step 1 for every batch of pairs with gradients, or the preparation :meth:`grad_norm`
+        made if nothing changed since. ``with_norm``: a norm will be taken (projected clipping
+        needs the scaled gradients even where gradient scaling is off)."""
+        fingerprint = self._fingerprint()
+        cached = self._prepared
+        if cached is not None and cached.fingerprint == fingerprint and (cached.with_norm or not with_norm):
+            return cached
+        batches: list[_Batch] = []
         for group in self.param_groups:
-            others = []
-            batches: dict[tuple[Any, ...], tuple[float, list[LoRAPair]]] = {}
+            grouped: dict[tuple[Any, ...], tuple[float, list[LoRAPair]]] = {}
             for p in group["params"]:
                 if p.grad is not None and p.grad.is_sparse:
                     raise RuntimeError(
                         f"LoFTAdamW does not support sparse gradients ({self._name(p)}). Use dense "
                         "gradients (e.g. nn.Embedding(..., sparse=False))."
                     )
-                pair = self._pair_by_param.get(id(p))
-                if pair is None and id(p) not in self._plain_ids:
-                    raise UnsupportedDistributedSetup(
-                        f"LoFTAdamW's param_groups hold a tensor of shape {tuple(p.shape)} it was not built with. "
-                        "Something replaced the optimizer's parameters (DeepSpeed ZeRO and other wrappers that "
-                        "flatten or partition them are not supported); add parameters with add_param_group."
-                    )
-                if pair is None:
-                    if p.grad is not None:
-                        others.append(p)
-                elif p is pair.A and (pair.A.grad is not None or pair.B.grad is not None):
+                held = self._pair_by_param.get(id(p))
+                if held is None:
+                    if id(p) not in self._plain_ids:
+                        raise UnsupportedDistributedSetup(
+                            f"LoFTAdamW's param_groups hold a tensor of shape {tuple(p.shape)} it was not built with. "
+                            "Something replaced the optimizer's parameters (DeepSpeed ZeRO and other wrappers that "
+                            "flatten or partition them are not supported); add parameters with add_param_group."
+                        )
+                    continue
+                pair, side = held
+                if side == 0 and (pair.A.grad is not None or pair.B.grad is not None):
                     s = pair.scale()
-                    step = self.state[pair.A].get("step", 0)
+                    step = self._states.step_of(pair)
                     key = (pair.A.shape, pair.B.shape, pair.A.dtype, pair.A.device, step, s)
-                    batches.setdefault(key if self.batch_pairs else (id(pair),), (s, []))[1].append(pair)
-            need = group["gradient_scaling"] or (clipping and group["projected_clipping"])
-            prepared += [self._prepare(group, pairs, s, need) for s, pairs in batches.values()]
-            plain.append((group, others))
-        return prepared, plain
+                    grouped.setdefault(key if self.settings.batch_pairs else (id(pair),), (s, []))[1].append(pair)
+            scale_grads = group["gradient_scaling"] or (with_norm and group["projected_clipping"])
+            for s, pairs in grouped.values():
+                batches.append(self._prepare_batch(group, pairs, s, scale_grads))
+        self._prepared = _Preparation(batches, fingerprint, with_norm)
+        return self._prepared
 
-    def _all_finite(self, prepared: list[_PreparedBatch], plain: list[tuple[dict[str, Any], list[Tensor]]]) -> bool:
-        params = [t for pb in prepared for pair in pb.pairs for t in (pair.A, pair.B)]
-        params += [p for _, ps in plain for p in ps]
-        # the pairs' gradients as stacked for the step: one check per batch and side
-        grads = [side.grad for pb in prepared for side in (pb.side_a, pb.side_b)]
-        grads += [p.grad for _, ps in plain for p in ps]
-        if not grads:
-            return True
-        flags = torch.stack([torch.isfinite(g).all().to(grads[0].device) for g in grads])
-        if bool(flags.all()):
-            return True
-        bad = [self._name(p) for p in params if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
-        message = (
-            f"Non-finite gradient (inf or NaN) in {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; "
-            "the LoFTAdamW step was skipped and no parameter or state changed."
+    def _prepare_batch(self, group: dict[str, Any], pairs: list[LoRAPair], s: float, scale_grads: bool) -> _Batch:
+        step = self._states.step_of(pairs[0]) + 1
+        cd = compute_dtype(pairs[0].A.dtype)
+        damping = group["damping"] if group["damping"] is not None else 10 * torch.finfo(cd).eps
+        sides = prepare_pair(
+            _stack([LoRAPair.matrix(pair.A) for pair in pairs], cd),  # A: (b, r, n)
+            _stack([LoRAPair.matrix(pair.B) for pair in pairs], cd) * s,  # U = s B: (b, m, r)
+            _stack([_grad_matrix(pair.A) for pair in pairs], cd),  # dL/dA
+            _stack([_grad_matrix(pair.B) for pair in pairs], cd) / s,  # dL/dU = dL/dB / s
+            scaling=s,
+            damping=damping,
+            scale_grads=scale_grads,
         )
-        if self.nonfinite_grads == "raise":
-            raise FloatingPointError(message + " (nonfinite_grads='raise')")
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
-        self.skipped_steps += 1
-        return False
+        if group["alternating_updates"]:  # B moves on odd steps, A on even ones
+            move = (step % 2 == 0, step % 2 == 1)
+        else:
+            move = (True, True)
+        return _Batch(pairs, group, step, move, s, sides)
 
-    def _total_sq_norm(
-        self, prepared: list[_PreparedBatch], plain: list[tuple[dict[str, Any], list[Tensor]]]
-    ) -> Tensor:
-        """Sum of the squared clipping norms, float64, on the first parameter's device (one sync)."""
+    def _plain_with_grads(self) -> list[tuple[dict[str, Any], list[Tensor]]]:
+        return [
+            (group, [p for p in group["params"] if id(p) in self._plain_ids and p.grad is not None])
+            for group in self.param_groups
+        ]
+
+    def _total_norm(self, prepared: _Preparation, plain: list[tuple[dict[str, Any], list[Tensor]]]) -> Tensor:
+        """5: the clipping norm, sqrt of the pairs' projected and the other parameters' plain
+        squared norms (float64, on the first parameter's device; one sync)."""
         terms = [
-            pair_sq_norm(
-                pb.side_a, pb.side_b, move_a=pb.move_a, move_b=pb.move_b, projected=pb.group["projected_clipping"]
-            )
-            for pb in prepared
+            pair_sq_norm(b.sides, move_a=b.move[0], move_b=b.move[1], projected=b.group["projected_clipping"])
+            for b in prepared.batches
         ]
         terms += [p.grad.double().square().sum() for _, params in plain for p in params]
         if not terms:
             return torch.zeros((), dtype=torch.float64)
         device = terms[0].device
-        return torch.cat([t.to(device=device, dtype=torch.float64).reshape(-1) for t in terms]).sum()
+        return torch.cat([t.to(device=device, dtype=torch.float64).reshape(-1) for t in terms]).sum().sqrt()
 
+    def _max_grad_norm(self) -> float | None:
+        norms = {group["max_grad_norm"] for group in self.param_groups}
+        if len(norms) > 1:
+            raise ValueError(
+                f"Param groups with different max_grad_norm ({sorted(norms, key=str)}): clipping is by the norm "
+                "over all groups, so every group must hold the same max_grad_norm."
+            )
+        norm = norms.pop()
+        return None if norm is None else float(norm)
+
+    # ----------------------------------------------------------------------------- clipping
     @torch.no_grad()
     def grad_norm(self) -> Tensor:
         """The norm LoFT clips by, for the current gradients and the next step's active factors:
-        the projected full-gradient norm of each pair plus the plain norm of the other parameters."""
-        prepared, plain = self._collect(clipping=True)
-        return self._total_sq_norm(prepared, plain).sqrt().float()
+        the projected full-gradient norm of each pair plus the plain norm of the other parameters
+        (float32 scalar). When a gradient holds inf or NaN it is the plain norm of all gradients,
+        inf or nan, as ``torch.nn.utils.clip_grad_norm_`` reports it.
 
+        The preparation it makes (stacked factors, grams, solves) is kept for the next
+        :meth:`step`, which reuses it if the gradients, factors and options are unchanged.
+        """
+        prepared, plain = self._prepare(with_norm=True), self._plain_with_grads()
+        total = self._total_norm(prepared, plain)
+        # a non-finite gradient of a factor that does not move next is not in LoFT's norm
+        if not (bool(torch.isfinite(total)) and self._grads_finite(prepared, plain)):
+            grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+            norms = [torch.linalg.vector_norm(g.double()).to(grads[0].device) for g in grads]
+            total = torch.linalg.vector_norm(torch.stack(norms))
+        return total.float()
+
+    @torch.no_grad()
+    def scale_grads_(self, coef: Tensor | float) -> None:
+        """Multiply every gradient by ``coef`` in place (clipping outside the step), keeping the
+        preparation of :meth:`grad_norm` valid for :meth:`step`: its stacked gradients and scaled
+        gradients are scaled by the same number (linear in the gradient; the same values as a
+        fresh preparation up to rounding)."""
+        coef_t = torch.as_tensor(coef)
+        prepared = self._prepared
+        valid = prepared is not None and prepared.fingerprint == self._fingerprint()
+        if valid and float(coef_t) != 1.0:
+            factor = float(coef_t)
+            for batch in prepared.batches:  # before the gradients: a lone pair's stack may be a view of its gradient
+                batch.sides = PreparedPair(*(side.grads_scaled_by(factor) for side in batch.sides))
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad.mul_(coef_t.to(device=p.grad.device, dtype=p.grad.dtype))
+        if valid:
+            prepared.fingerprint = self._fingerprint()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As torch's; also drops a kept preparation (it holds the stacked gradients)."""
+        self._prepared = None
+        super().zero_grad(set_to_none)
+
+    # ----------------------------------------------------------------------------- the step
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One LoFT step for every pair and one AdamW step for every other parameter."""
@@ -393,145 +457,90 @@ class LoFTAdamW(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        prepared, plain = self._collect(clipping=self.max_grad_norm is not None)
+        max_norm = self._max_grad_norm()
+        prepared = self._prepare(with_norm=max_norm is not None)
+        self._prepared = None  # the step changes the factors: a preparation is used once
+        plain = self._plain_with_grads()
         if not self._all_finite(prepared, plain):
             return loss
         coef = None
-        if self.max_grad_norm is not None:
-            self.last_grad_norm = self._total_sq_norm(prepared, plain).sqrt()
-            coef = float(clip_coefficient(self.last_grad_norm, self.max_grad_norm))  # a host number
-        for pb in prepared:
-            self._step_batch(pb, coef)
+        if max_norm is not None:
+            self.last_grad_norm = self._total_norm(prepared, plain)
+            coef = float(clip_coefficient(self.last_grad_norm, max_norm))  # a host number
+        for batch in prepared.batches:
+            self._step_batch(batch, coef)
         for group, params in plain:
             self._step_plain(group, params, coef)
         return loss
 
-    def _init_state(self, pb: _PreparedBatch, diagonal_only: bool) -> None:
-        for side, params in ((pb.side_a, [pair.A for pair in pb.pairs]), (pb.side_b, [pair.B for pair in pb.pairs])):
-            b, r, k = side.factor.shape
-            p = r if diagonal_only else r * (r + 1) // 2
-            new = {
-                "exp_avg": side.factor.new_zeros(b, r, k),
-                "exp_avg_sq": side.factor.new_zeros(b, k, p),
-                "partner": side.factor.new_zeros(side.partner.shape),
-            }
-            for i, param in enumerate(params):
-                self.state[param].update(step=0, **{key: value[i] for key, value in new.items()})
-
-    def _stacked_state(self, params: list[Tensor], key: str) -> Tensor:
-        """The ``key`` state of ``params`` as one ``(b, ...)`` tensor of which the per-parameter
-        state tensors are views, so the batch's math updates them in place.
-
-        The stack is kept from step to step (the state tensors are views of it); it is made
-        again, one copy, only when the batch changed or the state was replaced (loading a state
-        dict). A state tensor left behind as a view of a larger stack gets its own copy when its
-        parameter is next stepped (alone, or in a new stack), so a stack is freed once no batch
-        uses it.
-        """
-        first = self.state[params[0]][key]
-        if len(params) == 1:
-            if first._base is not None:  # a view of a stack it has left: its own copy frees the stack
-                first = self.state[params[0]][key] = first.clone()
-            return first.unsqueeze(0)
-        stack = first._base
-        if stack is not None and stack.shape == (len(params), *first.shape) and stack.is_contiguous():
-            step = first.numel() * first.element_size()
-            ptr = stack.data_ptr()
-            if all(
-                t._base is stack and t.data_ptr() == ptr + i * step and t.shape == first.shape
-                for i, t in enumerate(self.state[p][key] for p in params)
-            ):
-                return stack
-        stack = torch.stack([self.state[p][key] for p in params])
-        for p, view in zip(params, stack.unbind(0)):
-            self.state[p][key] = view
-        return stack
-
-    def _step_batch(self, pb: _PreparedBatch, coef: float | None) -> None:
-        group, pairs, t = pb.group, pb.pairs, pb.step
+    def _step_batch(self, batch: _Batch, coef: float | None) -> None:
+        group, pairs = batch.group, batch.pairs
+        cd = batch.sides.a.factor.dtype
+        device = pairs[0].A.device
+        index = packed_index(pairs[0].rank, not group["second_moment_calibration"], cd, device)
+        state = self._states.batch_for(
+            pairs, fresh=BatchState.zeros(pairs, index.size, cd, device) if batch.step == 1 else None
+        )
+        state.match_layout(index)
         beta1, beta2 = group["betas"]
-        cd = pb.side_a.factor.dtype
-        index = packed_index(pairs[0].rank, not group["second_moment_calibration"], cd, pairs[0].A.device)
-        if t == 1:
-            self._init_state(pb, index.diagonal_only)
-        new: dict[str, Tensor] = {}
-        for key, side, params, moves in (
-            ("A", pb.side_a, [pair.A for pair in pairs], pb.move_a),
-            ("B", pb.side_b, [pair.B for pair in pairs], pb.move_b),
-        ):
-            exp_avg, exp_avg_sq, partner = (
-                self._stacked_state(params, k) for k in ("exp_avg", "exp_avg_sq", "partner")
-            )
-            # the moments are in the basis of the partner at the last step; carry them over if it
-            # moved. Calibration and the moment updates go a slice of pairs at a time: they chain
-            # several passes over (pairs, k, p) temporaries, which should stay in cache. A quarter
-            # of chunk_bytes (1 MiB by default) was measured faster than all of it (SmolLM2
-            # shapes, r = 16: 12% less optimizer time; r = 4: the same).
-            k, p = exp_avg_sq.shape[1:]
-            per_slice = max(1, self.chunk_bytes // (4 * k * p * exp_avg_sq.element_size()))
-            if t > 1 and not torch.equal(partner, side.partner):
-                moved = None if len(pairs) == 1 else (partner != side.partner).flatten(1).any(1)
-                options = {
-                    "first_moment": group["first_moment_calibration"],
-                    "second_moment": group["second_moment_calibration"],
-                    "chunk_bytes": self.chunk_bytes,
-                }
-                if moved is None or bool(moved.all()):
-                    for sl in _slices(len(pairs), per_slice):
-                        calibrate(exp_avg[sl], exp_avg_sq[sl], side.select(sl), partner[sl], index, **options)
-                else:  # only some partners moved (rebalanced pairs, say)
-                    for which in moved.nonzero().flatten().split(per_slice):
-                        some_avg, some_sq = exp_avg[which], exp_avg_sq[which]
-                        calibrate(some_avg, some_sq, side.select(which), partner[which], index, **options)
-                        exp_avg.index_copy_(0, which, some_avg)
-                        exp_avg_sq.index_copy_(0, which, some_sq)
-            partner.copy_(side.partner)
-            grad = side.scaled if group["gradient_scaling"] else side.grad
-            if coef is not None and coef != 1.0:
-                grad = grad * coef
-            for sl in _slices(len(pairs), per_slice):
-                update_moments(exp_avg[sl], exp_avg_sq[sl], grad[sl], index, beta1, beta2)
-            for param in params:
-                self.state[param]["step"] = t
-            if moves:
-                new[key] = self._new_factor(group, side, exp_avg, exp_avg_sq, index, t)
-        # written back only after every new factor is computed
-        a, u_t = new.get("A", pb.side_a.factor), new.get("B", pb.side_b.factor)
-        write_a = write_b = None  # which pairs to write besides those whose factor moved: none
-        if self.rebalance and self._basis_invariant(group):
-            balanced = rebalanced_factors(u_t.mT, a, threshold=10.0)
-            if balanced is not None:
-                u_new, a_new, better = balanced
-                pick = better[:, None, None]
-                a, u_t = torch.where(pick, a_new, a), torch.where(pick, u_new.mT, u_t)
-                write_a = write_b = better.tolist()
-        for factor, move, write in (("A", pb.move_a, write_a), ("B", pb.move_b, write_b)):
-            which = [i for i in range(len(pairs)) if move or (write is not None and write[i])]
-            if which:
-                new_values = a if factor == "A" else u_t.mT / pb.scaling
-                params = [getattr(pairs[i], factor) for i in which]
-                torch._foreach_copy_(params, [new_values[i].reshape(p.shape) for i, p in zip(which, params)])
+        options = PairOptions(
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            gradient_scaling=group["gradient_scaling"],
+            first_moment_calibration=group["first_moment_calibration"],
+            second_moment_calibration=group["second_moment_calibration"],
+            projected_update=group["projected_update"],
+            rebalance=group["rebalance"],
+            rebalance_threshold=group["rebalance_threshold"],
+        )
+        result = loft_step(
+            batch.sides,
+            state.sides,
+            step=batch.step,
+            move=batch.move,
+            options=options,
+            index=index,
+            clip_coef=coef,
+            chunk_bytes=self.settings.chunk_bytes,
+        )
+        state.step = batch.step
+        # write back the factors that moved (and both of the pairs that were rebalanced)
+        rebalanced = [False] * len(pairs) if result.rebalanced is None else result.rebalanced.tolist()
+        for side, moves in enumerate(batch.move):
+            values = result.a if side == 0 else result.u_t.mT / batch.scaling
+            for i, pair in enumerate(pairs):
+                if moves or rebalanced[i]:
+                    param = pair.A if side == 0 else pair.B
+                    param.copy_(values[i].reshape(param.shape))
 
     @staticmethod
-    def _basis_invariant(group: dict[str, Any]) -> bool:
-        """Whether the group's step depends on the product ``dW`` only, not on the factors' basis."""
-        keys = ("gradient_scaling", "first_moment_calibration", "second_moment_calibration", "projected_update")
-        return all(group[k] for k in keys)
+    def _grads_finite(prepared: _Preparation, plain: list[tuple[dict[str, Any], list[Tensor]]]) -> bool:
+        # the pairs' gradients as stacked for the step: one check per batch and side; one sync
+        grads = [side.grad for b in prepared.batches for side in b.sides]
+        grads += [p.grad for _, ps in plain for p in ps]
+        if not grads:
+            return True
+        return bool(torch.stack([torch.isfinite(g).all().to(grads[0].device) for g in grads]).all())
 
-    def _new_factor(
-        self, group: dict[str, Any], side: Side, exp_avg: Tensor, exp_avg_sq: Tensor, index: Any, t: int
-    ) -> Tensor:
-        beta1, beta2 = group["betas"]
-        common = dict(
-            lr=group["lr"],
-            weight_decay=group["weight_decay"],
-            eps=group["eps"],
-            bias_correction1=1 - beta1**t,
-            bias_correction2=1 - beta2**t,
+    def _all_finite(self, prepared: _Preparation, plain: list[tuple[dict[str, Any], list[Tensor]]]) -> bool:
+        """Whether the step may go on: warn and skip (or raise) when a gradient is not finite."""
+        if self._grads_finite(prepared, plain):
+            return True
+        params = [t for b in prepared.batches for pair in b.pairs for t in (pair.A, pair.B)]
+        params += [p for _, ps in plain for p in ps]
+        bad = [self._name(p) for p in params if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+        message = (
+            f"Non-finite gradient (inf or NaN) in {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; "
+            "the LoFTAdamW step was skipped and no parameter or state changed."
         )
-        if group["projected_update"]:
-            return projected_update(side, exp_avg, exp_avg_sq, index, chunk_bytes=self.chunk_bytes, **common)
-        return factor_adam_update(side, exp_avg, exp_avg_sq, index, **common)
+        if self.settings.nonfinite_grads == "raise":
+            raise FloatingPointError(message + " (nonfinite_grads='raise')")
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+        self.skipped_steps += 1
+        return False
 
     def _step_plain(self, group: dict[str, Any], params: list[Tensor], coef: float | None) -> None:
         if not params:
@@ -569,37 +578,6 @@ class LoFTAdamW(Optimizer):
         )
 
     # ----------------------------------------------------------------------------- state
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state saved by :meth:`state_dict`; pair states keep their compute dtype
-        (torch would cast them to the parameter dtype) and are checked against the pairs."""
-        params = [p for g in self.param_groups for p in g["params"]]
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        if len(saved_ids) != len(params):
-            raise ValueError(
-                f"This optimizer state holds {len(saved_ids)} parameters but the optimizer has {len(params)}: "
-                "it was saved for a different model or adapter configuration (target modules, adapters)."
-            )
-        saved_state = state_dict["state"]
-        for pid, p in zip(saved_ids, params):
-            pair = self._pair_by_param.get(id(p))
-            st = saved_state.get(pid)
-            if pair is None or not st:
-                continue
-            side_rows = pair.rank
-            side_cols = LoRAPair.matrix(pair.A).shape[1] if p is pair.A else pair.shape[0]
-            if tuple(st["exp_avg"].shape) != (side_rows, side_cols):
-                raise ValueError(
-                    f"Saved state for {self._name(p)} has shape {tuple(st['exp_avg'].shape)}, expected "
-                    f"{(side_rows, side_cols)}: the checkpoint was saved with a different LoRA rank or layer."
-                )
-        super().load_state_dict(state_dict)
-        for pid, p in zip(saved_ids, params):
-            if id(p) in self._pair_by_param and saved_state.get(pid):
-                cd = compute_dtype(p.dtype)
-                for key, value in saved_state[pid].items():
-                    if isinstance(value, Tensor):
-                        self.state[p][key] = value.to(device=p.device, dtype=cd, copy=True)
-
     def _name(self, p: Tensor) -> str:
         return self._param_names.get(id(p), f"a parameter of shape {tuple(p.shape)}")
 
@@ -608,15 +586,112 @@ class LoFTAdamW(Optimizer):
         """The LoRA pairs this optimizer trains with LoFT."""
         return list(self._pairs)
 
+    def batch_states(self) -> list[BatchState]:
+        """The state of the pairs, one :class:`~loft.state.BatchState` per batch."""
+        return self._states.batches()
 
+
+# --------------------------------------------------------------------------------- state dict hooks
+def _param_index(optimizer: LoFTAdamW) -> list[Tensor]:
+    """The parameters in ``state_dict()`` order (their position is their id there)."""
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def _pack_pair_state(optimizer: LoFTAdamW, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """``state_dict()`` post-hook: each LoRA factor's entry becomes a plain per-parameter dict
+    (views of its batch's stacks), or is left out before the pair's first step."""
+    state = state_dict["state"]
+    for i, p in enumerate(_param_index(optimizer)):
+        held = optimizer._pair_by_param.get(id(p))
+        if held is None:
+            continue
+        st = optimizer._states.param_state(*held)
+        if st:
+            state[i] = st
+        else:
+            state.pop(i, None)
+    return state_dict
+
+
+def _unpack_pair_state(optimizer: LoFTAdamW, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """``load_state_dict`` pre-hook: check the saved state against the parameters, and take the
+    LoRA factors' entries out (torch would cast them to the parameters' dtype); the post-hook
+    turns them into batch states."""
+    params = _param_index(optimizer)
+    saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+    if len(saved_ids) != len(params):
+        raise ValueError(
+            f"This optimizer state holds {len(saved_ids)} parameters but the optimizer has {len(params)}: "
+            "it was saved for a different model or adapter configuration (target modules, adapters)."
+        )
+    saved = state_dict["state"]
+    by_pair: dict[LoRAPair, list[dict[str, Any] | None]] = {}
+    for pid, p in zip(saved_ids, params):
+        st = saved.get(pid)
+        held = optimizer._pair_by_param.get(id(p))
+        if held is None:
+            for key in ("exp_avg", "exp_avg_sq"):
+                value = None if not st else st.get(key)
+                if isinstance(value, Tensor) and value.shape != p.shape:
+                    raise ValueError(
+                        f"Saved state for {optimizer._name(p)} has {key} of shape {tuple(value.shape)}, but the "
+                        f"parameter has shape {tuple(p.shape)}: the checkpoint was saved for a different model "
+                        "(another head size or number of labels, say)."
+                    )
+            continue
+        pair, side = held
+        by_pair.setdefault(pair, [None, None])[side] = st or None
+        if st:
+            _check_factor_state(optimizer, p, pair, side, st)
+    loaded = []
+    for pair, (st_a, st_b) in by_pair.items():
+        if (st_a is None) != (st_b is None) or (st_a and st_a["step"] != st_b["step"]):  # type: ignore[index]
+            raise ValueError(f"Saved state for LoRA pair {pair.name or '(unnamed)'} is incomplete or inconsistent.")
+        if st_a is not None:
+            loaded.append((pair, st_a, st_b))
+    optimizer._loaded_pairs = loaded
+    pair_ids = {pid for pid, p in zip(saved_ids, params) if id(p) in optimizer._pair_by_param}
+    return {**state_dict, "state": {k: v for k, v in saved.items() if k not in pair_ids}}
+
+
+def _check_factor_state(optimizer: LoFTAdamW, p: Tensor, pair: LoRAPair, side: int, st: dict[str, Any]) -> None:
+    m, n = pair.shape
+    r = pair.rank
+    k, l = (n, m) if side == 0 else (m, n)
+    expected = {"exp_avg": [(r, k)], "exp_avg_sq": [(k, r * (r + 1) // 2), (k, r)], "partner": [(l, r)]}
+    for key, shapes in expected.items():
+        value = st.get(key)
+        if not isinstance(value, Tensor) or tuple(value.shape) not in shapes:
+            got = tuple(value.shape) if isinstance(value, Tensor) else value
+            raise ValueError(
+                f"Saved state for {optimizer._name(p)} has {key} {got}, expected {shapes[0]}: the checkpoint was "
+                "saved with a different LoRA rank or layer."
+            )
+
+
+def _install_loaded_pair_state(optimizer: LoFTAdamW) -> None:
+    """``load_state_dict`` post-hook: each loaded pair's state becomes a batch of its own (the
+    next step regroups the pairs), in the compute dtype, on the parameters' device."""
+    optimizer._states.clear()
+    optimizer._prepared = None
+    for pair, st_a, st_b in optimizer._loaded_pairs:
+        cd, device = compute_dtype(pair.A.dtype), pair.A.device
+        sides = tuple(
+            SideState(*(st[key].to(device=device, dtype=cd, copy=True).unsqueeze(0) for key in STATE_KEYS))
+            for st in (st_a, st_b)
+        )
+        optimizer._states.install(BatchState([pair], int(st_a["step"]), sides))  # type: ignore[arg-type]
+    optimizer._loaded_pairs = []
+    for pair in optimizer._pairs:  # torch's load made a new state dict: show the pairs' state again
+        for side, t in enumerate((pair.A, pair.B)):
+            optimizer.state[t] = ParamStateView(optimizer._states, pair, side)
+
+
+# --------------------------------------------------------------------------------- helpers
 def _grad_matrix(param: Tensor) -> Tensor:
     if param.grad is None:
         return LoRAPair.matrix(param).new_zeros(LoRAPair.matrix(param).shape)
     return LoRAPair.matrix(param.grad)
-
-
-def _slices(n: int, size: int) -> list[slice]:
-    return [slice(start, start + size) for start in range(0, n, size)]
 
 
 def _stack(matrices: list[Tensor], dtype: torch.dtype) -> Tensor:
@@ -639,31 +714,3 @@ def _as_param_groups(params: Any) -> list[dict[str, Any]]:
     if any(isinstance(i, dict) for i in items):
         raise TypeError("Pass either param-group dicts or modules/pairs/tensors, not a mix of both.")
     return [{"params": items}]
-
-
-def _check_options(
-    lr: float,
-    betas: tuple[float, float],
-    eps: float,
-    weight_decay: float,
-    max_grad_norm: float | None,
-    damping: float | None,
-    chunk_bytes: int,
-    nonfinite_grads: str,
-) -> None:
-    if not lr >= 0.0:
-        raise ValueError(f"Invalid learning rate: {lr} (must be >= 0).")
-    if len(tuple(betas)) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-        raise ValueError(f"Invalid betas: {betas} (two numbers in [0, 1)).")
-    if not eps >= 0.0:
-        raise ValueError(f"Invalid eps: {eps} (must be >= 0).")
-    if not weight_decay >= 0.0:
-        raise ValueError(f"Invalid weight_decay: {weight_decay} (must be >= 0).")
-    if max_grad_norm is not None and not max_grad_norm > 0.0:
-        raise ValueError(f"Invalid max_grad_norm: {max_grad_norm} (a positive number, or None for no clipping).")
-    if damping is not None and not damping >= 0.0:
-        raise ValueError(f"Invalid damping: {damping} (must be >= 0, or None for the default).")
-    if int(chunk_bytes) < 1:
-        raise ValueError(f"Invalid chunk_bytes: {chunk_bytes} (must be >= 1).")
-    if nonfinite_grads not in ("skip", "raise"):
-        raise ValueError(f"Invalid nonfinite_grads: {nonfinite_grads!r} (use 'skip' or 'raise').")

@@ -20,7 +20,9 @@ What the mixin changes, and only that:
 - Gradient clipping: Trainer's ``max_grad_norm`` (default 1.0) is kept, but the clipping is
   LoFT's (:func:`loft.clip_grad_norm_`, by the norm of the projected full gradient) instead of
   ``torch.nn.utils.clip_grad_norm_`` over the factors; the two never both run. The logged
-  ``grad_norm`` is LoFT's norm. Set ``max_grad_norm=0`` to turn clipping off.
+  ``grad_norm`` is LoFT's norm. Set ``max_grad_norm=0`` to turn clipping off. The norm's work
+  (stacked factors, grams, solves) is kept by the optimizer and reused by its ``step()``, so
+  clipping does not prepare the step twice.
 """
 
 from __future__ import annotations

@@ -1,0 +1,107 @@
+"""The LoFT optimizer step on SmolLM2-135M's shapes: a frozen copy of an older ``loft`` against
+the installed one, interleaved in one process (the machine is noisy: alternating order, medians).
+
+    cp -r src/loft /tmp/loft_before        # before changing the code
+    .venv/bin/python benchmarks/step_before_after.py --before /tmp/loft_before
+
+Two modes: ``step`` (``optimizer.step()`` alone) and ``trainer`` (``loft.clip_grad_norm_`` then
+``step()``, what ``transformers.Trainer`` does each step with ``max_grad_norm`` set; the
+clipping is active, the gradients are scaled). The pairs
+are the 210 LoRA pairs of SmolLM2-135M's seven projections in 30 layers (576 x 576,
+192 x 576, 1536 x 576, 576 x 1536) built directly as ``LoRAPair`` objects with fixed random
+gradients; the whole training step is in ``optimizer_cost.py``. One sample is two steps (one
+moves B, one moves A), float32, one thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import loft
+
+HIDDEN, INTER, KV = 576, 1536, 192
+PROJECTIONS = [(HIDDEN, HIDDEN), (KV, HIDDEN), (KV, HIDDEN), (HIDDEN, HIDDEN), (INTER, HIDDEN), (INTER, HIDDEN), (HIDDEN, INTER)]
+
+
+def load_package(path: Path, name: str = "loft_before"):
+    spec = importlib.util.spec_from_file_location(name, path / "__init__.py", submodule_search_locations=[str(path)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def build(package, r: int, layers: int):
+    g = torch.Generator().manual_seed(0)
+    pairs = []
+    for layer in range(layers):
+        for j, (m, n) in enumerate(PROJECTIONS):
+            A = nn.Parameter(torch.randn(r, n, generator=g) / n**0.5)
+            B = nn.Parameter(torch.randn(m, r, generator=g) * 0.02)
+            A.grad = torch.randn(r, n, generator=g) * 1e-3
+            B.grad = torch.randn(m, r, generator=g) * 1e-3
+            A.first_grad, B.first_grad = A.grad.clone(), B.grad.clone()
+            pairs.append(package.LoRAPair(A, B, 2.0, name=f"{layer}.{j}"))
+    return package.LoFTAdamW(pairs, lr=1e-4)
+
+
+def one_sample(package, opt, mode: str) -> float:
+    """Seconds of two steps (``trainer``: each with clipping that scales the gradients, which
+    are restored from their first values outside the timed part)."""
+    elapsed = 0.0
+    for _ in range(2):
+        if mode == "trainer":
+            for pair in opt.pairs:
+                for t in (pair.A, pair.B):
+                    t.grad.copy_(t.first_grad)
+        t0 = time.perf_counter()
+        if mode == "trainer":
+            package.clip_grad_norm_(opt, 1e-2)  # the norm is ~2: the gradients are scaled
+        opt.step()
+        elapsed += time.perf_counter() - t0
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--before", type=Path, required=True, help="a copy of an older src/loft")
+    parser.add_argument("--samples", type=int, default=15)
+    parser.add_argument("--layers", type=int, default=30)
+    parser.add_argument("--ranks", type=int, nargs="+", default=[4, 16])
+    parser.add_argument("--modes", nargs="+", default=["step", "trainer"])
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    before = load_package(args.before)
+    packages = {"before": before, "after": loft}
+    print(f"torch {torch.__version__}, 1 thread, {args.layers * len(PROJECTIONS)} pairs, {args.samples} samples of 2 steps")
+    for r in args.ranks:
+        for mode in args.modes:
+            opts = {name: build(pkg, r, args.layers) for name, pkg in packages.items()}
+            for name, opt in opts.items():  # warm-up: both factors once
+                one_sample(packages[name], opt, mode)
+            times = {name: [] for name in packages}
+            ratios = []
+            for i in range(args.samples):
+                order = ["before", "after"] if i % 2 == 0 else ["after", "before"]
+                sample = {name: one_sample(packages[name], opts[name], mode) for name in order}
+                for name, t in sample.items():
+                    times[name].append(t / 2)
+                ratios.append(sample["after"] / sample["before"])
+            b, a = statistics.median(times["before"]), statistics.median(times["after"])
+            print(
+                f"r={r:2d} {mode:7s}: before {b:.4f} s/step, after {a:.4f} s/step, "
+                f"ratio of medians {a / b:.3f}, median of paired ratios {statistics.median(ratios):.3f}",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()

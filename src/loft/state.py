@@ -1,0 +1,206 @@
+"""The optimizer state of the LoRA pairs: one :class:`BatchState` per batch of pairs.
+
+A batch of pairs (same shapes, dtype, device, param group, step count and scaling) is stepped
+together, so its state is kept stacked: ``(b, ...)`` tensors owned by one :class:`BatchState`.
+:class:`PairStates` records which batch holds each pair's state, regroups pairs when the
+batches change (a pair without gradients drops out of step with its batch, say) and produces the
+per-parameter view that ``state_dict()`` and ``optimizer.state[param]`` show:
+
+==============  ====================  ====================
+key             A (``r x n``)         B (``m x r``)
+==============  ====================  ====================
+``step``        int                   int
+``exp_avg``     ``(r, n)``            ``(r, m)``
+``exp_avg_sq``  ``(n, p)`` packed     ``(m, p)`` packed
+``partner``     ``U = s B``: ``(m, r)``  ``A^T``: ``(n, r)``
+==============  ====================  ====================
+
+(``p = r (r + 1) / 2``, or ``r`` with ``second_moment_calibration`` off.) A batch state knows
+nothing of the optimizer: it can live wherever its batch is stepped (one rank of several, say),
+and its per-parameter view is made on demand.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .functional import SideState
+from .linalg import PackedIndex
+from .pairs import LoRAPair
+
+__all__ = ["BatchState", "PairStates", "ParamStateView", "STATE_KEYS"]
+
+#: the tensor-valued per-parameter state keys of a LoRA factor (besides the int ``step``)
+STATE_KEYS = ("exp_avg", "exp_avg_sq", "partner")
+
+
+def _side_shapes(pair: LoRAPair) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """``(r, k, l)`` of the A side and of the B side: factor ``r x k``, partner ``l x r``."""
+    m, n = pair.shape
+    return (pair.rank, n, m), (pair.rank, m, n)
+
+
+class BatchState:
+    """The stacked state of ``b`` pairs stepped together.
+
+    ``pairs``: the pairs, in batch order; ``step``: how many steps they took (all the same);
+    ``sides``: the A side's and the B side's :class:`~loft.functional.SideState`
+    (``exp_avg`` ``(b, r, k)``, ``exp_avg_sq`` ``(b, k, p)``, ``partner`` ``(b, l, r)``).
+    """
+
+    def __init__(self, pairs: list[LoRAPair], step: int, sides: tuple[SideState, SideState]) -> None:
+        self.pairs = pairs
+        self.step = step
+        self.sides = sides
+
+    @classmethod
+    def zeros(cls, pairs: list[LoRAPair], packed_size: int, dtype: torch.dtype, device: torch.device) -> BatchState:
+        """A fresh state (step 0, zero moments) for ``pairs`` with ``packed_size`` entries per gram."""
+        b = len(pairs)
+        sides = tuple(
+            SideState(
+                torch.zeros(b, r, k, dtype=dtype, device=device),
+                torch.zeros(b, k, packed_size, dtype=dtype, device=device),
+                torch.zeros(b, l, r, dtype=dtype, device=device),
+            )
+            for r, k, l in _side_shapes(pairs[0])
+        )
+        return cls(pairs, 0, sides)  # type: ignore[arg-type]
+
+    @classmethod
+    def gather(cls, rows: list[tuple[BatchState, int]]) -> BatchState:
+        """A new batch made of row ``i`` of each ``(batch, i)`` (copies; the step counts must agree)."""
+        steps = {batch.step for batch, _ in rows}
+        assert len(steps) == 1, steps
+        sides = tuple(
+            SideState(
+                *(torch.stack([getattr(batch.sides[s], key)[i] for batch, i in rows]) for key in STATE_KEYS)
+            )
+            for s in (0, 1)
+        )
+        return cls([batch.pairs[i] for batch, i in rows], steps.pop(), sides)  # type: ignore[arg-type]
+
+    def param_state(self, i: int, side: int) -> dict[str, Any]:
+        """The per-parameter state of pair ``i``'s factor A (``side`` 0) or B (1): views of the stacks."""
+        st = self.sides[side]
+        return {"step": self.step, **{key: getattr(st, key)[i] for key in STATE_KEYS}}
+
+    def match_layout(self, index: PackedIndex) -> None:
+        """Convert the grams to ``index``'s layout when ``second_moment_calibration`` was switched.
+
+        Full grams -> diagonal: their diagonals, exactly Adam's elementwise ``v`` of the same
+        gradients. Diagonal -> full grams: diagonal grams (zero off the diagonal), which rebuild
+        the same ``V`` the simple variant did; the off-diagonal entries then accumulate.
+        """
+        for st in self.sides:
+            b, k, p = st.exp_avg_sq.shape
+            if p == index.size:
+                continue
+            if index.diagonal_only:
+                full = _packed_diagonal_positions(index.r, st.exp_avg_sq.device)
+                st.exp_avg_sq = st.exp_avg_sq[..., full].contiguous()
+            else:
+                grams = st.exp_avg_sq.new_zeros(b, k, index.size)
+                grams[..., index.diag] = st.exp_avg_sq
+                st.exp_avg_sq = grams
+
+
+def _packed_diagonal_positions(r: int, device: torch.device) -> Tensor:
+    rows, cols = torch.triu_indices(r, r, device=device)
+    return torch.nonzero(rows == cols).flatten()
+
+
+class PairStates:
+    """Which :class:`BatchState` holds each pair's state, and the regrouping of pairs into batches."""
+
+    def __init__(self) -> None:
+        self._where: dict[LoRAPair, tuple[BatchState, int]] = {}
+
+    def __contains__(self, pair: LoRAPair) -> bool:
+        return pair in self._where
+
+    def step_of(self, pair: LoRAPair) -> int:
+        """Steps taken by ``pair`` (0 before its first)."""
+        held = self._where.get(pair)
+        return 0 if held is None else held[0].step
+
+    def param_state(self, pair: LoRAPair, side: int) -> dict[str, Any]:
+        """The per-parameter state of ``pair``'s A (``side`` 0) or B (1); empty before its first step."""
+        held = self._where.get(pair)
+        return {} if held is None else held[0].param_state(held[1], side)
+
+    def batches(self) -> list[BatchState]:
+        """Every batch state, each once."""
+        return list({id(batch): batch for batch, _ in self._where.values()}.values())
+
+    def batch_for(self, pairs: list[LoRAPair], fresh: BatchState | None = None) -> BatchState:
+        """The state of exactly these pairs as one batch, regrouping if they are held elsewhere.
+
+        ``pairs`` must all have state (then the rows are gathered from their batches, which keep
+        the rest of their pairs) or none (then ``fresh``, a zero state for them, is installed).
+        """
+        held = [self._where.get(pair) for pair in pairs]
+        if all(h is None for h in held):
+            assert fresh is not None and fresh.pairs == pairs
+            self._install(fresh)
+            return fresh
+        assert all(h is not None for h in held), "a batch mixes pairs with and without state"
+        first = held[0][0]  # type: ignore[index]
+        if first.pairs == pairs:
+            return first
+        batch = BatchState.gather(held)  # type: ignore[arg-type]
+        self._remove(pairs)
+        self._install(batch)
+        return batch
+
+    def install(self, batch: BatchState) -> None:
+        """Hold ``batch`` (replacing any state of its pairs): used when loading a state dict."""
+        self._remove(batch.pairs)
+        self._install(batch)
+
+    def clear(self) -> None:
+        self._where.clear()
+
+    def _install(self, batch: BatchState) -> None:
+        for i, pair in enumerate(batch.pairs):
+            self._where[pair] = (batch, i)
+
+    def _remove(self, pairs: list[LoRAPair]) -> None:
+        """Take ``pairs`` out of their batches; a batch left with other pairs keeps only their rows."""
+        leaving = set(pairs)
+        for batch in {id(self._where[p][0]): self._where[p][0] for p in pairs if p in self._where}.values():
+            rows = [i for i, p in enumerate(batch.pairs) if p not in leaving]
+            for p in batch.pairs:
+                self._where.pop(p, None)
+            if rows:
+                self._install(BatchState.gather([(batch, i) for i in rows]))
+
+
+class ParamStateView(Mapping):
+    """``optimizer.state[param]`` of a LoRA factor: a read-only view of its batch's state.
+
+    The state itself lives in a :class:`BatchState`; this mapping looks it up at each access, so
+    it always shows the current values (tensors are views of the batch's stacks).
+    """
+
+    def __init__(self, states: PairStates, pair: LoRAPair, side: int) -> None:
+        self._states, self._pair, self._side = states, pair, side
+
+    def _current(self) -> dict[str, Any]:
+        return self._states.param_state(self._pair, self._side)
+
+    def __getitem__(self, key: str) -> Any:
+        return self._current()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._current())
+
+    def __len__(self) -> int:
+        return len(self._current())
+
+    def __repr__(self) -> str:
+        return f"ParamStateView({self._pair.name or 'pair'}.{'AB'[self._side]}: {sorted(self._current())})"
