@@ -45,7 +45,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
     ``savefig``, ...). On any error the temporary file is removed and ``path`` is unchanged.
     """
     path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
