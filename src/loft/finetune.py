@@ -381,6 +381,11 @@ def resolve_targets(model: nn.Module, requested: list[str] | None, rank: int, fr
     linears = _linear_modules(model, fresh)
     if not linears:
         raise LoftUsageError("The model has no linear layers that LoRA can adapt.")
+    if requested is not None and not requested:
+        raise LoftUsageError(
+            "--target-modules names no layer (empty); give layer names such as "
+            f"{', '.join(sorted({n.rsplit('.', 1)[-1] for n in linears})[:4])}, or leave the option out for all of them."
+        )
     if requested is None or requested == ["all-linear"]:
         targets = list(linears)
     else:
