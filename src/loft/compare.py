@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -173,7 +174,6 @@ def run_compare(
     before anything is written or trained. ``resume`` keeps the runs an interrupted comparison
     finished, resumes the interrupted one from its checkpoint and runs the rest.
     """
-    from .plots import plot_compare
 
     bad = [m for m in methods if m not in METHODS or m == "full"]
     if bad:
@@ -205,6 +205,20 @@ def run_compare(
                                       "settings": settings}, default=str))
     states = on_main_process(_check_folder, out, identity, runs, overwrite, resume)
     on_main_process(_prepare_folder, out, identity, overwrite)
+    try:
+        return _run_all(out, runs, states, settings, lrs, progress)
+    except KeyboardInterrupt:  # between runs, or while writing the table
+        done = sum((out / name / METRICS_FILE).is_file() for name, _ in runs)
+        raise RunInterrupted(
+            f"Interrupted; {done} of {len(runs)} runs in {out} finished and are kept. Continue the comparison with the "
+            "same loft compare command plus --resume."
+        ) from None
+
+
+def _run_all(out: Path, runs, states: dict[str, str], settings: dict[str, Any], lrs: dict[str, float],
+             progress: bool) -> dict[str, Any]:
+    from .plots import plot_compare
+
     main = is_main_process()
     progress = progress and main
     t0 = time.perf_counter()
@@ -220,9 +234,10 @@ def run_compare(
             try:
                 metrics = finetune(cfg, resume=state == "resume", overwrite=state == "restart", progress=progress)
             except RunInterrupted as e:
+                what = re.sub(r"[.;,]? *\(?[Cc]ontinue with the same command plus --resume\)?", "", str(e)).rstrip(". ")
                 raise RunInterrupted(
-                    f"{str(e).rstrip('.')} (run {name}, {i - 1} of {len(runs)} runs finished and kept). Continue the "
-                    "comparison with the same loft compare command plus --resume.",
+                    f"Run {name}: {what}; {i - 1} of {len(runs)} runs finished and are kept. Continue the comparison "
+                    "with the same loft compare command plus --resume.",
                     e.checkpoint,
                 ) from None
         rows.append({k: metrics.get(k) for k in COLUMNS})

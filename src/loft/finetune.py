@@ -684,6 +684,10 @@ class _RunTrainerMixin:
         if self.args.should_save:
             write_json(staging / name / PROGRESS_FILE, progress)
             publish_dir(staging / name, root / name)
+            try:
+                staging.rmdir()  # only when empty
+            except OSError:
+                pass
             for old in _checkpoints(root.parent):
                 if old.name != name:
                     shutil.rmtree(old, ignore_errors=True)
