@@ -148,11 +148,14 @@ def _check_folder(out: Path, identity: dict[str, Any], runs: list[tuple[str, Fin
 def _prepare_folder(out: Path, identity: dict[str, Any], overwrite: bool) -> None:
     """Create ``out`` (emptied first for ``--overwrite``) and record the comparison's settings
     (main process only)."""
-    if overwrite and out.exists():
-        print(f"Replacing the comparison in {out} (--overwrite).", flush=True)
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / COMPARE_CONFIG, identity)
+    try:
+        if overwrite and out.exists():
+            print(f"Replacing the comparison in {out} (--overwrite).", flush=True)
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / COMPARE_CONFIG, identity)
+    except OSError as e:
+        raise LoftUsageError(f"Cannot write to --output-dir {str(out)!r}: {e.strerror or e}.") from None
 
 
 def run_compare(

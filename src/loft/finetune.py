@@ -256,15 +256,22 @@ def _check_writable(out: Path) -> None:
         probe = probe.parent
     if probe.exists() and not probe.is_dir():
         raise LoftUsageError(f"Cannot create --output-dir {str(out)!r}: {str(probe)!r} is a file.")
-    try:
-        fd, name = tempfile.mkstemp(prefix=".loft-write-test-", dir=probe)
-        os.close(fd)
-        os.unlink(name)
-    except OSError as e:
+    problem = None
+    if probe != out:  # the folder does not exist yet: ask, without creating anything next to it
+        if not os.access(probe, os.W_OK | os.X_OK):
+            problem = "permission denied"
+    else:  # the run's own folder: try writing a file there (catches read-only file systems too)
+        try:
+            fd, name = tempfile.mkstemp(prefix=".loft-write-test-", dir=probe)
+            os.close(fd)
+            os.unlink(name)
+        except OSError as e:
+            problem = e.strerror or str(e)
+    if problem:
         raise LoftUsageError(
-            f"Cannot write to --output-dir {str(out)!r} ({str(probe)!r}: {e.strerror or e}); nothing was written. "
+            f"Cannot write to --output-dir {str(out)!r} ({str(probe)!r}: {problem}); nothing was written. "
             "Choose a folder you can write to."
-        ) from None
+        )
 
 
 @dataclass
