@@ -85,12 +85,21 @@ def finetune(
         head_lr=head_lr, batch_size=batch_size, max_length=max_length, max_eval=max_eval, seed=seed,
         output_dir=output_dir,
     )
-    from .finetune import default_output_dir, run_name
+    from .finetune import default_output_dir
 
     metrics = run(cfg, overwrite=overwrite, resume=resume, progress=not quiet)
     if not _main_process():
         return
     out = default_output_dir(cfg)
+    try:
+        _summary(metrics, method, rank, out)
+    except KeyboardInterrupt:
+        raise RunInterrupted(f"Interrupted after the run finished; its results in {out} are complete.") from None
+
+
+def _summary(metrics: dict, method: str, rank: int, out) -> None:
+    from .finetune import run_name
+
     before = metrics["eval_accuracy_before"]
     print(
         f"\n{run_name(method, rank)} on {metrics['num_train']} examples, {metrics['steps']} steps in {metrics['train_seconds']:.0f} s: "
