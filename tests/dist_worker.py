@@ -10,6 +10,7 @@ import torch.distributed as dist
 from torch import nn
 
 import loft
+import loft.distributed
 
 STEPS = 8
 N_ROWS = 8
@@ -89,7 +90,19 @@ def run_scenario(rank: int, world: int, port: int, scenario: str, out_dir: str) 
         return
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        if scenario == "mismatch":
+        if scenario == "missing":
+            # rank 1 never constructs its optimizer (as if it had failed before): rank 0 must not wait forever
+            result["error"] = None
+            if rank == 0:
+                import time
+
+                t0 = time.perf_counter()
+                try:
+                    make_optimizer(build_model())
+                except loft.distributed.RanksNotResponding as exc:
+                    result["error"] = str(exc)
+                result["seconds"] = time.perf_counter() - t0
+        elif scenario == "mismatch":
             # (DDP would refuse this model itself; code that all-reduces by hand relies on LoFT's check)
             model = build_model(rank_of_lora=2 + rank)
             try:

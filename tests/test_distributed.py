@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import time
 
 import pytest
 import torch
@@ -19,10 +20,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_two_ranks(scenario: str, tmp_path) -> list[dict]:
+def run_two_ranks(scenario: str, tmp_path, deadline: float | None = None) -> list[dict]:
     from dist_worker import worker
 
-    mp.start_processes(worker, args=(2, free_port(), scenario, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    context = mp.start_processes(worker, args=(2, free_port(), scenario, str(tmp_path)), nprocs=2, join=False,
+                                 start_method="spawn")
+    t0 = time.monotonic()
+    while not context.join(timeout=1):
+        if deadline is not None and time.monotonic() - t0 > deadline:
+            for p in context.processes:
+                p.kill()
+            pytest.fail(f"the ranks of scenario {scenario!r} still ran after {deadline} s (a rank waits forever)")
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
 
@@ -55,6 +63,16 @@ def test_ranks_with_different_lora_pairs_are_refused(tmp_path):
     for r in results:
         assert r["error"] is not None and "found different LoRA pairs" in r["error"]
         assert "Every data-parallel rank must build the same model" in r["error"]
+
+
+def test_a_rank_that_never_constructs_the_optimizer_is_named_not_waited_for(tmp_path, monkeypatch):
+    """Rank 1 never constructs LoFTAdamW (as if it had failed before); rank 0's construction-time
+    check gives up after LOFT_DIST_TIMEOUT seconds and names rank 1 (on main: waits forever)."""
+    monkeypatch.setenv("LOFT_DIST_TIMEOUT", "2")  # inherited by the spawned workers
+    results = run_two_ranks("missing", tmp_path, deadline=45)
+    error = results[0]["error"]
+    assert error is not None and "waited 2 s for rank(s) 1 of 2" in error and "LOFT_DIST_TIMEOUT" in error
+    assert 1.5 < results[0]["seconds"] < 30
 
 
 def _small_peft_model():

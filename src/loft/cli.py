@@ -85,13 +85,24 @@ def finetune(
         head_lr=head_lr, batch_size=batch_size, max_length=max_length, max_eval=max_eval, seed=seed,
         output_dir=output_dir,
     )
+    from .finetune import default_output_dir
+
     metrics = run(cfg, overwrite=overwrite, resume=resume, progress=not quiet)
     if not _main_process():
         return
-    out = cfg.output_dir or f"runs/{_stem(data)}-{method}-r{rank}"
+    out = default_output_dir(cfg)
+    try:
+        _summary(metrics, method, rank, out)
+    except KeyboardInterrupt:
+        raise RunInterrupted(f"Interrupted after the run finished; its results in {out} are complete.") from None
+
+
+def _summary(metrics: dict, method: str, rank: int, out) -> None:
+    from .finetune import run_name
+
     before = metrics["eval_accuracy_before"]
     print(
-        f"\n{method} r{rank} on {metrics['num_train']} examples, {metrics['steps']} steps in {metrics['train_seconds']:.0f} s: "
+        f"\n{run_name(method, rank)} on {metrics['num_train']} examples, {metrics['steps']} steps in {metrics['train_seconds']:.0f} s: "
         f"eval accuracy {'' if before is None else f'{before:.4f} -> '}{metrics['eval_accuracy']:.4f} "
         f"({metrics['num_eval']} examples), train loss {metrics['train_loss']:.4f}."
     )
@@ -117,6 +128,7 @@ def compare(
     seed: Seed = 0,
     output_dir: Annotated[str, typer.Option("--output-dir", "-o", help="Folder for the runs, table and plot.")] = "runs/compare",
     overwrite: Overwrite = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted comparison: keep its finished runs, resume the interrupted one, run the rest.")] = False,
     quiet: Quiet = False,
 ) -> None:
     """Same data, seed and step budget for several methods and ranks: a table and a plot."""
@@ -133,7 +145,7 @@ def compare(
         methods=[m.strip() for m in methods.split(",") if m.strip()], ranks=ints(ranks), full=full,
         target_modules=_split_modules(target_modules), max_steps=max_steps, epochs=epochs, lrs=parse_lrs(lrs),
         head_lr=head_lr, batch_size=batch_size, max_length=max_length, max_eval=max_eval, seed=seed,
-        output_dir=output_dir, overwrite=overwrite, progress=not quiet,
+        output_dir=output_dir, overwrite=overwrite, resume=resume, progress=not quiet,
     )
     if not _main_process():
         return
@@ -169,7 +181,13 @@ def _main_process() -> bool:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``loft`` script; returns the exit status."""
     try:
-        app(args=argv, standalone_mode=False)
+        status = app(args=argv, standalone_mode=False)
+        if isinstance(status, int) and status == 130:  # typer's answer to a KeyboardInterrupt
+            if _main_process():
+                print("\nloft: interrupted; nothing was written.", file=sys.stderr)
+            return 130
+        if isinstance(status, int) and status:
+            return status
     except LoftUsageError as e:
         if _main_process():  # every rank stops with the same message; print it once
             print(f"loft: error: {e}", file=sys.stderr)
@@ -179,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nloft: {e}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
-        print("\nloft: aborted.", file=sys.stderr)
+        if _main_process():
+            print("\nloft: interrupted; nothing was written.", file=sys.stderr)
         return 130
     except Exception as e:  # click's usage errors (typer vendors its own click)
         names = {c.__name__ for c in type(e).__mro__}
@@ -187,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
             e.show()
             return int(getattr(e, "exit_code", 2))
         if "Abort" in names:
+            if _main_process():
+                print("\nloft: interrupted; nothing was written.", file=sys.stderr)
             return 130
         raise
     finally:

@@ -13,13 +13,28 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-from .errors import LoftUsageError
-from .finetune import DEFAULT_LR, METHODS, FinetuneConfig, finetune
+from .atomic import atomic_write, write_json, write_text
+from .errors import LoftUsageError, RunInterrupted
+from .finetune import (
+    CHECKPOINTS,
+    DEFAULT_LR,
+    METHODS,
+    METRICS_FILE,
+    FinetuneConfig,
+    _check_writable,
+    _latest_checkpoint,
+    check_output_dir,
+    finetune,
+    prepare_inputs,
+    resolve_targets,
+    run_name,
+)
 from .launch import barrier, init_processes, is_main_process, launched_processes, on_main_process
 
 __all__ = ["parse_lrs", "run_compare"]
@@ -70,16 +85,77 @@ def _table(rows: list[dict[str, Any]]) -> tuple[str, str]:
     return "\n".join(md) + "\n", buf.getvalue()
 
 
-def _prepare_folder(out: Path, overwrite: bool) -> None:
-    """Refuse a non-empty folder unless ``overwrite``; create it (main process only)."""
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise LoftUsageError(
-                f"Output directory {str(out)!r} is not empty; nothing was changed. Choose another --output-dir "
-                "or pass --overwrite to replace it."
-            )
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+COMPARE_CONFIG = "compare_config.json"
+
+
+def _is_comparison(out: Path) -> bool:
+    """Whether ``out`` holds a ``loft compare`` folder (its settings file, or an older table)."""
+    return (out / COMPARE_CONFIG).is_file() or (out / "compare.json").is_file()
+
+
+def _check_folder(out: Path, identity: dict[str, Any], runs: list[tuple[str, FinetuneConfig]], overwrite: bool,
+                  resume: bool) -> dict[str, str]:
+    """Decide, reading only, what happens to ``out`` and to each run's folder in it:
+    ``{name: "new" | "done" | "resume" | "restart"}``. Refuses a folder it must not use."""
+    if overwrite and resume:
+        raise LoftUsageError("--overwrite and --resume contradict each other; pass one of them.")
+    if out.exists() and not out.is_dir():
+        raise LoftUsageError(f"--output-dir {str(out)!r} is a file; give a folder.")
+    if not out.exists() or not any(out.iterdir()):
+        if resume:
+            raise LoftUsageError(f"Nothing to resume: {str(out)!r} holds no comparison. Run without --resume.")
+        _check_writable(out)
+        return {name: "new" for name, _ in runs}
+    if not _is_comparison(out):
+        raise LoftUsageError(
+            f"Output directory {str(out)!r} is not empty and holds no loft comparison (no {COMPARE_CONFIG}); nothing "
+            "was changed. Choose another --output-dir" + (" (--overwrite only replaces a loft comparison)." if overwrite else ".")
+        )
+    _check_writable(out)
+    if overwrite:
+        return {name: "new" for name, _ in runs}
+    if not resume:
+        raise LoftUsageError(
+            f"Output directory {str(out)!r} already holds a comparison; nothing was changed. Continue an interrupted "
+            "one with --resume, replace it with --overwrite, or choose another --output-dir."
+        )
+    try:
+        saved = json.loads((out / COMPARE_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise LoftUsageError(f"{out / COMPARE_CONFIG} is missing or damaged ({type(e).__name__}); start again with --overwrite.") from None
+    diffs = [f"{k}: {saved.get(k)!r} there, {v!r} now" for k, v in identity.items() if saved.get(k) != v]
+    if diffs:
+        raise LoftUsageError(
+            f"Output directory {str(out)!r} holds a comparison with other settings ({'; '.join(diffs[:3])}); nothing was "
+            "changed. Give the same options to --resume it, or pass --overwrite to replace it."
+        )
+    states = {}
+    for name, cfg in runs:
+        sub = out / name
+        if not sub.is_dir() or not any(sub.iterdir()):
+            states[name] = "new"
+        elif (sub / METRICS_FILE).is_file() and not (sub / CHECKPOINTS).exists():
+            check_output_dir(sub, cfg.identity(), overwrite=False, resume=False)  # the same settings
+            states[name] = "done"
+        elif _latest_checkpoint(sub) is not None:
+            check_output_dir(sub, cfg.identity(), overwrite=False, resume=True)  # refuses a damaged checkpoint
+            states[name] = "resume"
+        else:
+            states[name] = "restart"  # interrupted before its first checkpoint
+    return states
+
+
+def _prepare_folder(out: Path, identity: dict[str, Any], overwrite: bool) -> None:
+    """Create ``out`` (emptied first for ``--overwrite``) and record the comparison's settings
+    (main process only)."""
+    try:
+        if overwrite and out.exists():
+            print(f"Replacing the comparison in {out} (--overwrite).", flush=True)
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / COMPARE_CONFIG, identity)
+    except OSError as e:
+        raise LoftUsageError(f"Cannot write to --output-dir {str(out)!r}: {e.strerror or e}.") from None
 
 
 def run_compare(
@@ -89,6 +165,7 @@ def run_compare(
     full: bool = True,
     output_dir: str = "runs/compare",
     overwrite: bool = False,
+    resume: bool = False,
     progress: bool = True,
     lrs: dict[str, float] | None = None,
     **settings: Any,
@@ -96,8 +173,10 @@ def run_compare(
     """Run every (method, rank) pair plus full fine-tuning; write the table and the plot.
 
     ``settings`` are :class:`FinetuneConfig` fields shared by every run (model, data, steps ...).
+    Every input of every run (data, model, layers and ranks, options, the folder) is checked
+    before anything is written or trained. ``resume`` keeps the runs an interrupted comparison
+    finished, resumes the interrupted one from its checkpoint and runs the rest.
     """
-    from .plots import plot_compare
 
     bad = [m for m in methods if m not in METHODS or m == "full"]
     if bad:
@@ -108,33 +187,71 @@ def run_compare(
         raise LoftUsageError("Nothing to compare: give --methods or --full.")
     lrs = lrs or {}
     out = Path(output_dir)
-    plan = [(m, r) for m in methods for r in ranks] + ([("full", ranks[0])] if full else [])
-    # Check the shared settings (data, model, targets, ranks) once, before any run starts.
+    plan = list(dict.fromkeys([(m, r) for m in methods for r in ranks] + ([("full", ranks[0])] if full else [])))
+    runs = [
+        (run_name(m, r), FinetuneConfig(method=m, rank=r, lr=lrs.get(m, DEFAULT_LR[m]), output_dir=str(out / run_name(m, r)),
+                                        eval_before=False, **settings))
+        for m, r in plan
+    ]
     processes = launched_processes()
-    for method, rank in plan:
-        FinetuneConfig(method=method, rank=rank, lr=lrs.get(method), **settings).check(processes)
+    for _, cfg in runs:
+        cfg.check(processes)
     init_processes()
-    on_main_process(_prepare_folder, out, overwrite)
+    # Every input of every run, before anything is written: data and model (loaded once), then
+    # each run's layers and rank.
+    inputs = prepare_inputs(runs[0][1], processes)
+    for name, cfg in runs:
+        if cfg.method != "full":
+            resolve_targets(inputs["model"], cfg.target_modules, cfg.rank, set(inputs["fresh"]))
+    del inputs
+    identity = json.loads(json.dumps({"methods": methods, "ranks": ranks, "full": full, "lrs": lrs,
+                                      "settings": settings}, default=str))
+    states = on_main_process(_check_folder, out, identity, runs, overwrite, resume)
+    on_main_process(_prepare_folder, out, identity, overwrite)
+    try:
+        return _run_all(out, runs, states, settings, lrs, progress)
+    except KeyboardInterrupt:  # between runs, or while writing the table
+        done = sum((out / name / METRICS_FILE).is_file() for name, _ in runs)
+        raise RunInterrupted(
+            f"Interrupted; {done} of {len(runs)} runs in {out} finished and are kept. Continue the comparison with the "
+            "same loft compare command plus --resume."
+        ) from None
+
+
+def _run_all(out: Path, runs, states: dict[str, str], settings: dict[str, Any], lrs: dict[str, float],
+             progress: bool) -> dict[str, Any]:
+    from .plots import plot_compare
+
     main = is_main_process()
     progress = progress and main
     t0 = time.perf_counter()
     rows, curves = [], {}
-    for i, (method, rank) in enumerate(plan, 1):
-        name = "full" if method == "full" else f"{method}-r{rank}"
+    for i, (name, cfg) in enumerate(runs, 1):
+        state = states[name]
         if progress:
-            print(f"[{i}/{len(plan)}] {name}", flush=True)
-        cfg = FinetuneConfig(method=method, rank=rank, lr=lrs.get(method, DEFAULT_LR[method]),
-                             output_dir=str(out / name), eval_before=False, **settings)
-        metrics = finetune(cfg, progress=progress)
+            print(f"[{i}/{len(runs)}] {name}" + {"done": " (finished earlier, kept)", "resume": " (resuming)"}.get(state, ""),
+                  flush=True)
+        if state == "done":
+            metrics = json.loads((out / name / METRICS_FILE).read_text())
+        else:
+            try:
+                metrics = finetune(cfg, resume=state == "resume", overwrite=state == "restart", progress=progress)
+            except RunInterrupted as e:
+                what = re.sub(r"[.;,]? *\(?[Cc]ontinue with the same command plus --resume\)?", "", str(e)).rstrip(". ")
+                raise RunInterrupted(
+                    f"Run {name}: {what}; {i - 1} of {len(runs)} runs finished and are kept. Continue the comparison "
+                    "with the same loft compare command plus --resume.",
+                    e.checkpoint,
+                ) from None
         rows.append({k: metrics.get(k) for k in COLUMNS})
         curves[name] = metrics["loss_curve"]
     seconds = time.perf_counter() - t0
     markdown, csv_text = _table(rows)
     if main:
-        (out / "compare.md").write_text(markdown)
-        (out / "compare.csv").write_text(csv_text)
+        write_text(out / "compare.md", markdown)
+        write_text(out / "compare.csv", csv_text)
         data_name = Path(str(settings.get("data", "movie_sentiment"))).stem
-        plot_compare(rows, curves, out / "compare.png", f"{data_name}: same data, seed and steps")
-        (out / "compare.json").write_text(json.dumps({"rows": rows, "seconds": round(seconds, 1), "settings": {k: v for k, v in settings.items()}, "lrs": lrs}, indent=2, default=str))
+        atomic_write(out / "compare.png", lambda tmp: plot_compare(rows, curves, tmp, f"{data_name}: same data, seed and steps"))
+        write_json(out / "compare.json", {"rows": rows, "seconds": round(seconds, 1), "settings": {k: v for k, v in settings.items()}, "lrs": lrs}, default=str)
     barrier()
     return {"rows": rows, "markdown": markdown, "csv": csv_text, "seconds": seconds}

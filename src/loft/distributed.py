@@ -10,12 +10,15 @@ wrong steps from it; they are refused with a message, never run silently.
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Iterable
+from datetime import timedelta
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["check_pairs_agree_across_ranks", "check_tensor_supported", "check_module_supported"]
+__all__ = ["RanksNotResponding", "check_pairs_agree_across_ranks", "check_tensor_supported", "check_module_supported"]
 
 SUPPORTED = (
     "Supported: DistributedDataParallel (torchrun, accelerate launch with DDP / MULTI_CPU / MULTI_GPU, "
@@ -62,27 +65,84 @@ def check_module_supported(module: nn.Module) -> None:
             )
 
 
-def check_pairs_agree_across_ranks(signature: Iterable[tuple[str, tuple[int, ...], tuple[int, ...]]]) -> None:
+class RanksNotResponding(RuntimeError):
+    """Another rank did not reach the optimizer's construction-time check in time."""
+
+
+#: Seconds ``check_pairs_agree_across_ranks`` waits for the other ranks (``LOFT_DIST_TIMEOUT``).
+DEFAULT_TIMEOUT = 300.0
+_rounds: dict[int, list] = {}
+
+
+def _timeout(timeout: float | None) -> float:
+    if timeout is not None:
+        return float(timeout)
+    try:
+        return float(os.environ.get("LOFT_DIST_TIMEOUT", DEFAULT_TIMEOUT))
+    except ValueError:
+        return DEFAULT_TIMEOUT
+
+
+def _default_store():
+    try:
+        from torch.distributed import distributed_c10d
+
+        return distributed_c10d._get_default_group(), distributed_c10d._get_default_store()
+    except (ImportError, AttributeError, RuntimeError, ValueError):  # pragma: no cover - other torch builds
+        return None, None
+
+
+def check_pairs_agree_across_ranks(
+    signature: Iterable[tuple[str, tuple[int, ...], tuple[int, ...]]], timeout: float | None = None
+) -> None:
     """When a process group is running, make sure every rank found the same LoRA pairs.
 
-    ``signature``: ``(name, A.shape, B.shape)`` per pair, in optimizer order. A collective: every
-    rank must construct its optimizer (as data-parallel training does anyway).
+    ``signature``: ``(name, A.shape, B.shape)`` per pair, in optimizer order. Every rank must
+    construct its optimizer (as data-parallel training does anyway). The ranks exchange their
+    signatures through the process group's key-value store and wait at most ``timeout`` seconds
+    (default ``$LOFT_DIST_TIMEOUT`` or 300) for each other: a rank that failed or stopped before
+    constructing its optimizer is named in a :class:`RanksNotResponding` error instead of
+    leaving the others waiting forever.
     """
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
         return
-    world = torch.distributed.get_world_size()
+    world = dist.get_world_size()
     if world == 1:
         return
-    mine = [(n, tuple(a), tuple(b)) for n, a, b in signature]
-    gathered: list[object] = [None] * world
-    torch.distributed.all_gather_object(gathered, mine)
-    for rank, theirs in enumerate(gathered):
+    rank = dist.get_rank()
+    mine = [[n, list(a), list(b)] for n, a, b in signature]
+    group, store = _default_store()
+    if store is None:  # pragma: no cover - no store to wait on with a bound: plain all_gather
+        gathered: list[object] = [None] * world
+        dist.all_gather_object(gathered, mine)
+    else:
+        entry = _rounds.setdefault(id(group), [group, 0])  # (keeps the group alive, so its id is not reused)
+        entry[1] += 1
+        prefix = f"loft/pairs/{entry[1]}/"
+        keys = [f"{prefix}{r}" for r in range(world)]
+        store.set(keys[rank], json.dumps(mine))
+        seconds = _timeout(timeout)
+        try:
+            store.wait(keys, timedelta(seconds=seconds))
+        except RuntimeError:  # the store's timeout (DistStoreError is a RuntimeError)
+            missing = [r for r in range(world) if not store.check([keys[r]])]
+            if not missing:
+                raise
+            names = ", ".join(str(r) for r in missing)
+            raise RanksNotResponding(
+                f"LoFTAdamW on rank {rank} waited {seconds:g} s for rank(s) {names} of {world} to construct their "
+                f"optimizer; every data-parallel rank must construct LoFTAdamW at the same point. Rank(s) {names} "
+                "probably failed or stopped before it: see their output. (LOFT_DIST_TIMEOUT sets the wait, in seconds.)"
+            ) from None
+        gathered = [json.loads(store.get(k)) for k in keys]
+    for other, theirs in enumerate(gathered):
         if theirs != mine:
             diff = next(
-                (f"{x} vs {y}" for x, y in zip(mine, theirs) if x != y),  # type: ignore[arg-type]
+                (f"{tuple(x)} vs {tuple(y)}" for x, y in zip(mine, theirs) if x != y),  # type: ignore[arg-type]
                 f"{len(mine)} pairs vs {len(theirs)} pairs",  # type: ignore[arg-type]
             )
             raise UnsupportedDistributedSetup(
-                f"Rank {torch.distributed.get_rank()} and rank {rank} found different LoRA pairs ({diff}). "
+                f"Rank {rank} and rank {other} found different LoRA pairs ({diff}). "
                 "Every data-parallel rank must build the same model and adapter configuration."
             )

@@ -50,26 +50,48 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise LoftUsageError(f"Data file {str(path)!r} does not exist.")
-    if path.suffix.lower() == ".csv":
-        records = _read_csv(path)
-    else:
-        records = _read_jsonl(path)
+    try:
+        if path.suffix.lower() == ".csv":
+            records = _read_csv(path)
+        else:
+            records = _read_jsonl(path)
+    except UnicodeDecodeError as e:
+        raise LoftUsageError(
+            f"{path}, line {_first_bad_line(path)}: not UTF-8 text ({e.reason}); save the file as UTF-8."
+        ) from None
+    except OSError as e:
+        raise LoftUsageError(f"Cannot read data file {str(path)!r}: {e.strerror or e}.") from None
     if not records:
         raise LoftUsageError(f"{path}: the file holds no records.")
     return records
 
 
+def _first_bad_line(path: Path) -> int | str:
+    """The line number of the first byte of ``path`` that is not UTF-8."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return data[: e.start].count(b"\n") + 1
+    return "?"
+
+
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     records = []
-    with open(path, encoding="utf-8") as f:
+    # utf-8-sig: a byte-order mark at the start (as some editors write) is not part of the data;
+    # newline="\n": JSON lines end at \n only (a stray \r inside a line is not a line break)
+    with open(path, encoding="utf-8-sig", newline="\n") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
+            text = line.rstrip("\r\n")  # column numbers count within the line, not past its end
             try:
-                record = json.loads(line)
+                record = json.loads(text)
             except json.JSONDecodeError as e:
                 hint = " (CSV files need a .csv extension)" if n == 1 and "," in line and not line.lstrip().startswith("{") else ""
                 raise LoftUsageError(f"{path}, line {n}: not valid JSON ({e.msg}, column {e.colno}){hint}.") from None
+            except (ValueError, RecursionError) as e:  # e.g. an integer of thousands of digits, deep nesting
+                raise LoftUsageError(f"{path}, line {n}: not usable JSON ({_short(e)}).") from None
             if not isinstance(record, dict):
                 raise LoftUsageError(f"{path}, line {n}: expected a JSON object {{...}}, got {type(record).__name__}.")
             record["_line"] = n
@@ -77,20 +99,29 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+def _short(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
 def _read_csv(path: Path) -> list[dict[str, Any]]:
     records = []
-    with open(path, encoding="utf-8", newline="") as f:
+    csv.field_size_limit(2**31 - 1)  # long texts are fine (the default stops at 128 KiB per field)
+    with open(path, encoding="utf-8-sig", newline="") as f:
         reader = csv.DictReader(f)
-        if not reader.fieldnames:
-            raise LoftUsageError(f"{path}: empty CSV file (expected a header row such as 'text,label').")
-        for row in reader:
-            n = reader.line_num
-            if None in row or any(v is None for v in row.values()):
-                raise LoftUsageError(
-                    f"{path}, line {n}: {len(reader.fieldnames)} columns in the header "
-                    f"({', '.join(reader.fieldnames)}) but a different number on this line."
-                )
-            record: dict[str, Any] = dict(row)
-            record["_line"] = n
-            records.append(record)
+        try:
+            if not reader.fieldnames:
+                raise LoftUsageError(f"{path}: empty CSV file (expected a header row such as 'text,label').")
+            for row in reader:
+                n = reader.line_num
+                if None in row or any(v is None for v in row.values()):
+                    raise LoftUsageError(
+                        f"{path}, line {n}: {len(reader.fieldnames)} columns in the header "
+                        f"({', '.join(reader.fieldnames)}) but a different number on this line."
+                    )
+                record: dict[str, Any] = dict(row)
+                record["_line"] = n
+                records.append(record)
+        except csv.Error as e:
+            raise LoftUsageError(f"{path}, line {reader.line_num}: not valid CSV ({_short(e)}).") from None
     return records
