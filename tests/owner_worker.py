@@ -103,6 +103,8 @@ def worker(rank: int, world: int, port: int, scenarios: list[str], out_dir: str)
     warnings.simplefilter("ignore")
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=30))
     results: dict[str, object] = {}
+    global OUT_DIR
+    OUT_DIR = out_dir
     try:
         x, y = data()
         rows = slice(rank * N_ROWS // world, (rank + 1) * N_ROWS // world)
@@ -165,4 +167,48 @@ def run(scenario: str, rank: int, world: int, xs, ys) -> dict[str, object]:
         out["params"] = trainable(model)
         out["dtypes"] = sorted({str(p.dtype) for p in model.parameters() if p.requires_grad})
         return out
+    if scenario == "checkpoint":  # 3 steps, state_dict(), 3 more; a fresh run resumed from the checkpoint
+        model = shard(build_model(), world)
+        opt, sched = make_optimizer(model)
+        train(model, opt, sched, xs, ys, CHECKPOINT_AT)
+        path = os.path.join(OUT_DIR, "checkpoint.pt")
+        checkpoint = {"model": trainable(model), "optimizer": opt.state_dict(), "scheduler": sched.state_dict()}
+        if rank == 0:
+            torch.save(checkpoint, path)
+        dist.barrier()
+        train(model, opt, sched, xs, ys, STEPS - CHECKPOINT_AT)
+        out["continued"] = trainable(model)
+        out["resumed"] = resume(path, world, xs, ys)
+        out["checkpoint"] = path
+        return out
+    if scenario.startswith("resume:"):  # a checkpoint written on another number of processes
+        out["resumed"] = resume(scenario.split(":", 1)[1], world, xs, ys)
+        return out
     raise ValueError(scenario)
+
+
+CHECKPOINT_AT = 3
+OUT_DIR = ""
+
+
+def load_trainable(model, values) -> None:
+    """Copy whole values into a (possibly FSDP2-sharded) model's trainable parameters."""
+    from loft.distributor import local_part, shard_like
+
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in values:
+                whole = values[n].to(p.dtype)
+                local_part(p).copy_(local_part(shard_like(whole, p)) if hasattr(p, "device_mesh") else whole)
+
+
+def resume(path: str, world: int, xs, ys):
+    """Continue from a checkpoint in a fresh FSDP2 model and optimizer; the whole trainable parameters after."""
+    checkpoint = torch.load(path, weights_only=False)
+    model = shard(build_model(), world)
+    load_trainable(model, checkpoint["model"])
+    opt, sched = make_optimizer(model)
+    opt.load_state_dict(checkpoint["optimizer"])
+    sched.load_state_dict(checkpoint["scheduler"])
+    train(model, opt, sched, xs, ys, STEPS - CHECKPOINT_AT)
+    return trainable(model)

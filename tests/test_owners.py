@@ -33,12 +33,13 @@ def run_ranks(world: int, scenarios: list[str], folder) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def two(tmp_path_factory):
-    return run_ranks(2, ["fsdp2", "ddp_split", "fsdp2_mixed_precision"], tmp_path_factory.mktemp("two"))
+    return run_ranks(2, ["fsdp2", "ddp_split", "fsdp2_mixed_precision", "checkpoint"], tmp_path_factory.mktemp("two"))
 
 
 @pytest.fixture(scope="module")
-def four(tmp_path_factory):
-    return run_ranks(4, ["fsdp2"], tmp_path_factory.mktemp("four"))
+def four(two, tmp_path_factory):
+    """Four ranks; they also resume the two ranks' checkpoint."""
+    return run_ranks(4, ["fsdp2", f"resume:{two[0]['checkpoint']['checkpoint']}"], tmp_path_factory.mktemp("four"))
 
 
 @pytest.fixture(scope="module")
@@ -115,3 +116,43 @@ def test_fsdp2_mixed_precision_trains(two):
         for name, value in res["params"].items():
             assert torch.isfinite(value).all(), name
             assert torch.equal(value, two[0]["fsdp2_mixed_precision"]["params"][name])
+
+
+def test_fsdp2_resume_is_bit_exact(two):
+    """state_dict() on every rank (the owners' state gathered, the head's shards made whole), then a
+    fresh sharded model and optimizer loaded from it continue exactly as the uninterrupted run."""
+    for r in two:
+        continued, resumed = r["checkpoint"]["continued"], r["checkpoint"]["resumed"]
+        assert continued.keys() == resumed.keys()
+        for name in continued:
+            assert torch.equal(continued[name], resumed[name]), name
+
+
+def test_fsdp2_checkpoint_has_the_per_parameter_format_and_resumes_on_one_process(two, reference):
+    """The 2-process checkpoint holds every pair's state in today's per-parameter format and a
+    whole head state; one process (no FSDP) resumed from it ends where one process ends."""
+    from owner_worker import CHECKPOINT_AT, STEPS, build_model, data, load_trainable, make_optimizer, train
+
+    checkpoint = torch.load(two[0]["checkpoint"]["checkpoint"], weights_only=False)
+    model = build_model()
+    load_trainable(model, checkpoint["model"])
+    opt, sched = make_optimizer(model)
+    saved = checkpoint["optimizer"]["state"]
+    assert len(saved) == 10  # 4 pairs x 2 factors + head weight and bias
+    opt.load_state_dict(checkpoint["optimizer"])
+    assert all(int(st["step"]) == CHECKPOINT_AT for st in opt.state.values())
+    head = model.base_model.model[8].modules_to_save["default"].weight
+    assert opt.state[head]["exp_avg"].shape == head.shape
+    sched.load_state_dict(checkpoint["scheduler"])
+    x, y = data()
+    train(model, opt, sched, x, y, STEPS - CHECKPOINT_AT)
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert rel_err(p.detach(), reference[name]) < 1e-8, name
+
+
+def test_fsdp2_checkpoint_of_two_processes_continues_on_four(four, reference):
+    for r in four:
+        resumed = r[next(k for k in r if k.startswith("resume:"))]["resumed"]
+        for name in reference:
+            assert rel_err(resumed[name], reference[name]) < 1e-8, name

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from .pairs import LoRAPair
 
-__all__ = ["LocalDistributor", "OwnerDistributor", "Whole", "all_finite", "assign_owners", "is_dtensor", "local_part", "step_cost"]
+__all__ = ["LocalDistributor", "OwnerDistributor", "Whole", "all_finite", "assign_owners", "is_dtensor", "local_part", "shard_like", "step_cost"]
 
 
 def is_dtensor(t: Tensor) -> bool:
@@ -84,6 +84,20 @@ def assign_owners(pairs: list[LoRAPair], world: int, loads: list[int] | None = N
         owners[i] = owner
         loads[owner] += costs[i]
     return owners
+
+
+def shard_like(whole: Tensor, like: Tensor) -> Tensor:
+    """The DTensor laid out as ``like`` (an FSDP2 parameter, ``Shard(0)``) whose whole value is
+    ``whole`` (same shape): this rank's rows of it, no communication."""
+    from torch.distributed.tensor import DTensor
+
+    mesh = like.device_mesh  # type: ignore[attr-defined]
+    world, rank = mesh.size(), mesh.get_local_rank()
+    rows = whole.shape[0]
+    size = math.ceil(rows / world) if rows else 0
+    start = min(rows, rank * size)
+    local = whole[start : min(rows, start + size)].to(device=local_part(like).device, dtype=like.dtype, copy=True)
+    return DTensor.from_local(local, mesh, like.placements, run_check=False, shape=like.shape, stride=like.stride())  # type: ignore[attr-defined]
 
 
 def all_finite(tensors: list[Tensor]) -> bool:
@@ -343,6 +357,16 @@ class OwnerDistributor:
         out = t.clone()
         self._dist.all_reduce(out, group=self.group)
         return out
+
+    def all_states(self, mine: dict[int, Any]) -> dict[int, Any]:
+        """Collective: the union of every rank's ``mine`` (pair number -> its per-parameter
+        states, CPU tensors), for ``state_dict()``."""
+        gathered: list[Any] = [None] * self.world
+        self._dist.all_gather_object(gathered, mine, group=self.group)
+        merged: dict[int, Any] = {}
+        for part in gathered:
+            merged.update(part)
+        return merged
 
     def counts_plain(self, p: Tensor) -> bool:
         """A sharded parameter's gradient is counted shard by shard on every rank; a replicated

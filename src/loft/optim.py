@@ -29,7 +29,7 @@ from .distributed import (
     check_tensor_supported,
     make_distributor,
 )
-from .distributor import LocalDistributor, OwnerDistributor, Whole, all_finite, local_part
+from .distributor import LocalDistributor, OwnerDistributor, Whole, all_finite, is_dtensor, local_part, shard_like
 from .functional import PairOptions, PreparedPair, SideState, clip_coefficient, loft_step, pair_sq_norm, prepare_pair
 from .linalg import compute_dtype, packed_index
 from .options import GROUP_DEFAULTS, SWITCHES, Settings, check_group
@@ -644,11 +644,34 @@ def _pack_pair_state(optimizer: LoFTAdamW, state_dict: dict[str, Any]) -> dict[s
     """``state_dict()`` post-hook: each LoRA factor's entry becomes a plain per-parameter dict
     (views of its batch's stacks), or is left out before the pair's first step."""
     state = state_dict["state"]
+    dist = optimizer._distributor
+    assert dist is not None
+    everyone: dict[int, tuple[dict[str, Any], dict[str, Any]]] = {}
+    if not dist.local:
+        # with owners each rank holds only its pairs' state: gather all of it (a collective), so
+        # that the checkpoint has today's per-parameter format and loads on any number of ranks
+        number = {pair: k for k, pair in enumerate(optimizer._pairs)}
+        mine = {
+            number[pair]: tuple(
+                {key: v.detach().to("cpu", copy=True) if isinstance(v, Tensor) else v for key, v in st.items()}
+                for st in (optimizer._states.param_state(pair, 0), optimizer._states.param_state(pair, 1))
+            )
+            for pair in optimizer._pairs
+            if dist.owner(pair) == dist.rank and pair in optimizer._states
+        }
+        everyone = dist.all_states(mine)  # type: ignore[union-attr]
     for i, p in enumerate(_param_index(optimizer)):
         held = optimizer._pair_by_param.get(id(p))
         if held is None:
+            if i in state and any(is_dtensor(v) for v in state[i].values()):  # an FSDP2 shard: the whole state
+                state[i] = {k: v.full_tensor() if is_dtensor(v) else v for k, v in state[i].items()}
             continue
-        st = optimizer._states.param_state(*held)
+        if dist.local:
+            st = optimizer._states.param_state(*held)
+        else:
+            pair, side = held
+            saved = everyone.get(optimizer._pairs.index(pair))
+            st = {} if saved is None else saved[side]
         if st:
             state[i] = st
         else:
@@ -717,7 +740,11 @@ def _install_loaded_pair_state(optimizer: LoFTAdamW) -> None:
     next step regroups the pairs), in the compute dtype, on the parameters' device."""
     optimizer._states.clear()
     optimizer._prepared = None
+    dist = optimizer._distributor
+    assert dist is not None
     for pair, st_a, st_b in optimizer._loaded_pairs:
+        if not dist.local and dist.owner(pair) != dist.rank:
+            continue  # another rank owns this pair: it keeps the state
         cd, device = compute_dtype(pair.A.dtype), pair.A.device
         sides = tuple(
             SideState(*(st[key].to(device=device, dtype=cd, copy=True).unsqueeze(0) for key in STATE_KEYS))
@@ -725,6 +752,13 @@ def _install_loaded_pair_state(optimizer: LoFTAdamW) -> None:
         )
         optimizer._states.install(BatchState([pair], int(st_a["step"]), sides))  # type: ignore[arg-type]
     optimizer._loaded_pairs = []
+    for group in optimizer.param_groups:  # FSDP2 shards of other parameters: keep this rank's rows
+        for p in group["params"]:
+            st = optimizer.state.get(p)
+            if is_dtensor(p) and id(p) in optimizer._plain_ids and st:
+                for key, value in list(st.items()):
+                    if isinstance(value, Tensor) and not is_dtensor(value) and tuple(value.shape) == tuple(p.shape):
+                        st[key] = shard_like(value, p)
     for pair in optimizer._pairs:  # torch's load made a new state dict: show the pairs' state again
         for side, t in enumerate((pair.A, pair.B)):
             optimizer.state[t] = ParamStateView(optimizer._states, pair, side)
