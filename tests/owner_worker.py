@@ -149,6 +149,20 @@ def run(scenario: str, rank: int, world: int, xs, ys) -> dict[str, object]:
         out["sent_bytes"] = opt._distributor.sent_bytes
         out["owned"] = sorted(p.name for p in opt.pairs if opt._distributor.owner(p) == rank)
         return out
+    if scenario == "fsdp2_clip_outside":  # clipping by loft.clip_grad_norm_ before the step, as LoFTTrainer does
+        model = shard(build_model(), world)
+        opt = loft.LoFTAdamW(model, lr=1e-2, weight_decay=0.01, head_lr=3e-2)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1.0 + 0.5 * s))
+        norms = []
+        for _ in range(STEPS):
+            opt.zero_grad()
+            loss_fn(model, xs, ys).backward()
+            norms.append(float(loft.clip_grad_norm_(opt, 0.05)))
+            opt.step()
+            sched.step()
+        out["params"] = trainable(model)
+        out["norms"] = norms
+        return out
     if scenario == "fsdp2_mixed_precision":
         from torch.distributed.fsdp import MixedPrecisionPolicy
 

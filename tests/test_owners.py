@@ -33,7 +33,7 @@ def run_ranks(world: int, scenarios: list[str], folder) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def two(tmp_path_factory):
-    return run_ranks(2, ["fsdp2", "ddp_split", "fsdp2_mixed_precision", "checkpoint"], tmp_path_factory.mktemp("two"))
+    return run_ranks(2, ["fsdp2", "fsdp2_clip_outside", "ddp_split", "fsdp2_mixed_precision", "checkpoint"], tmp_path_factory.mktemp("two"))
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +76,14 @@ def test_fsdp2_two_processes_equal_one_process_with_the_whole_batch(two, referen
     assert max(norms) > 0.05  # the clipping coefficient was below 1
     assert all(r["fsdp2"]["norms"] == norms for r in two)
     assert_owners_split_the_pairs(two, "fsdp2", 2)
+
+
+def test_fsdp2_clipping_outside_the_step(two, reference):
+    """loft.clip_grad_norm_ (what LoFTTrainer calls) on sharded gradients: the same norms and the same
+    trajectory as clipping inside the step on one process."""
+    assert_equals_one_process(two, "fsdp2_clip_outside", reference)
+    for a, b in zip(two[0]["fsdp2_clip_outside"]["norms"], two[0]["fsdp2"]["norms"]):
+        assert abs(a - b) <= 1e-6 * b  # (grad_norm() returns float32, as torch's)
 
 
 def test_fsdp2_four_processes_equal_one_process(four, reference):
