@@ -164,3 +164,14 @@ def test_fsdp2_checkpoint_of_two_processes_continues_on_four(four, reference):
         resumed = r[next(k for k in r if k.startswith("resume:"))]["resumed"]
         for name in reference:
             assert rel_err(resumed[name], reference[name]) < 1e-8, name
+
+
+def test_split_step_is_a_checked_setting_and_without_a_process_group_changes_nothing():
+    from owner_worker import build_model
+
+    import loft
+
+    with pytest.raises(TypeError, match="split_step"):
+        loft.LoFTAdamW(build_model(), split_step="yes")
+    opt = loft.LoFTAdamW(build_model(), split_step=True)  # one process: every pair is stepped here
+    assert opt.settings.split_step and type(opt._distributor).__name__ == "LocalDistributor"
