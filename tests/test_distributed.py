@@ -83,19 +83,30 @@ def _small_peft_model():
     return peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["0"]))
 
 
-def test_fsdp2_sharded_factors_are_refused(tmp_path):
+def test_dtensor_layouts_other_than_fsdp2_are_refused(tmp_path):
+    """FSDP2's layout (Shard(0) on a 1-D mesh) is accepted (tests/test_owners.py); a replicated or
+    column-sharded DTensor (tensor parallelism) is refused, naming FSDP2."""
     import torch.distributed as dist
+    from torch import nn
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
     import loft
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rdzv'}", rank=0, world_size=1)
     try:
-        model = _small_peft_model()
-        fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
-        with pytest.raises(loft.UnsupportedDistributedSetup, match=r"is a DTensor \(FSDP2.*Supported: DistributedDataParallel"):
-            loft.LoFTAdamW(model)
+        mesh = init_device_mesh("cpu", (1,))
+        sharded = _small_peft_model()
+        fully_shard(sharded, mesh=mesh)
+        assert len(loft.LoFTAdamW(sharded).pairs) == 1
+        for placement in (Replicate(), Shard(1)):
+            model = _small_peft_model()
+            layer = model.base_model.model[0]
+            for mod in (layer.lora_A["default"], layer.lora_B["default"]):
+                mod.weight = nn.Parameter(distribute_tensor(mod.weight.detach(), mesh, [placement]))
+            with pytest.raises(loft.UnsupportedDistributedSetup, match=r"is a DTensor with placements.*Supported: FSDP2"):
+                loft.LoFTAdamW(model)
     finally:
         dist.destroy_process_group()
 

@@ -1,11 +1,20 @@
-"""What LoFT supports when training is spread over processes, and the checks that refuse the rest.
+"""What LoFT supports when training is spread over processes, the checks that refuse the rest,
+and the choice of :mod:`distributor <loft.distributor>`.
 
 LoFT's step needs each pair's *whole* factors ``A`` and ``B`` (their ``r x r`` grams and the
-full-space rebuild). Data parallelism keeps them whole on every rank: ``DistributedDataParallel``
-(plain, through Accelerate, or under ``transformers.Trainer``) all-reduces gradients before
-``step()``, every rank then computes the same update. Schemes that shard parameters or optimizer
-state (FSDP, FSDP2 / DTensor, DeepSpeed ZeRO) give a rank only a slice, and LoFT would compute
-wrong steps from it; they are refused with a message, never run silently.
+full-space rebuild). Supported:
+
+* data parallelism (``DistributedDataParallel`` plain, through Accelerate or under
+  ``transformers.Trainer``): every rank holds the whole factors and the all-reduced gradients;
+  by default every rank steps every pair, with ``split_step=True`` each pair has one owner rank
+  that steps it and broadcasts the new factors;
+* FSDP2 (``torch.distributed.fsdp.fully_shard``): parameters are DTensors sharded along dim 0
+  on a 1-D mesh; each pair has one owner rank that gathers the pair's rows (never the base
+  weight), steps it and scatters the new rows back (:class:`loft.distributor.OwnerDistributor`).
+
+Refused, with a message naming FSDP2 as the supported way to shard: FSDP v1 (flat parameters),
+DeepSpeed ZeRO, tensor parallelism and other DTensor layouts (``Replicate``, ``Shard`` on
+another dim, 2-D meshes).
 """
 
 from __future__ import annotations
@@ -14,45 +23,101 @@ import json
 import os
 from collections.abc import Iterable
 from datetime import timedelta
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["RanksNotResponding", "check_pairs_agree_across_ranks", "check_tensor_supported", "check_module_supported"]
+from .distributor import LocalDistributor, OwnerDistributor, is_dtensor
+from .pairs import LoRAPair
+
+__all__ = [
+    "RanksNotResponding",
+    "check_module_supported",
+    "check_pair_supported",
+    "check_pairs_agree_across_ranks",
+    "check_tensor_supported",
+    "make_distributor",
+]
 
 SUPPORTED = (
-    "Supported: DistributedDataParallel (torchrun, accelerate launch with DDP / MULTI_CPU / MULTI_GPU, "
-    "transformers.Trainer on several processes), where every rank holds the whole LoRA factors."
+    "Supported: FSDP2 (torch.distributed.fsdp.fully_shard on a 1-D mesh: parameters sharded along dim 0), "
+    "the supported way to shard; and DistributedDataParallel (torchrun, accelerate launch with DDP / "
+    "MULTI_CPU / MULTI_GPU, transformers.Trainer on several processes)."
 )
 
 
 class UnsupportedDistributedSetup(RuntimeError):
-    """A parallel set-up that shards LoRA factors or optimizer state."""
+    """A parallel set-up that shards LoRA factors or optimizer state in a way LoFT cannot follow exactly."""
 
 
-def _is_dtensor(t: Tensor) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch without distributed
-        return False
-    return isinstance(t, DTensor)
+def _fsdp2_layout(t: Tensor) -> tuple[bool, str]:
+    """Whether a DTensor is laid out as FSDP2's ``fully_shard`` lays parameters out (``Shard(0)``
+    on a 1-D mesh), and a description of its layout."""
+    from torch.distributed.tensor import Shard
+
+    placements = tuple(t.placements)  # type: ignore[attr-defined]
+    mesh = t.device_mesh  # type: ignore[attr-defined]
+    ok = mesh.ndim == 1 and len(placements) == 1 and isinstance(placements[0], Shard) and placements[0].dim == 0
+    return ok, f"placements {placements} on a {mesh.ndim}-D mesh"
 
 
 def check_tensor_supported(t: Tensor, name: str) -> None:
-    """Refuse sharded parameters: FSDP2 / tensor parallel (DTensor), FSDP flat parameters, ZeRO-3."""
-    if _is_dtensor(t):
-        raise UnsupportedDistributedSetup(
-            f"{name} is a DTensor (FSDP2 fully_shard or tensor parallelism): LoFTAdamW needs whole LoRA "
-            f"factors on every rank and does not support sharded parameters yet. {SUPPORTED}"
-        )
+    """Refuse parameters LoFT cannot step exactly: DTensors not laid out as FSDP2 lays them out
+    (tensor parallelism, HSDP's 2-D meshes), FSDP flat parameters, ZeRO-3 partitions."""
+    if is_dtensor(t):
+        ok, layout = _fsdp2_layout(t)
+        if not ok:
+            raise UnsupportedDistributedSetup(
+                f"{name} is a DTensor with {layout} (tensor parallelism or 2-D sharding): LoFTAdamW supports "
+                f"DTensor parameters only as FSDP2's fully_shard makes them (Shard(0) on a 1-D mesh). {SUPPORTED}"
+            )
     if getattr(t, "_is_flat_param", False):
         raise UnsupportedDistributedSetup(
-            f"{name} is an FSDP FlatParameter: LoFTAdamW does not support FullyShardedDataParallel yet. {SUPPORTED}"
+            f"{name} is an FSDP (v1) FlatParameter: LoFTAdamW does not support FullyShardedDataParallel; "
+            f"use FSDP2 (fully_shard) instead. {SUPPORTED}"
         )
     if hasattr(t, "ds_id") or hasattr(t, "ds_numel"):
         raise UnsupportedDistributedSetup(
-            f"{name} is partitioned by DeepSpeed ZeRO-3: LoFTAdamW does not support ZeRO yet. {SUPPORTED}"
+            f"{name} is partitioned by DeepSpeed ZeRO-3: LoFTAdamW does not support ZeRO (it cannot follow "
+            f"the partitions exactly); shard with FSDP2 (fully_shard) instead. {SUPPORTED}"
         )
+
+
+def check_pair_supported(pair: LoRAPair) -> None:
+    """A pair's factors must both be whole tensors, or both FSDP2 shards on the same mesh."""
+    name = pair.name or "a LoRA pair"
+    check_tensor_supported(pair.A, f"{name}.A")
+    check_tensor_supported(pair.B, f"{name}.B")
+    if is_dtensor(pair.A) != is_dtensor(pair.B):
+        raise UnsupportedDistributedSetup(
+            f"{name}: one factor is sharded (DTensor) and the other is not; shard the whole LoRA layer with "
+            f"fully_shard. {SUPPORTED}"
+        )
+    if is_dtensor(pair.A) and pair.A.device_mesh != pair.B.device_mesh:  # type: ignore[attr-defined]
+        raise UnsupportedDistributedSetup(f"{name}: A and B are sharded over different meshes. {SUPPORTED}")
+
+
+def make_distributor(pairs: list[LoRAPair], split_step: bool) -> LocalDistributor | OwnerDistributor:
+    """The distributor for these pairs: owners over the FSDP2 mesh when the factors are sharded;
+    owners over the default process group for whole factors with ``split_step`` under a
+    running process group of several ranks; otherwise every pair stepped here."""
+    sharded = [is_dtensor(p.A) for p in pairs]
+    if any(sharded):
+        if not all(sharded):
+            raise UnsupportedDistributedSetup(
+                "Some LoRA pairs are sharded (FSDP2) and others are not; shard the whole model with fully_shard "
+                f"(its submodules first, then the root). {SUPPORTED}"
+            )
+        meshes = {id(p.A.device_mesh): p.A.device_mesh for p in pairs}  # type: ignore[attr-defined]
+        if len(meshes) > 1:
+            raise UnsupportedDistributedSetup(f"LoRA pairs are sharded over {len(meshes)} different meshes. {SUPPORTED}")
+        mesh: Any = next(iter(meshes.values()))
+        return OwnerDistributor(pairs, mesh.get_group(), sharded=True)
+    if split_step and torch.distributed.is_available() and torch.distributed.is_initialized():
+        if torch.distributed.get_world_size() > 1:
+            return OwnerDistributor(pairs, torch.distributed.group.WORLD, sharded=False)
+    return LocalDistributor()
 
 
 def check_module_supported(module: nn.Module) -> None:
@@ -60,8 +125,8 @@ def check_module_supported(module: nn.Module) -> None:
     for name, sub in module.named_modules():
         if type(sub).__name__ == "FullyShardedDataParallel":
             raise UnsupportedDistributedSetup(
-                f"{name or 'the model'} is wrapped in FullyShardedDataParallel: LoFTAdamW needs whole LoRA "
-                f"factors on every rank and does not support FSDP yet. {SUPPORTED}"
+                f"{name or 'the model'} is wrapped in FullyShardedDataParallel (FSDP v1): LoFTAdamW does not "
+                f"support it; use FSDP2 (torch.distributed.fsdp.fully_shard) instead. {SUPPORTED}"
             )
 
 

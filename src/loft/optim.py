@@ -24,9 +24,12 @@ from torch.optim.adamw import adamw as _adamw_functional
 from .distributed import (
     UnsupportedDistributedSetup,
     check_module_supported,
+    check_pair_supported,
     check_pairs_agree_across_ranks,
     check_tensor_supported,
+    make_distributor,
 )
+from .distributor import LocalDistributor, OwnerDistributor, Whole, all_finite, is_dtensor, local_part, shard_like
 from .functional import PairOptions, PreparedPair, SideState, clip_coefficient, loft_step, pair_sq_norm, prepare_pair
 from .linalg import compute_dtype, packed_index
 from .options import GROUP_DEFAULTS, SWITCHES, Settings, check_group
@@ -120,10 +123,14 @@ class LoFTAdamW(Optimizer):
             both calibrations and the projected update on); ``A`` and ``B`` themselves change.
         damping: relative damping of the ``r x r`` solves (``None``: ten machine epsilons of the
             compute dtype, 1.2e-6 in float32).
-        chunk_bytes, batch_pairs, nonfinite_grads: how the step computes, not what; they form
-            ``optimizer.settings`` (:class:`loft.options.Settings`).
+        chunk_bytes, batch_pairs, nonfinite_grads, split_step: how the step computes, not what;
+            they form ``optimizer.settings`` (:class:`loft.options.Settings`). ``split_step``:
+            under DDP, one owner rank per pair steps it and broadcasts the new factors. FSDP2
+            models (``fully_shard``) always have owners (:mod:`loft.distributor`); with owners,
+            ``step()``, ``grad_norm()``, ``state_dict()`` and ``load_state_dict()`` are
+            collectives: call them on every rank.
 
-    Every option but the last three is a param-group key (:data:`loft.options.GROUP_DEFAULTS`),
+    Every option but the last four is a param-group key (:data:`loft.options.GROUP_DEFAULTS`),
     so a param-group dict may override any of them. State and solves are float32 for float32 /
     bfloat16 / float16 parameters and float64 for float64 ones. Parameters that are not LoRA
     factors follow ``torch.optim.AdamW`` exactly. A pair's state lives in a
@@ -154,6 +161,7 @@ class LoFTAdamW(Optimizer):
         chunk_bytes: int = 4 * 2**20,
         nonfinite_grads: str = "skip",
         batch_pairs: bool = True,
+        split_step: bool = False,
         **unknown: Any,
     ) -> None:
         if unknown:
@@ -164,7 +172,9 @@ class LoFTAdamW(Optimizer):
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise TypeError(f"LoFTAdamW got an unknown option {name!r}.{hint} Options: {', '.join(options)}.")
         #: how the step computes (batching, memory budget, non-finite policy)
-        self.settings = Settings(chunk_bytes=chunk_bytes, batch_pairs=batch_pairs, nonfinite_grads=nonfinite_grads)
+        self.settings = Settings(
+            chunk_bytes=chunk_bytes, batch_pairs=batch_pairs, nonfinite_grads=nonfinite_grads, split_step=split_step
+        )
         defaults = dict(
             lr=lr,
             betas=tuple(betas) if isinstance(betas, (tuple, list)) else betas,
@@ -197,10 +207,12 @@ class LoFTAdamW(Optimizer):
         self._states = PairStates()
         self._prepared: _Preparation | None = None
         self._loaded_pairs: list[tuple[LoRAPair, dict[str, Any], dict[str, Any]]] = []
+        self._distributor: LocalDistributor | OwnerDistributor | None = None
         super().__init__(_as_param_groups(params), defaults)
         if not self._pairs:
             raise ValueError(self._no_pairs_message())
         check_pairs_agree_across_ranks((p.name, p.A.shape, p.B.shape) for p in self._pairs)
+        self._distributor = make_distributor(self._pairs, self.settings.split_step)
         warn_about_ranks_between(self._pairs)
         self.register_state_dict_post_hook(_pack_pair_state)
         self.register_load_state_dict_pre_hook(_unpack_pair_state)
@@ -240,8 +252,7 @@ class LoFTAdamW(Optimizer):
                     f"LoFTAdamW params must be modules, loft.LoRAPair objects or tensors, got {type(item).__name__}."
                 )
         for pair in pairs:
-            check_tensor_supported(pair.A, pair.name or "a LoRA factor")
-            check_tensor_supported(pair.B, pair.name or "a LoRA factor")
+            check_pair_supported(pair)
         for t in plain:
             check_tensor_supported(t, self._param_names.get(id(t), f"a parameter of shape {tuple(t.shape)}"))
         unknown = set(group) - {"params", *self.defaults}
@@ -281,6 +292,8 @@ class LoFTAdamW(Optimizer):
                 self.state[t] = ParamStateView(self._states, pair, side)
             self._param_names.setdefault(id(pair.A), f"{pair.name}.A" if pair.name else "lora A")
             self._param_names.setdefault(id(pair.B), f"{pair.name}.B" if pair.name else "lora B")
+        if self._distributor is not None:
+            self._distributor.add_pairs(pairs)
         self._prepared = None
 
     def _no_pairs_message(self) -> str:
@@ -324,47 +337,56 @@ class LoFTAdamW(Optimizer):
         needs the scaled gradients even where gradient scaling is off)."""
         fingerprint = self._fingerprint()
         cached = self._prepared
-        if cached is not None and cached.fingerprint == fingerprint and (cached.with_norm or not with_norm):
+        dist = self._distributor
+        assert dist is not None
+        # (with owners, every rank must take part in each gather: no rank may reuse one alone)
+        if dist.local and cached is not None and cached.fingerprint == fingerprint and (cached.with_norm or not with_norm):
             return cached
-        batches: list[_Batch] = []
         for group in self.param_groups:
-            grouped: dict[tuple[Any, ...], tuple[float, list[LoRAPair]]] = {}
             for p in group["params"]:
                 if p.grad is not None and p.grad.is_sparse:
                     raise RuntimeError(
                         f"LoFTAdamW does not support sparse gradients ({self._name(p)}). Use dense "
                         "gradients (e.g. nn.Embedding(..., sparse=False))."
                     )
+                if id(p) not in self._pair_by_param and id(p) not in self._plain_ids:
+                    raise UnsupportedDistributedSetup(
+                        f"LoFTAdamW's param_groups hold a tensor of shape {tuple(p.shape)} it was not built with. "
+                        "Something replaced the optimizer's parameters (DeepSpeed ZeRO and other wrappers that "
+                        "flatten or partition them are not supported); add parameters with add_param_group."
+                    )
+        # the whole factors and gradients of the pairs stepped here (a collective with owners)
+        wholes = dist.gather(self._pairs)
+        batches: list[_Batch] = []
+        for group in self.param_groups:
+            grouped: dict[tuple[Any, ...], tuple[float, list[LoRAPair]]] = {}
+            for p in group["params"]:
                 held = self._pair_by_param.get(id(p))
                 if held is None:
-                    if id(p) not in self._plain_ids:
-                        raise UnsupportedDistributedSetup(
-                            f"LoFTAdamW's param_groups hold a tensor of shape {tuple(p.shape)} it was not built with. "
-                            "Something replaced the optimizer's parameters (DeepSpeed ZeRO and other wrappers that "
-                            "flatten or partition them are not supported); add parameters with add_param_group."
-                        )
                     continue
                 pair, side = held
-                if side == 0 and (pair.A.grad is not None or pair.B.grad is not None):
+                if side == 0 and pair in wholes:
                     s = pair.scale()
                     step = self._states.step_of(pair)
                     key = (pair.A.shape, pair.B.shape, pair.A.dtype, pair.A.device, step, s)
                     grouped.setdefault(key if self.settings.batch_pairs else (id(pair),), (s, []))[1].append(pair)
             scale_grads = group["gradient_scaling"] or (with_norm and group["projected_clipping"])
             for s, pairs in grouped.values():
-                batches.append(self._prepare_batch(group, pairs, s, scale_grads))
+                batches.append(self._prepare_batch(group, [wholes[p] for p in pairs], pairs, s, scale_grads))
         self._prepared = _Preparation(batches, fingerprint, with_norm)
         return self._prepared
 
-    def _prepare_batch(self, group: dict[str, Any], pairs: list[LoRAPair], s: float, scale_grads: bool) -> _Batch:
+    def _prepare_batch(
+        self, group: dict[str, Any], wholes: list[Whole], pairs: list[LoRAPair], s: float, scale_grads: bool
+    ) -> _Batch:
         step = self._states.step_of(pairs[0]) + 1
         cd = compute_dtype(pairs[0].A.dtype)
         damping = group["damping"] if group["damping"] is not None else 10 * torch.finfo(cd).eps
         sides = prepare_pair(
-            _stack([LoRAPair.matrix(pair.A) for pair in pairs], cd),  # A: (b, r, n)
-            _stack([LoRAPair.matrix(pair.B) for pair in pairs], cd) * s,  # U = s B: (b, m, r)
-            _stack([_grad_matrix(pair.A) for pair in pairs], cd),  # dL/dA
-            _stack([_grad_matrix(pair.B) for pair in pairs], cd) / s,  # dL/dU = dL/dB / s
+            _stack([w.a for w in wholes], cd),  # A: (b, r, n)
+            _stack([w.b for w in wholes], cd) * s,  # U = s B: (b, m, r)
+            _stack([w.grad_a for w in wholes], cd),  # dL/dA
+            _stack([w.grad_b for w in wholes], cd) / s,  # dL/dU = dL/dB / s
             scaling=s,
             damping=damping,
             scale_grads=scale_grads,
@@ -388,11 +410,18 @@ class LoFTAdamW(Optimizer):
             pair_sq_norm(b.sides, move_a=b.move[0], move_b=b.move[1], projected=b.group["projected_clipping"])
             for b in prepared.batches
         ]
-        terms += [p.grad.double().square().sum() for _, params in plain for p in params]
+        dist = self._distributor
+        assert dist is not None
+        terms += [local_part(p.grad).double().square().sum() for _, ps in plain for p in ps if dist.counts_plain(p)]
+        device = self._device()
         if not terms:
-            return torch.zeros((), dtype=torch.float64)
-        device = terms[0].device
-        return torch.cat([t.to(device=device, dtype=torch.float64).reshape(-1) for t in terms]).sum().sqrt()
+            total = torch.zeros((), dtype=torch.float64, device=device)
+        else:
+            total = torch.cat([t.to(device=device, dtype=torch.float64).reshape(-1) for t in terms]).sum()
+        return dist.sum(total).sqrt()
+
+    def _device(self) -> torch.device:
+        return local_part(self._pairs[0].A).device
 
     def _max_grad_norm(self) -> float | None:
         norms = {group["max_grad_norm"] for group in self.param_groups}
@@ -418,11 +447,19 @@ class LoFTAdamW(Optimizer):
         prepared, plain = self._prepare(with_norm=True), self._plain_with_grads()
         total = self._total_norm(prepared, plain)
         # a non-finite gradient of a factor that does not move next is not in LoFT's norm
-        if not (bool(torch.isfinite(total)) and self._grads_finite(prepared, plain)):
-            grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-            norms = [torch.linalg.vector_norm(g.double()).to(grads[0].device) for g in grads]
-            total = torch.linalg.vector_norm(torch.stack(norms))
+        finite = self._finite_everywhere(prepared, plain)
+        if not (bool(torch.isfinite(total)) and finite):
+            total = self._plain_total_norm()
         return total.float()
+
+    def _plain_total_norm(self) -> Tensor:
+        """The plain norm of all gradients (what torch reports for a non-finite gradient)."""
+        dist = self._distributor
+        assert dist is not None
+        grads = [local_part(p.grad) for g in self.param_groups for p in g["params"] if p.grad is not None and dist.counts_plain(p)]
+        squares = [g.double().square().sum().to(self._device()) for g in grads]
+        total = torch.stack(squares).sum() if squares else torch.zeros((), dtype=torch.float64, device=self._device())
+        return dist.sum(total).sqrt()
 
     @torch.no_grad()
     def scale_grads_(self, coef: Tensor | float) -> None:
@@ -440,7 +477,8 @@ class LoFTAdamW(Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
-                    p.grad.mul_(coef_t.to(device=p.grad.device, dtype=p.grad.dtype))
+                    g = local_part(p.grad)
+                    g.mul_(coef_t.to(device=g.device, dtype=g.dtype))
         if valid:
             prepared.fingerprint = self._fingerprint()
 
@@ -469,6 +507,8 @@ class LoFTAdamW(Optimizer):
             coef = float(clip_coefficient(self.last_grad_norm, max_norm))  # a host number
         for batch in prepared.batches:
             self._step_batch(batch, coef)
+        assert self._distributor is not None
+        self._distributor.finish()  # the owners send the new factors (a collective with owners)
         for group, params in plain:
             self._step_plain(group, params, coef)
         return loss
@@ -509,29 +549,36 @@ class LoFTAdamW(Optimizer):
         state.step = batch.step
         # write back the factors that moved (and both of the pairs that were rebalanced)
         rebalanced = [False] * len(pairs) if result.rebalanced is None else result.rebalanced.tolist()
+        assert self._distributor is not None
         for side, moves in enumerate(batch.move):
             values = result.a if side == 0 else result.u_t.mT / batch.scaling
             for i, pair in enumerate(pairs):
                 if moves or rebalanced[i]:
-                    param = pair.A if side == 0 else pair.B
-                    param.copy_(values[i].reshape(param.shape))
+                    self._distributor.write(pair, side, values[i])
 
     @staticmethod
     def _grads_finite(prepared: _Preparation, plain: list[tuple[dict[str, Any], list[Tensor]]]) -> bool:
         # the pairs' gradients as stacked for the step: one check per batch and side; one sync
         grads = [side.grad for b in prepared.batches for side in b.sides]
-        grads += [p.grad for _, ps in plain for p in ps]
-        if not grads:
-            return True
-        return bool(torch.stack([torch.isfinite(g).all().to(grads[0].device) for g in grads]).all())
+        grads += [local_part(p.grad) for _, ps in plain for p in ps]
+        return all_finite(grads)
+
+    def _finite_everywhere(self, prepared: _Preparation, plain: list[tuple[dict[str, Any], list[Tensor]]]) -> bool:
+        """Whether every rank's gradients are finite (one collective with owners)."""
+        dist = self._distributor
+        assert dist is not None
+        finite = self._grads_finite(prepared, plain)
+        if dist.local:
+            return finite
+        return not bool(dist.sum(torch.tensor(float(not finite), device=self._device())))
 
     def _all_finite(self, prepared: _Preparation, plain: list[tuple[dict[str, Any], list[Tensor]]]) -> bool:
         """Whether the step may go on: warn and skip (or raise) when a gradient is not finite."""
-        if self._grads_finite(prepared, plain):
+        if self._finite_everywhere(prepared, plain):
             return True
         params = [t for b in prepared.batches for pair in b.pairs for t in (pair.A, pair.B)]
         params += [p for _, ps in plain for p in ps]
-        bad = [self._name(p) for p in params if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+        bad = [self._name(p) for p in params if p.grad is not None and not bool(torch.isfinite(local_part(p.grad)).all())]
         message = (
             f"Non-finite gradient (inf or NaN) in {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; "
             "the LoFTAdamW step was skipped and no parameter or state changed."
@@ -601,11 +648,34 @@ def _pack_pair_state(optimizer: LoFTAdamW, state_dict: dict[str, Any]) -> dict[s
     """``state_dict()`` post-hook: each LoRA factor's entry becomes a plain per-parameter dict
     (views of its batch's stacks), or is left out before the pair's first step."""
     state = state_dict["state"]
+    dist = optimizer._distributor
+    assert dist is not None
+    everyone: dict[int, tuple[dict[str, Any], dict[str, Any]]] = {}
+    if not dist.local:
+        # with owners each rank holds only its pairs' state: gather all of it (a collective), so
+        # that the checkpoint has today's per-parameter format and loads on any number of ranks
+        number = {pair: k for k, pair in enumerate(optimizer._pairs)}
+        mine = {
+            number[pair]: tuple(
+                {key: v.detach().to("cpu", copy=True) if isinstance(v, Tensor) else v for key, v in st.items()}
+                for st in (optimizer._states.param_state(pair, 0), optimizer._states.param_state(pair, 1))
+            )
+            for pair in optimizer._pairs
+            if dist.owner(pair) == dist.rank and pair in optimizer._states
+        }
+        everyone = dist.all_states(mine)  # type: ignore[union-attr]
     for i, p in enumerate(_param_index(optimizer)):
         held = optimizer._pair_by_param.get(id(p))
         if held is None:
+            if i in state and any(is_dtensor(v) for v in state[i].values()):  # an FSDP2 shard: the whole state
+                state[i] = {k: v.full_tensor() if is_dtensor(v) else v for k, v in state[i].items()}
             continue
-        st = optimizer._states.param_state(*held)
+        if dist.local:
+            st = optimizer._states.param_state(*held)
+        else:
+            pair, side = held
+            saved = everyone.get(optimizer._pairs.index(pair))
+            st = {} if saved is None else saved[side]
         if st:
             state[i] = st
         else:
@@ -674,7 +744,11 @@ def _install_loaded_pair_state(optimizer: LoFTAdamW) -> None:
     next step regroups the pairs), in the compute dtype, on the parameters' device."""
     optimizer._states.clear()
     optimizer._prepared = None
+    dist = optimizer._distributor
+    assert dist is not None
     for pair, st_a, st_b in optimizer._loaded_pairs:
+        if not dist.local and dist.owner(pair) != dist.rank:
+            continue  # another rank owns this pair: it keeps the state
         cd, device = compute_dtype(pair.A.dtype), pair.A.device
         sides = tuple(
             SideState(*(st[key].to(device=device, dtype=cd, copy=True).unsqueeze(0) for key in STATE_KEYS))
@@ -682,18 +756,19 @@ def _install_loaded_pair_state(optimizer: LoFTAdamW) -> None:
         )
         optimizer._states.install(BatchState([pair], int(st_a["step"]), sides))  # type: ignore[arg-type]
     optimizer._loaded_pairs = []
+    for group in optimizer.param_groups:  # FSDP2 shards of other parameters: keep this rank's rows
+        for p in group["params"]:
+            st = optimizer.state.get(p)
+            if is_dtensor(p) and id(p) in optimizer._plain_ids and st:
+                for key, value in list(st.items()):
+                    if isinstance(value, Tensor) and not is_dtensor(value) and tuple(value.shape) == tuple(p.shape):
+                        st[key] = shard_like(value, p)
     for pair in optimizer._pairs:  # torch's load made a new state dict: show the pairs' state again
         for side, t in enumerate((pair.A, pair.B)):
             optimizer.state[t] = ParamStateView(optimizer._states, pair, side)
 
 
 # --------------------------------------------------------------------------------- helpers
-def _grad_matrix(param: Tensor) -> Tensor:
-    if param.grad is None:
-        return LoRAPair.matrix(param).new_zeros(LoRAPair.matrix(param).shape)
-    return LoRAPair.matrix(param.grad)
-
-
 def _stack(matrices: list[Tensor], dtype: torch.dtype) -> Tensor:
     """``(b, rows, cols)`` in ``dtype``; a single matrix is not copied when it has the dtype."""
     if len(matrices) == 1:

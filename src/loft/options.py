@@ -102,12 +102,17 @@ class Settings:
     a quarter of it. ``batch_pairs``: step the pairs of equal shapes, dtype, device, param
     group, step count and scaling together (``False``: one at a time, for testing and
     comparison). ``nonfinite_grads``: ``"skip"`` (warn and leave parameters and state untouched)
-    or ``"raise"`` when a gradient holds inf or NaN.
+    or ``"raise"`` when a gradient holds inf or NaN. ``split_step``: under data parallelism with
+    whole factors on every rank (DDP), give each pair one owner rank that keeps its state and
+    computes its step, and broadcast the new factors (``False``: every rank steps every pair).
+    Sharded factors (FSDP2) always have owners. With owners, ``state_dict()`` and
+    ``load_state_dict()`` are collectives: call them on every rank.
     """
 
     chunk_bytes: int = 4 * 2**20
     batch_pairs: bool = True
     nonfinite_grads: str = "skip"
+    split_step: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.chunk_bytes, bool) or not isinstance(self.chunk_bytes, numbers.Integral):
@@ -116,5 +121,7 @@ class Settings:
             raise ValueError(f"Invalid chunk_bytes: {self.chunk_bytes} (must be >= 1).")
         if not isinstance(self.batch_pairs, bool):
             raise TypeError(f"Invalid batch_pairs: {self.batch_pairs!r} (True or False).")
+        if not isinstance(self.split_step, bool):
+            raise TypeError(f"Invalid split_step: {self.split_step!r} (True or False).")
         if self.nonfinite_grads not in ("skip", "raise"):
             raise ValueError(f"Invalid nonfinite_grads: {self.nonfinite_grads!r} (use 'skip' or 'raise').")

@@ -71,7 +71,7 @@ class LoRAPair:
     @property
     def shape(self) -> tuple[int, int]:
         """``(m, n)``: the shape of ``dW``."""
-        return int(self.B.shape[0]), int(self.A[0].numel())
+        return int(self.B.shape[0]), math.prod(self.A.shape[1:])  # (shapes only: A may be a DTensor)
 
     @property
     def rank_regime(self) -> str:

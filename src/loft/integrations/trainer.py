@@ -14,7 +14,8 @@ What the mixin changes, and only that:
   ``TrainingArguments`` (``learning_rate``, ``adam_beta1/2``, ``adam_epsilon``,
   ``weight_decay``) plus ``loft_options`` (``head_lr``, switches, ...). The optimizer is made
   inside the Trainer, after any model wrapping, so Trainer's refusal of a pre-built optimizer
-  under FSDP does not apply (``LoFTAdamW`` itself refuses sharded LoRA factors; use DDP).
+  under FSDP does not apply (``LoFTAdamW`` steps FSDP2-sharded factors through its owner
+  distributor; Trainer's ``fsdp`` / ``fsdp_config`` path is not tested yet, see docs/distributed.md).
   LR schedulers, gradient accumulation, ``save_steps``
   checkpoints and ``resume_from_checkpoint`` (optimizer state included) are Trainer's own.
 - Gradient clipping: Trainer's ``max_grad_norm`` (default 1.0) is kept, but the clipping is

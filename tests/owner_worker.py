@@ -1,0 +1,228 @@
+"""Worker processes for tests/test_owners.py: LoFT with one owner rank per pair, under FSDP2
+(``fully_shard``) and under DDP with ``split_step=True`` (gloo, CPU, float64 unless stated)."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import warnings
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import loft
+
+STEPS = 6
+N_ROWS = 8
+LORA_LAYERS = (0, 2, 4, 6)
+
+
+def build_model(dtype: torch.dtype = torch.float64):
+    """Four LoRA pairs of three shapes: ``0`` (A 2x6, B 7x2), ``2`` and ``4`` (A 2x7, B 7x2: one
+    batch), ``6`` (rank 1 < world size: A 1x7, B 5x1; m = 7 and 5 split unevenly); a
+    ``modules_to_save`` head ``8`` (3 x 5) trained with ``head_lr``."""
+    import peft
+
+    torch.manual_seed(0)
+    base = nn.Sequential(
+        nn.Linear(6, 7), nn.Tanh(), nn.Linear(7, 7), nn.Tanh(), nn.Linear(7, 7), nn.Tanh(), nn.Linear(7, 5), nn.Tanh(),
+        nn.Linear(5, 3),
+    ).to(dtype)
+    cfg = peft.LoraConfig(
+        r=2,
+        target_modules=[str(i) for i in LORA_LAYERS],
+        rank_pattern={"6": 1},
+        modules_to_save=["8"],
+        init_lora_weights=False,
+    )
+    return peft.get_peft_model(base, cfg, autocast_adapter_dtype=False)
+
+
+def data(dtype: torch.dtype = torch.float64):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(N_ROWS, 6, generator=g).to(dtype), torch.randn(N_ROWS, 3, generator=g).to(dtype)
+
+
+def make_optimizer(model, **settings):
+    opt = loft.LoFTAdamW(model, lr=1e-2, weight_decay=0.01, max_grad_norm=0.05, head_lr=3e-2, **settings)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1.0 + 0.5 * s))
+    return opt, sched
+
+
+def loss_fn(model, x, y):
+    return (model(x) - y).square().mean()
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()
+
+
+def trainable(model):
+    inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    return {n: full(p) for n, p in inner.named_parameters() if p.requires_grad}
+
+
+def train(model, opt, sched, x, y, steps: int = STEPS):
+    for _ in range(steps):
+        opt.zero_grad()
+        loss_fn(model, x, y).backward()
+        opt.step()
+        sched.step()
+
+
+def single_process_reference(steps: int = STEPS):
+    """One process that sees the whole batch every step."""
+    model = build_model()
+    opt, sched = make_optimizer(model)
+    x, y = data()
+    train(model, opt, sched, x, y, steps)
+    return trainable(model)
+
+
+def state_bytes(opt) -> int:
+    """Bytes of LoFT state this rank holds (every batch state's stacks)."""
+    return sum(t.numel() * t.element_size() for b in opt.batch_states() for side in b.sides for t in vars(side).values())
+
+
+def shard(model, world: int, mp_policy=None):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    kwargs = {} if mp_policy is None else {"mp_policy": mp_policy}
+    for i in LORA_LAYERS:
+        fully_shard(model.base_model.model[i], mesh=mesh, **kwargs)
+    fully_shard(model, mesh=mesh, **kwargs)
+    return model
+
+
+def worker(rank: int, world: int, port: int, scenarios: list[str], out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=30))
+    results: dict[str, object] = {}
+    global OUT_DIR
+    OUT_DIR = out_dir
+    try:
+        x, y = data()
+        rows = slice(rank * N_ROWS // world, (rank + 1) * N_ROWS // world)
+        for scenario in scenarios:
+            try:
+                results[scenario] = run(scenario, rank, world, x[rows], y[rows])
+            except Exception as exc:  # reported to the test, which fails with it
+                import traceback
+
+                results[scenario] = {"error": traceback.format_exc()}
+                raise
+            dist.barrier()
+    finally:
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        try:
+            dist.barrier()  # neither rank tears the group down while the other still uses it
+            dist.destroy_process_group()
+        finally:
+            # skip the interpreter's teardown (gloo's threads can abort it; see dist_worker.py)
+            os._exit(0)
+
+
+def run(scenario: str, rank: int, world: int, xs, ys) -> dict[str, object]:
+    out: dict[str, object] = {}
+    if scenario in ("fsdp2", "ddp_split"):
+        if scenario == "fsdp2":
+            model = shard(build_model(), world)
+            opt, sched = make_optimizer(model)
+        else:
+            model = nn.parallel.DistributedDataParallel(build_model())
+            opt, sched = make_optimizer(model, split_step=True)
+        norms = []
+        for _ in range(STEPS):
+            opt.zero_grad()
+            loss_fn(model, xs, ys).backward()
+            opt.step()
+            sched.step()
+            norms.append(float(opt.last_grad_norm))
+        out["params"] = trainable(model)
+        out["norms"] = norms
+        out["state_bytes"] = state_bytes(opt)
+        out["sent_bytes"] = opt._distributor.sent_bytes
+        out["owned"] = sorted(p.name for p in opt.pairs if opt._distributor.owner(p) == rank)
+        return out
+    if scenario == "fsdp2_clip_outside":  # clipping by loft.clip_grad_norm_ before the step, as LoFTTrainer does
+        model = shard(build_model(), world)
+        opt = loft.LoFTAdamW(model, lr=1e-2, weight_decay=0.01, head_lr=3e-2)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1.0 + 0.5 * s))
+        norms = []
+        for _ in range(STEPS):
+            opt.zero_grad()
+            loss_fn(model, xs, ys).backward()
+            norms.append(float(loft.clip_grad_norm_(opt, 0.05)))
+            opt.step()
+            sched.step()
+        out["params"] = trainable(model)
+        out["norms"] = norms
+        return out
+    if scenario == "fsdp2_mixed_precision":
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        model = shard(build_model(torch.float32), world, MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32))
+        opt, sched = make_optimizer(model)
+        x32, y32 = xs.float(), ys.float()
+        losses = []
+        for _ in range(STEPS):
+            opt.zero_grad()
+            loss = loss_fn(model, x32, y32)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(float(loss.detach()))
+        out["losses"] = losses
+        out["params"] = trainable(model)
+        out["dtypes"] = sorted({str(p.dtype) for p in model.parameters() if p.requires_grad})
+        return out
+    if scenario == "checkpoint":  # 3 steps, state_dict(), 3 more; a fresh run resumed from the checkpoint
+        model = shard(build_model(), world)
+        opt, sched = make_optimizer(model)
+        train(model, opt, sched, xs, ys, CHECKPOINT_AT)
+        path = os.path.join(OUT_DIR, "checkpoint.pt")
+        checkpoint = {"model": trainable(model), "optimizer": opt.state_dict(), "scheduler": sched.state_dict()}
+        if rank == 0:
+            torch.save(checkpoint, path)
+        dist.barrier()
+        train(model, opt, sched, xs, ys, STEPS - CHECKPOINT_AT)
+        out["continued"] = trainable(model)
+        out["resumed"] = resume(path, world, xs, ys)
+        out["checkpoint"] = path
+        return out
+    if scenario.startswith("resume:"):  # a checkpoint written on another number of processes
+        out["resumed"] = resume(scenario.split(":", 1)[1], world, xs, ys)
+        return out
+    raise ValueError(scenario)
+
+
+CHECKPOINT_AT = 3
+OUT_DIR = ""
+
+
+def load_trainable(model, values) -> None:
+    """Copy whole values into a (possibly FSDP2-sharded) model's trainable parameters."""
+    from loft.distributor import local_part, shard_like
+
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in values:
+                whole = values[n].to(p.dtype)
+                local_part(p).copy_(local_part(shard_like(whole, p)) if hasattr(p, "device_mesh") else whole)
+
+
+def resume(path: str, world: int, xs, ys):
+    """Continue from a checkpoint in a fresh FSDP2 model and optimizer; the whole trainable parameters after."""
+    checkpoint = torch.load(path, weights_only=False)
+    model = shard(build_model(), world)
+    load_trainable(model, checkpoint["model"])
+    opt, sched = make_optimizer(model)
+    opt.load_state_dict(checkpoint["optimizer"])
+    sched.load_state_dict(checkpoint["scheduler"])
+    train(model, opt, sched, xs, ys, STEPS - CHECKPOINT_AT)
+    return trainable(model)
