@@ -1,6 +1,6 @@
 """The ``loft`` command line: ``loft finetune`` and ``loft compare``.
 
-Bad input raises :class:`loft.errors.LoftUsageError`; :func:`main` prints its message (no
+Bad input raises :class:`loft.app.errors.LoftUsageError`; :func:`main` prints its message (no
 traceback) and exits with status 2. Ctrl-C during training saves a checkpoint and exits with
 status 130; ``--resume`` continues from it.
 

@@ -1,6 +1,6 @@
 """``loft compare``: one data set, seed and step budget; several methods and ranks.
 
-Each run is a :func:`loft.finetune.finetune` into ``<output_dir>/<method>-r<rank>`` (``full``
+Each run is a :func:`loft.app.finetune.finetune` into ``<output_dir>/<method>-r<rank>`` (``full``
 for full fine-tuning). The results go to ``compare.md`` / ``compare.csv`` (one row per run)
 and ``compare.png`` (accuracy against rank per method, and every loss curve).
 

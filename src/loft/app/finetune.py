@@ -17,7 +17,7 @@ Output directory::
 
 Under ``torchrun`` / ``accelerate launch`` every process runs :func:`finetune`; Trainer trains
 with DDP, ``batch_size`` is the global batch (split evenly over the processes), and only the
-main process (rank 0) touches the output directory and prints (see :mod:`loft.launch`).
+main process (rank 0) touches the output directory and prints (see :mod:`loft.app.launch`).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import __version__
+from .. import __version__
 from .atomic import publish_dir, replace_files, write_json
 from .data import BUILTIN_DATASETS, read_records, resolve_data
 from .errors import LoftUsageError, RunInterrupted
@@ -51,7 +51,7 @@ from .launch import (
     launched_processes,
     on_main_process,
 )
-from .linalg import rank_regime
+from ..linalg import rank_regime
 from .models import resolve_model
 
 __all__ = ["DEFAULT_HEAD_LR", "DEFAULT_LR", "METHODS", "FinetuneConfig", "finetune"]
@@ -823,7 +823,7 @@ class _Run:
         from transformers import PrinterCallback, Trainer
 
         from .callbacks import InterruptCallback, ProgressBar
-        from .integrations import LoFTTrainer
+        from ..integrations import LoFTTrainer
 
         cfg, out = self.cfg, self.out
         t_start = time.perf_counter()
