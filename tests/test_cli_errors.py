@@ -121,10 +121,19 @@ def test_rank_at_or_above_every_layers_larger_side_is_accepted(bert):
     from loft.app.finetune import resolve_targets
 
     model = AutoModelForSequenceClassification.from_pretrained(bert, num_labels=2)
-    for rank in (64, 80):
-        targets = resolve_targets(model, None, rank, set())
-        assert "bert.encoder.layer.0.intermediate.dense" in targets and len(targets) >= 12
-    assert len(resolve_targets(model, ["query"], 40, set())) == 2  # 32 x 32: any rank above 32 is "full"
+    targets = resolve_targets(model, None, 64, set())
+    assert "bert.encoder.layer.0.intermediate.dense" in targets and len(targets) >= 12
+    assert len(resolve_targets(model, ["query"], 32, set())) == 2
+
+
+def test_rank_above_every_layers_larger_side_is_refused(capsys, bert, train, tmp_path):
+    """Above max(m, n) a rank adds only memory: refused, naming the rank that is already exact."""
+    err = fails(capsys, "finetune", "--model", bert, "--data", train, "--rank", "1000000", "-o", tmp_path / "o")
+    assert "--rank 1000000 is larger than any adapted layer needs" in err and "--rank 64 or lower" in err
+    err = fails(capsys, "finetune", "--model", bert, "--data", train, "--rank", "40", "--target-modules", "query",
+                "-o", tmp_path / "o")
+    assert "--rank 32 or lower" in err
+    assert not (tmp_path / "o").exists()
 
 
 def test_output_dir_with_other_run_is_refused_unless_overwrite(capsys, bert, train, tmp_path):

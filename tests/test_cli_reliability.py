@@ -187,10 +187,10 @@ def test_compare_overwrite_checks_every_run_before_touching_the_folder(capsys, b
     snapshot = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
     csv_text = (out / "compare.csv").read_text()
     bad = [str(a) for a in base[:-1]] + [str(out), "--overwrite"]
-    bad[bad.index("--ranks") + 1] = "2,1000"
+    bad[bad.index("--ranks") + 1] = "2,48"  # 48 lies between the 32 -> 64 layers' sides
     assert main(bad) == 2
     err = capsys.readouterr().err
-    assert "--rank 1000 is larger than layer" in err
+    assert "--rank 48 does not fit layer" in err
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == snapshot  # nothing removed, nothing trained
     assert (out / "compare.csv").read_text() == csv_text
 

@@ -417,6 +417,13 @@ def resolve_targets(model: nn.Module, requested: list[str] | None, rank: int, fr
                 f"lower, --rank {max(d_in, d_out)} (exactly full fine-tuning of that layer with LoFT), or leave "
                 "that layer out of --target-modules."
             )
+    largest = max(max(_layer_shape(linears[name])) for name in targets)
+    if rank > largest:  # rank max(m, n) is already exact; more only costs memory (r^2 per column)
+        raise LoftUsageError(
+            f"--rank {rank} is larger than any adapted layer needs: the largest side of the targeted layers is "
+            f"{largest}, and at --rank {largest} LoFT is already exactly full fine-tuning of every layer it adapts. "
+            f"Use --rank {largest} or lower."
+        )
     return targets
 
 
