@@ -363,12 +363,13 @@ def _apply_plan(out: Path, plan: OutputPlan) -> None:
 # ----------------------------------------------------------------------------- model set-up
 def _linear_modules(model: nn.Module, exclude: set[str]) -> dict[str, nn.Module]:
     """Linear layers LoRA can target (not the fresh head, not the output embedding)."""
-    from transformers.pytorch_utils import Conv1D
+    from ..integrations.library_internals import linear_layer_types
 
+    kinds = linear_layer_types()
     out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     found = {}
     for name, module in model.named_modules():
-        if not isinstance(module, (nn.Linear, Conv1D)) or module is out_emb:
+        if not isinstance(module, kinds) or module is out_emb:
             continue
         if any(name == e or name.startswith(e + ".") for e in exclude):
             continue
@@ -553,10 +554,10 @@ def _check_architecture(task, config, spec: str) -> None:
     """Refuse an encoder (BERT, RoBERTa ...) for multiple choice, which needs a causal LM."""
     if task.kind != "multiple_choice":
         return
-    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    from ..integrations.library_internals import is_encoder_model_type
 
     model_type = getattr(config, "model_type", None)
-    if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False):
+    if is_encoder_model_type(config):
         raise LoftUsageError(
             f"Model {spec!r} is an encoder ({model_type}); multiple-choice data needs a causal (decoder) language "
             "model such as smollm2-135m or any Llama / GPT-style model. Encoders suit text classification "
@@ -626,26 +627,6 @@ def _training_args(cfg: FinetuneConfig, out: Path, max_steps: int, lr: float, pr
     )
 
 
-def _train_after_evaluation(trainer: Any) -> None:
-    """Let ``trainer.train()`` wrap the model in DDP after a ``Trainer.predict`` before training.
-
-    On several processes ``Trainer.predict`` before ``train()`` prepares the model for evaluation
-    only (no DDP wrapper), and accelerate marks it as prepared (transformers 5.24, accelerate
-    1.15); ``train()`` then skips the DDP wrapper and each process trains alone on its share of
-    every batch, gradients never averaged. Clear that mark (and accelerate's record of the model)
-    so that ``train()`` prepares it for training. tests/test_cli_distributed.py compares a
-    2-process run with a 1-process run and fails without this.
-    """
-    model = trainer.model
-    if trainer.args.world_size <= 1 or trainer.model_wrapped is not model:
-        return
-    if getattr(model, "_is_accelerate_prepared", False):
-        model._is_accelerate_prepared = False
-        prepared = getattr(trainer.accelerator, "_models", None)
-        if isinstance(prepared, list):
-            prepared[:] = [m for m in prepared if m is not model]
-
-
 class _RunTrainerMixin:
     """What ``loft finetune`` adds to ``transformers.Trainer``:
 
@@ -683,20 +664,18 @@ class _RunTrainerMixin:
         seconds = self._loft_prior_seconds + time.perf_counter() - self._loft_t0
         return {"losses": losses, "train_seconds": seconds}
 
+    # Trainer's private checkpoint hook (library_internals.SAVE_CHECKPOINT_HOOK)
     def _save_checkpoint(self, model, trial):
-        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+        from ..integrations.library_internals import checkpoint_folder_name, saving_checkpoints_into
 
         root = Path(self.args.output_dir)
-        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        name = checkpoint_folder_name(self.state.global_step)
         staging = root / STAGING
         if self.args.should_save:
             shutil.rmtree(staging / name, ignore_errors=True)
         barrier()
-        self.args.output_dir = str(staging)
-        try:
+        with saving_checkpoints_into(self, staging):
             super()._save_checkpoint(model, trial)
-        finally:
-            self.args.output_dir = str(root)
         progress = self.loft_progress()
         barrier()  # every process has written its files (rng_state_<rank>.pth) before the rename
         if self.args.should_save:
@@ -829,8 +808,9 @@ class _Run:
     def execute(self, *, overwrite: bool, resume: bool, progress: bool, callbacks: list[Any] | None) -> dict[str, Any]:
         from transformers import PrinterCallback, Trainer
 
-        from .callbacks import InterruptCallback, ProgressBar
         from ..integrations import LoFTTrainer
+        from ..integrations.library_internals import let_train_wrap_for_ddp, loss_is_per_process_mean
+        from .callbacks import InterruptCallback, ProgressBar
 
         cfg, out = self.cfg, self.out
         t_start = time.perf_counter()
@@ -885,17 +865,14 @@ class _Run:
             trainer = _trainer_class(Trainer)(**common, optimizers=(optimizer, None))
         trainer.remove_callback(PrinterCallback)
         if task.kind == "classification":
-            # sequence classifiers take **kwargs but do not average their loss over accumulation steps
-            trainer.loss_is_scaled_for_ga = False
-            # ... nor over the processes' examples: with num_items_in_batch Trainer would multiply their
-            # per-process mean loss by the number of processes (DDP then averages): N times the gradient
-            trainer.model_accepts_loss_kwargs = False
+            # sequence classifiers average their loss over neither accumulation steps nor processes
+            loss_is_per_process_mean(trainer)
 
         state_file = out / EVAL_BEFORE_FILE
         if before is None and cfg.eval_before:  # every rank evaluates (Trainer.predict is a collective)
             self.phase = "evaluating before training"
             before = task.evaluate(trainer, tokenizer, max_length)
-            _train_after_evaluation(trainer)
+            let_train_wrap_for_ddp(trainer)  # see loft.integrations.library_internals
             if main:
                 write_json(state_file, before)
             if progress:
