@@ -26,10 +26,8 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import random
 import shutil
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -53,8 +51,39 @@ from .launch import (
 )
 from ..linalg import rank_regime
 from .models import resolve_model
+from .rundir import (  # noqa: F401  (re-exported: compare and the tests use them from here)
+    CHECKPOINTS,
+    CONFIG_FILE,
+    EVAL_BEFORE_FILE,
+    METRICS_FILE,
+    PROGRESS_FILE,
+    STAGING,
+    OutputPlan,
+    _checkpoints,
+    _damage,
+    _latest_checkpoint,
+    _read_run_config,
+    apply_output_plan,
+    check_output_dir,
+    checkpoint_damage,
+    default_output_dir,
+    run_name,
+)
+from .tasks import Task
 
-__all__ = ["DEFAULT_HEAD_LR", "DEFAULT_LR", "METHODS", "FinetuneConfig", "finetune"]
+__all__ = [
+    "DEFAULT_HEAD_LR",
+    "DEFAULT_LR",
+    "METHODS",
+    "FinetuneConfig",
+    "RunMetrics",
+    "RunPlan",
+    "build_run",
+    "finetune",
+    "plan_run",
+    "save_run",
+    "train_run",
+]
 
 METHODS = ("loft", "lora", "dora", "full")
 
@@ -64,14 +93,6 @@ DEFAULT_LR = {"loft": 5e-4, "lora": 2e-3, "dora": 2e-3, "full": 1e-4}
 DEFAULT_HEAD_LR = 2e-3
 #: Steps of the default run (and of each ``loft compare`` run) when neither steps nor epochs are given.
 DEFAULT_MAX_STEPS = 400
-CONFIG_FILE = "run_config.json"
-METRICS_FILE = "metrics.json"
-CHECKPOINTS = "checkpoints"
-EVAL_BEFORE_FILE = "eval_before.json"
-#: Where files are written before they are renamed into place (result files; in checkpoints/: checkpoints).
-STAGING = ".incoming"
-#: In each checkpoint: the per-step training losses and training seconds so far (metrics after --resume).
-PROGRESS_FILE = "loft_progress.json"
 
 log = logging.getLogger(__name__)
 
@@ -152,212 +173,6 @@ def check_batch_split(batch_size: int, processes: int) -> None:
             f"global batch (examples per optimizer step, all processes together), each process takes "
             f"--batch-size / {processes}. Give a multiple of {processes}, e.g. {choices}."
         )
-
-
-# ----------------------------------------------------------------------------- output dir
-def run_name(method: str, rank: int) -> str:
-    """``loft-r4``; ``full`` for full fine-tuning (which has no rank)."""
-    return "full" if method == "full" else f"{method}-r{rank}"
-
-
-def default_output_dir(cfg: "FinetuneConfig") -> Path:
-    return Path(cfg.output_dir or Path("runs") / f"{Path(cfg.data).stem}-{run_name(cfg.method, cfg.rank)}")
-
-
-def _checkpoints(out: Path) -> list[Path]:
-    """Published checkpoint folders, newest first (``.incoming`` holds ones being written)."""
-    folder = out / CHECKPOINTS
-    found = [p for p in folder.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[-1]), reverse=True)
-
-
-def _latest_checkpoint(out: Path) -> Path | None:
-    found = _checkpoints(out)
-    return found[0] if found else None
-
-
-def _damage(path: Path) -> str | None:
-    """Why the file ``path`` cannot be loaded (truncated, not valid ...), or ``None``."""
-    import zipfile
-
-    try:
-        if path.suffix == ".json":
-            json.loads(path.read_text(encoding="utf-8"))
-        elif path.suffix == ".safetensors":
-            with open(path, "rb") as f:
-                head = f.read(8)
-                if len(head) < 8:
-                    return "truncated"
-                n = int.from_bytes(head, "little")
-                header = json.loads(f.read(n))
-            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-            if path.stat().st_size < 8 + n + end:
-                return "truncated"
-        elif path.suffix in (".pt", ".pth", ".bin"):
-            with zipfile.ZipFile(path) as z:
-                bad = z.testzip()
-            if bad is not None:
-                return f"damaged entry {bad}"
-    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile, EOFError) as e:
-        return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else 'unreadable'}"
-    return None
-
-
-def checkpoint_damage(checkpoint: Path) -> str | None:
-    """The first file of ``checkpoint`` that cannot be loaded, and why; ``None`` when complete."""
-    if not (checkpoint / "trainer_state.json").is_file():
-        return "trainer_state.json is missing"
-    for path in sorted(checkpoint.iterdir()):
-        if path.is_file():
-            why = _damage(path)
-            if why:
-                return f"{path.name}: {why}"
-    return None
-
-
-def _complete_checkpoint(out: Path) -> Path | None:
-    """The newest checkpoint whose every file loads; a clear error when all are damaged."""
-    found = _checkpoints(out)
-    damaged = []
-    for checkpoint in found:
-        why = checkpoint_damage(checkpoint)
-        if why is None:
-            if damaged:
-                print(f"Skipping damaged {damaged[0]}; resuming from {checkpoint.name}.", flush=True)
-            return checkpoint
-        damaged.append(f"{checkpoint.name} ({why})")
-    if damaged:
-        raise LoftUsageError(
-            f"Cannot resume the run in {str(out)!r}: its checkpoint is damaged: {damaged[0]}. Nothing was changed. "
-            "Start the run again with --overwrite."
-        )
-    return None
-
-
-def _read_run_config(out: Path) -> dict[str, Any]:
-    path = out / CONFIG_FILE
-    try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(saved, dict) or not isinstance(saved.get("settings"), dict):
-            raise ValueError("no 'settings'")
-        return saved
-    except (OSError, ValueError) as e:
-        raise LoftUsageError(
-            f"{path} is damaged ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unreadable'}); nothing was "
-            "changed. Start the run again with --overwrite (or choose another --output-dir)."
-        ) from None
-
-
-def _check_writable(out: Path) -> None:
-    """Refuse an output directory this process cannot write, before anything is written."""
-    probe = out
-    while not probe.exists():
-        if probe.parent == probe:
-            break
-        probe = probe.parent
-    if probe.exists() and not probe.is_dir():
-        raise LoftUsageError(f"Cannot create --output-dir {str(out)!r}: {str(probe)!r} is a file.")
-    problem = None
-    if probe != out:  # the folder does not exist yet: ask, without creating anything next to it
-        if not os.access(probe, os.W_OK | os.X_OK):
-            problem = "permission denied"
-    else:  # the run's own folder: try writing a file there (catches read-only file systems too)
-        try:
-            fd, name = tempfile.mkstemp(prefix=".loft-write-test-", dir=probe)
-            os.close(fd)
-            os.unlink(name)
-        except OSError as e:
-            problem = e.strerror or str(e)
-    if problem:
-        raise LoftUsageError(
-            f"Cannot write to --output-dir {str(out)!r} ({str(probe)!r}: {problem}); nothing was written. "
-            "Choose a folder you can write to."
-        )
-
-
-@dataclass
-class OutputPlan:
-    """What a run does with its output directory: ``new``, ``overwrite``, ``rerun`` (a finished
-    run of the same settings, kept until the new result is complete) or ``resume``."""
-
-    action: str
-    checkpoint: Path | None = None
-    existed: bool = False  # the folder existed before this run
-
-
-def check_output_dir(out: Path, identity: dict[str, Any], *, overwrite: bool, resume: bool) -> OutputPlan:
-    """Decide what this run does with ``out``, reading only: refuse (``LoftUsageError``) a folder
-    the run must not use. Nothing is written here."""
-    if overwrite and resume:
-        raise LoftUsageError("--overwrite and --resume contradict each other; pass one of them.")
-    if out.exists() and not out.is_dir():
-        raise LoftUsageError(f"--output-dir {str(out)!r} is a file; give a folder.")
-    if not out.exists() or not any(out.iterdir()):
-        if resume:
-            raise LoftUsageError(f"Nothing to resume: {str(out)!r} holds no run. Run without --resume.")
-        _check_writable(out)
-        return OutputPlan("new", existed=out.exists())
-    if not (out / CONFIG_FILE).is_file():
-        if overwrite:
-            raise LoftUsageError(
-                f"Output directory {str(out)!r} holds no loft run (no {CONFIG_FILE}); --overwrite only replaces a loft "
-                "run, so nothing was changed. Choose another --output-dir or empty that folder yourself."
-            )
-        raise LoftUsageError(
-            f"Output directory {str(out)!r} is not empty and holds no loft run; nothing was changed. "
-            "Choose another --output-dir."
-        )
-    _check_writable(out)
-    if overwrite:
-        return OutputPlan("overwrite", existed=True)
-    saved = _read_run_config(out)["settings"]
-    diffs = [f"{k}: {saved.get(k)!r} there, {v!r} now" for k, v in identity.items() if saved.get(k) != v]
-    if diffs:
-        raise LoftUsageError(
-            f"Output directory {str(out)!r} already holds a different run ({'; '.join(diffs[:4])}). Nothing was "
-            "changed. Choose another --output-dir, or pass --overwrite to replace that run."
-        )
-    finished = (out / METRICS_FILE).is_file()
-    if resume:
-        checkpoint = _complete_checkpoint(out)
-        if checkpoint is None:
-            if finished:
-                raise LoftUsageError(f"The run in {str(out)!r} already finished (metrics.json); nothing to resume.")
-            raise LoftUsageError(
-                f"No checkpoint in {str(out / CHECKPOINTS)!r} to resume from; start again with --overwrite."
-            )
-        return OutputPlan("resume", checkpoint, existed=True)
-    if not finished:
-        hint = "continue it with --resume" if _latest_checkpoint(out) is not None else "it left no checkpoint"
-        raise LoftUsageError(
-            f"Output directory {str(out)!r} holds an unfinished run of these settings ({hint}), or pass --overwrite "
-            "to start again."
-        )
-    return OutputPlan("rerun", existed=True)
-
-
-def prepare_output_dir(out: Path, identity: dict[str, Any], *, overwrite: bool, resume: bool) -> Path | None:
-    """Check ``out`` and make it ready for this run; return the checkpoint to resume from."""
-    plan = check_output_dir(out, identity, overwrite=overwrite, resume=resume)
-    _apply_plan(out, plan)
-    return plan.checkpoint
-
-
-def _apply_plan(out: Path, plan: OutputPlan) -> None:
-    """Make ``out`` ready (main process). A finished run being rerun keeps its results until the
-    new ones are complete; only leftovers of an earlier interrupted attempt are removed."""
-    if plan.action == "overwrite":
-        print(f"Replacing the run in {out} (--overwrite).", flush=True)
-        shutil.rmtree(out)
-    elif plan.action == "rerun":
-        print(f"Rerunning the finished run in {out}; its results stay until the new ones are complete.", flush=True)
-        shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
-        shutil.rmtree(out / STAGING, ignore_errors=True)
-        (out / EVAL_BEFORE_FILE).unlink(missing_ok=True)
-    elif plan.action == "resume":
-        shutil.rmtree(out / CHECKPOINTS / STAGING, ignore_errors=True)  # a checkpoint a kill left half-written
-        shutil.rmtree(out / STAGING, ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
 
 
 # ----------------------------------------------------------------------------- model set-up
@@ -455,7 +270,7 @@ def _start_run(
                 "so that every process finds its own saved random state. Nothing was changed."
             )
     try:
-        _apply_plan(out, plan)
+        apply_output_plan(out, plan)
         if plan.checkpoint is None:
             write_json(out / CONFIG_FILE, {"settings": cfg.identity(), "processes": world, "model_path": model_path,
                                            "loft_version": __version__})
@@ -575,15 +390,15 @@ def _check_max_length(model: nn.Module, max_length: int, spec: str) -> None:
         )
 
 
-def _apply_method(cfg: FinetuneConfig, task, model: nn.Module, fresh: list[str]):
-    """Wrap ``model`` for the method; return ``(model, is_head(name) predicate)``."""
+def _apply_method(cfg: FinetuneConfig, task: Task, model: nn.Module, fresh: list[str], targets: list[str] | None):
+    """Wrap ``model`` for the method (``targets``: the layers to adapt, ``None`` for full
+    fine-tuning); return the model to train."""
     if cfg.method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
-        return model, lambda n: any(n == f or n.startswith(f + ".") for f in fresh)
+        return model
     from peft import LoraConfig, get_peft_model
 
-    targets = resolve_targets(model, cfg.target_modules, cfg.rank, set(fresh))
     lora = LoraConfig(
         r=cfg.rank,
         lora_alpha=cfg.alpha if cfg.alpha is not None else 2 * cfg.rank,
@@ -593,7 +408,7 @@ def _apply_method(cfg: FinetuneConfig, task, model: nn.Module, fresh: list[str])
         use_dora=cfg.method == "dora",
         task_type="SEQ_CLS" if task.kind == "classification" else "CAUSAL_LM",
     )
-    return get_peft_model(model, lora), lambda n: "modules_to_save" in n
+    return get_peft_model(model, lora)
 
 
 def _training_args(cfg: FinetuneConfig, out: Path, max_steps: int, lr: float, processes: int = 1):
@@ -732,19 +547,154 @@ def finetune(
 ) -> dict[str, Any]:
     """Run one fine-tuning job; return its metrics (also written to ``metrics.json``).
 
+    Four steps: :func:`plan_run` (check every input, decide everything; nothing written),
+    :func:`build_run` (prepare the output directory, build the Trainer), :func:`train_run`
+    (evaluate before, train) and :func:`save_run` (evaluate after, write the results).
+
     Raises :class:`LoftUsageError` for bad input (before anything is written) and
     :class:`RunInterrupted` when Ctrl-C stopped the run (its message says what was kept).
     """
-    run = _Run(cfg)
+    status = RunStatus(cfg, progress)
     try:
-        return run.execute(overwrite=overwrite, resume=resume, progress=progress, callbacks=callbacks)
+        plan, inputs = plan_run(cfg, overwrite=overwrite, resume=resume, status=status)
+        built = build_run(plan, inputs, callbacks=callbacks, status=status)
+        trained = train_run(plan, inputs, built, status=status)
+        return save_run(plan, inputs, built, trained, status=status).as_dict()
     except KeyboardInterrupt:
-        raise RunInterrupted(run.interrupted(), run.checkpoint_kept()) from None
+        raise RunInterrupted(status.interrupted(), status.checkpoint_kept()) from None
 
 
-def prepare_inputs(cfg: FinetuneConfig, processes: int = 1) -> dict[str, Any]:
-    """Check every input of a run without writing anything: the data, the model, the method's
-    layers and ranks, ``--max-length``. Returns what :func:`finetune` builds on."""
+# ----------------------------------------------------------------------------- typed pieces
+@dataclass
+class LoadedInputs:
+    """The data and model of a run, loaded and checked (nothing written): what
+    :func:`prepare_inputs` returns."""
+
+    task: Task
+    train_path: str
+    eval_note: str
+    spec: str  # --model as given (or the task's default)
+    model_path: str  # the folder it resolved to
+    max_length: int
+    model: nn.Module
+    tokenizer: Any
+    fresh: list[str]  # modules of freshly initialised parameters (the head)
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """Everything decided about a run before anything is written: from the options, the data,
+    the model and the output directory's state."""
+
+    cfg: FinetuneConfig
+    out: Path
+    name: str  # loft-r4, full ...
+    main: bool  # this process writes and prints (rank 0)
+    progress: bool  # progress bars and lines (main process only)
+    processes: int  # launched (WORLD_SIZE)
+    world: int  # processes Trainer trains on
+    task_kind: str
+    data: str  # the training file
+    eval_note: str  # where the eval data comes from
+    model_spec: str
+    model_path: str
+    max_length: int
+    fresh: tuple[str, ...]
+    targets: tuple[str, ...] | None  # adapted layers (None: full fine-tuning)
+    method_lr: float
+    head_lr: float
+    steps_per_epoch: int
+    max_steps: int
+    batch_size: int  # examples per optimizer step, all processes together
+    output: OutputPlan  # new / overwrite / rerun / resume (and the checkpoint)
+
+    def is_head(self, name: str) -> bool:
+        """Whether parameter ``name`` belongs to the fresh head (trained at ``head_lr``)."""
+        if self.cfg.method == "full":
+            return any(name == f or name.startswith(f + ".") for f in self.fresh)
+        return "modules_to_save" in name
+
+
+@dataclass
+class RunInputs:
+    """What :func:`plan_run` loaded and built to check the run: the task, the model wrapped
+    for the method, the tokenizer and Trainer's arguments."""
+
+    task: Task
+    model: nn.Module
+    tokenizer: Any
+    args: Any  # transformers.TrainingArguments
+
+
+@dataclass
+class BuiltRun:
+    """What :func:`build_run` made: the Trainer and what the output directory held."""
+
+    trainer: Any
+    interrupt: Any  # the InterruptCallback
+    checkpoint: str | None  # resumed from
+    before: dict[str, float] | None  # eval metrics before training, saved by an earlier attempt
+    progress: dict[str, Any] | None  # training progress saved in the checkpoint
+    has_head: bool
+    trainable_params: int
+    total_params: int
+
+
+@dataclass
+class TrainedRun:
+    """What :func:`train_run` produced."""
+
+    before: dict[str, float] | None
+    training_loss: float  # Trainer's mean loss of this attempt's steps
+
+
+@dataclass
+class RunMetrics:
+    """The metrics of one run: what ``metrics.json`` holds (same keys, same order) and what
+    :func:`finetune` returns (as a dict)."""
+
+    eval_accuracy: float
+    eval_loss: float
+    eval_accuracy_before: float | None
+    eval_loss_before: float | None
+    train_loss: float
+    train_loss_last: float | None
+    steps: int
+    epochs: float
+    train_seconds: float
+    seconds: float | None
+    train_examples_per_second: float
+    resumed_from: str | None
+    task: str
+    method: str
+    rank: int | None
+    lr: float
+    head_lr: float | None
+    model: str
+    model_path: str
+    data: str
+    eval_data: str
+    num_train: int
+    num_eval: int
+    batch_size: int
+    processes: int
+    max_length: int
+    seed: int
+    trainable_params: int
+    total_params: int
+    fresh_modules: list[str]
+    labels: list[str] | None
+    loss_curve: list[tuple[int, float]]
+    loft_version: str
+    torch_threads: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def prepare_inputs(cfg: FinetuneConfig, processes: int = 1) -> LoadedInputs:
+    """Check every input of a run without writing anything: the data, the model, ``--max-length``.
+    Returns what :func:`plan_run` builds on."""
     cfg.check(processes)
     _quiet_libraries()
     task, train_path, eval_note = _load_data(cfg)
@@ -757,23 +707,200 @@ def prepare_inputs(cfg: FinetuneConfig, processes: int = 1) -> dict[str, Any]:
     model, tokenizer, missing = _load_model(task, model_path, spec)
     _check_max_length(model, max_length, spec)
     fresh = _fresh_modules(missing)
-    return dict(task=task, train_path=train_path, eval_note=eval_note, spec=spec, model_path=model_path,
-                max_length=max_length, model=model, tokenizer=tokenizer, fresh=fresh)
+    return LoadedInputs(task=task, train_path=train_path, eval_note=eval_note, spec=spec, model_path=model_path,
+                        max_length=max_length, model=model, tokenizer=tokenizer, fresh=fresh)
 
 
-class _Run:
-    """One run of :func:`finetune`, with what an interruption needs to report."""
+# ----------------------------------------------------------------------------- the four steps
+def plan_run(cfg: FinetuneConfig, *, overwrite: bool, resume: bool, status: RunStatus) -> tuple[RunPlan, RunInputs]:
+    """Check every input and decide the run, writing nothing: join the other processes, load
+    the data and the model, resolve the layers to adapt and wrap the model for the method,
+    compute the steps and learning rates, and decide (rank 0) what happens to the output
+    directory (``LoftUsageError`` when the run must not use it)."""
+    out = status.out
+    processes = launched_processes()
+    cfg.check(processes)
+    status.phase = "joining the other processes"
+    init_processes()  # joins torchrun's / accelerate's process group (no-op for one process)
+    main = status.main = is_main_process()
+    status.phase = "loading the data and the model"
+    loaded = prepare_inputs(cfg, processes)
+    task = loaded.task
+    method_lr = cfg.lr if cfg.lr is not None else DEFAULT_LR[cfg.method]
+    head_lr = cfg.head_lr if cfg.head_lr is not None else DEFAULT_HEAD_LR
+    steps_per_epoch = math.ceil(task.num_train / (cfg.batch_size * cfg.grad_accum))
+    if cfg.max_steps is not None:
+        max_steps = cfg.max_steps
+    elif cfg.epochs is not None:
+        max_steps = max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    else:
+        max_steps = DEFAULT_MAX_STEPS
+    targets = None if cfg.method == "full" else resolve_targets(loaded.model, cfg.target_modules, cfg.rank, set(loaded.fresh))
+    model = _apply_method(cfg, task, loaded.model, loaded.fresh, targets)
+    args = _training_args(cfg, out, max_steps, method_lr, processes)
+    world = _check_world(args, processes, cfg)
+    output = on_main_process(check_output_dir, out, cfg.identity(), overwrite=overwrite, resume=resume)
+    plan = RunPlan(
+        cfg=cfg, out=out, name=run_name(cfg.method, cfg.rank), main=main, progress=status.progress and main,
+        processes=processes, world=world, task_kind=task.kind, data=loaded.train_path, eval_note=loaded.eval_note,
+        model_spec=loaded.spec, model_path=loaded.model_path, max_length=loaded.max_length,
+        fresh=tuple(loaded.fresh), targets=None if targets is None else tuple(targets), method_lr=method_lr,
+        head_lr=head_lr, steps_per_epoch=steps_per_epoch, max_steps=max_steps,
+        batch_size=cfg.batch_size * cfg.grad_accum, output=output,
+    )
+    return plan, RunInputs(task=task, model=model, tokenizer=loaded.tokenizer, args=args)
 
-    def __init__(self, cfg: FinetuneConfig) -> None:
+
+def build_run(plan: RunPlan, inputs: RunInputs, *, callbacks: list[Any] | None, status: RunStatus) -> BuiltRun:
+    """Make the output directory ready (rank 0; the others wait) and build the Trainer."""
+    from transformers import PrinterCallback, Trainer
+
+    from ..integrations import LoFTTrainer
+    from ..integrations.library_internals import loss_is_per_process_mean
+    from .callbacks import InterruptCallback, ProgressBar
+
+    cfg, model = plan.cfg, inputs.model
+    # only now, with every input checked, touch the output directory
+    status.phase = "preparing the output directory"
+    status.output = plan.output
+    checkpoint, before, saved_progress = on_main_process(
+        _start_run, plan.out, cfg, plan.output, model_path=plan.model_path, world=plan.world
+    )
+    has_head = any(plan.is_head(n) for n, p in model.named_parameters() if p.requires_grad)
+    trainable, total = _count(model)
+    interrupt = InterruptCallback()
+    common = dict(
+        model=model,
+        args=inputs.args,
+        train_dataset=inputs.task.train_dataset(inputs.tokenizer, plan.max_length),
+        data_collator=inputs.task.collator(inputs.tokenizer),
+        processing_class=inputs.tokenizer,
+        callbacks=[ProgressBar(plan.batch_size, plan.name, plan.progress), interrupt, *(callbacks or [])],
+    )
+    if cfg.method == "loft":
+        trainer = _trainer_class(LoFTTrainer)(**common, loft_options={"head_lr": plan.head_lr} if has_head else {})
+    else:
+        optimizer = torch.optim.AdamW(_param_groups(model, plan.method_lr, plan.head_lr, plan.is_head),
+                                      lr=plan.method_lr, weight_decay=cfg.weight_decay)
+        trainer = _trainer_class(Trainer)(**common, optimizers=(optimizer, None))
+    trainer.remove_callback(PrinterCallback)
+    if plan.task_kind == "classification":
+        # sequence classifiers average their loss over neither accumulation steps nor processes
+        loss_is_per_process_mean(trainer)
+    return BuiltRun(trainer=trainer, interrupt=interrupt, checkpoint=checkpoint, before=before,
+                    progress=saved_progress, has_head=has_head, trainable_params=trainable, total_params=total)
+
+
+def train_run(plan: RunPlan, inputs: RunInputs, built: BuiltRun, *, status: RunStatus) -> TrainedRun:
+    """Evaluate before training (unless an earlier attempt did), then train; a first Ctrl-C
+    saves a checkpoint and raises :class:`RunInterrupted`."""
+    from ..integrations.library_internals import let_train_wrap_for_ddp
+
+    trainer, task, before = built.trainer, inputs.task, built.before
+    if before is None and plan.cfg.eval_before:  # every rank evaluates (Trainer.predict is a collective)
+        status.phase = "evaluating before training"
+        before = task.evaluate(trainer, inputs.tokenizer, plan.max_length)
+        let_train_wrap_for_ddp(trainer)  # see loft.integrations.library_internals
+        if plan.main:
+            write_json(plan.out / EVAL_BEFORE_FILE, before)
+        if plan.progress:
+            print(f"accuracy before training: {before['eval_accuracy']:.4f} on {task.num_eval} eval examples", flush=True)
+
+    status.phase = "training (second Ctrl-C)"
+    trainer._loft_setup(built.progress)
+    try:
+        result = trainer.train(resume_from_checkpoint=built.checkpoint)
+    finally:
+        built.interrupt.restore()
+    barrier()  # rank 0 has finished writing the last checkpoint before any rank moves on or exits
+    if built.interrupt.interrupted:
+        saved = _latest_checkpoint(plan.out)
+        raise RunInterrupted(
+            f"Interrupted at step {trainer.state.global_step}/{plan.max_steps}; checkpoint saved in {saved}. "
+            f"Continue with the same command plus --resume.",
+            str(saved) if saved else None,
+        )
+    return TrainedRun(before=before, training_loss=result.training_loss)
+
+
+def save_run(plan: RunPlan, inputs: RunInputs, built: BuiltRun, trained: TrainedRun, *,
+             status: RunStatus) -> RunMetrics:
+    """Evaluate after training, then write the results (rank 0): model or adapter, tokenizer,
+    ``loss_curve.png`` and ``metrics.json`` last."""
+    cfg, trainer, task = plan.cfg, built.trainer, inputs.task
+    status.phase = "evaluating after training"
+    whole = trainer.loft_progress()  # the whole run, also when it was resumed
+    losses, train_seconds = whole["losses"], whole["train_seconds"]
+    after = task.evaluate(trainer, inputs.tokenizer, plan.max_length)
+    curve = _loss_curve(losses, inputs.args.logging_steps)
+    steps = trainer.state.global_step
+    before = trained.before or {}
+    metrics = RunMetrics(
+        eval_accuracy=after["eval_accuracy"],
+        eval_loss=after["eval_loss"],
+        eval_accuracy_before=before.get("eval_accuracy"),
+        eval_loss_before=before.get("eval_loss"),
+        train_loss=sum(losses) / len(losses) if losses else trained.training_loss,
+        train_loss_last=curve[-1][1] if curve else None,
+        steps=steps,
+        epochs=round(steps / plan.steps_per_epoch, 3),
+        train_seconds=round(train_seconds, 1),
+        seconds=None,
+        train_examples_per_second=round(steps * plan.batch_size / max(train_seconds, 1e-9), 2),
+        resumed_from=built.checkpoint,
+        task=plan.task_kind,
+        method=cfg.method,
+        rank=cfg.rank if cfg.method != "full" else None,
+        lr=plan.method_lr,
+        head_lr=plan.head_lr if built.has_head else None,
+        model=plan.model_spec,
+        model_path=plan.model_path,
+        data=plan.data,
+        eval_data=plan.eval_note,
+        num_train=task.num_train,
+        num_eval=task.num_eval,
+        batch_size=plan.batch_size,
+        processes=plan.world,
+        max_length=plan.max_length,
+        seed=cfg.seed,
+        trainable_params=built.trainable_params,
+        total_params=built.total_params,
+        fresh_modules=list(plan.fresh),
+        labels=task.label_names,
+        loss_curve=curve,
+        loft_version=__version__,
+        torch_threads=torch.get_num_threads(),
+    )
+    status.phase = "saving the results"
+    if plan.main:
+        try:
+            _save_results(plan.out, inputs.model, inputs.tokenizer, metrics, f"{plan.name} on {Path(cfg.data).stem}",
+                          status.t_start)
+        except OSError as e:
+            raise LoftUsageError(
+                f"Could not write the results to {str(plan.out)!r}: {e.strerror or e}. The last checkpoint is kept: free "
+                "space or fix permissions, then rerun the same command with --resume."
+            ) from None
+    barrier()  # the run's files are complete before any rank returns
+    metrics.seconds = round(time.perf_counter() - status.t_start, 1)
+    return metrics
+
+
+class RunStatus:
+    """How far one run of :func:`finetune` got: what an interruption reports and undoes."""
+
+    def __init__(self, cfg: FinetuneConfig, progress: bool = True) -> None:
         self.cfg = cfg
         self.out = default_output_dir(cfg)
+        self.t_start = time.perf_counter()
+        self.progress = progress
         self.phase = "starting"
-        self.plan: OutputPlan | None = None  # set once the output directory is touched
+        self.output: OutputPlan | None = None  # set once the output directory is touched
         self.main = True
 
     # -------------------------------------------------------------- interruptions
     def checkpoint_kept(self) -> str | None:
-        if self.plan is None:
+        if self.output is None:
             return None
         found = _latest_checkpoint(self.out)
         return str(found) if found else None
@@ -782,175 +909,30 @@ class _Run:
         """The one line printed when Ctrl-C stops the run outside the training steps (or a
         second Ctrl-C aborts them): what was kept, and how to go on."""
         where = f"Interrupted while {self.phase}"
-        if self.plan is None:
+        if self.output is None:
             return f"{where}; nothing was written (the output directory {str(self.out)!r} is unchanged)."
         checkpoint = _latest_checkpoint(self.out) if self.out.is_dir() else None
         if checkpoint is not None:
             kept = f"checkpoint {checkpoint} is kept; continue with the same command plus --resume"
-            if self.plan.action == "rerun":
+            if self.output.action == "rerun":
                 kept += f" (the earlier finished results in {self.out} are unchanged until the rerun completes)"
             return f"{where}; {kept}."
-        if self.plan.action == "rerun":
+        if self.output.action == "rerun":
             return f"{where}; the finished run in {self.out} is unchanged."
-        if self.plan.action == "resume":
+        if self.output.action == "resume":
             return f"{where}; the run in {self.out} is unchanged; continue with --resume."
         if self.main:  # a new run that never reached a checkpoint: leave the folder as it was
             for name in (CONFIG_FILE, EVAL_BEFORE_FILE, STAGING, CHECKPOINTS):
                 path = self.out / name
                 shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-            if not self.plan.existed and self.out.is_dir() and not any(self.out.iterdir()):
+            if not self.output.existed and self.out.is_dir() and not any(self.out.iterdir()):
                 self.out.rmdir()
-        if self.plan.action == "overwrite":
+        if self.output.action == "overwrite":
             return f"{where}; nothing was kept (--overwrite had removed the previous run in {self.out})."
         return f"{where}; nothing was kept (no checkpoint yet), {str(self.out)!r} is as before."
 
-    # -------------------------------------------------------------- the run
-    def execute(self, *, overwrite: bool, resume: bool, progress: bool, callbacks: list[Any] | None) -> dict[str, Any]:
-        from transformers import PrinterCallback, Trainer
 
-        from ..integrations import LoFTTrainer
-        from ..integrations.library_internals import let_train_wrap_for_ddp, loss_is_per_process_mean
-        from .callbacks import InterruptCallback, ProgressBar
-
-        cfg, out = self.cfg, self.out
-        t_start = time.perf_counter()
-        processes = launched_processes()
-        cfg.check(processes)
-        self.phase = "joining the other processes"
-        init_processes()  # joins torchrun's / accelerate's process group (no-op for one process)
-        main = self.main = is_main_process()
-        progress = progress and main
-        self.phase = "loading the data and the model"
-        inputs = prepare_inputs(cfg, processes)
-        task, model, tokenizer, fresh = inputs["task"], inputs["model"], inputs["tokenizer"], inputs["fresh"]
-        spec, model_path, max_length = inputs["spec"], inputs["model_path"], inputs["max_length"]
-        method_lr = cfg.lr if cfg.lr is not None else DEFAULT_LR[cfg.method]
-        head_lr = cfg.head_lr if cfg.head_lr is not None else DEFAULT_HEAD_LR
-        steps_per_epoch = math.ceil(task.num_train / (cfg.batch_size * cfg.grad_accum))
-        if cfg.max_steps is not None:
-            max_steps = cfg.max_steps
-        elif cfg.epochs is not None:
-            max_steps = max(1, math.ceil(cfg.epochs * steps_per_epoch))
-        else:
-            max_steps = DEFAULT_MAX_STEPS
-        model, is_head = _apply_method(cfg, task, model, fresh)
-        args = _training_args(cfg, out, max_steps, method_lr, processes)
-        world = _check_world(args, processes, cfg)
-        plan = on_main_process(check_output_dir, out, cfg.identity(), overwrite=overwrite, resume=resume)
-
-        # only now, with every input checked, touch the output directory (rank 0; the others wait)
-        self.phase = "preparing the output directory"
-        self.plan = plan
-        checkpoint, before, saved_progress = on_main_process(
-            _start_run, out, cfg, plan, model_path=model_path, world=world
-        )
-        has_head = any(is_head(n) for n, p in model.named_parameters() if p.requires_grad)
-        trainable, total = _count(model)
-        name = run_name(cfg.method, cfg.rank)
-
-        interrupt = InterruptCallback()
-        common = dict(
-            model=model,
-            args=args,
-            train_dataset=task.train_dataset(tokenizer, max_length),
-            data_collator=task.collator(tokenizer),
-            processing_class=tokenizer,
-            callbacks=[ProgressBar(cfg.batch_size * cfg.grad_accum, name, progress), interrupt, *(callbacks or [])],
-        )
-        if cfg.method == "loft":
-            trainer = _trainer_class(LoFTTrainer)(**common, loft_options={"head_lr": head_lr} if has_head else {})
-        else:
-            optimizer = torch.optim.AdamW(_param_groups(model, method_lr, head_lr, is_head), lr=method_lr,
-                                          weight_decay=cfg.weight_decay)
-            trainer = _trainer_class(Trainer)(**common, optimizers=(optimizer, None))
-        trainer.remove_callback(PrinterCallback)
-        if task.kind == "classification":
-            # sequence classifiers average their loss over neither accumulation steps nor processes
-            loss_is_per_process_mean(trainer)
-
-        state_file = out / EVAL_BEFORE_FILE
-        if before is None and cfg.eval_before:  # every rank evaluates (Trainer.predict is a collective)
-            self.phase = "evaluating before training"
-            before = task.evaluate(trainer, tokenizer, max_length)
-            let_train_wrap_for_ddp(trainer)  # see loft.integrations.library_internals
-            if main:
-                write_json(state_file, before)
-            if progress:
-                print(f"accuracy before training: {before['eval_accuracy']:.4f} on {len(getattr(task, 'eval_texts', getattr(task, 'eval_items', [])))} eval examples", flush=True)
-
-        self.phase = "training (second Ctrl-C)"
-        trainer._loft_setup(saved_progress)
-        try:
-            result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-        finally:
-            interrupt.restore()
-        barrier()  # rank 0 has finished writing the last checkpoint before any rank moves on or exits
-        if interrupt.interrupted:
-            saved = _latest_checkpoint(out)
-            raise RunInterrupted(
-                f"Interrupted at step {trainer.state.global_step}/{max_steps}; checkpoint saved in {saved}. "
-                f"Continue with the same command plus --resume.",
-                str(saved) if saved else None,
-            )
-
-        self.phase = "evaluating after training"
-        whole = trainer.loft_progress()  # the whole run, also when it was resumed
-        losses, train_seconds = whole["losses"], whole["train_seconds"]
-        after = task.evaluate(trainer, tokenizer, max_length)
-        curve = _loss_curve(losses, args.logging_steps)
-        n_eval = len(getattr(task, "eval_texts", None) or getattr(task, "eval_items", []))
-        steps = trainer.state.global_step
-        metrics: dict[str, Any] = {
-            "eval_accuracy": after["eval_accuracy"],
-            "eval_loss": after["eval_loss"],
-            "eval_accuracy_before": (before or {}).get("eval_accuracy"),
-            "eval_loss_before": (before or {}).get("eval_loss"),
-            "train_loss": sum(losses) / len(losses) if losses else result.training_loss,
-            "train_loss_last": curve[-1][1] if curve else None,
-            "steps": steps,
-            "epochs": round(steps / steps_per_epoch, 3),
-            "train_seconds": round(train_seconds, 1),
-            "seconds": None,
-            "train_examples_per_second": round(steps * cfg.batch_size * cfg.grad_accum / max(train_seconds, 1e-9), 2),
-            "resumed_from": str(checkpoint) if checkpoint else None,
-            "task": task.kind,
-            "method": cfg.method,
-            "rank": cfg.rank if cfg.method != "full" else None,
-            "lr": method_lr,
-            "head_lr": head_lr if has_head else None,
-            "model": spec,
-            "model_path": model_path,
-            "data": inputs["train_path"],
-            "eval_data": inputs["eval_note"],
-            "num_train": task.num_train,
-            "num_eval": n_eval,
-            "batch_size": cfg.batch_size * cfg.grad_accum,
-            "processes": world,
-            "max_length": max_length,
-            "seed": cfg.seed,
-            "trainable_params": trainable,
-            "total_params": total,
-            "fresh_modules": fresh,
-            "labels": task.label_names,
-            "loss_curve": curve,
-            "loft_version": __version__,
-            "torch_threads": torch.get_num_threads(),
-        }
-        self.phase = "saving the results"
-        if main:
-            try:
-                _save_results(out, model, tokenizer, metrics, curve, f"{name} on {Path(cfg.data).stem}", t_start)
-            except OSError as e:
-                raise LoftUsageError(
-                    f"Could not write the results to {str(out)!r}: {e.strerror or e}. The last checkpoint is kept: free "
-                    "space or fix permissions, then rerun the same command with --resume."
-                ) from None
-        barrier()  # the run's files are complete before any rank returns
-        metrics["seconds"] = round(time.perf_counter() - t_start, 1)
-        return metrics
-
-
-def _save_results(out: Path, model, tokenizer, metrics: dict[str, Any], curve, title: str, t_start: float) -> None:
+def _save_results(out: Path, model, tokenizer, metrics: RunMetrics, title: str, t_start: float) -> None:
     """Write the result files beside the folder's current content (``.incoming/``), then move
     them in, ``metrics.json`` (which marks the run as finished) last; then drop the checkpoints.
 
@@ -965,9 +947,9 @@ def _save_results(out: Path, model, tokenizer, metrics: dict[str, Any], curve, t
     staging.mkdir()
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
-    plot_loss_curve(curve, staging / "loss_curve.png", title)
-    metrics["seconds"] = round(time.perf_counter() - t_start, 1)
-    (staging / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+    plot_loss_curve(metrics.loss_curve, staging / "loss_curve.png", title)
+    metrics.seconds = round(time.perf_counter() - t_start, 1)
+    (staging / METRICS_FILE).write_text(json.dumps(metrics.as_dict(), indent=2))
     (out / METRICS_FILE).unlink(missing_ok=True)
     replace_files(staging, out, last=METRICS_FILE)
     shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
