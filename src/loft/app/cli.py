@@ -10,12 +10,17 @@ Under ``torchrun`` / ``accelerate launch`` every process runs the command; only 
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import os
 import sys
-from typing import Annotated, Optional
+import types
+import typing
+from typing import Annotated, Any, Optional
 
 import typer
 
+from .config import FinetuneConfig, OptionSpec, compare_fields, finetune_fields
 from .errors import LoftUsageError, RunInterrupted
 
 app = typer.Typer(
@@ -25,74 +30,96 @@ app = typer.Typer(
     help="LoFT fine-tuning: low-rank adapters that behave like full fine-tuning.",
 )
 
-_METHOD_HELP = "loft | lora | dora | full"
+
+# ----------------------------------------------------------------------------- the options
+# FinetuneConfig's fields (loft/app/config.py) define the run options of both commands; the
+# options below are the commands' own.
+def _cli_type(hint: Any) -> Any:
+    """``str | None`` -> ``Optional[str]`` (the spelling typer parses everywhere)."""
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) and type(None) in args:
+        (inner,) = [a for a in args if a is not type(None)]
+        return Optional[inner]
+    return hint
 
 
-def _split_modules(values: list[str] | None) -> list[str] | None:
-    """``--target-modules q,v --target-modules o`` -> ``["q", "v", "o"]``."""
-    if not values:
-        return None
-    return [v.strip() for value in values for v in value.split(",") if v.strip()]
+def _param(name: str, cli_type: Any, default: Any, flags: tuple[str, ...], help: str) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                             annotation=Annotated[cli_type, typer.Option(*flags, help=help)])
 
 
-# Options shared by both commands.
-Model = Annotated[Optional[str], typer.Option("--model", "-m", help="Built-in name (minilm-l6, smollm2-135m), local Hugging Face folder or hub id. Default: minilm-l6 for classification, smollm2-135m for multiple choice.")]
-Data = Annotated[str, typer.Option("--data", "-d", help="Built-in set (movie_sentiment, social_iqa) or a .jsonl/.csv file.")]
-EvalData = Annotated[Optional[str], typer.Option("--eval-data", help="Eval file. Default: the built-in test split, or 10% of --data held out.")]
-TargetModules = Annotated[Optional[list[str]], typer.Option("--target-modules", help="Linear layers to adapt (names or suffixes, comma separated). Default: all linear layers.")]
-MaxSteps = Annotated[Optional[int], typer.Option("--max-steps", help="Optimizer steps (default 400 when --epochs is not given).")]
-Epochs = Annotated[Optional[float], typer.Option("--epochs", help="Epochs over --data instead of --max-steps.")]
-HeadLr = Annotated[Optional[float], typer.Option("--head-lr", help="Learning rate of the fresh head (every method). Default 2e-3.")]
-BatchSize = Annotated[int, typer.Option("--batch-size", "-b", help="Examples per optimizer step; on several processes (torchrun, accelerate launch) the global batch, split evenly over them.")]
-MaxLength = Annotated[Optional[int], typer.Option("--max-length", help="Max tokens per example (default 64 classification, 128 multiple choice).")]
-MaxEval = Annotated[Optional[int], typer.Option("--max-eval", help="Evaluate on the first N eval examples only.")]
-Seed = Annotated[int, typer.Option("--seed", help="Random seed (data order, head init).")]
-Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace what --output-dir holds.")]
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+def _field_param(field: dataclasses.Field, spec: OptionSpec) -> inspect.Parameter:
+    hint = spec.cli_type or typing.get_type_hints(FinetuneConfig)[field.name]
+    return _param(field.name, _cli_type(hint), field.default, spec.flags, spec.help)
 
 
+_OVERWRITE = _param("overwrite", bool, False, ("--overwrite",), "Replace what --output-dir holds.")
+_QUIET = _param("quiet", bool, False, ("--quiet", "-q"), "No progress bars.")
+_FINETUNE_RESUME = _param("resume", bool, False, ("--resume",), "Continue an interrupted run in --output-dir from its checkpoint.")
+_COMPARE_RESUME = _param(
+    "resume", bool, False, ("--resume",),
+    "Continue an interrupted comparison: keep its finished runs, resume the interrupted one, run the rest.",
+)
+#: loft compare's own options, in place of finetune's per-run ones (same positions in --help)
+_COMPARE_OWN = {
+    "method": [
+        _param("methods", str, "loft,lora,dora", ("--methods",), "Comma-separated adapter methods."),
+        _param("ranks", str, "1,4,16", ("--ranks",), "Comma-separated LoRA ranks."),
+        _param("full", bool, True, ("--full/--no-full",), "Also run full fine-tuning."),
+    ],
+    "rank": [],
+    "lr": [_param("lrs", Optional[str], None, ("--lr",),
+                  "Learning rates per method, e.g. 'loft=5e-4,lora=2e-3' (defaults per method).")],
+    "output_dir": [_param("output_dir", str, "runs/compare", ("--output-dir", "-o"), "Folder for the runs, table and plot.")],
+}
+
+
+def _finetune_params() -> list[inspect.Parameter]:
+    return [_field_param(f, spec) for f, spec in finetune_fields()] + [_OVERWRITE, _FINETUNE_RESUME, _QUIET]
+
+
+def _compare_params() -> list[inspect.Parameter]:
+    params = []
+    for f, spec in finetune_fields():
+        if f.name in _COMPARE_OWN:
+            params += _COMPARE_OWN[f.name]
+        elif spec.compare:
+            params.append(_field_param(f, spec))
+    return params + [_OVERWRITE, _COMPARE_RESUME, _QUIET]
+
+
+def _with_options(params: list[inspect.Parameter]):
+    """Give a ``**options`` command function the signature typer reads its options from."""
+    def decorate(fn):
+        fn.__signature__ = inspect.Signature(params, return_annotation=None)
+        return fn
+
+    return decorate
+
+
+def _settings(options: dict[str, Any], fields: list[tuple[dataclasses.Field, OptionSpec]]) -> dict[str, Any]:
+    """The :class:`FinetuneConfig` values of ``fields`` from the parsed options."""
+    return {f.name: spec.parse(options[f.name]) if spec.parse else options[f.name] for f, spec in fields}
+
+
+# ----------------------------------------------------------------------------- the commands
 @app.command()
-def finetune(
-    model: Model = None,
-    data: Data = "movie_sentiment",
-    eval_data: EvalData = None,
-    method: Annotated[str, typer.Option("--method", help=_METHOD_HELP)] = "loft",
-    rank: Annotated[int, typer.Option("--rank", "-r", help="LoRA rank.")] = 4,
-    target_modules: TargetModules = None,
-    max_steps: MaxSteps = None,
-    epochs: Epochs = None,
-    lr: Annotated[Optional[float], typer.Option("--lr", help="Learning rate (default per method: loft 5e-4, lora/dora 2e-3, full 1e-4).")] = None,
-    head_lr: HeadLr = None,
-    batch_size: BatchSize = 16,
-    max_length: MaxLength = None,
-    max_eval: MaxEval = None,
-    seed: Seed = 0,
-    output_dir: Annotated[Optional[str], typer.Option("--output-dir", "-o", help="Default: runs/<data>-<method>-r<rank>.")] = None,
-    overwrite: Overwrite = False,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in --output-dir from its checkpoint.")] = False,
-    quiet: Quiet = False,
-) -> None:
+@_with_options(_finetune_params())
+def finetune(**options: Any) -> None:
     """Fine-tune a model on a classification or multiple-choice data set and save the adapter.
 
     With no options: the MiniLM-L6 encoder on the built-in movie_sentiment data, LoFT at rank 4.
     """
-    from .finetune import FinetuneConfig
+    from .finetune import default_output_dir
     from .finetune import finetune as run
 
-    cfg = FinetuneConfig(
-        model=model, data=data, eval_data=eval_data, method=method, rank=rank,
-        target_modules=_split_modules(target_modules), max_steps=max_steps, epochs=epochs, lr=lr,
-        head_lr=head_lr, batch_size=batch_size, max_length=max_length, max_eval=max_eval, seed=seed,
-        output_dir=output_dir,
-    )
-    from .finetune import default_output_dir
-
-    metrics = run(cfg, overwrite=overwrite, resume=resume, progress=not quiet)
+    cfg = FinetuneConfig(**_settings(options, finetune_fields()))
+    metrics = run(cfg, overwrite=options["overwrite"], resume=options["resume"], progress=not options["quiet"])
     if not _main_process():
         return
     out = default_output_dir(cfg)
     try:
-        _summary(metrics, method, rank, out)
+        _summary(metrics, cfg.method, cfg.rank, out)
     except KeyboardInterrupt:
         raise RunInterrupted(f"Interrupted after the run finished; its results in {out} are complete.") from None
 
@@ -110,27 +137,8 @@ def _summary(metrics: dict, method: str, rank: int, out) -> None:
 
 
 @app.command()
-def compare(
-    model: Model = None,
-    data: Data = "movie_sentiment",
-    eval_data: EvalData = None,
-    methods: Annotated[str, typer.Option("--methods", help="Comma-separated adapter methods.")] = "loft,lora,dora",
-    ranks: Annotated[str, typer.Option("--ranks", help="Comma-separated LoRA ranks.")] = "1,4,16",
-    full: Annotated[bool, typer.Option("--full/--no-full", help="Also run full fine-tuning.")] = True,
-    target_modules: TargetModules = None,
-    max_steps: MaxSteps = None,
-    epochs: Epochs = None,
-    lrs: Annotated[Optional[str], typer.Option("--lr", help="Learning rates per method, e.g. 'loft=5e-4,lora=2e-3' (defaults per method).")] = None,
-    head_lr: HeadLr = None,
-    batch_size: BatchSize = 16,
-    max_length: MaxLength = None,
-    max_eval: MaxEval = None,
-    seed: Seed = 0,
-    output_dir: Annotated[str, typer.Option("--output-dir", "-o", help="Folder for the runs, table and plot.")] = "runs/compare",
-    overwrite: Overwrite = False,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted comparison: keep its finished runs, resume the interrupted one, run the rest.")] = False,
-    quiet: Quiet = False,
-) -> None:
+@_with_options(_compare_params())
+def compare(**options: Any) -> None:
     """Same data, seed and step budget for several methods and ranks: a table and a plot."""
     from .compare import parse_lrs, run_compare
 
@@ -140,12 +148,11 @@ def compare(
         except ValueError:
             raise LoftUsageError(f"--ranks takes comma-separated integers, got {text!r}.") from None
 
+    output_dir = options["output_dir"]
     result = run_compare(
-        model=model, data=data, eval_data=eval_data,
-        methods=[m.strip() for m in methods.split(",") if m.strip()], ranks=ints(ranks), full=full,
-        target_modules=_split_modules(target_modules), max_steps=max_steps, epochs=epochs, lrs=parse_lrs(lrs),
-        head_lr=head_lr, batch_size=batch_size, max_length=max_length, max_eval=max_eval, seed=seed,
-        output_dir=output_dir, overwrite=overwrite, resume=resume, progress=not quiet,
+        methods=[m.strip() for m in options["methods"].split(",") if m.strip()], ranks=ints(options["ranks"]),
+        full=options["full"], lrs=parse_lrs(options["lrs"]), output_dir=output_dir, overwrite=options["overwrite"],
+        resume=options["resume"], progress=not options["quiet"], **_settings(options, compare_fields()),
     )
     if not _main_process():
         return
@@ -161,12 +168,6 @@ def models() -> None:
 
     print("Built-in models:\n" + builtin_names())
     print("Built-in data sets:\n" + "\n".join(f"  {k:<16} {task:<16} {d}" for k, (task, d) in BUILTIN_DATASETS.items()))
-
-
-def _stem(data: str) -> str:
-    from pathlib import Path
-
-    return Path(data).stem
 
 
 def _main_process() -> bool:

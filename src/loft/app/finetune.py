@@ -40,6 +40,14 @@ from torch import nn
 from .. import __version__
 from .atomic import publish_dir, replace_files, write_json
 from .data import BUILTIN_DATASETS, read_records, resolve_data
+from .config import (  # noqa: F401  (FinetuneConfig and the defaults are used from here too)
+    DEFAULT_HEAD_LR,
+    DEFAULT_LR,
+    DEFAULT_MAX_STEPS,
+    METHODS,
+    FinetuneConfig,
+    check_batch_split,
+)
 from .errors import LoftUsageError, RunInterrupted
 from .launch import (
     barrier,
@@ -85,94 +93,7 @@ __all__ = [
     "train_run",
 ]
 
-METHODS = ("loft", "lora", "dora", "full")
-
-#: Default learning rate per method (MiniLM-L6 on movie_sentiment; see docs/workflow.md).
-DEFAULT_LR = {"loft": 5e-4, "lora": 2e-3, "dora": 2e-3, "full": 1e-4}
-#: Default learning rate of fresh head parameters, the same for every method (docs/workflow.md).
-DEFAULT_HEAD_LR = 2e-3
-#: Steps of the default run (and of each ``loft compare`` run) when neither steps nor epochs are given.
-DEFAULT_MAX_STEPS = 400
-
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class FinetuneConfig:
-    """Settings of one run (the options of ``loft finetune``). ``None`` means "the default"."""
-
-    model: str | None = None
-    data: str = "movie_sentiment"
-    eval_data: str | None = None
-    method: str = "loft"
-    rank: int = 4
-    alpha: float | None = None
-    target_modules: list[str] | None = None
-    max_steps: int | None = None
-    epochs: float | None = None
-    lr: float | None = None
-    head_lr: float | None = None
-    batch_size: int = 16
-    max_length: int | None = None
-    max_eval: int | None = None
-    seed: int = 0
-    output_dir: str | None = None
-    warmup_ratio: float = 0.06
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    grad_accum: int = 1
-    save_steps: int = 200
-    logging_steps: int = 10
-    eval_before: bool = True
-
-    def check(self, processes: int = 1) -> None:
-        """Refuse impossible settings with a clear message (``processes``: data-parallel processes)."""
-        if self.method not in METHODS:
-            raise LoftUsageError(f"Unknown --method {self.method!r}; choose one of: {', '.join(METHODS)}.")
-        if self.rank < 1:
-            raise LoftUsageError(f"--rank must be a positive integer, got {self.rank}.")
-        if self.max_steps is not None and self.epochs is not None:
-            raise LoftUsageError("Give --max-steps or --epochs, not both.")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise LoftUsageError(f"--max-steps must be >= 1, got {self.max_steps}.")
-        if self.epochs is not None and not self.epochs > 0:
-            raise LoftUsageError(f"--epochs must be > 0, got {self.epochs}.")
-        if self.epochs is not None and not math.isfinite(self.epochs):
-            raise LoftUsageError(f"--epochs must be a finite number, got {self.epochs}.")
-        for name in ("lr", "head_lr"):
-            value = getattr(self, name)
-            if value is not None and not (value > 0 and math.isfinite(value)):
-                raise LoftUsageError(f"--{name.replace('_', '-')} must be > 0 and finite, got {value}.")
-        if not 0 <= self.seed < 2**32:
-            raise LoftUsageError(f"--seed must be between 0 and {2**32 - 1}, got {self.seed}.")
-        if self.batch_size < 1:
-            raise LoftUsageError(f"--batch-size must be >= 1, got {self.batch_size}.")
-        if self.grad_accum < 1:
-            raise LoftUsageError(f"FinetuneConfig.grad_accum must be >= 1, got {self.grad_accum}.")
-        check_batch_split(self.batch_size, processes)
-        if self.max_length is not None and self.max_length < 8:
-            raise LoftUsageError(f"--max-length must be >= 8, got {self.max_length}.")
-        if self.max_eval is not None and self.max_eval < 1:
-            raise LoftUsageError(f"--max-eval must be >= 1, got {self.max_eval}.")
-
-    def identity(self) -> dict[str, Any]:
-        """The settings that make a run what it is (compared when an output dir is reused)."""
-        d = dataclasses.asdict(self)
-        for key in ("output_dir", "save_steps", "logging_steps"):
-            d.pop(key)
-        return d
-
-
-def check_batch_split(batch_size: int, processes: int) -> None:
-    """``--batch-size`` is the global batch; refuse one that ``processes`` cannot share evenly."""
-    if processes > 1 and batch_size % processes:
-        lower = batch_size // processes * processes
-        choices = " or ".join(str(b) for b in (lower, lower + processes) if b > 0)
-        raise LoftUsageError(
-            f"--batch-size {batch_size} cannot be split evenly over {processes} processes: --batch-size is the "
-            f"global batch (examples per optimizer step, all processes together), each process takes "
-            f"--batch-size / {processes}. Give a multiple of {processes}, e.g. {choices}."
-        )
 
 
 # ----------------------------------------------------------------------------- model set-up
