@@ -225,13 +225,6 @@ def check_output_dir(out: Path, identity: dict[str, Any], *, overwrite: bool, re
     return OutputPlan("rerun", existed=True)
 
 
-def prepare_output_dir(out: Path, identity: dict[str, Any], *, overwrite: bool, resume: bool) -> Path | None:
-    """Check ``out`` and make it ready for this run; return the checkpoint to resume from."""
-    plan = check_output_dir(out, identity, overwrite=overwrite, resume=resume)
-    apply_output_plan(out, plan)
-    return plan.checkpoint
-
-
 def apply_output_plan(out: Path, plan: OutputPlan) -> None:
     """Make ``out`` ready (main process). A finished run being rerun keeps its results until the
     new ones are complete; only leftovers of an earlier interrupted attempt are removed."""
