@@ -1,6 +1,6 @@
-"""Run many :func:`loft.finetune.finetune` jobs, each in its own process, and keep their results.
+"""Run many :func:`loft.app.finetune.finetune` jobs, each in its own process, and keep their results.
 
-Used by ``real_tasks.py``. Each run is a dict of :class:`loft.finetune.FinetuneConfig` fields;
+Used by ``real_tasks.py``. Each run is a dict of :class:`loft.app.finetune.FinetuneConfig` fields;
 its result (the run's ``metrics.json`` minus the loss curve's bulk, plus the process's peak
 resident memory from ``os.wait4``) is appended to a JSONL file, so an interrupted sweep
 continues where it stopped and a finished run is never repeated. Runs go ``jobs`` at a time,
@@ -36,7 +36,7 @@ def key(run: dict[str, Any]) -> str:
 def carve_validation(data: str, n_val: int, folder: Path, seed: int = 1234) -> tuple[str, str, str]:
     """Split built-in ``data``'s train file into ``folder/train.jsonl`` and ``folder/val.jsonl``
     (``n_val`` records, shuffled with ``seed``); return (train, val, test) paths."""
-    from loft.data import builtin_path
+    from loft.app.data import builtin_path
 
     folder.mkdir(parents=True, exist_ok=True)
     lines = builtin_path(data, "train").read_text().splitlines()
@@ -113,7 +113,7 @@ def _one(run_json: str, out: str) -> None:
     """Child process: one finetune run into ``out`` (no progress bars, no checkpoints)."""
     import torch
 
-    from loft.finetune import FinetuneConfig, finetune
+    from loft.app.finetune import FinetuneConfig, finetune
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     cfg = FinetuneConfig(**json.loads(run_json), output_dir=str(Path(out) / "run"), save_steps=10**9)

@@ -47,6 +47,6 @@ if mode == "core":
         raise AssertionError("loft.integrations imported without transformers installed")
 else:
     import loft.integrations  # noqa: F401
-    from loft.data import BUILTIN_DATASETS  # noqa: F401  (the vendored data ships in the wheel)
+    from loft.app.data import BUILTIN_DATASETS  # noqa: F401  (the vendored data ships in the wheel)
 
 print(f"wheel smoke ({mode}): OK, loss {losses[0]:.3f} -> {losses[-1]:.3f}")

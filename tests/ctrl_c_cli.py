@@ -16,8 +16,8 @@ import time
 
 from transformers import TrainerCallback
 
-import loft.finetune
-from loft.cli import main
+import loft.app.finetune
+from loft.app.cli import main
 
 STEP = int(os.environ["LOFT_TEST_CTRL_C_STEP"])
 
@@ -29,7 +29,7 @@ class CtrlCToLauncher(TrainerCallback):
             time.sleep(3)
 
 
-_finetune = loft.finetune.finetune
+_finetune = loft.app.finetune.finetune
 
 
 def finetune_with_ctrl_c(cfg, **kwargs):
@@ -37,7 +37,7 @@ def finetune_with_ctrl_c(cfg, **kwargs):
     return _finetune(cfg, **kwargs)
 
 
-loft.finetune.finetune = finetune_with_ctrl_c  # loft.cli imports it when the command runs
+loft.app.finetune.finetune = finetune_with_ctrl_c  # loft.app.cli imports it when the command runs
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-import loft.finetune
-from loft.cli import main
+import loft.app.finetune
+from loft.app.cli import main
 
 MARKER = Path(os.environ["LOFT_TEST_SLOW_WRITE"])
 _save = torch.save
@@ -39,7 +39,7 @@ def slow_save(obj, f, *args, **kwargs):
 
 
 torch.save = slow_save
-_finetune = loft.finetune.finetune
+_finetune = loft.app.finetune.finetune
 
 
 def finetune_saving_every_2_steps(cfg, **kwargs):
@@ -47,7 +47,7 @@ def finetune_saving_every_2_steps(cfg, **kwargs):
     return _finetune(cfg, **kwargs)
 
 
-loft.finetune.finetune = finetune_saving_every_2_steps  # loft.cli imports it when the command runs
+loft.app.finetune.finetune = finetune_saving_every_2_steps  # loft.app.cli imports it when the command runs
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -1,6 +1,6 @@
 """``loft finetune`` on 2 CPU processes: ``torchrun`` and ``accelerate launch`` (DDP over gloo).
 
-Every launch is a real ``torchrun --nproc_per_node 2 -m loft.cli finetune ...`` subprocess on the
+Every launch is a real ``torchrun --nproc_per_node 2 -m loft.app finetune ...`` subprocess on the
 tiny BERT of ``_tiny.py`` (one thread per process, a free port on 127.0.0.1).
 """
 
@@ -19,8 +19,8 @@ import torch
 from _tiny import make_bert, sentiment_records, write_jsonl
 from safetensors.torch import load_file
 
-from loft.cli import main
-from loft.finetune import FinetuneConfig, finetune
+from loft.app.cli import main
+from loft.app.finetune import FinetuneConfig, finetune
 
 BIN = Path(sys.executable).parent
 STEPS, BATCH = 8, 8
@@ -62,7 +62,7 @@ def setup(tmp_path_factory):
 def straight(setup):
     """One uninterrupted 2-process torchrun run."""
     out = setup["root"] / "straight"
-    proc = torchrun("-m", "loft.cli", "finetune", *setup["args"], "-o", out)
+    proc = torchrun("-m", "loft.app", "finetune", *setup["args"], "-o", out)
     return out, proc
 
 
@@ -124,7 +124,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(setup, strai
 
 def test_torchrun_ctrl_c_checkpoint_by_rank_0_then_resume_matches_uninterrupted(setup, straight):
     out = setup["root"] / "interrupted"
-    cmd = ["-m", "loft.cli", "finetune", *setup["args"], "-o", out]
+    cmd = ["-m", "loft.app", "finetune", *setup["args"], "-o", out]
     proc = torchrun(str(Path(__file__).with_name("ctrl_c_cli.py")), *cmd[2:], env=_env(LOFT_TEST_CTRL_C_STEP="3"))
     assert proc.returncode != 0
     assert proc.stderr.count("loft: Interrupted at step") == 1, proc.stderr[-3000:]  # printed by rank 0 only
@@ -174,7 +174,7 @@ def test_accelerate_launch_two_cpu_processes(setup, straight):
     out = setup["root"] / "accelerate"
     cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-           "-m", "loft.cli", "finetune", *map(str, setup["args"]), "-o", str(out)]
+           "-m", "loft.app", "finetune", *map(str, setup["args"]), "-o", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(summary_lines(proc.stdout)) == 1, proc.stdout

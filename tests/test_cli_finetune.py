@@ -13,10 +13,10 @@ from _tiny import make_bert, make_llama, mc_records, sentiment_records, write_js
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
 
-from loft.cli import main
-from loft.errors import RunInterrupted
-from loft.finetune import FinetuneConfig, finetune
-from loft.tasks.multiple_choice import MultipleChoiceTask
+from loft.app.cli import main
+from loft.app.errors import RunInterrupted
+from loft.app.finetune import FinetuneConfig, finetune
+from loft.app.tasks.multiple_choice import MultipleChoiceTask
 
 FAST = ["--max-steps", "6", "--batch-size", "8", "--quiet", "--lr", "5e-3", "--head-lr", "1e-2"]
 

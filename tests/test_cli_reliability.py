@@ -21,11 +21,11 @@ from _tiny import make_bert, mc_records, sentiment_records, write_jsonl
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-import loft.compare
-import loft.finetune
-from loft.cli import main
-from loft.errors import RunInterrupted
-from loft.finetune import FinetuneConfig, finetune
+import loft.app.compare
+import loft.app.finetune
+from loft.app.cli import main
+from loft.app.errors import RunInterrupted
+from loft.app.finetune import FinetuneConfig, finetune
 
 TESTS = Path(__file__).parent
 STEPS = 6
@@ -79,7 +79,7 @@ class CtrlCAt(TrainerCallback):
 
 
 def with_callbacks(monkeypatch, module, *callbacks):
-    original = loft.finetune.finetune
+    original = loft.app.finetune.finetune
 
     def patched(cfg, **kwargs):
         kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), *callbacks]
@@ -115,21 +115,21 @@ def straight(bert, data, tmp_path_factory):
 
 # ----------------------------------------------------------------------------- 1. Ctrl-C exits 130
 def test_ctrl_c_while_loading_the_model_exits_130_and_writes_nothing(capsys, monkeypatch, bert, data, tmp_path):
-    load = loft.finetune._load_model
+    load = loft.app.finetune._load_model
 
     def load_then_ctrl_c(*a, **kw):
         result = load(*a, **kw)
         ctrl_c()
         return result
 
-    monkeypatch.setattr(loft.finetune, "_load_model", load_then_ctrl_c)
+    monkeypatch.setattr(loft.app.finetune, "_load_model", load_then_ctrl_c)
     err = interrupted(capsys, args(bert, data, tmp_path / "o"))
     assert "while loading the data and the model" in err and "nothing was written" in err
     assert not (tmp_path / "o").exists()
 
 
 def test_ctrl_c_during_the_evaluation_before_training_exits_130(capsys, monkeypatch, bert, data, tmp_path):
-    from loft.tasks.classification import ClassificationTask
+    from loft.app.tasks.classification import ClassificationTask
 
     evaluate = ClassificationTask.evaluate
 
@@ -145,11 +145,11 @@ def test_ctrl_c_during_the_evaluation_before_training_exits_130(capsys, monkeypa
 
 
 def test_second_ctrl_c_exits_130_and_keeps_the_checkpoint(capsys, monkeypatch, bert, data, tmp_path):
-    with_callbacks(monkeypatch, loft.finetune, CtrlCAt(2, twice=True))
+    with_callbacks(monkeypatch, loft.app.finetune, CtrlCAt(2, twice=True))
     err = interrupted(capsys, args(bert, data, tmp_path / "o"))
     assert "Interrupted while training (second Ctrl-C)" in err
     assert "checkpoint-3 is kept" in err and "--resume" in err  # the first Ctrl-C stops after the next step
-    assert loft.finetune.checkpoint_damage(tmp_path / "o" / "checkpoints" / "checkpoint-3") is None
+    assert loft.app.finetune.checkpoint_damage(tmp_path / "o" / "checkpoints" / "checkpoint-3") is None
 
 
 # ----------------------------------------------------------------------------- 2. reruns keep results
@@ -302,17 +302,17 @@ def test_interrupted_compare_resumes(capsys, monkeypatch, bert, data, tmp_path):
     out = tmp_path / "cmp"
     base = [str(a) for a in ["compare", "--model", bert, "--data", data[0], "--eval-data", data[1], "--methods", "loft,lora",
                              "--ranks", "1", "--no-full", "--max-steps", "4", "-b", "8", "--quiet", "-o", out]]
-    original = loft.finetune.finetune
+    original = loft.app.finetune.finetune
 
     def ctrl_c_in_lora(cfg, **kwargs):
         if cfg.method == "lora":
             kwargs["callbacks"] = [CtrlCAt(1)]
         return original(cfg, **kwargs)
 
-    monkeypatch.setattr(loft.compare, "finetune", ctrl_c_in_lora)
+    monkeypatch.setattr(loft.app.compare, "finetune", ctrl_c_in_lora)
     err = interrupted(capsys, base)
     assert "lora-r1" in err and "loft compare command plus --resume" in err
-    monkeypatch.setattr(loft.compare, "finetune", original)
+    monkeypatch.setattr(loft.app.compare, "finetune", original)
     finished = (out / "loft-r1" / "metrics.json").read_bytes()
     assert "--resume" in fails(capsys, base)  # a plain rerun is refused, and says how to continue
     assert main(base + ["--resume"]) == 0
@@ -384,8 +384,8 @@ def test_kill_9_during_a_checkpoint_write_then_resume_matches_uninterrupted(stra
             proc.kill()
     half = Path(marker.read_text())
     assert half.is_file() and ".incoming" in half.parts  # the half-written checkpoint is not where resume looks
-    assert loft.finetune._latest_checkpoint(out).name == "checkpoint-2"
-    assert loft.finetune.checkpoint_damage(out / "checkpoints" / "checkpoint-2") is None
+    assert loft.app.finetune._latest_checkpoint(out).name == "checkpoint-2"
+    assert loft.app.finetune.checkpoint_damage(out / "checkpoints" / "checkpoint-2") is None
     assert main(args(bert, data, out, "--resume")) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["resumed_from"].endswith("checkpoint-2")
@@ -401,7 +401,7 @@ def test_atomic_write_killed_mid_write_leaves_the_old_file(tmp_path):
     target.write_text('{"old": true}')
     script = (
         "import sys, time, pathlib\n"
-        "from loft.atomic import atomic_write\n"
+        "from loft.app.atomic import atomic_write\n"
         "def write(tmp):\n"
         "    with open(tmp, 'w') as f:\n"
         "        f.write('{\"new\": ' + 'x' * 100000)\n"

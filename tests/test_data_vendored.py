@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from loft.data import BUILTIN_DATASETS, builtin_path, read_records, resolve_data
-from loft.errors import LoftUsageError
-from loft.models import BUILTIN_MODELS, resolve_model
-from loft.tasks import make_task
+from loft.app.data import BUILTIN_DATASETS, builtin_path, read_records, resolve_data
+from loft.app.errors import LoftUsageError
+from loft.app.models import BUILTIN_MODELS, resolve_model
+from loft.app.tasks import make_task
 
 COUNTS = {"movie_sentiment": (8043, 2000), "social_iqa": (1454, 500)}
 

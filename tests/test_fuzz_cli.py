@@ -1,6 +1,6 @@
 """Fuzz test of the data readers and of the command-line values (issue #11, item 10).
 
-Seeded; every input is run in-process through ``loft.cli.main``. 240 data files (JSONL and CSV
+Seeded; every input is run in-process through ``loft.app.cli.main``. 240 data files (JSONL and CSV
 with random bytes, missing and extra fields, wrong types, huge lines, empty lines, BOMs, NUL bytes,
 truncation ...) and 160 command lines with random option values (``finetune`` and ``compare``):
 400 inputs in all. Each must end with exit status 0 or 2 and never a traceback, and nothing
@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 from _tiny import make_bert, mc_records, sentiment_records
 
-import loft.compare
-import loft.finetune
-from loft.cli import main
+import loft.app.compare
+import loft.app.finetune
+from loft.app.cli import main
 
 SEED = 11
 N_DATA = 240
@@ -158,7 +158,7 @@ def csv_bytes(rng: random.Random) -> bytes:
 
 
 def test_fuzz_data_files(bert, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(loft.finetune, "_start_run", refuse_to_write)
+    monkeypatch.setattr(loft.app.finetune, "_start_run", refuse_to_write)
     monkeypatch.chdir(tmp_path)
     rng = random.Random(SEED)
     data_dir = tmp_path / "data"
@@ -214,8 +214,8 @@ COMPARE_VALUES = {
 
 
 def test_fuzz_option_values(bert, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(loft.finetune, "_start_run", refuse_to_write)
-    monkeypatch.setattr(loft.compare, "_prepare_folder", refuse_to_write)
+    monkeypatch.setattr(loft.app.finetune, "_start_run", refuse_to_write)
+    monkeypatch.setattr(loft.app.compare, "_prepare_folder", refuse_to_write)
     monkeypatch.chdir(tmp_path)
     rng = random.Random(SEED + 1)
     data = tmp_path / "train.jsonl"

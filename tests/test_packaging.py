@@ -8,13 +8,13 @@ import subprocess
 import sys
 from importlib import metadata
 
-import loft.command
+import loft.app.command
 
 
 def test_distribution_name_and_console_script():
     dist = metadata.distribution("torch-loft")
     scripts = {ep.name: ep.value for ep in dist.entry_points if ep.group == "console_scripts"}
-    assert scripts == {"loft": "loft.command:main"}
+    assert scripts == {"loft": "loft.app.command:main"}
     extras = set(dist.metadata.get_all("Provides-Extra") or [])
     assert {"peft", "app", "test", "all"} <= extras
     core = [r for r in dist.requires if "extra ==" not in r]
@@ -46,9 +46,9 @@ def test_core_imports_with_torch_alone():
 
 
 def test_console_script_names_the_missing_extra(monkeypatch, capsys):
-    real = loft.command.find_spec
-    monkeypatch.setattr(loft.command, "find_spec", lambda name: None if name in ("typer", "peft") else real(name))
-    assert loft.command.main(["finetune"]) == 2
+    real = loft.app.command.find_spec
+    monkeypatch.setattr(loft.app.command, "find_spec", lambda name: None if name in ("typer", "peft") else real(name))
+    assert loft.app.command.main(["finetune"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("loft: error:") and "typer, peft" in err and "pip install 'torch-loft[app]'" in err
     assert "Traceback" not in err

@@ -11,7 +11,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from _tiny import make_llama
-from loft.tasks.multiple_choice import MultipleChoiceTask
+from loft.app.tasks.multiple_choice import MultipleChoiceTask
 
 
 def _records(n: int, seed: int) -> list[dict]:

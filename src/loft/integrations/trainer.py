@@ -35,6 +35,7 @@ from transformers import Trainer, TrainingArguments
 
 from ..clip import clip_grad_norm_
 from ..optim import LoFTAdamW
+from .library_internals import CLIP_HOOK, clip_hook_missing, unwrap_optimizer
 
 __all__ = ["LoFTTrainer", "LoFTTrainerMixin", "build_loft_optimizer", "with_loft"]
 
@@ -58,9 +59,7 @@ def build_loft_optimizer(model: torch.nn.Module, args: TrainingArguments, **loft
 
 def _unwrap(optimizer: Any) -> Any:
     """The optimizer inside accelerate's ``AcceleratedOptimizer`` wrapper (if any)."""
-    while hasattr(optimizer, "optimizer") and not isinstance(optimizer, LoFTAdamW):
-        optimizer = optimizer.optimizer
-    return optimizer
+    return unwrap_optimizer(optimizer, LoFTAdamW)
 
 
 class LoFTTrainerMixin:
@@ -79,11 +78,9 @@ class LoFTTrainerMixin:
             )
         if kwargs.get("optimizer_cls_and_kwargs") is not None:
             raise ValueError(f"{type(self).__name__} builds its LoFTAdamW itself; pass loft_options={{...}} instead of optimizer_cls_and_kwargs.")
-        if not hasattr(Trainer, "_clip_grad_norm"):  # pragma: no cover - guards against a Trainer refactor
-            raise RuntimeError(
-                "This transformers version has no Trainer._clip_grad_norm hook, which loft uses to clip with "
-                "LoFT's norm instead of Trainer's; upgrade transformers (>=5.0)."
-            )
+        missing = clip_hook_missing(Trainer)
+        if missing:  # pragma: no cover - guards against a Trainer refactor
+            raise RuntimeError(missing)
         self.loft_options = dict(loft_options or {})
         if "max_grad_norm" in self.loft_options:
             raise ValueError(
@@ -99,6 +96,8 @@ class LoFTTrainerMixin:
             self.optimizer = build_loft_optimizer(opt_model, self.args, **self.loft_options)
         return self.optimizer
 
+    # Trainer's private clipping hook (library_internals.CLIP_HOOK, checked in __init__ and by
+    # tests/test_library_internals.py)
     def _clip_grad_norm(self, model: torch.nn.Module) -> torch.Tensor:
         """Trainer's clipping hook: clip by LoFT's projected full-gradient norm."""
         optimizer = _unwrap(self.optimizer)
@@ -106,6 +105,9 @@ class LoFTTrainerMixin:
             return super()._clip_grad_norm(model)
         self.accelerator.unscale_gradients()  # a no-op without an fp16 grad scaler
         return clip_grad_norm_(optimizer, self.args.max_grad_norm)
+
+
+assert LoFTTrainerMixin._clip_grad_norm.__name__ == CLIP_HOOK
 
 
 class LoFTTrainer(LoFTTrainerMixin, Trainer):

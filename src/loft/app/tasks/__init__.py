@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LoftUsageError
+from .base import Task
 from .classification import ClassificationTask
 from .multiple_choice import MultipleChoiceTask
 
-__all__ = ["ClassificationTask", "MultipleChoiceTask", "detect_task", "make_task"]
+__all__ = ["ClassificationTask", "MultipleChoiceTask", "Task", "detect_task", "make_task"]
 
 _FIELDS = {
     "classification": ("text", "label"),
@@ -40,7 +41,7 @@ def make_task(
     train_path: str | Path,
     eval_records: list[dict[str, Any]],
     eval_path: str | Path,
-) -> ClassificationTask | MultipleChoiceTask:
+) -> Task:
     """Check both record lists and build the task they describe."""
     kind = detect_task(train_records, train_path)
     eval_kind = detect_task(eval_records, eval_path)

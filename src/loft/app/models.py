@@ -123,12 +123,12 @@ def _converted_smollm(package: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from ..integrations.library_internals import forget_gguf_quantization
+
     print(f"Converting {ggufs[0].name} to a Hugging Face folder in {target} (once) ...", flush=True)
     model = AutoModelForCausalLM.from_pretrained(str(package), gguf_file=ggufs[0].name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(package), gguf_file=ggufs[0].name)
-    model.hf_quantizer = None  # save_pretrained refuses a GGUF-loaded model otherwise
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
+    forget_gguf_quantization(model)  # save_pretrained refuses a GGUF-loaded model otherwise
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
     try:

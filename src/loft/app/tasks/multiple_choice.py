@@ -15,6 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq
 
 from ..errors import LoftUsageError
+from .base import Task
 
 __all__ = ["MultipleChoiceTask", "prompt"]
 
@@ -49,7 +50,7 @@ def _check(record: dict[str, Any], path: str | Path) -> tuple[str, list[str], in
 
 
 @dataclass
-class MultipleChoiceTask:
+class MultipleChoiceTask(Task):
     """Validated multiple-choice data and everything task-specific about training on it."""
 
     train_items: list[tuple[str, list[str], int]]
@@ -67,6 +68,10 @@ class MultipleChoiceTask:
     @property
     def num_train(self) -> int:
         return len(self.train_items)
+
+    @property
+    def num_eval(self) -> int:
+        return len(self.eval_items)
 
     def limit_eval(self, n: int | None) -> None:
         if n is not None:

@@ -13,6 +13,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding
 
 from ..errors import LoftUsageError
+from .base import Task
 
 __all__ = ["ClassificationTask"]
 
@@ -51,7 +52,7 @@ def _check_fields(record: dict[str, Any], path: str | Path) -> None:
 
 
 @dataclass
-class ClassificationTask:
+class ClassificationTask(Task):
     """Validated classification data and everything task-specific about training on it."""
 
     train_texts: list[str]
@@ -104,6 +105,10 @@ class ClassificationTask:
     @property
     def num_train(self) -> int:
         return len(self.train_texts)
+
+    @property
+    def num_eval(self) -> int:
+        return len(self.eval_texts)
 
     def limit_eval(self, n: int | None) -> None:
         """Keep the first ``n`` eval examples (``None``: all)."""

@@ -1,6 +1,6 @@
 """``loft compare``: one data set, seed and step budget; several methods and ranks.
 
-Each run is a :func:`loft.finetune.finetune` into ``<output_dir>/<method>-r<rank>`` (``full``
+Each run is a :func:`loft.app.finetune.finetune` into ``<output_dir>/<method>-r<rank>`` (``full``
 for full fine-tuning). The results go to ``compare.md`` / ``compare.csv`` (one row per run)
 and ``compare.png`` (accuracy against rank per method, and every loss curve).
 
@@ -21,20 +21,8 @@ from typing import Any
 
 from .atomic import atomic_write, write_json, write_text
 from .errors import LoftUsageError, RunInterrupted
-from .finetune import (
-    CHECKPOINTS,
-    DEFAULT_LR,
-    METHODS,
-    METRICS_FILE,
-    FinetuneConfig,
-    _check_writable,
-    _latest_checkpoint,
-    check_output_dir,
-    finetune,
-    prepare_inputs,
-    resolve_targets,
-    run_name,
-)
+from .finetune import DEFAULT_LR, METHODS, FinetuneConfig, finetune, prepare_inputs, resolve_targets
+from .rundir import CHECKPOINTS, METRICS_FILE, _check_writable, _latest_checkpoint, check_output_dir, run_name
 from .launch import barrier, init_processes, is_main_process, launched_processes, on_main_process
 
 __all__ = ["parse_lrs", "run_compare"]
@@ -202,7 +190,7 @@ def run_compare(
     inputs = prepare_inputs(runs[0][1], processes)
     for name, cfg in runs:
         if cfg.method != "full":
-            resolve_targets(inputs["model"], cfg.target_modules, cfg.rank, set(inputs["fresh"]))
+            resolve_targets(inputs.model, cfg.target_modules, cfg.rank, set(inputs.fresh))
     del inputs
     identity = json.loads(json.dumps({"methods": methods, "ranks": ranks, "full": full, "lrs": lrs,
                                       "settings": settings}, default=str))

@@ -1,5 +1,5 @@
 """The ``loft`` console script: checks that the application's dependencies are installed, then
-runs :func:`loft.cli.main`.
+runs :func:`loft.app.cli.main`.
 
 ``pip install torch-loft`` installs the optimizer alone (torch only); the command line needs
 ``pip install 'torch-loft[app]'``. Without it the script says so in one line and exits with

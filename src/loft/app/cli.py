@@ -1,0 +1,226 @@
+"""The ``loft`` command line: ``loft finetune`` and ``loft compare``.
+
+Bad input raises :class:`loft.app.errors.LoftUsageError`; :func:`main` prints its message (no
+traceback) and exits with status 2. Ctrl-C during training saves a checkpoint and exits with
+status 130; ``--resume`` continues from it.
+
+Under ``torchrun`` / ``accelerate launch`` every process runs the command; only the main process
+(rank 0) prints the summary and the error messages (docs/distributed.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import os
+import sys
+import types
+import typing
+from typing import Annotated, Any, Optional
+
+import typer
+
+from .config import FinetuneConfig, OptionSpec, compare_fields, finetune_fields
+from .errors import LoftUsageError, RunInterrupted
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=False,
+    pretty_exceptions_enable=False,
+    help="LoFT fine-tuning: low-rank adapters that behave like full fine-tuning.",
+)
+
+
+# ----------------------------------------------------------------------------- the options
+# FinetuneConfig's fields (loft/app/config.py) define the run options of both commands; the
+# options below are the commands' own.
+def _cli_type(hint: Any) -> Any:
+    """``str | None`` -> ``Optional[str]`` (the spelling typer parses everywhere)."""
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) and type(None) in args:
+        (inner,) = [a for a in args if a is not type(None)]
+        return Optional[inner]
+    return hint
+
+
+def _param(name: str, cli_type: Any, default: Any, flags: tuple[str, ...], help: str) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                             annotation=Annotated[cli_type, typer.Option(*flags, help=help)])
+
+
+def _field_param(field: dataclasses.Field, spec: OptionSpec) -> inspect.Parameter:
+    hint = spec.cli_type or typing.get_type_hints(FinetuneConfig)[field.name]
+    return _param(field.name, _cli_type(hint), field.default, spec.flags, spec.help)
+
+
+_OVERWRITE = _param("overwrite", bool, False, ("--overwrite",), "Replace what --output-dir holds.")
+_QUIET = _param("quiet", bool, False, ("--quiet", "-q"), "No progress bars.")
+_FINETUNE_RESUME = _param("resume", bool, False, ("--resume",), "Continue an interrupted run in --output-dir from its checkpoint.")
+_COMPARE_RESUME = _param(
+    "resume", bool, False, ("--resume",),
+    "Continue an interrupted comparison: keep its finished runs, resume the interrupted one, run the rest.",
+)
+#: loft compare's own options, in place of finetune's per-run ones (same positions in --help)
+_COMPARE_OWN = {
+    "method": [
+        _param("methods", str, "loft,lora,dora", ("--methods",), "Comma-separated adapter methods."),
+        _param("ranks", str, "1,4,16", ("--ranks",), "Comma-separated LoRA ranks."),
+        _param("full", bool, True, ("--full/--no-full",), "Also run full fine-tuning."),
+    ],
+    "rank": [],
+    "lr": [_param("lrs", Optional[str], None, ("--lr",),
+                  "Learning rates per method, e.g. 'loft=5e-4,lora=2e-3' (defaults per method).")],
+    "output_dir": [_param("output_dir", str, "runs/compare", ("--output-dir", "-o"), "Folder for the runs, table and plot.")],
+}
+
+
+def _finetune_params() -> list[inspect.Parameter]:
+    return [_field_param(f, spec) for f, spec in finetune_fields()] + [_OVERWRITE, _FINETUNE_RESUME, _QUIET]
+
+
+def _compare_params() -> list[inspect.Parameter]:
+    params = []
+    for f, spec in finetune_fields():
+        if f.name in _COMPARE_OWN:
+            params += _COMPARE_OWN[f.name]
+        elif spec.compare:
+            params.append(_field_param(f, spec))
+    return params + [_OVERWRITE, _COMPARE_RESUME, _QUIET]
+
+
+def _with_options(params: list[inspect.Parameter]):
+    """Give a ``**options`` command function the signature typer reads its options from."""
+    def decorate(fn):
+        fn.__signature__ = inspect.Signature(params, return_annotation=None)
+        return fn
+
+    return decorate
+
+
+def _settings(options: dict[str, Any], fields: list[tuple[dataclasses.Field, OptionSpec]]) -> dict[str, Any]:
+    """The :class:`FinetuneConfig` values of ``fields`` from the parsed options."""
+    return {f.name: spec.parse(options[f.name]) if spec.parse else options[f.name] for f, spec in fields}
+
+
+# ----------------------------------------------------------------------------- the commands
+@app.command()
+@_with_options(_finetune_params())
+def finetune(**options: Any) -> None:
+    """Fine-tune a model on a classification or multiple-choice data set and save the adapter.
+
+    With no options: the MiniLM-L6 encoder on the built-in movie_sentiment data, LoFT at rank 4.
+    """
+    from .finetune import default_output_dir
+    from .finetune import finetune as run
+
+    cfg = FinetuneConfig(**_settings(options, finetune_fields()))
+    metrics = run(cfg, overwrite=options["overwrite"], resume=options["resume"], progress=not options["quiet"])
+    if not _main_process():
+        return
+    out = default_output_dir(cfg)
+    try:
+        _summary(metrics, cfg.method, cfg.rank, out)
+    except KeyboardInterrupt:
+        raise RunInterrupted(f"Interrupted after the run finished; its results in {out} are complete.") from None
+
+
+def _summary(metrics: dict, method: str, rank: int, out) -> None:
+    from .finetune import run_name
+
+    before = metrics["eval_accuracy_before"]
+    print(
+        f"\n{run_name(method, rank)} on {metrics['num_train']} examples, {metrics['steps']} steps in {metrics['train_seconds']:.0f} s: "
+        f"eval accuracy {'' if before is None else f'{before:.4f} -> '}{metrics['eval_accuracy']:.4f} "
+        f"({metrics['num_eval']} examples), train loss {metrics['train_loss']:.4f}."
+    )
+    print(f"Saved to {out}/ (metrics.json, loss_curve.png, {'model' if method == 'full' else 'adapter'} files).")
+
+
+@app.command()
+@_with_options(_compare_params())
+def compare(**options: Any) -> None:
+    """Same data, seed and step budget for several methods and ranks: a table and a plot."""
+    from .compare import parse_lrs, run_compare
+
+    def ints(text: str) -> list[int]:
+        try:
+            return [int(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise LoftUsageError(f"--ranks takes comma-separated integers, got {text!r}.") from None
+
+    output_dir = options["output_dir"]
+    result = run_compare(
+        methods=[m.strip() for m in options["methods"].split(",") if m.strip()], ranks=ints(options["ranks"]),
+        full=options["full"], lrs=parse_lrs(options["lrs"]), output_dir=output_dir, overwrite=options["overwrite"],
+        resume=options["resume"], progress=not options["quiet"], **_settings(options, compare_fields()),
+    )
+    if not _main_process():
+        return
+    print("\n" + result["markdown"])
+    print(f"Wrote {output_dir}/compare.md, compare.csv and compare.png ({result['seconds']:.0f} s in all).")
+
+
+@app.command()
+def models() -> None:
+    """List the built-in model names and data sets."""
+    from .data import BUILTIN_DATASETS
+    from .models import builtin_names
+
+    print("Built-in models:\n" + builtin_names())
+    print("Built-in data sets:\n" + "\n".join(f"  {k:<16} {task:<16} {d}" for k, (task, d) in BUILTIN_DATASETS.items()))
+
+
+def _main_process() -> bool:
+    """Whether this process prints: rank 0 under torchrun / accelerate launch, else always."""
+    if "torch" in sys.modules:
+        from .launch import is_main_process
+
+        return is_main_process()
+    return os.environ.get("RANK", "0") == "0"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``loft`` script; returns the exit status."""
+    try:
+        status = app(args=argv, standalone_mode=False)
+        if isinstance(status, int) and status == 130:  # typer's answer to a KeyboardInterrupt
+            if _main_process():
+                print("\nloft: interrupted; nothing was written.", file=sys.stderr)
+            return 130
+        if isinstance(status, int) and status:
+            return status
+    except LoftUsageError as e:
+        if _main_process():  # every rank stops with the same message; print it once
+            print(f"loft: error: {e}", file=sys.stderr)
+        return 2
+    except RunInterrupted as e:
+        if _main_process():
+            print(f"\nloft: {e}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        if _main_process():
+            print("\nloft: interrupted; nothing was written.", file=sys.stderr)
+        return 130
+    except Exception as e:  # click's usage errors (typer vendors its own click)
+        names = {c.__name__ for c in type(e).__mro__}
+        if "ClickException" in names:
+            e.show()
+            return int(getattr(e, "exit_code", 2))
+        if "Abort" in names:
+            if _main_process():
+                print("\nloft: interrupted; nothing was written.", file=sys.stderr)
+            return 130
+        raise
+    finally:
+        if "torch" in sys.modules:
+            from .launch import shutdown_processes
+
+            shutdown_processes()
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
+
+
+__all__ = ["app", "main"]

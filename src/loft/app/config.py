@@ -1,0 +1,184 @@
+"""The settings of a fine-tuning run, defined once: :class:`FinetuneConfig`.
+
+Each user-facing field carries its command-line flags and help (:func:`option`);
+:mod:`loft.app.cli` builds ``loft finetune``'s options from them, and ``loft compare``'s shared
+options from those marked ``compare=True``. This module imports nothing heavy (no torch,
+transformers or typer), so the command line starts fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+from .errors import LoftUsageError
+
+__all__ = [
+    "DEFAULT_HEAD_LR",
+    "DEFAULT_LR",
+    "DEFAULT_MAX_STEPS",
+    "METHODS",
+    "NOT_OPTIONS",
+    "FinetuneConfig",
+    "OptionSpec",
+    "check_batch_split",
+    "compare_fields",
+    "finetune_fields",
+    "option",
+    "split_modules",
+]
+
+METHODS = ("loft", "lora", "dora", "full")
+
+#: Default learning rate per method (MiniLM-L6 on movie_sentiment; see docs/workflow.md).
+DEFAULT_LR = {"loft": 5e-4, "lora": 2e-3, "dora": 2e-3, "full": 1e-4}
+#: Default learning rate of fresh head parameters, the same for every method (docs/workflow.md).
+DEFAULT_HEAD_LR = 2e-3
+#: Steps of the default run (and of each ``loft compare`` run) when neither steps nor epochs are given.
+DEFAULT_MAX_STEPS = 400
+
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """How a :class:`FinetuneConfig` field appears on the command line."""
+
+    flags: tuple[str, ...]  # "--model", "-m"
+    help: str
+    cli_type: Any = None  # the type typer parses, when it differs from the field's (e.g. repeated values)
+    parse: Callable[[Any], Any] | None = None  # command-line value -> field value
+    compare: bool = True  # also a loft compare option (the same for every run of a comparison)
+
+
+def option(default: Any, *flags: str, help: str, cli_type: Any = None, parse: Callable[[Any], Any] | None = None,
+           compare: bool = True) -> Any:
+    """A :class:`FinetuneConfig` field that is a command-line option (see :class:`OptionSpec`)."""
+    spec = OptionSpec(tuple(flags), help, cli_type, parse, compare)
+    return dataclasses.field(default=default, metadata={"option": spec})
+
+
+def split_modules(values: list[str] | None) -> list[str] | None:
+    """``--target-modules q,v --target-modules o`` -> ``["q", "v", "o"]``."""
+    if not values:
+        return None
+    return [v.strip() for value in values for v in value.split(",") if v.strip()]
+
+
+@dataclass
+class FinetuneConfig:
+    """Settings of one run. ``None`` means "the default".
+
+    A field made with :func:`option` is a ``loft finetune`` option (and, unless
+    ``compare=False``, a ``loft compare`` option shared by all its runs); the command line is
+    built from these fields, so a new option is one new field here.
+    """
+
+    model: str | None = option(
+        None, "--model", "-m",
+        help="Built-in name (minilm-l6, smollm2-135m), local Hugging Face folder or hub id. Default: minilm-l6 for "
+        "classification, smollm2-135m for multiple choice.",
+    )
+    data: str = option("movie_sentiment", "--data", "-d", help="Built-in set (movie_sentiment, social_iqa) or a .jsonl/.csv file.")
+    eval_data: str | None = option(
+        None, "--eval-data", help="Eval file. Default: the built-in test split, or 10% of --data held out."
+    )
+    method: str = option("loft", "--method", help="loft | lora | dora | full", compare=False)
+    rank: int = option(4, "--rank", "-r", help="LoRA rank.", compare=False)
+    alpha: float | None = None
+    target_modules: list[str] | None = option(
+        None, "--target-modules", cli_type=Optional[list[str]], parse=split_modules,
+        help="Linear layers to adapt (names or suffixes, comma separated). Default: all linear layers.",
+    )
+    max_steps: int | None = option(None, "--max-steps", help="Optimizer steps (default 400 when --epochs is not given).")
+    epochs: float | None = option(None, "--epochs", help="Epochs over --data instead of --max-steps.")
+    lr: float | None = option(
+        None, "--lr", help="Learning rate (default per method: loft 5e-4, lora/dora 2e-3, full 1e-4).", compare=False
+    )
+    head_lr: float | None = option(None, "--head-lr", help="Learning rate of the fresh head (every method). Default 2e-3.")
+    batch_size: int = option(
+        16, "--batch-size", "-b",
+        help="Examples per optimizer step; on several processes (torchrun, accelerate launch) the global batch, split "
+        "evenly over them.",
+    )
+    max_length: int | None = option(
+        None, "--max-length", help="Max tokens per example (default 64 classification, 128 multiple choice)."
+    )
+    max_eval: int | None = option(None, "--max-eval", help="Evaluate on the first N eval examples only.")
+    seed: int = option(0, "--seed", help="Random seed (data order, head init).")
+    output_dir: str | None = option(
+        None, "--output-dir", "-o", help="Default: runs/<data>-<method>-r<rank>.", compare=False
+    )
+    # not options of the command line (set from Python: benchmarks, loft compare)
+    warmup_ratio: float = 0.06
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    grad_accum: int = 1
+    save_steps: int = 200
+    logging_steps: int = 10
+    eval_before: bool = True
+
+    def check(self, processes: int = 1) -> None:
+        """Refuse impossible settings with a clear message (``processes``: data-parallel processes)."""
+        if self.method not in METHODS:
+            raise LoftUsageError(f"Unknown --method {self.method!r}; choose one of: {', '.join(METHODS)}.")
+        if self.rank < 1:
+            raise LoftUsageError(f"--rank must be a positive integer, got {self.rank}.")
+        if self.max_steps is not None and self.epochs is not None:
+            raise LoftUsageError("Give --max-steps or --epochs, not both.")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise LoftUsageError(f"--max-steps must be >= 1, got {self.max_steps}.")
+        if self.epochs is not None and not self.epochs > 0:
+            raise LoftUsageError(f"--epochs must be > 0, got {self.epochs}.")
+        if self.epochs is not None and not math.isfinite(self.epochs):
+            raise LoftUsageError(f"--epochs must be a finite number, got {self.epochs}.")
+        for name in ("lr", "head_lr"):
+            value = getattr(self, name)
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                raise LoftUsageError(f"--{name.replace('_', '-')} must be > 0 and finite, got {value}.")
+        if not 0 <= self.seed < 2**32:
+            raise LoftUsageError(f"--seed must be between 0 and {2**32 - 1}, got {self.seed}.")
+        if self.batch_size < 1:
+            raise LoftUsageError(f"--batch-size must be >= 1, got {self.batch_size}.")
+        if self.grad_accum < 1:
+            raise LoftUsageError(f"FinetuneConfig.grad_accum must be >= 1, got {self.grad_accum}.")
+        check_batch_split(self.batch_size, processes)
+        if self.max_length is not None and self.max_length < 8:
+            raise LoftUsageError(f"--max-length must be >= 8, got {self.max_length}.")
+        if self.max_eval is not None and self.max_eval < 1:
+            raise LoftUsageError(f"--max-eval must be >= 1, got {self.max_eval}.")
+
+    def identity(self) -> dict[str, Any]:
+        """The settings that make a run what it is (compared when an output dir is reused)."""
+        d = dataclasses.asdict(self)
+        for key in ("output_dir", "save_steps", "logging_steps"):
+            d.pop(key)
+        return d
+
+
+def check_batch_split(batch_size: int, processes: int) -> None:
+    """``--batch-size`` is the global batch; refuse one that ``processes`` cannot share evenly."""
+    if processes > 1 and batch_size % processes:
+        lower = batch_size // processes * processes
+        choices = " or ".join(str(b) for b in (lower, lower + processes) if b > 0)
+        raise LoftUsageError(
+            f"--batch-size {batch_size} cannot be split evenly over {processes} processes: --batch-size is the "
+            f"global batch (examples per optimizer step, all processes together), each process takes "
+            f"--batch-size / {processes}. Give a multiple of {processes}, e.g. {choices}."
+        )
+
+
+#: FinetuneConfig fields that are deliberately not command-line options (set from Python).
+NOT_OPTIONS = ("alpha", "warmup_ratio", "weight_decay", "max_grad_norm", "grad_accum", "save_steps", "logging_steps",
+               "eval_before")
+
+
+def finetune_fields() -> list[tuple[dataclasses.Field, OptionSpec]]:
+    """The :class:`FinetuneConfig` fields that are ``loft finetune`` options, in order."""
+    return [(f, f.metadata["option"]) for f in dataclasses.fields(FinetuneConfig) if "option" in f.metadata]
+
+
+def compare_fields() -> list[tuple[dataclasses.Field, OptionSpec]]:
+    """The options ``loft compare`` shares with ``loft finetune`` (one value for every run)."""
+    return [(f, spec) for f, spec in finetune_fields() if spec.compare]

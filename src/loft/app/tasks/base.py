@@ -1,0 +1,65 @@
+"""What ``loft finetune`` needs from a task: the :class:`Task` protocol.
+
+:class:`~loft.app.tasks.classification.ClassificationTask` and
+:class:`~loft.app.tasks.multiple_choice.MultipleChoiceTask` subclass it explicitly: the members a
+run uses are declared here, once, instead of being probed with ``getattr``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+__all__ = ["Task"]
+
+
+@runtime_checkable
+class Task(Protocol):
+    """Validated training and eval data plus everything task-specific about training on it."""
+
+    #: ``"classification"`` or ``"multiple_choice"`` (in metrics.json as ``task``)
+    kind: ClassVar[str]
+    #: built-in model name used when ``--model`` is not given
+    default_model: ClassVar[str]
+    #: ``--max-length`` when not given
+    default_max_length: ClassVar[int]
+    #: class names (classification), ``None`` for multiple choice
+    label_names: list[str] | None
+
+    @property
+    def num_train(self) -> int:
+        """Training examples."""
+        ...
+
+    @property
+    def num_eval(self) -> int:
+        """Eval examples (after :meth:`limit_eval`)."""
+        ...
+
+    def limit_eval(self, n: int | None) -> None:
+        """Keep the first ``n`` eval examples (``None``: all)."""
+        ...
+
+    def load_model(self, path: str, **kwargs: Any) -> tuple[Any, list[str]]:
+        """The pretrained model for this task and the names of its freshly initialised parameters."""
+        ...
+
+    def prepare_tokenizer(self, tokenizer: Any) -> None:
+        """Give the tokenizer what the task needs (a pad token, the padding side)."""
+        ...
+
+    def prepare_model(self, model: Any, tokenizer: Any) -> None:
+        """Match the model's config to the tokenizer (the pad token id)."""
+        ...
+
+    def train_dataset(self, tokenizer: Any, max_length: int) -> list[dict[str, Any]]:
+        """Encoded training examples (what ``collator`` batches)."""
+        ...
+
+    def collator(self, tokenizer: Any) -> Any:
+        """The ``data_collator`` for Trainer."""
+        ...
+
+    def evaluate(self, trainer: Any, tokenizer: Any, max_length: int) -> dict[str, float]:
+        """``{"eval_accuracy", "eval_loss"}`` of ``trainer.model`` on the eval data (a collective
+        on several processes: every rank calls it)."""
+        ...

@@ -1,0 +1,95 @@
+"""The two layers: the core (``import loft``: optimizer, pairs, clipping, integrations) never
+imports the application (``loft.app``), and the application package starts light.
+See docs/architecture.md, "Two layers"."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import loft
+
+SRC = Path(loft.__file__).resolve().parent
+CORE_MODULES = sorted(
+    "loft." + ".".join(p.relative_to(SRC).with_suffix("").parts).removesuffix(".__init__")
+    for p in SRC.rglob("*.py")
+    if "app" not in p.relative_to(SRC).parts[:1]
+)
+
+
+def _run(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+
+
+def test_core_module_list_is_complete():
+    assert "loft.optim" in CORE_MODULES and "loft.integrations.trainer" in CORE_MODULES
+    assert not [m for m in CORE_MODULES if m.startswith("loft.app")]
+
+
+def test_importing_the_core_loads_no_app_module():
+    """In a fresh interpreter, every core module imports without bringing in ``loft.app``."""
+    code = (
+        "import importlib, sys\n"
+        f"for name in {CORE_MODULES!r}:\n"
+        "    importlib.import_module(name.removesuffix('.loft').rstrip('.') or 'loft')\n"
+        "print(sorted(m for m in sys.modules if m == 'loft.app' or m.startswith('loft.app.')))\n"
+    )
+    out = _run(code)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", f"the core imported application modules: {out.stdout.strip()}"
+
+
+def _imports(path: Path) -> list[tuple[int, str]]:
+    """``(line, imported module)`` of every import in ``path`` (relative ones resolved)."""
+    parts = ["loft", *path.relative_to(SRC).with_suffix("").parts]
+    package = parts[:-1]  # what a level-1 relative import starts from (for __init__: the package)
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            module = ".".join(base + ([node.module] if node.module else []))
+            found.append((node.lineno, module))
+            found += [(node.lineno, f"{module}.{a.name}") for a in node.names]
+    return found
+
+
+def test_no_core_module_imports_the_app_statically():
+    offenders = []
+    for path in SRC.rglob("*.py"):
+        if path.relative_to(SRC).parts[0] == "app":
+            continue
+        for line, module in _imports(path):
+            if module == "loft.app" or module.startswith("loft.app."):
+                offenders.append(f"{path.relative_to(SRC.parent)}:{line} imports {module}")
+        text = path.read_text(encoding="utf-8")
+        if "import_module(\"loft.app" in text or "import_module('loft.app" in text:
+            offenders.append(f"{path.relative_to(SRC.parent)} imports loft.app dynamically")
+    assert not offenders, "the core must not import the application: " + "; ".join(offenders)
+
+
+def test_import_resolver_sees_relative_imports():
+    """The static check resolves ``from ..x import y`` (so a ``from .app import`` would be caught)."""
+    assert "loft.clip" in [m for _, m in _imports(SRC / "integrations" / "trainer.py")]
+    assert any(m == "loft.app.errors" for _, m in _imports(SRC / "app" / "cli.py"))
+
+
+def test_app_package_and_entry_point_import_nothing_heavy():
+    """``loft.app`` and ``loft.app.command`` (the console script) load no torch / transformers /
+    typer: the dependency check must run before any of them is imported."""
+    out = _run(
+        "import sys, loft.app, loft.app.command\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'typer', 'peft', 'accelerate') if m in sys.modules))\n"
+    )
+    assert out.returncode == 0, out.stderr
+    # importing loft.app runs loft/__init__ (which needs torch); nothing beyond torch may load
+    assert out.stdout.strip() in ("[]", "['torch']"), out.stdout
+
+
+def test_python_dash_m_loft_app_runs_the_command():
+    out = subprocess.run([sys.executable, "-m", "loft.app", "--help"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "finetune" in out.stdout and "compare" in out.stdout

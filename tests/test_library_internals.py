@@ -1,0 +1,193 @@
+"""Every private or undocumented name of transformers / Accelerate that loft relies on
+(loft/integrations/library_internals.py) still exists, with the shape loft expects, in the
+installed versions. A failure names the library, its version and the attribute: read the
+docstring of the matching function in library_internals.py before adapting it."""
+
+from __future__ import annotations
+
+import inspect
+import subprocess
+import sys
+import textwrap
+from importlib import metadata
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+accelerate = pytest.importorskip("accelerate")
+
+from loft.integrations import library_internals as li  # noqa: E402
+
+
+def _lib(name: str, attr: str, what: str) -> str:
+    """The assert message: library, installed version, attribute, what changed."""
+    return f"{name} {metadata.version(name)}: {attr} {what} (see loft/integrations/library_internals.py)"
+
+
+def _params(fn) -> list[str]:
+    return list(inspect.signature(fn).parameters)
+
+
+# ----------------------------------------------------------------------------- transformers.Trainer
+def test_trainer_clip_hook_exists_and_is_called_per_step():
+    from transformers import Trainer
+
+    hook = getattr(Trainer, li.CLIP_HOOK, None)
+    assert callable(hook), _lib("transformers", f"Trainer.{li.CLIP_HOOK}", "is gone")
+    assert _params(hook) == ["self", "model"], _lib("transformers", f"Trainer.{li.CLIP_HOOK}", f"now takes {_params(hook)}")
+    loop = inspect.getsource(Trainer)
+    assert f"self.{li.CLIP_HOOK}(model)" in loop, _lib("transformers", f"Trainer.{li.CLIP_HOOK}", "is no longer called by the training loop")
+    assert li.clip_hook_missing(Trainer) is None
+    assert "no Trainer._clip_grad_norm hook" in li.clip_hook_missing(object)
+
+
+def test_loft_trainer_overrides_the_clip_hook():
+    from loft.integrations import LoFTTrainerMixin
+
+    assert li.CLIP_HOOK in vars(LoFTTrainerMixin), "LoFTTrainerMixin no longer overrides the clipping hook"
+
+
+def test_trainer_save_checkpoint_hook_and_its_output_folder():
+    from transformers import Trainer
+
+    hook = getattr(Trainer, li.SAVE_CHECKPOINT_HOOK, None)
+    where = f"Trainer.{li.SAVE_CHECKPOINT_HOOK}"
+    assert callable(hook), _lib("transformers", where, "is gone")
+    assert _params(hook) == ["self", "model", "trial"], _lib("transformers", where, f"now takes {_params(hook)}")
+    source = inspect.getsource(hook)
+    assert "self._get_output_dir(trial=trial)" in source, _lib("transformers", where, "no longer takes its folder from _get_output_dir")
+    assert "self.args.output_dir" in inspect.getsource(Trainer._get_output_dir), _lib(
+        "transformers", "Trainer._get_output_dir", "no longer returns args.output_dir"
+    )
+    from loft.app.finetune import _RunTrainerMixin
+
+    assert li.SAVE_CHECKPOINT_HOOK in vars(_RunTrainerMixin), "loft finetune no longer overrides the checkpoint hook"
+
+
+def test_checkpoint_folder_name_is_what_trainer_writes(tmp_path):
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+
+    assert PREFIX_CHECKPOINT_DIR == "checkpoint", _lib("transformers", "trainer_utils.PREFIX_CHECKPOINT_DIR", f"is {PREFIX_CHECKPOINT_DIR!r}")
+    assert li.checkpoint_folder_name(12) == "checkpoint-12"
+    for step in (3, 12):
+        (tmp_path / li.checkpoint_folder_name(step)).mkdir()
+    found = get_last_checkpoint(str(tmp_path))  # what resume_from_checkpoint=True looks for
+    assert found is not None and found.endswith("checkpoint-12"), _lib("transformers", "trainer_utils.get_last_checkpoint", f"found {found}")
+
+
+def test_trainer_loss_scaling_attributes():
+    from transformers import Trainer
+
+    assert "loss_is_scaled_for_ga" in vars(Trainer), _lib("transformers", "Trainer.loss_is_scaled_for_ga", "is no longer a class attribute")
+    assert "self.model_accepts_loss_kwargs =" in inspect.getsource(Trainer.__init__), _lib(
+        "transformers", "Trainer.model_accepts_loss_kwargs", "is no longer set in __init__"
+    )
+    step = inspect.getsource(Trainer.training_step)
+    for name in ("self.loss_is_scaled_for_ga", "self.model_accepts_loss_kwargs"):
+        assert name in step, _lib("transformers", name, "is no longer read by Trainer.training_step")
+    trainer = SimpleNamespace(loss_is_scaled_for_ga=None, model_accepts_loss_kwargs=True)
+    li.loss_is_per_process_mean(trainer)
+    assert trainer.loss_is_scaled_for_ga is False and trainer.model_accepts_loss_kwargs is False
+
+
+def test_saving_checkpoints_into_restores_the_folder_even_on_error():
+    trainer = SimpleNamespace(args=SimpleNamespace(output_dir="runs/x/checkpoints"))
+    with pytest.raises(RuntimeError):
+        with li.saving_checkpoints_into(trainer, "runs/x/checkpoints/.incoming"):
+            assert trainer.args.output_dir == "runs/x/checkpoints/.incoming"
+            raise RuntimeError
+    assert trainer.args.output_dir == "runs/x/checkpoints"
+
+
+# ----------------------------------------------------------------------------- transformers, other
+def test_masked_lm_table():
+    from transformers.models.auto import modeling_auto
+
+    table = getattr(modeling_auto, "MODEL_FOR_MASKED_LM_MAPPING_NAMES", None)
+    assert table is not None, _lib("transformers", "models.auto.modeling_auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES", "is gone")
+    assert "bert" in table and "llama" not in table, _lib("transformers", "MODEL_FOR_MASKED_LM_MAPPING_NAMES", "changed meaning")
+    assert li.is_encoder_model_type(SimpleNamespace(model_type="bert", is_decoder=False))
+    assert not li.is_encoder_model_type(SimpleNamespace(model_type="bert", is_decoder=True))
+    assert not li.is_encoder_model_type(SimpleNamespace(model_type="llama"))
+
+
+def test_conv1d_stores_in_by_out():
+    kinds = li.linear_layer_types()
+    assert kinds[0] is torch.nn.Linear
+    layer = kinds[1](nf=3, nx=5)  # transformers' Conv1D(out_features, in_features)
+    assert tuple(layer.weight.shape) == (5, 3), _lib("transformers", "pytorch_utils.Conv1D.weight", f"is {tuple(layer.weight.shape)}, not (in, out)")
+
+
+def test_gguf_quantizer_attribute():
+    from transformers import PreTrainedModel
+
+    assert "hf_quantizer" in inspect.getsource(PreTrainedModel.save_pretrained), _lib(
+        "transformers", "PreTrainedModel.hf_quantizer", "is no longer what save_pretrained checks"
+    )
+    model = SimpleNamespace(hf_quantizer=object(), config=SimpleNamespace(quantization_config={"q": 1}))
+    li.forget_gguf_quantization(model)
+    assert model.hf_quantizer is None and not hasattr(model.config, "quantization_config")
+
+
+# ----------------------------------------------------------------------------- Accelerate
+def test_accelerated_optimizer_keeps_the_wrapped_optimizer():
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    assert "self.optimizer = optimizer" in inspect.getsource(AcceleratedOptimizer.__init__), _lib(
+        "accelerate", "AcceleratedOptimizer.optimizer", "no longer holds the wrapped optimizer"
+    )
+    inner = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    wrapped = SimpleNamespace(optimizer=SimpleNamespace(optimizer=inner))
+    assert li.unwrap_optimizer(wrapped, torch.optim.SGD) is inner
+    assert li.unwrap_optimizer(inner, torch.optim.SGD) is inner
+
+
+def test_accelerate_prepared_mark_and_model_record():
+    """What :func:`let_train_wrap_for_ddp` clears: run in a fresh interpreter (an Accelerator
+    sets process-wide state)."""
+    code = textwrap.dedent(
+        """
+        import torch
+        from accelerate import Accelerator
+        acc = Accelerator(cpu=True)
+        assert isinstance(acc._models, list), "Accelerator._models is not a list"
+        model = torch.nn.Linear(2, 2)
+        out = acc.prepare_model(model, evaluation_mode=True)
+        assert getattr(out, "_is_accelerate_prepared", None) is True, "prepare_model sets no _is_accelerate_prepared"
+        assert any(m is out for m in acc._models), "prepare_model does not record the model in Accelerator._models"
+        print("ok")
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", _lib(
+        "accelerate", "Accelerator._models / model._is_accelerate_prepared", f"changed: {out.stderr.strip()[-500:]}"
+    )
+    from accelerate import Accelerator
+
+    source = inspect.getsource(Accelerator.prepare_model)
+    assert 'getattr(model, "_is_accelerate_prepared", False)' in source, _lib(
+        "accelerate", "Accelerator.prepare_model", "no longer skips a model marked _is_accelerate_prepared"
+    )
+
+
+def test_let_train_wrap_for_ddp_clears_the_mark_on_several_processes_only():
+    model = torch.nn.Linear(2, 2)
+    other = torch.nn.Linear(2, 2)
+
+    def trainer(world: int, wrapped=None):
+        model._is_accelerate_prepared = True
+        acc = SimpleNamespace(_models=[model, other])
+        return SimpleNamespace(model=model, model_wrapped=wrapped or model, accelerator=acc,
+                               args=SimpleNamespace(world_size=world))
+
+    one = trainer(1)
+    li.let_train_wrap_for_ddp(one)
+    assert model._is_accelerate_prepared is True and one.accelerator._models == [model, other]
+    two = trainer(2)
+    li.let_train_wrap_for_ddp(two)
+    assert model._is_accelerate_prepared is False and two.accelerator._models == [other]
+    already = trainer(2, wrapped=torch.nn.Linear(2, 2))  # train() has wrapped it: leave it alone
+    li.let_train_wrap_for_ddp(already)
+    assert model._is_accelerate_prepared is True
