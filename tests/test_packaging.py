@@ -52,3 +52,12 @@ def test_console_script_names_the_missing_extra(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.startswith("loft: error:") and "typer, peft" in err and "pip install 'torch-loft[app]'" in err
     assert "Traceback" not in err
+
+
+def test_the_loft_script_prints_no_bitsandbytes_kernel_hint():
+    """With bitsandbytes installed (the QLoRA tests need it), importing peft may log a hint about
+    an optional CPU kernel download; the loft script keeps it off the terminal."""
+    code = "from loft.app.command import main\nassert main(['models']) == 0\nimport peft, transformers\n"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "kernels-community" not in out.stderr and "gemm_4bit" not in out.stderr

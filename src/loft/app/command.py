@@ -8,6 +8,7 @@ status 2 instead of failing with an import traceback.
 
 from __future__ import annotations
 
+import logging
 import sys
 from importlib.util import find_spec
 
@@ -27,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    # bitsandbytes (installed for QLoRA) logs, when peft imports it on some CPUs, a hint about
+    # an optional kernel download that loft's runs never use: keep it off the user's terminal
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     from .cli import main as cli_main
 
     return cli_main(argv)
