@@ -24,6 +24,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+#: the repository root: data paths in the results are relative to it, and runs start there
+REPO = Path(__file__).resolve().parents[1]
+
 KEEP = ("eval_accuracy", "eval_loss", "train_loss", "train_loss_last", "steps", "train_seconds", "seconds",
         "trainable_params", "num_train", "num_eval", "lr", "head_lr", "loss_curve")
 
@@ -35,7 +38,8 @@ def key(run: dict[str, Any]) -> str:
 
 def carve_validation(data: str, n_val: int, folder: Path, seed: int = 1234) -> tuple[str, str, str]:
     """Split built-in ``data``'s train file into ``folder/train.jsonl`` and ``folder/val.jsonl``
-    (``n_val`` records, shuffled with ``seed``); return (train, val, test) paths."""
+    (``n_val`` records, shuffled with ``seed``); return (train, val, test) paths relative to the
+    repository root (the result files name them; a user's checkout lives elsewhere)."""
     from loft.app.data import builtin_path
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -49,7 +53,7 @@ def carve_validation(data: str, n_val: int, folder: Path, seed: int = 1234) -> t
         text = "\n".join(lines[i] for i in idx) + "\n"
         if not path.is_file() or path.read_text() != text:
             path.write_text(text)
-    return str(train_path), str(val_path), str(builtin_path(data, "test"))
+    return tuple(str(p.resolve().relative_to(REPO)) for p in (train_path, val_path, builtin_path(data, "test")))
 
 
 def load_results(path: Path) -> dict[str, dict[str, Any]]:
@@ -69,7 +73,7 @@ def _launch(run: dict[str, Any], threads: int) -> tuple[subprocess.Popen, Path, 
                TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
     cmd = [sys.executable, __file__, json.dumps(run), str(out)]
     log = open(out / "log.txt", "w")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     return proc, out, time.perf_counter()
 
 
