@@ -22,7 +22,15 @@ from typing import Any
 from .atomic import atomic_write, write_json, write_text
 from .errors import LoftUsageError, RunInterrupted
 from .finetune import DEFAULT_LR, METHODS, FinetuneConfig, finetune, prepare_inputs, resolve_targets
-from .rundir import CHECKPOINTS, METRICS_FILE, _check_writable, _latest_checkpoint, check_output_dir, run_name
+from .rundir import (
+    CHECKPOINTS,
+    METRICS_FILE,
+    _check_writable,
+    _latest_checkpoint,
+    check_output_dir,
+    is_new_output_dir,
+    run_name,
+)
 from .launch import barrier, init_processes, is_main_process, launched_processes, on_main_process
 
 __all__ = ["parse_lrs", "run_compare"]
@@ -85,14 +93,7 @@ def _check_folder(out: Path, identity: dict[str, Any], runs: list[tuple[str, Fin
                   resume: bool) -> dict[str, str]:
     """Decide, reading only, what happens to ``out`` and to each run's folder in it:
     ``{name: "new" | "done" | "resume" | "restart"}``. Refuses a folder it must not use."""
-    if overwrite and resume:
-        raise LoftUsageError("--overwrite and --resume contradict each other; pass one of them.")
-    if out.exists() and not out.is_dir():
-        raise LoftUsageError(f"--output-dir {str(out)!r} is a file; give a folder.")
-    if not out.exists() or not any(out.iterdir()):
-        if resume:
-            raise LoftUsageError(f"Nothing to resume: {str(out)!r} holds no comparison. Run without --resume.")
-        _check_writable(out)
+    if is_new_output_dir(out, overwrite=overwrite, resume=resume, holds="comparison"):
         return {name: "new" for name, _ in runs}
     if not _is_comparison(out):
         raise LoftUsageError(

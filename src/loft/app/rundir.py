@@ -174,17 +174,26 @@ class OutputPlan:
     existed: bool = False  # the folder existed before this run
 
 
-def check_output_dir(out: Path, identity: dict[str, Any], *, overwrite: bool, resume: bool) -> OutputPlan:
-    """Decide what this run does with ``out``, reading only: refuse (``LoftUsageError``) a folder
-    the run must not use. Nothing is written here."""
+def is_new_output_dir(out: Path, *, overwrite: bool, resume: bool, holds: str) -> bool:
+    """The checks every output folder gets (a run's or a comparison's, which ``holds`` names),
+    reading only: whether ``out`` is missing or empty, and then writable. Refuses contradicting
+    flags, a file, and ``--resume`` with nothing to resume."""
     if overwrite and resume:
         raise LoftUsageError("--overwrite and --resume contradict each other; pass one of them.")
     if out.exists() and not out.is_dir():
         raise LoftUsageError(f"--output-dir {str(out)!r} is a file; give a folder.")
-    if not out.exists() or not any(out.iterdir()):
-        if resume:
-            raise LoftUsageError(f"Nothing to resume: {str(out)!r} holds no run. Run without --resume.")
-        _check_writable(out)
+    if out.exists() and any(out.iterdir()):
+        return False
+    if resume:
+        raise LoftUsageError(f"Nothing to resume: {str(out)!r} holds no {holds}. Run without --resume.")
+    _check_writable(out)
+    return True
+
+
+def check_output_dir(out: Path, identity: dict[str, Any], *, overwrite: bool, resume: bool) -> OutputPlan:
+    """Decide what this run does with ``out``, reading only: refuse (``LoftUsageError``) a folder
+    the run must not use. Nothing is written here."""
+    if is_new_output_dir(out, overwrite=overwrite, resume=resume, holds="run"):
         return OutputPlan("new", existed=out.exists())
     if not (out / CONFIG_FILE).is_file():
         if overwrite:
