@@ -240,6 +240,21 @@ def test_damped_gram_falls_back_per_matrix_in_a_batch():
     assert torch.allclose(sub.solve(rhs[[3, 1]]), out[[3, 1]], rtol=1e-12, atol=1e-300)
 
 
+def test_damped_gram_of_a_nonfinite_matrix_solves_to_nonfinite_without_raising():
+    """Diverged factors give inf / nan grams; eigh would raise on them (LinAlgError), so they
+    stay out of the fallback and only their own solves are non-finite."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 7, 3, generator=g, dtype=torch.float64)
+    x[2, :, 2] = x[2, :, 0]  # exactly singular: the fallback still serves this one
+    grams = x.mT @ x
+    grams[0, 1, 1] = float("nan")
+    grams[1, 0, 0] = float("inf")
+    rhs = torch.randn(3, 3, 2, generator=g, dtype=torch.float64)
+    out = DampedGram(grams, 0.0).solve(rhs)
+    assert not out[0].isfinite().any() and not out[1].isfinite().all()
+    assert torch.allclose(out[2], DampedGram(grams[2], 0.0).solve(rhs[2]), rtol=1e-12, atol=1e-300)
+
+
 def test_eigh_fallback_inside_a_batch(monkeypatch):
     """One pair of a batch has two equal columns of B (exactly representable: its gram has an
     exactly zero pivot without damping) and falls back to the eigen pseudo-solve while the other

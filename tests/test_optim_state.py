@@ -171,6 +171,32 @@ def test_nonfinite_gradient_can_raise():
         opt.step()
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("policy", ["skip", "raise"])
+def test_diverged_factors_meet_the_nonfinite_policy_not_a_linalg_error(policy, bad):
+    """A run that diverged (its factors hold nan or inf, so the loss and gradients do too) gets
+    the non-finite policy's warning or error, not LinAlgError from inside the step (eigh raises
+    on a non-finite matrix from r = 3 on)."""
+    model = peft.get_peft_model(nn.Sequential(nn.Linear(12, 10)), peft.LoraConfig(r=4, target_modules=["0"]))
+    opt = loft.LoFTAdamW(model, lr=1e-2, nonfinite_grads=policy)
+    x = torch.randn(5, 12)
+    model(x).square().mean().backward()
+    opt.step()
+    (pair,) = opt.pairs
+    with torch.no_grad():
+        pair.A.fill_(bad)  # both factors: whichever moves next, its partner's gram is not finite
+        pair.B.fill_(bad)
+    opt.zero_grad()
+    model(x).square().mean().backward()
+    if policy == "skip":
+        with pytest.warns(RuntimeWarning, match="Non-finite gradient"):
+            opt.step()
+        assert opt.skipped_steps == 1
+    else:
+        with pytest.raises(FloatingPointError, match="Non-finite gradient"):
+            opt.step()
+
+
 def test_ddp_wrapped_model_is_accepted_and_trains_like_the_plain_one(tmp_path):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP

@@ -44,8 +44,8 @@ class DampedGram:
     (LoRA's ``B = 0`` start) gets ``lam = tiny`` and a zero right-hand side solves to exactly
     zero. Cholesky is used; a matrix for which it still fails (singular to working precision)
     is solved by an eigen-decomposition pseudo-solve that drops the directions below the damping
-    level instead; the other matrices of a batch keep their Cholesky solve. No explicit inverse
-    is formed.
+    level instead; the other matrices of a batch keep their Cholesky solve. A matrix that is not
+    finite solves to non-finite values (no exception). No explicit inverse is formed.
     """
 
     def __init__(self, gram: Tensor, damping: float) -> None:
@@ -58,7 +58,9 @@ class DampedGram:
         #: those, the kept inverse eigenvalues ``(..., r)`` and eigenvectors ``(..., r, r)``
         #: (zeros / identity elsewhere)
         self._eig: tuple[Tensor, Tensor, Tensor] | None = None
-        failed = info != 0
+        # a matrix with inf / nan entries (diverged factors) is left to Cholesky's nan-filled
+        # solve: eigh would raise on it, and the step's finite check decides what happens next
+        failed = (info != 0) & damped.isfinite().flatten(-2).all(-1)
         if bool(failed.any()):
             evals, evecs = torch.linalg.eigh(damped[failed])
             keep = evals > 2 * lam[failed][..., None]
