@@ -244,6 +244,7 @@ def projected_update(
     bias_correction1: float,
     bias_correction2: float,
     chunk_bytes: int,
+    fuse: bool = False,
 ) -> Tensor:
     """Step 4: the new factor after LoFT's projected full AdamW step, ``(b, r, k)``.
 
@@ -260,6 +261,7 @@ def projected_update(
         bias_correction2=bias_correction2,
         eps=eps,
         chunk_bytes=chunk_bytes,
+        fuse=fuse,
     )
     step = side.solver.solve(projected)
     return side.factor.mul(1 - lr * weight_decay).sub_(step, alpha=lr)
@@ -346,13 +348,15 @@ def loft_step(
     clip_coef: Tensor | float | None,
     chunk_bytes: int,
     moved: tuple[list[bool], list[bool]],
+    fuse: bool = False,
 ) -> StepResult:
     """Steps 2-4 for a batch of pairs: updates ``state`` (A side, B side) in place and returns
     the new factors (see :class:`StepResult`; rebalancing is :func:`rebalance`, after the
     step). ``step``: the 1-based number of this step (bias correction); ``move``: whether A and
     B move; ``clip_coef``: the clipping coefficient (``None``: none; a tensor is never read on
     the host); ``moved``: for each side, which pairs' partner changed since the moments were
-    stored (host booleans: the caller knows which factors it wrote; ignored at step 1).
+    stored (host booleans: the caller knows which factors it wrote; ignored at step 1);
+    ``fuse``: the rebuild's elementwise passes as one compiled kernel.
 
     Calibration and the moment updates go a slice of pairs at a time, a quarter of
     ``chunk_bytes`` of grams per slice, so that their chained passes stay in cache.
@@ -397,7 +401,7 @@ def loft_step(
             bias_correction2=bc2,
         )
         if options.projected_update:
-            new.append(projected_update(side, st.exp_avg, st.exp_avg_sq, index, chunk_bytes=chunk_bytes, **common))
+            new.append(projected_update(side, st.exp_avg, st.exp_avg_sq, index, chunk_bytes=chunk_bytes, fuse=fuse, **common))
         else:
             new.append(factor_adam_update(side, st.exp_avg, st.exp_avg_sq, index, **common))
     return StepResult(new[0], new[1], None)

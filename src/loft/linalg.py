@@ -11,8 +11,10 @@ diagonal, ``p = r``, for the simple variant). A stack of ``k`` grams is a ``(k, 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -212,6 +214,42 @@ def packed_transport(packed: Tensor, c: Tensor, index: PackedIndex, chunk_bytes:
     return out
 
 
+def _adam_quotient(v: Tensor, m: Tensor, eps: float) -> Tensor:
+    """``M / (sqrt(max(V, 0)) + eps)``: the elementwise passes of the rebuild, in place in ``m``
+    (``V`` and ``M`` in units already divided by the bias corrections)."""
+    return m.div_(v.clamp_min_(0).sqrt_().add_(eps))
+
+
+def _adam_quotient_expr(v: Tensor, m: Tensor, eps: float) -> Tensor:
+    return m / (v.clamp_min(0).sqrt() + eps)
+
+
+_compiled_quotient: Any = None
+_compile_failed = False
+
+
+def adam_quotient(v: Tensor, m: Tensor, eps: float, *, fuse: bool = False) -> Tensor:
+    """:func:`_adam_quotient`, as one fused kernel (``torch.compile``) when ``fuse``: one pass
+    over the block instead of four. Falls back to the eager passes, with one warning, when
+    compilation is not available (no compiler, no Triton, an unsupported platform)."""
+    global _compiled_quotient, _compile_failed
+    if not fuse or _compile_failed:
+        return _adam_quotient(v, m, eps)
+    try:
+        if _compiled_quotient is None:
+            _compiled_quotient = torch.compile(_adam_quotient_expr, dynamic=True)
+        return _compiled_quotient(v, m, eps)
+    except Exception as error:  # noqa: BLE001 - any compiler failure: keep training, eagerly
+        _compile_failed = True
+        warnings.warn(
+            f"LoFT's fused elementwise kernel is not available ({type(error).__name__}: {error}); "
+            "using the eager passes (same results; pass fuse_elementwise=False to skip the attempt).",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return _adam_quotient(v, m, eps)
+
+
 def projected_adam_direction(
     partner: Tensor,
     exp_avg: Tensor,
@@ -222,6 +260,7 @@ def projected_adam_direction(
     bias_correction2: float,
     eps: float,
     chunk_bytes: int,
+    fuse: bool = False,
 ) -> Tensor:
     """``P^T D`` where ``D`` is the full-space AdamW direction rebuilt from factor moments.
 
@@ -234,12 +273,13 @@ def projected_adam_direction(
     block (two ``(pairs, rows, k)`` buffers) stay within about ``chunk_bytes`` in all and no
     ``(l, r, k)`` tensor ever exists. A block is as many whole pairs as fit in the budget, or
     ``rows`` of one pair when a whole pair does not fit (then exactly the unbatched blocks).
+    ``fuse``: the elementwise passes as one compiled kernel (:func:`adam_quotient`).
     """
     k = exp_avg.shape[-1]
     out = torch.zeros_like(exp_avg)
     row_bytes = 2 * k * partner.element_size()
     rows_per_chunk = max(1, chunk_bytes // row_bytes)
-    options = {"bias_correction1": bias_correction1, "bias_correction2": bias_correction2, "eps": eps}
+    options = {"bias_correction1": bias_correction1, "bias_correction2": bias_correction2, "eps": eps, "fuse": fuse}
     if exp_avg.dim() == 2:
         _add_direction(out, partner, exp_avg, exp_avg_sq, index, rows_per_chunk=rows_per_chunk, **options)
         return out
@@ -275,6 +315,7 @@ def _add_direction(
     bias_correction2: float,
     eps: float,
     rows_per_chunk: int,
+    fuse: bool,
 ) -> None:
     """``out += P^T D`` for one pair (2-D operands) or a block of pairs (3-D), ``rows_per_chunk``
     rows of ``P`` at a time: the body of :func:`projected_adam_direction`."""
@@ -284,8 +325,8 @@ def _add_direction(
     for start in range(0, partner.shape[-2], rows_per_chunk):
         p_rows = partner[..., start : start + rows_per_chunk, :]  # ([pairs,] rows, r)
         products = p_rows[..., index.rows] * p_rows[..., index.cols]  # ([pairs,] rows, p)
-        denom = (products @ sq_t).clamp_min_(0).sqrt_().add_(eps)  # sqrt(V / bc2) + eps
-        direction = (p_rows @ avg).div_(denom)
+        # D = (M / bc1) / (sqrt(V / bc2) + eps)
+        direction = adam_quotient(products @ sq_t, p_rows @ avg, eps, fuse=fuse)
         if out.dim() == 2:
             out.addmm_(p_rows.T, direction)
         else:

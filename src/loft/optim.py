@@ -140,14 +140,15 @@ class LoFTAdamW(Optimizer):
             both calibrations and the projected update on); ``A`` and ``B`` themselves change.
         damping: relative damping of the ``r x r`` solves (``None``: ten machine epsilons of the
             compute dtype, 1.2e-6 in float32).
-        chunk_bytes, batch_pairs, nonfinite_grads, split_step: how the step computes, not what;
+        chunk_bytes, batch_pairs, nonfinite_grads, split_step, fuse_elementwise: how the step
+            computes, not what;
             they form ``optimizer.settings`` (:class:`loft.options.Settings`). ``split_step``:
             under DDP, one owner rank per pair steps it and broadcasts the new factors. FSDP2
             models (``fully_shard``) always have owners (:mod:`loft.distributor`); with owners,
             ``step()``, ``grad_norm()``, ``state_dict()`` and ``load_state_dict()`` are
             collectives: call them on every rank.
 
-    Every option but the last four is a param-group key (:data:`loft.options.GROUP_DEFAULTS`),
+    Every option but the last five is a param-group key (:data:`loft.options.GROUP_DEFAULTS`),
     so a param-group dict may override any of them. State and solves are float32 for float32 /
     bfloat16 / float16 parameters and float64 for float64 ones. Parameters that are not LoRA
     factors follow ``torch.optim.AdamW`` exactly. A pair's state lives in a
@@ -179,6 +180,7 @@ class LoFTAdamW(Optimizer):
         nonfinite_grads: str = "skip",
         batch_pairs: bool = True,
         split_step: bool = False,
+        fuse_elementwise: bool | None = None,
         **unknown: Any,
     ) -> None:
         if unknown:
@@ -190,7 +192,11 @@ class LoFTAdamW(Optimizer):
             raise TypeError(f"LoFTAdamW got an unknown option {name!r}.{hint} Options: {', '.join(options)}.")
         #: how the step computes (batching, memory budget, non-finite policy)
         self.settings = Settings(
-            chunk_bytes=chunk_bytes, batch_pairs=batch_pairs, nonfinite_grads=nonfinite_grads, split_step=split_step
+            chunk_bytes=chunk_bytes,
+            batch_pairs=batch_pairs,
+            nonfinite_grads=nonfinite_grads,
+            split_step=split_step,
+            fuse_elementwise=fuse_elementwise,
         )
         defaults = dict(
             lr=lr,
@@ -632,6 +638,7 @@ class LoFTAdamW(Optimizer):
             clip_coef=coef,
             chunk_bytes=self.settings.chunk_bytes,
             moved=batch.moved,
+            fuse=self.settings.fuses(device),
         )
         state.step = batch.step
         return result
