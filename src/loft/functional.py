@@ -17,8 +17,10 @@ With ``G = dL/d(dW)`` (seen from the side: ``G`` or ``G^T``), autograd's gradien
 sides. Every tensor carries a leading batch dimension ``b``: the pairs of one shape, param group
 and step count are stepped together with batched GEMMs and solves (a lone pair is a batch of one).
 
-The step, in the paper's order (:func:`prepare_pair` does 1, :func:`pair_sq_norm` and
-:func:`clip_coefficient` do 5, :func:`loft_step` does 2-4 and the rebalancing)::
+The step, in the paper's order (:func:`prepare_pair` and :func:`scale_gradients` do 1,
+:func:`pair_sq_norm` and :func:`clip_coefficient` do 5, :func:`loft_step` does 2-4 and
+:func:`rebalance` the rebalancing, where :func:`loft.linalg.may_need_rebalancing` cannot rule
+it out)::
 
     1. scaled gradients     g = (P^T P)^-1 P^T G                       (b, r, k)
     5. clipping coefficient c = min(1, max_norm / (||proj G|| + 1e-6))  over all pairs and heads
