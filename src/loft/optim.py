@@ -13,7 +13,7 @@ import difflib
 import inspect
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -66,7 +66,7 @@ class _Batch:
     wholes: list[Whole]  # the factors and gradients as the distributor gave them
     #: for the A side and the B side, which pairs' partner changed since the moments were stored
     #: (host booleans, known from what the optimizer wrote; compared on the device only where not)
-    moved: tuple[list[bool], list[bool]] = ([], [])
+    moved: tuple[list[bool], list[bool]] = field(default_factory=lambda: ([], []))
 
 
 @dataclass
@@ -429,7 +429,7 @@ class LoFTAdamW(Optimizer):
             batch.moved = moved
         values = host_values(torch.cat(flags)) if flags else []
         settle_with(solvers, values)
-        start = sum(solver.failed().numel() for solver in solvers)
+        start = sum(f.numel() for f in flags[: len(solvers)])
         for batch, side, unknown in compared:
             for i, changed in zip(unknown, values[start : start + len(unknown)]):
                 batch.moved[side][i] = changed
