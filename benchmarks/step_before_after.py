@@ -3,6 +3,7 @@ the installed one, interleaved in one process (the machine is noisy: alternating
 
     cp -r src/loft /tmp/loft_before        # before changing the code
     .venv/bin/python benchmarks/step_before_after.py --before /tmp/loft_before
+    .venv/bin/python benchmarks/step_before_after.py --before /tmp/loft_before --syncs   # host syncs per step
 
 Two modes: ``step`` (``optimizer.step()`` alone) and ``trainer`` (``loft.clip_grad_norm_`` then
 ``step()``, what ``transformers.Trainer`` does each step with ``max_grad_norm`` set; the
@@ -70,6 +71,28 @@ def one_sample(package, opt, mode: str) -> float:
     return elapsed
 
 
+def count_syncs(packages: dict, args: argparse.Namespace) -> None:
+    """Host syncs (``loft.syncs.HostSyncCounter``) of each of 4 steps, with and without clipping
+    inside the step (``max_grad_norm``), for each package."""
+    from loft.syncs import HostSyncCounter
+
+    print(f"host syncs per step, {args.layers * len(PROJECTIONS)} pairs (4 shapes), steps 1-4")
+    for r in args.ranks:
+        for clip in (None, 1e-2):
+            row = []
+            for name, package in packages.items():
+                opt = build(package, r, args.layers)
+                for group in opt.param_groups:
+                    group["max_grad_norm"] = clip
+                counts = []
+                for _ in range(4):
+                    with HostSyncCounter() as syncs:
+                        opt.step()
+                    counts.append(syncs.count)
+                row.append(f"{name} {counts}")
+            print(f"r={r:2d} max_grad_norm={clip}: " + ", ".join(row), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--before", type=Path, required=True, help="a copy of an older src/loft")
@@ -77,10 +100,14 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--ranks", type=int, nargs="+", default=[4, 16])
     parser.add_argument("--modes", nargs="+", default=["step", "trainer"])
+    parser.add_argument("--syncs", action="store_true", help="count host syncs per step instead of timing")
     args = parser.parse_args()
     torch.set_num_threads(1)
     before = load_package(args.before)
     packages = {"before": before, "after": loft}
+    if args.syncs:
+        count_syncs(packages, args)
+        return
     print(f"torch {torch.__version__}, 1 thread, {args.layers * len(PROJECTIONS)} pairs, {args.samples} samples of 2 steps")
     for r in args.ranks:
         for mode in args.modes:

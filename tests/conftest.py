@@ -13,6 +13,12 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 peft = pytest.importorskip("peft")
 
+#: the device axis of the test matrix: CUDA where a GPU is present (issue 14: ready for GPUs)
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")),
+]
+
 
 def lora_linear(
     m: int,
@@ -59,6 +65,10 @@ class Regression:
         g = torch.Generator().manual_seed(seed)
         self.x = torch.randn(batch, n, generator=g, dtype=dtype)
         self.y = torch.randn(batch, m, generator=g, dtype=dtype)
+
+    def to(self, device) -> Regression:
+        self.x, self.y = self.x.to(device), self.y.to(device)
+        return self
 
     def loss(self, out: torch.Tensor) -> torch.Tensor:
         return (torch.tanh(out) - self.y).square().mean()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import Regression, delta_w, factors, lora_linear, orthogonal_factors_, rel_err
+from conftest import DEVICES, Regression, delta_w, factors, lora_linear, orthogonal_factors_, rel_err
 from reference import ReferenceLoFT
 from torch import nn
 
@@ -31,13 +31,15 @@ def dense_adamw_trajectory(layer, problem: Regression, steps: int, *, lr, weight
     return out
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
 @pytest.mark.parametrize("max_norm", [None, 0.05])
-def test_full_rank_square_layer_recovers_adamw(weight_decay, max_norm):
+def test_full_rank_square_layer_recovers_adamw(weight_decay, max_norm, device):
     n = r = 6
     model, layer = lora_linear(n, n, r, alpha=3.0, random_b=True)
     orthogonal_factors_(layer)
-    problem = Regression(n, n)
+    model.to(device)
+    problem = Regression(n, n).to(device)
     expected = dense_adamw_trajectory(layer, problem, STEPS, lr=5e-3, weight_decay=weight_decay, max_norm=max_norm)
     # precondition of exactness in floating point: dW stays far from singular (see docs/algorithm.md)
     assert max(float(torch.linalg.cond(w)) for w in expected) < 100

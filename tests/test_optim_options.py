@@ -35,6 +35,9 @@ def test_group_rebalance_threshold_reaches_the_rebalancing(monkeypatch):
     original = functional.rebalanced_factors
     spy = lambda u, a, threshold: seen.append(threshold) or original(u, a, threshold)  # noqa: E731
     monkeypatch.setattr(functional, "rebalanced_factors", spy)
+    # the cheap test that decides whether the QR / SVD check runs gets the threshold too
+    cheap = loft.optim.may_need_rebalancing
+    monkeypatch.setattr(loft.optim, "may_need_rebalancing", lambda g, threshold, eps: seen.append(threshold) or cheap(g, threshold, eps))
     model = Pairs()
     pairs = model.pairs()
     opt = loft.LoFTAdamW([{"params": pairs[:3]}, {"params": pairs[3:], "rebalance_threshold": 50.0}], lr=1e-2)

@@ -8,8 +8,10 @@ from .clip import clip_grad_norm_
 from .distributed import UnsupportedDistributedSetup
 from .optim import SWITCHES, LoFTAdamW
 from .pairs import LoRAPair, find_lora_pairs, split_lora_parameters
+from .syncs import HostSyncCounter
 
 __all__ = [
+    "HostSyncCounter",
     "SWITCHES",
     "LoFTAdamW",
     "LoRAPair",

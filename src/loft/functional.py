@@ -17,8 +17,10 @@ With ``G = dL/d(dW)`` (seen from the side: ``G`` or ``G^T``), autograd's gradien
 sides. Every tensor carries a leading batch dimension ``b``: the pairs of one shape, param group
 and step count are stepped together with batched GEMMs and solves (a lone pair is a batch of one).
 
-The step, in the paper's order (:func:`prepare_pair` does 1, :func:`pair_sq_norm` and
-:func:`clip_coefficient` do 5, :func:`loft_step` does 2-4 and the rebalancing)::
+The step, in the paper's order (:func:`prepare_pair` and :func:`scale_gradients` do 1,
+:func:`pair_sq_norm` and :func:`clip_coefficient` do 5, :func:`loft_step` does 2-4 and
+:func:`rebalance` the rebalancing, where :func:`loft.linalg.may_need_rebalancing` cannot rule
+it out)::
 
     1. scaled gradients     g = (P^T P)^-1 P^T G                       (b, r, k)
     5. clipping coefficient c = min(1, max_norm / (||proj G|| + 1e-6))  over all pairs and heads
@@ -47,7 +49,9 @@ from .linalg import (
     packed_outer,
     packed_transport,
     projected_adam_direction,
+    rank_regime,
     rebalanced_factors,
+    settle_all,
 )
 
 __all__ = [
@@ -58,11 +62,14 @@ __all__ = [
     "StepResult",
     "basis_invariant",
     "calibrate",
+    "checks_balance",
     "clip_coefficient",
     "factor_adam_update",
     "loft_step",
     "pair_sq_norm",
     "prepare_pair",
+    "rebalance",
+    "scale_gradients",
     "projected_sq_norm",
     "projected_update",
     "update_moments",
@@ -106,12 +113,10 @@ class Side:
         return replace(self, grad=self.grad * coef, scaled=scaled)
 
 
-def _side(factor: Tensor, partner: Tensor, grad: Tensor, param_scale: float, damping: float, scale: bool) -> Side:
+def _side(factor: Tensor, partner: Tensor, grad: Tensor, param_scale: float, damping: float) -> Side:
     gram = partner.mT @ partner
-    solver = DampedGram(gram, damping)
-    # 1. scaled gradient: g = (P^T P)^-1 P^T G, so P g is the projection of G onto P's columns
-    scaled = solver.solve(grad) if scale else None
-    return Side(factor, partner, gram, solver, grad, param_scale, scaled)
+    solver = DampedGram(gram, damping, settle=False)
+    return Side(factor, partner, gram, solver, grad, param_scale, None)
 
 
 class PreparedPair(NamedTuple):
@@ -122,17 +127,39 @@ class PreparedPair(NamedTuple):
 
 
 def prepare_pair(
-    a: Tensor, u: Tensor, grad_a: Tensor, grad_u: Tensor, *, scaling: float, damping: float, scale_grads: bool
+    a: Tensor,
+    u: Tensor,
+    grad_a: Tensor,
+    grad_u: Tensor,
+    *,
+    scaling: float,
+    damping: float,
+    scale_grads: bool,
+    settle: bool = True,
 ) -> PreparedPair:
     """Step 1 for a batch: grams, their damped factorisations and the scaled gradients.
 
     ``a``: ``A`` ``(b, r, n)``; ``u``: ``U = s B`` ``(b, m, r)``; ``grad_a``: ``dL/dA``
     ``(b, r, n)``; ``grad_u``: ``dL/dU = (dL/dB) / s`` ``(b, m, r)``. Both sides are built from
     the factors as they are now, before either moves.
+
+    ``settle=False`` stops before the solves: the caller settles the factorisations of all its
+    batches at once (:func:`loft.linalg.settle_all`, one host sync) and then calls
+    :func:`scale_gradients`.
     """
-    side_a = _side(a, u, grad_a, 1.0, damping, scale_grads)
-    side_b = _side(u.mT, a.mT, grad_u.mT, scaling, damping, scale_grads)
-    return PreparedPair(side_a, side_b)
+    side_a = _side(a, u, grad_a, 1.0, damping)
+    side_b = _side(u.mT, a.mT, grad_u.mT, scaling, damping)
+    pair = PreparedPair(side_a, side_b)
+    if not settle:
+        return pair
+    settle_all([side_a.solver, side_b.solver])
+    return scale_gradients(pair) if scale_grads else pair
+
+
+def scale_gradients(pair: PreparedPair) -> PreparedPair:
+    """1. the scaled gradients ``g = (P^T P)^-1 P^T G`` of both sides (``P g`` is the projection
+    of ``G`` onto ``P``'s columns), from settled factorisations."""
+    return PreparedPair(*(replace(side, scaled=side.solver.solve(side.grad)) for side in pair))
 
 
 # ----------------------------------------------------------------------------- 5. clipping
@@ -219,6 +246,7 @@ def projected_update(
     bias_correction1: float,
     bias_correction2: float,
     chunk_bytes: int,
+    fuse: bool = False,
 ) -> Tensor:
     """Step 4: the new factor after LoFT's projected full AdamW step, ``(b, r, k)``.
 
@@ -235,6 +263,7 @@ def projected_update(
         bias_correction2=bias_correction2,
         eps=eps,
         chunk_bytes=chunk_bytes,
+        fuse=fuse,
     )
     step = side.solver.solve(projected)
     return side.factor.mul(1 - lr * weight_decay).sub_(step, alpha=lr)
@@ -318,47 +347,47 @@ def loft_step(
     move: tuple[bool, bool],
     options: PairOptions,
     index: PackedIndex,
-    clip_coef: float | None,
+    clip_coef: Tensor | float | None,
     chunk_bytes: int,
+    moved: tuple[list[bool], list[bool]],
+    fuse: bool = False,
 ) -> StepResult:
-    """Steps 2-4 and rebalancing for a batch of pairs: updates ``state`` (A side, B side) in
-    place and returns the new factors (see :class:`StepResult`). ``step``: the 1-based number
-    of this step (bias correction);
-    ``move``: whether A and B move; ``clip_coef``: the clipping coefficient (``None``: none).
+    """Steps 2-4 for a batch of pairs: updates ``state`` (A side, B side) in place and returns
+    the new factors (see :class:`StepResult`; rebalancing is :func:`rebalance`, after the
+    step). ``step``: the 1-based number of this step (bias correction); ``move``: whether A and
+    B move; ``clip_coef``: the clipping coefficient (``None``: none; a tensor is never read on
+    the host); ``moved``: for each side, which pairs' partner changed since the moments were
+    stored (host booleans: the caller knows which factors it wrote; ignored at step 1);
+    ``fuse``: the rebuild's elementwise passes as one compiled kernel.
 
     Calibration and the moment updates go a slice of pairs at a time, a quarter of
     ``chunk_bytes`` of grams per slice, so that their chained passes stay in cache.
     """
     bc1, bc2 = 1 - options.beta1**step, 1 - options.beta2**step
     new: list[Tensor] = []
-    for side, st, moves in zip(pair, state, move):
+    for side, st, moves, flags in zip(pair, state, move, moved):
         b, k, p = st.exp_avg_sq.shape
         per_slice = max(1, chunk_bytes // (4 * k * p * st.exp_avg_sq.element_size()))
-        # which pairs' partner moved since the moments were stored (none at the first step: all zero)
-        moved = (st.partner != side.partner).flatten(1).any(1) if step > 1 else None
         grad = side.scaled if options.gradient_scaling else side.grad
-        if clip_coef is not None and clip_coef != 1.0:
-            grad = grad * clip_coef
+        if clip_coef is not None:
+            grad = grad * (clip_coef.to(grad.dtype) if isinstance(clip_coef, Tensor) else clip_coef)
+        calibration = dict(
+            first_moment=options.first_moment_calibration,
+            second_moment=options.second_moment_calibration,
+            chunk_bytes=chunk_bytes,
+        )
         for sl in _slices(b, per_slice):
             exp_avg, exp_avg_sq = st.exp_avg[sl], st.exp_avg_sq[sl]
-            # 2. calibration: C = (P^T P)^-1 P^T P_prev; m <- C m; S_j <- C S_j C^T (moved pairs only)
-            some = None if moved is None else moved[sl]
-            if some is not None and bool(some.any()):
-                before = None if bool(some.all()) else (exp_avg.clone(), exp_avg_sq.clone())
-                calibrate(
-                    exp_avg,
-                    exp_avg_sq,
-                    side.select(sl),
-                    st.partner[sl],
-                    index,
-                    first_moment=options.first_moment_calibration,
-                    second_moment=options.second_moment_calibration,
-                    chunk_bytes=chunk_bytes,
-                )
-                if before is not None:  # pairs whose partner did not move keep their moments exactly
-                    keep = ~some
-                    exp_avg[keep] = before[0][keep]
-                    exp_avg_sq[keep] = before[1][keep]
+            # 2. calibration: C = (P^T P)^-1 P^T P_prev; m <- C m; S_j <- C S_j C^T (moved pairs only;
+            # none at the first step: the moments are zero)
+            some = [] if step == 1 else [sl.start + i for i, f in enumerate(flags[sl]) if f]
+            if len(some) == len(exp_avg):
+                calibrate(exp_avg, exp_avg_sq, side.select(sl), st.partner[sl], index, **calibration)
+            elif some:  # only these pairs: the others keep their moments exactly
+                rows = torch.tensor(some, device=exp_avg.device)
+                sub_avg, sub_sq = st.exp_avg[rows], st.exp_avg_sq[rows]
+                calibrate(sub_avg, sub_sq, side.select(rows), st.partner[rows], index, **calibration)
+                st.exp_avg[rows], st.exp_avg_sq[rows] = sub_avg, sub_sq
             # 3. moments: m <- b1 m + (1 - b1) g; S_j <- b2 S_j + (1 - b2) g_j g_j^T
             update_moments(exp_avg, exp_avg_sq, grad[sl], index, options.beta1, options.beta2)
         st.partner.copy_(side.partner)  # the basis the moments are now expressed in
@@ -374,22 +403,32 @@ def loft_step(
             bias_correction2=bc2,
         )
         if options.projected_update:
-            new.append(projected_update(side, st.exp_avg, st.exp_avg_sq, index, chunk_bytes=chunk_bytes, **common))
+            new.append(projected_update(side, st.exp_avg, st.exp_avg_sq, index, chunk_bytes=chunk_bytes, fuse=fuse, **common))
         else:
             new.append(factor_adam_update(side, st.exp_avg, st.exp_avg_sq, index, **common))
-    a, u_t = new
-    rebalanced = None
-    # rebalancing: (U, A) <- (Q_U X S^1/2, S^1/2 Y^T Q_A^T) when the worse gram is more than
-    # `rebalance_threshold` times worse-conditioned than the balanced factors' (basis-invariant
-    # configurations only: there the step depends on U A alone)
-    if options.rebalance and basis_invariant(options):
-        balanced = rebalanced_factors(u_t.mT, a, options.rebalance_threshold)
-        if balanced is not None:
-            u_new, a_new, better = balanced
-            pick = better[:, None, None]
-            a, u_t = torch.where(pick, a_new, a), torch.where(pick, u_new.mT, u_t)
-            rebalanced = better
-    return StepResult(a, u_t, rebalanced)
+    return StepResult(new[0], new[1], None)
+
+
+def checks_balance(options: PairOptions, shape: tuple[int, int, int]) -> bool:
+    """Whether a batch of pairs of ``shape`` ``(m, n, r)`` is ever rebalanced: the option is on,
+    the configuration is basis-invariant and ``r`` is not strictly between ``min(m, n)`` and
+    ``max(m, n)`` (see :func:`loft.linalg.rank_regime`)."""
+    m, n, r = shape
+    return options.rebalance and basis_invariant(options) and rank_regime(m, n, r) != "between"
+
+
+def rebalance(result: StepResult, threshold: float) -> StepResult:
+    """Rebalancing: ``(U, A) <- (Q_U X S^1/2, S^1/2 Y^T Q_A^T)`` for the pairs of a batch whose
+    worse gram is more than ``threshold`` times worse-conditioned than the balanced factors'
+    (the expensive check, :func:`loft.linalg.rebalanced_factors`; the caller skips it when
+    :func:`loft.linalg.may_need_rebalancing` rules it out)."""
+    a, u_t = result.a, result.u_t
+    balanced = rebalanced_factors(u_t.mT, a, threshold)
+    if balanced is None:
+        return result
+    u_new, a_new, better = balanced
+    pick = better[:, None, None]
+    return StepResult(torch.where(pick, a_new, a), torch.where(pick, u_new.mT, u_t), better)
 
 
 def basis_invariant(options: PairOptions) -> bool:

@@ -11,17 +11,25 @@ diagonal, ``p = r``, for the simple variant). A stack of ``k`` grams is a ``(k, 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import torch
 from torch import Tensor
+
+from .syncs import host_values
 
 __all__ = [
     "DampedGram",
     "balanced_factors",
     "PackedIndex",
     "compute_dtype",
+    "factor_grams",
+    "may_need_rebalancing",
+    "settle_all",
+    "settle_with",
     "packed_index",
     "packed_outer",
     "packed_transport",
@@ -48,32 +56,62 @@ class DampedGram:
     finite solves to non-finite values (no exception). No explicit inverse is formed.
     """
 
-    def __init__(self, gram: Tensor, damping: float) -> None:
+    def __init__(self, gram: Tensor, damping: float, *, settle: bool = True) -> None:
         r = gram.shape[-1]
         scale = gram.diagonal(dim1=-2, dim2=-1).sum(-1) / r
-        lam = (scale * damping).clamp_min(torch.finfo(gram.dtype).tiny)
-        damped = gram + lam[..., None, None] * torch.eye(r, dtype=gram.dtype, device=gram.device)
-        self._chol, info = torch.linalg.cholesky_ex(damped)
+        self._lam = (scale * damping).clamp_min(torch.finfo(gram.dtype).tiny)
+        self._damped = gram + self._lam[..., None, None] * torch.eye(r, dtype=gram.dtype, device=gram.device)
+        self._chol, self._info = torch.linalg.cholesky_ex(self._damped)
         #: ``(failed, inv, evecs)``: which matrices fell back to the eigen pseudo-solve and, for
         #: those, the kept inverse eigenvalues ``(..., r)`` and eigenvectors ``(..., r, r)``
         #: (zeros / identity elsewhere)
         self._eig: tuple[Tensor, Tensor, Tensor] | None = None
-        # a matrix with inf / nan entries (diverged factors) is left to Cholesky's nan-filled
-        # solve: eigh would raise on it, and the step's finite check decides what happens next
-        failed = (info != 0) & damped.isfinite().flatten(-2).all(-1)
-        if bool(failed.any()):
-            evals, evecs = torch.linalg.eigh(damped[failed])
-            keep = evals > 2 * lam[failed][..., None]
-            inv = damped.new_zeros(damped.shape[:-1])
-            vecs = torch.eye(r, dtype=gram.dtype, device=gram.device).expand_as(damped).clone()
-            inv[failed] = torch.where(keep, evals.reciprocal(), torch.zeros_like(evals))
-            vecs[failed] = evecs
-            self._chol = self._chol.clone()
-            self._chol[failed] = torch.eye(r, dtype=gram.dtype, device=gram.device)  # finite, unused
-            self._eig = (failed, inv, vecs)
+        self._settled = False
+        if settle:
+            settle_all([self])
+
+    @property
+    def settled(self) -> bool:
+        return self._settled
+
+    def failed(self) -> Tensor:
+        """Whether each matrix's Cholesky failed, flattened ``(batch,)`` bool, on the device.
+
+        A matrix with inf / nan entries (diverged factors) does not count: it is left to
+        Cholesky's nan-filled solve, since eigh would raise on it, and the step's finite check
+        decides what happens next."""
+        r = self._damped.shape[-1]
+        return (self._info.reshape(-1) != 0) & self._damped.reshape(-1, r * r).isfinite().all(-1)
+
+    def settle(self, failed_flags: list[bool]) -> None:
+        """Switch the matrices whose Cholesky failed (``failed_flags``: :meth:`failed` read on the
+        host) to the eigen pseudo-solve; no sync but ``eigh``'s own (rare)."""
+        self._settled = True
+        bad = [i for i, f in enumerate(failed_flags) if f]
+        damped, lam = self._damped, self._lam
+        self._damped = self._lam = None  # type: ignore[assignment]
+        if not bad:
+            return
+        r = damped.shape[-1]
+        flat = damped.reshape(-1, r, r)
+        index = torch.tensor(bad, device=damped.device)
+        evals, evecs = torch.linalg.eigh(flat[index])
+        keep = evals > 2 * lam.reshape(-1)[index][:, None]
+        inv = flat.new_zeros(flat.shape[:-1])
+        vecs = torch.eye(r, dtype=flat.dtype, device=flat.device).expand_as(flat).clone()
+        inv[index] = torch.where(keep, evals.reciprocal(), torch.zeros_like(evals))
+        vecs[index] = evecs
+        chol = self._chol.reshape(-1, r, r).clone()
+        chol[index] = torch.eye(r, dtype=flat.dtype, device=flat.device)  # finite, unused
+        failed = torch.zeros(flat.shape[0], dtype=torch.bool, device=flat.device)
+        failed[index] = True
+        shape = damped.shape[:-2]
+        self._chol = chol.reshape(damped.shape)
+        self._eig = (failed.reshape(shape), inv.reshape(*shape, r), vecs.reshape(damped.shape))
 
     def solve(self, rhs: Tensor) -> Tensor:
         """``(gram + lam I)^-1 rhs`` for ``rhs`` of shape ``(..., r, k)``."""
+        assert self._settled, "DampedGram.solve before settle_all()"
         out = torch.cholesky_solve(rhs, self._chol)
         if self._eig is None:
             return out
@@ -83,10 +121,30 @@ class DampedGram:
 
     def select(self, index: Tensor) -> DampedGram:
         """The factorisations of the matrices ``index`` of a batch (a gather on the first dim)."""
+        assert self._settled, "DampedGram.select before settle_all()"
         out = DampedGram.__new__(DampedGram)
+        out._settled = True
         out._chol = self._chol[index]
         out._eig = None if self._eig is None else tuple(t[index] for t in self._eig)  # type: ignore[assignment]
         return out
+
+
+def settle_all(solvers: list[DampedGram]) -> None:
+    """Settle ``solvers`` with one copy of their failure flags to the host (one sync whatever
+    the number of batches); :class:`loft.LoFTAdamW` folds the same copy into its own."""
+    pending = [s for s in solvers if not s.settled]
+    if pending:
+        settle_with(pending, host_values(torch.cat([s.failed() for s in pending])))
+
+
+def settle_with(solvers: list[DampedGram], flags: list[bool]) -> None:
+    """:meth:`DampedGram.settle` each of ``solvers`` with its slice of ``flags`` (their
+    :meth:`~DampedGram.failed` flags, concatenated, read on the host)."""
+    start = 0
+    for s in solvers:
+        size = s._chol.shape[:-2].numel()
+        s.settle(flags[start : start + size])
+        start += size
 
 
 @dataclass(frozen=True)
@@ -116,12 +174,12 @@ class PackedIndex:
 @lru_cache(maxsize=256)
 def packed_index(r: int, diagonal_only: bool, dtype: torch.dtype, device: torch.device) -> PackedIndex:
     """The packed layout for rank ``r``: upper triangle (full grams) or diagonal only."""
-    if diagonal_only:
-        rows = cols = torch.arange(r, device=device)
-    else:
-        rows, cols = torch.triu_indices(r, r, device=device)
-    weight = torch.where(rows == cols, 1.0, 2.0).to(dtype)
-    diag = torch.nonzero(rows == cols).flatten()
+    # built on the host and copied once: nothing here reads device values
+    pairs = [(i, i) for i in range(r)] if diagonal_only else [(i, j) for i in range(r) for j in range(i, r)]
+    rows = torch.tensor([i for i, _ in pairs], device=device)
+    cols = torch.tensor([j for _, j in pairs], device=device)
+    weight = torch.tensor([1.0 if i == j else 2.0 for i, j in pairs], dtype=dtype, device=device)
+    diag = torch.tensor([q for q, (i, j) in enumerate(pairs) if i == j], device=device)
     return PackedIndex(r, rows, cols, weight, diag)
 
 
@@ -161,6 +219,42 @@ def packed_transport(packed: Tensor, c: Tensor, index: PackedIndex, chunk_bytes:
     return out
 
 
+def _adam_quotient(v: Tensor, m: Tensor, eps: float) -> Tensor:
+    """``M / (sqrt(max(V, 0)) + eps)``: the elementwise passes of the rebuild, in place in ``m``
+    (``V`` and ``M`` in units already divided by the bias corrections)."""
+    return m.div_(v.clamp_min_(0).sqrt_().add_(eps))
+
+
+def _adam_quotient_expr(v: Tensor, m: Tensor, eps: float) -> Tensor:
+    return m / (v.clamp_min(0).sqrt() + eps)
+
+
+_compiled_quotient: Any = None
+_compile_failed = False
+
+
+def adam_quotient(v: Tensor, m: Tensor, eps: float, *, fuse: bool = False) -> Tensor:
+    """:func:`_adam_quotient`, as one fused kernel (``torch.compile``) when ``fuse``: one pass
+    over the block instead of four. Falls back to the eager passes, with one warning, when
+    compilation is not available (no compiler, no Triton, an unsupported platform)."""
+    global _compiled_quotient, _compile_failed
+    if not fuse or _compile_failed:
+        return _adam_quotient(v, m, eps)
+    try:
+        if _compiled_quotient is None:
+            _compiled_quotient = torch.compile(_adam_quotient_expr, dynamic=True)
+        return _compiled_quotient(v, m, eps)
+    except Exception as error:  # noqa: BLE001 - any compiler failure: keep training, eagerly
+        _compile_failed = True
+        warnings.warn(
+            f"LoFT's fused elementwise kernel is not available ({type(error).__name__}: {error}); "
+            "using the eager passes (same results; pass fuse_elementwise=False to skip the attempt).",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return _adam_quotient(v, m, eps)
+
+
 def projected_adam_direction(
     partner: Tensor,
     exp_avg: Tensor,
@@ -171,6 +265,7 @@ def projected_adam_direction(
     bias_correction2: float,
     eps: float,
     chunk_bytes: int,
+    fuse: bool = False,
 ) -> Tensor:
     """``P^T D`` where ``D`` is the full-space AdamW direction rebuilt from factor moments.
 
@@ -183,12 +278,13 @@ def projected_adam_direction(
     block (two ``(pairs, rows, k)`` buffers) stay within about ``chunk_bytes`` in all and no
     ``(l, r, k)`` tensor ever exists. A block is as many whole pairs as fit in the budget, or
     ``rows`` of one pair when a whole pair does not fit (then exactly the unbatched blocks).
+    ``fuse``: the elementwise passes as one compiled kernel (:func:`adam_quotient`).
     """
     k = exp_avg.shape[-1]
     out = torch.zeros_like(exp_avg)
     row_bytes = 2 * k * partner.element_size()
     rows_per_chunk = max(1, chunk_bytes // row_bytes)
-    options = {"bias_correction1": bias_correction1, "bias_correction2": bias_correction2, "eps": eps}
+    options = {"bias_correction1": bias_correction1, "bias_correction2": bias_correction2, "eps": eps, "fuse": fuse}
     if exp_avg.dim() == 2:
         _add_direction(out, partner, exp_avg, exp_avg_sq, index, rows_per_chunk=rows_per_chunk, **options)
         return out
@@ -224,6 +320,7 @@ def _add_direction(
     bias_correction2: float,
     eps: float,
     rows_per_chunk: int,
+    fuse: bool,
 ) -> None:
     """``out += P^T D`` for one pair (2-D operands) or a block of pairs (3-D), ``rows_per_chunk``
     rows of ``P`` at a time: the body of :func:`projected_adam_direction`."""
@@ -233,8 +330,8 @@ def _add_direction(
     for start in range(0, partner.shape[-2], rows_per_chunk):
         p_rows = partner[..., start : start + rows_per_chunk, :]  # ([pairs,] rows, r)
         products = p_rows[..., index.rows] * p_rows[..., index.cols]  # ([pairs,] rows, p)
-        denom = (products @ sq_t).clamp_min_(0).sqrt_().add_(eps)  # sqrt(V / bc2) + eps
-        direction = (p_rows @ avg).div_(denom)
+        # D = (M / bc1) / (sqrt(V / bc2) + eps)
+        direction = adam_quotient(products @ sq_t, p_rows @ avg, eps, fuse=fuse)
         if out.dim() == 2:
             out.addmm_(p_rows.T, direction)
         else:
@@ -271,8 +368,8 @@ def rebalanced_factors(u: Tensor, a: Tensor, threshold: float) -> tuple[Tensor, 
     :func:`balanced_factors`.
 
     ``u``: ``(..., m, r)``, ``a``: ``(..., r, n)``, any rank ``r`` (also above ``min(m, n)``).
-    Returns ``None`` when none pays, else ``(u', a', better)`` with ``better`` (``(...,)``
-    bool) true where the worse gram's condition number (of its nonzero part) exceeds
+    Returns ``(u', a', better)`` (``None`` at ranks between ``min(m, n)`` and ``max(m, n)``,
+    below) with ``better`` (``(...,)`` bool, never read on the host here) true where the worse gram's condition number (of its nonzero part) exceeds
     ``threshold`` times the balanced one and ``dW`` has full rank ``min(m, n, r)``; ``u'``,
     ``a'`` are meaningful only there.
 
@@ -291,9 +388,14 @@ def rebalanced_factors(u: Tensor, a: Tensor, threshold: float) -> tuple[Tensor, 
         return None
     q_u, r_u = torch.linalg.qr(u)  # (..., m, m'), (..., m', r) with m' = min(m, r)
     q_a, r_a = torch.linalg.qr(a.transpose(-1, -2))  # (..., n, n'), (..., n', r) with n' = min(n, r)
-    x, sigma, yh = torch.linalg.svd(r_u @ r_a.transpose(-1, -2))  # (..., m', m'), (..., q), (..., n', n')
+    core = r_u @ r_a.transpose(-1, -2)  # (..., m', n')
+    if core.shape[-2:] == r_u.shape[-2:] == r_a.shape[-2:]:  # r <= min(m, n): one SVD call (one host check on a GPU)
+        x, sv, yh = torch.linalg.svd(torch.stack([core, r_u, r_a]))
+        x, yh, sigma, s_u, s_a = x[0], yh[0], sv[0], sv[1], sv[2]
+    else:
+        x, sigma, yh = torch.linalg.svd(core)  # (..., m', m'), (..., q), (..., n', n')
+        s_u, s_a = torch.linalg.svdvals(r_u), torch.linalg.svdvals(r_a)
     tol = torch.finfo(sigma.dtype).eps * 100
-    s_u, s_a = torch.linalg.svdvals(r_u), torch.linalg.svdvals(r_a)
     full_rank = sigma[..., -1] > sigma[..., 0] * tol
     m_used, n_used, q = x.shape[-1], yh.shape[-2], sigma.shape[-1]
     # a factor with directions dW does not use must span them (else u' would span more than u)
@@ -303,8 +405,6 @@ def rebalanced_factors(u: Tensor, a: Tensor, threshold: float) -> tuple[Tensor, 
         full_rank &= s_a[..., -1] > s_a[..., 0] * tol
     worst_gram_cond = torch.maximum(s_u[..., 0] / s_u[..., -1], s_a[..., 0] / s_a[..., -1]).square_()
     better = full_rank & (worst_gram_cond > threshold * (sigma[..., 0] / sigma[..., -1]))
-    if not bool(better.any()):
-        return None
     root = sigma.sqrt()
     if m_used > q or n_used > q:  # r > min(m, n): scale of the directions dW does not use
         spare = (root[..., :1] * root[..., -1:]).sqrt()  # (..., 1): gram entry sqrt(s_max s_min)
@@ -319,6 +419,48 @@ def rebalanced_factors(u: Tensor, a: Tensor, threshold: float) -> tuple[Tensor, 
     if n_used < r:  # likewise zero rows of a'
         a_new = torch.cat([a_new, a_new.new_zeros(*a_new.shape[:-2], r - n_used, n)], -2)
     return u_new, a_new, better
+
+
+def factor_grams(u: Tensor, a: Tensor) -> Tensor:
+    """``U^T U`` and ``A A^T`` in float64, ``(..., 2, r, r)``, for :func:`may_need_rebalancing`
+    (``u``: ``(..., m, r)``, ``a``: ``(..., r, n)``; ``(m + n) r^2`` multiply-adds)."""
+    u64, a64 = u.double(), a.double()
+    return torch.stack([u64.mT @ u64, a64 @ a64.mT], -3)
+
+
+#: the cheap test rules rebalancing out only below ``threshold / REBALANCE_MARGIN`` ...
+REBALANCE_MARGIN = 2.0
+#: ... and only where ``cond(U) cond(A) <= REBALANCE_TRUST / eps`` of the compute dtype, so that
+#: the expensive check's own rounding (relative ``~ eps cond(U) cond(A)``) stays far below the margin
+REBALANCE_TRUST = 1e-2
+
+
+def may_need_rebalancing(grams: Tensor, threshold: float, eps: float) -> Tensor:
+    """The cheap test before :func:`rebalanced_factors`: ``False`` where that check certainly
+    finds nothing to rebalance, ``(...,)`` bool; ``grams``: :func:`factor_grams` ``(..., 2, r, r)``
+    (float64, best on the host: ``r x r`` work only); ``eps``: of the factors' compute dtype.
+
+    The expensive check compares ``max(cond(G_U), cond(G_A))`` with ``threshold cond(dW)``,
+    ``G_U = U^T U``, ``G_A = A A^T``, and gets ``cond(dW)`` from an SVD of the QR cores. The
+    nonzero singular values of ``dW = U A`` are the square roots of the eigenvalues of
+    ``G_U G_A``, which has those of the symmetric ``W^T G_A W`` with ``G_U = W W^T``
+    (``W = V diag(lambda)^(1/2)`` from ``G_U``'s eigen-decomposition): so the same ratio
+    ``rho = max(cond(G_U), cond(G_A)) / cond(dW)`` follows from three ``r x r`` symmetric
+    eigenvalue problems. A pair is ruled out when ``rho <= threshold / REBALANCE_MARGIN``, both
+    grams are positive definite and ``cond(U) cond(A) <= REBALANCE_TRUST / eps``; anything else
+    (a singular gram: ``r > min(m, n)``, ``B = 0``; ill-conditioned factors whose float32 check is
+    itself noisy) is left to the expensive check. See docs/algorithm.md, "Rebalancing".
+    """
+    lam, vecs = torch.linalg.eigh(grams)  # (..., 2, r), ascending
+    lo, hi = lam[..., 0], lam[..., -1]  # (..., 2)
+    definite = (lo > 0).all(-1)
+    cond = hi / lo.clamp_min(torch.finfo(lam.dtype).tiny)  # (..., 2): cond(G_U), cond(G_A)
+    w = vecs[..., 0, :, :] * lam[..., 0, None, :].clamp_min(0).sqrt()  # G_U = W W^T
+    mu = torch.linalg.eigvalsh(w.mT @ grams[..., 1, :, :] @ w)  # eigenvalues of G_U G_A: sigma(dW)^2
+    cond_dw = (mu[..., -1] / mu[..., 0].clamp_min(torch.finfo(mu.dtype).tiny)).sqrt()
+    rho = cond.amax(-1) / cond_dw
+    trusted = definite & (mu[..., 0] > 0) & (cond.prod(-1).sqrt() <= REBALANCE_TRUST / eps)
+    return ~(trusted & (rho <= threshold / REBALANCE_MARGIN))
 
 
 def balanced_factors(u: Tensor, a: Tensor, threshold: float) -> tuple[Tensor, Tensor] | None:
@@ -336,4 +478,4 @@ def balanced_factors(u: Tensor, a: Tensor, threshold: float) -> tuple[Tensor, Te
     information the product does not). :func:`rebalanced_factors` does a batch of pairs.
     """
     balanced = rebalanced_factors(u, a, threshold)
-    return None if balanced is None else balanced[:2]
+    return None if balanced is None or not bool(balanced[2].all()) else balanced[:2]

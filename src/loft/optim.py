@@ -13,7 +13,7 @@ import difflib
 import inspect
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -30,11 +30,24 @@ from .distributed import (
     make_distributor,
 )
 from .distributor import LocalDistributor, OwnerDistributor, Whole, all_finite, is_dtensor, local_part, shard_like
-from .functional import PairOptions, PreparedPair, SideState, clip_coefficient, loft_step, pair_sq_norm, prepare_pair
-from .linalg import compute_dtype, packed_index
+from .functional import (
+    PairOptions,
+    PreparedPair,
+    SideState,
+    StepResult,
+    checks_balance,
+    clip_coefficient,
+    loft_step,
+    pair_sq_norm,
+    prepare_pair,
+    rebalance,
+    scale_gradients,
+)
+from .linalg import compute_dtype, factor_grams, may_need_rebalancing, packed_index, settle_with
 from .options import GROUP_DEFAULTS, SWITCHES, Settings, check_group
 from .pairs import LoRAPair, count_lora_layers, split_lora_parameters, warn_about_ranks_between
 from .state import STATE_KEYS, BatchState, PairStates, ParamStateView
+from .syncs import host_values, on_host, to_host
 
 __all__ = ["LoFTAdamW", "SWITCHES"]
 
@@ -50,6 +63,10 @@ class _Batch:
     move: tuple[bool, bool]  # (A moves, B moves)
     scaling: float
     sides: PreparedPair
+    wholes: list[Whole]  # the factors and gradients as the distributor gave them
+    #: for the A side and the B side, which pairs' partner changed since the moments were stored
+    #: (host booleans, known from what the optimizer wrote; compared on the device only where not)
+    moved: tuple[list[bool], list[bool]] = field(default_factory=lambda: ([], []))
 
 
 @dataclass
@@ -123,14 +140,15 @@ class LoFTAdamW(Optimizer):
             both calibrations and the projected update on); ``A`` and ``B`` themselves change.
         damping: relative damping of the ``r x r`` solves (``None``: ten machine epsilons of the
             compute dtype, 1.2e-6 in float32).
-        chunk_bytes, batch_pairs, nonfinite_grads, split_step: how the step computes, not what;
+        chunk_bytes, batch_pairs, nonfinite_grads, split_step, fuse_elementwise: how the step
+            computes, not what;
             they form ``optimizer.settings`` (:class:`loft.options.Settings`). ``split_step``:
             under DDP, one owner rank per pair steps it and broadcasts the new factors. FSDP2
             models (``fully_shard``) always have owners (:mod:`loft.distributor`); with owners,
             ``step()``, ``grad_norm()``, ``state_dict()`` and ``load_state_dict()`` are
             collectives: call them on every rank.
 
-    Every option but the last four is a param-group key (:data:`loft.options.GROUP_DEFAULTS`),
+    Every option but the last five is a param-group key (:data:`loft.options.GROUP_DEFAULTS`),
     so a param-group dict may override any of them. State and solves are float32 for float32 /
     bfloat16 / float16 parameters and float64 for float64 ones. Parameters that are not LoRA
     factors follow ``torch.optim.AdamW`` exactly. A pair's state lives in a
@@ -162,6 +180,7 @@ class LoFTAdamW(Optimizer):
         nonfinite_grads: str = "skip",
         batch_pairs: bool = True,
         split_step: bool = False,
+        fuse_elementwise: bool | None = None,
         **unknown: Any,
     ) -> None:
         if unknown:
@@ -173,7 +192,11 @@ class LoFTAdamW(Optimizer):
             raise TypeError(f"LoFTAdamW got an unknown option {name!r}.{hint} Options: {', '.join(options)}.")
         #: how the step computes (batching, memory budget, non-finite policy)
         self.settings = Settings(
-            chunk_bytes=chunk_bytes, batch_pairs=batch_pairs, nonfinite_grads=nonfinite_grads, split_step=split_step
+            chunk_bytes=chunk_bytes,
+            batch_pairs=batch_pairs,
+            nonfinite_grads=nonfinite_grads,
+            split_step=split_step,
+            fuse_elementwise=fuse_elementwise,
         )
         defaults = dict(
             lr=lr,
@@ -206,6 +229,9 @@ class LoFTAdamW(Optimizer):
         self._modules_seen: list[nn.Module] = []
         self._states = PairStates()
         self._prepared: _Preparation | None = None
+        #: pair -> ((A changed, B changed), stamp): what the last step of the pair wrote (0 nothing,
+        #: 1 a new factor, 2 maybe: compare) and the factors' version stamp right after it
+        self._written: dict[LoRAPair, tuple[tuple[int, int], tuple[Any, ...]]] = {}
         self._loaded_pairs: list[tuple[LoRAPair, dict[str, Any], dict[str, Any]]] = []
         self._distributor: LocalDistributor | OwnerDistributor | None = None
         super().__init__(_as_param_groups(params), defaults)
@@ -372,13 +398,68 @@ class LoFTAdamW(Optimizer):
                     grouped.setdefault(key if self.settings.batch_pairs else (id(pair),), (s, []))[1].append(pair)
             scale_grads = group["gradient_scaling"] or (with_norm and group["projected_clipping"])
             for s, pairs in grouped.values():
-                batches.append(self._prepare_batch(group, [wholes[p] for p in pairs], pairs, s, scale_grads))
-        self._prepared = _Preparation(batches, fingerprint, with_norm)
+                batch = self._prepare_batch(group, [wholes[p] for p in pairs], pairs, s)
+                batches.append((batch, scale_grads))
+        self._settle(batches)
+        self._prepared = _Preparation([batch for batch, _ in batches], fingerprint, with_norm)
         return self._prepared
 
-    def _prepare_batch(
-        self, group: dict[str, Any], wholes: list[Whole], pairs: list[LoRAPair], s: float, scale_grads: bool
-    ) -> _Batch:
+    def _settle(self, batches: list[tuple[_Batch, bool]]) -> None:
+        """One host sync for the whole preparation: which damped Cholesky factorisations failed
+        (they fall back to the eigen pseudo-solve) and, where the optimizer cannot know it, which
+        pairs' partners changed since their moments were stored (compared on the device). Then
+        the scaled gradients (``scale``: of the batches that need them)."""
+        solvers = [side.solver for batch, _ in batches for side in batch.sides]
+        compared: list[tuple[_Batch, int, list[int]]] = []
+        flags: list[Tensor] = [solver.failed() for solver in solvers]
+        for batch, _ in batches:
+            if batch.step == 1:
+                continue
+            known = [self._partner_flags(pair) for pair in batch.pairs]
+            moved: tuple[list[bool], list[bool]] = ([], [])
+            for side in (0, 1):
+                partner_flag = [k[1 - side] for k in known]  # A's partner is U (B), B's is A^T
+                moved[side].extend(f == 1 for f in partner_flag)
+                unknown = [i for i, f in enumerate(partner_flag) if f == 2]
+                if unknown:
+                    stored = self._states.stored_partners([batch.pairs[i] for i in unknown], side)
+                    current = batch.sides[side].partner[unknown] if len(unknown) < len(known) else batch.sides[side].partner
+                    flags.append((stored != current).flatten(1).any(1))
+                    compared.append((batch, side, unknown))
+            batch.moved = moved
+        values = host_values(torch.cat(flags)) if flags else []
+        settle_with(solvers, values)
+        start = sum(f.numel() for f in flags[: len(solvers)])
+        for batch, side, unknown in compared:
+            for i, changed in zip(unknown, values[start : start + len(unknown)]):
+                batch.moved[side][i] = changed
+            start += len(unknown)
+        for batch, scale in batches:
+            if scale:
+                batch.sides = scale_gradients(batch.sides)
+
+    def _stamp(self, pair: LoRAPair) -> tuple[Any, ...]:
+        """What changes when anything writes a factor in place or replaces it, or the scaling changes."""
+        a, b = local_part(pair.A), local_part(pair.B)
+        return (a._version, b._version, a.data_ptr(), b.data_ptr(), pair.scale())
+
+    def _partner_flags(self, pair: LoRAPair) -> tuple[int, int]:
+        """Whether ``A`` and ``B`` changed since the pair's last step: 0 no, 1 yes (the optimizer
+        wrote a new factor), 2 unknown (compare): after a load, a change outside the optimizer
+        (the version stamp moved), a rebalancing check, or, with owners, any factor the owner did
+        not write (another rank may have changed its rows)."""
+        known = self._written.get(pair)
+        if known is None or known[1] != self._stamp(pair):
+            return (2, 2)
+        flags = known[0]
+        assert self._distributor is not None
+        if not self._distributor.local:
+            return (2 if flags[0] == 0 else flags[0], 2 if flags[1] == 0 else flags[1])
+        return flags
+
+    def _prepare_batch(self, group: dict[str, Any], wholes: list[Whole], pairs: list[LoRAPair], s: float) -> _Batch:
+        """Step 1 for one batch up to the solves (grams and their Cholesky factorisations), which
+        :meth:`_settle` finishes for all batches at once."""
         step = self._states.step_of(pairs[0]) + 1
         cd = compute_dtype(pairs[0].A.dtype)
         damping = group["damping"] if group["damping"] is not None else 10 * torch.finfo(cd).eps
@@ -389,13 +470,14 @@ class LoFTAdamW(Optimizer):
             _stack([w.grad_b for w in wholes], cd) / s,  # dL/dU = dL/dB / s
             scaling=s,
             damping=damping,
-            scale_grads=scale_grads,
+            scale_grads=False,
+            settle=False,
         )
         if group["alternating_updates"]:  # B moves on odd steps, A on even ones
             move = (step % 2 == 0, step % 2 == 1)
         else:
             move = (True, True)
-        return _Batch(pairs, group, step, move, s, sides)
+        return _Batch(pairs, group, step, move, s, sides, wholes)
 
     def _plain_with_grads(self) -> list[tuple[dict[str, Any], list[Tensor]]]:
         return [
@@ -504,26 +586,25 @@ class LoFTAdamW(Optimizer):
         coef = None
         if max_norm is not None:
             self.last_grad_norm = self._total_norm(prepared, plain)
-            coef = float(clip_coefficient(self.last_grad_norm, max_norm))  # a host number
-        for batch in prepared.batches:
-            self._step_batch(batch, coef)
+            coef = clip_coefficient(self.last_grad_norm, max_norm)  # stays on the device
+        results = [self._step_batch(batch, coef) for batch in prepared.batches]
+        results = self._rebalance(prepared.batches, results)
+        for batch, result in zip(prepared.batches, results):
+            self._write_back(batch, result)
         assert self._distributor is not None
         self._distributor.finish()  # the owners send the new factors (a collective with owners)
+        for batch, result in zip(prepared.batches, results):
+            maybe = 2 if result is not None and result.rebalanced is not None else 0
+            flags = (1 if batch.move[0] else maybe, 1 if batch.move[1] else maybe)
+            for pair in batch.pairs:
+                self._written[pair] = (flags, self._stamp(pair))
         for group, params in plain:
             self._step_plain(group, params, coef)
         return loss
 
-    def _step_batch(self, batch: _Batch, coef: float | None) -> None:
-        group, pairs = batch.group, batch.pairs
-        cd = batch.sides.a.factor.dtype
-        device = pairs[0].A.device
-        index = packed_index(pairs[0].rank, not group["second_moment_calibration"], cd, device)
-        state = self._states.batch_for(
-            pairs, fresh=BatchState.zeros(pairs, index.size, cd, device) if batch.step == 1 else None
-        )
-        state.match_layout(index)
+    def _options(self, group: dict[str, Any]) -> PairOptions:
         beta1, beta2 = group["betas"]
-        options = PairOptions(
+        return PairOptions(
             lr=group["lr"],
             beta1=beta1,
             beta2=beta2,
@@ -536,25 +617,73 @@ class LoFTAdamW(Optimizer):
             rebalance=group["rebalance"],
             rebalance_threshold=group["rebalance_threshold"],
         )
+
+    def _step_batch(self, batch: _Batch, coef: Tensor | None) -> StepResult:
+        """Steps 2-4 of one batch (its state updated in place); the new factors."""
+        group, pairs = batch.group, batch.pairs
+        cd = batch.sides.a.factor.dtype
+        device = pairs[0].A.device
+        index = packed_index(pairs[0].rank, not group["second_moment_calibration"], cd, device)
+        state = self._states.batch_for(
+            pairs, fresh=BatchState.zeros(pairs, index.size, cd, device) if batch.step == 1 else None
+        )
+        state.match_layout(index)
         result = loft_step(
             batch.sides,
             state.sides,
             step=batch.step,
             move=batch.move,
-            options=options,
+            options=self._options(group),
             index=index,
             clip_coef=coef,
             chunk_bytes=self.settings.chunk_bytes,
+            moved=batch.moved,
+            fuse=self.settings.fuses(device),
         )
         state.step = batch.step
-        # write back the factors that moved (and both of the pairs that were rebalanced)
-        rebalanced = [False] * len(pairs) if result.rebalanced is None else result.rebalanced.tolist()
+        return result
+
+    def _rebalance(self, batches: list[_Batch], results: list[StepResult]) -> list[StepResult]:
+        """Rebalancing after the step, for every batch with one host sync: the cheap test
+        (:func:`loft.linalg.may_need_rebalancing` on the ``r x r`` grams, copied to the host
+        together) decides which batches need the expensive check (:func:`loft.functional.rebalance`)."""
+        checked = [
+            i
+            for i, batch in enumerate(batches)
+            if checks_balance(self._options(batch.group), (*batch.pairs[0].shape, batch.pairs[0].rank))
+        ]
+        if not checked:
+            return results
+        grams = [factor_grams(results[i].u_t.mT, results[i].a) for i in checked]
+        host = to_host(torch.cat([g.reshape(-1) for g in grams]))
+        start = 0
+        out = list(results)
+        with on_host():
+            need = []
+            for i, g in zip(checked, grams):
+                part = host[start : start + g.numel()].reshape(g.shape)
+                start += g.numel()
+                eps = torch.finfo(results[i].a.dtype).eps
+                need.append(bool(may_need_rebalancing(part, batches[i].group["rebalance_threshold"], eps).any()))
+        for i, needed in zip(checked, need):
+            if needed:
+                out[i] = rebalance(results[i], batches[i].group["rebalance_threshold"])
+        return out
+
+    def _write_back(self, batch: _Batch, result: StepResult) -> None:
+        """Write the factors that moved; where a rebalancing check ran, also the other factor of
+        the pairs it re-factored (the parameter's own value for the others: no host sync)."""
         assert self._distributor is not None
         for side, moves in enumerate(batch.move):
+            if not moves and result.rebalanced is None:
+                continue
             values = result.a if side == 0 else result.u_t.mT / batch.scaling
-            for i, pair in enumerate(pairs):
-                if moves or rebalanced[i]:
-                    self._distributor.write(pair, side, values[i])
+            for i, (pair, whole) in enumerate(zip(batch.pairs, batch.wholes)):
+                value = values[i]
+                if not moves:
+                    current = (whole.a if side == 0 else whole.b).to(value.dtype)
+                    value = torch.where(result.rebalanced[i], value, current)
+                self._distributor.write(pair, side, value)
 
     @staticmethod
     def _grads_finite(prepared: _Preparation, plain: list[tuple[dict[str, Any], list[Tensor]]]) -> bool:
@@ -589,7 +718,7 @@ class LoFTAdamW(Optimizer):
         self.skipped_steps += 1
         return False
 
-    def _step_plain(self, group: dict[str, Any], params: list[Tensor], coef: float | None) -> None:
+    def _step_plain(self, group: dict[str, Any], params: list[Tensor], coef: Tensor | None) -> None:
         if not params:
             return
         exp_avgs, exp_avg_sqs, steps = [], [], []
@@ -603,8 +732,12 @@ class LoFTAdamW(Optimizer):
             exp_avg_sqs.append(st["exp_avg_sq"])
             steps.append(st["step"])
         grads = [p.grad for p in params]
-        if coef is not None and coef != 1.0:
-            grads = [g * coef for g in grads]
+        if coef is not None:  # a device tensor: never read on the host (but for FSDP2's DTensor gradients)
+            if any(is_dtensor(g) for g in grads):
+                factor = float(coef)
+                grads = [g * factor for g in grads]
+            else:
+                grads = [g * coef.to(device=g.device, dtype=g.dtype) for g in grads]
         beta1, beta2 = group["betas"]
         _adamw_functional(
             params,
@@ -743,6 +876,7 @@ def _install_loaded_pair_state(optimizer: LoFTAdamW) -> None:
     """``load_state_dict`` post-hook: each loaded pair's state becomes a batch of its own (the
     next step regroups the pairs), in the compute dtype, on the parameters' device."""
     optimizer._states.clear()
+    optimizer._written.clear()
     optimizer._prepared = None
     dist = optimizer._distributor
     assert dist is not None

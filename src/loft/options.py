@@ -106,13 +106,24 @@ class Settings:
     whole factors on every rank (DDP), give each pair one owner rank that keeps its state and
     computes its step, and broadcast the new factors (``False``: every rank steps every pair).
     Sharded factors (FSDP2) always have owners. With owners, ``state_dict()`` and
-    ``load_state_dict()`` are collectives: call them on every rank.
+    ``load_state_dict()`` are collectives: call them on every rank. ``fuse_elementwise``: the
+    full-direction rebuild's elementwise passes (clamp, sqrt, ``+ eps``, divide) as one
+    ``torch.compile`` kernel (``None``: on CUDA only; eager with a warning where compiling fails).
     """
 
     chunk_bytes: int = 4 * 2**20
     batch_pairs: bool = True
     nonfinite_grads: str = "skip"
     split_step: bool = False
+    fuse_elementwise: bool | None = None
+
+    def fuses(self, device: Any) -> bool:
+        """Whether the rebuild's elementwise passes run as one compiled kernel on ``device``:
+        ``fuse_elementwise``, or by default on CUDA only (on the CPU compiling took 47 s to warm up
+        for 8% off those passes: docs/performance.md)."""
+        if self.fuse_elementwise is not None:
+            return self.fuse_elementwise
+        return getattr(device, "type", device) == "cuda"
 
     def __post_init__(self) -> None:
         if isinstance(self.chunk_bytes, bool) or not isinstance(self.chunk_bytes, numbers.Integral):
@@ -121,6 +132,8 @@ class Settings:
             raise ValueError(f"Invalid chunk_bytes: {self.chunk_bytes} (must be >= 1).")
         if not isinstance(self.batch_pairs, bool):
             raise TypeError(f"Invalid batch_pairs: {self.batch_pairs!r} (True or False).")
+        if self.fuse_elementwise is not None and not isinstance(self.fuse_elementwise, bool):
+            raise TypeError(f"Invalid fuse_elementwise: {self.fuse_elementwise!r} (True, False or None).")
         if not isinstance(self.split_step, bool):
             raise TypeError(f"Invalid split_step: {self.split_step!r} (True or False).")
         if self.nonfinite_grads not in ("skip", "raise"):

@@ -133,6 +133,15 @@ class PairStates:
         held = self._where.get(pair)
         return {} if held is None else held[0].param_state(held[1], side)
 
+    def stored_partners(self, pairs: list[LoRAPair], side: int) -> Tensor:
+        """The partners the moments of ``pairs`` (all with state) are expressed in, stacked
+        ``(b, l, r)``: the batch's own stack when the pairs are exactly one batch, in order."""
+        held = [self._where[pair] for pair in pairs]
+        first = held[0][0]
+        if first.pairs == pairs:
+            return first.sides[side].partner
+        return torch.stack([batch.sides[side].partner[i] for batch, i in held])
+
     def batches(self) -> list[BatchState]:
         """Every batch state, each once."""
         return list({id(batch): batch for batch, _ in self._where.values()}.values())

@@ -1,0 +1,81 @@
+"""benchmarks/perf.py renders docs/performance.md's tables from its result file only: the
+statistics, the verdicts against the issue's targets and the marked section of the page."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def perf():
+    spec = importlib.util.spec_from_file_location("perf_bench", ROOT / "benchmarks" / "perf.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def result(perf, loft_times, lora_times, layer_ratio):
+    times = {"loft": loft_times, "lora": lora_times}
+    whole = {
+        "r": 16,
+        "pairs": 56,
+        "step": {m: perf.summary(t) for m, t in times.items()},
+        "optimizer_step": {m: perf.summary([x / 4 for x in t]) for m, t in times.items()},
+        "ratio": perf.paired(times, "loft", "lora"),
+        "state_bytes": {"loft": 3 * 2**20, "lora": 2**20},
+        "syncs_per_step": {"loft": {"count": 3}, "lora": {"count": 0}},
+        "load_before": [1.0, 1.0, 1.0],
+        "load_after": [1.0, 1.0, 1.0],
+    }
+    gemm = [0.01] * 5
+    layer = {
+        "r": 4,
+        "shape": [64, 64],
+        "threads": 1,
+        "floor_multiply_adds": 64 * 64 * 18,
+        "loft_step": perf.summary([g * layer_ratio for g in gemm]),
+        "floor_gemm": perf.summary(gemm),
+        "ratio": perf.paired({"a": [g * layer_ratio for g in gemm], "b": gemm}, "a", "b"),
+        "load_before": [2.0, 2.0, 2.0],
+        "load_after": [2.0, 2.0, 2.0],
+    }
+    provenance = {
+        "command": "benchmarks/perf.py --quick",
+        "commit": "0123456789abcdef",
+        "dirty": False,
+        "date_utc": "2026-01-01 00:00",
+        "versions": {"torch": "t", "transformers": "x", "peft": "p"},
+        "machine": {"arch": "x86_64", "cpus": 2, "device": "cpu"},
+        "threads": 1,
+        "settings": {"batch": 1, "seq": 8, "samples": 5, "model": "smollm2-135m", "layers": 2, "device": "cpu", "dtype": "float32"},
+    }
+    return {"provenance": provenance, "whole_step": [whole], "layer": [layer], "memory": {}}
+
+
+def test_statistics_and_verdicts(perf):
+    s = perf.summary([3.0, 1.0, 2.0, 5.0, 4.0])
+    assert (s["median"], s["min"], s["max"], s["n"]) == (3.0, 1.0, 5.0, 5)
+    assert s["p25"] <= s["median"] <= s["p75"]
+    fast = perf.render(result(perf, [1.05, 1.06, 1.07, 1.05, 1.06], [1.0] * 5, 1.2))
+    assert "| 1.060 (" in fast and fast.count("| holds |") == 2
+    slow = perf.render(result(perf, [1.5] * 5, [1.0] * 5, 2.0))
+    assert "1.500 (1.500-1.500)x" in slow and slow.count("**does not hold**") == 2
+    assert "3.0 / 1.0" in slow  # state MiB, LoFT / AdamW
+    assert "0123456789" in slow and "5 interleaved samples" in slow
+
+
+def test_report_replaces_only_the_marked_section(perf, tmp_path):
+    doc = tmp_path / "page.md"
+    doc.write_text(f"intro\n{perf.BEGIN}\nold table\n{perf.END}\noutro\n")
+    perf.write_report(result(perf, [1.5] * 5, [1.0] * 5, 2.0), doc)
+    text = doc.read_text()
+    assert text.startswith("intro\n") and text.endswith("\noutro\n") and "old table" not in text
+    assert "1.500 (1.500-1.500)x" in text
+    (tmp_path / "bare.md").write_text("no markers\n")
+    with pytest.raises(SystemExit, match="markers"):
+        perf.write_report(result(perf, [1.5] * 5, [1.0] * 5, 2.0), tmp_path / "bare.md")
