@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.adamw import adamw as _adamw_functional
 
+from .checkpoint import add_templates, called_by_torch_state_dict_api
 from .distributed import (
     UnsupportedDistributedSetup,
     check_module_supported,
@@ -668,7 +669,7 @@ def _pack_pair_state(optimizer: LoFTAdamW, state_dict: dict[str, Any]) -> dict[s
         held = optimizer._pair_by_param.get(id(p))
         if held is None:
             if i in state and any(is_dtensor(v) for v in state[i].values()):  # an FSDP2 shard: the whole state
-                state[i] = {k: v.full_tensor() if is_dtensor(v) else v for k, v in state[i].items()}
+                state[i] = {k: v.full_tensor().cpu() if is_dtensor(v) else v for k, v in state[i].items()}
             continue
         if dist.local:
             st = optimizer._states.param_state(*held)
@@ -680,6 +681,8 @@ def _pack_pair_state(optimizer: LoFTAdamW, state_dict: dict[str, Any]) -> dict[s
             state[i] = st
         else:
             state.pop(i, None)
+    if called_by_torch_state_dict_api():  # a template for DCP to load into (see loft/checkpoint.py)
+        add_templates(optimizer, state_dict, _param_index(optimizer), None if dist.local else torch.device("cpu"))
     return state_dict
 
 
@@ -710,7 +713,8 @@ def _unpack_pair_state(optimizer: LoFTAdamW, state_dict: dict[str, Any]) -> dict
                     )
             continue
         pair, side = held
-        by_pair.setdefault(pair, [None, None])[side] = st or None
+        st = st if st and int(st.get("step", 1)) > 0 else None  # step 0: a template, the fresh state
+        by_pair.setdefault(pair, [None, None])[side] = st
         if st:
             _check_factor_state(optimizer, p, pair, side, st)
     loaded = []
