@@ -79,7 +79,49 @@ def resume(kind: str, world: int, rank: int, folder: str, xs, ys, full: bool) ->
     return trainable(inner(model))
 
 
+def accelerate_fsdp2(xs, ys) -> dict[str, object]:
+    """Accelerate's FSDP plugin (fsdp_version=2): LoFTAdamW built on the whole model, then
+    ``accelerator.prepare(model, optimizer)`` shards the model and swaps the optimizer's parameters
+    for the shards; a checkpoint through Accelerate's FSDP helpers (DCP) resumes bit-exactly."""
+    from accelerate import Accelerator
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import load_fsdp_optimizer, save_fsdp_optimizer
+
+    from loft.integrations.library_internals import fsdp_on_cpu
+
+    def prepared():
+        plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="NO_WRAP", state_dict_type="SHARDED_STATE_DICT")
+        accelerator = Accelerator(fsdp_plugin=plugin, cpu=True)
+        fsdp_on_cpu(accelerator, plugin)  # Accelerate ignores the plugin on CPU processes otherwise
+        model = build_model()
+        opt, sched = make_optimizer(model)
+        model, opt = accelerator.prepare(model, opt)
+        return accelerator, model, opt, sched
+
+    accelerator, model, opt, sched = prepared()
+    out: dict[str, object] = {"dtensors": all(hasattr(p, "device_mesh") for p in model.parameters())}
+    train(model, opt, sched, xs, ys, CHECKPOINT_AT)
+    out["distributor"] = type(opt.optimizer._distributor).__name__  # (chosen again at the first step)
+    folder = os.path.join(OUT_DIR, "accelerate")
+    save_fsdp_optimizer(accelerator.state.fsdp_plugin, accelerator, opt.optimizer, model, folder)
+    weights, scheduler = trainable(model), sched.state_dict()
+    train(model, opt, sched, xs, ys, STEPS - CHECKPOINT_AT)
+    out["params"] = trainable(model)
+    accelerator, model, opt, sched = prepared()
+    load_trainable(model, weights)
+    load_fsdp_optimizer(accelerator.state.fsdp_plugin, accelerator, opt.optimizer, model, folder)
+    sched.load_state_dict(scheduler)
+    train(model, opt, sched, xs, ys, STEPS - CHECKPOINT_AT)
+    out["resumed"] = trainable(model)
+    return out
+
+
+OUT_DIR = ""
+
+
 def worker(rank: int, world: int, port: int, scenarios: list[str], out_dir: str) -> None:
+    global OUT_DIR
+    OUT_DIR = out_dir
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
@@ -91,6 +133,10 @@ def worker(rank: int, world: int, port: int, scenarios: list[str], out_dir: str)
         xs, ys = x[rows], y[rows]
         for scenario in scenarios:
             try:
+                if scenario == "accelerate":
+                    results[scenario] = accelerate_fsdp2(xs, ys)
+                    dist.barrier()
+                    continue
                 # "save:<kind>:<dcp|full>" or "resume:<kind>:<dcp|full>:<folder>"
                 what, kind, fmt, *rest = scenario.split(":", 3)
                 full = fmt == "full"

@@ -32,7 +32,7 @@ SAVES = ["save:fsdp2:dcp", "save:fsdp2:full", "save:ddp:dcp"]
 
 @pytest.fixture(scope="module")
 def two(tmp_path_factory):
-    return run_ranks(2, SAVES, tmp_path_factory.mktemp("two"))
+    return run_ranks(2, [*SAVES, "accelerate"], tmp_path_factory.mktemp("two"))
 
 
 @pytest.fixture(scope="module")
@@ -111,5 +111,32 @@ def test_two_process_dcp_checkpoint_continues_on_four(two, reference, tmp_path):
     four = run_ranks(4, [f"resume:fsdp2:dcp:{two[0]['save:fsdp2:dcp']['folder']}",
                          f"resume:fsdp2:full:{two[0]['save:fsdp2:full']['folder']}"], tmp_path)
     for r in four:
-        for scenario, res in r.items():
+        for res in r.values():
             assert_close(res["resumed"], reference)
+
+
+def test_accelerate_fsdp2_plugin_with_the_optimizer_built_before_prepare(two, reference):
+    """Accelerate's FSDP2 preparation (fully_shard, then the optimizer's parameters swapped for the
+    shards by position): LoFTAdamW follows the swap, steps the shards with owners, equals one
+    process to 1e-8; Accelerate's save_fsdp_optimizer / load_fsdp_optimizer (DCP) resume bit-exactly."""
+    for r in two:
+        res = r["accelerate"]
+        assert res["distributor"] == "OwnerDistributor" and res["dtensors"]
+        assert_close(res["params"], reference)
+        for name in res["params"]:
+            assert torch.equal(res["params"][name], res["resumed"][name]), name
+
+
+def test_a_swap_that_changes_shapes_is_refused():
+    """A wrapper that replaces the parameters by flat partitions (DeepSpeed ZeRO-1/2 style) is refused
+    at the next use, naming FSDP2."""
+    from owner_worker import build_model
+
+    import loft
+
+    model = build_model()
+    opt = loft.LoFTAdamW(model, lr=1e-2)
+    group = opt.param_groups[0]
+    group["params"][0] = torch.zeros(group["params"][0].numel(), dtype=torch.float64, requires_grad=True)
+    with pytest.raises(loft.UnsupportedDistributedSetup, match="FSDP2"):
+        opt.step()

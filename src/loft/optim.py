@@ -22,6 +22,7 @@ from torch.optim import Optimizer
 from torch.optim.adamw import adamw as _adamw_functional
 
 from .checkpoint import add_templates, called_by_torch_state_dict_api
+from .rebind import note_layout, rebind_if_swapped
 from .distributed import (
     UnsupportedDistributedSetup,
     check_module_supported,
@@ -215,6 +216,7 @@ class LoFTAdamW(Optimizer):
         check_pairs_agree_across_ranks((p.name, p.A.shape, p.B.shape) for p in self._pairs)
         self._distributor = make_distributor(self._pairs, self.settings.split_step)
         warn_about_ranks_between(self._pairs)
+        self.register_state_dict_pre_hook(rebind_if_swapped)
         self.register_state_dict_post_hook(_pack_pair_state)
         self.register_load_state_dict_pre_hook(_unpack_pair_state)
         self.register_load_state_dict_post_hook(_install_loaded_pair_state)
@@ -296,6 +298,7 @@ class LoFTAdamW(Optimizer):
         if self._distributor is not None:
             self._distributor.add_pairs(pairs)
         self._prepared = None
+        note_layout(self)  # which tensor sits where, to follow a wrapper that swaps them (loft/rebind.py)
 
     def _no_pairs_message(self) -> str:
         if self._modules_seen:
@@ -336,6 +339,7 @@ class LoFTAdamW(Optimizer):
         """Step 1 for every batch of pairs with gradients, or the preparation :meth:`grad_norm`
         made if nothing changed since. ``with_norm``: a norm will be taken (projected clipping
         needs the scaled gradients even where gradient scaling is off)."""
+        rebind_if_swapped(self)  # Accelerate's FSDP2 prepare swapped the parameters (loft/rebind.py)
         fingerprint = self._fingerprint()
         cached = self._prepared
         dist = self._distributor
@@ -690,6 +694,7 @@ def _unpack_pair_state(optimizer: LoFTAdamW, state_dict: dict[str, Any]) -> dict
     """``load_state_dict`` pre-hook: check the saved state against the parameters, and take the
     LoRA factors' entries out (torch would cast them to the parameters' dtype); the post-hook
     turns them into batch states."""
+    rebind_if_swapped(optimizer)
     params = _param_index(optimizer)
     saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
     if len(saved_ids) != len(params):
