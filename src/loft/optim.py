@@ -344,8 +344,11 @@ class LoFTAdamW(Optimizer):
         cached = self._prepared
         dist = self._distributor
         assert dist is not None
-        # (with owners, every rank must take part in each gather: no rank may reuse one alone)
-        if dist.local and cached is not None and cached.fingerprint == fingerprint and (cached.with_norm or not with_norm):
+        reuse = cached is not None and cached.fingerprint == fingerprint and (cached.with_norm or not with_norm)
+        if not dist.local:  # every rank takes part in each gather: reuse only when all ranks can (one all-reduce)
+            reuse = not bool(dist.sum(torch.tensor(float(not reuse), device=self._device())))
+        if reuse:
+            assert cached is not None
             return cached
         for group in self.param_groups:
             for p in group["params"]:

@@ -335,13 +335,14 @@ def _apply_method(cfg: FinetuneConfig, task: Task, model: nn.Module, fresh: list
 def _fsdp_args(cfg: FinetuneConfig, model: nn.Module) -> dict[str, Any]:
     """Trainer's FSDP2 arguments for ``--fsdp``: ``fully_shard`` on each transformer block (the
     class of the layers of the model's ``nn.ModuleList`` stacks; Accelerate adds the input
-    embeddings and the output head), then on the root; checkpoints as full state dicts written by
-    rank 0 (they load on any number of processes)."""
+    embeddings and the output head), then on the root. Checkpoints are Accelerate's DCP folders
+    (``SHARDED_STATE_DICT``): its ``FULL_STATE_DICT`` resume hangs on CPU processes (Accelerate
+    1.15's ``load_fsdp_model`` broadcasts the model on one rank only)."""
     if not cfg.fsdp:
         return {}
     blocks = sorted({type(m[0]).__name__ for m in model.modules()
                      if isinstance(m, nn.ModuleList) and len(m) > 1 and len({type(c) for c in m}) == 1})
-    config: dict[str, Any] = {"version": 2, "reshard_after_forward": True, "state_dict_type": "FULL_STATE_DICT"}
+    config: dict[str, Any] = {"version": 2, "reshard_after_forward": True, "state_dict_type": "SHARDED_STATE_DICT"}
     if blocks:
         config["transformer_layer_cls_to_wrap"] = blocks
     return {"fsdp": "full_shard auto_wrap" if blocks else "full_shard", "fsdp_config": config}

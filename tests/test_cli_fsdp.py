@@ -1,0 +1,88 @@
+"""``loft finetune --fsdp`` on 2 CPU processes under ``torchrun``: Trainer's FSDP2 (fully_shard on
+each transformer block, then the root) over gloo, with LoFT's owners; compared with the DDP run
+of tests/test_cli_distributed.py's settings."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from _tiny import make_bert, sentiment_records, write_jsonl
+from test_cli_distributed import BATCH, STEPS, _env, adapter, max_rel_diff, summary_lines, torchrun
+
+from loft.app.cli import main
+
+
+@pytest.fixture(scope="module")
+def runs(setup):
+    """The same run with --fsdp and with DDP (2 processes each)."""
+    out = {}
+    for name, extra in (("fsdp", ["--fsdp"]), ("ddp", [])):
+        folder = setup["root"] / f"cmp-{name}"
+        out[name] = (folder, torchrun("-m", "loft.app", "finetune", *setup["args"], *extra, "-o", folder))
+    return out
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """The tiny BERT and data of tests/test_cli_distributed.py, the same options."""
+    root = tmp_path_factory.mktemp("fsdp")
+    bert = make_bert(root / "bert")
+    train = write_jsonl(root / "train.jsonl", sentiment_records(48))
+    test = write_jsonl(root / "test.jsonl", sentiment_records(24, seed=1))
+    args = ["--model", bert, "--data", train, "--eval-data", test, "--max-steps", STEPS, "--batch-size", BATCH,
+            "--lr", "5e-3", "--head-lr", "1e-2", "--quiet"]
+    return {"root": root, "args": args}
+
+
+def test_fsdp_run_writes_the_adapter_and_equals_the_ddp_run(runs):
+    """The adapter (gathered from the shards, written by rank 0) loads and equals the DDP run's to
+    float32 rounding: FSDP2 reduce-scatters the same averaged gradients, the owners step each pair."""
+    (fsdp, proc), (ddp, ddp_proc) = runs["fsdp"], runs["ddp"]
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert ddp_proc.returncode == 0, ddp_proc.stderr[-3000:]
+    assert len(summary_lines(proc.stdout)) == 1, proc.stdout
+    m = json.loads((fsdp / "metrics.json").read_text())
+    assert m["processes"] == 2 and m["eval_accuracy_before"] is None  # (not measured with --fsdp)
+    a, b = adapter(fsdp), adapter(ddp)
+    assert all(not k.startswith("_") for k in a) and all(torch.isfinite(t).all() for t in a.values())
+    assert max_rel_diff(a, b) < 1e-5, max_rel_diff(a, b)  # (measured: bit-identical)
+    assert m["train_loss"] == pytest.approx(json.loads((ddp / "metrics.json").read_text())["train_loss"], rel=1e-5)
+
+
+def test_fsdp_without_a_distributed_launch_is_refused(setup, tmp_path, capsys):
+    out = tmp_path / "one"
+    assert main(["finetune", *map(str, setup["args"]), "--fsdp", "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--fsdp shards the model over several processes" in err and "torchrun" in err
+    assert not out.exists()
+
+
+def test_fsdp_with_dora_is_refused(setup, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    out = tmp_path / "dora"
+    assert main(["finetune", *map(str, setup["args"]), "--fsdp", "--method", "dora", "-o", str(out)]) == 2
+    assert "--fsdp with --method dora is not supported" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_fsdp_ctrl_c_then_resume_matches_the_uninterrupted_run(setup, runs):
+    """Ctrl-C at step 3: one checkpoint with Accelerate's DCP folders (model and LoFT's optimizer
+    state); --resume on 2 processes ends with the uninterrupted --fsdp run's adapter."""
+    out = setup["root"] / "interrupted"
+    cmd = ["finetune", *setup["args"], "--fsdp", "-o", out]
+    proc = torchrun(str(Path(__file__).with_name("ctrl_c_cli.py")), *cmd, env=_env(LOFT_TEST_CTRL_C_STEP="3"))
+    assert proc.returncode != 0
+    assert proc.stderr.count("loft: Interrupted at step") == 1, proc.stderr[-3000:]
+    (ckpt,) = sorted((out / "checkpoints").iterdir())
+    files = {p.name for p in ckpt.iterdir()}
+    assert {"optimizer_0", "scheduler.pt", "rng_state_0.pth", "rng_state_1.pth"} <= files, files
+    resumed = torchrun("-m", "loft.app", *cmd, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((out / "metrics.json").read_text())["steps"] == STEPS
+    straight, proc = runs["fsdp"]
+    assert proc.returncode == 0
+    assert max_rel_diff(adapter(out), adapter(straight)) < 1e-6  # (measured: bit-identical)
