@@ -1,16 +1,17 @@
-"""``loft finetune --fsdp`` on 2 CPU processes under ``torchrun``: Trainer's FSDP2 (fully_shard on
+"""``loft finetune --fsdp`` on 2 CPU processes under ``torchrun`` and ``accelerate launch``: Trainer's FSDP2 (fully_shard on
 each transformer block, then the root) over gloo, with LoFT's owners; compared with the DDP run
 of tests/test_cli_distributed.py's settings."""
 
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 from _tiny import make_bert, sentiment_records, write_jsonl
-from test_cli_distributed import BATCH, STEPS, _env, adapter, max_rel_diff, summary_lines, torchrun
+from test_cli_distributed import BATCH, BIN, STEPS, TIMEOUT, _env, adapter, free_port, max_rel_diff, summary_lines, torchrun
 
 from loft.app.cli import main
 
@@ -85,4 +86,20 @@ def test_fsdp_ctrl_c_then_resume_matches_the_uninterrupted_run(setup, runs):
     assert json.loads((out / "metrics.json").read_text())["steps"] == STEPS
     straight, proc = runs["fsdp"]
     assert proc.returncode == 0
+    assert max_rel_diff(adapter(out), adapter(straight)) < 1e-6  # (measured: bit-identical)
+
+
+def test_accelerate_launch_with_fsdp(setup, runs):
+    """``accelerate launch --multi_gpu --num_processes 2`` (torchrun's launcher underneath; on CPU
+    loft trains over gloo): the torchrun --fsdp run's adapter."""
+    out = setup["root"] / "accelerate"
+    cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+           "-m", "loft.app", "finetune", *map(str, setup["args"]), "--fsdp", "-o", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(summary_lines(proc.stdout)) == 1, proc.stdout
+    assert (out / "checkpoints").exists() is False
+    straight, straight_proc = runs["fsdp"]
+    assert straight_proc.returncode == 0
     assert max_rel_diff(adapter(out), adapter(straight)) < 1e-6  # (measured: bit-identical)
