@@ -1,6 +1,6 @@
-"""``loft finetune --fsdp`` on 2 CPU processes under ``torchrun`` and ``accelerate launch``: Trainer's FSDP2 (fully_shard on
-each transformer block, then the root) over gloo, with LoFT's owners; compared with the DDP run
-of tests/test_cli_distributed.py's settings."""
+"""``loft finetune --fsdp`` on 2 CPU processes (``accelerate launch`` and ``torchrun``): Trainer's
+FSDP2 (fully_shard on each transformer block, then the root) over gloo, with LoFT's owners, on the
+tiny BERT and settings of tests/test_cli_distributed.py."""
 
 from __future__ import annotations
 
@@ -14,16 +14,18 @@ from _tiny import make_bert, sentiment_records, write_jsonl
 from test_cli_distributed import BATCH, BIN, STEPS, TIMEOUT, _env, adapter, free_port, max_rel_diff, summary_lines, torchrun
 
 from loft.app.cli import main
+from loft.app.finetune import FinetuneConfig, finetune
 
 
 @pytest.fixture(scope="module")
-def runs(setup):
-    """The same run with --fsdp and with DDP (2 processes each)."""
-    out = {}
-    for name, extra in (("fsdp", ["--fsdp"]), ("ddp", [])):
-        folder = setup["root"] / f"cmp-{name}"
-        out[name] = (folder, torchrun("-m", "loft.app", "finetune", *setup["args"], *extra, "-o", folder))
-    return out
+def straight(setup):
+    """One uninterrupted --fsdp run, launched with ``accelerate launch --multi_gpu --num_processes 2``
+    (torchrun's launcher underneath; on CPU loft trains over gloo)."""
+    out = setup["root"] / "straight"
+    cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+           "-m", "loft.app", "finetune", *map(str, setup["args"]), "--fsdp", "-o", str(out)]
+    return out, subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=_env())
 
 
 @pytest.fixture(scope="module")
@@ -35,22 +37,27 @@ def setup(tmp_path_factory):
     test = write_jsonl(root / "test.jsonl", sentiment_records(24, seed=1))
     args = ["--model", bert, "--data", train, "--eval-data", test, "--max-steps", STEPS, "--batch-size", BATCH,
             "--lr", "5e-3", "--head-lr", "1e-2", "--quiet"]
-    return {"root": root, "args": args}
+    return {"root": root, "args": args, "bert": bert, "train": train, "test": test}
 
 
-def test_fsdp_run_writes_the_adapter_and_equals_the_ddp_run(runs):
-    """The adapter (gathered from the shards, written by rank 0) loads and equals the DDP run's to
-    float32 rounding: FSDP2 reduce-scatters the same averaged gradients, the owners step each pair."""
-    (fsdp, proc), (ddp, ddp_proc) = runs["fsdp"], runs["ddp"]
+def test_fsdp_run_writes_the_adapter_and_equals_one_process_with_the_same_arithmetic(setup, straight, tmp_path):
+    """The adapter (gathered from the shards, written by rank 0) equals one process with 2 accumulated
+    micro-batches of 4 (what DDP equals in tests/test_cli_distributed.py): FSDP2 reduce-scatters the
+    same averaged gradients and the owners step each pair on its whole factors."""
+    out, proc = straight
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert ddp_proc.returncode == 0, ddp_proc.stderr[-3000:]
     assert len(summary_lines(proc.stdout)) == 1, proc.stdout
-    m = json.loads((fsdp / "metrics.json").read_text())
-    assert m["processes"] == 2 and m["eval_accuracy_before"] is None  # (not measured with --fsdp)
-    a, b = adapter(fsdp), adapter(ddp)
-    assert all(not k.startswith("_") for k in a) and all(torch.isfinite(t).all() for t in a.values())
-    assert max_rel_diff(a, b) < 1e-5, max_rel_diff(a, b)  # (measured: bit-identical)
-    assert m["train_loss"] == pytest.approx(json.loads((ddp / "metrics.json").read_text())["train_loss"], rel=1e-5)
+    assert not (out / "checkpoints").exists()
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["processes"] == 2 and m["steps"] == STEPS and m["eval_accuracy_before"] is None  # (not with --fsdp)
+    a = adapter(out)
+    assert all(torch.isfinite(t).all() for t in a.values())
+    accum = finetune(FinetuneConfig(model=str(setup["bert"]), data=str(setup["train"]), eval_data=str(setup["test"]),
+                                    max_steps=STEPS, lr=5e-3, head_lr=1e-2, batch_size=BATCH // 2, grad_accum=2,
+                                    output_dir=str(tmp_path / "accum")), progress=False)
+    assert max_rel_diff(a, adapter(tmp_path / "accum")) < 1e-5, max_rel_diff(a, adapter(tmp_path / "accum"))
+    assert m["train_loss"] == pytest.approx(accum["train_loss"], rel=1e-6)
+    assert m["eval_loss"] == pytest.approx(accum["eval_loss"], rel=1e-6)
 
 
 def test_fsdp_without_a_distributed_launch_is_refused(setup, tmp_path, capsys):
@@ -70,7 +77,7 @@ def test_fsdp_with_dora_is_refused(setup, tmp_path, monkeypatch, capsys):
     assert not out.exists()
 
 
-def test_fsdp_ctrl_c_then_resume_matches_the_uninterrupted_run(setup, runs):
+def test_fsdp_ctrl_c_then_resume_matches_the_uninterrupted_run(setup, straight):
     """Ctrl-C at step 3: one checkpoint with Accelerate's DCP folders (model and LoFT's optimizer
     state); --resume on 2 processes ends with the uninterrupted --fsdp run's adapter."""
     out = setup["root"] / "interrupted"
@@ -84,22 +91,7 @@ def test_fsdp_ctrl_c_then_resume_matches_the_uninterrupted_run(setup, runs):
     resumed = torchrun("-m", "loft.app", *cmd, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert json.loads((out / "metrics.json").read_text())["steps"] == STEPS
-    straight, proc = runs["fsdp"]
-    assert proc.returncode == 0
-    assert max_rel_diff(adapter(out), adapter(straight)) < 1e-6  # (measured: bit-identical)
-
-
-def test_accelerate_launch_with_fsdp(setup, runs):
-    """``accelerate launch --multi_gpu --num_processes 2`` (torchrun's launcher underneath; on CPU
-    loft trains over gloo): the torchrun --fsdp run's adapter."""
-    out = setup["root"] / "accelerate"
-    cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-           "-m", "loft.app", "finetune", *map(str, setup["args"]), "--fsdp", "-o", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=_env())
+    straight_out, proc = straight
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert len(summary_lines(proc.stdout)) == 1, proc.stdout
-    assert (out / "checkpoints").exists() is False
-    straight, straight_proc = runs["fsdp"]
-    assert straight_proc.returncode == 0
-    assert max_rel_diff(adapter(out), adapter(straight)) < 1e-6  # (measured: bit-identical)
+    assert max_rel_diff(adapter(out), adapter(straight_out)) < 1e-6  # (measured: bit-identical)
+
