@@ -73,7 +73,7 @@ def test_fsdp_with_dora_is_refused(setup, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("RANK", "0")
     out = tmp_path / "dora"
     assert main(["finetune", *map(str, setup["args"]), "--fsdp", "--method", "dora", "-o", str(out)]) == 2
-    assert "--fsdp with --method dora is not supported" in capsys.readouterr().err
+    assert "--fsdp with DoRA (--method dora, or dora in loft compare's --methods) is not supported" in capsys.readouterr().err
     assert not out.exists()
 
 

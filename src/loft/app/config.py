@@ -188,8 +188,9 @@ def check_fsdp(fsdp: bool, method: str, processes: int) -> None:
         )
     if method == "dora":
         raise LoftUsageError(
-            "--fsdp with --method dora is not supported (DoRA's weight norms under FSDP2 are untested); use --method "
-            "loft, lora or full with --fsdp, or DoRA without --fsdp (DDP)."
+            "--fsdp with DoRA (--method dora, or dora in loft compare's --methods) is not supported: DoRA's weight "
+            "norms under FSDP2 are untested. With --fsdp use loft, lora or full (loft compare --methods loft,lora), "
+            "or run DoRA without --fsdp (DDP)."
         )
 
 
