@@ -54,8 +54,8 @@ def rebind_if_swapped(optimizer: LoFTAdamW) -> bool:
         return False
     if [len(g) for g in layout] != [len(g["params"]) for g in optimizer.param_groups]:
         raise UnsupportedDistributedSetup(
-            "LoFTAdamW's param_groups were changed after construction (a different number of tensors). Something "
-            "replaced the optimizer's parameters: DeepSpeed ZeRO and other wrappers that flatten or partition them "
+            "LoFTAdamW's param_groups hold tensors it was not built with (a different number of them): something "
+            "replaced the optimizer's parameters. DeepSpeed ZeRO and other wrappers that flatten or partition them "
             "are not supported; shard with FSDP2 (torch.distributed.fsdp.fully_shard, or Accelerate / Trainer with "
             "fsdp_version 2), and add parameters with add_param_group."
         )
