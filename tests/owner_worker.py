@@ -162,6 +162,7 @@ def run(scenario: str, rank: int, world: int, xs, ys) -> dict[str, object]:
             sched.step()
         out["params"] = trainable(model)
         out["norms"] = norms
+        out["sent_bytes"] = opt._distributor.sent_bytes
         return out
     if scenario == "fsdp2_mixed_precision":
         from torch.distributed.fsdp import MixedPrecisionPolicy

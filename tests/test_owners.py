@@ -84,6 +84,10 @@ def test_fsdp2_clipping_outside_the_step(two, reference):
     assert_equals_one_process(two, "fsdp2_clip_outside", reference)
     for a, b in zip(two[0]["fsdp2_clip_outside"]["norms"], two[0]["fsdp2"]["norms"]):
         assert abs(a - b) <= 1e-6 * b  # (grad_norm() returns float32, as torch's)
+    # the step reuses the factors and gradients grad_norm() gathered: one gather per step, as when
+    # clipping inside the step
+    for r in two:
+        assert r["fsdp2_clip_outside"]["sent_bytes"] == r["fsdp2"]["sent_bytes"] > 0
 
 
 def test_fsdp2_four_processes_equal_one_process(four, reference):

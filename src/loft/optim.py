@@ -21,6 +21,8 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.adamw import adamw as _adamw_functional
 
+from .checkpoint import add_templates, called_by_torch_state_dict_api
+from .rebind import note_layout, rebind_if_swapped
 from .distributed import (
     UnsupportedDistributedSetup,
     check_module_supported,
@@ -240,6 +242,7 @@ class LoFTAdamW(Optimizer):
         check_pairs_agree_across_ranks((p.name, p.A.shape, p.B.shape) for p in self._pairs)
         self._distributor = make_distributor(self._pairs, self.settings.split_step)
         warn_about_ranks_between(self._pairs)
+        self.register_state_dict_pre_hook(rebind_if_swapped)
         self.register_state_dict_post_hook(_pack_pair_state)
         self.register_load_state_dict_pre_hook(_unpack_pair_state)
         self.register_load_state_dict_post_hook(_install_loaded_pair_state)
@@ -321,6 +324,7 @@ class LoFTAdamW(Optimizer):
         if self._distributor is not None:
             self._distributor.add_pairs(pairs)
         self._prepared = None
+        note_layout(self)  # which tensor sits where, to follow a wrapper that swaps them (loft/rebind.py)
 
     def _no_pairs_message(self) -> str:
         if self._modules_seen:
@@ -361,12 +365,16 @@ class LoFTAdamW(Optimizer):
         """Step 1 for every batch of pairs with gradients, or the preparation :meth:`grad_norm`
         made if nothing changed since. ``with_norm``: a norm will be taken (projected clipping
         needs the scaled gradients even where gradient scaling is off)."""
+        rebind_if_swapped(self)  # Accelerate's FSDP2 prepare swapped the parameters (loft/rebind.py)
         fingerprint = self._fingerprint()
         cached = self._prepared
         dist = self._distributor
         assert dist is not None
-        # (with owners, every rank must take part in each gather: no rank may reuse one alone)
-        if dist.local and cached is not None and cached.fingerprint == fingerprint and (cached.with_norm or not with_norm):
+        reuse = cached is not None and cached.fingerprint == fingerprint and (cached.with_norm or not with_norm)
+        if not dist.local:  # every rank takes part in each gather: reuse only when all ranks can (one all-reduce)
+            reuse = not bool(dist.sum(torch.tensor(float(not reuse), device=self._device())))
+        if reuse:
+            assert cached is not None
             return cached
         for group in self.param_groups:
             for p in group["params"]:
@@ -801,7 +809,7 @@ def _pack_pair_state(optimizer: LoFTAdamW, state_dict: dict[str, Any]) -> dict[s
         held = optimizer._pair_by_param.get(id(p))
         if held is None:
             if i in state and any(is_dtensor(v) for v in state[i].values()):  # an FSDP2 shard: the whole state
-                state[i] = {k: v.full_tensor() if is_dtensor(v) else v for k, v in state[i].items()}
+                state[i] = {k: v.full_tensor().cpu() if is_dtensor(v) else v for k, v in state[i].items()}
             continue
         if dist.local:
             st = optimizer._states.param_state(*held)
@@ -813,6 +821,8 @@ def _pack_pair_state(optimizer: LoFTAdamW, state_dict: dict[str, Any]) -> dict[s
             state[i] = st
         else:
             state.pop(i, None)
+    if called_by_torch_state_dict_api():  # a template for DCP to load into (see loft/checkpoint.py)
+        add_templates(optimizer, state_dict, _param_index(optimizer), None if dist.local else torch.device("cpu"))
     return state_dict
 
 
@@ -820,6 +830,7 @@ def _unpack_pair_state(optimizer: LoFTAdamW, state_dict: dict[str, Any]) -> dict
     """``load_state_dict`` pre-hook: check the saved state against the parameters, and take the
     LoRA factors' entries out (torch would cast them to the parameters' dtype); the post-hook
     turns them into batch states."""
+    rebind_if_swapped(optimizer)
     params = _param_index(optimizer)
     saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
     if len(saved_ids) != len(params):
@@ -843,7 +854,8 @@ def _unpack_pair_state(optimizer: LoFTAdamW, state_dict: dict[str, Any]) -> dict
                     )
             continue
         pair, side = held
-        by_pair.setdefault(pair, [None, None])[side] = st or None
+        st = st if st and int(st.get("step", 1)) > 0 else None  # step 0: a template, the fresh state
+        by_pair.setdefault(pair, [None, None])[side] = st
         if st:
             _check_factor_state(optimizer, p, pair, side, st)
     loaded = []

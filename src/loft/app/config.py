@@ -24,6 +24,7 @@ __all__ = [
     "FinetuneConfig",
     "OptionSpec",
     "check_batch_split",
+    "check_fsdp",
     "compare_fields",
     "finetune_fields",
     "option",
@@ -110,6 +111,11 @@ class FinetuneConfig:
     output_dir: str | None = option(
         None, "--output-dir", "-o", help="Default: runs/<data>-<method>-r<rank>.", compare=False
     )
+    fsdp: bool = option(
+        False, "--fsdp",
+        help="Shard the model with FSDP2 (torch fully_shard: each transformer block, then the root) over the processes "
+        "of torchrun / accelerate launch, instead of replicating it (DDP). Methods loft, lora and full.",
+    )
     # not options of the command line (set from Python: benchmarks, loft compare)
     warmup_ratio: float = 0.06
     weight_decay: float = 0.0
@@ -144,6 +150,7 @@ class FinetuneConfig:
         if self.grad_accum < 1:
             raise LoftUsageError(f"FinetuneConfig.grad_accum must be >= 1, got {self.grad_accum}.")
         check_batch_split(self.batch_size, processes)
+        check_fsdp(self.fsdp, self.method, processes)
         if self.max_length is not None and self.max_length < 8:
             raise LoftUsageError(f"--max-length must be >= 8, got {self.max_length}.")
         if self.max_eval is not None and self.max_eval < 1:
@@ -166,6 +173,24 @@ def check_batch_split(batch_size: int, processes: int) -> None:
             f"--batch-size {batch_size} cannot be split evenly over {processes} processes: --batch-size is the "
             f"global batch (examples per optimizer step, all processes together), each process takes "
             f"--batch-size / {processes}. Give a multiple of {processes}, e.g. {choices}."
+        )
+
+
+def check_fsdp(fsdp: bool, method: str, processes: int) -> None:
+    """``--fsdp`` needs several processes and a method it is tested with."""
+    if not fsdp:
+        return
+    if processes <= 1:
+        raise LoftUsageError(
+            "--fsdp shards the model over several processes, but this is one process. Launch it with "
+            "torchrun --nproc_per_node N -m loft.app finetune ... or accelerate launch --multi_gpu --num_processes N "
+            "-m loft.app finetune ... (N >= 2), or leave --fsdp out."
+        )
+    if method == "dora":
+        raise LoftUsageError(
+            "--fsdp with DoRA (--method dora, or dora in loft compare's --methods) is not supported: DoRA's weight "
+            "norms under FSDP2 are untested. With --fsdp use loft, lora or full (loft compare --methods loft,lora), "
+            "or run DoRA without --fsdp (DDP)."
         )
 
 

@@ -332,11 +332,29 @@ def _apply_method(cfg: FinetuneConfig, task: Task, model: nn.Module, fresh: list
     return get_peft_model(model, lora)
 
 
-def _training_args(cfg: FinetuneConfig, out: Path, max_steps: int, lr: float, processes: int = 1):
+def _fsdp_args(cfg: FinetuneConfig, model: nn.Module) -> dict[str, Any]:
+    """Trainer's FSDP2 arguments for ``--fsdp``: ``fully_shard`` on each transformer block (the
+    class of the layers of the model's ``nn.ModuleList`` stacks; Accelerate adds the input
+    embeddings and the output head), then on the root. Checkpoints are Accelerate's DCP folders
+    (``SHARDED_STATE_DICT``): its ``FULL_STATE_DICT`` resume hangs on CPU processes (Accelerate
+    1.15's ``load_fsdp_model`` broadcasts the model on one rank only)."""
+    if not cfg.fsdp:
+        return {}
+    blocks = sorted({type(m[0]).__name__ for m in model.modules()
+                     if isinstance(m, nn.ModuleList) and len(m) > 1 and len({type(c) for c in m}) == 1})
+    config: dict[str, Any] = {"version": 2, "reshard_after_forward": True, "state_dict_type": "SHARDED_STATE_DICT"}
+    if blocks:
+        config["transformer_layer_cls_to_wrap"] = blocks
+    return {"fsdp": "full_shard auto_wrap" if blocks else "full_shard", "fsdp_config": config}
+
+
+def _training_args(cfg: FinetuneConfig, out: Path, max_steps: int, lr: float, processes: int = 1,
+                   fsdp: dict[str, Any] | None = None):
     from transformers import TrainingArguments
 
-    cpu = cpu_processes()  # several processes, no GPU: DDP on the CPU over gloo
+    cpu = cpu_processes()  # several processes, no GPU: DDP (or FSDP2, --fsdp) on the CPU over gloo
     return TrainingArguments(
+        **(fsdp or {}),
         output_dir=str(out / CHECKPOINTS),
         max_steps=max_steps,
         per_device_train_batch_size=cfg.batch_size // processes,
@@ -371,6 +389,30 @@ class _RunTrainerMixin:
     - checkpoints written into ``checkpoints/.incoming/`` and renamed into place once complete,
       so a kill at any moment leaves the previous checkpoint intact (``--resume`` uses it).
     """
+
+    #: builds the optimizer inside the Trainer (``--fsdp`` with lora / full: Trainer refuses a
+    #: pre-built optimizer under FSDP); ``None``: the Trainer's own (LoFTTrainer's LoFTAdamW)
+    _loft_optimizer_factory: Any = None
+
+    def create_accelerator_and_postprocess(self) -> None:
+        from ..integrations.trainer import use_fsdp_on_cpu
+
+        super().create_accelerator_and_postprocess()
+        use_fsdp_on_cpu(self)  # --fsdp on CPU processes: FSDP2 over gloo (see library_internals.fsdp_on_cpu)
+
+    def create_optimizer(self, model=None):
+        if self._loft_optimizer_factory is not None and self.optimizer is None:
+            self.optimizer = self._loft_optimizer_factory(self.model if model is None else model)
+        return super().create_optimizer(model)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Trainer's, except under FSDP2 (``--fsdp``): the whole trainable values gathered by every
+        rank, written by rank 0 (Accelerate's ``get_state_dict`` hands DTensors to PEFT on CPU
+        processes)."""
+        if not getattr(self, "is_fsdp_enabled", False):
+            return super().save_model(output_dir, _internal_call)
+        weights = _full_trainable_state(self.model)  # a collective
+        self._save(output_dir or self.args.output_dir, state_dict=weights)
 
     def _loft_setup(self, progress: dict[str, Any] | None) -> None:
         self._loft_prior_losses = list((progress or {}).get("losses", []))
@@ -658,7 +700,7 @@ def plan_run(cfg: FinetuneConfig, *, overwrite: bool, resume: bool, status: RunS
         max_steps = DEFAULT_MAX_STEPS
     targets = None if cfg.method == "full" else resolve_targets(loaded.model, cfg.target_modules, cfg.rank, set(loaded.fresh))
     model = _apply_method(cfg, task, loaded.model, loaded.fresh, targets)
-    args = _training_args(cfg, out, max_steps, method_lr, processes)
+    args = _training_args(cfg, out, max_steps, method_lr, processes, _fsdp_args(cfg, loaded.model))
     world = _check_world(args, processes, cfg)
     output = on_main_process(check_output_dir, out, cfg.identity(), overwrite=overwrite, resume=resume)
     plan = RunPlan(
@@ -701,9 +743,15 @@ def build_run(plan: RunPlan, inputs: RunInputs, *, callbacks: list[Any] | None, 
     if cfg.method == "loft":
         trainer = _trainer_class(LoFTTrainer)(**common, loft_options={"head_lr": plan.head_lr} if has_head else {})
     else:
-        optimizer = torch.optim.AdamW(_param_groups(model, plan.method_lr, plan.head_lr, plan.is_head),
-                                      lr=plan.method_lr, weight_decay=cfg.weight_decay)
-        trainer = _trainer_class(Trainer)(**common, optimizers=(optimizer, None))
+        def adamw(m: nn.Module) -> torch.optim.Optimizer:
+            return torch.optim.AdamW(_param_groups(m, plan.method_lr, plan.head_lr, plan.is_head),
+                                     lr=plan.method_lr, weight_decay=cfg.weight_decay)
+
+        if cfg.fsdp:  # Trainer refuses a pre-built optimizer under FSDP: it builds this one before sharding
+            trainer = _trainer_class(Trainer)(**common)
+            trainer._loft_optimizer_factory = adamw
+        else:
+            trainer = _trainer_class(Trainer)(**common, optimizers=(adamw(model), None))
     trainer.remove_callback(PrinterCallback)
     if plan.task_kind == "classification":
         # sequence classifiers average their loss over neither accumulation steps nor processes
@@ -718,7 +766,9 @@ def train_run(plan: RunPlan, inputs: RunInputs, built: BuiltRun, *, status: RunS
     from ..integrations.library_internals import let_train_wrap_for_ddp
 
     trainer, task, before = built.trainer, inputs.task, built.before
-    if before is None and plan.cfg.eval_before:  # every rank evaluates (Trainer.predict is a collective)
+    # every rank evaluates (Trainer.predict is a collective). Not with --fsdp: Trainer (5.24) evaluates an FSDP2
+    # model before training by accelerator.prepare(model) alone, which Accelerate (1.15) refuses for FSDP2
+    if before is None and plan.cfg.eval_before and not plan.cfg.fsdp:
         status.phase = "evaluating before training"
         before = task.evaluate(trainer, inputs.tokenizer, plan.max_length)
         let_train_wrap_for_ddp(trainer)  # see loft.integrations.library_internals
@@ -793,10 +843,11 @@ def save_run(plan: RunPlan, inputs: RunInputs, built: BuiltRun, trained: Trained
         torch_threads=torch.get_num_threads(),
     )
     status.phase = "saving the results"
+    weights = _full_trainable_state(inputs.model) if cfg.fsdp else None  # a collective: every rank
     if plan.main:
         try:
             _save_results(plan.out, inputs.model, inputs.tokenizer, metrics, f"{plan.name} on {Path(cfg.data).stem}",
-                          status.t_start)
+                          status.t_start, weights)
         except OSError as e:
             raise LoftUsageError(
                 f"Could not write the results to {str(plan.out)!r}: {e.strerror or e}. The last checkpoint is kept: free "
@@ -853,7 +904,18 @@ class RunStatus:
         return f"{where}; nothing was kept (no checkpoint yet), {str(self.out)!r} is as before."
 
 
-def _save_results(out: Path, model, tokenizer, metrics: RunMetrics, title: str, t_start: float) -> None:
+def _full_trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole values of an FSDP2-sharded model's parameters (trainable ones, and all of
+    them for full fine-tuning), on the CPU of rank 0 (empty on the others). A collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    frozen = any(not p.requires_grad for p in model.parameters())
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=frozen)
+    return get_model_state_dict(model, options=options)
+
+
+def _save_results(out: Path, model, tokenizer, metrics: RunMetrics, title: str, t_start: float,
+                  weights: dict[str, torch.Tensor] | None = None) -> None:
     """Write the result files beside the folder's current content (``.incoming/``), then move
     them in, ``metrics.json`` (which marks the run as finished) last; then drop the checkpoints.
 
@@ -866,7 +928,10 @@ def _save_results(out: Path, model, tokenizer, metrics: RunMetrics, title: str, 
     staging = out / STAGING
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
-    model.save_pretrained(staging)
+    if weights is None:
+        model.save_pretrained(staging)
+    else:  # --fsdp: the whole values gathered from the shards (the model's own are DTensors)
+        model.save_pretrained(staging, state_dict=weights)
     tokenizer.save_pretrained(staging)
     plot_loss_curve(metrics.loss_curve, staging / "loss_curve.png", title)
     metrics.seconds = round(time.perf_counter() - t_start, 1)

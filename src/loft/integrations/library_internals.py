@@ -26,6 +26,7 @@ __all__ = [
     "checkpoint_folder_name",
     "clip_hook_missing",
     "forget_gguf_quantization",
+    "fsdp_on_cpu",
     "is_encoder_model_type",
     "let_train_wrap_for_ddp",
     "linear_layer_types",
@@ -165,3 +166,22 @@ def forget_gguf_quantization(model: Any) -> None:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+
+
+def fsdp_on_cpu(accelerator: Any, fsdp_plugin: Any) -> bool:
+    """Make ``accelerator`` shard with ``fsdp_plugin`` (FSDP2) on CPU processes (gloo).
+
+    Accelerate 1.15 turns the FSDP plugin on only for GPU-like set-ups (``MULTI_GPU``, ``MULTI_XPU``
+    ...); with ``MULTI_CPU`` it silently ignores it and trains with DDP, although torch's
+    ``fully_shard`` runs on CPU over gloo. Relies on the shared ``AcceleratorState`` taking
+    writes to ``distributed_type`` and ``fsdp_plugin`` (read by ``Accelerator.prepare``, its
+    ``is_fsdp2`` and the FSDP checkpoint helpers); returns whether it changed anything.
+    """
+    from accelerate.utils import DistributedType
+
+    state = accelerator.state
+    if fsdp_plugin is None or state.distributed_type != DistributedType.MULTI_CPU:
+        return False
+    state.distributed_type = DistributedType.FSDP
+    state.fsdp_plugin = fsdp_plugin
+    return True

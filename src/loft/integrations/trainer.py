@@ -13,9 +13,12 @@ What the mixin changes, and only that:
 - ``create_optimizer`` builds a :class:`loft.LoFTAdamW` over the whole model from the
   ``TrainingArguments`` (``learning_rate``, ``adam_beta1/2``, ``adam_epsilon``,
   ``weight_decay``) plus ``loft_options`` (``head_lr``, switches, ...). The optimizer is made
-  inside the Trainer, after any model wrapping, so Trainer's refusal of a pre-built optimizer
-  under FSDP does not apply (``LoFTAdamW`` steps FSDP2-sharded factors through its owner
-  distributor; Trainer's ``fsdp`` / ``fsdp_config`` path is not tested yet, see docs/distributed.md).
+  inside the Trainer, so Trainer's refusal of a pre-built optimizer under FSDP does not apply.
+  With ``fsdp`` / ``fsdp_config`` (FSDP2: ``fsdp_config={"version": 2, ...}``) Trainer builds it
+  before Accelerate shards the model and swaps the optimizer's parameters for the shards;
+  ``LoFTAdamW`` follows the swap (:mod:`loft.rebind`) and steps the shards with one owner rank
+  per pair. On CPU processes the mixin makes Accelerate shard over gloo (it would otherwise
+  ignore the FSDP plugin there and train with DDP).
   LR schedulers, gradient accumulation, ``save_steps``
   checkpoints and ``resume_from_checkpoint`` (optimizer state included) are Trainer's own.
 - Gradient clipping: Trainer's ``max_grad_norm`` (default 1.0) is kept, but the clipping is
@@ -35,9 +38,9 @@ from transformers import Trainer, TrainingArguments
 
 from ..clip import clip_grad_norm_
 from ..optim import LoFTAdamW
-from .library_internals import CLIP_HOOK, clip_hook_missing, unwrap_optimizer
+from .library_internals import CLIP_HOOK, clip_hook_missing, fsdp_on_cpu, unwrap_optimizer
 
-__all__ = ["LoFTTrainer", "LoFTTrainerMixin", "build_loft_optimizer", "with_loft"]
+__all__ = ["LoFTTrainer", "LoFTTrainerMixin", "build_loft_optimizer", "use_fsdp_on_cpu", "with_loft"]
 
 
 def build_loft_optimizer(model: torch.nn.Module, args: TrainingArguments, **loft_options: Any) -> LoFTAdamW:
@@ -89,6 +92,13 @@ class LoFTTrainerMixin:
             )
         super().__init__(*args, **kwargs)
 
+    def create_accelerator_and_postprocess(self) -> None:
+        """Trainer's own, plus: with ``fsdp`` / ``fsdp_config`` on CPU processes, shard with FSDP2
+        over gloo (Accelerate would silently train with DDP there; see
+        :func:`~loft.integrations.library_internals.fsdp_on_cpu`)."""
+        super().create_accelerator_and_postprocess()  # type: ignore[misc]
+        use_fsdp_on_cpu(self)
+
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
         """Build the :class:`loft.LoFTAdamW` (once)."""
         if self.optimizer is None:
@@ -108,6 +118,18 @@ class LoFTTrainerMixin:
 
 
 assert LoFTTrainerMixin._clip_grad_norm.__name__ == CLIP_HOOK
+
+
+def use_fsdp_on_cpu(trainer: Any) -> None:
+    """When ``trainer.args`` ask for FSDP and the processes run on the CPU, make its Accelerator
+    shard with FSDP2 (gloo) instead of ignoring the plugin."""
+    plugin_args = getattr(trainer.args, "fsdp_plugin_args", None)
+    if not trainer.args.fsdp or plugin_args is None or getattr(trainer, "is_fsdp_enabled", False):
+        return
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    if fsdp_on_cpu(trainer.accelerator, FullyShardedDataParallelPlugin(**plugin_args)):
+        trainer.is_fsdp_enabled = True
 
 
 class LoFTTrainer(LoFTTrainerMixin, Trainer):

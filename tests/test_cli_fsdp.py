@@ -1,0 +1,97 @@
+"""``loft finetune --fsdp`` on 2 CPU processes (``accelerate launch`` and ``torchrun``): Trainer's
+FSDP2 (fully_shard on each transformer block, then the root) over gloo, with LoFT's owners, on the
+tiny BERT and settings of tests/test_cli_distributed.py."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from _tiny import make_bert, sentiment_records, write_jsonl
+from test_cli_distributed import BATCH, BIN, STEPS, TIMEOUT, _env, adapter, free_port, max_rel_diff, summary_lines, torchrun
+
+from loft.app.cli import main
+from loft.app.finetune import FinetuneConfig, finetune
+
+
+@pytest.fixture(scope="module")
+def straight(setup):
+    """One uninterrupted --fsdp run, launched with ``accelerate launch --multi_gpu --num_processes 2``
+    (torchrun's launcher underneath; on CPU loft trains over gloo)."""
+    out = setup["root"] / "straight"
+    cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+           "-m", "loft.app", "finetune", *map(str, setup["args"]), "--fsdp", "-o", str(out)]
+    return out, subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=_env())
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """The tiny BERT and data of tests/test_cli_distributed.py, the same options."""
+    root = tmp_path_factory.mktemp("fsdp")
+    bert = make_bert(root / "bert")
+    train = write_jsonl(root / "train.jsonl", sentiment_records(48))
+    test = write_jsonl(root / "test.jsonl", sentiment_records(24, seed=1))
+    args = ["--model", bert, "--data", train, "--eval-data", test, "--max-steps", STEPS, "--batch-size", BATCH,
+            "--lr", "5e-3", "--head-lr", "1e-2", "--quiet"]
+    return {"root": root, "args": args, "bert": bert, "train": train, "test": test}
+
+
+def test_fsdp_run_writes_the_adapter_and_equals_one_process_with_the_same_arithmetic(setup, straight, tmp_path):
+    """The adapter (gathered from the shards, written by rank 0) equals one process with 2 accumulated
+    micro-batches of 4 (what DDP equals in tests/test_cli_distributed.py): FSDP2 reduce-scatters the
+    same averaged gradients and the owners step each pair on its whole factors."""
+    out, proc = straight
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(summary_lines(proc.stdout)) == 1, proc.stdout
+    assert not (out / "checkpoints").exists()
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["processes"] == 2 and m["steps"] == STEPS and m["eval_accuracy_before"] is None  # (not with --fsdp)
+    a = adapter(out)
+    assert all(torch.isfinite(t).all() for t in a.values())
+    accum = finetune(FinetuneConfig(model=str(setup["bert"]), data=str(setup["train"]), eval_data=str(setup["test"]),
+                                    max_steps=STEPS, lr=5e-3, head_lr=1e-2, batch_size=BATCH // 2, grad_accum=2,
+                                    output_dir=str(tmp_path / "accum")), progress=False)
+    assert max_rel_diff(a, adapter(tmp_path / "accum")) < 1e-5, max_rel_diff(a, adapter(tmp_path / "accum"))
+    assert m["train_loss"] == pytest.approx(accum["train_loss"], rel=1e-6)
+    assert m["eval_loss"] == pytest.approx(accum["eval_loss"], rel=1e-6)
+
+
+def test_fsdp_without_a_distributed_launch_is_refused(setup, tmp_path, capsys):
+    out = tmp_path / "one"
+    assert main(["finetune", *map(str, setup["args"]), "--fsdp", "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--fsdp shards the model over several processes" in err and "torchrun" in err
+    assert not out.exists()
+
+
+def test_fsdp_with_dora_is_refused(setup, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    out = tmp_path / "dora"
+    assert main(["finetune", *map(str, setup["args"]), "--fsdp", "--method", "dora", "-o", str(out)]) == 2
+    assert "--fsdp with DoRA (--method dora, or dora in loft compare's --methods) is not supported" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_fsdp_ctrl_c_then_resume_matches_the_uninterrupted_run(setup, straight):
+    """Ctrl-C at step 3: one checkpoint with Accelerate's DCP folders (model and LoFT's optimizer
+    state); --resume on 2 processes ends with the uninterrupted --fsdp run's adapter."""
+    out = setup["root"] / "interrupted"
+    cmd = ["finetune", *setup["args"], "--fsdp", "-o", out]
+    proc = torchrun(str(Path(__file__).with_name("ctrl_c_cli.py")), *cmd, env=_env(LOFT_TEST_CTRL_C_STEP="3"))
+    assert proc.returncode != 0
+    assert proc.stderr.count("loft: Interrupted at step") == 1, proc.stderr[-3000:]
+    (ckpt,) = sorted((out / "checkpoints").iterdir())
+    files = {p.name for p in ckpt.iterdir()}
+    assert {"optimizer_0", "scheduler.pt", "rng_state_0.pth", "rng_state_1.pth"} <= files, files
+    resumed = torchrun("-m", "loft.app", *cmd, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((out / "metrics.json").read_text())["steps"] == STEPS
+    straight_out, proc = straight
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert max_rel_diff(adapter(out), adapter(straight_out)) < 1e-6  # (measured: bit-identical)
+
