@@ -16,7 +16,7 @@ __all__ = ["Task"]
 class Task(Protocol):
     """Validated training and eval data plus everything task-specific about training on it."""
 
-    #: ``"classification"`` or ``"multiple_choice"`` (in metrics.json as ``task``)
+    #: ``"classification"``, ``"multiple_choice"`` or ``"instruction"`` (in metrics.json as ``task``)
     kind: ClassVar[str]
     #: built-in model name used when ``--model`` is not given
     default_model: ClassVar[str]
@@ -61,5 +61,32 @@ class Task(Protocol):
 
     def evaluate(self, trainer: Any, tokenizer: Any, max_length: int) -> dict[str, float]:
         """``{"eval_accuracy", "eval_loss"}`` of ``trainer.model`` on the eval data (a collective
-        on several processes: every rank calls it)."""
+        on several processes: every rank calls it). A task may add keys (``eval_perplexity``)."""
         ...
+
+    # ------------------------------------------------------------------ defaults a task may override
+    def check_inputs(self, tokenizer: Any, max_length: int) -> None:
+        """Refuse data the model cannot train on (raise ``LoftUsageError``); runs before anything
+        is written. Default: nothing to check."""
+
+    def training_arguments(self, args: Any, max_length: int) -> Any:
+        """The ``TrainingArguments`` the task's Trainer takes (default: ``args`` as they are)."""
+        return args
+
+    def trainer_class(self, loft: bool) -> type:
+        """The Trainer class to train with: LoFT's (``loft=True``) or plain. Default:
+        ``LoFTTrainer`` / ``transformers.Trainer``."""
+        from transformers import Trainer
+
+        from ...integrations import LoFTTrainer
+
+        return LoFTTrainer if loft else Trainer
+
+    def trainer_inputs(self, tokenizer: Any, max_length: int) -> dict[str, Any]:
+        """The Trainer's data keyword arguments. Default: ``train_dataset`` and ``data_collator``."""
+        return {"train_dataset": self.train_dataset(tokenizer, max_length), "data_collator": self.collator(tokenizer)}
+
+    def result_files(self, before: dict[str, Any] | None, after: dict[str, Any]) -> dict[str, str]:
+        """Extra files for the run folder, name -> text, from the evaluations before and after
+        training. Default: none."""
+        return {}
