@@ -318,8 +318,18 @@ def test_compare_runs_on_instruction_data(llama, data, tmp_path):
                          overwrite=False, resume=False, progress=False, model=str(llama), data=str(train),
                          eval_data=str(test), max_steps=2, batch_size=4)
     assert [(r["method"], r["rank"]) for r in result["rows"]] == [("loft", 2), ("lora", 2)]
-    assert all(r["eval_accuracy"] is not None for r in result["rows"])
+    assert all(r["eval_accuracy"] is not None and r["eval_perplexity"] > 1 for r in result["rows"])
+    assert "eval_perplexity" in (tmp_path / "cmp" / "compare.csv").read_text().splitlines()[0]
     assert (tmp_path / "cmp" / "compare.png").is_file()
+
+
+def test_compare_plot_takes_perplexity_when_no_run_has_an_accuracy(tmp_path):
+    from loft.app.plots import plot_compare
+
+    rows = [{"method": "loft", "rank": 2, "eval_accuracy": None, "eval_perplexity": 3.0},
+            {"method": "full", "rank": None, "eval_accuracy": None, "eval_perplexity": 2.5}]
+    plot_compare(rows, {"loft-r2": [(1, 2.0)], "full": [(1, 1.5)]}, tmp_path / "c.png", "long answers")
+    assert (tmp_path / "c.png").stat().st_size > 1000
 
 
 # ----------------------------------------------------------------------------- generate
