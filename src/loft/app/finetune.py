@@ -305,8 +305,8 @@ def _check_architecture(task, config, spec: str) -> None:
     model_type = getattr(config, "model_type", None)
     if is_encoder_model_type(config):
         raise LoftUsageError(
-            f"Model {spec!r} is an encoder ({model_type}); {task.kind.replace('_', '-')} data needs a causal (decoder) language "
-            "model such as smollm2-135m or any Llama / GPT-style model. Encoders suit text classification "
+            f"Model {spec!r} is an encoder ({model_type}); {task.kind.replace('_', '-')} data needs a causal (decoder) "
+            "language model such as smollm2-135m or any Llama / GPT-style model. Encoders suit text classification "
             "({\"text\", \"label\"} data)."
         )
 
@@ -671,7 +671,8 @@ def plan_run(cfg: FinetuneConfig, *, overwrite: bool, resume: bool, status: RunS
         max_steps = DEFAULT_MAX_STEPS
     targets = None if cfg.method == "full" else resolve_targets(loaded.model, cfg.target_modules, cfg.rank, set(loaded.fresh))
     model = _apply_method(cfg, task, loaded.model, loaded.fresh, targets)
-    args = task.training_arguments(_training_args(cfg, out, max_steps, method_lr, processes), loaded.max_length)
+    args = _training_args(cfg, out, max_steps, method_lr, processes)
+    args = task.training_arguments(args, loaded.max_length)  # TRL's SFTConfig for instruction data
     world = _check_world(args, processes, cfg)
     output = on_main_process(check_output_dir, out, cfg.identity(), overwrite=overwrite, resume=resume)
     plan = RunPlan(
@@ -710,7 +711,8 @@ def build_run(plan: RunPlan, inputs: RunInputs, *, callbacks: list[Any] | None, 
         callbacks=[ProgressBar(plan.batch_size, plan.name, plan.progress), interrupt, *(callbacks or [])],
     )
     if cfg.method == "loft":
-        trainer = _trainer_class(inputs.task.trainer_class(loft=True))(**common, loft_options={"head_lr": plan.head_lr} if has_head else {})
+        trainer = _trainer_class(inputs.task.trainer_class(loft=True))(
+            **common, loft_options={"head_lr": plan.head_lr} if has_head else {})
     else:
         optimizer = torch.optim.AdamW(_param_groups(model, plan.method_lr, plan.head_lr, plan.is_head),
                                       lr=plan.method_lr, weight_decay=cfg.weight_decay)
