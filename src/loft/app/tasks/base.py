@@ -1,15 +1,21 @@
 """What ``loft finetune`` needs from a task: the :class:`Task` protocol.
 
-:class:`~loft.app.tasks.classification.ClassificationTask` and
-:class:`~loft.app.tasks.multiple_choice.MultipleChoiceTask` subclass it explicitly: the members a
-run uses are declared here, once, instead of being probed with ``getattr``.
+:class:`~loft.app.tasks.classification.ClassificationTask`,
+:class:`~loft.app.tasks.multiple_choice.MultipleChoiceTask` and
+:class:`~loft.app.tasks.instruction.InstructionTask` subclass it explicitly: the members a run
+uses are declared here, once, instead of being probed with ``getattr``. The Trainer-facing hooks
+(:data:`DEFAULT_MEMBERS`: which Trainer class and arguments, the data keywords, a check before
+anything is written, extra result files) have defaults that the first two tasks use as they are.
 """
 
 from __future__ import annotations
 
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
-__all__ = ["Task"]
+__all__ = ["DEFAULT_MEMBERS", "Task"]
+
+#: members with a working default (the Trainer-facing hooks); a task overrides what it changes
+DEFAULT_MEMBERS = ("check_inputs", "training_arguments", "trainer_class", "trainer_inputs", "result_files")
 
 
 @runtime_checkable
