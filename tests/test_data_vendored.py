@@ -11,7 +11,7 @@ from loft.app.errors import LoftUsageError
 from loft.app.models import BUILTIN_MODELS, resolve_model
 from loft.app.tasks import make_task
 
-COUNTS = {"movie_sentiment": (8043, 2000), "social_iqa": (1454, 500)}
+COUNTS = {"movie_sentiment": (8043, 2000), "social_iqa": (1454, 500), "social_iqa_sft": (1454, 500)}
 
 
 @pytest.mark.parametrize("name", sorted(BUILTIN_DATASETS))
@@ -24,8 +24,10 @@ def test_builtin_sets_are_vendored_and_valid(name):
     if task.kind == "classification":
         assert task.label_names == ["0", "1"]
         assert 0.3 < sum(task.train_labels) / len(task.train_labels) < 0.7
-    else:
+    elif task.kind == "multiple_choice":
         assert sum(len(c) == 3 for _, c, _ in task.eval_items) >= 498  # two items have 2 choices
+    else:  # instruction: the letter of the right choice
+        assert {e.reference for e in task.eval_items} == {" A", " B", " C"}
 
 
 def test_attribution_ships_with_the_data():

@@ -9,11 +9,14 @@ import inspect
 import pytest
 
 from loft.app import finetune as ft
-from loft.app.tasks import ClassificationTask, MultipleChoiceTask, Task
+from loft.app.tasks import ClassificationTask, InstructionTask, MultipleChoiceTask, Task
+from loft.app.tasks.base import DEFAULT_MEMBERS
 
-#: the keys of metrics.json, in order (what ``loft finetune`` wrote before RunMetrics existed)
+#: the keys of metrics.json, in order (what ``loft finetune`` wrote before RunMetrics existed, plus the
+#: perplexities of instruction data)
 METRICS_KEYS = [
-    "eval_accuracy", "eval_loss", "eval_accuracy_before", "eval_loss_before", "train_loss", "train_loss_last",
+    "eval_accuracy", "eval_loss", "eval_accuracy_before", "eval_loss_before", "eval_perplexity",
+    "eval_perplexity_before", "train_loss", "train_loss_last",
     "steps", "epochs", "train_seconds", "seconds", "train_examples_per_second", "resumed_from", "task", "method",
     "rank", "lr", "head_lr", "model", "model_path", "data", "eval_data", "num_train", "num_eval", "batch_size",
     "processes", "max_length", "seed", "trainable_params", "total_params", "fresh_modules", "labels", "loss_curve",
@@ -25,12 +28,15 @@ def _protocol_members() -> list[str]:
     return [n for n, v in vars(Task).items() if not n.startswith("_") and (callable(v) or isinstance(v, property))]
 
 
-@pytest.mark.parametrize("cls", [ClassificationTask, MultipleChoiceTask])
+@pytest.mark.parametrize("cls", [ClassificationTask, MultipleChoiceTask, InstructionTask])
 def test_tasks_implement_every_protocol_member(cls):
     assert Task in cls.__mro__  # subclassed explicitly, not matched structurally
     members = _protocol_members()
     assert {"num_train", "num_eval", "evaluate", "load_model", "train_dataset", "collator"} <= set(members)
-    for name in members:  # implemented by the class itself, not the protocol's stub
+    assert set(DEFAULT_MEMBERS) <= set(members)
+    for name in members:  # implemented by the class itself, not the protocol's stub (defaults excepted)
+        if name in DEFAULT_MEMBERS and cls is not InstructionTask:
+            continue
         assert vars(Task)[name] is not inspect.getattr_static(cls, name), f"{cls.__name__} does not implement {name}"
     for name in ("kind", "default_model", "default_max_length"):
         assert isinstance(getattr(cls, name), (str, int)), (cls.__name__, name)

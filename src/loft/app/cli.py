@@ -1,4 +1,4 @@
-"""The ``loft`` command line: ``loft finetune`` and ``loft compare``.
+"""The ``loft`` command line: ``loft finetune``, ``loft compare``, ``loft generate``, ``loft merge``.
 
 Bad input raises :class:`loft.app.errors.LoftUsageError`; :func:`main` prints its message (no
 traceback) and exits with status 2. Ctrl-C during training saves a checkpoint and exits with
@@ -106,7 +106,7 @@ def _settings(options: dict[str, Any], fields: list[tuple[dataclasses.Field, Opt
 @app.command()
 @_with_options(_finetune_params())
 def finetune(**options: Any) -> None:
-    """Fine-tune a model on a classification or multiple-choice data set and save the adapter.
+    """Fine-tune a model on a classification, multiple-choice or instruction data set and save the adapter.
 
     With no options: the MiniLM-L6 encoder on the built-in movie_sentiment data, LoFT at rank 4.
     """
@@ -127,10 +127,17 @@ def finetune(**options: Any) -> None:
 def _summary(metrics: dict, method: str, rank: int, out) -> None:
     from .finetune import run_name
 
-    before = metrics["eval_accuracy_before"]
+    def change(key: str, fmt: str) -> str | None:
+        after, before = metrics.get(key), metrics.get(key + "_before")
+        if after is None:
+            return None
+        return f"{'' if before is None else format(before, fmt) + ' -> '}{format(after, fmt)}"
+
+    parts = [f"eval {name} {text}" for name, text in (("accuracy", change("eval_accuracy", ".4f")),
+                                                      ("perplexity", change("eval_perplexity", ".3f"))) if text]
     print(
         f"\n{run_name(method, rank)} on {metrics['num_train']} examples, {metrics['steps']} steps in {metrics['train_seconds']:.0f} s: "
-        f"eval accuracy {'' if before is None else f'{before:.4f} -> '}{metrics['eval_accuracy']:.4f} "
+        f"{', '.join(parts) or 'eval loss ' + change('eval_loss', '.4f')} "
         f"({metrics['num_eval']} examples), train loss {metrics['train_loss']:.4f}."
     )
     print(f"Saved to {out}/ (metrics.json, loss_curve.png, {'model' if method == 'full' else 'adapter'} files).")
@@ -158,6 +165,39 @@ def compare(**options: Any) -> None:
         return
     print("\n" + result["markdown"])
     print(f"Wrote {output_dir}/compare.md, compare.csv and compare.png ({result['seconds']:.0f} s in all).")
+
+
+@app.command()
+def generate(
+    run_dir: Annotated[str, typer.Argument(help="Folder of a finished causal-LM run (its --output-dir).")],
+    prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="Text to complete.")] = None,
+    prompt_file: Annotated[Optional[str], typer.Option("--prompt-file", help="File whose whole text is the prompt.")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Most tokens to generate.")] = 256,
+    temperature: Annotated[float, typer.Option("--temperature", help="0: greedy; above 0: sampling.")] = 0.0,
+    format: Annotated[str, typer.Option(
+        "--format", help="How to wrap the prompt: auto (as the run's training data), chat, alpaca, prompt_completion "
+        "(as given), multiple_choice.")] = "auto",
+    seed: Annotated[int, typer.Option("--seed", help="Random seed (sampling).")] = 0,
+) -> None:
+    """Complete a prompt with a fine-tuned model (base + adapter), streamed. With neither --prompt nor
+    --prompt-file: one prompt per line typed."""
+    from .generate import run_generate
+
+    run_generate(run_dir, prompt=prompt, prompt_file=prompt_file, fmt=format, max_new_tokens=max_new_tokens,
+                 temperature=temperature, seed=seed)
+
+
+@app.command()
+def merge(
+    run_dir: Annotated[str, typer.Argument(help="Folder of a finished causal-LM adapter run (loft, lora or dora).")],
+    output_dir: Annotated[str, typer.Option("--output-dir", "-o", help="Folder for the merged model (new or empty).")],
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier loft merge in --output-dir.")] = False,
+) -> None:
+    """Merge a run's adapter into its base model: a standalone Hugging Face model folder."""
+    from .merge import merge_run
+
+    out = merge_run(run_dir, output_dir, overwrite=overwrite)
+    print(f"Merged model saved to {out}/ (loads with AutoModelForCausalLM.from_pretrained).")
 
 
 @app.command()

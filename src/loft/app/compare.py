@@ -36,6 +36,8 @@ from .launch import barrier, init_processes, is_main_process, launched_processes
 __all__ = ["parse_lrs", "run_compare"]
 
 COLUMNS = ("method", "rank", "eval_accuracy", "train_loss", "lr", "head_lr", "trainable_params", "steps", "train_seconds")
+#: columns shown only when some run has a value (instruction data)
+OPTIONAL_COLUMNS = ("eval_perplexity",)
 
 
 def parse_lrs(text: str | None) -> dict[str, float]:
@@ -66,16 +68,19 @@ def _table(rows: list[dict[str, Any]]) -> tuple[str, str]:
             return "-"
         if key in ("eval_accuracy", "train_loss"):
             return f"{value:.4f}"
+        if key == "eval_perplexity":
+            return f"{value:.3f}"
         if key in ("lr", "head_lr"):
             return f"{value:g}"
         if key == "trainable_params":
             return f"{value:,}"
         return str(value)
 
-    md = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    md += ["| " + " | ".join(fmt(k, r.get(k)) for k in COLUMNS) + " |" for r in rows]
+    columns = COLUMNS + tuple(c for c in OPTIONAL_COLUMNS if any(r.get(c) is not None for r in rows))
+    md = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    md += ["| " + " | ".join(fmt(k, r.get(k)) for k in columns) + " |" for r in rows]
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     return "\n".join(md) + "\n", buf.getvalue()
@@ -232,7 +237,7 @@ def _run_all(out: Path, runs, states: dict[str, str], settings: dict[str, Any], 
                     "with the same loft compare command plus --resume.",
                     e.checkpoint,
                 ) from None
-        rows.append({k: metrics.get(k) for k in COLUMNS})
+        rows.append({k: metrics.get(k) for k in COLUMNS + OPTIONAL_COLUMNS})
         curves[name] = metrics["loss_curve"]
     seconds = time.perf_counter() - t0
     markdown, csv_text = _table(rows)

@@ -79,9 +79,9 @@ class FinetuneConfig:
     model: str | None = option(
         None, "--model", "-m",
         help="Built-in name (minilm-l6, smollm2-135m), local Hugging Face folder or hub id. Default: minilm-l6 for "
-        "classification, smollm2-135m for multiple choice.",
+        "classification, smollm2-135m for multiple choice and instruction data.",
     )
-    data: str = option("movie_sentiment", "--data", "-d", help="Built-in set (movie_sentiment, social_iqa) or a .jsonl/.csv file.")
+    data: str = option("movie_sentiment", "--data", "-d", help="Built-in set (movie_sentiment, social_iqa, social_iqa_sft) or a .jsonl/.csv file.")
     eval_data: str | None = option(
         None, "--eval-data", help="Eval file. Default: the built-in test split, or 10% of --data held out."
     )
@@ -104,7 +104,7 @@ class FinetuneConfig:
         "evenly over them.",
     )
     max_length: int | None = option(
-        None, "--max-length", help="Max tokens per example (default 64 classification, 128 multiple choice)."
+        None, "--max-length", help="Max tokens per example (default 64 classification, 128 multiple choice, 256 instruction)."
     )
     max_eval: int | None = option(None, "--max-eval", help="Evaluate on the first N eval examples only.")
     seed: int = option(0, "--seed", help="Random seed (data order, head init).")

@@ -259,6 +259,16 @@ def _load_data(cfg: FinetuneConfig):
     return task, str(train_path), eval_note
 
 
+def eval_summary(metrics: dict[str, Any]) -> str:
+    """``accuracy 0.8125`` (and ``perplexity 3.21`` where the task measures it)."""
+    parts = []
+    if metrics.get("eval_accuracy") is not None:
+        parts.append(f"accuracy {metrics['eval_accuracy']:.4f}")
+    if metrics.get("eval_perplexity") is not None:
+        parts.append(f"perplexity {metrics['eval_perplexity']:.3f}")
+    return ", ".join(parts) or f"loss {metrics['eval_loss']:.4f}"
+
+
 def _one_line(e: BaseException) -> str:
     """An exception's whole message on one line (never cut mid-sentence)."""
     text = " ".join(str(e).split())
@@ -287,16 +297,16 @@ def _load_model(task, model_path: str, spec: str):
 
 
 def _check_architecture(task, config, spec: str) -> None:
-    """Refuse an encoder (BERT, RoBERTa ...) for multiple choice, which needs a causal LM."""
-    if task.kind != "multiple_choice":
+    """Refuse an encoder (BERT, RoBERTa ...) for multiple choice or instruction data, which need a causal LM."""
+    if task.kind == "classification":
         return
     from ..integrations.library_internals import is_encoder_model_type
 
     model_type = getattr(config, "model_type", None)
     if is_encoder_model_type(config):
         raise LoftUsageError(
-            f"Model {spec!r} is an encoder ({model_type}); multiple-choice data needs a causal (decoder) language "
-            "model such as smollm2-135m or any Llama / GPT-style model. Encoders suit text classification "
+            f"Model {spec!r} is an encoder ({model_type}); {task.kind.replace('_', '-')} data needs a causal (decoder) "
+            "language model such as smollm2-135m or any Llama / GPT-style model. Encoders suit text classification "
             "({\"text\", \"label\"} data)."
         )
 
@@ -620,6 +630,8 @@ class RunMetrics:
     eval_loss: float
     eval_accuracy_before: float | None
     eval_loss_before: float | None
+    eval_perplexity: float | None  # instruction data: exp(eval_loss), per completion token
+    eval_perplexity_before: float | None
     train_loss: float
     train_loss_last: float | None
     steps: int
@@ -669,6 +681,7 @@ def prepare_inputs(cfg: FinetuneConfig, processes: int = 1) -> LoadedInputs:
     set_seed(cfg.seed)  # the fresh head starts the same for every method
     model, tokenizer, missing = _load_model(task, model_path, spec)
     _check_max_length(model, max_length, spec)
+    task.check_inputs(tokenizer, max_length)
     fresh = _fresh_modules(missing)
     return LoadedInputs(task=task, train_path=train_path, eval_note=eval_note, spec=spec, model_path=model_path,
                         max_length=max_length, model=model, tokenizer=tokenizer, fresh=fresh)
@@ -701,6 +714,7 @@ def plan_run(cfg: FinetuneConfig, *, overwrite: bool, resume: bool, status: RunS
     targets = None if cfg.method == "full" else resolve_targets(loaded.model, cfg.target_modules, cfg.rank, set(loaded.fresh))
     model = _apply_method(cfg, task, loaded.model, loaded.fresh, targets)
     args = _training_args(cfg, out, max_steps, method_lr, processes, _fsdp_args(cfg, loaded.model))
+    args = task.training_arguments(args, loaded.max_length)  # TRL's SFTConfig for instruction data
     world = _check_world(args, processes, cfg)
     output = on_main_process(check_output_dir, out, cfg.identity(), overwrite=overwrite, resume=resume)
     plan = RunPlan(
@@ -716,9 +730,8 @@ def plan_run(cfg: FinetuneConfig, *, overwrite: bool, resume: bool, status: RunS
 
 def build_run(plan: RunPlan, inputs: RunInputs, *, callbacks: list[Any] | None, status: RunStatus) -> BuiltRun:
     """Make the output directory ready (rank 0; the others wait) and build the Trainer."""
-    from transformers import PrinterCallback, Trainer
+    from transformers import PrinterCallback
 
-    from ..integrations import LoFTTrainer
     from ..integrations.library_internals import loss_is_per_process_mean
     from .callbacks import InterruptCallback, ProgressBar
 
@@ -735,23 +748,24 @@ def build_run(plan: RunPlan, inputs: RunInputs, *, callbacks: list[Any] | None, 
     common = dict(
         model=model,
         args=inputs.args,
-        train_dataset=inputs.task.train_dataset(inputs.tokenizer, plan.max_length),
-        data_collator=inputs.task.collator(inputs.tokenizer),
+        **inputs.task.trainer_inputs(inputs.tokenizer, plan.max_length),
         processing_class=inputs.tokenizer,
         callbacks=[ProgressBar(plan.batch_size, plan.name, plan.progress), interrupt, *(callbacks or [])],
     )
     if cfg.method == "loft":
-        trainer = _trainer_class(LoFTTrainer)(**common, loft_options={"head_lr": plan.head_lr} if has_head else {})
+        trainer = _trainer_class(inputs.task.trainer_class(loft=True))(
+            **common, loft_options={"head_lr": plan.head_lr} if has_head else {})
     else:
         def adamw(m: nn.Module) -> torch.optim.Optimizer:
             return torch.optim.AdamW(_param_groups(m, plan.method_lr, plan.head_lr, plan.is_head),
                                      lr=plan.method_lr, weight_decay=cfg.weight_decay)
 
+        trainer_class = _trainer_class(inputs.task.trainer_class(loft=False))
         if cfg.fsdp:  # Trainer refuses a pre-built optimizer under FSDP: it builds this one before sharding
-            trainer = _trainer_class(Trainer)(**common)
+            trainer = trainer_class(**common)
             trainer._loft_optimizer_factory = adamw
         else:
-            trainer = _trainer_class(Trainer)(**common, optimizers=(adamw(model), None))
+            trainer = trainer_class(**common, optimizers=(adamw(model), None))
     trainer.remove_callback(PrinterCallback)
     if plan.task_kind == "classification":
         # sequence classifiers average their loss over neither accumulation steps nor processes
@@ -775,7 +789,7 @@ def train_run(plan: RunPlan, inputs: RunInputs, built: BuiltRun, *, status: RunS
         if plan.main:
             write_json(plan.out / EVAL_BEFORE_FILE, before)
         if plan.progress:
-            print(f"accuracy before training: {before['eval_accuracy']:.4f} on {task.num_eval} eval examples", flush=True)
+            print(f"before training: {eval_summary(before)} on {task.num_eval} eval examples", flush=True)
 
     status.phase = "training (second Ctrl-C)"
     trainer._loft_setup(built.progress)
@@ -811,6 +825,8 @@ def save_run(plan: RunPlan, inputs: RunInputs, built: BuiltRun, trained: Trained
         eval_loss=after["eval_loss"],
         eval_accuracy_before=before.get("eval_accuracy"),
         eval_loss_before=before.get("eval_loss"),
+        eval_perplexity=after.get("eval_perplexity"),
+        eval_perplexity_before=before.get("eval_perplexity"),
         train_loss=sum(losses) / len(losses) if losses else trained.training_loss,
         train_loss_last=curve[-1][1] if curve else None,
         steps=steps,
@@ -847,7 +863,7 @@ def save_run(plan: RunPlan, inputs: RunInputs, built: BuiltRun, trained: Trained
     if plan.main:
         try:
             _save_results(plan.out, inputs.model, inputs.tokenizer, metrics, f"{plan.name} on {Path(cfg.data).stem}",
-                          status.t_start, weights)
+                          status.t_start, task.result_files(trained.before, after), weights)
         except OSError as e:
             raise LoftUsageError(
                 f"Could not write the results to {str(plan.out)!r}: {e.strerror or e}. The last checkpoint is kept: free "
@@ -904,18 +920,8 @@ class RunStatus:
         return f"{where}; nothing was kept (no checkpoint yet), {str(self.out)!r} is as before."
 
 
-def _full_trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The whole values of an FSDP2-sharded model's parameters (trainable ones, and all of
-    them for full fine-tuning), on the CPU of rank 0 (empty on the others). A collective."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    frozen = any(not p.requires_grad for p in model.parameters())
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=frozen)
-    return get_model_state_dict(model, options=options)
-
-
 def _save_results(out: Path, model, tokenizer, metrics: RunMetrics, title: str, t_start: float,
-                  weights: dict[str, torch.Tensor] | None = None) -> None:
+                  extra: dict[str, str] | None = None, weights: dict[str, torch.Tensor] | None = None) -> None:
     """Write the result files beside the folder's current content (``.incoming/``), then move
     them in, ``metrics.json`` (which marks the run as finished) last; then drop the checkpoints.
 
@@ -934,6 +940,8 @@ def _save_results(out: Path, model, tokenizer, metrics: RunMetrics, title: str, 
         model.save_pretrained(staging, state_dict=weights)
     tokenizer.save_pretrained(staging)
     plot_loss_curve(metrics.loss_curve, staging / "loss_curve.png", title)
+    for name, text in (extra or {}).items():  # the task's own files (samples.jsonl)
+        (staging / name).write_text(text, encoding="utf-8")
     metrics.seconds = round(time.perf_counter() - t_start, 1)
     (staging / METRICS_FILE).write_text(json.dumps(metrics.as_dict(), indent=2))
     (out / METRICS_FILE).unlink(missing_ok=True)

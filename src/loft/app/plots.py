@@ -29,23 +29,26 @@ def plot_loss_curve(curve: Sequence[tuple[int, float]], path: str | Path, title:
 
 
 def plot_compare(rows: Sequence[Mapping], curves: Mapping[str, Sequence[tuple[int, float]]], path: str | Path, title: str) -> None:
-    """Left: eval accuracy against rank, one line per method (full fine-tuning as a
-    horizontal line). Right: the training loss curve of every run."""
+    """Left: eval accuracy (eval perplexity where no run has an accuracy: instruction data with
+    long answers) against rank, one line per method (full fine-tuning as a horizontal line).
+    Right: the training loss curve of every run."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    key = "eval_accuracy" if any(r.get("eval_accuracy") is not None for r in rows) else "eval_perplexity"
+    name = key.replace("eval_", "")
     methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "full"]
     for method in methods:
-        pts = sorted((r["rank"], r["eval_accuracy"]) for r in rows if r["method"] == method)
+        pts = sorted((r["rank"], r[key]) for r in rows if r["method"] == method and r.get(key) is not None)
         left.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
     for r in rows:
-        if r["method"] == "full":
-            left.axhline(r["eval_accuracy"], color="black", linestyle="--", linewidth=1, label="full fine-tuning")
+        if r["method"] == "full" and r.get(key) is not None:
+            left.axhline(r[key], color="black", linestyle="--", linewidth=1, label="full fine-tuning")
     ranks = sorted({r["rank"] for r in rows if r["method"] != "full"})
     if ranks:
         left.set_xscale("log", base=2)
         left.set_xticks(ranks, [str(r) for r in ranks])
     left.set_xlabel("LoRA rank")
-    left.set_ylabel("eval accuracy")
-    left.set_title("accuracy vs rank")
+    left.set_ylabel(f"eval {name}")
+    left.set_title(f"{name} vs rank")
     left.grid(alpha=0.3)
     left.legend()
     for name, curve in curves.items():

@@ -21,6 +21,8 @@ __all__ = ["BUILTIN_DATASETS", "builtin_path", "read_records", "resolve_data"]
 BUILTIN_DATASETS: dict[str, tuple[str, str]] = {
     "movie_sentiment": ("classification", "movie review snippets, positive / negative (8,043 train / 2,000 test)"),
     "social_iqa": ("multiple_choice", "Social IQa commonsense questions, 3 choices (1,454 train / 500 test)"),
+    "social_iqa_sft": ("instruction", "Social IQa as prompt/completion: question + lettered choices -> letter "
+                       "(1,454 train / 500 test)"),
 }
 
 

@@ -1,8 +1,10 @@
-"""The two tasks of ``loft finetune``: text classification and multiple-choice QA.
+"""The tasks of ``loft finetune``: text classification, multiple-choice QA and instruction
+tuning.
 
-:func:`make_task` picks the task from the fields of the training data (``text``/``label`` or
-``question``/``choices``/``answer``), checks every record and returns a task object that knows
-how to build its model, encode examples and measure accuracy.
+:func:`make_task` picks the task from the fields of the training data (``text``/``label``,
+``question``/``choices``/``answer``, or an instruction format: ``messages``,
+``prompt``/``completion``, ``instruction``/``output``), checks every record and returns a task
+object that knows how to build its model, encode examples and evaluate.
 """
 
 from __future__ import annotations
@@ -13,24 +15,30 @@ from typing import Any
 from ..errors import LoftUsageError
 from .base import Task
 from .classification import ClassificationTask
+from .instruction import FORMATS as INSTRUCTION_FORMATS
+from .instruction import InstructionTask
 from .multiple_choice import MultipleChoiceTask
 
-__all__ = ["ClassificationTask", "MultipleChoiceTask", "Task", "detect_task", "make_task"]
+__all__ = ["ClassificationTask", "InstructionTask", "MultipleChoiceTask", "Task", "detect_task", "make_task"]
 
 _FIELDS = {
     "classification": ("text", "label"),
     "multiple_choice": ("question", "choices", "answer"),
 }
+_CLASSES = {"classification": ClassificationTask, "multiple_choice": MultipleChoiceTask,
+            "instruction": InstructionTask}
 
 
 def detect_task(records: list[dict[str, Any]], path: str | Path) -> str:
-    """``"classification"`` or ``"multiple_choice"`` from the first record's fields."""
+    """``"classification"``, ``"multiple_choice"`` or ``"instruction"`` from the first record's fields."""
     first = records[0]
     keys = set(first) - {"_line"}
-    for task, fields in _FIELDS.items():
+    candidates = [(task, fields) for task, fields in _FIELDS.items()]
+    candidates += [("instruction", fields) for fields in INSTRUCTION_FORMATS.values()]
+    for task, fields in candidates:
         if set(fields) <= keys:
             return task
-    expected = " or ".join("{" + ", ".join(f'"{f}"' for f in fields) + "}" for fields in _FIELDS.values())
+    expected = " or ".join("{" + ", ".join(f'"{f}"' for f in fields) + "}" for _, fields in candidates)
     raise LoftUsageError(
         f"{path}, line {first.get('_line', 1)}: fields {sorted(keys)} match no task; expected {expected}."
     )
@@ -50,5 +58,4 @@ def make_task(
             f"The training data ({train_path}) is {kind.replace('_', '-')} but the eval data ({eval_path}) "
             f"is {eval_kind.replace('_', '-')}; give eval data with the same fields."
         )
-    cls = ClassificationTask if kind == "classification" else MultipleChoiceTask
-    return cls.from_records(train_records, train_path, eval_records, eval_path)
+    return _CLASSES[kind].from_records(train_records, train_path, eval_records, eval_path)

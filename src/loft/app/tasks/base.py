@@ -1,22 +1,28 @@
 """What ``loft finetune`` needs from a task: the :class:`Task` protocol.
 
-:class:`~loft.app.tasks.classification.ClassificationTask` and
-:class:`~loft.app.tasks.multiple_choice.MultipleChoiceTask` subclass it explicitly: the members a
-run uses are declared here, once, instead of being probed with ``getattr``.
+:class:`~loft.app.tasks.classification.ClassificationTask`,
+:class:`~loft.app.tasks.multiple_choice.MultipleChoiceTask` and
+:class:`~loft.app.tasks.instruction.InstructionTask` subclass it explicitly: the members a run
+uses are declared here, once, instead of being probed with ``getattr``. The Trainer-facing hooks
+(:data:`DEFAULT_MEMBERS`: which Trainer class and arguments, the data keywords, a check before
+anything is written, extra result files) have defaults that the first two tasks use as they are.
 """
 
 from __future__ import annotations
 
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
-__all__ = ["Task"]
+__all__ = ["DEFAULT_MEMBERS", "Task"]
+
+#: members with a working default (the Trainer-facing hooks); a task overrides what it changes
+DEFAULT_MEMBERS = ("check_inputs", "training_arguments", "trainer_class", "trainer_inputs", "result_files")
 
 
 @runtime_checkable
 class Task(Protocol):
     """Validated training and eval data plus everything task-specific about training on it."""
 
-    #: ``"classification"`` or ``"multiple_choice"`` (in metrics.json as ``task``)
+    #: ``"classification"``, ``"multiple_choice"`` or ``"instruction"`` (in metrics.json as ``task``)
     kind: ClassVar[str]
     #: built-in model name used when ``--model`` is not given
     default_model: ClassVar[str]
@@ -61,5 +67,32 @@ class Task(Protocol):
 
     def evaluate(self, trainer: Any, tokenizer: Any, max_length: int) -> dict[str, float]:
         """``{"eval_accuracy", "eval_loss"}`` of ``trainer.model`` on the eval data (a collective
-        on several processes: every rank calls it)."""
+        on several processes: every rank calls it). A task may add keys (``eval_perplexity``)."""
         ...
+
+    # ------------------------------------------------------------------ defaults a task may override
+    def check_inputs(self, tokenizer: Any, max_length: int) -> None:
+        """Refuse data the model cannot train on (raise ``LoftUsageError``); runs before anything
+        is written. Default: nothing to check."""
+
+    def training_arguments(self, args: Any, max_length: int) -> Any:
+        """The ``TrainingArguments`` the task's Trainer takes (default: ``args`` as they are)."""
+        return args
+
+    def trainer_class(self, loft: bool) -> type:
+        """The Trainer class to train with: LoFT's (``loft=True``) or plain. Default:
+        ``LoFTTrainer`` / ``transformers.Trainer``."""
+        from transformers import Trainer
+
+        from ...integrations import LoFTTrainer
+
+        return LoFTTrainer if loft else Trainer
+
+    def trainer_inputs(self, tokenizer: Any, max_length: int) -> dict[str, Any]:
+        """The Trainer's data keyword arguments. Default: ``train_dataset`` and ``data_collator``."""
+        return {"train_dataset": self.train_dataset(tokenizer, max_length), "data_collator": self.collator(tokenizer)}
+
+    def result_files(self, before: dict[str, Any] | None, after: dict[str, Any]) -> dict[str, str]:
+        """Extra files for the run folder, name -> text, from the evaluations before and after
+        training. Default: none."""
+        return {}
