@@ -58,6 +58,8 @@ from .launch import (
     on_main_process,
 )
 from ..linalg import rank_regime
+from .memory import start_peak_memory
+from .methods import PissaStart, lora_options, make_optimizer
 from .models import resolve_model
 from .rundir import (  # noqa: F401  (re-exported: compare and the tests use them from here)
     CHECKPOINTS,
@@ -265,7 +267,7 @@ def _one_line(e: BaseException) -> str:
     return text or type(e).__name__
 
 
-def _load_model(task, model_path: str, spec: str):
+def _load_model(task, model_path: str, spec: str, quantization: str | None = None):
     from transformers import AutoConfig, AutoTokenizer
 
     try:
@@ -277,10 +279,15 @@ def _load_model(task, model_path: str, spec: str):
         tokenizer = AutoTokenizer.from_pretrained(model_path)
     except (OSError, ValueError, TypeError) as e:
         raise LoftUsageError(f"Could not load the tokenizer of model {spec!r} ({model_path}): {_one_line(e)}") from None
-    try:
-        model, missing = task.load_model(model_path, dtype=torch.float32)
-    except (OSError, ValueError) as e:
-        raise LoftUsageError(f"Could not load model {spec!r} ({model_path}): {_one_line(e)}") from None
+    if quantization is not None:  # QLoRA: see loft/app/quantize.py
+        from .quantize import load_quantized
+
+        model, missing = load_quantized(task, model_path, spec, 4 if quantization == "4bit" else 8)
+    else:
+        try:
+            model, missing = task.load_model(model_path, dtype=torch.float32)
+        except (OSError, ValueError) as e:
+            raise LoftUsageError(f"Could not load model {spec!r} ({model_path}): {_one_line(e)}") from None
     task.prepare_tokenizer(tokenizer)
     task.prepare_model(model, tokenizer)
     return model, tokenizer, missing
@@ -326,7 +333,7 @@ def _apply_method(cfg: FinetuneConfig, task: Task, model: nn.Module, fresh: list
         lora_dropout=0.0,
         target_modules=targets,
         modules_to_save=list(fresh) or None,
-        use_dora=cfg.method == "dora",
+        **lora_options(cfg.method),  # dora, rslora, pissa (loft/app/methods.py)
         task_type="SEQ_CLS" if task.kind == "classification" else "CAUSAL_LM",
     )
     return get_peft_model(model, lora)
@@ -476,6 +483,7 @@ def finetune(
     :class:`RunInterrupted` when Ctrl-C stopped the run (its message says what was kept).
     """
     status = RunStatus(cfg, progress)
+    inputs = None
     try:
         plan, inputs = plan_run(cfg, overwrite=overwrite, resume=resume, status=status)
         built = build_run(plan, inputs, callbacks=callbacks, status=status)
@@ -483,6 +491,9 @@ def finetune(
         return save_run(plan, inputs, built, trained, status=status).as_dict()
     except KeyboardInterrupt:
         raise RunInterrupted(status.interrupted(), status.checkpoint_kept()) from None
+    finally:
+        if inputs is not None and inputs.pissa is not None:
+            inputs.pissa.close()
 
 
 # ----------------------------------------------------------------------------- typed pieces
@@ -500,6 +511,7 @@ class LoadedInputs:
     model: nn.Module
     tokenizer: Any
     fresh: list[str]  # modules of freshly initialised parameters (the head)
+    base_model_mb: float = 0.0  # the loaded base model's weights and buffers (quantized or not)
 
 
 @dataclass(frozen=True)
@@ -528,6 +540,7 @@ class RunPlan:
     max_steps: int
     batch_size: int  # examples per optimizer step, all processes together
     output: OutputPlan  # new / overwrite / rerun / resume (and the checkpoint)
+    base_model_mb: float = 0.0  # the base model's weights and buffers, as loaded
 
     def is_head(self, name: str) -> bool:
         """Whether parameter ``name`` belongs to the fresh head (trained at ``head_lr``)."""
@@ -545,6 +558,7 @@ class RunInputs:
     model: nn.Module
     tokenizer: Any
     args: Any  # transformers.TrainingArguments
+    pissa: PissaStart | None = None  # --method pissa (main process): the initial adapter
 
 
 @dataclass
@@ -608,6 +622,10 @@ class RunMetrics:
     loss_curve: list[tuple[int, float]]
     loft_version: str
     torch_threads: int
+    quantization: str | None  # "4bit", "8bit" (--load-in-4bit / --load-in-8bit) or None
+    base_model_mb: float  # the base model's weights and buffers as loaded (get_memory_footprint), MiB
+    peak_memory_mb: float  # peak memory of this attempt (see loft/app/memory.py), MiB
+    peak_memory_kind: str  # what peak_memory_mb measures: peak RSS (CPU) or torch.cuda.max_memory_allocated
 
     def as_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -625,11 +643,12 @@ def prepare_inputs(cfg: FinetuneConfig, processes: int = 1) -> LoadedInputs:
     from transformers import set_seed
 
     set_seed(cfg.seed)  # the fresh head starts the same for every method
-    model, tokenizer, missing = _load_model(task, model_path, spec)
+    model, tokenizer, missing = _load_model(task, model_path, spec, cfg.quantization)
     _check_max_length(model, max_length, spec)
     fresh = _fresh_modules(missing)
     return LoadedInputs(task=task, train_path=train_path, eval_note=eval_note, spec=spec, model_path=model_path,
-                        max_length=max_length, model=model, tokenizer=tokenizer, fresh=fresh)
+                        max_length=max_length, model=model, tokenizer=tokenizer, fresh=fresh,
+                        base_model_mb=round(model.get_memory_footprint() / 2**20, 1))
 
 
 # ----------------------------------------------------------------------------- the four steps
@@ -661,15 +680,17 @@ def plan_run(cfg: FinetuneConfig, *, overwrite: bool, resume: bool, status: RunS
     args = _training_args(cfg, out, max_steps, method_lr, processes)
     world = _check_world(args, processes, cfg)
     output = on_main_process(check_output_dir, out, cfg.identity(), overwrite=overwrite, resume=resume)
+    # PiSSA: its initial adapter (untrained), to convert the trained one for the original base when saving
+    pissa = PissaStart(model) if cfg.method == "pissa" and main else None
     plan = RunPlan(
         cfg=cfg, out=out, name=run_name(cfg.method, cfg.rank), main=main, progress=status.progress and main,
         processes=processes, world=world, task_kind=task.kind, data=loaded.train_path, eval_note=loaded.eval_note,
         model_spec=loaded.spec, model_path=loaded.model_path, max_length=loaded.max_length,
         fresh=tuple(loaded.fresh), targets=None if targets is None else tuple(targets), method_lr=method_lr,
         head_lr=head_lr, steps_per_epoch=steps_per_epoch, max_steps=max_steps,
-        batch_size=cfg.batch_size * cfg.grad_accum, output=output,
+        batch_size=cfg.batch_size * cfg.grad_accum, output=output, base_model_mb=loaded.base_model_mb,
     )
-    return plan, RunInputs(task=task, model=model, tokenizer=loaded.tokenizer, args=args)
+    return plan, RunInputs(task=task, model=model, tokenizer=loaded.tokenizer, args=args, pissa=pissa)
 
 
 def build_run(plan: RunPlan, inputs: RunInputs, *, callbacks: list[Any] | None, status: RunStatus) -> BuiltRun:
@@ -688,6 +709,10 @@ def build_run(plan: RunPlan, inputs: RunInputs, *, callbacks: list[Any] | None, 
         _start_run, plan.out, cfg, plan.output, model_path=plan.model_path, world=plan.world
     )
     has_head = any(plan.is_head(n) for n, p in model.named_parameters() if p.requires_grad)
+    optimizer = None
+    if cfg.method not in ("loft", "full"):  # LoRA+ and LoRA-FA: PEFT's optimizers (LoRA-FA freezes A)
+        optimizer = make_optimizer(cfg.method, model, lr=plan.method_lr, head_lr=plan.head_lr,
+                                   weight_decay=cfg.weight_decay, is_head=plan.is_head)
     trainable, total = _count(model)
     interrupt = InterruptCallback()
     common = dict(
@@ -701,8 +726,9 @@ def build_run(plan: RunPlan, inputs: RunInputs, *, callbacks: list[Any] | None, 
     if cfg.method == "loft":
         trainer = _trainer_class(LoFTTrainer)(**common, loft_options={"head_lr": plan.head_lr} if has_head else {})
     else:
-        optimizer = torch.optim.AdamW(_param_groups(model, plan.method_lr, plan.head_lr, plan.is_head),
-                                      lr=plan.method_lr, weight_decay=cfg.weight_decay)
+        if optimizer is None:  # full fine-tuning
+            optimizer = torch.optim.AdamW(_param_groups(model, plan.method_lr, plan.head_lr, plan.is_head),
+                                          lr=plan.method_lr, weight_decay=cfg.weight_decay)
         trainer = _trainer_class(Trainer)(**common, optimizers=(optimizer, None))
     trainer.remove_callback(PrinterCallback)
     if plan.task_kind == "classification":
@@ -753,6 +779,7 @@ def save_run(plan: RunPlan, inputs: RunInputs, built: BuiltRun, trained: Trained
     whole = trainer.loft_progress()  # the whole run, also when it was resumed
     losses, train_seconds = whole["losses"], whole["train_seconds"]
     after = task.evaluate(trainer, inputs.tokenizer, plan.max_length)
+    peak_memory_mb = status.memory.read()  # of this attempt: loading, training, both evaluations
     curve = _loss_curve(losses, inputs.args.logging_steps)
     steps = trainer.state.global_step
     before = trained.before or {}
@@ -791,12 +818,17 @@ def save_run(plan: RunPlan, inputs: RunInputs, built: BuiltRun, trained: Trained
         loss_curve=curve,
         loft_version=__version__,
         torch_threads=torch.get_num_threads(),
+        quantization=cfg.quantization,
+        base_model_mb=plan.base_model_mb,
+        peak_memory_mb=peak_memory_mb,
+        peak_memory_kind=status.memory.kind,
     )
     status.phase = "saving the results"
     if plan.main:
+        save = inputs.pissa.save if inputs.pissa is not None else None
         try:
             _save_results(plan.out, inputs.model, inputs.tokenizer, metrics, f"{plan.name} on {Path(cfg.data).stem}",
-                          status.t_start)
+                          status.t_start, save)
         except OSError as e:
             raise LoftUsageError(
                 f"Could not write the results to {str(plan.out)!r}: {e.strerror or e}. The last checkpoint is kept: free "
@@ -818,6 +850,7 @@ class RunStatus:
         self.phase = "starting"
         self.output: OutputPlan | None = None  # set once the output directory is touched
         self.main = True
+        self.memory = start_peak_memory()  # the run's peak memory (metrics.json: peak_memory_mb)
 
     # -------------------------------------------------------------- interruptions
     def checkpoint_kept(self) -> str | None:
@@ -853,11 +886,12 @@ class RunStatus:
         return f"{where}; nothing was kept (no checkpoint yet), {str(self.out)!r} is as before."
 
 
-def _save_results(out: Path, model, tokenizer, metrics: RunMetrics, title: str, t_start: float) -> None:
+def _save_results(out: Path, model, tokenizer, metrics: RunMetrics, title: str, t_start: float, save=None) -> None:
     """Write the result files beside the folder's current content (``.incoming/``), then move
     them in, ``metrics.json`` (which marks the run as finished) last; then drop the checkpoints.
 
-    Until the moves start, an earlier finished run's files are untouched; its ``metrics.json``
+    ``save(model, folder)`` writes the model or adapter (default ``model.save_pretrained``; PiSSA
+    converts its adapter, :class:`loft.app.methods.PissaStart`). Until the moves start, an earlier finished run's files are untouched; its ``metrics.json``
     goes first, so a crash among the moves leaves an unfinished run whose final checkpoint
     ``--resume`` turns into the results again.
     """
@@ -866,7 +900,10 @@ def _save_results(out: Path, model, tokenizer, metrics: RunMetrics, title: str, 
     staging = out / STAGING
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
-    model.save_pretrained(staging)
+    if save is not None:
+        save(model, staging)
+    else:
+        model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
     plot_loss_curve(metrics.loss_curve, staging / "loss_curve.png", title)
     metrics.seconds = round(time.perf_counter() - t_start, 1)
