@@ -2,7 +2,8 @@
 
 Used by ``real_tasks.py``. Each run is a dict of :class:`loft.app.finetune.FinetuneConfig` fields;
 its result (the run's ``metrics.json`` minus the loss curve's bulk, plus the process's peak
-resident memory from ``os.wait4``) is appended to a JSONL file, so an interrupted sweep
+resident memory from ``os.wait4`` and the :func:`_provenance.provenance` of the run: commit, library
+versions, threads, machine load at its start) is appended to a JSONL file, so an interrupted sweep
 continues where it stopped and a finished run is never repeated. Runs go ``jobs`` at a time,
 each with ``threads`` torch threads (on 2 cores: 2 jobs x 1 thread beats 1 x 2 for these
 small models).
@@ -24,10 +25,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _provenance import provenance
+
 #: the repository root: data paths in the results are relative to it, and runs start there
 REPO = Path(__file__).resolve().parents[1]
 
-KEEP = ("eval_accuracy", "eval_loss", "train_loss", "train_loss_last", "steps", "train_seconds", "seconds",
+KEEP = ("eval_accuracy", "eval_loss", "eval_accuracy_before", "eval_loss_before", "train_loss", "train_loss_last", "steps", "train_seconds", "seconds",
         "trainable_params", "num_train", "num_eval", "lr", "head_lr", "loss_curve")
 
 
@@ -68,6 +71,7 @@ def load_results(path: Path) -> dict[str, dict[str, Any]]:
 
 
 def _launch(run: dict[str, Any], threads: int) -> tuple[subprocess.Popen, Path, float]:
+    """Start one run in a child process (``threads`` torch threads) writing into a fresh folder."""
     out = Path(tempfile.mkdtemp(prefix="loft-sweep-"))
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
@@ -87,12 +91,13 @@ def run_all(runs: list[dict[str, Any]], results: Path, *, jobs: int = 2, threads
     while todo or running:
         while todo and len(running) < jobs:
             run = todo.pop(0)
+            origin = provenance(threads, jobs)
             proc, out, t0 = _launch(run, threads)
-            running[proc.pid] = (run, proc, out, t0)
+            running[proc.pid] = (run, proc, out, t0, origin)
         pid, status, usage = os.wait4(-1, 0)
         if pid not in running:
             continue
-        run, proc, out, t0 = running.pop(pid)
+        run, proc, out, t0, origin = running.pop(pid)
         proc.returncode = os.waitstatus_to_exitcode(status)
         finished += 1
         metrics_file = out / "metrics.json"
@@ -102,7 +107,7 @@ def run_all(runs: list[dict[str, Any]], results: Path, *, jobs: int = 2, threads
         metrics = json.loads(metrics_file.read_text())
         rec = {"run": run, **{k: metrics.get(k) for k in KEEP},
                "peak_rss_mib": round(usage.ru_maxrss / 1024, 1), "wall_seconds": round(time.perf_counter() - t0, 1),
-               "threads": threads, "jobs": jobs}
+               "threads": threads, "jobs": jobs, "provenance": origin}
         with results.open("a") as f:
             f.write(json.dumps(rec) + "\n")
         done[key(run)] = rec

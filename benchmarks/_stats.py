@@ -1,0 +1,104 @@
+"""The statistics the evidence reports use: seed summaries, paired tests, verdicts, grid edges.
+
+Pure functions over lists of numbers (scipy does the distributions), so the rules that turn
+results into the words "holds", "does not hold" and "inconclusive" are tested on their own
+(tests/test_evidence_stats.py).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+from typing import Sequence
+
+from scipy import stats as _scipy_stats
+
+#: two-sided significance level of every verdict
+ALPHA = 0.05
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Mean over seeds, its standard error and 95% t interval (``n`` values)."""
+
+    n: int
+    mean: float
+    se: float
+    lo: float
+    hi: float
+
+    def fmt(self, digits: int = 3) -> str:
+        """``0.803 +- 0.004 [0.792, 0.814]`` (mean +- standard error [95% interval])."""
+        if self.n < 2:
+            return f"{self.mean:.{digits}f} (1 seed)"
+        return f"{self.mean:.{digits}f} +- {self.se:.{digits}f} [{self.lo:.{digits}f}, {self.hi:.{digits}f}]"
+
+
+def summarize(values: Sequence[float]) -> Summary:
+    """Mean, standard error (sample sd / sqrt n) and the 95% Student t interval of ``values``."""
+    n = len(values)
+    if n == 0:
+        raise ValueError("summarize() needs at least one value")
+    mean = statistics.fmean(values)
+    if n == 1:
+        return Summary(1, mean, math.nan, math.nan, math.nan)
+    se = statistics.stdev(values) / math.sqrt(n)
+    half = float(_scipy_stats.t.ppf(0.975, n - 1)) * se
+    return Summary(n, mean, se, mean - half, mean + half)
+
+
+@dataclass(frozen=True)
+class Paired:
+    """A paired comparison of ``a`` against ``b`` over the same seeds."""
+
+    n: int
+    diff: float  # mean of a - b
+    lo: float  # 95% interval of the mean difference
+    hi: float
+    p: float  # two-sided paired t test; 1.0 when every difference is zero
+
+    @property
+    def verdict(self) -> str:
+        """``better`` / ``worse`` (``a`` against ``b``, significant at :data:`ALPHA`) or ``inconclusive``."""
+        if self.p < ALPHA:
+            return "better" if self.diff > 0 else "worse"
+        return "inconclusive"
+
+    def fmt(self) -> str:
+        return f"{self.diff:+.3f} [{self.lo:+.3f}, {self.hi:+.3f}], p = {self.p:.3g}"
+
+
+def paired(a: Sequence[float], b: Sequence[float]) -> Paired:
+    """Paired t test of ``a`` against ``b`` (``a[i]`` and ``b[i]`` share seed ``i``: data order and
+    initialisation), with the 95% interval of the mean difference."""
+    if len(a) != len(b):
+        raise ValueError(f"paired() needs the same seeds on both sides, got {len(a)} and {len(b)} values")
+    if len(a) < 2:
+        raise ValueError("paired() needs at least two seeds")
+    d = [x - y for x, y in zip(a, b)]
+    s = summarize(d)
+    if statistics.pstdev(d) == 0.0:  # identical differences: no variance, the test is undefined
+        p = 1.0 if s.mean == 0.0 else 0.0
+        return Paired(s.n, s.mean, s.mean, s.mean, p)
+    p = float(_scipy_stats.ttest_rel(a, b).pvalue)
+    return Paired(s.n, s.mean, s.lo, s.hi, p)
+
+
+def claim_verdict(test: Paired) -> str:
+    """A claim "a beats b": ``holds`` when a is significantly better, ``does not hold`` when b is
+    significantly better, else ``inconclusive``."""
+    return {"better": "holds", "worse": "does not hold", "inconclusive": "inconclusive"}[test.verdict]
+
+
+def edge_to_extend(grid: Sequence[float], scores: Sequence[tuple[float, float]]) -> int:
+    """Where a learning-rate grid must grow for its optimum to lie inside it.
+
+    ``grid`` ascending; ``scores[i]`` = (accuracy, -loss) of ``grid[i]``, higher is better.
+    Returns -1 (add a point below), +1 (above) or 0 (the best point is inside)."""
+    if len(grid) != len(scores) or len(grid) < 3:
+        raise ValueError("edge_to_extend() needs one score per grid point and at least 3 points")
+    if list(grid) != sorted(grid):
+        raise ValueError("edge_to_extend() needs an ascending grid")
+    best = max(range(len(grid)), key=lambda i: scores[i])
+    return -1 if best == 0 else 1 if best == len(grid) - 1 else 0

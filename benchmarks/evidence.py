@@ -1,0 +1,321 @@
+"""Evidence a skeptical reviewer accepts: per-rank tuning, five seeds, paired tests, stability.
+
+    .venv/bin/python benchmarks/evidence.py plan        # runs per stage: done / to do (nothing runs)
+    .venv/bin/python benchmarks/evidence.py tune        # stage 1: learning rate per method and rank
+    .venv/bin/python benchmarks/evidence.py final       # stage 2: 5 seeds on the test split
+    .venv/bin/python benchmarks/evidence.py stability   # stage 3: collapse to chance per learning rate
+    .venv/bin/python benchmarks/evidence.py report      # docs/results/evidence_sentiment.md, from the JSONL only
+
+MiniLM-L6 on movie sentiment, every linear layer adapted, 100 steps of batch 16, one fresh head
+(learning rate 2e-3 for every method: not tuned, to keep the budget). Protocol:
+
+1. **Tune** on the validation split (1,000 snippets carved once from the training file, seed
+   1234), seed 0, for every method at every rank (``RANKS``) and full fine-tuning once: a grid of
+   ``GRID_POINTS`` learning rates, consecutive points of one lattice (``1e-4 * 2**k``) centred on
+   the method's usual range. Where the best point lies on a grid's edge the grid grows one point
+   past that edge, up to ``MAX_EXTENSIONS`` times, so every optimum ends inside its grid (or the
+   report says it does not). Choice: highest accuracy, ties by lower loss.
+2. **Final**: each (method, rank) at its chosen learning rate, ``SEEDS`` (seed: data order, head
+   and adapter initialisation) on the test split (2,000 snippets). Mean, standard error, 95%
+   interval; each claim is a paired t test across seeds, and says "inconclusive" where p >= 0.05.
+3. **Stability**: LoFT at ranks 4 and 16, LoRA at ranks 4 and 16 and full fine-tuning on one
+   shared learning-rate grid, ``SEEDS`` each, on the validation split: the fraction of seeds that
+   collapse to chance (accuracy within ``COLLAPSE_MARGIN`` of the majority class), as a figure.
+
+Every run is its own process (``_sweep.py``), two at a time with one thread each; every result
+line records its settings, accuracies before and after training (the untrained baseline of that
+seed), losses, time, peak memory and provenance (commit, versions, threads, load). Results go to
+``benchmarks/results/evidence_sentiment.jsonl``; a rerun skips finished runs, so each stage can
+be stopped and restarted. Stages are independent except that ``final`` needs ``tune``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _sweep  # noqa: E402
+from _stats import ALPHA, claim_verdict, edge_to_extend, paired, summarize  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+NAME = "evidence_sentiment"
+RESULTS = ROOT / "benchmarks" / "results" / f"{NAME}.jsonl"
+REPORT = ROOT / "docs" / "results" / f"{NAME}.md"
+FIGURE = ROOT / "docs" / "figures" / f"{NAME}_stability.png"
+
+MODEL, DATA, N_VAL = "minilm-l6", "movie_sentiment", 1000
+COMMON = {"max_steps": 100, "batch_size": 16, "eval_before": True}
+RANKS = (1, 4, 16)
+SEEDS = (0, 1, 2, 3, 4)
+GRID_POINTS = 5
+MAX_EXTENSIONS = 3
+COLLAPSE_MARGIN = 0.05
+
+
+def lattice(k: int) -> float:
+    """The k-th learning rate of the shared lattice ``1e-4 * 2**k`` (3 significant digits, so a
+    run's JSON identity is stable): ..., 5e-5, 1e-4, 2e-4, 4e-4, 8e-4, 1.6e-3, ..."""
+    return float(f"{1e-4 * 2.0 ** k:.3g}")
+
+
+#: Each method: its run settings at rank r, and the lattice index its tuning grid is centred on.
+#: LoRA-family alphas are 2r (the common practice); rsLoRA uses its own scaling (alpha / sqrt r).
+METHODS: dict[str, tuple[Callable[[int], dict[str, Any]], int]] = {
+    "loft": (lambda r: {"method": "loft", "rank": r}, 1),
+    "lora": (lambda r: {"method": "lora", "rank": r, "alpha": float(2 * r)}, 4),
+    "rslora": (lambda r: {"method": "rslora", "rank": r, "alpha": float(2 * r)}, 4),
+    "dora": (lambda r: {"method": "dora", "rank": r, "alpha": float(2 * r)}, 4),
+    "loraplus": (lambda r: {"method": "loraplus", "rank": r, "alpha": float(2 * r)}, 2),
+    "lorafa": (lambda r: {"method": "lorafa", "rank": r, "alpha": float(2 * r)}, 4),
+    "pissa": (lambda r: {"method": "pissa", "rank": r, "alpha": float(2 * r)}, 2),
+    "full": (lambda r: {"method": "full", "rank": 1}, -1),
+}
+#: stage 3's arms (method, rank) and its shared grid (lattice indices)
+STABILITY_ARMS = (("loft", 4), ("loft", 16), ("lora", 4), ("lora", 16), ("full", 0))
+STABILITY_GRID = tuple(range(-1, 7))  # 5e-5 ... 6.4e-3
+
+
+def splits() -> tuple[str, str, str]:
+    """(train, validation, test) paths relative to the repository (carved once)."""
+    return _sweep.carve_validation(DATA, N_VAL, ROOT / "benchmarks" / "results" / "sentiment")
+
+
+def run_of(method: str, rank: int, k: int, seed: int, eval_split: str) -> dict[str, Any]:
+    """One run's settings: ``method`` at ``rank`` (ignored by full), learning rate ``lattice(k)``."""
+    train, val, test = splits()
+    settings, _ = METHODS[method]
+    return {"model": MODEL, "data": train, "eval_data": {"val": val, "test": test}[eval_split],
+            **settings(rank), "lr": lattice(k), "seed": seed, **COMMON}
+
+
+def arms() -> list[tuple[str, int]]:
+    """Every (method, rank) of the comparison; full fine-tuning once, with rank 0."""
+    return [(m, r) for m in METHODS if m != "full" for r in RANKS] + [("full", 0)]
+
+
+def _score(rec: dict[str, Any]) -> tuple[float, float]:
+    return rec["eval_accuracy"], -rec["eval_loss"]
+
+
+class Sweep:
+    """Runs (or, with ``dry``, only looks up) runs in the results file."""
+
+    def __init__(self, jobs: int, threads: int, dry: bool) -> None:
+        self.jobs, self.threads, self.dry = jobs, threads, dry
+        self.missing: list[dict[str, Any]] = []
+
+    def results(self) -> dict[str, dict[str, Any]]:
+        return _sweep.load_results(RESULTS)
+
+    def get(self, runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]] | None:
+        """Results of ``runs`` (running the missing ones unless dry); None when dry and some miss."""
+        have = self.results()
+        missing = [r for r in runs if _sweep.key(r) not in have]
+        if not missing:
+            return have
+        if self.dry:
+            self.missing += [r for r in missing if r not in self.missing]
+            return None
+        return _sweep.run_all(runs, RESULTS, jobs=self.jobs, threads=self.threads)
+
+
+def tune(sweep: Sweep) -> dict[tuple[str, int], dict[str, Any]]:
+    """Stage 1: every arm's grid, grown past an edge optimum; returns per arm its grid (lattice
+    indices), the records, the chosen index and whether the optimum is inside the grid."""
+    out: dict[tuple[str, int], dict[str, Any]] = {}
+    grids = {arm: list(range(METHODS[arm[0]][1] - GRID_POINTS // 2, METHODS[arm[0]][1] + GRID_POINTS // 2 + 1))
+             for arm in arms()}
+    pending = set(grids)
+    for _ in range(MAX_EXTENSIONS + 1):
+        # one batch for every arm still growing: the two jobs stay busy across arms
+        runs = [run_of(m, r, k, 0, "val") for (m, r) in sorted(pending) for k in grids[(m, r)]]
+        res = sweep.get(runs)
+        if res is None:
+            return {}
+        for arm in sorted(pending):
+            recs = [res[_sweep.key(run_of(arm[0], arm[1], k, 0, "val"))] for k in grids[arm]]
+            edge = edge_to_extend([lattice(k) for k in grids[arm]], [_score(r) for r in recs])
+            best = max(range(len(recs)), key=lambda i: _score(recs[i]))
+            out[arm] = {"grid": list(grids[arm]), "records": recs, "chosen": grids[arm][best], "inside": edge == 0}
+            if edge == 0:
+                pending.discard(arm)
+            elif len(grids[arm]) < GRID_POINTS + MAX_EXTENSIONS:
+                grids[arm] = [grids[arm][0] - 1] + grids[arm] if edge < 0 else grids[arm] + [grids[arm][-1] + 1]
+            else:
+                pending.discard(arm)  # out of extensions: the report says the optimum is on the edge
+        if not pending:
+            break
+    return out
+
+
+def final(sweep: Sweep, tuned: dict[tuple[str, int], dict[str, Any]]) -> dict[tuple[str, int], list[dict[str, Any]]]:
+    """Stage 2: every arm at its chosen learning rate, every seed, on test (records in seed order)."""
+    runs = {arm: [run_of(arm[0], arm[1], t["chosen"], s, "test") for s in SEEDS] for arm, t in tuned.items()}
+    res = sweep.get([r for rs in runs.values() for r in rs])
+    if res is None:
+        return {}
+    return {arm: [res[_sweep.key(r)] for r in rs] for arm, rs in runs.items()}
+
+
+def stability(sweep: Sweep) -> dict[tuple[str, int], dict[int, list[dict[str, Any]]]]:
+    """Stage 3: the shared grid x seeds for each stability arm, on validation."""
+    runs = {(arm, k): [run_of(arm[0], arm[1], k, s, "val") for s in SEEDS] for arm in STABILITY_ARMS
+            for k in STABILITY_GRID}
+    # seeds outermost: an interrupted stage still has every learning rate at a few seeds
+    order = [rs[i] for i in range(len(SEEDS)) for rs in runs.values()]
+    res = sweep.get(order)
+    if res is None:
+        return {}
+    out: dict[tuple[str, int], dict[int, list[dict[str, Any]]]] = {}
+    for (arm, k), rs in runs.items():
+        out.setdefault(arm, {})[k] = [res[_sweep.key(r)] for r in rs]
+    return out
+
+
+# ----------------------------------------------------------------------------- report
+def majority_share(path: str) -> float:
+    """The share of the most common label in a JSONL split: the accuracy of a collapsed model."""
+    labels = Counter(json.loads(line)["label"] for line in (ROOT / path).read_text().splitlines() if line.strip())
+    return max(labels.values()) / sum(labels.values())
+
+
+def collapsed(rec: dict[str, Any], chance: float) -> bool:
+    """A run that ends at chance: accuracy within :data:`COLLAPSE_MARGIN` of the majority class."""
+    return rec["eval_accuracy"] <= chance + COLLAPSE_MARGIN
+
+
+def _label(arm: tuple[str, int]) -> str:
+    return arm[0] if arm[0] == "full" else f"{arm[0]} r={arm[1]}"
+
+
+def _accs(recs: list[dict[str, Any]]) -> list[float]:
+    return [r["eval_accuracy"] for r in recs]
+
+
+def report(tuned, finals, stab) -> None:  # noqa: ANN001 (the stage outputs above)
+    lines = [f"# Evidence: MiniLM-L6 + movie sentiment, tuned per rank, {len(SEEDS)} seeds", "",
+             "Generated by `.venv/bin/python benchmarks/evidence.py report` from "
+             f"`benchmarks/results/{NAME}.jsonl` only (the protocol is in the script's docstring). "
+             f"Settings of every run: `{json.dumps(COMMON)}`, every linear layer adapted, head learning rate 2e-3.", ""]
+    recs = list(_sweep.load_results(RESULTS).values())
+    commits = Counter(r.get("provenance", {}).get("commit", "not recorded") for r in recs)
+    libs = Counter(json.dumps(r.get("provenance", {}).get("versions", {}), sort_keys=True) for r in recs)
+    lines += [f"{len(recs)} runs; commits: " + ", ".join(f"`{c}` ({n})" for c, n in commits.most_common())
+              + "; library versions: " + "; ".join(f"{v} ({n})" for v, n in libs.most_common()) + ".", ""]
+    if tuned:
+        lines += ["## 1. Learning rate per method and rank (validation, seed 0)", "",
+                  "| method | rank | grid (lr: val accuracy) | chosen | optimum inside the grid |", "|---|---|---|---|---|"]
+        for arm, t in sorted(tuned.items()):
+            cells = ", ".join(f"{lattice(k):g}: {r['eval_accuracy']:.3f}" for k, r in zip(t["grid"], t["records"]))
+            lines.append(f"| {arm[0]} | {arm[1] or '-'} | {cells} | {lattice(t['chosen']):g} | "
+                         f"{'yes' if t['inside'] else 'no (out of extensions)'} |")
+        lines.append("")
+    if finals:
+        chance = majority_share(splits()[2])
+        lines += [f"## 2. Test accuracy, {len(SEEDS)} seeds", "",
+                  "Mean +- standard error [95% interval]; untrained: the same seeds' accuracy before training. "
+                  f"Bold: better than every other method at that rank in paired t tests (p < {ALPHA}).", "",
+                  "| method | " + " | ".join(f"r={r}" for r in RANKS) + " |", "|---|" + "---|" * len(RANKS)]
+        for method in METHODS:
+            if method == "full":
+                continue
+            row = []
+            for r in RANKS:
+                arm = (method, r)
+                if arm not in finals:
+                    row.append("")
+                    continue
+                others = [o for o in finals if o[1] == r and o != arm]
+                best = all(paired(_accs(finals[arm]), _accs(finals[o])).verdict == "better" for o in others)
+                text = summarize(_accs(finals[arm])).fmt()
+                row.append(f"**{text}**" if best and others else text)
+            lines.append(f"| {method} | " + " | ".join(row) + " |")
+        if ("full", 0) in finals:
+            lines.append(f"| full fine-tuning | {summarize(_accs(finals[('full', 0)])).fmt()} |" + " |" * (len(RANKS) - 1))
+        before = [r["eval_accuracy_before"] for rs in finals.values() for r in rs if r.get("eval_accuracy_before") is not None]
+        if before:
+            lines.append(f"| untrained | {summarize(before).fmt()} |" + " |" * (len(RANKS) - 1))
+        lines += ["", f"Majority class of the test split: {chance:.3f}.", "", "### Claims (paired t tests across seeds)", "",
+                  "| claim | difference [95% interval], p | verdict |", "|---|---|---|"]
+        claims = [(("loft", 4), ("lora", 16))]
+        claims += [(("loft", r), (m, r)) for r in RANKS for m in METHODS if m not in ("loft", "full")]
+        claims += [(("loft", r), ("full", 0)) for r in RANKS]
+        for a, b in claims:
+            if a in finals and b in finals:
+                t = paired(_accs(finals[a]), _accs(finals[b]))
+                lines.append(f"| {_label(a)} beats {_label(b)} | {t.fmt()} | {claim_verdict(t)} |")
+        lines.append("")
+    if stab:
+        chance = majority_share(splits()[1])
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        lines += [f"## 3. Stability: collapse to chance per learning rate ({len(SEEDS)} seeds, validation)", "",
+                  f"A run collapses when its accuracy is at most the majority class ({chance:.3f}) + {COLLAPSE_MARGIN}. "
+                  "Cells: collapsed seeds / seeds (mean accuracy).", "",
+                  "| arm | " + " | ".join(f"{lattice(k):g}" for k in STABILITY_GRID) + " |",
+                  "|---|" + "---|" * len(STABILITY_GRID)]
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        for arm, by_k in stab.items():
+            fracs = []
+            cells = []
+            for k in STABILITY_GRID:
+                rs = by_k[k]
+                n = sum(collapsed(r, chance) for r in rs)
+                fracs.append(n / len(rs))
+                cells.append(f"{n}/{len(rs)} ({summarize(_accs(rs)).mean:.3f})")
+            lines.append(f"| {_label(arm)} | " + " | ".join(cells) + " |")
+            ax.plot([lattice(k) for k in STABILITY_GRID], fracs, marker="o", label=_label(arm),
+                    ls="--" if arm[0] == "full" else "-")
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate")
+        ax.set_ylabel(f"fraction of {len(SEEDS)} seeds collapsed")
+        ax.set_title("MiniLM-L6 + movie sentiment, 100 steps")
+        ax.legend()
+        fig.tight_layout()
+        FIGURE.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(FIGURE, dpi=120)
+        lines += ["", f"![stability](../figures/{FIGURE.name})", ""]
+    REPORT.parent.mkdir(parents=True, exist_ok=True)
+    REPORT.write_text("\n".join(lines))
+    print(f"wrote {REPORT.relative_to(ROOT)}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("stage", choices=("plan", "tune", "final", "stability", "report"))
+    ap.add_argument("--jobs", type=int, default=2, help="runs at a time (default 2)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
+    args = ap.parse_args()
+    dry = args.stage in ("plan", "report")
+    sweep = Sweep(args.jobs, args.threads, dry=dry)
+    t0 = time.perf_counter()
+    if args.stage == "plan":
+        total = len(arms()) * GRID_POINTS + len(arms()) * len(SEEDS) + len(STABILITY_ARMS) * len(STABILITY_GRID) * len(SEEDS)
+        done = len(sweep.results())
+        tuned = tune(sweep)
+        stability(sweep)
+        print(f"{done} runs done; about {total} in all before grid extensions (tune {len(arms()) * GRID_POINTS}, "
+              f"final {len(arms()) * len(SEEDS)}, stability {len(STABILITY_ARMS) * len(STABILITY_GRID) * len(SEEDS)}, "
+              "some shared); tuning complete: " + ("yes" if tuned else f"no ({len(sweep.missing)} runs missing now)"))
+        return
+    tuned = tune(sweep) if args.stage in ("tune", "final", "report") else {}
+    finals = final(sweep, tuned) if args.stage in ("final", "report") and tuned else {}
+    stab = stability(sweep) if args.stage in ("stability", "report") else {}
+    if args.stage == "report":
+        report(tuned, finals, stab)
+    else:
+        print(f"stage {args.stage} finished in {(time.perf_counter() - t0) / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""The rules that turn evidence runs into verdicts (benchmarks/_stats.py) and the tuning protocol
+of benchmarks/evidence.py (grids grow past an edge optimum), on synthetic results."""
+
+from __future__ import annotations
+
+import math
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import _stats  # noqa: E402
+import evidence  # noqa: E402
+
+
+def test_interval_covers_the_mean_about_95_percent_of_the_time():
+    rng = random.Random(0)
+    trials, covered = 2000, 0
+    for _ in range(trials):
+        s = _stats.summarize([rng.gauss(0.8, 0.01) for _ in range(5)])
+        covered += s.lo <= 0.8 <= s.hi
+    assert 0.93 < covered / trials < 0.97
+    s = _stats.summarize([0.80, 0.81, 0.79])
+    assert s.n == 3 and s.mean == pytest.approx(0.80) and s.lo < 0.80 < s.hi
+    assert s.se == pytest.approx(0.01 / 3 ** 0.5)
+
+
+def test_paired_verdicts():
+    rng = random.Random(1)
+    base = [rng.gauss(0.8, 0.02) for _ in range(5)]  # seed effects shared by both methods
+    better = [b + 0.01 + rng.gauss(0, 0.002) for b in base]
+    assert _stats.paired(better, base).verdict == "better"
+    assert _stats.claim_verdict(_stats.paired(better, base)) == "holds"
+    assert _stats.paired(base, better).verdict == "worse"
+    assert _stats.claim_verdict(_stats.paired(base, better)) == "does not hold"
+    # pairing matters: the same shift hidden in seed noise is not significant unpaired
+    noisy = [b + 0.01 + rng.gauss(0, 0.03) for b in base]
+    t = _stats.paired(noisy, base)
+    assert t.verdict == "inconclusive" and t.p >= _stats.ALPHA and t.lo < 0 < t.hi
+    same = _stats.paired(base, list(base))
+    assert same.p == 1.0 and same.verdict == "inconclusive"
+
+
+def test_paired_refuses_unpaired_input():
+    with pytest.raises(ValueError, match="same seeds"):
+        _stats.paired([0.8, 0.81], [0.8])
+    with pytest.raises(ValueError, match="two seeds"):
+        _stats.paired([0.8], [0.7])
+
+
+def test_edge_to_extend():
+    grid = [1e-4, 2e-4, 4e-4]
+    assert _stats.edge_to_extend(grid, [(0.7, 0), (0.8, 0), (0.75, 0)]) == 0
+    assert _stats.edge_to_extend(grid, [(0.8, 0), (0.7, 0), (0.6, 0)]) == -1
+    assert _stats.edge_to_extend(grid, [(0.6, 0), (0.7, 0), (0.8, 0)]) == 1
+    assert _stats.edge_to_extend(grid, [(0.8, -0.5), (0.8, -0.4), (0.7, 0)]) == 0  # ties: lower loss wins
+    with pytest.raises(ValueError):
+        _stats.edge_to_extend(list(reversed(grid)), [(0.7, 0)] * 3)
+
+
+class FakeSweep:
+    """Synthetic results: validation accuracy peaks at the lattice index ``peak[method]``."""
+
+    def __init__(self, peak: dict[str, int]) -> None:
+        self.peak, self.asked = peak, []
+
+    def get(self, runs):
+        self.asked += runs
+        out = {}
+        for run in runs:
+            k = round(math.log2(run["lr"] / 1e-4))
+            acc = 0.8 - 0.02 * abs(k - self.peak[run["method"]])
+            out[evidence._sweep.key(run)] = {"run": run, "eval_accuracy": acc, "eval_loss": 1 - acc}
+        return out
+
+
+@pytest.fixture
+def fake_splits(monkeypatch):
+    monkeypatch.setattr(evidence, "splits", lambda: ("train.jsonl", "val.jsonl", "test.jsonl"))
+
+
+def test_tuning_grids_are_equal_and_grow_until_the_optimum_is_inside(fake_splits):
+    centre = {m: c for m, (_, c) in evidence.METHODS.items()}
+    peak = dict(centre, lora=centre["lora"] + 3, dora=centre["dora"] - 2, loft=centre["loft"] + 20)
+    sweep = FakeSweep(peak)
+    tuned = evidence.tune(sweep)
+    assert set(tuned) == set(evidence.arms())
+    for (method, rank), t in tuned.items():
+        assert t["grid"] == list(range(t["grid"][0], t["grid"][-1] + 1))  # consecutive lattice points
+        grown = len(t["grid"]) - evidence.GRID_POINTS
+        assert 0 <= grown <= evidence.MAX_EXTENSIONS
+        if method == "loft":  # the peak is out of reach: the report must say so
+            assert not t["inside"] and grown == evidence.MAX_EXTENSIONS
+        else:
+            assert t["inside"] and t["chosen"] == peak[method]
+            assert t["grid"][0] < t["chosen"] < t["grid"][-1]
+    assert {len(t["grid"]) for (m, _), t in tuned.items() if m in ("rslora", "loraplus")} == {evidence.GRID_POINTS}
+    # every run of the protocol is on validation at seed 0, with repository-relative paths
+    assert all(r["seed"] == 0 and r["eval_data"] == "val.jsonl" and r["eval_before"] for r in sweep.asked)
+
+
+def test_final_runs_every_seed_on_test_at_the_chosen_rate(fake_splits):
+    sweep = FakeSweep({m: c for m, (_, c) in evidence.METHODS.items()})
+    tuned = evidence.tune(sweep)
+    finals = evidence.final(sweep, tuned)
+    for arm, recs in finals.items():
+        assert [r["run"]["seed"] for r in recs] == list(evidence.SEEDS)
+        assert {r["run"]["eval_data"] for r in recs} == {"test.jsonl"}
+        assert {r["run"]["lr"] for r in recs} == {evidence.lattice(tuned[arm]["chosen"])}
+
+
+def test_collapse_rule():
+    assert evidence.collapsed({"eval_accuracy": 0.52}, chance=0.5)
+    assert not evidence.collapsed({"eval_accuracy": 0.70}, chance=0.5)
