@@ -135,8 +135,8 @@ def _summary(metrics: dict, method: str, rank: int, out) -> None:
         f"({metrics['num_eval']} examples), train loss {metrics['train_loss']:.4f}."
     )
     base = {"4bit": "4-bit base", "8bit": "8-bit base"}.get(metrics.get("quantization"), "full-precision base")
-    print(f"Peak memory {metrics['peak_memory_mb']:,.0f} MiB ({metrics['peak_memory_kind']}); {base}, its weights "
-          f"{metrics['base_model_mb']:,.1f} MiB.")
+    print(f"Peak memory {metrics['peak_memory_mb']:,.0f} MiB training and evaluating, {metrics['load_peak_memory_mb']:,.0f} "
+          f"MiB loading ({metrics['peak_memory_kind']}); {base}, its weights {metrics['base_model_mb']:,.1f} MiB.")
     print(f"Saved to {out}/ (metrics.json, loss_curve.png, {'model' if method == 'full' else 'adapter'} files).")
 
 

@@ -624,7 +624,8 @@ class RunMetrics:
     torch_threads: int
     quantization: str | None  # "4bit", "8bit" (--load-in-4bit / --load-in-8bit) or None
     base_model_mb: float  # the base model's weights and buffers as loaded (get_memory_footprint), MiB
-    peak_memory_mb: float  # peak memory of this attempt (see loft/app/memory.py), MiB
+    peak_memory_mb: float  # peak memory of this attempt once the model was loaded (loft/app/memory.py), MiB
+    load_peak_memory_mb: float | None  # peak memory while loading the data and the model, MiB
     peak_memory_kind: str  # what peak_memory_mb measures: peak RSS (CPU) or torch.cuda.max_memory_allocated
 
     def as_dict(self) -> dict[str, Any]:
@@ -665,6 +666,8 @@ def plan_run(cfg: FinetuneConfig, *, overwrite: bool, resume: bool, status: RunS
     main = status.main = is_main_process()
     status.phase = "loading the data and the model"
     loaded = prepare_inputs(cfg, processes)
+    status.load_peak_mb = status.memory.read()  # loading the model; from here on, training and evaluating
+    status.memory.restart()
     task = loaded.task
     method_lr = cfg.lr if cfg.lr is not None else DEFAULT_LR[cfg.method]
     head_lr = cfg.head_lr if cfg.head_lr is not None else DEFAULT_HEAD_LR
@@ -779,7 +782,7 @@ def save_run(plan: RunPlan, inputs: RunInputs, built: BuiltRun, trained: Trained
     whole = trainer.loft_progress()  # the whole run, also when it was resumed
     losses, train_seconds = whole["losses"], whole["train_seconds"]
     after = task.evaluate(trainer, inputs.tokenizer, plan.max_length)
-    peak_memory_mb = status.memory.read()  # of this attempt: loading, training, both evaluations
+    peak_memory_mb = status.memory.read()  # of this attempt, after loading: training and both evaluations
     curve = _loss_curve(losses, inputs.args.logging_steps)
     steps = trainer.state.global_step
     before = trained.before or {}
@@ -821,6 +824,7 @@ def save_run(plan: RunPlan, inputs: RunInputs, built: BuiltRun, trained: Trained
         quantization=cfg.quantization,
         base_model_mb=plan.base_model_mb,
         peak_memory_mb=peak_memory_mb,
+        load_peak_memory_mb=status.load_peak_mb,
         peak_memory_kind=status.memory.kind,
     )
     status.phase = "saving the results"
@@ -851,6 +855,7 @@ class RunStatus:
         self.output: OutputPlan | None = None  # set once the output directory is touched
         self.main = True
         self.memory = start_peak_memory()  # the run's peak memory (metrics.json: peak_memory_mb)
+        self.load_peak_mb: float | None = None
 
     # -------------------------------------------------------------- interruptions
     def checkpoint_kept(self) -> str | None:

@@ -1,12 +1,15 @@
-"""The peak memory of one run, for ``metrics.json`` and the summary line.
+"""The peak memory of one run, for ``metrics.json`` and the summary line: while loading the
+model (``load_peak_memory_mb``), and from then on, training and evaluating (``peak_memory_mb``).
 
 On a GPU: ``torch.cuda.max_memory_allocated`` (tensors torch allocated on this process's GPU,
 reset when the run starts). On the CPU: the process's peak resident set size (``VmHWM``), reset
 when the run starts where Linux allows it (``/proc/self/clear_refs``), so that the second run of
 a ``loft compare`` is not charged with the first one's peak; elsewhere the process's peak since
 it started (``getrusage``). Resident memory counts everything the process holds: the Python
-interpreter and libraries (a few hundred MiB), the data, and the model file's pages while it is
-being read, besides the weights, activations and optimizer state.
+interpreter and libraries (a few hundred MiB), the data, and, while loading, the pages of the
+model file being read (mapped: a quantized load reads the whole full-precision file), besides
+the weights, activations and optimizer state. So the loading peak can exceed the training peak,
+and on the CPU a quantized base saves less resident memory than its smaller weights suggest.
 """
 
 from __future__ import annotations
@@ -24,18 +27,23 @@ _MIB = 2**20
 
 
 class PeakMemory:
-    """Measures the peak memory from its creation (:func:`start_peak_memory`) to :meth:`read`."""
+    """Measures the peak memory from its creation (:func:`start_peak_memory`) to :meth:`read`;
+    :meth:`restart` starts again (a run: once its model is loaded)."""
 
     def __init__(self) -> None:
-        gc.collect()
         self.cuda = torch.cuda.is_available()
+        self.restart()
+
+    def restart(self) -> None:
+        """Measure from now on (collects garbage first)."""
+        gc.collect()
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
             self.kind = "torch.cuda.max_memory_allocated"
         elif _reset_peak_rss():
-            self.kind = "peak RSS of the run"
+            self.kind = "peak RSS"
         else:
-            self.kind = "peak RSS of the process"
+            self.kind = "peak RSS of the process since it started"
 
     def read(self) -> float:
         """Peak memory in MiB since the start."""
