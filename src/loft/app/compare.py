@@ -178,7 +178,7 @@ def run_compare(
         )
     if full and (settings.get("load_in_4bit") or settings.get("load_in_8bit")):
         full = False  # a quantized base cannot be fully fine-tuned (FinetuneConfig.check_quantization)
-        if progress and is_main_process():
+        if is_main_process():  # printed even with --quiet: it changes what is compared
             print("Full fine-tuning left out: it cannot train a quantized base (--load-in-4bit / --load-in-8bit).")
     if not ranks or any(r < 1 for r in ranks):
         raise LoftUsageError(f"--ranks must be positive integers, got {ranks}.")
