@@ -171,15 +171,6 @@ def _fresh_modules(missing_keys: list[str]) -> list[str]:
     return sorted({k.rsplit(".", 1)[0] for k in missing_keys if "." in k})
 
 
-def _param_groups(model: nn.Module, lr: float, head_lr: float, is_head) -> list[dict[str, Any]]:
-    body = [p for n, p in model.named_parameters() if p.requires_grad and not is_head(n)]
-    head = [p for n, p in model.named_parameters() if p.requires_grad and is_head(n)]
-    groups = [{"params": body, "lr": lr}]
-    if head:
-        groups.append({"params": head, "lr": head_lr})
-    return groups
-
-
 def _start_run(
     out: Path, cfg: FinetuneConfig, plan: OutputPlan, *, model_path: str, world: int
 ) -> tuple[str | None, dict[str, float] | None, dict[str, Any] | None]:
@@ -713,7 +704,7 @@ def build_run(plan: RunPlan, inputs: RunInputs, *, callbacks: list[Any] | None, 
     )
     has_head = any(plan.is_head(n) for n, p in model.named_parameters() if p.requires_grad)
     optimizer = None
-    if cfg.method not in ("loft", "full"):  # LoRA+ and LoRA-FA: PEFT's optimizers (LoRA-FA freezes A)
+    if cfg.method != "loft":  # AdamW, or PEFT's LoRA+ / LoRA-FA optimizers (LoRA-FA freezes A): loft/app/methods.py
         optimizer = make_optimizer(cfg.method, model, lr=plan.method_lr, head_lr=plan.head_lr,
                                    weight_decay=cfg.weight_decay, is_head=plan.is_head)
     trainable, total = _count(model)
@@ -729,9 +720,6 @@ def build_run(plan: RunPlan, inputs: RunInputs, *, callbacks: list[Any] | None, 
     if cfg.method == "loft":
         trainer = _trainer_class(LoFTTrainer)(**common, loft_options={"head_lr": plan.head_lr} if has_head else {})
     else:
-        if optimizer is None:  # full fine-tuning
-            optimizer = torch.optim.AdamW(_param_groups(model, plan.method_lr, plan.head_lr, plan.is_head),
-                                          lr=plan.method_lr, weight_decay=cfg.weight_decay)
         trainer = _trainer_class(Trainer)(**common, optimizers=(optimizer, None))
     trainer.remove_callback(PrinterCallback)
     if plan.task_kind == "classification":

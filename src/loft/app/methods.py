@@ -55,8 +55,9 @@ def lora_options(method: str) -> dict[str, Any]:
 
 def make_optimizer(method: str, model: nn.Module, *, lr: float, head_lr: float, weight_decay: float,
                    is_head: Callable[[str], bool]) -> torch.optim.Optimizer:
-    """The optimizer of a PEFT ``model`` for a method other than LoFT: the adapter's parameters at
-    ``lr`` (as the method arranges them), the fresh head's (names where ``is_head``) at ``head_lr``."""
+    """The optimizer of ``model`` for a method other than LoFT (a PEFT model, or the whole model for
+    ``full``): the trainable parameters at ``lr`` (as the method arranges them), the fresh head's
+    (names where ``is_head``) at ``head_lr`` in a group of their own."""
     head = [(n, p) for n, p in model.named_parameters() if p.requires_grad and is_head(n)]
     if method == "loraplus":
         from peft.optimizers import create_loraplus_optimizer
