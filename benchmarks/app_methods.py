@@ -7,7 +7,7 @@
 ``lrs``: MiniLM-L6 + movie sentiment at rank 4 (``lora_alpha = 2 r``), 100 steps at batch 16,
 seed 0, scored on the validation split that ``real_tasks.py sentiment`` carves (1000 records,
 seed 1234); each new method at a small learning-rate grid, plain LoRA at its default beside them.
-Grid points 4x apart, extended while the best one sat on an edge (LoRA+, PiSSA, rsLoRA down, LoRA-FA up). One
+Grid points 4x apart, extended while the best one sat on an edge (LoRA+ and PiSSA down, LoRA-FA up; rsLoRA both ways). One
 seed and a small grid: a default, not a tuned verdict.
 
 ``memory``: the same run on a full-precision, a 4-bit and an 8-bit base: LoFT at rank 4 on
@@ -37,7 +37,7 @@ import _sweep  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 LR_GRID = {"lora": [2e-3], "loraplus": [6.25e-5, 2.5e-4, 1e-3], "lorafa": [2e-3, 8e-3, 3.2e-2], "pissa": [1.25e-4, 5e-4, 2e-3],
-           "rslora": [1.25e-4, 5e-4, 2e-3]}
+           "rslora": [1.25e-4, 5e-4, 2e-3, 8e-3]}
 
 MEMORY_SETUPS = {
     "smollm2-135m + social_iqa": {"model": "smollm2-135m", "data": "social_iqa", "max_steps": 3, "batch_size": 8,
@@ -83,7 +83,10 @@ def report_lrs(results: dict[str, dict]) -> str:
               "| method | lr | val accuracy | val loss | train loss | trainable params | train s |", "|---|---|---|---|---|---|---|"]
     runs, _ = lr_runs()
     for run in runs:
-        rec = results[_sweep.key(run)]
+        rec = results.get(_sweep.key(run))
+        if rec is None:
+            lines.append(f"| {run['method']} | {run['lr']:g} | not run yet | | | | |")
+            continue
         lines.append(f"| {run['method']} | {run['lr']:g} | {rec['eval_accuracy']:.4f} | {rec['eval_loss']:.4f} | "
                      f"{rec['train_loss']:.4f} | {rec['trainable_params']:,} | {rec['train_seconds']} |")
     return "\n".join(lines) + "\n"
