@@ -67,6 +67,12 @@ def option(default: Any, *flags: str, help: str, cli_type: Any = None, parse: Ca
     return dataclasses.field(default=default, metadata={"option": spec})
 
 
+def _sci(value: float) -> str:
+    """``0.00025`` -> ``"2.5e-4"`` (for help texts)."""
+    mantissa, exponent = f"{value:e}".split("e")
+    return f"{float(mantissa):g}e{int(exponent)}"
+
+
 def split_modules(values: list[str] | None) -> list[str] | None:
     """``--target-modules q,v --target-modules o`` -> ``["q", "v", "o"]``."""
     if not values:
@@ -102,7 +108,7 @@ class FinetuneConfig:
     max_steps: int | None = option(None, "--max-steps", help="Optimizer steps (default 400 when --epochs is not given).")
     epochs: float | None = option(None, "--epochs", help="Epochs over --data instead of --max-steps.")
     lr: float | None = option(
-        None, "--lr", help="Learning rate (default per method: " + ", ".join(f"{m} {v:g}" for m, v in DEFAULT_LR.items())
+        None, "--lr", help="Learning rate (default per method: " + ", ".join(f"{m} {_sci(v)}" for m, v in DEFAULT_LR.items())
         + ").", compare=False
     )
     head_lr: float | None = option(None, "--head-lr", help="Learning rate of the fresh head (every method). Default 2e-3.")
@@ -122,7 +128,7 @@ class FinetuneConfig:
     load_in_4bit: bool = option(
         False, "--load-in-4bit",
         help="QLoRA: load the base model's linear layers in 4 bits (bitsandbytes nf4) and train the adapter on "
-        "them (not with --method full or pissa). Needs bitsandbytes: pip install 'torch-loft[qlora]'.",
+        "them (not with --method full or pissa). Needs bitsandbytes (the qlora extra of torch-loft).",
     )
     load_in_8bit: bool = option(
         False, "--load-in-8bit",
