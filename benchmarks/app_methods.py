@@ -69,10 +69,12 @@ def _header(results: dict[str, dict], command: str) -> list[str]:
     any_rec = next(iter(results.values()))
     origin = any_rec["provenance"]
     v = origin["versions"]
+    commits = ", ".join(dict.fromkeys(rec["provenance"]["commit"] for rec in results.values()))
+    loads = [rec["provenance"]["load_1min"] for rec in results.values()]
     return [f"Produced by `.venv/bin/python benchmarks/app_methods.py {command}` (raw results: "
-            f"`benchmarks/results/app_{command}.jsonl`), commit {origin['commit']}, torch {v['torch']}, transformers "
+            f"`benchmarks/results/app_{command}.jsonl`), commit(s) {commits}, torch {v['torch']}, transformers "
             f"{v['transformers']}, peft {v['peft']}; {origin['cpus']} CPU cores, {any_rec['jobs']} runs at a time with "
-            f"{any_rec['threads']} thread each, machine load {origin['load_1min']} at the first run's start (shared "
+            f"{any_rec['threads']} thread each, machine load {min(loads)}-{max(loads)} at the runs' starts (a shared "
             "machine: seconds are upper bounds).", ""]
 
 
