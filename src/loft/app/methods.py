@@ -39,8 +39,9 @@ __all__ = ["LORAPLUS_LR_RATIO", "PISSA_INIT", "PissaStart", "lora_options", "mak
 #: LoRA+: learning rate of B over A's. 16 (2^4) is the LoRA+ paper's recommended ratio (Hayou et
 #: al. 2024, "set lambda = 2^4") and the value of PEFT's example.
 LORAPLUS_LR_RATIO = 16.0
-#: PiSSA initialisation: 16 subspace iterations of a randomized SVD (PEFT's fast variant; the
-#: PiSSA paper reports it matches the full SVD), instead of a full SVD of every adapted weight.
+#: PiSSA initialisation: 16 subspace iterations of a randomized SVD (PEFT's fast variant, whose
+#: documentation calls its training effect approximately equivalent to the full SVD's), instead
+#: of a full SVD of every adapted weight.
 PISSA_INIT = "pissa_niter_16"
 
 
