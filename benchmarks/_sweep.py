@@ -31,7 +31,8 @@ from _provenance import provenance
 REPO = Path(__file__).resolve().parents[1]
 
 KEEP = ("eval_accuracy", "eval_loss", "eval_accuracy_before", "eval_loss_before", "train_loss", "train_loss_last", "steps", "train_seconds", "seconds",
-        "trainable_params", "num_train", "num_eval", "lr", "head_lr", "loss_curve")
+        "trainable_params", "num_train", "num_eval", "lr", "head_lr", "loss_curve", "quantization", "base_model_mb",
+        "peak_memory_mb", "load_peak_memory_mb", "peak_memory_kind")
 
 
 def key(run: dict[str, Any]) -> str:

@@ -68,12 +68,18 @@ def test_fsdp_without_a_distributed_launch_is_refused(setup, tmp_path, capsys):
     assert not out.exists()
 
 
-def test_fsdp_with_dora_is_refused(setup, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("extra, message", [
+    (["--method", "dora"], "--fsdp with --method dora (or dora in loft compare's --methods) is not supported"),
+    (["--method", "pissa"], "--fsdp with --method pissa"),
+    (["--load-in-4bit"], "--fsdp with --load-in-4bit is not supported"),
+])
+def test_fsdp_with_an_untested_method_or_a_quantized_base_is_refused(setup, tmp_path, monkeypatch, capsys, extra,
+                                                                      message):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
-    out = tmp_path / "dora"
-    assert main(["finetune", *map(str, setup["args"]), "--fsdp", "--method", "dora", "-o", str(out)]) == 2
-    assert "--fsdp with DoRA (--method dora, or dora in loft compare's --methods) is not supported" in capsys.readouterr().err
+    out = tmp_path / "refused"
+    assert main(["finetune", *map(str, setup["args"]), "--fsdp", *extra, "-o", str(out)]) == 2
+    assert message in capsys.readouterr().err
     assert not out.exists()
 
 

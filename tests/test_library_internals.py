@@ -222,3 +222,33 @@ def test_torch_state_dict_api_name_that_loft_recognises():
     assert dsd.__name__ == TORCH_DSD_MODULE and callable(getattr(dsd, TORCH_DSD_GETTER, None)), (
         f"torch {torch.__version__}: {TORCH_DSD_MODULE}.{TORCH_DSD_GETTER} is gone (see loft/checkpoint.py)")
     assert TORCH_DSD_GETTER in inspect.getsource(dsd.get_optimizer_state_dict)
+
+
+# ----------------------------------------------------------------------------- bitsandbytes
+def test_bitsandbytes_cpu_packing_switch_and_training_after_an_evaluation():
+    bnb = pytest.importorskip("bitsandbytes")
+    from bitsandbytes.nn import Linear4bit
+
+    forward = inspect.getsource(Linear4bit.forward)
+    assert "support_avx512bf16_for_cpu" in forward, _lib("bitsandbytes", "Linear4bit.forward", "no longer reads support_avx512bf16_for_cpu")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(40, 24), torch.nn.Linear(24, 8))  # widths not multiples of 64
+    quantized = torch.nn.Sequential(*(Linear4bit(m.in_features, m.out_features, compute_dtype=torch.float32,
+                                                 quant_type="nf4") for m in model))
+    for q, m in zip(quantized, model):
+        q.weight = bnb.nn.Params4bit(m.weight.data, requires_grad=False, quant_type="nf4")
+        q.bias = torch.nn.Parameter(m.bias.data, requires_grad=False)
+        q.to("cpu")  # quantizes
+        assert hasattr(q, "support_avx512bf16_for_cpu"), _lib("bitsandbytes", "Linear4bit.support_avx512bf16_for_cpu", "is gone")
+    assert li.keep_4bit_layers_trainable_on_cpu(quantized) == 2
+    x = torch.randn(5, 40)
+    quantized.eval()
+    with torch.no_grad():
+        before = quantized(x)
+    quantized.train()
+    x.requires_grad_(True)
+    # without the switch this fails on a CPU with AVX512-BF16 (the packed inference layout has no
+    # backward, and refuses these widths); elsewhere bitsandbytes never packs and it passes either way
+    quantized(x).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    torch.testing.assert_close(before, model(x.detach()), atol=0.3, rtol=0.3)  # nf4 error, not garbage

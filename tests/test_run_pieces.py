@@ -20,7 +20,8 @@ METRICS_KEYS = [
     "steps", "epochs", "train_seconds", "seconds", "train_examples_per_second", "resumed_from", "task", "method",
     "rank", "lr", "head_lr", "model", "model_path", "data", "eval_data", "num_train", "num_eval", "batch_size",
     "processes", "max_length", "seed", "trainable_params", "total_params", "fresh_modules", "labels", "loss_curve",
-    "loft_version", "torch_threads",
+    "loft_version", "torch_threads", "quantization", "base_model_mb", "peak_memory_mb", "load_peak_memory_mb",
+    "peak_memory_kind",
 ]
 
 

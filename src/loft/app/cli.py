@@ -63,7 +63,8 @@ _COMPARE_RESUME = _param(
 #: loft compare's own options, in place of finetune's per-run ones (same positions in --help)
 _COMPARE_OWN = {
     "method": [
-        _param("methods", str, "loft,lora,dora", ("--methods",), "Comma-separated adapter methods."),
+        _param("methods", str, "loft,lora,dora", ("--methods",),
+               "Comma-separated adapter methods: loft, lora, dora, loraplus, lorafa, pissa, rslora."),
         _param("ranks", str, "1,4,16", ("--ranks",), "Comma-separated LoRA ranks."),
         _param("full", bool, True, ("--full/--no-full",), "Also run full fine-tuning."),
     ],
@@ -140,6 +141,9 @@ def _summary(metrics: dict, method: str, rank: int, out) -> None:
         f"{', '.join(parts) or 'eval loss ' + change('eval_loss', '.4f')} "
         f"({metrics['num_eval']} examples), train loss {metrics['train_loss']:.4f}."
     )
+    base = {"4bit": "4-bit base", "8bit": "8-bit base"}.get(metrics.get("quantization"), "full-precision base")
+    print(f"Peak memory {metrics['peak_memory_mb']:,.0f} MiB training and evaluating, {metrics['load_peak_memory_mb']:,.0f} "
+          f"MiB loading ({metrics['peak_memory_kind']}); {base}, its weights {metrics['base_model_mb']:,.1f} MiB.")
     print(f"Saved to {out}/ (metrics.json, loss_curve.png, {'model' if method == 'full' else 'adapter'} files).")
 
 

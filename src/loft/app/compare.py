@@ -21,6 +21,7 @@ from typing import Any
 
 from .atomic import atomic_write, write_json, write_text
 from .errors import LoftUsageError, RunInterrupted
+from .config import ADAPTER_METHODS
 from .finetune import DEFAULT_LR, METHODS, FinetuneConfig, finetune, prepare_inputs, resolve_targets
 from .rundir import (
     CHECKPOINTS,
@@ -35,7 +36,8 @@ from .launch import barrier, init_processes, is_main_process, launched_processes
 
 __all__ = ["parse_lrs", "run_compare"]
 
-COLUMNS = ("method", "rank", "eval_accuracy", "train_loss", "lr", "head_lr", "trainable_params", "steps", "train_seconds")
+COLUMNS = ("method", "rank", "eval_accuracy", "train_loss", "lr", "head_lr", "trainable_params", "steps", "train_seconds",
+           "peak_memory_mb")
 #: columns shown only when some run has a value (instruction data)
 OPTIONAL_COLUMNS = ("eval_perplexity",)
 
@@ -74,6 +76,8 @@ def _table(rows: list[dict[str, Any]]) -> tuple[str, str]:
             return f"{value:g}"
         if key == "trainable_params":
             return f"{value:,}"
+        if key == "peak_memory_mb":
+            return f"{value:,.0f}"
         return str(value)
 
     columns = COLUMNS + tuple(c for c in OPTIONAL_COLUMNS if any(r.get(c) is not None for r in rows))
@@ -172,9 +176,15 @@ def run_compare(
     finished, resumes the interrupted one from its checkpoint and runs the rest.
     """
 
-    bad = [m for m in methods if m not in METHODS or m == "full"]
+    bad = [m for m in methods if m not in ADAPTER_METHODS]
     if bad:
-        raise LoftUsageError(f"--methods: unknown adapter method {bad[0]!r}; choose from loft, lora, dora (full: --full).")
+        raise LoftUsageError(
+            f"--methods: unknown adapter method {bad[0]!r}; choose from {', '.join(ADAPTER_METHODS)} (full: --full)."
+        )
+    if full and (settings.get("load_in_4bit") or settings.get("load_in_8bit")):
+        full = False  # a quantized base cannot be fully fine-tuned (FinetuneConfig.check_quantization)
+        if is_main_process():  # printed even with --quiet: it changes what is compared
+            print("Full fine-tuning left out: it cannot train a quantized base (--load-in-4bit / --load-in-8bit).")
     if not ranks or any(r < 1 for r in ranks):
         raise LoftUsageError(f"--ranks must be positive integers, got {ranks}.")
     if not methods and not full:

@@ -9,6 +9,7 @@ transformers or typer), so the command line starts fast.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -18,6 +19,7 @@ from .errors import LoftUsageError
 __all__ = [
     "DEFAULT_HEAD_LR",
     "DEFAULT_LR",
+    "ADAPTER_METHODS",
     "DEFAULT_MAX_STEPS",
     "METHODS",
     "NOT_OPTIONS",
@@ -31,10 +33,16 @@ __all__ = [
     "split_modules",
 ]
 
-METHODS = ("loft", "lora", "dora", "full")
+#: ``--method`` values: LoFT, PEFT's LoRA family (plain, DoRA, LoRA+, LoRA-FA, PiSSA, rsLoRA; see
+#: loft/app/methods.py) and full fine-tuning.
+METHODS = ("loft", "lora", "dora", "loraplus", "lorafa", "pissa", "rslora", "full")
+#: the methods that train an adapter (``loft compare --methods``)
+ADAPTER_METHODS = tuple(m for m in METHODS if m != "full")
 
-#: Default learning rate per method (MiniLM-L6 on movie_sentiment; see docs/workflow.md).
-DEFAULT_LR = {"loft": 5e-4, "lora": 2e-3, "dora": 2e-3, "full": 1e-4}
+#: Default learning rate per method (MiniLM-L6 on movie_sentiment; see docs/workflow.md; loraplus,
+#: lorafa, pissa, rslora: docs/results/app_lrs.md).
+DEFAULT_LR = {"loft": 5e-4, "lora": 2e-3, "dora": 2e-3, "loraplus": 2.5e-4, "lorafa": 8e-3, "pissa": 5e-4,
+              "rslora": 2e-3, "full": 1e-4}
 #: Default learning rate of fresh head parameters, the same for every method (docs/workflow.md).
 DEFAULT_HEAD_LR = 2e-3
 #: Steps of the default run (and of each ``loft compare`` run) when neither steps nor epochs are given.
@@ -58,6 +66,12 @@ def option(default: Any, *flags: str, help: str, cli_type: Any = None, parse: Ca
     """A :class:`FinetuneConfig` field that is a command-line option (see :class:`OptionSpec`)."""
     spec = OptionSpec(tuple(flags), help, cli_type, parse, compare)
     return dataclasses.field(default=default, metadata={"option": spec})
+
+
+def _sci(value: float) -> str:
+    """``0.00025`` -> ``"2.5e-4"`` (for help texts)."""
+    mantissa, exponent = f"{value:e}".split("e")
+    return f"{float(mantissa):g}e{int(exponent)}"
 
 
 def split_modules(values: list[str] | None) -> list[str] | None:
@@ -85,7 +99,7 @@ class FinetuneConfig:
     eval_data: str | None = option(
         None, "--eval-data", help="Eval file. Default: the built-in test split, or 10% of --data held out."
     )
-    method: str = option("loft", "--method", help="loft | lora | dora | full", compare=False)
+    method: str = option("loft", "--method", help=" | ".join(METHODS), compare=False)
     rank: int = option(4, "--rank", "-r", help="LoRA rank.", compare=False)
     alpha: float | None = None
     target_modules: list[str] | None = option(
@@ -95,7 +109,8 @@ class FinetuneConfig:
     max_steps: int | None = option(None, "--max-steps", help="Optimizer steps (default 400 when --epochs is not given).")
     epochs: float | None = option(None, "--epochs", help="Epochs over --data instead of --max-steps.")
     lr: float | None = option(
-        None, "--lr", help="Learning rate (default per method: loft 5e-4, lora/dora 2e-3, full 1e-4).", compare=False
+        None, "--lr", help="Learning rate (default per method: " + ", ".join(f"{m} {_sci(v)}" for m, v in DEFAULT_LR.items())
+        + ").", compare=False
     )
     head_lr: float | None = option(None, "--head-lr", help="Learning rate of the fresh head (every method). Default 2e-3.")
     batch_size: int = option(
@@ -115,6 +130,15 @@ class FinetuneConfig:
         False, "--fsdp",
         help="Shard the model with FSDP2 (torch fully_shard: each transformer block, then the root) over the processes "
         "of torchrun / accelerate launch, instead of replicating it (DDP). Methods loft, lora and full.",
+    )
+    load_in_4bit: bool = option(
+        False, "--load-in-4bit",
+        help="QLoRA: load the base model's linear layers in 4 bits (bitsandbytes nf4) and train the adapter on "
+        "them (not with --method full or pissa). Needs bitsandbytes (the qlora extra of torch-loft).",
+    )
+    load_in_8bit: bool = option(
+        False, "--load-in-8bit",
+        help="Load the base model's linear layers in 8 bits (bitsandbytes LLM.int8) instead; as --load-in-4bit.",
     )
     # not options of the command line (set from Python: benchmarks, loft compare)
     warmup_ratio: float = 0.06
@@ -150,17 +174,50 @@ class FinetuneConfig:
         if self.grad_accum < 1:
             raise LoftUsageError(f"FinetuneConfig.grad_accum must be >= 1, got {self.grad_accum}.")
         check_batch_split(self.batch_size, processes)
-        check_fsdp(self.fsdp, self.method, processes)
+        check_fsdp(self.fsdp, self.method, processes, self.quantization)
+        self.check_quantization()
         if self.max_length is not None and self.max_length < 8:
             raise LoftUsageError(f"--max-length must be >= 8, got {self.max_length}.")
         if self.max_eval is not None and self.max_eval < 1:
             raise LoftUsageError(f"--max-eval must be >= 1, got {self.max_eval}.")
+
+    @property
+    def quantization(self) -> str | None:
+        """``"4bit"``, ``"8bit"`` or ``None`` (a full-precision base)."""
+        return "4bit" if self.load_in_4bit else "8bit" if self.load_in_8bit else None
+
+    def check_quantization(self) -> None:
+        """Refuse ``--load-in-4bit`` / ``--load-in-8bit`` where they cannot work (before any loading)."""
+        if self.load_in_4bit and self.load_in_8bit:
+            raise LoftUsageError("Give --load-in-4bit or --load-in-8bit, not both.")
+        flag = f"--load-in-{self.quantization}" if self.quantization else None
+        if flag is None:
+            return
+        if self.method == "full":
+            raise LoftUsageError(
+                f"--method full cannot train a quantized base ({flag}): its weights are frozen integers. Train an "
+                f"adapter on it (--method {' / '.join(ADAPTER_METHODS[:3])} ...), or drop {flag} for full fine-tuning."
+            )
+        if self.method == "pissa":
+            raise LoftUsageError(
+                f"--method pissa cannot start from a quantized base ({flag}): PiSSA moves the principal part of every "
+                "adapted weight into the adapter and keeps the rest as the new base weight, which PEFT does only in "
+                f"full precision. Use another method with {flag}, or drop {flag}."
+            )
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise LoftUsageError(
+                f"{flag} needs the bitsandbytes package (>= 0.50, which also runs on the CPU), which is not installed. "
+                "Install the qlora extra: pip install 'torch-loft[qlora]'."
+            )
 
     def identity(self) -> dict[str, Any]:
         """The settings that make a run what it is (compared when an output dir is reused)."""
         d = dataclasses.asdict(self)
         for key in ("output_dir", "save_steps", "logging_steps"):
             d.pop(key)
+        for key in ("load_in_4bit", "load_in_8bit"):  # absent (False) in runs made before these options
+            if not d[key]:
+                d.pop(key)
         return d
 
 
@@ -176,8 +233,12 @@ def check_batch_split(batch_size: int, processes: int) -> None:
         )
 
 
-def check_fsdp(fsdp: bool, method: str, processes: int) -> None:
-    """``--fsdp`` needs several processes and a method it is tested with."""
+#: the methods ``--fsdp`` is tested with
+FSDP_METHODS = ("loft", "lora", "full")
+
+
+def check_fsdp(fsdp: bool, method: str, processes: int, quantization: str | None = None) -> None:
+    """``--fsdp`` needs several processes, a full-precision base and a method it is tested with."""
     if not fsdp:
         return
     if processes <= 1:
@@ -186,11 +247,17 @@ def check_fsdp(fsdp: bool, method: str, processes: int) -> None:
             "torchrun --nproc_per_node N -m loft.app finetune ... or accelerate launch --multi_gpu --num_processes N "
             "-m loft.app finetune ... (N >= 2), or leave --fsdp out."
         )
-    if method == "dora":
+    if quantization is not None:
         raise LoftUsageError(
-            "--fsdp with DoRA (--method dora, or dora in loft compare's --methods) is not supported: DoRA's weight "
-            "norms under FSDP2 are untested. With --fsdp use loft, lora or full (loft compare --methods loft,lora), "
-            "or run DoRA without --fsdp (DDP)."
+            f"--fsdp with --load-in-{quantization} is not supported: sharding a bitsandbytes-quantized base with "
+            f"FSDP2 is untested. Use --load-in-{quantization} on one process (or under DDP without --fsdp), or "
+            "--fsdp with a full-precision base."
+        )
+    if method not in FSDP_METHODS:
+        raise LoftUsageError(
+            f"--fsdp with --method {method} (or {method} in loft compare's --methods) is not supported: only "
+            f"{', '.join(FSDP_METHODS)} are tested under FSDP2. With --fsdp use one of them (loft compare --methods "
+            f"loft,lora), or run {method} without --fsdp (DDP)."
         )
 
 

@@ -58,6 +58,8 @@ from .launch import (
     on_main_process,
 )
 from ..linalg import rank_regime
+from .memory import start_peak_memory
+from .methods import PissaStart, lora_options, make_optimizer
 from .models import resolve_model
 from .rundir import (  # noqa: F401  (re-exported: compare and the tests use them from here)
     CHECKPOINTS,
@@ -169,15 +171,6 @@ def _fresh_modules(missing_keys: list[str]) -> list[str]:
     return sorted({k.rsplit(".", 1)[0] for k in missing_keys if "." in k})
 
 
-def _param_groups(model: nn.Module, lr: float, head_lr: float, is_head) -> list[dict[str, Any]]:
-    body = [p for n, p in model.named_parameters() if p.requires_grad and not is_head(n)]
-    head = [p for n, p in model.named_parameters() if p.requires_grad and is_head(n)]
-    groups = [{"params": body, "lr": lr}]
-    if head:
-        groups.append({"params": head, "lr": head_lr})
-    return groups
-
-
 def _start_run(
     out: Path, cfg: FinetuneConfig, plan: OutputPlan, *, model_path: str, world: int
 ) -> tuple[str | None, dict[str, float] | None, dict[str, Any] | None]:
@@ -275,7 +268,7 @@ def _one_line(e: BaseException) -> str:
     return text or type(e).__name__
 
 
-def _load_model(task, model_path: str, spec: str):
+def _load_model(task, model_path: str, spec: str, quantization: str | None = None):
     from transformers import AutoConfig, AutoTokenizer
 
     try:
@@ -287,10 +280,15 @@ def _load_model(task, model_path: str, spec: str):
         tokenizer = AutoTokenizer.from_pretrained(model_path)
     except (OSError, ValueError, TypeError) as e:
         raise LoftUsageError(f"Could not load the tokenizer of model {spec!r} ({model_path}): {_one_line(e)}") from None
-    try:
-        model, missing = task.load_model(model_path, dtype=torch.float32)
-    except (OSError, ValueError) as e:
-        raise LoftUsageError(f"Could not load model {spec!r} ({model_path}): {_one_line(e)}") from None
+    if quantization is not None:  # QLoRA: see loft/app/quantize.py
+        from .quantize import load_quantized
+
+        model, missing = load_quantized(task, model_path, spec, 4 if quantization == "4bit" else 8)
+    else:
+        try:
+            model, missing = task.load_model(model_path, dtype=torch.float32)
+        except (OSError, ValueError) as e:
+            raise LoftUsageError(f"Could not load model {spec!r} ({model_path}): {_one_line(e)}") from None
     task.prepare_tokenizer(tokenizer)
     task.prepare_model(model, tokenizer)
     return model, tokenizer, missing
@@ -336,7 +334,7 @@ def _apply_method(cfg: FinetuneConfig, task: Task, model: nn.Module, fresh: list
         lora_dropout=0.0,
         target_modules=targets,
         modules_to_save=list(fresh) or None,
-        use_dora=cfg.method == "dora",
+        **lora_options(cfg.method),  # dora, rslora, pissa (loft/app/methods.py)
         task_type="SEQ_CLS" if task.kind == "classification" else "CAUSAL_LM",
     )
     return get_peft_model(model, lora)
@@ -528,6 +526,7 @@ def finetune(
     :class:`RunInterrupted` when Ctrl-C stopped the run (its message says what was kept).
     """
     status = RunStatus(cfg, progress)
+    inputs = None
     try:
         plan, inputs = plan_run(cfg, overwrite=overwrite, resume=resume, status=status)
         built = build_run(plan, inputs, callbacks=callbacks, status=status)
@@ -535,6 +534,9 @@ def finetune(
         return save_run(plan, inputs, built, trained, status=status).as_dict()
     except KeyboardInterrupt:
         raise RunInterrupted(status.interrupted(), status.checkpoint_kept()) from None
+    finally:
+        if inputs is not None and inputs.pissa is not None:
+            inputs.pissa.close()
 
 
 # ----------------------------------------------------------------------------- typed pieces
@@ -552,6 +554,7 @@ class LoadedInputs:
     model: nn.Module
     tokenizer: Any
     fresh: list[str]  # modules of freshly initialised parameters (the head)
+    base_model_mb: float = 0.0  # the loaded base model's weights and buffers (quantized or not)
 
 
 @dataclass(frozen=True)
@@ -580,6 +583,7 @@ class RunPlan:
     max_steps: int
     batch_size: int  # examples per optimizer step, all processes together
     output: OutputPlan  # new / overwrite / rerun / resume (and the checkpoint)
+    base_model_mb: float = 0.0  # the base model's weights and buffers, as loaded
 
     def is_head(self, name: str) -> bool:
         """Whether parameter ``name`` belongs to the fresh head (trained at ``head_lr``)."""
@@ -597,6 +601,7 @@ class RunInputs:
     model: nn.Module
     tokenizer: Any
     args: Any  # transformers.TrainingArguments
+    pissa: PissaStart | None = None  # --method pissa (main process): the initial adapter
 
 
 @dataclass
@@ -662,6 +667,11 @@ class RunMetrics:
     loss_curve: list[tuple[int, float]]
     loft_version: str
     torch_threads: int
+    quantization: str | None  # "4bit", "8bit" (--load-in-4bit / --load-in-8bit) or None
+    base_model_mb: float  # the base model's weights and buffers as loaded (get_memory_footprint), MiB
+    peak_memory_mb: float  # peak memory of this attempt once the model was loaded (loft/app/memory.py), MiB
+    load_peak_memory_mb: float | None  # peak memory while loading the data and the model, MiB
+    peak_memory_kind: str  # what peak_memory_mb measures: peak RSS (CPU) or torch.cuda.max_memory_allocated
 
     def as_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -679,12 +689,13 @@ def prepare_inputs(cfg: FinetuneConfig, processes: int = 1) -> LoadedInputs:
     from transformers import set_seed
 
     set_seed(cfg.seed)  # the fresh head starts the same for every method
-    model, tokenizer, missing = _load_model(task, model_path, spec)
+    model, tokenizer, missing = _load_model(task, model_path, spec, cfg.quantization)
     _check_max_length(model, max_length, spec)
     task.check_inputs(tokenizer, max_length)
     fresh = _fresh_modules(missing)
     return LoadedInputs(task=task, train_path=train_path, eval_note=eval_note, spec=spec, model_path=model_path,
-                        max_length=max_length, model=model, tokenizer=tokenizer, fresh=fresh)
+                        max_length=max_length, model=model, tokenizer=tokenizer, fresh=fresh,
+                        base_model_mb=round(model.get_memory_footprint() / 2**20, 1))
 
 
 # ----------------------------------------------------------------------------- the four steps
@@ -701,6 +712,8 @@ def plan_run(cfg: FinetuneConfig, *, overwrite: bool, resume: bool, status: RunS
     main = status.main = is_main_process()
     status.phase = "loading the data and the model"
     loaded = prepare_inputs(cfg, processes)
+    status.load_peak_mb = status.memory.read()  # loading the model; from here on, training and evaluating
+    status.memory.restart()
     task = loaded.task
     method_lr = cfg.lr if cfg.lr is not None else DEFAULT_LR[cfg.method]
     head_lr = cfg.head_lr if cfg.head_lr is not None else DEFAULT_HEAD_LR
@@ -717,15 +730,17 @@ def plan_run(cfg: FinetuneConfig, *, overwrite: bool, resume: bool, status: RunS
     args = task.training_arguments(args, loaded.max_length)  # TRL's SFTConfig for instruction data
     world = _check_world(args, processes, cfg)
     output = on_main_process(check_output_dir, out, cfg.identity(), overwrite=overwrite, resume=resume)
+    # PiSSA: its initial adapter (untrained), to convert the trained one for the original base when saving
+    pissa = PissaStart(model) if cfg.method == "pissa" and main else None
     plan = RunPlan(
         cfg=cfg, out=out, name=run_name(cfg.method, cfg.rank), main=main, progress=status.progress and main,
         processes=processes, world=world, task_kind=task.kind, data=loaded.train_path, eval_note=loaded.eval_note,
         model_spec=loaded.spec, model_path=loaded.model_path, max_length=loaded.max_length,
         fresh=tuple(loaded.fresh), targets=None if targets is None else tuple(targets), method_lr=method_lr,
         head_lr=head_lr, steps_per_epoch=steps_per_epoch, max_steps=max_steps,
-        batch_size=cfg.batch_size * cfg.grad_accum, output=output,
+        batch_size=cfg.batch_size * cfg.grad_accum, output=output, base_model_mb=loaded.base_model_mb,
     )
-    return plan, RunInputs(task=task, model=model, tokenizer=loaded.tokenizer, args=args)
+    return plan, RunInputs(task=task, model=model, tokenizer=loaded.tokenizer, args=args, pissa=pissa)
 
 
 def build_run(plan: RunPlan, inputs: RunInputs, *, callbacks: list[Any] | None, status: RunStatus) -> BuiltRun:
@@ -743,6 +758,12 @@ def build_run(plan: RunPlan, inputs: RunInputs, *, callbacks: list[Any] | None, 
         _start_run, plan.out, cfg, plan.output, model_path=plan.model_path, world=plan.world
     )
     has_head = any(plan.is_head(n) for n, p in model.named_parameters() if p.requires_grad)
+
+    def build_optimizer(m: nn.Module) -> torch.optim.Optimizer:
+        """AdamW, or PEFT's LoRA+ / LoRA-FA optimizers (LoRA-FA freezes A): loft/app/methods.py."""
+        return make_optimizer(cfg.method, m, lr=plan.method_lr, head_lr=plan.head_lr,
+                              weight_decay=cfg.weight_decay, is_head=plan.is_head)
+
     trainable, total = _count(model)
     interrupt = InterruptCallback()
     common = dict(
@@ -756,16 +777,12 @@ def build_run(plan: RunPlan, inputs: RunInputs, *, callbacks: list[Any] | None, 
         trainer = _trainer_class(inputs.task.trainer_class(loft=True))(
             **common, loft_options={"head_lr": plan.head_lr} if has_head else {})
     else:
-        def adamw(m: nn.Module) -> torch.optim.Optimizer:
-            return torch.optim.AdamW(_param_groups(m, plan.method_lr, plan.head_lr, plan.is_head),
-                                     lr=plan.method_lr, weight_decay=cfg.weight_decay)
-
         trainer_class = _trainer_class(inputs.task.trainer_class(loft=False))
         if cfg.fsdp:  # Trainer refuses a pre-built optimizer under FSDP: it builds this one before sharding
             trainer = trainer_class(**common)
-            trainer._loft_optimizer_factory = adamw
+            trainer._loft_optimizer_factory = build_optimizer
         else:
-            trainer = trainer_class(**common, optimizers=(adamw(model), None))
+            trainer = trainer_class(**common, optimizers=(build_optimizer(model), None))
     trainer.remove_callback(PrinterCallback)
     if plan.task_kind == "classification":
         # sequence classifiers average their loss over neither accumulation steps nor processes
@@ -817,6 +834,7 @@ def save_run(plan: RunPlan, inputs: RunInputs, built: BuiltRun, trained: Trained
     whole = trainer.loft_progress()  # the whole run, also when it was resumed
     losses, train_seconds = whole["losses"], whole["train_seconds"]
     after = task.evaluate(trainer, inputs.tokenizer, plan.max_length)
+    peak_memory_mb = status.memory.read()  # of this attempt, after loading: training and both evaluations
     curve = _loss_curve(losses, inputs.args.logging_steps)
     steps = trainer.state.global_step
     before = trained.before or {}
@@ -857,13 +875,19 @@ def save_run(plan: RunPlan, inputs: RunInputs, built: BuiltRun, trained: Trained
         loss_curve=curve,
         loft_version=__version__,
         torch_threads=torch.get_num_threads(),
+        quantization=cfg.quantization,
+        base_model_mb=plan.base_model_mb,
+        peak_memory_mb=peak_memory_mb,
+        load_peak_memory_mb=status.load_peak_mb,
+        peak_memory_kind=status.memory.kind,
     )
     status.phase = "saving the results"
     weights = _full_trainable_state(inputs.model) if cfg.fsdp else None  # a collective: every rank
     if plan.main:
+        save = inputs.pissa.save if inputs.pissa is not None else None
         try:
             _save_results(plan.out, inputs.model, inputs.tokenizer, metrics, f"{plan.name} on {Path(cfg.data).stem}",
-                          status.t_start, task.result_files(trained.before, after), weights)
+                          status.t_start, task.result_files(trained.before, after), weights, save)
         except OSError as e:
             raise LoftUsageError(
                 f"Could not write the results to {str(plan.out)!r}: {e.strerror or e}. The last checkpoint is kept: free "
@@ -885,6 +909,8 @@ class RunStatus:
         self.phase = "starting"
         self.output: OutputPlan | None = None  # set once the output directory is touched
         self.main = True
+        self.memory = start_peak_memory()  # the run's peak memory (metrics.json: peak_memory_mb)
+        self.load_peak_mb: float | None = None
 
     # -------------------------------------------------------------- interruptions
     def checkpoint_kept(self) -> str | None:
@@ -921,11 +947,13 @@ class RunStatus:
 
 
 def _save_results(out: Path, model, tokenizer, metrics: RunMetrics, title: str, t_start: float,
-                  extra: dict[str, str] | None = None, weights: dict[str, torch.Tensor] | None = None) -> None:
+                  extra: dict[str, str] | None = None, weights: dict[str, torch.Tensor] | None = None,
+                  save=None) -> None:
     """Write the result files beside the folder's current content (``.incoming/``), then move
     them in, ``metrics.json`` (which marks the run as finished) last; then drop the checkpoints.
 
-    Until the moves start, an earlier finished run's files are untouched; its ``metrics.json``
+    ``save(model, folder)`` writes the model or adapter (default ``model.save_pretrained``; PiSSA
+    converts its adapter, :class:`loft.app.methods.PissaStart`). Until the moves start, an earlier finished run's files are untouched; its ``metrics.json``
     goes first, so a crash among the moves leaves an unfinished run whose final checkpoint
     ``--resume`` turns into the results again.
     """
@@ -934,10 +962,12 @@ def _save_results(out: Path, model, tokenizer, metrics: RunMetrics, title: str, 
     staging = out / STAGING
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
-    if weights is None:
-        model.save_pretrained(staging)
-    else:  # --fsdp: the whole values gathered from the shards (the model's own are DTensors)
+    if save is not None:  # PiSSA: PEFT's conversion to an adapter of the original base
+        save(model, staging)
+    elif weights is not None:  # --fsdp: the whole values gathered from the shards (the model's own are DTensors)
         model.save_pretrained(staging, state_dict=weights)
+    else:
+        model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
     plot_loss_curve(metrics.loss_curve, staging / "loss_curve.png", title)
     for name, text in (extra or {}).items():  # the task's own files (samples.jsonl)

@@ -28,6 +28,7 @@ __all__ = [
     "forget_gguf_quantization",
     "fsdp_on_cpu",
     "is_encoder_model_type",
+    "keep_4bit_layers_trainable_on_cpu",
     "let_train_wrap_for_ddp",
     "linear_layer_types",
     "loss_is_per_process_mean",
@@ -185,3 +186,23 @@ def fsdp_on_cpu(accelerator: Any, fsdp_plugin: Any) -> bool:
     state.distributed_type = DistributedType.FSDP
     state.fsdp_plugin = fsdp_plugin
     return True
+
+
+def keep_4bit_layers_trainable_on_cpu(model: Any) -> int:
+    """Stop bitsandbytes from repacking ``model``'s 4-bit layers for CPU inference; returns how
+    many layers were switched.
+
+    bitsandbytes (0.50) converts a ``Linear4bit`` weight to an AVX512-BF16 packed layout the
+    first time the layer runs on the CPU in eval mode without gradients (an evaluation), and keeps
+    it: the packed path has no backward (training after an evaluation then fails: "a view of a
+    leaf Variable that requires grad is being used in an in-place operation") and refuses layers
+    whose input width is not a multiple of the 64-value block. Relies on the instance attribute
+    ``Linear4bit.support_avx512bf16_for_cpu`` (set in ``__init__``, read by ``forward``; not
+    documented API): with it false the layer always uses the ordinary (trainable) path.
+    """
+    import bitsandbytes as bnb
+
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    return len(layers)
