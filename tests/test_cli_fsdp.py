@@ -101,3 +101,21 @@ def test_fsdp_ctrl_c_then_resume_matches_the_uninterrupted_run(setup, straight):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert max_rel_diff(adapter(out), adapter(straight_out)) < 1e-6  # (measured: bit-identical)
 
+
+
+def test_compare_with_fsdp_on_two_processes(setup):
+    """``loft compare --fsdp`` under torchrun: each run of the comparison (loft, lora and full
+    fine-tuning) trains sharded with FSDP2 on both processes, and rank 0 writes the table."""
+    import csv
+
+    out = setup["root"] / "compare"
+    proc = torchrun("-m", "loft.app", "compare", "--model", setup["bert"], "--data", setup["train"], "--eval-data",
+                    setup["test"], "--methods", "loft,lora", "--ranks", "2", "--max-steps", 3, "--batch-size", BATCH,
+                    "--fsdp", "--quiet", "-o", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = list(csv.DictReader((out / "compare.csv").open()))
+    assert [(r["method"], r["rank"]) for r in rows] == [("loft", "2"), ("lora", "2"), ("full", "")]
+    for run in ("loft-r2", "lora-r2"):
+        m = json.loads((out / run / "metrics.json").read_text())
+        assert m["processes"] == 2 and m["steps"] == 3 and 0 <= m["eval_accuracy"] <= 1
+        assert all(torch.isfinite(t).all() for t in adapter(out / run).values())

@@ -946,6 +946,16 @@ class RunStatus:
         return f"{where}; nothing was kept (no checkpoint yet), {str(self.out)!r} is as before."
 
 
+def _full_trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole values of an FSDP2-sharded model's parameters (trainable ones, and all of
+    them for full fine-tuning), on the CPU of rank 0 (empty on the others). A collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    frozen = any(not p.requires_grad for p in model.parameters())
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=frozen)
+    return get_model_state_dict(model, options=options)
+
+
 def _save_results(out: Path, model, tokenizer, metrics: RunMetrics, title: str, t_start: float,
                   extra: dict[str, str] | None = None, weights: dict[str, torch.Tensor] | None = None,
                   save=None) -> None:
