@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
-__all__ = ["DEFAULT_MEMBERS", "Task"]
+__all__ = ["DEFAULT_MEMBERS", "CausalLMTask", "Task"]
 
 #: members with a working default (the Trainer-facing hooks); a task overrides what it changes
 DEFAULT_MEMBERS = ("check_inputs", "training_arguments", "trainer_class", "trainer_inputs", "result_files")
@@ -96,3 +96,26 @@ class Task(Protocol):
         """Extra files for the run folder, name -> text, from the evaluations before and after
         training. Default: none."""
         return {}
+
+
+class CausalLMTask(Task):
+    """What the tasks on a pretrained causal LM share (multiple choice, instruction data): the
+    model as it is (nothing fresh) and right padding with the end-of-sequence token as pad."""
+
+    def load_model(self, path: str, **kwargs: Any):
+        """The pretrained causal LM; nothing in it is fresh."""
+        from transformers import AutoModelForCausalLM
+
+        model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
+        return model, list(info.get("missing_keys", []))
+
+    @staticmethod
+    def prepare_tokenizer(tokenizer) -> None:
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        tokenizer.padding_side = "right"
+
+    @staticmethod
+    def prepare_model(model, tokenizer) -> None:
+        if getattr(model.config, "pad_token_id", None) is None:
+            model.config.pad_token_id = tokenizer.pad_token_id

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from ..errors import LoftUsageError
-from .base import Task
+from .base import CausalLMTask
 
 __all__ = [
     "ALPACA_PROMPT",
@@ -234,7 +234,7 @@ def prompt_ids(tokenizer: Any, example: Example) -> list[int]:
 
 
 @dataclass
-class InstructionTask(Task):
+class InstructionTask(CausalLMTask):
     """Validated instruction data and everything task-specific about training on it."""
 
     train_items: list[Example]
@@ -271,24 +271,6 @@ class InstructionTask(Task):
         return all(0 < len(normalize_answer(e.reference).split()) <= SHORT_ANSWER_WORDS for e in self.eval_items)
 
     # ------------------------------------------------------------------ model and tokenizer
-    def load_model(self, path: str, **kwargs: Any):
-        """The pretrained causal LM; nothing in it is fresh."""
-        from transformers import AutoModelForCausalLM
-
-        model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
-        return model, list(info.get("missing_keys", []))
-
-    @staticmethod
-    def prepare_tokenizer(tokenizer) -> None:
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-        tokenizer.padding_side = "right"
-
-    @staticmethod
-    def prepare_model(model, tokenizer) -> None:
-        if getattr(model.config, "pad_token_id", None) is None:
-            model.config.pad_token_id = tokenizer.pad_token_id
-
     def check_inputs(self, tokenizer, max_length: int) -> None:
         """Chat data needs a chat template; every prompt must leave room for completion tokens
         within ``max_length`` (TRL would otherwise drop the example)."""

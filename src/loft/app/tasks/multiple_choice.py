@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq
+from transformers import DataCollatorForSeq2Seq
 
 from ..errors import LoftUsageError
-from .base import Task
+from .base import CausalLMTask
 
 __all__ = ["MultipleChoiceTask", "prompt"]
 
@@ -50,7 +50,7 @@ def _check(record: dict[str, Any], path: str | Path) -> tuple[str, list[str], in
 
 
 @dataclass
-class MultipleChoiceTask(Task):
+class MultipleChoiceTask(CausalLMTask):
     """Validated multiple-choice data and everything task-specific about training on it."""
 
     train_items: list[tuple[str, list[str], int]]
@@ -76,22 +76,6 @@ class MultipleChoiceTask(Task):
     def limit_eval(self, n: int | None) -> None:
         if n is not None:
             self.eval_items = self.eval_items[:n]
-
-    def load_model(self, path: str, **kwargs: Any):
-        """The pretrained causal LM; nothing in it is fresh."""
-        model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
-        return model, list(info.get("missing_keys", []))
-
-    @staticmethod
-    def prepare_tokenizer(tokenizer) -> None:
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-        tokenizer.padding_side = "right"
-
-    @staticmethod
-    def prepare_model(model, tokenizer) -> None:
-        if getattr(model.config, "pad_token_id", None) is None:
-            model.config.pad_token_id = tokenizer.pad_token_id
 
     @staticmethod
     def _example(tokenizer, question: str, choice: str, max_length: int) -> dict[str, list[int]]:
