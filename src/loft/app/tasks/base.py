@@ -99,8 +99,24 @@ class Task(Protocol):
 
 
 class CausalLMTask(Task):
-    """What the tasks on a pretrained causal LM share (multiple choice, instruction data): the
-    model as it is (nothing fresh) and right padding with the end-of-sequence token as pad."""
+    """What the tasks on a pretrained causal LM share (multiple choice, instruction data): their
+    examples in ``train_items`` / ``eval_items``, the model as it is (nothing fresh) and right
+    padding with the end-of-sequence token as pad."""
+
+    train_items: list[Any]
+    eval_items: list[Any]
+
+    @property
+    def num_train(self) -> int:
+        return len(self.train_items)
+
+    @property
+    def num_eval(self) -> int:
+        return len(self.eval_items)
+
+    def limit_eval(self, n: int | None) -> None:
+        if n is not None:
+            self.eval_items = self.eval_items[:n]
 
     def load_model(self, path: str, **kwargs: Any):
         """The pretrained causal LM; nothing in it is fresh."""

@@ -254,18 +254,6 @@ class InstructionTask(CausalLMTask):
         return cls(train_items, eval_items, train_format, eval_format)
 
     @property
-    def num_train(self) -> int:
-        return len(self.train_items)
-
-    @property
-    def num_eval(self) -> int:
-        return len(self.eval_items)
-
-    def limit_eval(self, n: int | None) -> None:
-        if n is not None:
-            self.eval_items = self.eval_items[:n]
-
-    @property
     def short_answers(self) -> bool:
         """Whether every eval reference is a short answer (exact match is scored)."""
         return all(0 < len(normalize_answer(e.reference).split()) <= SHORT_ANSWER_WORDS for e in self.eval_items)

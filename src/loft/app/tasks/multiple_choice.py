@@ -65,18 +65,6 @@ class MultipleChoiceTask(CausalLMTask):
     def from_records(cls, train: list[dict], train_path: str | Path, eval_: list[dict], eval_path: str | Path):
         return cls([_check(r, train_path) for r in train], [_check(r, eval_path) for r in eval_])
 
-    @property
-    def num_train(self) -> int:
-        return len(self.train_items)
-
-    @property
-    def num_eval(self) -> int:
-        return len(self.eval_items)
-
-    def limit_eval(self, n: int | None) -> None:
-        if n is not None:
-            self.eval_items = self.eval_items[:n]
-
     @staticmethod
     def _example(tokenizer, question: str, choice: str, max_length: int) -> dict[str, list[int]]:
         """Prompt + `` choice`` token ids, with labels -100 on the prompt (cut from the left if long)."""
