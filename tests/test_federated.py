@@ -200,6 +200,7 @@ def _hand_transport(before, model, betas):
     ``S_j <- b2 C S_j C^T + (1 - b2) g_j g_j^T``, ``g = (P^T P)^-1 P^T G``; and ``C``."""
     b1, b2 = betas
     out = {}
+    torch.set_grad_enabled(False)
     for name in ("0", "2"):
         layer = model.base_model.model[int(name)]
         a, b, s = layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.scaling["default"]
@@ -213,6 +214,7 @@ def _hand_transport(before, model, betas):
             new_m = b1 * cm + (1 - b1) * g
             new_s = b2 * (c @ full @ c.T) + (1 - b2) * g.T[:, :, None] * g.T[:, None, :]
             out[name, side] = (new_m, new_s, cm, c)
+    torch.set_grad_enabled(True)
     return out
 
 
