@@ -4,6 +4,8 @@ its LoFT state, one-factor rounds, byte accounting and the Dirichlet splitter (i
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -16,6 +18,12 @@ from loft.linalg import packed_index
 peft = pytest.importorskip("peft")
 
 F64 = torch.float64
+
+
+def test_the_module_needs_torch_only():
+    code = "import sys, loft; loft.federated.get_factors; print(sorted(m for m in ('peft', 'transformers', 'flwr', 'loft.app') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 # --------------------------------------------------------------------------------- builders
@@ -325,12 +333,14 @@ def test_a_frozen_factor_stays_and_loft_steps_the_other_every_step():
     layer = model.base_model.model[0]
     a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
     a0 = a.detach().clone()
+    projector = a0.T @ torch.linalg.solve(a0 @ a0.T, a0)  # onto A's row space
     for t in range(4):  # B moves at every step (no alternation), A never
         b_before = b.detach().clone()
         train(model, opt, 1, start=t)
         assert torch.equal(a, a0) and not torch.equal(b, b_before)
         assert a.grad is None
-    # B's steps stay in A's row space: dW = s B A changes by X with X P_A = X
+        change = ((b - b_before) @ a).detach()  # B's steps stay in A's row space: X P_A = X
+        assert rel(change @ projector, change) < 1e-12
     fed.freeze_factor(model, None)
     opt.zero_grad()
     b_before, a_before = b.detach().clone(), a.detach().clone()
