@@ -70,7 +70,7 @@ def dense_mean(updates, weights, carry=None):
 
 
 def rel(x, y):
-    return float((x - y).norm() / y.norm())
+    return float((x - y).detach().norm() / y.detach().norm())
 
 
 SHAPES = {"q": (7, 9), "v": (12, 5)}
@@ -401,6 +401,31 @@ def test_folding_the_residual_gives_the_model_of_the_exact_mean():
     truncated = copy.deepcopy(clients[0])
     fed.set_factors(truncated, agg.factors)
     assert rel(truncated(x), reference(x)) > 1e-4  # the fold mattered
+
+
+def test_fold_into_an_embedding():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 4)
+            self.out = nn.Linear(4, 3)
+
+        def forward(self, ids):
+            return self.out(self.emb(ids))
+
+    torch.manual_seed(0)
+    model = peft.get_peft_model(Net().double(), peft.LoraConfig(r=1, lora_alpha=2, target_modules=["emb"]))
+    (name,) = fed.get_factors(model)
+    updates = [{name: (torch.randn(1, 10, dtype=F64), torch.randn(4, 1, dtype=F64))} for _ in range(3)]
+    agg = fed.aggregate_products(updates, [1.0, 1.0, 1.0])
+    ids = torch.arange(10)[None]
+    reference = copy.deepcopy(model)
+    fed.set_factors(reference, {name: (torch.zeros(1, 10, dtype=F64), torch.zeros(4, 1, dtype=F64))})
+    with torch.no_grad():  # PEFT's embedding update is (B A)^T, added to the (10, 4) table
+        reference.base_model.model.emb.base_layer.weight += 2.0 * dense_mean(updates, [1.0, 1.0, 1.0])[name].T
+    fed.set_factors(model, agg.factors)
+    fed.fold_residual(model, agg.residual)
+    assert agg.residual and rel(model(ids), reference(ids)) < 1e-12
 
 
 # --------------------------------------------------------------------------------- bad input
