@@ -27,6 +27,7 @@ imports PEFT, Flower or :mod:`loft.app`. Factors are matrices: ``A`` ``(r, n)``,
 from __future__ import annotations
 
 import math
+import numbers
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -252,7 +253,7 @@ def _check_updates(updates: Sequence[Factors], weights: Sequence[float]) -> list
     if len(weights) != len(updates):
         raise ValueError(f"{len(updates)} client updates but {len(weights)} weights: give one weight per client.")
     for i, w in enumerate(weights):
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w <= 0:
+        if isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(w) or w <= 0:
             raise ValueError(
                 f"Client {i}'s weight is {w!r}; weights must be positive finite numbers (e.g. the clients' "
                 "numbers of examples)."
@@ -328,7 +329,7 @@ def aggregate_products(
     approximation in the Frobenius and spectral norms) and the residual the same with the
     singular values beyond ``r``. Cost ``O((m + n) (K r)^2 + (K r)^3)`` per layer, float64.
 
-    Singular values below ``max(K r) * eps * s_max`` count as zero (the numerical rank). Where
+    Singular values below ``K r * eps * s_max`` count as zero (the numerical rank). Where
     the mean has rank ``q < r``, the ``r - q`` spare slots get zero columns of ``B`` and rows of
     ``A`` orthonormal to the others (right singular vectors of the core, in the span of the
     clients' ``A``), scaled like the used ones (``(s_max s_q)^(1/4)``): the product stays exact
@@ -337,8 +338,9 @@ def aggregate_products(
     """
     w = _check_updates(updates, weights)
     first = updates[0]
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1):
         raise ValueError(f"rank must be a positive integer (or None: the clients' rank), got {rank!r}.")
+    rank = None if rank is None else int(rank)
     if carry:
         _check_factors(carry, "carry")
         for name, (ca, cb) in carry.items():
@@ -430,7 +432,7 @@ def trained_factor(round: int) -> str:
     (which LoRA initialises to zero: ``A`` gets no gradient while ``B = 0``), as LoFT's own
     alternating steps do.
     """
-    if isinstance(round, bool) or not isinstance(round, int) or round < 1:
+    if isinstance(round, bool) or not isinstance(round, numbers.Integral) or round < 1:
         raise ValueError(f"round must be an integer >= 1 (rounds count from 1, as Flower's), got {round!r}.")
     return "A" if round % 2 == 0 else "B"
 
@@ -454,14 +456,15 @@ def dirichlet_split(labels: Sequence[int], clients: int, alpha: float | None, se
     version). Each client's indices are sorted.
     """
     labels = list(labels)
-    if isinstance(clients, bool) or not isinstance(clients, int) or clients < 1:
+    if isinstance(clients, bool) or not isinstance(clients, numbers.Integral) or clients < 1:
         raise ValueError(f"clients must be a positive integer, got {clients!r}.")
+    clients = int(clients)
     if len(labels) < clients:
         raise ValueError(
             f"Cannot split {len(labels)} examples over {clients} clients without an empty client: use fewer "
             "clients or more examples."
         )
-    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0):
+    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha) or alpha <= 0):
         raise ValueError(f"alpha must be a positive number (or None for an even split), got {alpha!r}.")
     rng = random.Random(seed)
     if alpha is None:
