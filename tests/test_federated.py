@@ -301,10 +301,13 @@ def test_one_client_reproduces_centralised_loft():
 
 
 def test_reset_state_equals_a_fresh_optimizer():
-    options = dict(lr=2e-2, max_grad_norm=0.5)
+    options = dict(lr=2e-2, max_grad_norm=0.5, head_lr=1e-2)
     model = mlp(seed=0)
+    bias = model.base_model.model[2].base_layer.bias
+    bias.requires_grad_(True)  # a parameter AdamW steps, beside the pairs
     opt = loft.LoFTAdamW(model, **options)
     train(model, opt, 3)
+    assert opt.state[bias]
     new = {k: (a * 1.5, b - 0.1) for k, (a, b) in fed.get_factors(model).items()}
     fed.set_factors(model, new, opt, keep_state=False)
     assert all(not opt.state[p] for g in opt.param_groups for p in g["params"])
@@ -314,6 +317,7 @@ def test_reset_state_equals_a_fresh_optimizer():
     train(fresh_model, fresh, 4, start=3)
     for (a, b), (a2, b2) in zip(fed.get_factors(model).values(), fed.get_factors(fresh_model).values()):
         assert torch.equal(a, a2) and torch.equal(b, b2)
+    assert torch.equal(bias, fresh_model.base_model.model[2].base_layer.bias)
 
 
 def test_reset_keeps_the_param_groups_of_any_optimizer():
