@@ -13,6 +13,23 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 peft = pytest.importorskip("peft")
 
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    """A tiny random Llama (tokenizer included) saved in a folder, once per test module."""
+    from _tiny import make_llama
+
+    return make_llama(tmp_path_factory.mktemp("llama"))
+
+
+@pytest.fixture(scope="module")
+def mc_data(tmp_path_factory):
+    """(train, test) JSONL files of tiny multiple-choice records (24 and 8)."""
+    from _tiny import mc_records, write_jsonl
+
+    d = tmp_path_factory.mktemp("mc")
+    return write_jsonl(d / "train.jsonl", mc_records(24)), write_jsonl(d / "test.jsonl", mc_records(8, seed=1))
+
+
 #: the device axis of the test matrix: CUDA where a GPU is present (issue 14: ready for GPUs)
 DEVICES = [
     "cpu",

@@ -9,13 +9,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _ranks import free_port
 from _tiny import make_bert, sentiment_records, write_jsonl
 from safetensors.torch import load_file
 
@@ -25,12 +25,6 @@ from loft.app.finetune import FinetuneConfig, finetune
 BIN = Path(sys.executable).parent
 STEPS, BATCH = 8, 8
 TIMEOUT = 300  # seconds per launch; a launch takes ~10-20 s on 2 cores
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env(**extra: str) -> dict[str, str]:

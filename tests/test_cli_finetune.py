@@ -9,7 +9,7 @@ import signal
 
 import pytest
 import torch
-from _tiny import make_bert, make_llama, mc_records, sentiment_records, write_jsonl
+from _tiny import make_bert, mc_records, sentiment_records, write_jsonl
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
 
@@ -27,20 +27,9 @@ def bert(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    return make_llama(tmp_path_factory.mktemp("llama"))
-
-
-@pytest.fixture(scope="module")
 def cls_data(tmp_path_factory):
     d = tmp_path_factory.mktemp("cls")
     return write_jsonl(d / "train.jsonl", sentiment_records(48)), write_jsonl(d / "test.jsonl", sentiment_records(24, seed=1))
-
-
-@pytest.fixture(scope="module")
-def mc_data(tmp_path_factory):
-    d = tmp_path_factory.mktemp("mc")
-    return write_jsonl(d / "train.jsonl", mc_records(24)), write_jsonl(d / "test.jsonl", mc_records(8, seed=1))
 
 
 def run(*args):

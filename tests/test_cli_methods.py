@@ -13,7 +13,7 @@ import signal
 
 import pytest
 import torch
-from _tiny import make_bert, make_llama, mc_records, sentiment_records, write_jsonl
+from _tiny import make_bert, mc_records, sentiment_records, write_jsonl
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import (
@@ -34,17 +34,6 @@ from loft.app.methods import LORAPLUS_LR_RATIO, lora_options, make_optimizer
 from loft.app.tasks.multiple_choice import MultipleChoiceTask
 
 NEW = ["loraplus", "lorafa", "pissa", "rslora"]
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    return make_llama(tmp_path_factory.mktemp("llama"))
-
-
-@pytest.fixture(scope="module")
-def mc_data(tmp_path_factory):
-    d = tmp_path_factory.mktemp("mc")
-    return write_jsonl(d / "train.jsonl", mc_records(24)), write_jsonl(d / "test.jsonl", mc_records(8, seed=1))
 
 
 def test_every_method_has_a_default_learning_rate():

@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from _tiny import make_bert, make_llama, mc_records, sentiment_records, write_jsonl
+from _tiny import make_bert, sentiment_records, write_jsonl
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -22,17 +22,6 @@ from loft.app.cli import main  # noqa: E402
 from loft.app.finetune import FinetuneConfig, finetune  # noqa: E402
 
 LAYER = {4: bnb.nn.Linear4bit, 8: bnb.nn.Linear8bitLt}
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    return make_llama(tmp_path_factory.mktemp("llama"))
-
-
-@pytest.fixture(scope="module")
-def mc_data(tmp_path_factory):
-    d = tmp_path_factory.mktemp("mc")
-    return write_jsonl(d / "train.jsonl", mc_records(24)), write_jsonl(d / "test.jsonl", mc_records(8, seed=1))
 
 
 class _Layers(TrainerCallback):

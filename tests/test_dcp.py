@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+import _ranks
 from conftest import rel_err
-from test_owners import free_port
 
 pytest.importorskip("peft")
 
@@ -19,12 +18,7 @@ NAMES = 10
 def run_ranks(world: int, scenarios: list[str], folder) -> list[dict]:
     from dcp_worker import worker
 
-    mp.start_processes(worker, args=(world, free_port(), scenarios, str(folder)), nprocs=world, join=True, start_method="spawn")
-    results = [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(world)]
-    for r, result in enumerate(results):
-        for name, value in result.items():
-            assert "error" not in value, f"rank {r}, {name}:\n{value['error']}"
-    return results
+    return _ranks.run_ranks(worker, world, scenarios, folder)
 
 
 SAVES = ["save:fsdp2:dcp", "save:fsdp2:full", "save:ddp:dcp"]

@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import socket
 import time
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from _ranks import free_port
 from conftest import rel_err
 from dist_worker import single_process_reference
 
 pytest.importorskip("peft")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_two_ranks(scenario: str, tmp_path, deadline: float | None = None) -> list[dict]:

@@ -285,15 +285,14 @@ def test_eigh_fallback_inside_a_batch(monkeypatch):
 
 def test_rebalancing_only_the_pairs_that_need_it_inside_a_batch(monkeypatch):
     seen = []
-    original = linalg.rebalanced_factors
+    original = linalg.rebalanced_factors_all
 
-    def spy(u, a, threshold):
-        out = original(u, a, threshold)
-        if u.shape[0] == 3 and out is not None:
-            seen.append(out[2].tolist())
-        return out
+    def spy(pairs, thresholds):
+        outs = original(pairs, thresholds)
+        seen.extend(out[2].tolist() for (u, _), out in zip(pairs, outs) if u.shape[0] == 3 and out is not None)
+        return outs
 
-    monkeypatch.setattr("loft.functional.rebalanced_factors", spy)
+    monkeypatch.setattr("loft.functional.rebalanced_factors_all", spy)
 
     def unbalance(model):
         with torch.no_grad():  # same product, badly conditioned factors for pair 1 only

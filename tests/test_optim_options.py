@@ -32,9 +32,9 @@ def test_every_numerical_option_is_a_param_group_key_and_engineering_settings_ar
 
 def test_group_rebalance_threshold_reaches_the_rebalancing(monkeypatch):
     seen = []
-    original = functional.rebalanced_factors
-    spy = lambda u, a, threshold: seen.append(threshold) or original(u, a, threshold)  # noqa: E731
-    monkeypatch.setattr(functional, "rebalanced_factors", spy)
+    original = functional.rebalanced_factors_all
+    spy = lambda pairs, thresholds: seen.extend(thresholds) or original(pairs, thresholds)  # noqa: E731
+    monkeypatch.setattr(functional, "rebalanced_factors_all", spy)
     # the cheap test that decides whether the QR / SVD check runs gets the threshold too
     cheap = loft.optim.may_need_rebalancing
     monkeypatch.setattr(loft.optim, "may_need_rebalancing", lambda g, threshold, eps: seen.append(threshold) or cheap(g, threshold, eps))

@@ -264,3 +264,35 @@ def test_several_adapters_and_embedding_layers_are_found():
 
 def LoRAPairMatrix(t):  # noqa: N802 - small local helper
     return loft.LoRAPair.matrix(t.detach())
+
+
+def test_a_factor_written_back_unchanged_is_calibrated_with_the_identity():
+    """At lr = 0 the factor the step moves is written back bit-identical; the optimizer decides
+    "partner moved" from what it wrote (no whole-tensor comparison), so the next step calibrates
+    the moments with C = (F_new F_old^T)(F_old F_old^T)^-1, the identity up to rounding. In float64
+    the moments equal those of the same steps with the first-moment calibration switched off, to
+    1e-12 (the second moment's transport uses the same C; switching it off changes its format)."""
+    m, n, r = 9, 7, 3
+    problem = Regression(n, m, seed=5)
+    runs = []
+    for calibrate in (True, False):
+        model, layer = lora_linear(m, n, r, alpha=r, random_b=True, seed=3)
+        opt = loft.LoFTAdamW(model, lr=1e-2, rebalance=False)
+        for step in range(8):
+            if step == 3:  # from here on nothing moves; the moments keep taking in gradients
+                for group in opt.param_groups:
+                    group["lr"] = 0.0
+                before = [t.detach().clone() for t in factors(layer)[:2]]
+            if step == 4:  # (step 3 still calibrates for step 2's real move)
+                for group in opt.param_groups:
+                    group["first_moment_calibration"] = calibrate
+            opt.zero_grad()
+            problem.model_loss(model).backward()
+            opt.step()
+        assert all(torch.equal(a, b) for a, b in zip(before, factors(layer)[:2]))  # lr = 0: bit-identical
+        runs.append([{k: v.clone() for k, v in opt.state[p].items() if torch.is_tensor(v) and v.is_floating_point()}
+                     for p in factors(layer)[:2]])
+    for with_c, without in zip(*runs):
+        assert with_c.keys() == without.keys() and with_c
+        for key in with_c:
+            assert rel_err(with_c[key], without[key]) < 1e-12, key

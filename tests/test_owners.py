@@ -4,31 +4,18 @@ the workers per world size runs every scenario (tests/owner_worker.py)."""
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
-import torch.multiprocessing as mp
+import _ranks
 from conftest import rel_err
 
 pytest.importorskip("peft")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_ranks(world: int, scenarios: list[str], folder) -> list[dict]:
     from owner_worker import worker
 
-    mp.start_processes(worker, args=(world, free_port(), scenarios, str(folder)), nprocs=world, join=True, start_method="spawn")
-    results = [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(world)]
-    for r, result in enumerate(results):
-        for name, value in result.items():
-            assert "error" not in value, f"rank {r}, {name}:\n{value['error']}"
-    return results
+    return _ranks.run_ranks(worker, world, scenarios, folder)
 
 
 @pytest.fixture(scope="module")

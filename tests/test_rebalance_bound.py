@@ -82,12 +82,16 @@ def test_the_cheap_test_never_misses_a_rebalancing(dtype):
     assert rebalanced > 40 and skipped > 40, (rebalanced, skipped)
 
 
-def test_the_cheap_test_is_tight_on_exact_ratios():
-    """On factors with a known ratio: ruled out at ratio <= THRESHOLD / 2, not above."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_cheap_test_is_tight_on_exact_ratios(dtype):
+    """On well-conditioned factors with a known ratio: ruled out up to within a rounding margin
+    (0.2% in float32) of THRESHOLD, not above it (a factor-2 margin here cost one expensive
+    check per batch on a fresh adapter, whose ratios sit between 5 and 10 for many steps)."""
     g = torch.Generator().manual_seed(1)
-    for factor, expected in [(0.2, False), (0.45, False), (0.55, True), (1.5, True)]:
-        u, a = near_threshold_case(g, torch.float64, factor)
-        assert bool(may_need_rebalancing(factor_grams(u, a), THRESHOLD, 2.2e-16)) == expected, factor
+    eps = torch.finfo(dtype).eps
+    for factor, expected in [(0.2, False), (0.55, False), (0.9, False), (0.995, False), (1.01, True), (1.5, True)]:
+        u, a = near_threshold_case(g, dtype, factor)
+        assert bool(may_need_rebalancing(factor_grams(u, a), THRESHOLD, eps)) == expected, factor
 
 
 @pytest.mark.parametrize("case", ["zero_b", "rank_above_min", "rank_deficient_dw", "ill_conditioned"])
@@ -108,8 +112,13 @@ def test_the_cheap_test_leaves_degenerate_factors_to_the_expensive_check(case):
 
 def test_the_optimizer_runs_the_expensive_check_only_where_the_bound_allows(monkeypatch):
     calls = []
-    original = functional.rebalanced_factors
-    monkeypatch.setattr(functional, "rebalanced_factors", lambda u, a, t: calls.append(u.shape[0]) or original(u, a, t))
+    original = functional.rebalanced_factors_all
+
+    def spy(pairs, thresholds):
+        calls.extend(u.shape[0] for u, _ in pairs)
+        return original(pairs, thresholds)
+
+    monkeypatch.setattr(functional, "rebalanced_factors_all", spy)
     g = torch.Generator().manual_seed(3)
 
     def pair(scale_a=1.0):

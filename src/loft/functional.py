@@ -50,7 +50,7 @@ from .linalg import (
     packed_transport,
     projected_adam_direction,
     rank_regime,
-    rebalanced_factors,
+    rebalanced_factors_all,
     settle_all,
 )
 
@@ -417,18 +417,21 @@ def checks_balance(options: PairOptions, shape: tuple[int, int, int]) -> bool:
     return options.rebalance and basis_invariant(options) and rank_regime(m, n, r) != "between"
 
 
-def rebalance(result: StepResult, threshold: float) -> StepResult:
-    """Rebalancing: ``(U, A) <- (Q_U X S^1/2, S^1/2 Y^T Q_A^T)`` for the pairs of a batch whose
+def rebalance(results: list[StepResult], thresholds: list[float]) -> list[StepResult]:
+    """Rebalancing: ``(U, A) <- (Q_U X S^1/2, S^1/2 Y^T Q_A^T)`` for the pairs of each batch whose
     worse gram is more than ``threshold`` times worse-conditioned than the balanced factors'
-    (the expensive check, :func:`loft.linalg.rebalanced_factors`; the caller skips it when
-    :func:`loft.linalg.may_need_rebalancing` rules it out)."""
-    a, u_t = result.a, result.u_t
-    balanced = rebalanced_factors(u_t.mT, a, threshold)
-    if balanced is None:
-        return result
-    u_new, a_new, better = balanced
-    pick = better[:, None, None]
-    return StepResult(torch.where(pick, a_new, a), torch.where(pick, u_new.mT, u_t), better)
+    (the expensive check, :func:`loft.linalg.rebalanced_factors_all`: one host sync for all the
+    batches; the caller skips the batches that :func:`loft.linalg.may_need_rebalancing` rules out)."""
+    balanced = rebalanced_factors_all([(res.u_t.mT, res.a) for res in results], thresholds)
+    out = []
+    for result, bal in zip(results, balanced):
+        if bal is None:
+            out.append(result)
+            continue
+        u_new, a_new, better = bal
+        pick = better[:, None, None]
+        out.append(StepResult(torch.where(pick, a_new, result.a), torch.where(pick, u_new.mT, result.u_t), better))
+    return out
 
 
 def basis_invariant(options: PairOptions) -> bool:

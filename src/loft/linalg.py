@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .syncs import host_values
+from .syncs import host_values, on_host, to_device, to_host
 
 __all__ = [
     "DampedGram",
@@ -36,6 +36,7 @@ __all__ = [
     "projected_adam_direction",
     "rank_regime",
     "rebalanced_factors",
+    "rebalanced_factors_all",
 ]
 
 
@@ -383,18 +384,60 @@ def rebalanced_factors(u: Tensor, a: Tensor, threshold: float) -> tuple[Tensor, 
     between ``min(m, n)`` and ``max(m, n)`` the step depends on the basis (see
     :func:`rank_regime`), so nothing is rebalanced there (``None``).
     """
-    m, r, n = u.shape[-2], u.shape[-1], a.shape[-1]
-    if rank_regime(m, n, r) == "between":  # the step is not basis-invariant: a new basis would change it
+    if rank_regime(u.shape[-2], a.shape[-1], u.shape[-1]) == "between":  # the step is not basis-invariant: a new basis would change it
         return None
-    q_u, r_u = torch.linalg.qr(u)  # (..., m, m'), (..., m', r) with m' = min(m, r)
-    q_a, r_a = torch.linalg.qr(a.transpose(-1, -2))  # (..., n, n'), (..., n', r) with n' = min(n, r)
-    core = r_u @ r_a.transpose(-1, -2)  # (..., m', n')
+    q_u, q_a, small = _balance_qr(u, a)
+    return _balanced_from(q_u, q_a, u.shape[-1], _small_svds(*small), threshold)
+
+
+def rebalanced_factors_all(
+    pairs: list[tuple[Tensor, Tensor]], thresholds: list[float]
+) -> list[tuple[Tensor, Tensor, Tensor] | None]:
+    """:func:`rebalanced_factors` of several batches (``[(u, a), ...]``, each ``(..., m, r)``,
+    ``(..., r, n)``, any shapes) with one host sync in all: the QRs stay on the device, the small
+    cores of every batch go to the host in one copy, their SVDs run there (in the same dtype; no
+    per-call error check stalls a GPU stream) and the results come back without a wait."""
+    out: list[tuple[Tensor, Tensor, Tensor] | None] = [None] * len(pairs)
+    todo = [i for i, (u, a) in enumerate(pairs) if rank_regime(u.shape[-2], a.shape[-1], u.shape[-1]) != "between"]
+    if not todo:
+        return out
+    qrs = {i: _balance_qr(*pairs[i]) for i in todo}
+    flat = [t for i in todo for t in qrs[i][2]]
+    host = to_host(torch.cat([t.reshape(-1) for t in flat]))
+    with on_host():
+        pieces = iter(host.split([t.numel() for t in flat]))
+        svds = {i: _small_svds(*(next(pieces).view(t.shape) for t in qrs[i][2])) for i in todo}
+    for i in todo:
+        u, a = pairs[i]
+        device_svds = tuple(to_device(t, u.device) for t in svds[i])
+        out[i] = _balanced_from(qrs[i][0], qrs[i][1], u.shape[-1], device_svds, thresholds[i])
+    return out
+
+
+def _balance_qr(u: Tensor, a: Tensor) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor, Tensor]]:
+    """``(Q_u, Q_a, (core, R_u, R_a))`` of ``u = Q_u R_u``, ``a^T = Q_a R_a``, ``core = R_u R_a^T``:
+    ``(..., m, m')``, ``(..., n, n')``, ``(..., m', n')``, ``(..., m', r)``, ``(..., n', r)`` with
+    ``m' = min(m, r)``, ``n' = min(n, r)``."""
+    q_u, r_u = torch.linalg.qr(u)
+    q_a, r_a = torch.linalg.qr(a.transpose(-1, -2))
+    return q_u, q_a, (r_u @ r_a.transpose(-1, -2), r_u, r_a)
+
+
+def _small_svds(core: Tensor, r_u: Tensor, r_a: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(X, sigma, Y^T)`` of ``core``'s SVD and the singular values of ``R_u`` and ``R_a``."""
     if core.shape[-2:] == r_u.shape[-2:] == r_a.shape[-2:]:  # r <= min(m, n): one SVD call (one host check on a GPU)
         x, sv, yh = torch.linalg.svd(torch.stack([core, r_u, r_a]))
-        x, yh, sigma, s_u, s_a = x[0], yh[0], sv[0], sv[1], sv[2]
-    else:
-        x, sigma, yh = torch.linalg.svd(core)  # (..., m', m'), (..., q), (..., n', n')
-        s_u, s_a = torch.linalg.svdvals(r_u), torch.linalg.svdvals(r_a)
+        return x[0], sv[0], yh[0], sv[1], sv[2]
+    x, sigma, yh = torch.linalg.svd(core)  # (..., m', m'), (..., q), (..., n', n')
+    return x, sigma, yh, torch.linalg.svdvals(r_u), torch.linalg.svdvals(r_a)
+
+
+def _balanced_from(
+    q_u: Tensor, q_a: Tensor, r: int, svds: tuple[Tensor, Tensor, Tensor, Tensor, Tensor], threshold: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The balanced factors and the ``better`` mask from the QRs and the small SVDs."""
+    x, sigma, yh, s_u, s_a = svds
+    n = q_a.shape[-2]
     tol = torch.finfo(sigma.dtype).eps * 100
     full_rank = sigma[..., -1] > sigma[..., 0] * tol
     m_used, n_used, q = x.shape[-1], yh.shape[-2], sigma.shape[-1]
@@ -428,11 +471,13 @@ def factor_grams(u: Tensor, a: Tensor) -> Tensor:
     return torch.stack([u64.mT @ u64, a64 @ a64.mT], -3)
 
 
-#: the cheap test rules rebalancing out only below ``threshold / REBALANCE_MARGIN`` ...
-REBALANCE_MARGIN = 2.0
-#: ... and only where ``cond(U) cond(A) <= REBALANCE_TRUST / eps`` of the compute dtype, so that
-#: the expensive check's own rounding (relative ``~ eps cond(U) cond(A)``) stays far below the margin
-REBALANCE_TRUST = 1e-2
+#: the cheap test rules rebalancing out only below ``threshold / margin``, with the margin
+#: ``1 + REBALANCE_NOISE * eps * cond(U) cond(A)``: a bound, with room to spare, on the relative
+#: rounding of the expensive check's own ratio in the compute dtype (QR, then SVDs of the ``r x r``
+#: cores: relative ``~ eps cond(U) cond(A)``) ...
+REBALANCE_NOISE = 1e3
+#: ... and only where ``cond(U) cond(A) <= REBALANCE_TRUST / eps``, so that margin stays <= 2
+REBALANCE_TRUST = 1e-3
 
 
 def may_need_rebalancing(grams: Tensor, threshold: float, eps: float) -> Tensor:
@@ -446,7 +491,8 @@ def may_need_rebalancing(grams: Tensor, threshold: float, eps: float) -> Tensor:
     ``G_U G_A``, which has those of the symmetric ``W^T G_A W`` with ``G_U = W W^T``
     (``W = V diag(lambda)^(1/2)`` from ``G_U``'s eigen-decomposition): so the same ratio
     ``rho = max(cond(G_U), cond(G_A)) / cond(dW)`` follows from three ``r x r`` symmetric
-    eigenvalue problems. A pair is ruled out when ``rho <= threshold / REBALANCE_MARGIN``, both
+    eigenvalue problems. A pair is ruled out when ``rho <= threshold / margin`` (``margin = 1 +
+    REBALANCE_NOISE eps cond(U) cond(A)``, the expensive check's rounding with room to spare), both
     grams are positive definite and ``cond(U) cond(A) <= REBALANCE_TRUST / eps``; anything else
     (a singular gram: ``r > min(m, n)``, ``B = 0``; ill-conditioned factors whose float32 check is
     itself noisy) is left to the expensive check. See docs/algorithm.md, "Rebalancing".
@@ -459,8 +505,9 @@ def may_need_rebalancing(grams: Tensor, threshold: float, eps: float) -> Tensor:
     mu = torch.linalg.eigvalsh(w.mT @ grams[..., 1, :, :] @ w)  # eigenvalues of G_U G_A: sigma(dW)^2
     cond_dw = (mu[..., -1] / mu[..., 0].clamp_min(torch.finfo(mu.dtype).tiny)).sqrt()
     rho = cond.amax(-1) / cond_dw
-    trusted = definite & (mu[..., 0] > 0) & (cond.prod(-1).sqrt() <= REBALANCE_TRUST / eps)
-    return ~(trusted & (rho <= threshold / REBALANCE_MARGIN))
+    cond_ua = cond.prod(-1).sqrt()  # cond(U) cond(A)
+    trusted = definite & (mu[..., 0] > 0) & (cond_ua <= REBALANCE_TRUST / eps)
+    return ~(trusted & (rho <= threshold / (1 + REBALANCE_NOISE * eps * cond_ua)))
 
 
 def balanced_factors(u: Tensor, a: Tensor, threshold: float) -> tuple[Tensor, Tensor] | None:

@@ -658,7 +658,8 @@ class LoFTAdamW(Optimizer):
     def _rebalance(self, batches: list[_Batch], results: list[StepResult]) -> list[StepResult]:
         """Rebalancing after the step, for every batch with one host sync: the cheap test
         (:func:`loft.linalg.may_need_rebalancing` on the ``r x r`` grams, copied to the host
-        together) decides which batches need the expensive check (:func:`loft.functional.rebalance`)."""
+        together) decides which batches need the expensive check (:func:`loft.functional.rebalance`,
+        one more host sync for all of those)."""
         checked = [
             i
             for i, batch in enumerate(batches)
@@ -678,9 +679,11 @@ class LoFTAdamW(Optimizer):
                 start += g.numel()
                 eps = torch.finfo(results[i].a.dtype).eps
                 need.append(bool(may_need_rebalancing(part, batches[i].group["rebalance_threshold"], eps).any()))
-        for i, needed in zip(checked, need):
-            if needed:
-                out[i] = rebalance(results[i], batches[i].group["rebalance_threshold"])
+        todo = [i for i, needed in zip(checked, need) if needed]
+        if todo:
+            thresholds = [batches[i].group["rebalance_threshold"] for i in todo]
+            for i, result in zip(todo, rebalance([results[i] for i in todo], thresholds)):
+                out[i] = result
         return out
 
     def _write_back(self, batch: _Batch, result: StepResult) -> None:

@@ -46,6 +46,17 @@ def to_host(t: torch.Tensor) -> torch.Tensor:
         for counter in _ACTIVE:
             counter.depth -= 1
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor (from :func:`to_host`) back on ``device`` without making the host wait for
+    the stream: pinned and non-blocking on CUDA (the caching host allocator keeps the buffer
+    alive until the copy is done); unchanged on the CPU."""
+    if device.type == "cpu":
+        return t
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 #: Python-level reads of a tensor's values by the host
 _READS = {"tolist", "item", "__bool__", "__float__", "__int__", "__index__", "numpy", "__array__"}
 _aten = torch.ops.aten
