@@ -4,6 +4,7 @@
 >>> optimizer = loft.LoFTAdamW(peft_model, lr=1e-4)
 """
 
+from . import federated
 from .clip import clip_grad_norm_
 from .distributed import UnsupportedDistributedSetup
 from .optim import SWITCHES, LoFTAdamW
@@ -17,6 +18,7 @@ __all__ = [
     "LoRAPair",
     "UnsupportedDistributedSetup",
     "clip_grad_norm_",
+    "federated",
     "find_lora_pairs",
     "split_lora_parameters",
 ]
