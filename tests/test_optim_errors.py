@@ -32,11 +32,12 @@ def test_parameters_instead_of_the_model():
         loft.LoFTAdamW([{"params": list(model.parameters()), "lr": 1e-3}])
 
 
-def test_pair_with_one_trainable_factor():
-    model, layer = lora_linear(4, 4, 2)
-    layer.lora_A["default"].weight.requires_grad_(False)  # e.g. LoRA-FA style frozen A
-    with pytest.raises(ValueError, match=r"0\[default\]: only one factor is trainable \(A has requires_grad=False\)"):
-        loft.LoFTAdamW(model)
+def test_explicit_pair_with_no_trainable_factor():
+    # one frozen factor is allowed (LoFT moves the other: tests/test_federated.py); none is not
+    a = torch.zeros(2, 4, dtype=torch.float64)
+    b = torch.zeros(4, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"mine: neither factor is trainable"):
+        loft.LoRAPair(a, b, 1.0, name="mine")
 
 
 def test_sparse_gradients():

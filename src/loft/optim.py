@@ -355,7 +355,7 @@ class LoFTAdamW(Optimizer):
         for pair in self._pairs:
             for t in (pair.A, pair.B):
                 g = t.grad
-                items += (t._version, None if g is None else (id(g), g._version))
+                items += (t._version, t.requires_grad, None if g is None else (id(g), g._version))
         items += [pair.scale() for pair in self._pairs]
         keys = ("gradient_scaling", "projected_clipping", "alternating_updates", "damping")
         items += [tuple(group[k] for k in keys) for group in self.param_groups]
@@ -402,7 +402,8 @@ class LoFTAdamW(Optimizer):
                 if side == 0 and pair in wholes:
                     s = pair.scale()
                     step = self._states.step_of(pair)
-                    key = (pair.A.shape, pair.B.shape, pair.A.dtype, pair.A.device, step, s)
+                    trainable = (pair.A.requires_grad, pair.B.requires_grad)
+                    key = (pair.A.shape, pair.B.shape, pair.A.dtype, pair.A.device, step, s, trainable)
                     grouped.setdefault(key if self.settings.batch_pairs else (id(pair),), (s, []))[1].append(pair)
             scale_grads = group["gradient_scaling"] or (with_norm and group["projected_clipping"])
             for s, pairs in grouped.values():
@@ -481,7 +482,10 @@ class LoFTAdamW(Optimizer):
             scale_grads=False,
             settle=False,
         )
-        if group["alternating_updates"]:  # B moves on odd steps, A on even ones
+        trainable = (pairs[0].A.requires_grad, pairs[0].B.requires_grad)
+        if not all(trainable):  # a frozen factor never moves; the other moves at every step
+            move = trainable
+        elif group["alternating_updates"]:  # B moves on odd steps, A on even ones
             move = (step % 2 == 0, step % 2 == 1)
         else:
             move = (True, True)
@@ -659,6 +663,7 @@ class LoFTAdamW(Optimizer):
             i
             for i, batch in enumerate(batches)
             if checks_balance(self._options(batch.group), (*batch.pairs[0].shape, batch.pairs[0].rank))
+            and batch.pairs[0].A.requires_grad and batch.pairs[0].B.requires_grad  # never re-factor a frozen factor
         ]
         if not checked:
             return results

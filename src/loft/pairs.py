@@ -27,7 +27,10 @@ class LoRAPair:
     ``A``: ``(r, n)`` (or a conv ``lora_A`` weight ``(r, in, *kernel)``, used as ``(r, in *
     prod(kernel))``); ``B``: ``(m, r)`` (or ``(m, r, 1, ...)``). ``scaling``: a number, or a
     function returning it (read at every step, so PEFT's live ``layer.scaling[adapter]`` is
-    followed). ``name`` is used in messages.
+    followed). ``name`` is used in messages. One factor may be frozen (``requires_grad=False``,
+    read at every step, e.g. FFA-LoRA's frozen ``A`` or a federated round that trains one
+    factor): :class:`~loft.LoFTAdamW` then moves only the other one, at every step, and does not
+    rebalance the pair.
     """
 
     A: Tensor
@@ -53,12 +56,10 @@ class LoRAPair:
                 f"LoRAPair{where}: A and B must share dtype and device, got {self.A.dtype}/{self.A.device} "
                 f"and {self.B.dtype}/{self.B.device}."
             )
-        if not (self.A.requires_grad and self.B.requires_grad):
-            frozen = "A" if not self.A.requires_grad else "B"
+        if not (self.A.requires_grad or self.B.requires_grad):
             raise ValueError(
-                f"LoRA pair {self.name or '(unnamed)'}: only one factor is trainable ({frozen} has "
-                "requires_grad=False). LoFT updates both factors of a pair; set requires_grad=True on "
-                f"{frozen}, or freeze both factors to leave the pair out."
+                f"LoRA pair {self.name or '(unnamed)'}: neither factor is trainable (both have "
+                "requires_grad=False). Set requires_grad=True on at least one, or leave the pair out."
             )
         if self.A.is_sparse or self.B.is_sparse:
             raise ValueError(f"LoRAPair{where}: sparse factors are not supported.")
