@@ -21,7 +21,7 @@ from ... import LoFTAdamW, clip_grad_norm_
 from ... import federated as fed
 from ..config import DEFAULT_HEAD_LR
 from ..errors import LoftUsageError
-from ..finetune import _apply_method, _quiet_libraries, prepare_inputs, resolve_targets
+from ..finetune import _apply_method, _load_data, _quiet_libraries, prepare_inputs, resolve_targets
 from ..methods import make_optimizer
 from .config import FederateConfig
 
@@ -135,13 +135,15 @@ def build_bench(cfg: FederateConfig) -> Bench:
     own functions (so every check and default is the same); LoftUsageError on bad input."""
     _quiet_libraries()
     fcfg = cfg.finetune_config()
-    loaded = prepare_inputs(fcfg)
-    task = loaded.task
-    if task.kind != "classification":
+    fcfg.check()
+    kind = _load_data(fcfg)[0].kind  # before the model: its checks are for the task's kind
+    if kind != "classification":
         raise LoftUsageError(
             f"loft federate trains classification data ({{\"text\", \"label\"}} records) for now; {cfg.data!r} is "
-            f"{task.kind.replace('_', '-')} data. Use loft finetune for it, or give classification data."
+            f"{kind.replace('_', '-')} data. Use loft finetune for it, or give classification data."
         )
+    loaded = prepare_inputs(fcfg)
+    task = loaded.task
     targets = None if cfg.method == "full" else resolve_targets(loaded.model, fcfg.target_modules, cfg.rank,
                                                                 set(loaded.fresh))
     model = _apply_method(fcfg, task, loaded.model, loaded.fresh, targets)

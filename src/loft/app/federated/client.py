@@ -44,7 +44,10 @@ from .records import (  # noqa: E402
     tensors_record,
 )
 
-__all__ = ["app", "state_steps"]
+__all__ = ["THREADS_VAR", "app", "state_steps", "train_message_config"]
+
+#: set by loft federate for its Ray actors: torch threads per actor
+THREADS_VAR = "LOFT_FEDERATE_THREADS"
 
 app = ClientApp()
 
@@ -54,7 +57,9 @@ _BENCHES: dict[str, Bench] = {}  # settings (JSON) -> the model this process loa
 def _bench(settings: str) -> Bench:
     if settings not in _BENCHES:
         _BENCHES.clear()  # one run at a time per process
-        torch.set_num_threads(1)  # one CPU per actor (the backend's client_resources)
+        threads = os.environ.get(THREADS_VAR)
+        if threads:  # in a Ray actor of loft federate: the CPUs the backend gives each actor
+            torch.set_num_threads(int(threads))
         _BENCHES[settings] = build_bench(FederateConfig.from_json(settings))
     return _BENCHES[settings]
 

@@ -7,6 +7,7 @@ before anything is loaded.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 from dataclasses import dataclass
@@ -94,6 +95,12 @@ class FederateConfig:
 
     def check(self) -> None:
         """Refuse impossible settings with a clear message, before anything is loaded."""
+        missing = [name for name in ("flwr", "ray") if importlib.util.find_spec(name) is None]
+        if missing:
+            raise LoftUsageError(
+                f"loft federate runs on Flower's simulation engine, which needs {' and '.join(missing)} (not installed). "
+                "Install the federated extra: pip install 'torch-loft[federated]'."
+            )
         if self.method not in FED_METHODS:
             raise LoftUsageError(f"Unknown --method {self.method!r} for loft federate; choose one of: {', '.join(FED_METHODS)}.")
         if self.aggregator is not None and self.aggregator not in AGGREGATORS:

@@ -52,6 +52,8 @@ PLOT_FILE = "accuracy.png"
 PROCESS_WAIT_S = 30.0
 #: the environment variable that marks every process of one run (Ray's processes inherit it)
 RUN_MARKER = "LOFT_FEDERATE_RUN"
+#: the marker of the last run this process started (tests look for its processes)
+LAST_RUN_MARKER: str | None = None
 
 
 def leftover_processes(marker: str) -> list[int]:
@@ -152,14 +154,18 @@ def _simulate(cfg: FederateConfig, bench: Any, split: list[list[int]], record: C
     _quiet_flower()
     from flwr.simulation import run_simulation
 
+    from .client import THREADS_VAR
     from .client import app as client_app
     from .server import make_server_app
 
     marker = uuid.uuid4().hex
     parallel = cfg.parallel or max(1, min(cfg.clients, os.cpu_count() or 1))
     ray_dir = tempfile.mkdtemp(prefix="loft-ray-")
-    saved_env = {k: os.environ.get(k) for k in (RUN_MARKER, "PYTHONPATH")}
-    os.environ[RUN_MARKER] = marker
+    saved_env = {k: os.environ.get(k) for k in (RUN_MARKER, THREADS_VAR, "PYTHONPATH")}
+    os.environ[RUN_MARKER] = marker  # inherited by every process Ray starts
+    os.environ[THREADS_VAR] = "1"  # one CPU per actor (client_resources below)
+    global LAST_RUN_MARKER
+    LAST_RUN_MARKER = marker
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0},
                "init_args": {"num_cpus": parallel, "num_gpus": 0, "object_store_memory": 128 * 2**20,
                              "_temp_dir": ray_dir, "include_dashboard": False}}

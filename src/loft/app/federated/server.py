@@ -16,7 +16,9 @@ weights = the clients' example counts. The server then evaluates the global mode
 per round: ``eval_accuracy``, ``eval_loss``, ``train_loss`` (the clients' weighted mean),
 ``aggregation_error`` (``||mean_k B_k A_k - B A||_F / ||mean_k B_k A_k||_F`` per layer, mean and
 max over layers, measured densely here for the record), ``bytes_up`` / ``bytes_down`` per
-client (the tensors of one message: :func:`~loft.federated.message_bytes` plus the head),
+client: the tensors a message must carry (:func:`~loft.federated.message_bytes` of the factors
+that change, plus the head: FFA-LoRA's B only, on alternating rounds the round's factor; the
+simulation's messages carry both factors for simplicity),
 ``state_steps`` per client and ``seconds``.
 """
 
@@ -39,7 +41,7 @@ from .bench import Bench  # noqa: E402
 from .client import train_message_config  # noqa: E402
 from .records import factors_record, record_factors, record_tensors, tensors_record  # noqa: E402
 
-__all__ = ["make_server_app", "product_error", "tensor_bytes"]
+__all__ = ["factor_bytes", "make_server_app", "product_error", "tensor_bytes"]
 
 #: seconds the server waits for the simulation's nodes to register
 NODE_WAIT_S = 300.0
@@ -48,6 +50,15 @@ NODE_WAIT_S = 300.0
 def tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:
     """Bytes of these tensors in a message (numel * element size)."""
     return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def factor_bytes(factors: fed.Factors, which: str | None) -> int:
+    """Bytes of the factors a message needs to carry: both, or only ``which`` (``"A"``, ``"B"``)
+    when only that one changes (alternating rounds; FFA-LoRA's B, on a frozen A every client
+    built from the same seed)."""
+    if which is None:
+        return fed.message_bytes(factors)
+    return fed.message_bytes({n: (p[0 if which == "A" else 1],) for n, p in factors.items()})  # type: ignore[misc]
 
 
 def product_error(updates: Sequence[fed.Factors], weights: Sequence[float], result: fed.Factors,
@@ -100,14 +111,16 @@ def make_server_app(bench: Bench, split: list[list[int]], *, on_round: Callable[
         start = time.perf_counter()
         on_round({"round": 0, **bench.evaluate(), "seconds": 0.0}, {})
         for rnd in range(1, cfg.rounds + 1):
-            trained = fed.trained_factor(rnd - 1) if aggregator == "alternating" else None
+            trained = fed.trained_factor(rnd) if aggregator == "alternating" else None
             glob = bench.factors()
             down: dict[str, Any] = {"others": tensors_record(bench.others())}
             if glob is not None:
                 down["factors"] = factors_record(glob)
             if fold:
                 down["fold"] = factors_record(fold)
-            bytes_down = (fed.message_bytes(glob) if glob else 0) + tensor_bytes(bench.others()) + (
+            moving = "B" if cfg.method == "ffa" else None  # the factors that change (alternating: the round's)
+            changed = fed.trained_factor(rnd - 1) if trained and rnd > 1 else moving
+            bytes_down = (factor_bytes(glob, changed) if glob else 0) + tensor_bytes(bench.others()) + (
                 fed.message_bytes(fold) if fold else 0)
             messages = []
             for k, node in enumerate(nodes):
@@ -145,7 +158,7 @@ def make_server_app(bench: Bench, split: list[list[int]], *, on_round: Callable[
             if new is not None:
                 fed.set_factors(bench.model, new)
             bench.set_others(others)
-            up = [(fed.message_bytes(u) if u else 0) + tensor_bytes(record_tensors(r.content["others"]))
+            up = [(factor_bytes(u, trained or moving) if u else 0) + tensor_bytes(record_tensors(r.content["others"]))
                   for u, r in zip(updates or [None] * len(ordered), ordered)]
             metrics = [r.content["metrics"] for r in ordered]
             record = {
