@@ -4,6 +4,8 @@ its LoFT state, one-factor rounds, byte accounting and the Dirichlet splitter (i
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -16,6 +18,12 @@ from loft.linalg import packed_index
 peft = pytest.importorskip("peft")
 
 F64 = torch.float64
+
+
+def test_the_module_needs_torch_only():
+    code = "import sys, loft; loft.federated.get_factors; print(sorted(m for m in ('peft', 'transformers', 'flwr', 'loft.app') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 # --------------------------------------------------------------------------------- builders
@@ -62,7 +70,7 @@ def dense_mean(updates, weights, carry=None):
 
 
 def rel(x, y):
-    return float((x - y).norm() / y.norm())
+    return float((x - y).detach().norm() / y.detach().norm())
 
 
 SHAPES = {"q": (7, 9), "v": (12, 5)}
@@ -200,6 +208,7 @@ def _hand_transport(before, model, betas):
     ``S_j <- b2 C S_j C^T + (1 - b2) g_j g_j^T``, ``g = (P^T P)^-1 P^T G``; and ``C``."""
     b1, b2 = betas
     out = {}
+    torch.set_grad_enabled(False)
     for name in ("0", "2"):
         layer = model.base_model.model[int(name)]
         a, b, s = layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.scaling["default"]
@@ -213,6 +222,7 @@ def _hand_transport(before, model, betas):
             new_m = b1 * cm + (1 - b1) * g
             new_s = b2 * (c @ full @ c.T) + (1 - b2) * g.T[:, :, None] * g.T[:, None, :]
             out[name, side] = (new_m, new_s, cm, c)
+    torch.set_grad_enabled(True)
     return out
 
 
@@ -323,12 +333,14 @@ def test_a_frozen_factor_stays_and_loft_steps_the_other_every_step():
     layer = model.base_model.model[0]
     a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
     a0 = a.detach().clone()
+    projector = a0.T @ torch.linalg.solve(a0 @ a0.T, a0)  # onto A's row space
     for t in range(4):  # B moves at every step (no alternation), A never
         b_before = b.detach().clone()
         train(model, opt, 1, start=t)
         assert torch.equal(a, a0) and not torch.equal(b, b_before)
         assert a.grad is None
-    # B's steps stay in A's row space: dW = s B A changes by X with X P_A = X
+        change = ((b - b_before) @ a).detach()  # B's steps stay in A's row space: X P_A = X
+        assert rel(change @ projector, change) < 1e-12
     fed.freeze_factor(model, None)
     opt.zero_grad()
     b_before, a_before = b.detach().clone(), a.detach().clone()
@@ -389,6 +401,31 @@ def test_folding_the_residual_gives_the_model_of_the_exact_mean():
     truncated = copy.deepcopy(clients[0])
     fed.set_factors(truncated, agg.factors)
     assert rel(truncated(x), reference(x)) > 1e-4  # the fold mattered
+
+
+def test_fold_into_an_embedding():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 4)
+            self.out = nn.Linear(4, 3)
+
+        def forward(self, ids):
+            return self.out(self.emb(ids))
+
+    torch.manual_seed(0)
+    model = peft.get_peft_model(Net().double(), peft.LoraConfig(r=1, lora_alpha=2, target_modules=["emb"]))
+    (name,) = fed.get_factors(model)
+    updates = [{name: (torch.randn(1, 10, dtype=F64), torch.randn(4, 1, dtype=F64))} for _ in range(3)]
+    agg = fed.aggregate_products(updates, [1.0, 1.0, 1.0])
+    ids = torch.arange(10)[None]
+    reference = copy.deepcopy(model)
+    fed.set_factors(reference, {name: (torch.zeros(1, 10, dtype=F64), torch.zeros(4, 1, dtype=F64))})
+    with torch.no_grad():  # PEFT's embedding update is (B A)^T, added to the (10, 4) table
+        reference.base_model.model.emb.base_layer.weight += 2.0 * dense_mean(updates, [1.0, 1.0, 1.0])[name].T
+    fed.set_factors(model, agg.factors)
+    fed.fold_residual(model, agg.residual)
+    assert agg.residual and rel(model(ids), reference(ids)) < 1e-12
 
 
 # --------------------------------------------------------------------------------- bad input

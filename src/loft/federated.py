@@ -52,6 +52,7 @@ __all__ = [
     "get_factors",
     "label_skew",
     "message_bytes",
+    "reset_state",
     "set_factors",
     "trained_factor",
 ]
@@ -336,6 +337,8 @@ def aggregate_products(
     """
     w = _check_updates(updates, weights)
     first = updates[0]
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise ValueError(f"rank must be a positive integer (or None: the clients' rank), got {rank!r}.")
     if carry:
         _check_factors(carry, "carry")
         for name, (ca, cb) in carry.items():
@@ -350,8 +353,6 @@ def aggregate_products(
     result = Aggregate(factors={}, residual={}, error={})
     for name, (a0, b0) in first.items():
         r = a0.shape[0] if rank is None else rank
-        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-            raise ValueError(f"rank must be a positive integer, got {rank!r}.")
         bs = [math.sqrt(wk) * u[name][1].double() for wk, u in zip(w, updates)]
         as_ = [math.sqrt(wk) * u[name][0].double() for wk, u in zip(w, updates)]
         if carry and name in carry:
