@@ -79,3 +79,54 @@ def test_split_and_defaults():
     assert FederateConfig(method="ffa").finetune_config().method == "lora"
     assert FederateConfig.from_json(FederateConfig(split="dirichlet:0.1", clients=8).to_json()) == FederateConfig(
         split="dirichlet:0.1", clients=8)
+
+
+# ----------------------------------------------------------------------------- benchmarks/federated.py's report
+def _bench_module():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("federated_bench", root / "benchmarks" / "federated.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _record(bench, arm, seed, accs, split="even"):
+    run = bench.run_of(arm, 4, split, 4, seed, len(accs) - 1)
+    rounds = [{"round": i, "eval_accuracy": a, "aggregation_error": 0.1 * (i > 0), "bytes_up": [1024] * 4}
+              for i, a in enumerate(accs)]
+    return {"run": run, "eval_accuracy": accs[-1], "best_eval_accuracy": max(accs[1:]), "rounds": rounds,
+            "flwr_version": "1.42.0", "ray_version": "2.55.1",
+            "provenance": {"commit": "abc", "versions": {"torch": "2.13.0"}}}
+
+
+def test_federated_report_comes_from_the_results_file_with_verdicts(tmp_path, monkeypatch):
+    import json
+
+    bench = _bench_module()
+    monkeypatch.setattr(bench, "RESULTS", tmp_path / "r.jsonl")
+    monkeypatch.setattr(bench, "REPORT", tmp_path / "docs" / "results" / "r.md")
+    monkeypatch.setattr(bench, "FIGURE", tmp_path / "docs" / "figures" / "r.png")
+    monkeypatch.setattr(bench, "ROOT", tmp_path)
+    recs = [_record(bench, "loft-keep", s, [0.5, 0.7, 0.81 + 0.01 * s]) for s in range(3)]
+    recs += [_record(bench, "loft-reset", s, [0.5, 0.6, 0.70 + 0.003 * s]) for s in range(3)]  # clearly worse
+    recs += [_record(bench, "lora-fedavg", s, [0.5, 0.7, 0.82 - 0.01 * s + 0.004 * (s == 1)]) for s in range(3)]
+    recs += [_record(bench, "loft-fedavg", 0, [0.5, 0.6, 0.75], split="dirichlet:0.1"),
+             _record(bench, "loft-keep", 0, [0.5, 0.6, 0.78], split="dirichlet:0.1")]
+    (tmp_path / "r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    bench.report()
+    text = (tmp_path / "docs" / "results" / "r.md").read_text()
+    assert "11 runs" in text and "`abc` (11)" in text
+    assert "| 4 clients, even, r=4, 2 rounds | loft-keep beats loft-reset |" in text
+    line = lambda claim: next(x for x in text.splitlines() if claim in x and "even" in x)  # noqa: E731
+    assert line("loft-keep beats loft-reset").endswith("| holds |")
+    assert line("loft-keep beats lora-fedavg").endswith("| within noise |")
+    dirichlet = next(x for x in text.splitlines() if "dirichlet:0.1" in x and "beats loft-fedavg" in x)
+    assert dirichlet.endswith("| no verdict (1 seed) |") and "+0.030 (1 seed)" in dirichlet
+    keep_row = next(x for x in text.splitlines() if x.startswith("| 4 | even | 4 | 2 | loft-keep | 3 |"))
+    assert "0.820 +- 0.006" in keep_row and "| 2.0 (3/3) |" in keep_row  # rounds to 0.80: round 2 for every seed
+    assert (tmp_path / "docs" / "figures" / "r.png").stat().st_size > 0
