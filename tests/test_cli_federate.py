@@ -34,6 +34,7 @@ def tiny(tmp_path_factory):
         (["--method", "ffa", "--aggregator", "alternating"], "--method ffa (FFA-LoRA) trains only B"),
         (["--aggregator", "fedavg", "--residual", "fold"], "--residual fold applies to --aggregator product only"),
         (["--lr", "-1"], "--lr must be > 0"),
+        (["--method", "lora", "--aggregator", "alternating", "--state", "keep"], "needs --method loft"),
         (["--clients", "13"], "Cannot split 12 training examples over --clients 13"),
         (["--split", "dirichlet:0.1", "--clients", "13"], "Cannot split 12 training examples over --clients 13"),
         (["--rank", "40"], "--rank 40 does not fit layer"),

@@ -10,6 +10,7 @@ fine-tuning), which is averaged plainly.
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from typing import Any
@@ -121,11 +122,13 @@ class Bench:
         """The task's own evaluation (``Trainer.predict``) of the model as it is now."""
         from transformers import Trainer, TrainingArguments
 
-        if self._trainer is None:
-            args = TrainingArguments(output_dir=tempfile.mkdtemp(prefix="loft-federate-eval-"), report_to=[],
-                                     per_device_eval_batch_size=64, use_cpu=True, disable_tqdm=True)
+        if self._trainer is None:  # Trainer.predict writes nothing: its output folder is not kept
+            folder = tempfile.mkdtemp(prefix="loft-federate-eval-")
+            args = TrainingArguments(output_dir=folder, report_to=[], per_device_eval_batch_size=64, use_cpu=True,
+                                     disable_tqdm=True)
             self._trainer = Trainer(model=self.model, args=args, data_collator=self.collator,
                                     processing_class=self.tokenizer)
+            shutil.rmtree(folder, ignore_errors=True)
         self.model.eval()
         return self.task.evaluate(self._trainer, self.tokenizer, self.max_length)
 

@@ -125,6 +125,11 @@ class FederateConfig:
                 f"--method ffa (FFA-LoRA) trains only B on a shared frozen A, where FedAvg of B is already the exact "
                 f"mean of the products; --aggregator {agg} does not apply. Use --aggregator fedavg (its default)."
             )
+        if agg == "alternating" and self.keep_state and self.method != "loft":
+            raise LoftUsageError(
+                f"--state keep with --aggregator alternating needs --method loft: {self.method}'s AdamW holds only the "
+                "factor that trains, which changes every round. Use --state reset, or --method loft."
+            )
         if self.residual != "drop" and agg != "product":
             raise LoftUsageError(f"--residual {self.residual} applies to --aggregator product only (here {agg}).")
         self.alpha  # noqa: B018  (parse_split raises on a bad --split)
