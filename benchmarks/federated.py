@@ -23,7 +23,7 @@ The full grid: 4 and 8 clients; Dirichlet(0.1), Dirichlet(1.0) and even splits; 
 * ``ffa``: FFA-LoRA (A frozen, AdamW on B), FedAvg of B;
 * ``full``: full fine-tuning, FedAvg of every weight (the reference; no rank).
 
-``--subset small`` runs 4 clients, the Dirichlet(0.1) and even splits, rank 4, the arms
+``--subset small`` runs 4 clients, the even and Dirichlet(0.1) splits, rank 4, the arms
 loft-keep, loft-reset, lora-fedavg and loft-fedavg, seed 0 first (then seeds 1 and 2),
 ``SMALL_ROUNDS`` rounds of ``LOCAL_STEPS`` steps: docs/federated.md says what was cut.
 
@@ -88,7 +88,7 @@ def run_of(arm: str, clients: int, split: str, rank: int, seed: int, rounds: int
 def runs(subset: str) -> list[dict[str, Any]]:
     """The runs of a subset, in the order they run (seed-major: every arm once before any repeat)."""
     if subset == "small":
-        return [run_of(arm, 4, split, 4, seed, SMALL_ROUNDS) for seed in SEEDS for split in ("dirichlet:0.1", "even")
+        return [run_of(arm, 4, split, 4, seed, SMALL_ROUNDS) for seed in SEEDS for split in ("even", "dirichlet:0.1")
                 for arm in SMALL_ARMS]
     out = []
     for seed in SEEDS:
