@@ -199,6 +199,20 @@ def report() -> None:
                 f"{_cell(best)} | {(f'{sum(reach) / len(reach):.1f} ({len(reach)}/{len(by_seed)})' if reach else '-')} | "
                 f"{sum(errs) / len(errs):.2e} | {sum(up) / len(up) / 1024:,.1f} |")
         verdicts += _claims(clients, split, rank, rounds, arms)
+    lines += ["", "Accuracy per round (mean over seeds; round 0: before training):", "",
+              "| clients | split | rank | arm | accuracy by round |", "|---|---|---|---|---|"]
+    for (clients, split, rank, rounds), arms in sorted(groups.items(), key=lambda kv: str(kv[0])):
+        for arm, by_seed in arms.items():
+            per_round = [sum(by_seed[s]["rounds"][i]["eval_accuracy"] for s in by_seed) / len(by_seed)
+                         for i in range(rounds + 1)]
+            lines.append(f"| {clients} | {split} | {rank or '-'} | {arm} | {' '.join(f'{a:.3f}' for a in per_round)} |")
+    splits = {}
+    for r in recs:
+        splits.setdefault((r["run"]["clients"], r["run"]["split"], r["run"]["seed"]), (r["client_examples"], r["client_labels"]))
+    lines += ["", "Training examples (and labels) per client, by clients, split and seed: " + "; ".join(
+        f"{c} clients, {sp}, seed {sd}: " + ", ".join(f"{n} ({', '.join(f'{k}: {v}' for k, v in lab.items())})"
+                                                     for n, lab in zip(*splits[(c, sp, sd)]))
+        for c, sp, sd in sorted(splits)) + "."]
     lines += ["", "## Claims", "",
               f"Paired over seeds (same seed: same split, head, batches). 'within noise': no significant difference "
               f"(p >= {ALPHA}) in a paired t test; with one seed there is no noise estimate and no verdict.", "",

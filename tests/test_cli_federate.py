@@ -101,6 +101,7 @@ def _record(bench, arm, seed, accs, split="even"):
     rounds = [{"round": i, "eval_accuracy": a, "aggregation_error": 0.1 * (i > 0), "bytes_up": [1024] * 4}
               for i, a in enumerate(accs)]
     return {"run": run, "eval_accuracy": accs[-1], "best_eval_accuracy": max(accs[1:]), "rounds": rounds,
+            "client_examples": [10, 10, 10, 10], "client_labels": [{"0": 5, "1": 5}] * 4,
             "flwr_version": "1.42.0", "ray_version": "2.55.1",
             "provenance": {"commit": "abc", "versions": {"torch": "2.13.0"}}}
 
@@ -130,4 +131,5 @@ def test_federated_report_comes_from_the_results_file_with_verdicts(tmp_path, mo
     assert dirichlet.endswith("| no verdict (1 seed) |") and "+0.030 (1 seed)" in dirichlet
     keep_row = next(x for x in text.splitlines() if x.startswith("| 4 | even | 4 | 2 | loft-keep | 3 |"))
     assert "0.820 +- 0.006" in keep_row and "| 2.0 (3/3) |" in keep_row  # rounds to 0.80: round 2 for every seed
+    assert "4 clients, even, seed 0: 10 (0: 5, 1: 5), 10 (0: 5, 1: 5)" in text
     assert (tmp_path / "docs" / "figures" / "r.png").stat().st_size > 0
