@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-__all__ = ["plot_compare", "plot_loss_curve"]
+__all__ = ["plot_compare", "plot_loss_curve", "plot_rounds"]
 
 
 def plot_loss_curve(curve: Sequence[tuple[int, float]], path: str | Path, title: str) -> None:
@@ -60,6 +60,32 @@ def plot_compare(rows: Sequence[Mapping], curves: Mapping[str, Sequence[tuple[in
     right.set_title("loss curves")
     right.grid(alpha=0.3)
     right.legend(fontsize="small", ncol=2)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_rounds(runs: Mapping[str, Sequence[Mapping]], path: str | Path, title: str) -> None:
+    """Federated runs (``loft federate``, benchmarks/federated.py). Left: eval accuracy against
+    round (round 0: before training), one line per run. Right: the aggregation error per round
+    (log scale; runs whose error is 0 throughout, exact aggregates, are left out)."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name, rounds in runs.items():
+        left.plot([r["round"] for r in rounds], [r["eval_accuracy"] for r in rounds], marker=".", label=name)
+        errs = [(r["round"], r["aggregation_error"]) for r in rounds if r.get("aggregation_error")]
+        if errs:
+            right.plot(*zip(*errs), marker=".", label=name)
+    left.set_xlabel("round")
+    left.set_ylabel("eval accuracy")
+    left.grid(alpha=0.3)
+    left.legend(fontsize="small")
+    right.set_xlabel("round")
+    right.set_ylabel("aggregation error ||mean B_k A_k - B A|| / ||mean B_k A_k||")
+    if right.lines:
+        right.set_yscale("log")
+        right.legend(fontsize="small")
+    right.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -1,0 +1,228 @@
+"""One ``loft federate`` run: check, load, split, simulate, record.
+
+:func:`federate` checks every input before anything is written (the options, the data, the
+model, the split, the output folder, with ``loft finetune``'s own checks), then runs Flower's
+simulation engine (``flwr.simulation.run_simulation``, its Ray backend: one actor per CPU, each
+serving clients in turn) with the ``ServerApp`` of :mod:`.server` in this process and the
+``ClientApp`` of :mod:`.client` in the actors, and writes into the output folder:
+
+* ``run_config.json``: the settings (as ``loft finetune`` does);
+* ``rounds.jsonl``: one line per round as it finishes (round 0: the evaluation before training);
+* ``metrics.json``: every round, the split and a summary (written last: a run is finished when
+  it is there);
+* ``accuracy.png``: accuracy and aggregation error per round.
+
+Offline: Flower's telemetry (``FLWR_TELEMETRY_ENABLED=0``) and Ray's usage statistics
+(``RAY_USAGE_STATS_ENABLED=0``) are off, nothing is installed at run time, Ray keeps its files
+in a temporary folder removed afterwards, and the run waits until every process Ray started has
+ended (:func:`leftover_processes`; ones still there after :data:`PROCESS_WAIT_S` are killed).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["FLWR_TELEMETRY_ENABLED"] = "0"  # read when flwr is imported
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+
+import json  # noqa: E402
+import logging  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+import uuid  # noqa: E402
+import warnings  # noqa: E402
+from collections import Counter  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any, Callable  # noqa: E402
+
+from ... import __version__  # noqa: E402
+from ... import federated as fed  # noqa: E402
+from ..atomic import write_json  # noqa: E402
+from ..errors import LoftUsageError  # noqa: E402
+from ..rundir import CONFIG_FILE, METRICS_FILE, apply_output_plan, check_output_dir  # noqa: E402
+from .config import FederateConfig  # noqa: E402
+
+__all__ = ["PROCESS_WAIT_S", "ROUNDS_FILE", "federate", "leftover_processes"]
+
+ROUNDS_FILE = "rounds.jsonl"
+PLOT_FILE = "accuracy.png"
+#: seconds to wait for Ray's processes to end after the simulation
+PROCESS_WAIT_S = 30.0
+#: the environment variable that marks every process of one run (Ray's processes inherit it)
+RUN_MARKER = "LOFT_FEDERATE_RUN"
+#: the marker of the last run this process started (tests look for its processes)
+LAST_RUN_MARKER: str | None = None
+
+
+def leftover_processes(marker: str) -> list[int]:
+    """Pids of live processes (not zombies) whose environment has ``LOFT_FEDERATE_RUN=marker``,
+    other than this one (Linux ``/proc``; an empty list elsewhere)."""
+    needle = f"{RUN_MARKER}={marker}".encode()
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        pid = int(entry.name)
+        if pid == os.getpid():
+            continue
+        try:
+            if needle in (entry / "environ").read_bytes().split(b"\0"):
+                found.append(pid)
+        except OSError:
+            continue
+    return found
+
+
+def _end_processes(marker: str) -> list[int]:
+    """Wait for the run's other processes to end; kill (by pid) those still there after
+    :data:`PROCESS_WAIT_S`. Returns the pids that had to be killed."""
+    deadline = time.monotonic() + PROCESS_WAIT_S
+    while (pids := leftover_processes(marker)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    return pids
+
+
+def _quiet_flower() -> None:
+    logging.getLogger("flwr").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO.*")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+def federate(cfg: FederateConfig, *, overwrite: bool = False, progress: bool = True,
+             on_round: Callable[[dict[str, Any], dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run ``cfg`` and return what ``metrics.json`` holds. ``on_round(record, detail)`` (tests) is
+    called for every round, see :func:`.server.make_server_app`."""
+    from .bench import build_bench
+
+    cfg.check()
+    out = cfg.default_output_dir()
+    plan = check_output_dir(out, cfg.identity(), overwrite=overwrite, resume=False)
+    t_start = time.perf_counter()
+    bench = build_bench(cfg)  # the server's model: the global state, evaluated each round
+    labels = list(bench.task.train_labels)
+    try:
+        split = fed.dirichlet_split(labels, cfg.clients, cfg.alpha, cfg.seed)
+    except ValueError as e:
+        raise LoftUsageError(f"Cannot split {len(labels)} training examples over --clients {cfg.clients} "
+                             f"(--split {cfg.split}): {e}") from None
+
+    # every input is checked: only now touch the output folder
+    try:
+        apply_output_plan(out, plan)
+        write_json(out / CONFIG_FILE, {"settings": cfg.identity(), "command": "federate", "loft_version": __version__})
+        (out / ROUNDS_FILE).write_text("", encoding="utf-8")
+    except OSError as e:
+        raise LoftUsageError(f"Cannot write to --output-dir {str(out)!r}: {e.strerror or e}.") from None
+    rounds: list[dict[str, Any]] = []
+
+    def record(rec: dict[str, Any], detail: dict[str, Any]) -> None:
+        rounds.append(rec)
+        with open(out / ROUNDS_FILE, "a", encoding="utf-8") as f:
+            f.write(json.dumps(rec) + "\n")
+        if progress:
+            acc = f"accuracy {rec['eval_accuracy']:.4f}, loss {rec['eval_loss']:.4f}"
+            if rec["round"] == 0:
+                print(f"round 0/{cfg.rounds} (before training): {acc}", flush=True)
+            else:
+                print(f"round {rec['round']}/{cfg.rounds}: {acc}, train loss {rec['train_loss']:.4f}, aggregation "
+                      f"error {rec['aggregation_error']:.2e}, {max(rec['bytes_up']) / 1024:,.1f} KiB up per client, "
+                      f"{rec['seconds']:.0f} s", flush=True)
+        if on_round is not None:
+            on_round(rec, detail)
+
+    seconds, killed = _simulate(cfg, bench, split, record)
+    if len(rounds) != cfg.rounds + 1:
+        raise RuntimeError(f"the simulation ended after {len(rounds) - 1} of {cfg.rounds} rounds")
+    metrics = _metrics(cfg, bench, split, labels, rounds, seconds, time.perf_counter() - t_start, killed)
+    from ..plots import plot_rounds
+
+    name = f"{cfg.method}-r{cfg.rank}" if cfg.method != "full" else "full"
+    plot_rounds({name: rounds}, out / PLOT_FILE,
+                f"{name}, {cfg.aggregator_name}, {cfg.clients} clients, split {cfg.split}")
+    write_json(out / METRICS_FILE, metrics)
+    return metrics
+
+
+def _simulate(cfg: FederateConfig, bench: Any, split: list[list[int]], record: Callable) -> tuple[float, list[int]]:
+    """Run the federation in Flower's simulation engine; returns (seconds, pids that had to be killed)."""
+    _quiet_flower()
+    from flwr.simulation import run_simulation
+
+    from .client import THREADS_VAR
+    from .client import app as client_app
+    from .server import make_server_app
+
+    marker = uuid.uuid4().hex
+    parallel = cfg.parallel or max(1, min(cfg.clients, os.cpu_count() or 1))
+    ray_dir = tempfile.mkdtemp(prefix="loft-ray-")
+    saved_env = {k: os.environ.get(k) for k in (RUN_MARKER, THREADS_VAR, "PYTHONPATH")}
+    os.environ[RUN_MARKER] = marker  # inherited by every process Ray starts
+    os.environ[THREADS_VAR] = "1"  # one CPU per actor (client_resources below)
+    global LAST_RUN_MARKER
+    LAST_RUN_MARKER = marker
+    backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0},
+               "init_args": {"num_cpus": parallel, "num_gpus": 0, "object_store_memory": 128 * 2**20,
+                             "_temp_dir": ray_dir, "include_dashboard": False}}
+    start = time.perf_counter()
+    try:
+        run_simulation(server_app=make_server_app(bench, split, on_round=record), client_app=client_app,
+                       num_supernodes=cfg.clients, backend_config=backend)
+    finally:
+        for key, value in saved_env.items():  # Flower's Ray backend sets PYTHONPATH in this process
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        killed = _end_processes(marker)
+        shutil.rmtree(ray_dir, ignore_errors=True)
+    return time.perf_counter() - start, killed
+
+
+def _metrics(cfg: FederateConfig, bench: Any, split: list[list[int]], labels: list[int], rounds: list[dict[str, Any]],
+             sim_seconds: float, seconds: float, killed: list[int]) -> dict[str, Any]:
+    import flwr
+    import ray
+    import torch
+
+    last = rounds[-1]
+    trained = rounds[1:]
+    return {
+        "eval_accuracy": last["eval_accuracy"],
+        "eval_loss": last["eval_loss"],
+        "eval_accuracy_before": rounds[0]["eval_accuracy"],
+        "eval_loss_before": rounds[0]["eval_loss"],
+        "best_eval_accuracy": max(r["eval_accuracy"] for r in trained),
+        "rounds": rounds,
+        "bytes_up_total": sum(sum(r["bytes_up"]) for r in trained),
+        "bytes_down_total": sum(r["bytes_down"] * cfg.clients for r in trained),
+        "method": cfg.method,
+        "aggregator": cfg.aggregator_name,
+        "residual": cfg.residual if cfg.aggregator_name == "product" else None,
+        "state": "keep" if cfg.keep_state else "reset",
+        "rank": None if cfg.method == "full" else cfg.rank,
+        "clients": cfg.clients,
+        "local_steps": cfg.local_steps,
+        "split": cfg.split,
+        "client_examples": [len(s) for s in split],
+        "client_labels": [dict(sorted(Counter(str(bench.task.label_names[labels[i]]) for i in s).items())) for s in split],
+        "lr": cfg.method_lr,
+        "batch_size": cfg.batch_size,
+        "seed": cfg.seed,
+        "model": cfg.model or bench.task.default_model,
+        "data": cfg.data,
+        "num_train": bench.task.num_train,
+        "num_eval": bench.task.num_eval,
+        "simulation_seconds": round(sim_seconds, 2),
+        "seconds": round(seconds, 2),
+        "processes_killed": len(killed),
+        "loft_version": __version__,
+        "torch_version": torch.__version__,
+        "flwr_version": flwr.__version__,
+        "ray_version": ray.__version__,
+    }

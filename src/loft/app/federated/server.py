@@ -1,0 +1,179 @@
+"""The Flower ``ServerApp`` of ``loft federate``: the rounds, the aggregation and the record.
+
+Every client takes part in every round. Round ``t`` (1-based) sends each client the global
+trainable state; the replies' factors are aggregated with :mod:`loft.federated`:
+
+* ``product``: :func:`~loft.federated.aggregate_products` (the weighted mean of the products
+  ``B_k A_k`` re-factored to rank r); its residual is dropped, carried into the next round's
+  aggregate, or folded into every frozen weight (:func:`~loft.federated.fold_residual` on the
+  server; sent to the clients, which fold it too);
+* ``fedavg``: :func:`~loft.federated.fedavg` (means of A and of B);
+* ``alternating``: every client trains ``trained_factor(t - 1)`` only;
+  :func:`~loft.federated.alternating_aggregate` averages it;
+
+the other trainable tensors (the head; every weight for full fine-tuning) by their weighted mean,
+weights = the clients' example counts. The server then evaluates the global model and records,
+per round: ``eval_accuracy``, ``eval_loss``, ``train_loss`` (the clients' weighted mean),
+``aggregation_error`` (``||mean_k B_k A_k - B A||_F / ||mean_k B_k A_k||_F`` per layer, mean and
+max over layers, measured densely here for the record), ``bytes_up`` / ``bytes_down`` per
+client: the tensors a message must carry (:func:`~loft.federated.message_bytes` of the factors
+that change, plus the head: FFA-LoRA's B only, on alternating rounds the round's factor; the
+simulation's messages carry both factors for simplicity),
+``state_steps`` per client and ``seconds``.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["FLWR_TELEMETRY_ENABLED"] = "0"  # read when flwr is imported: no usage reports, offline
+
+import time  # noqa: E402
+from collections.abc import Callable, Sequence  # noqa: E402
+from typing import Any  # noqa: E402
+
+import torch  # noqa: E402
+from flwr.app import Context, Message, MessageType, RecordDict  # noqa: E402
+from flwr.serverapp import Grid, ServerApp  # noqa: E402
+
+from ... import federated as fed  # noqa: E402
+from .bench import Bench  # noqa: E402
+from .client import train_message_config  # noqa: E402
+from .records import factors_record, record_factors, record_tensors, tensors_record  # noqa: E402
+
+__all__ = ["factor_bytes", "make_server_app", "product_error", "tensor_bytes"]
+
+#: seconds the server waits for the simulation's nodes to register
+NODE_WAIT_S = 300.0
+
+
+def tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:
+    """Bytes of these tensors in a message (numel * element size)."""
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def factor_bytes(factors: fed.Factors, which: str | None) -> int:
+    """Bytes of the factors a message needs to carry: both, or only ``which`` (``"A"``, ``"B"``)
+    when only that one changes (alternating rounds; FFA-LoRA's B, on a frozen A every client
+    built from the same seed)."""
+    if which is None:
+        return fed.message_bytes(factors)
+    return fed.message_bytes({n: (p[0 if which == "A" else 1],) for n, p in factors.items()})  # type: ignore[misc]
+
+
+def product_error(updates: Sequence[fed.Factors], weights: Sequence[float], result: fed.Factors,
+                  carry: fed.Factors | None = None) -> dict[str, float]:
+    """Per layer ``||M - B A||_F / ||M||_F`` with ``M = sum_k w_k B_k A_k (+ B_c A_c)`` (weights
+    normalised): how far the global product is from the exact mean of the clients' products.
+    Dense ``m x n`` products, for the record only (the aggregators never form them)."""
+    total = float(sum(weights))
+    out = {}
+    for name, (a, b) in result.items():
+        mean = sum((w / total) * (u[name][1].double() @ u[name][0].double()) for u, w in zip(updates, weights))
+        if carry and name in carry:
+            mean = mean + carry[name][1].double() @ carry[name][0].double()
+        norm = float(torch.linalg.norm(mean))
+        diff = float(torch.linalg.norm(mean - b.double() @ a.double()))
+        out[name] = diff / norm if norm > 0 else diff
+    return out
+
+
+def _mean(tensors: Sequence[dict[str, torch.Tensor]], weights: Sequence[float]) -> dict[str, torch.Tensor]:
+    total = float(sum(weights))
+    return {k: sum((w / total) * t[k] for t, w in zip(tensors, weights)) for k in tensors[0]}
+
+
+def _wait_for_nodes(grid: Grid, clients: int) -> list[int]:
+    deadline = time.monotonic() + NODE_WAIT_S
+    while len(nodes := sorted(grid.get_node_ids())) < clients:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {len(nodes)} of {clients} Flower nodes registered in {NODE_WAIT_S:.0f} s")
+        time.sleep(0.05)
+    return nodes[:clients]
+
+
+def make_server_app(bench: Bench, split: list[list[int]], *, on_round: Callable[[dict[str, Any], dict[str, Any]], None]
+                    ) -> ServerApp:
+    """The ``ServerApp`` of one run. ``bench`` holds the server's copy of the model (the global
+    state, evaluated each round); ``split[k]``: client ``k``'s training example indices.
+    ``on_round(record, detail)`` is called after round 0 (the evaluation before training) and after
+    each round: ``record`` is the round's JSON-able metrics, ``detail`` what the round received
+    and computed (``updates``, ``weights``, ``factors``, ``residual``, ``others``), for tests."""
+    cfg = bench.cfg
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        nodes = _wait_for_nodes(grid, cfg.clients)
+        aggregator = cfg.aggregator_name
+        carry: fed.Factors | None = None
+        fold: fed.Factors | None = None  # the residual the clients fold at the next round
+        start = time.perf_counter()
+        on_round({"round": 0, **bench.evaluate(), "seconds": 0.0}, {})
+        for rnd in range(1, cfg.rounds + 1):
+            trained = fed.trained_factor(rnd) if aggregator == "alternating" else None
+            glob = bench.factors()
+            down: dict[str, Any] = {"others": tensors_record(bench.others())}
+            if glob is not None:
+                down["factors"] = factors_record(glob)
+            if fold:
+                down["fold"] = factors_record(fold)
+            moving = "B" if cfg.method == "ffa" else None  # the factors that change (alternating: the round's)
+            changed = fed.trained_factor(rnd - 1) if trained and rnd > 1 else moving
+            bytes_down = (factor_bytes(glob, changed) if glob else 0) + tensor_bytes(bench.others()) + (
+                fed.message_bytes(fold) if fold else 0)
+            messages = []
+            for k, node in enumerate(nodes):
+                content = RecordDict({**down, "config": train_message_config(cfg, rnd, k, split[k], trained)})
+                messages.append(Message(content=content, dst_node_id=node, message_type=MessageType.TRAIN))
+            replies = list(grid.send_and_receive(messages))
+            by_client: dict[int, Message] = {}
+            for reply in replies:
+                if reply.has_error():
+                    raise RuntimeError(f"a client failed in round {rnd}: {reply.error.reason}")
+                by_client[int(reply.content["metrics"]["client"])] = reply
+            if len(by_client) != len(nodes):
+                raise RuntimeError(f"round {rnd}: {len(by_client)} of {len(nodes)} clients replied")
+            ordered = [by_client[k] for k in range(len(nodes))]
+            weights = [float(r.content["metrics"]["examples"]) for r in ordered]
+            others = _mean([record_tensors(r.content["others"]) for r in ordered], weights)
+            updates = [record_factors(r.content["factors"]) for r in ordered] if glob is not None else []
+            residual: fed.Factors = {}
+            used_carry, fold = carry, None
+            if glob is None:
+                new = None
+            elif aggregator == "product":
+                agg = fed.aggregate_products(updates, weights, cfg.rank, carry=carry)
+                new, residual = agg.factors, agg.residual
+                if cfg.residual == "carry":
+                    carry = residual or None
+                elif cfg.residual == "fold" and residual:
+                    fed.fold_residual(bench.model, residual)
+                    fold = residual
+            elif aggregator == "fedavg":
+                new = fed.fedavg(updates, weights)
+            else:
+                new = fed.alternating_aggregate(updates, weights, trained)
+            errors = product_error(updates, weights, new, used_carry) if new is not None else {}
+            if new is not None:
+                fed.set_factors(bench.model, new)
+            bench.set_others(others)
+            up = [(factor_bytes(u, trained or moving) if u else 0) + tensor_bytes(record_tensors(r.content["others"]))
+                  for u, r in zip(updates or [None] * len(ordered), ordered)]
+            metrics = [r.content["metrics"] for r in ordered]
+            record = {
+                "round": rnd,
+                **bench.evaluate(),
+                "train_loss": sum(w * float(m["train_loss"]) for w, m in zip(weights, metrics)) / sum(weights),
+                "aggregation_error": sum(errors.values()) / len(errors) if errors else 0.0,
+                "aggregation_error_max": max(errors.values(), default=0.0),
+                "bytes_up": up,
+                "bytes_down": bytes_down,
+                "state_steps": [int(m["state_steps"]) for m in metrics],
+                "trained_factor": trained,
+                "seconds": round(time.perf_counter() - start, 2),
+            }
+            on_round(record, {"updates": updates, "weights": weights, "factors": new, "residual": residual,
+                              "others": others})
+
+    return app
