@@ -169,6 +169,28 @@ def test_client_keeps_or_resets_its_loft_state_across_rounds(tiny, tmp_path, sta
     assert max(float((got[n][0] - other[n][0]).abs().max()) for n in got) > 1e-4
 
 
+def test_client_trains_only_the_rounds_factor_on_alternating_rounds(tiny, tmp_path, task_identity):
+    """With --aggregator alternating the server names the factor each round trains (B on odd
+    rounds, A on even ones: loft.federated.trained_factor); the ClientApp then replies with the
+    other factor exactly as sent, and the mean of the replies is the exact mean product."""
+    cfg = _cfg(tiny, tmp_path, aggregator="alternating", state="keep")
+    server = build_bench(cfg)
+    indices = list(range(0, 48, 2))
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    globals_ = server.factors()
+    for rnd in (1, 2):
+        trained = fed.trained_factor(rnd)
+        content = RecordDict({"factors": factors_record(globals_), "others": tensors_record(server.others()),
+                              "config": client_mod.train_message_config(cfg, rnd, 0, indices, trained)})
+        reply = client_mod.app(Message(content=content, dst_node_id=1, message_type=MessageType.TRAIN), context)
+        got = record_factors(reply.content["factors"])
+        frozen, moved = (0, 1) if trained == "B" else (1, 0)
+        for name, sent in globals_.items():
+            assert torch.equal(got[name][frozen], sent[frozen]), (rnd, name)
+        assert max(float((got[n][moved] - globals_[n][moved]).abs().max()) for n in got) > 0, rnd
+        globals_ = fed.alternating_aggregate([got], [1.0], trained)
+
+
 def test_simulation_two_clients_two_rounds(tiny, tmp_path, monkeypatch):
     """`loft federate` on Flower's simulation engine (Ray): 2 clients, 2 rounds. The server's
     aggregate is loft.federated.aggregate_products of exactly what the clients sent, written
