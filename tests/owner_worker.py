@@ -111,7 +111,7 @@ def worker(rank: int, world: int, port: int, scenarios: list[str], out_dir: str)
         for scenario in scenarios:
             try:
                 results[scenario] = run(scenario, rank, world, x[rows], y[rows])
-            except Exception as exc:  # reported to the test, which fails with it
+            except Exception:  # reported to the test, which fails with it
                 import traceback
 
                 results[scenario] = {"error": traceback.format_exc()}

@@ -40,9 +40,8 @@ def torchrun(*args, env: dict[str, str] | None = None) -> subprocess.CompletedPr
     return subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=env or _env())
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ddp")
+def make_setup(root: Path) -> dict:
+    """A tiny BERT, data and the `loft finetune` options every multi-process CLI test shares."""
     bert = make_bert(root / "bert")
     # 48 examples: 6 full global batches of 8 per epoch, so one process and two see the same batches
     train = write_jsonl(root / "train.jsonl", sentiment_records(48))
@@ -50,6 +49,11 @@ def setup(tmp_path_factory):
     args = ["--model", bert, "--data", train, "--eval-data", test, "--max-steps", STEPS, "--batch-size", BATCH,
             "--lr", "5e-3", "--head-lr", "1e-2", "--quiet"]
     return {"root": root, "bert": bert, "train": train, "test": test, "args": args}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return make_setup(tmp_path_factory.mktemp("ddp"))
 
 
 @pytest.fixture(scope="module")

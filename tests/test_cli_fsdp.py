@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _tiny import make_bert, sentiment_records, write_jsonl
-from test_cli_distributed import BATCH, BIN, STEPS, TIMEOUT, _env, adapter, free_port, max_rel_diff, summary_lines, torchrun
+from test_cli_distributed import BATCH, BIN, STEPS, TIMEOUT, _env, adapter, free_port, make_setup, max_rel_diff, summary_lines, torchrun
 
 from loft.app.cli import main
 from loft.app.finetune import FinetuneConfig, finetune
@@ -31,13 +30,7 @@ def straight(setup):
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """The tiny BERT and data of tests/test_cli_distributed.py, the same options."""
-    root = tmp_path_factory.mktemp("fsdp")
-    bert = make_bert(root / "bert")
-    train = write_jsonl(root / "train.jsonl", sentiment_records(48))
-    test = write_jsonl(root / "test.jsonl", sentiment_records(24, seed=1))
-    args = ["--model", bert, "--data", train, "--eval-data", test, "--max-steps", STEPS, "--batch-size", BATCH,
-            "--lr", "5e-3", "--head-lr", "1e-2", "--quiet"]
-    return {"root": root, "args": args, "bert": bert, "train": train, "test": test}
+    return make_setup(tmp_path_factory.mktemp("fsdp"))
 
 
 def test_fsdp_run_writes_the_adapter_and_equals_one_process_with_the_same_arithmetic(setup, straight, tmp_path):
