@@ -132,39 +132,10 @@ def smollm2_shaped_model(r: int, quick: bool):
     return peft.get_peft_model(model, peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets))
 
 
-def model_times(r: int, steps: int, quick: bool) -> dict[str, float]:
-    models = {"loft": smollm2_shaped_model(r, quick), "lora": smollm2_shaped_model(r, quick)}
-    opts = {
-        "loft": loft.LoFTAdamW(models["loft"], lr=1e-4),
-        "lora": torch.optim.AdamW([p for p in models["lora"].parameters() if p.requires_grad], lr=1e-4, foreach=True),
-    }
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 49152, (4, 128), generator=g)
-    times: dict[str, list[float]] = {"loft": [], "lora": [], "loft_step": [], "lora_step": []}
-    for i in range(steps + 2):
-        for name in ("loft", "lora"):
-            model, opt = models[name], opts[name]
-            t0 = time.perf_counter()
-            model(input_ids=ids, labels=ids).loss.backward()
-            t1 = time.perf_counter()
-            opt.step()
-            opt.zero_grad()
-            t2 = time.perf_counter()
-            if i >= 2:  # warm-up
-                times[name].append(t2 - t0)
-                times[name + "_step"].append(t2 - t1)
-    result = {k: statistics.median(v) for k, v in times.items()}
-    result["loft_state_mib"] = state_bytes(opts["loft"]) / MiB
-    result["lora_state_mib"] = state_bytes(opts["lora"]) / MiB
-    return result
-
-
-def batching_times(r: int, steps: int, quick: bool) -> dict[str, float]:
-    """Whole training step and optimizer step of LoFT with pairs of one shape batched (the
-    default) and one pair at a time, interleaved (alternating which goes first)."""
-    names = ("batched", "per_pair")
-    models = {name: smollm2_shaped_model(r, quick) for name in names}
-    opts = {name: loft.LoFTAdamW(models[name], lr=1e-4, batch_pairs=name == "batched") for name in names}
+def _step_times(models: dict, opts: dict, steps: int) -> dict[str, float]:
+    """Median whole training step (``name``) and optimizer step (``name_step``) of each model,
+    ``steps`` samples after 2 warm-up steps, interleaved in alternating order."""
+    names = list(models)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 49152, (4, 128), generator=g)
     times: dict[str, list[float]] = {key: [] for name in names for key in (name, name + "_step")}
@@ -183,7 +154,27 @@ def batching_times(r: int, steps: int, quick: bool) -> dict[str, float]:
     return {key: statistics.median(v) for key, v in times.items()}
 
 
-# ----------------------------------------------------------------------------- report
+def model_times(r: int, steps: int, quick: bool) -> dict[str, float]:
+    models = {"loft": smollm2_shaped_model(r, quick), "lora": smollm2_shaped_model(r, quick)}
+    opts = {
+        "loft": loft.LoFTAdamW(models["loft"], lr=1e-4),
+        "lora": torch.optim.AdamW([p for p in models["lora"].parameters() if p.requires_grad], lr=1e-4, foreach=True),
+    }
+    result = _step_times(models, opts, steps)
+    result["loft_state_mib"] = state_bytes(opts["loft"]) / MiB
+    result["lora_state_mib"] = state_bytes(opts["lora"]) / MiB
+    return result
+
+
+def batching_times(r: int, steps: int, quick: bool) -> dict[str, float]:
+    """Whole training step and optimizer step of LoFT with pairs of one shape batched (the
+    default) and one pair at a time, interleaved (alternating which goes first)."""
+    names = ("batched", "per_pair")
+    models = {name: smollm2_shaped_model(r, quick) for name in names}
+    opts = {name: loft.LoFTAdamW(models[name], lr=1e-4, batch_pairs=name == "batched") for name in names}
+    return _step_times(models, opts, steps)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small shapes and few steps (a smoke run)")
