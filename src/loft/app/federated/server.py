@@ -16,10 +16,12 @@ weights = the clients' example counts. The server then evaluates the global mode
 per round: ``eval_accuracy``, ``eval_loss``, ``train_loss`` (the clients' weighted mean),
 ``aggregation_error`` (``||mean_k B_k A_k - B A||_F / ||mean_k B_k A_k||_F`` per layer, mean and
 max over layers, measured densely here for the record), ``bytes_up`` / ``bytes_down`` per
-client: the tensors a message must carry (:func:`~loft.federated.message_bytes` of the factors
-that change, plus the head: FFA-LoRA's B only, on alternating rounds the round's factor; the
-simulation's messages carry both factors for simplicity),
-``state_steps`` per client and ``seconds``.
+client: the tensors the messages carry (:func:`~loft.federated.message_bytes` of the factors
+that change, plus the head and a folded residual). A message carries only the factors the other
+end does not know: FFA-LoRA's ``B`` (every process builds the same frozen ``A`` from the run's
+seed); on alternating rounds the round's factor up, and down the factor aggregated in the round
+before (the first round sends both); the clients keep the global factors in ``context.state``.
+Also ``state_steps`` per client and ``seconds``.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from flwr.serverapp import Grid, ServerApp  # noqa: E402
 
 from ... import federated as fed  # noqa: E402
 from .bench import Bench  # noqa: E402
-from .client import train_message_config  # noqa: E402
+from .client import train_message_config, trained_factors  # noqa: E402
 from .records import factors_record, record_factors, record_tensors, tensors_record  # noqa: E402
 
 __all__ = ["factor_bytes", "make_server_app", "product_error", "tensor_bytes"]
@@ -113,13 +115,14 @@ def make_server_app(bench: Bench, split: list[list[int]], *, on_round: Callable[
         for rnd in range(1, cfg.rounds + 1):
             trained = fed.trained_factor(rnd) if aggregator == "alternating" else None
             glob = bench.factors()
+            moving = trained_factors(cfg, trained)  # the factor the clients train and send (None: both)
+            # the factors that changed since the clients last heard (alternating: last round's; the first round: all)
+            changed = fed.trained_factor(rnd - 1) if trained and rnd > 1 else (None if trained else moving)
             down: dict[str, Any] = {"others": tensors_record(bench.others())}
             if glob is not None:
-                down["factors"] = factors_record(glob)
+                down["factors"] = factors_record(glob, only=changed)
             if fold:
                 down["fold"] = factors_record(fold)
-            moving = "B" if cfg.method == "ffa" else None  # the factors that change (alternating: the round's)
-            changed = fed.trained_factor(rnd - 1) if trained and rnd > 1 else moving
             bytes_down = (factor_bytes(glob, changed) if glob else 0) + tensor_bytes(bench.others()) + (
                 fed.message_bytes(fold) if fold else 0)
             messages = []
@@ -137,7 +140,8 @@ def make_server_app(bench: Bench, split: list[list[int]], *, on_round: Callable[
             ordered = [by_client[k] for k in range(len(nodes))]
             weights = [float(r.content["metrics"]["examples"]) for r in ordered]
             others = _mean([record_tensors(r.content["others"]) for r in ordered], weights)
-            updates = [record_factors(r.content["factors"]) for r in ordered] if glob is not None else []
+            # each client's factors, completed with the global factor it did not train
+            updates = [record_factors(r.content["factors"], glob) for r in ordered] if glob is not None else []
             residual: fed.Factors = {}
             used_carry, fold = carry, None
             if glob is None:
@@ -158,7 +162,7 @@ def make_server_app(bench: Bench, split: list[list[int]], *, on_round: Callable[
             if new is not None:
                 fed.set_factors(bench.model, new)
             bench.set_others(others)
-            up = [(factor_bytes(u, trained or moving) if u else 0) + tensor_bytes(record_tensors(r.content["others"]))
+            up = [(factor_bytes(u, moving) if u else 0) + tensor_bytes(record_tensors(r.content["others"]))
                   for u, r in zip(updates or [None] * len(ordered), ordered)]
             metrics = [r.content["metrics"] for r in ordered]
             record = {
