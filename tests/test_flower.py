@@ -9,6 +9,13 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -242,16 +249,23 @@ class LocalGrid(Grid):
         return list(self.nodes)
 
     def push_messages(self, messages):
-        raise NotImplementedError
+        """Each message is answered at once by its node's ClientApp; the replies wait to be pulled."""
+        messages = list(messages)
+        replies = []
+        for k, msg in enumerate(messages):
+            msg.metadata.__dict__["_message_id"] = f"{len(self.rounds)}.{k}"  # what Flower's grids do on push
+            replies.append(client_mod.app(msg, self.contexts[msg.metadata.dst_node_id]))
+        self.rounds.append((messages, replies))
+        self.waiting = replies
+        return [m.metadata.message_id for m in messages]
 
     def pull_messages(self, message_ids):
-        raise NotImplementedError
+        found = [r for r in self.waiting if r.metadata.reply_to_message_id in set(message_ids)]
+        self.waiting = [r for r in self.waiting if r not in found]
+        return found
 
     def send_and_receive(self, messages, *, timeout=None):
-        messages = list(messages)
-        replies = [client_mod.app(m, self.contexts[m.metadata.dst_node_id]) for m in messages]
-        self.rounds.append((messages, replies))
-        return replies
+        raise NotImplementedError  # the ServerApp pushes and pulls, so that it can stop waiting
 
 
 def _keys(record) -> set[str]:
@@ -408,3 +422,55 @@ def test_simulation_two_clients_two_rounds(tiny, tmp_path, monkeypatch):
     assert len((out / "rounds.jsonl").read_text().splitlines()) == 3
     assert (out / "accuracy.png").stat().st_size > 0
     assert json.loads((out / "run_config.json").read_text())["settings"]["clients"] == 2
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_an_interrupted_simulation_cleans_up(tiny, tmp_path, monkeypatch, capsys, request, signum):
+    """Ctrl-C (SIGINT) or SIGTERM to `loft federate` during round 2 of the simulation: exit status
+    130 / 143 with one line on stderr, the finished rounds kept, Ray's temporary folder removed,
+    none of the run's processes left, the ServerApp's thread ended and the SIGTERM handler that
+    ray.init replaces put back."""
+    temp = Path(tempfile.mkdtemp(prefix="lft"))  # short: Ray's socket paths inside must fit in 107 bytes
+    request.addfinalizer(lambda: shutil.rmtree(temp, ignore_errors=True))
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))  # where the run's mkdtemp puts Ray's folder
+    alive: list[int] = []
+    real = server_mod.make_server_app
+
+    def interrupting(bench, split, *, on_round, stop=None):
+        def hook(record, detail):
+            on_round(record, detail)
+            if record["round"] == 1:
+                alive.append(len(run_mod.leftover_processes(run_mod.LAST_RUN_MARKER)))
+                assert [p.name for p in temp.iterdir()][0].startswith("loft-ray-")
+                os.kill(os.getpid(), signum)  # to the main thread, which runs Flower's simulation engine
+        return real(bench, split, on_round=hook, stop=stop)
+
+    monkeypatch.setattr(server_mod, "make_server_app", interrupting)
+    handler = signal.getsignal(signal.SIGTERM)
+    threads = set(threading.enumerate())
+    bert, train, test = tiny
+    out = tmp_path / "run"
+    argv = ["federate", "--model", str(bert), "--data", str(train), "--eval-data", str(test), "--clients", "2",
+            "--rounds", "3", "--local-steps", "1", "--rank", "2", "--batch-size", "8", "--parallel", "1",
+            "--output-dir", str(out), "--quiet"]
+    if signum == signal.SIGINT:
+        assert main(argv) == 130
+    else:
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 143
+    err = capsys.readouterr().err.strip()  # Ray also forwards what its actors print
+    assert "Traceback" not in err and [x for x in err.splitlines() if x.startswith("loft")] == [err.splitlines()[-1]], err
+    what = "Interrupted" if signum == signal.SIGINT else "Terminated (SIGTERM)"
+    assert err.splitlines()[-1].startswith(f"loft: {what} after 1 of 3 rounds; Ray's processes and temporary files "
+                                           "were removed"), err
+    assert alive and alive[0] >= 1  # the check below would see the run's processes
+    assert run_mod.leftover_processes(run_mod.LAST_RUN_MARKER) == []
+    assert list(temp.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) == handler
+    assert [json.loads(line)["round"] for line in (out / "rounds.jsonl").read_text().splitlines()] == [0, 1]
+    assert not (out / "metrics.json").exists()
+    deadline = time.monotonic() + 30  # the ServerApp's thread stops at its next wait for replies
+    while (left := [t for t in set(threading.enumerate()) - threads if not t.daemon]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert left == []

@@ -30,6 +30,7 @@ import os
 
 os.environ["FLWR_TELEMETRY_ENABLED"] = "0"  # read when flwr is imported: no usage reports, offline
 
+import threading  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable, Sequence  # noqa: E402
 from typing import Any  # noqa: E402
@@ -43,10 +44,16 @@ from .bench import Bench  # noqa: E402
 from .client import train_message_config, trained_factors  # noqa: E402
 from .records import factors_record, record_factors, record_tensors, tensors_record  # noqa: E402
 
-__all__ = ["factor_bytes", "make_server_app", "product_error", "tensor_bytes"]
+__all__ = ["RunStopped", "factor_bytes", "make_server_app", "product_error", "tensor_bytes"]
 
 #: seconds the server waits for the simulation's nodes to register
 NODE_WAIT_S = 300.0
+#: seconds between two looks for the clients' replies (Flower's InMemoryGrid pulls every 0.1 s too)
+PULL_INTERVAL_S = 0.1
+
+
+class RunStopped(Exception):
+    """The run was interrupted (Ctrl-C, SIGTERM): the ServerApp stops instead of waiting for replies."""
 
 
 def tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:
@@ -85,34 +92,58 @@ def _mean(tensors: Sequence[dict[str, torch.Tensor]], weights: Sequence[float]) 
     return {k: sum((w / total) * t[k] for t, w in zip(tensors, weights)) for k in tensors[0]}
 
 
-def _wait_for_nodes(grid: Grid, clients: int) -> list[int]:
+def _check(stop: threading.Event | None) -> None:
+    if stop is not None and stop.is_set():
+        raise RunStopped("the run was interrupted")
+
+
+def _wait_for_nodes(grid: Grid, clients: int, stop: threading.Event | None) -> list[int]:
     deadline = time.monotonic() + NODE_WAIT_S
     while len(nodes := sorted(grid.get_node_ids())) < clients:
+        _check(stop)
         if time.monotonic() > deadline:
             raise RuntimeError(f"only {len(nodes)} of {clients} Flower nodes registered in {NODE_WAIT_S:.0f} s")
         time.sleep(0.05)
     return nodes[:clients]
 
 
-def make_server_app(bench: Bench, split: list[list[int]], *, on_round: Callable[[dict[str, Any], dict[str, Any]], None]
-                    ) -> ServerApp:
+def _send_and_receive(grid: Grid, messages: list[Message], stop: threading.Event | None) -> list[Message]:
+    """``grid.send_and_receive`` that gives up (:class:`RunStopped`) once ``stop`` is set: the
+    simulation runs the ServerApp in a thread of its own that nothing else can end, and whose
+    clients are gone after an interrupt."""
+    waiting = set(grid.push_messages(messages))
+    replies: list[Message] = []
+    while True:
+        got = list(grid.pull_messages(waiting))
+        replies += got
+        waiting -= {reply.metadata.reply_to_message_id for reply in got}
+        if not waiting:
+            return replies
+        _check(stop)
+        time.sleep(PULL_INTERVAL_S)
+
+
+def make_server_app(bench: Bench, split: list[list[int]], *, on_round: Callable[[dict[str, Any], dict[str, Any]], None],
+                    stop: threading.Event | None = None) -> ServerApp:
     """The ``ServerApp`` of one run. ``bench`` holds the server's copy of the model (the global
     state, evaluated each round); ``split[k]``: client ``k``'s training example indices.
     ``on_round(record, detail)`` is called after round 0 (the evaluation before training) and after
     each round: ``record`` is the round's JSON-able metrics, ``detail`` what the round received
-    and computed (``updates``, ``weights``, ``factors``, ``residual``, ``others``), for tests."""
+    and computed (``updates``, ``weights``, ``factors``, ``residual``, ``others``), for tests.
+    Once ``stop`` is set, the app raises :class:`RunStopped` at its next wait or round."""
     cfg = bench.cfg
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        nodes = _wait_for_nodes(grid, cfg.clients)
+        nodes = _wait_for_nodes(grid, cfg.clients, stop)
         aggregator = cfg.aggregator_name
         carry: fed.Factors | None = None
         fold: fed.Factors | None = None  # the residual the clients fold at the next round
         start = time.perf_counter()
         on_round({"round": 0, **bench.evaluate(), "seconds": 0.0}, {})
         for rnd in range(1, cfg.rounds + 1):
+            _check(stop)
             trained = fed.trained_factor(rnd) if aggregator == "alternating" else None
             glob = bench.factors()
             moving = trained_factors(cfg, trained)  # the factor the clients train and send (None: both)
@@ -129,7 +160,7 @@ def make_server_app(bench: Bench, split: list[list[int]], *, on_round: Callable[
             for k, node in enumerate(nodes):
                 content = RecordDict({**down, "config": train_message_config(cfg, rnd, k, split[k], trained)})
                 messages.append(Message(content=content, dst_node_id=node, message_type=MessageType.TRAIN))
-            replies = list(grid.send_and_receive(messages))
+            replies = _send_and_receive(grid, messages, stop)
             by_client: dict[int, Message] = {}
             for reply in replies:
                 if reply.has_error():
