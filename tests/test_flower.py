@@ -224,7 +224,7 @@ def test_alternating_client_sends_and_needs_only_one_factor(tiny, tmp_path, task
     assert all(torch.equal(kept[n][i], g2[n][i]) for n in g2 for i in (0, 1))
 
 
-# ----------------------------------------------------------------------------- the ServerApp and ClientApps in this process
+# ----------------------------------------------------------------------------- ServerApp and ClientApps in this process
 class LocalGrid(Grid):
     """Flower's ``Grid`` for a ServerApp whose ClientApps run in this process: each message goes
     to ``client.app`` with its node's own ``Context`` (as the simulation keeps one per node);
@@ -357,7 +357,7 @@ def test_server_and_clients_in_process(tiny, tmp_path, flavour, task_identity):
             if flavour == "carry":
                 carry = agg.residual
         for n in expected:
-            assert torch.equal(detail["factors"][n][0], expected[n][0]) and torch.equal(detail["factors"][n][1], expected[n][1])
+            assert all(torch.equal(detail["factors"][n][i], expected[n][i]) for i in (0, 1)), (rnd, n)
         if flavour == "ffa":  # A stays at the seeded start, on the server and on every client
             assert all(torch.equal(detail["factors"][n][0], bench.start[n][0]) for n in expected)
     if flavour != "full":  # every client's record of the global factors is what the server had in round 2
@@ -365,7 +365,7 @@ def test_server_and_clients_in_process(tiny, tmp_path, flavour, task_identity):
         for context in grid.contexts.values():
             kept = record_factors(context.state["global.factors"])
             assert all(torch.equal(kept[n][i], glob[n][i]) for n in glob for i in (0, 1))
-    if flavour == "fold":  # the base weights hold the residuals folded by hand: the server's both, the clients' round 1's
+    if flavour == "fold":  # base weights with the residuals folded by hand: the server's both, the clients' round 1's
         ref = build_bench(cfg)
         fed.fold_residual(ref.model, seen[1][1]["residual"])
         client_bench = client_mod._BENCHES[cfg.to_json()]
@@ -388,14 +388,14 @@ def test_simulation_two_clients_two_rounds(tiny, tmp_path, monkeypatch):
     alive_during: list[int] = []
     real = server_mod.make_server_app
 
-    def recording(bench, split, *, on_round):
+    def recording(bench, split, *, on_round, stop=None):
         def hook(record, detail):
             on_round(record, detail)
             if detail:
                 detail = {**detail, "model": bench.factors()}
                 alive_during.append(len(run_mod.leftover_processes(run_mod.LAST_RUN_MARKER)))
             seen.append((record, detail))
-        return real(bench, split, on_round=hook)
+        return real(bench, split, on_round=hook, stop=stop)
 
     monkeypatch.setattr(server_mod, "make_server_app", recording)
     bert, train, test = tiny
@@ -460,7 +460,8 @@ def test_an_interrupted_simulation_cleans_up(tiny, tmp_path, monkeypatch, capsys
             main(argv)
         assert exit_.value.code == 143
     err = capsys.readouterr().err.strip()  # Ray also forwards what its actors print
-    assert "Traceback" not in err and [x for x in err.splitlines() if x.startswith("loft")] == [err.splitlines()[-1]], err
+    lines = err.splitlines()
+    assert "Traceback" not in err and [x for x in lines if x.startswith("loft")] == [lines[-1]], err
     what = "Interrupted" if signum == signal.SIGINT else "Terminated (SIGTERM)"
     assert err.splitlines()[-1].startswith(f"loft: {what} after 1 of 3 rounds; Ray's processes and temporary files "
                                            "were removed"), err

@@ -84,7 +84,9 @@ def fold_frozen_sides(optimizer: LoFTAdamW, state_dict: dict[str, Any], params: 
             state[live] = {**state[live], **{FROZEN + k: v for k, v in entry.items() if k != "step"}}
 
 
-def unfold_frozen_sides(optimizer: LoFTAdamW, saved: dict[Any, Any], saved_ids: list[Any], params: list[torch.Tensor]) -> dict[Any, Any]:
+def unfold_frozen_sides(
+    optimizer: LoFTAdamW, saved: dict[Any, Any], saved_ids: list[Any], params: list[torch.Tensor]
+) -> dict[Any, Any]:
     """The inverse of :func:`fold_frozen_sides` on a state being loaded: an entry holding
     :data:`FROZEN` keys gives its pair's other factor its entry back (with the pair's ``step``).
     Returns a new ``state`` dict (``saved`` is not changed); ``saved_ids``: the saved ids of
@@ -104,7 +106,9 @@ def unfold_frozen_sides(optimizer: LoFTAdamW, saved: dict[Any, Any], saved_ids: 
     return out
 
 
-def add_templates(optimizer: LoFTAdamW, state_dict: dict[str, Any], params: list[torch.Tensor], device: torch.device | None) -> None:
+def add_templates(
+    optimizer: LoFTAdamW, state_dict: dict[str, Any], params: list[torch.Tensor], device: torch.device | None
+) -> None:
     """Give every trainable parameter without an entry in ``state_dict["state"]`` a zero entry
     with ``step`` 0 (the fresh state), after folding each pair's frozen factor's state into its
     trainable factor's (:func:`fold_frozen_sides`). ``params``: the parameters in

@@ -22,7 +22,8 @@ ServerApp's thread stops waiting for replies, Ray is shut down, its processes ar
 killed if need be) and its temporary folder removed. Ctrl-C then raises
 :class:`~loft.app.errors.RunInterrupted` (``loft`` exits with status 130), SIGTERM exits with
 status 143 (128 + 15), each with one line on stderr; ``rounds.jsonl`` keeps the rounds that
-finished.
+finished. loft starts Ray itself (:func:`_start_ray`) so that it can put its own SIGTERM handler
+back after ``ray.init``.
 """
 
 from __future__ import annotations
@@ -212,6 +213,9 @@ def _simulate(cfg: FederateConfig, bench: Any, split: list[list[int]], record: C
         signal.signal(signal.SIGTERM, _raise_terminated)
     start = time.perf_counter()
     try:
+        _start_ray(backend["init_args"])
+        if on_main:  # ray.init replaced the SIGTERM handler, in Python and in C (Ray's failure-signal handler)
+            signal.signal(signal.SIGTERM, _raise_terminated)
         run_simulation(server_app=make_server_app(bench, split, on_round=record, stop=stop), client_app=client_app,
                        num_supernodes=cfg.clients, backend_config=backend)
     except SystemExit as e:  # ray.init's SIGTERM handler
@@ -233,6 +237,20 @@ def _simulate(cfg: FederateConfig, bench: Any, split: list[list[int]], record: C
             if on_main:
                 signal.signal(signal.SIGTERM, previous_term)
     return time.perf_counter() - start, killed
+
+
+def _start_ray(init_args: dict[str, Any]) -> None:
+    """``ray.init`` as Flower's Ray backend would call it (which then finds Ray started and uses
+    it): so that loft can put its own SIGTERM handler back afterwards. Ray's failure-signal
+    handler, which ``ray.init`` installs for SIGTERM too, can abort the process when SIGTERM
+    arrives during the simulation (exit status 134, Ray's folder left behind)."""
+    import ray
+
+    pythonpath = os.pathsep.join(sys.path)  # what Flower's backend passes its actors
+    if os.environ.get("PYTHONPATH"):
+        pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
+    os.environ["PYTHONPATH"] = pythonpath
+    ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **init_args)
 
 
 def _shutdown_ray() -> None:
