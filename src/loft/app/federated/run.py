@@ -246,6 +246,8 @@ def _start_ray(init_args: dict[str, Any]) -> None:
     arrives during the simulation (exit status 134, Ray's folder left behind)."""
     import ray
 
+    if ray.is_initialized():  # started by the caller: Flower's backend uses it as it is
+        return
     pythonpath = os.pathsep.join(sys.path)  # what Flower's backend passes its actors
     if os.environ.get("PYTHONPATH"):
         pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
