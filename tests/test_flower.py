@@ -1,12 +1,21 @@
 """The Flower apps of ``loft federate`` (loft/app/federated/): the records, the ClientApp called in
-this process (its state kept across rounds in ``context.state``, or reset), and one small
-simulation in Flower's engine (Ray) through the command line (tests/test_cli_federate.py has
-the refusals)."""
+this process (its state kept across rounds in ``context.state``, or reset), the ServerApp and
+ClientApps of every method, aggregator and residual option run in this process through a
+``Grid`` that hands the messages to the ClientApp (the bytes each message carries; each
+round's aggregate from what the clients sent), and one small simulation in Flower's engine (Ray)
+through the command line (tests/test_cli_federate.py has the refusals)."""
 
 from __future__ import annotations
 
 import copy
 import json
+import os
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +26,7 @@ pytest.importorskip("ray")
 from _tiny import make_bert, sentiment_records, write_jsonl  # noqa: E402
 from conftest import lora_linear  # noqa: E402
 from flwr.app import Context, Message, MessageType, RecordDict  # noqa: E402
+from flwr.serverapp import Grid  # noqa: E402
 
 from loft import LoFTAdamW  # noqa: E402
 from loft import federated as fed  # noqa: E402
@@ -28,7 +38,9 @@ from loft.app.federated import server as server_mod  # noqa: E402
 from loft.app.federated.bench import build_bench  # noqa: E402
 from loft.app.federated.records import (  # noqa: E402
     factors_record,
+    record_bytes,
     record_factors,
+    record_tensors,
     records_to_state,
     state_to_records,
     tensors_record,
@@ -99,6 +111,16 @@ def test_factor_records_keep_names_and_values():
     assert list(back) == sorted(factors)
     for name, (a, b) in factors.items():
         assert torch.equal(back[name][0], a) and torch.equal(back[name][1], b) and back[name][0].dtype == a.dtype
+    # one side only: the record holds just those tensors; the receiver completes the pairs from what it knows
+    only_b = factors_record(factors, only="B")
+    assert sorted(only_b) == ["a.b.query.B", "a.c.value.B"]
+    assert record_bytes(only_b) == fed.message_bytes({n: (b,) for n, (_, b) in factors.items()}) == 7 * 2 * (8 + 4)
+    known = {n: (a + 1, b + 1) for n, (a, b) in factors.items()}
+    back = record_factors(only_b, known)
+    for name, (a, b) in factors.items():
+        assert torch.equal(back[name][0], known[name][0]) and torch.equal(back[name][1], b)
+    with pytest.raises(ValueError, match="factor record has no 'a.b.query.A', and the receiver does not know it"):
+        record_factors(only_b)
 
 
 @pytest.fixture
@@ -110,10 +132,14 @@ def task_identity(monkeypatch):
         monkeypatch.setattr(TaskIdentity, key, value)
 
 
-def _message(cfg, bench, rnd, indices, factors, others):
-    content = RecordDict({"factors": factors_record(factors), "others": tensors_record(others),
-                          "config": client_mod.train_message_config(cfg, rnd, 0, indices, None)})
+def _message(cfg, bench, rnd, indices, factors, others, trained=None, only=None):
+    content = RecordDict({"factors": factors_record(factors, only=only), "others": tensors_record(others),
+                          "config": client_mod.train_message_config(cfg, rnd, 0, indices, trained)})
     return Message(content=content, dst_node_id=1, message_type=MessageType.TRAIN)
+
+
+def _context(node=1):
+    return Context(run_id=1, node_id=node, node_config={}, state=RecordDict(), run_config={})
 
 
 def _client_rounds(cfg):
@@ -123,7 +149,7 @@ def _client_rounds(cfg):
     server = build_bench(cfg)
     indices = list(range(0, 48, 2))
     g1, h1 = server.factors(), server.others()
-    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    context = _context()
     r1 = client_mod.app(_message(cfg, server, 1, indices, g1, h1), context)
     sent = record_factors(r1.content["factors"])
     g2 = fed.aggregate_products([sent, g1], [1.0, 1.0], cfg.rank).factors
@@ -169,26 +195,188 @@ def test_client_keeps_or_resets_its_loft_state_across_rounds(tiny, tmp_path, sta
     assert max(float((got[n][0] - other[n][0]).abs().max()) for n in got) > 1e-4
 
 
-def test_client_trains_only_the_rounds_factor_on_alternating_rounds(tiny, tmp_path, task_identity):
+def test_alternating_client_sends_and_needs_only_one_factor(tiny, tmp_path, task_identity):
     """With --aggregator alternating the server names the factor each round trains (B on odd
-    rounds, A on even ones: loft.federated.trained_factor); the ClientApp then replies with the
-    other factor exactly as sent, and the mean of the replies is the exact mean product."""
+    rounds, A on even ones: loft.federated.trained_factor). The ClientApp replies with that
+    factor only, and takes the other from the global factors it keeps in context.state: its
+    round 2 with only the changed factor sent is bit-identical to its round 2 with both sent."""
     cfg = _cfg(tiny, tmp_path, aggregator="alternating", state="keep")
     server = build_bench(cfg)
     indices = list(range(0, 48, 2))
-    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
-    globals_ = server.factors()
-    for rnd in (1, 2):
-        trained = fed.trained_factor(rnd)
-        content = RecordDict({"factors": factors_record(globals_), "others": tensors_record(server.others()),
-                              "config": client_mod.train_message_config(cfg, rnd, 0, indices, trained)})
-        reply = client_mod.app(Message(content=content, dst_node_id=1, message_type=MessageType.TRAIN), context)
-        got = record_factors(reply.content["factors"])
-        frozen, moved = (0, 1) if trained == "B" else (1, 0)
-        for name, sent in globals_.items():
-            assert torch.equal(got[name][frozen], sent[frozen]), (rnd, name)
-        assert max(float((got[n][moved] - globals_[n][moved]).abs().max()) for n in got) > 0, rnd
-        globals_ = fed.alternating_aggregate([got], [1.0], trained)
+    head = server.others()
+    contexts = [_context(), _context()]
+    g1 = server.factors()
+    r1 = [client_mod.app(_message(cfg, server, 1, indices, g1, head, "B"), c) for c in contexts]
+    assert all(k.endswith(".B") for k in r1[0].content["factors"]) and len(r1[0].content["factors"]) == len(g1)
+    sent = record_factors(r1[0].content["factors"], g1)
+    assert max(float((sent[n][1] - g1[n][1]).abs().max()) for n in g1) > 0  # B trained
+    g2 = fed.alternating_aggregate([sent], [1.0], "B")
+    full = client_mod.app(_message(cfg, server, 2, indices, g2, head, "A"), contexts[0])
+    part = client_mod.app(_message(cfg, server, 2, indices, g2, head, "A", only="B"), contexts[1])
+    assert sorted(part.content["factors"]) == sorted(full.content["factors"]) and all(
+        k.endswith(".A") for k in part.content["factors"])
+    for key, value in record_factors(full.content["factors"], g2).items():
+        assert torch.equal(record_factors(part.content["factors"], g2)[key][0], value[0]), key
+    a2 = record_factors(part.content["factors"], g2)
+    assert max(float((a2[n][0] - g2[n][0]).abs().max()) for n in g2) > 0  # A trained
+    # the client's record of the global factors is the server's
+    kept = record_factors(contexts[1].state["global.factors"])
+    assert all(torch.equal(kept[n][i], g2[n][i]) for n in g2 for i in (0, 1))
+
+
+# ----------------------------------------------------------------------------- ServerApp and ClientApps in this process
+class LocalGrid(Grid):
+    """Flower's ``Grid`` for a ServerApp whose ClientApps run in this process: each message goes
+    to ``client.app`` with its node's own ``Context`` (as the simulation keeps one per node);
+    every message sent and every reply is kept, per round."""
+
+    def __init__(self, clients: int) -> None:
+        self.nodes = list(range(1, clients + 1))
+        self.contexts = {n: _context(n) for n in self.nodes}
+        self.rounds: list[tuple[list[Message], list[Message]]] = []
+
+    def set_run(self, run) -> None:
+        pass
+
+    @property
+    def run(self):
+        raise NotImplementedError
+
+    def create_message(self, *args, **kwargs):
+        raise NotImplementedError
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def push_messages(self, messages):
+        """Each message is answered at once by its node's ClientApp; the replies wait to be pulled."""
+        messages = list(messages)
+        replies = []
+        for k, msg in enumerate(messages):
+            msg.metadata.__dict__["_message_id"] = f"{len(self.rounds)}.{k}"  # what Flower's grids do on push
+            replies.append(client_mod.app(msg, self.contexts[msg.metadata.dst_node_id]))
+        self.rounds.append((messages, replies))
+        self.waiting = replies
+        return [m.metadata.message_id for m in messages]
+
+    def pull_messages(self, message_ids):
+        found = [r for r in self.waiting if r.metadata.reply_to_message_id in set(message_ids)]
+        self.waiting = [r for r in self.waiting if r not in found]
+        return found
+
+    def send_and_receive(self, messages, *, timeout=None):
+        raise NotImplementedError  # the ServerApp pushes and pulls, so that it can stop waiting
+
+
+def _keys(record) -> set[str]:
+    return {k.rsplit(".", 1)[1] for k in record} if record is not None else set()
+
+
+FLAVOURS = {
+    "alternating": dict(aggregator="alternating", state="keep"),
+    "carry": dict(residual="carry"),
+    "fold": dict(residual="fold"),
+    "lora": dict(method="lora"),
+    "ffa": dict(method="ffa"),
+    "full": dict(method="full"),
+}
+
+
+@pytest.mark.parametrize("flavour", list(FLAVOURS))
+def test_server_and_clients_in_process(tiny, tmp_path, flavour, task_identity):
+    """Two rounds of the ServerApp with two ClientApps in this process, per option: every message
+    carries exactly the bytes the round's record counts (loft.federated.message_bytes of the
+    factors the other end does not know, plus the head and a folded residual), and the server's
+    new global state is the option's aggregate of what the clients sent, computed here."""
+    cfg = _cfg(tiny, tmp_path, local_steps=1, **FLAVOURS[flavour])
+    bench = build_bench(cfg)
+    split = fed.dirichlet_split(list(bench.task.train_labels), cfg.clients, cfg.alpha, cfg.seed)
+    grid = LocalGrid(cfg.clients)
+    seen, start = [], [bench.factors(), bench.others()]
+    bases = []
+
+    def on_round(record, detail):
+        seen.append((record, {**detail, "start": start[0], "start_others": start[1]}))
+        start[:] = [bench.factors(), bench.others()]
+        bases.append({n: m.base_layer.weight.detach().clone() for n, m in bench.model.named_modules()
+                      if hasattr(m, "base_layer") and hasattr(m, "lora_A")})
+
+    server_mod.make_server_app(bench, split, on_round=on_round)(grid, _context(0))
+    assert [r["round"] for r, _ in seen] == [0, 1, 2] and len(grid.rounds) == 2
+    carry = None
+    for (record, detail), (sent, replies) in zip(seen[1:], grid.rounds):
+        rnd, glob, weights, updates = record["round"], detail["start"], detail["weights"], detail["updates"]
+        head = server_mod.tensor_bytes(detail["start_others"])
+        # -- the bytes: what the records hold is what the round counts, and message_bytes of the expected factors
+        down = {"alternating": None if rnd == 1 else "B", "ffa": "B"}.get(flavour)
+        up = {"alternating": fed.trained_factor(rnd), "ffa": "B"}.get(flavour)
+        side = lambda f, which: {n: p if which is None else (p["AB".index(which)],) for n, p in f.items()}  # noqa: E731
+        fold_down = seen[rnd - 1][1].get("residual") if flavour == "fold" and rnd > 1 else None
+        for msg in sent:
+            got = {k: record_bytes(msg.content[k]) for k in msg.content.array_records}
+            assert sum(got.values()) == record["bytes_down"], (rnd, got)
+            if glob is None:
+                assert "factors" not in got and got["others"] == head
+            else:
+                assert _keys(msg.content["factors"]) == ({"A", "B"} if down is None else {down})
+                assert got["factors"] == fed.message_bytes(side(glob, down))
+            assert ("fold" in got) == bool(fold_down)
+            if fold_down:
+                assert got["fold"] == fed.message_bytes(fold_down)
+                assert all(torch.equal(t, u) for n in fold_down for t, u in
+                           zip(record_factors(msg.content["fold"])[n], fold_down[n]))
+        for k, reply in enumerate(replies):
+            got = {key: record_bytes(reply.content[key]) for key in reply.content.array_records}
+            assert sum(got.values()) == record["bytes_up"][k]
+            if glob is not None:
+                assert _keys(reply.content["factors"]) == ({"A", "B"} if up is None else {up})
+                assert got["factors"] == fed.message_bytes(side(updates[k], up))
+        # -- the aggregate, from what the clients sent
+        mean_others = {n: sum((w / sum(weights)) * record_tensors(r.content["others"])[n]
+                              for r, w in zip(replies, weights)) for n in detail["others"]}
+        assert all(torch.equal(detail["others"][n], mean_others[n]) for n in mean_others)
+        if flavour == "full":
+            assert detail["factors"] is None
+            moved = [float((detail["others"][n] - detail["start_others"][n]).abs().max()) for n in mean_others]
+            assert len(moved) > 20 and min(moved) > 0  # every weight trains and is averaged
+            continue
+        sent_factors = [record_factors(r.content["factors"], glob) for r in replies]
+        for u, s in zip(updates, sent_factors):
+            assert all(torch.equal(u[n][i], s[n][i]) for n in s for i in (0, 1))
+        if flavour == "alternating":
+            expected = fed.alternating_aggregate(updates, weights, fed.trained_factor(rnd))
+            frozen = 1 if fed.trained_factor(rnd) == "A" else 0
+            assert all(torch.equal(expected[n][frozen], glob[n][frozen]) for n in glob)
+        elif flavour in ("lora", "ffa"):
+            expected = fed.fedavg(updates, weights)
+        else:
+            agg = fed.aggregate_products(updates, weights, cfg.rank, carry=carry)
+            assert agg.residual  # 2 clients' rank-2 products: the mean has rank 4
+            expected = agg.factors
+            assert all(torch.equal(detail["residual"][n][i], agg.residual[n][i]) for n in agg.residual for i in (0, 1))
+            if flavour == "carry":
+                carry = agg.residual
+        for n in expected:
+            assert all(torch.equal(detail["factors"][n][i], expected[n][i]) for i in (0, 1)), (rnd, n)
+        if flavour == "ffa":  # A stays at the seeded start, on the server and on every client
+            assert all(torch.equal(detail["factors"][n][0], bench.start[n][0]) for n in expected)
+    if flavour != "full":  # every client's record of the global factors is what the server had in round 2
+        glob = seen[2][1]["start"]
+        for context in grid.contexts.values():
+            kept = record_factors(context.state["global.factors"])
+            assert all(torch.equal(kept[n][i], glob[n][i]) for n in glob for i in (0, 1))
+    if flavour == "fold":  # base weights with the residuals folded by hand: the server's both, the clients' round 1's
+        ref = build_bench(cfg)
+        fed.fold_residual(ref.model, seen[1][1]["residual"])
+        client_bench = client_mod._BENCHES[cfg.to_json()]
+        modules = dict(client_bench.model.named_modules())
+        ref_modules = dict(ref.model.named_modules())
+        for n, weight in bases[1].items():
+            assert torch.equal(modules[n].base_layer.weight, ref_modules[n].base_layer.weight), n
+            assert torch.equal(weight, ref_modules[n].base_layer.weight), n
+        assert max(float((bases[1][n] - bases[0][n]).abs().max()) for n in bases[1]) > 0
+        fed.fold_residual(ref.model, seen[2][1]["residual"])
+        assert all(torch.equal(bases[2][n], ref_modules[n].base_layer.weight) for n in bases[2])
 
 
 def test_simulation_two_clients_two_rounds(tiny, tmp_path, monkeypatch):
@@ -200,14 +388,14 @@ def test_simulation_two_clients_two_rounds(tiny, tmp_path, monkeypatch):
     alive_during: list[int] = []
     real = server_mod.make_server_app
 
-    def recording(bench, split, *, on_round):
+    def recording(bench, split, *, on_round, stop=None):
         def hook(record, detail):
             on_round(record, detail)
             if detail:
                 detail = {**detail, "model": bench.factors()}
                 alive_during.append(len(run_mod.leftover_processes(run_mod.LAST_RUN_MARKER)))
             seen.append((record, detail))
-        return real(bench, split, on_round=hook)
+        return real(bench, split, on_round=hook, stop=stop)
 
     monkeypatch.setattr(server_mod, "make_server_app", recording)
     bert, train, test = tiny
@@ -234,3 +422,56 @@ def test_simulation_two_clients_two_rounds(tiny, tmp_path, monkeypatch):
     assert len((out / "rounds.jsonl").read_text().splitlines()) == 3
     assert (out / "accuracy.png").stat().st_size > 0
     assert json.loads((out / "run_config.json").read_text())["settings"]["clients"] == 2
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_an_interrupted_simulation_cleans_up(tiny, tmp_path, monkeypatch, capsys, request, signum):
+    """Ctrl-C (SIGINT) or SIGTERM to `loft federate` during round 2 of the simulation: exit status
+    130 / 143 with one line on stderr, the finished rounds kept, Ray's temporary folder removed,
+    none of the run's processes left, the ServerApp's thread ended and the SIGTERM handler that
+    ray.init replaces put back."""
+    temp = Path(tempfile.mkdtemp(prefix="lft"))  # short: Ray's socket paths inside must fit in 107 bytes
+    request.addfinalizer(lambda: shutil.rmtree(temp, ignore_errors=True))
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))  # where the run's mkdtemp puts Ray's folder
+    alive: list[int] = []
+    real = server_mod.make_server_app
+
+    def interrupting(bench, split, *, on_round, stop=None):
+        def hook(record, detail):
+            on_round(record, detail)
+            if record["round"] == 1:
+                alive.append(len(run_mod.leftover_processes(run_mod.LAST_RUN_MARKER)))
+                assert [p.name for p in temp.iterdir()][0].startswith("loft-ray-")
+                os.kill(os.getpid(), signum)  # to the main thread, which runs Flower's simulation engine
+        return real(bench, split, on_round=hook, stop=stop)
+
+    monkeypatch.setattr(server_mod, "make_server_app", interrupting)
+    handler = signal.getsignal(signal.SIGTERM)
+    threads = set(threading.enumerate())
+    bert, train, test = tiny
+    out = tmp_path / "run"
+    argv = ["federate", "--model", str(bert), "--data", str(train), "--eval-data", str(test), "--clients", "2",
+            "--rounds", "3", "--local-steps", "1", "--rank", "2", "--batch-size", "8", "--parallel", "1",
+            "--output-dir", str(out), "--quiet"]
+    if signum == signal.SIGINT:
+        assert main(argv) == 130
+    else:
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 143
+    err = capsys.readouterr().err.strip()  # Ray also forwards what its actors print
+    lines = err.splitlines()
+    assert "Traceback" not in err and [x for x in lines if x.startswith("loft")] == [lines[-1]], err
+    what = "Interrupted" if signum == signal.SIGINT else "Terminated (SIGTERM)"
+    assert err.splitlines()[-1].startswith(f"loft: {what} after 1 of 3 rounds; Ray's processes and temporary files "
+                                           "were removed"), err
+    assert alive and alive[0] >= 1  # the check below would see the run's processes
+    assert run_mod.leftover_processes(run_mod.LAST_RUN_MARKER) == []
+    assert list(temp.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) == handler
+    assert [json.loads(line)["round"] for line in (out / "rounds.jsonl").read_text().splitlines()] == [0, 1]
+    assert not (out / "metrics.json").exists()
+    deadline = time.monotonic() + 30  # the ServerApp's thread stops at its next wait for replies
+    while (left := [t for t in set(threading.enumerate()) - threads if not t.daemon]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert left == []

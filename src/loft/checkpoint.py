@@ -13,6 +13,16 @@ holds an entry for *every* trainable parameter: before a parameter's first step,
 right shapes with ``step`` 0 (:func:`add_templates`). Loading such an entry leaves the fresh
 state (a pair's step-0 entry is skipped; AdamW's zeros at step 0 are its fresh state).
 
+A pair with one frozen factor (``requires_grad=False``: FFA-LoRA's ``A``, a federated client's
+factor of the other round) still has state on both sides (the frozen side's moments decay with
+zero gradients, and are used again once it trains). But torch's ``set_optimizer_state_dict``
+keeps only the entries of parameters that require grad, so the frozen side's entry would be
+dropped on load (and LoFT would refuse the half pair). On that path only, the frozen side's
+entry travels inside the trainable side's, as ``frozen.exp_avg``, ``frozen.exp_avg_sq`` and
+``frozen.partner`` (:func:`fold_frozen_sides`; the step-0 template has them too), and
+``load_state_dict`` takes it back out (:func:`unfold_frozen_sides`). So freeze the same factors
+before loading as when saving: DCP reads exactly the keys of the fresh optimizer's template.
+
 Everything else is LoFT's ordinary ``state_dict()`` / ``load_state_dict()``: with owners (FSDP2,
 ``split_step``) the state dict holds every pair's whole state on every rank (CPU tensors) and
 the head's whole state, so a DCP checkpoint loads on any number of processes; DCP writes each
@@ -32,7 +42,10 @@ from .linalg import compute_dtype, packed_index
 if TYPE_CHECKING:  # pragma: no cover
     from .optim import LoFTAdamW
 
-__all__ = ["add_templates", "called_by_torch_state_dict_api"]
+__all__ = ["FROZEN", "add_templates", "called_by_torch_state_dict_api", "fold_frozen_sides", "unfold_frozen_sides"]
+
+#: the prefix of a frozen factor's state keys inside its trainable partner's entry
+FROZEN = "frozen."
 
 #: The function of ``torch.distributed.checkpoint.state_dict`` that calls ``optimizer.state_dict()``
 #: for ``get_optimizer_state_dict`` and ``set_optimizer_state_dict`` (torch 2.13; a private name,
@@ -52,15 +65,61 @@ def called_by_torch_state_dict_api() -> bool:
     return False
 
 
-def add_templates(optimizer: LoFTAdamW, state_dict: dict[str, Any], params: list[torch.Tensor], device: torch.device | None) -> None:
+def _one_frozen(optimizer: LoFTAdamW) -> list[tuple[Any, int]]:
+    """``(pair, frozen side)`` of every pair with exactly one frozen factor (0: A, 1: B)."""
+    return [(pair, 0 if not pair.A.requires_grad else 1) for pair in optimizer._pairs
+            if pair.A.requires_grad != pair.B.requires_grad]
+
+
+def fold_frozen_sides(optimizer: LoFTAdamW, state_dict: dict[str, Any], params: list[torch.Tensor]) -> None:
+    """For every pair with one frozen factor that has state, move the frozen factor's entry of
+    ``state_dict["state"]`` into the trainable factor's, its keys prefixed with :data:`FROZEN`
+    (``step`` is the pair's, kept once). ``params``: the parameters in ``state_dict()`` order."""
+    state = state_dict["state"]
+    index = {id(p): i for i, p in enumerate(params)}
+    for pair, side in _one_frozen(optimizer):
+        frozen, live = index[id((pair.A, pair.B)[side])], index[id((pair.A, pair.B)[1 - side])]
+        entry = state.pop(frozen, None)
+        if entry and live in state:
+            state[live] = {**state[live], **{FROZEN + k: v for k, v in entry.items() if k != "step"}}
+
+
+def unfold_frozen_sides(
+    optimizer: LoFTAdamW, saved: dict[Any, Any], saved_ids: list[Any], params: list[torch.Tensor]
+) -> dict[Any, Any]:
+    """The inverse of :func:`fold_frozen_sides` on a state being loaded: an entry holding
+    :data:`FROZEN` keys gives its pair's other factor its entry back (with the pair's ``step``).
+    Returns a new ``state`` dict (``saved`` is not changed); ``saved_ids``: the saved ids of
+    ``params``, in order."""
+    out = dict(saved)
+    pid = {id(p): i for i, p in zip(saved_ids, params)}
+    for pair in optimizer._pairs:
+        for side in (0, 1):
+            live, other = pid.get(id((pair.A, pair.B)[side])), pid.get(id((pair.A, pair.B)[1 - side]))
+            entry = out.get(live)
+            if not isinstance(entry, dict) or not any(isinstance(k, str) and k.startswith(FROZEN) for k in entry):
+                continue
+            out[live] = {k: v for k, v in entry.items() if not k.startswith(FROZEN)}
+            if other not in out or not out[other]:
+                out[other] = {"step": entry.get("step", 0),
+                              **{k[len(FROZEN):]: v for k, v in entry.items() if k.startswith(FROZEN)}}
+    return out
+
+
+def add_templates(
+    optimizer: LoFTAdamW, state_dict: dict[str, Any], params: list[torch.Tensor], device: torch.device | None
+) -> None:
     """Give every trainable parameter without an entry in ``state_dict["state"]`` a zero entry
-    with ``step`` 0 (the fresh state). ``params``: the parameters in ``state_dict()`` order;
-    ``device``: where the pairs' entries live (``None``: each pair's device).
+    with ``step`` 0 (the fresh state), after folding each pair's frozen factor's state into its
+    trainable factor's (:func:`fold_frozen_sides`). ``params``: the parameters in
+    ``state_dict()`` order; ``device``: where the pairs' entries live (``None``: each pair's device).
 
     A LoRA factor's entry: ``exp_avg`` ``(r, k)``, ``exp_avg_sq`` ``(k, r(r+1)/2)`` (``(k, r)``
-    without second-moment calibration), ``partner`` ``(l, r)`` in the compute dtype; another
+    without second-moment calibration), ``partner`` ``(l, r)`` in the compute dtype, and the
+    same of its frozen partner factor under :data:`FROZEN` keys where the pair has one; another
     parameter's: AdamW's ``exp_avg`` / ``exp_avg_sq`` of its whole shape and a ``step`` tensor.
     """
+    fold_frozen_sides(optimizer, state_dict, params)
     state = state_dict["state"]
     group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
     for i, p in enumerate(params):
@@ -73,14 +132,21 @@ def add_templates(optimizer: LoFTAdamW, state_dict: dict[str, Any], params: list
             state[i] = {"step": torch.tensor(0.0), "exp_avg": zeros, "exp_avg_sq": zeros.clone()}
             continue
         pair, side = held
-        (m, n), r = pair.shape, pair.rank
-        k, l = (n, m) if side == 0 else (m, n)
         cd = compute_dtype(pair.A.dtype)
         where = local_part(pair.A).device if device is None else device
-        size = packed_index(r, not group_of[id(p)]["second_moment_calibration"], cd, where).size
-        state[i] = {
-            "step": 0,
-            "exp_avg": torch.zeros(r, k, dtype=cd, device=where),
-            "exp_avg_sq": torch.zeros(k, size, dtype=cd, device=where),
-            "partner": torch.zeros(l, r, dtype=cd, device=where),
-        }
+        size = packed_index(pair.rank, not group_of[id(p)]["second_moment_calibration"], cd, where).size
+        state[i] = {"step": 0, **_zero_side(pair, side, size, cd, where)}
+        if not (pair.A, pair.B)[1 - side].requires_grad:
+            state[i].update({FROZEN + k: v for k, v in _zero_side(pair, 1 - side, size, cd, where).items()})
+
+
+def _zero_side(pair: Any, side: int, size: int, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+    """Zeros of the shapes of a factor's state: ``exp_avg`` ``(r, k)``, ``exp_avg_sq`` ``(k, size)``,
+    ``partner`` ``(l, r)`` (``k, l = n, m`` for A, ``m, n`` for B)."""
+    (m, n), r = pair.shape, pair.rank
+    k, l = (n, m) if side == 0 else (m, n)
+    return {
+        "exp_avg": torch.zeros(r, k, dtype=dtype, device=device),
+        "exp_avg_sq": torch.zeros(k, size, dtype=dtype, device=device),
+        "partner": torch.zeros(l, r, dtype=dtype, device=device),
+    }

@@ -104,20 +104,10 @@ def _check_against(layers: dict[str, tuple[Tensor, Tensor]], factors: Factors, w
     first factor whose shape differs (``layers``: name -> (A, B) as matrices or tensors)."""
     if not isinstance(factors, dict):
         raise TypeError(f"{what} must be a dict name -> (A, B), got {type(factors).__name__}.")
-    missing = [name for name in layers if name not in factors]
-    if missing:
-        raise ValueError(
-            f"{what} has no factors for LoRA layer {missing[0]!r}"
-            f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}: it was made for another model "
-            "or LoRA configuration (target modules); send factors for every layer."
-        )
-    extra = [name for name in factors if name not in layers]
-    if extra:
-        raise ValueError(
-            f"{what} has factors for {extra[0]!r}, which is not a LoRA layer of the model"
-            f"{f' (and {len(extra) - 1} more)' if len(extra) > 1 else ''}: it was made for another model or "
-            "LoRA configuration (target modules)."
-        )
+    _refuse_names(what, "has no factors for LoRA layer {}", [name for name in layers if name not in factors],
+                  "send factors for every layer.")
+    _refuse_names(what, "has factors for {}, which is not a LoRA layer of the model",
+                  [name for name in factors if name not in layers], "")
     for name, (a, b) in layers.items():
         pair = factors[name]
         if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(isinstance(t, Tensor) for t in pair)):
@@ -131,6 +121,17 @@ def _check_against(layers: dict[str, tuple[Tensor, Tensor]], factors: Factors, w
             )
         if not all(bool(torch.isfinite(t).all()) for t in pair):
             raise ValueError(f"{what}[{name!r}] holds inf or NaN; refusing to load it.")
+
+
+def _refuse_names(what: str, problem: str, names: list[str], advice: str) -> None:
+    """ValueError for the first of ``names`` (if any): ``problem`` (``{}``: the name) plus how many
+    more, and that the factors were made for another model or LoRA configuration."""
+    if names:
+        more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+        raise ValueError(
+            f"{what} {problem.format(repr(names[0]))}{more}: it was made for another model or LoRA configuration "
+            f"(target modules){'; ' + advice if advice else '.'}"
+        )
 
 
 def set_factors(

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.adamw import adamw as _adamw_functional
 
-from .checkpoint import add_templates, called_by_torch_state_dict_api
+from .checkpoint import add_templates, called_by_torch_state_dict_api, unfold_frozen_sides
 from .rebind import note_layout, rebind_if_swapped
 from .distributed import (
     UnsupportedDistributedSetup,
@@ -846,7 +846,7 @@ def _unpack_pair_state(optimizer: LoFTAdamW, state_dict: dict[str, Any]) -> dict
             f"This optimizer state holds {len(saved_ids)} parameters but the optimizer has {len(params)}: "
             "it was saved for a different model or adapter configuration (target modules, adapters)."
         )
-    saved = state_dict["state"]
+    saved = unfold_frozen_sides(optimizer, state_dict["state"], saved_ids, params)  # loft/checkpoint.py
     by_pair: dict[LoRAPair, list[dict[str, Any] | None]] = {}
     for pid, p in zip(saved_ids, params):
         st = saved.get(pid)

@@ -43,6 +43,9 @@ class Bench:
     collator: Any
     #: the adapted layers' base weights as loaded (to undo folds: a process serves several clients)
     pristine: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: the factors as built from the run's seed (the same in every process): FFA-LoRA's frozen A,
+    #: which messages never carry
+    start: fed.Factors | None = None
     _trainer: Any = None
 
     # ------------------------------------------------------------------ the trainable state
@@ -159,4 +162,4 @@ def build_bench(cfg: FederateConfig) -> Bench:
                     if hasattr(m, "base_layer") and hasattr(m, "lora_A")}
     return Bench(cfg=cfg, task=task, tokenizer=loaded.tokenizer, model=model, max_length=loaded.max_length,
                  train=task.train_dataset(loaded.tokenizer, loaded.max_length), collator=task.collator(loaded.tokenizer),
-                 pristine=pristine)
+                 pristine=pristine, start=fed.get_factors(model) if cfg.method != "full" else None)

@@ -2,19 +2,25 @@
 
 The server's ``train`` message carries the run's settings (``config["settings"]``, JSON), the
 round, the client's example indices, which factor trains this round (alternating rounds), the
-global factors (``"factors"``), the other trainable tensors (``"others"``: the head) and, with
-``--residual fold``, the residual to fold into the frozen weights (``"fold"``). The client
+global factors that the client does not already know (``"factors"``), the other trainable
+tensors (``"others"``: the head) and, with ``--residual fold``, the residual to fold into the
+frozen weights (``"fold"``). The client
 
 1. rebuilds its base weights (with every residual folded so far, kept in ``context.state``);
-2. with ``--state keep`` and a state from an earlier round: puts back its own last local
+2. completes the global factors: a pair the message holds one factor of (alternating rounds
+   after the first send only the factor aggregated last round; FFA-LoRA's messages only ``B``)
+   takes the other from the last global factors this client received (``context.state``) or,
+   for FFA-LoRA's ``A``, from the seeded start every process builds alike;
+3. with ``--state keep`` and a state from an earlier round: puts back its own last local
    factors, loads its optimizer state (``context.state``, see :mod:`.records`), then writes the
    global factors in place with ``loft.federated.set_factors(..., keep_state=True)``, so that
    LoFT's next step carries its moments into the new factors' basis; otherwise writes the
    global factors into a fresh optimizer's model (the usual federated LoRA: state reset);
-3. trains ``local_steps`` steps on its examples, and replies with its factors, its other
-   tensors and its metrics (``train_loss``, ``examples``, ``state_steps``: the optimizer steps
-   its state had already taken when this round began, 0 after a reset);
-4. keeps its optimizer state and local factors in ``context.state`` for the next round.
+4. trains ``local_steps`` steps on its examples, and replies with the factors it trained (only
+   the round's factor on alternating rounds, only ``B`` for FFA-LoRA: the server knows the
+   other), its other tensors and its metrics (``train_loss``, ``examples``, ``state_steps``:
+   the optimizer steps its state had already taken when this round began, 0 after a reset);
+5. keeps its optimizer state, local factors and the global factors in ``context.state``.
 
 One Ray actor serves several clients in turn: the model it loaded is cached per settings and
 every trainable value is overwritten from the message (and the state) at each call.
@@ -44,7 +50,7 @@ from .records import (  # noqa: E402
     tensors_record,
 )
 
-__all__ = ["THREADS_VAR", "app", "state_steps", "train_message_config"]
+__all__ = ["THREADS_VAR", "app", "state_steps", "train_message_config", "trained_factors"]
 
 #: set by loft federate for its Ray actors: torch threads per actor
 THREADS_VAR = "LOFT_FEDERATE_THREADS"
@@ -81,7 +87,7 @@ def train(msg: Message, context: Context) -> Message:
     trained = str(config["trained"]) or None  # "A" / "B" on alternating rounds
     saved = context.state
 
-    # 1. the frozen weights: as loaded, plus every residual folded so far (this round's too)
+    # 1. the base weights: as loaded, plus every residual folded so far (this round's too)
     folds = [record_factors(saved[k]) for k in sorted(saved.array_records, key=_fold_index) if k.startswith("fold.")]
     if "fold" in msg.content.array_records:
         new = record_factors(msg.content["fold"])
@@ -89,10 +95,16 @@ def train(msg: Message, context: Context) -> Message:
         folds.append(new)
     bench.restore_base(folds)
 
-    # 2. the trainable values and the optimizer
+    # 2. the global factors, completed from what this client knows; the trainable values; the optimizer
+    trains = trained_factors(cfg, trained)
     if bench.has_factors:
-        fed.freeze_factor(bench.model, "A" if cfg.method == "ffa" else {"A": "B", "B": "A"}.get(trained or ""))
-    glob = record_factors(msg.content["factors"]) if bench.has_factors else None
+        fed.freeze_factor(bench.model, {"A": "B", "B": "A"}.get(trains or ""))
+    glob = None
+    if bench.has_factors:
+        known = record_factors(saved["global.factors"]) if "global.factors" in saved.array_records else (
+            bench.start if cfg.method == "ffa" else None)
+        glob = record_factors(msg.content["factors"], known)
+        saved["global.factors"] = factors_record(glob)
     others = record_tensors(msg.content["others"])
     keep = cfg.keep_state and "optimizer" in saved.array_records
     steps_before = 0
@@ -120,13 +132,20 @@ def train(msg: Message, context: Context) -> Message:
                           "metrics": MetricRecord({"train_loss": sum(losses) / len(losses), "examples": len(indices),
                                                    "state_steps": steps_before, "client": client})})
     if bench.has_factors:
-        content["factors"] = factors_record(bench.factors())
-        saved["local.factors"] = content["factors"]
+        local = bench.factors()
+        content["factors"] = factors_record(local, only=trains)
+        saved["local.factors"] = factors_record(local)
     saved["local.others"] = content["others"]
     if cfg.keep_state:
         tensors, skeleton = state_to_records(optimizer.state_dict())
         saved["optimizer"], saved["optimizer.skeleton"] = tensors, skeleton
     return Message(content=content, reply_to=msg)
+
+
+def trained_factors(cfg: FederateConfig, trained: str | None) -> str | None:
+    """The factor the clients train, hence send, this round: ``"B"`` for FFA-LoRA (its ``A``
+    stays at the shared start), the round's factor on alternating rounds, ``None`` for both."""
+    return "B" if cfg.method == "ffa" else trained
 
 
 def _fold_index(key: str) -> int:

@@ -16,6 +16,14 @@ Offline: Flower's telemetry (``FLWR_TELEMETRY_ENABLED=0``) and Ray's usage stati
 (``RAY_USAGE_STATS_ENABLED=0``) are off, nothing is installed at run time, Ray keeps its files
 in a temporary folder removed afterwards, and the run waits until every process Ray started has
 ended (:func:`leftover_processes`; ones still there after :data:`PROCESS_WAIT_S` are killed).
+
+Interrupted (Ctrl-C, SIGTERM) during the simulation, the run cleans up the same way: the
+ServerApp's thread stops waiting for replies, Ray is shut down, its processes are waited for (and
+killed if need be) and its temporary folder removed. Ctrl-C then raises
+:class:`~loft.app.errors.RunInterrupted` (``loft`` exits with status 130), SIGTERM exits with
+status 143 (128 + 15), each with one line on stderr; ``rounds.jsonl`` keeps the rounds that
+finished. loft starts Ray itself (:func:`_start_ray`) so that it can put its own SIGTERM handler
+back after ``ray.init``.
 """
 
 from __future__ import annotations
@@ -29,7 +37,9 @@ import json  # noqa: E402
 import logging  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
+import sys  # noqa: E402
 import tempfile  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
 import uuid  # noqa: E402
 import warnings  # noqa: E402
@@ -40,11 +50,11 @@ from typing import Any, Callable  # noqa: E402
 from ... import __version__  # noqa: E402
 from ... import federated as fed  # noqa: E402
 from ..atomic import write_json  # noqa: E402
-from ..errors import LoftUsageError  # noqa: E402
+from ..errors import LoftUsageError, RunInterrupted  # noqa: E402
 from ..rundir import CONFIG_FILE, METRICS_FILE, apply_output_plan, check_output_dir  # noqa: E402
 from .config import FederateConfig  # noqa: E402
 
-__all__ = ["PROCESS_WAIT_S", "ROUNDS_FILE", "federate", "leftover_processes"]
+__all__ = ["PROCESS_WAIT_S", "ROUNDS_FILE", "Terminated", "federate", "leftover_processes"]
 
 ROUNDS_FILE = "rounds.jsonl"
 PLOT_FILE = "accuracy.png"
@@ -54,6 +64,15 @@ PROCESS_WAIT_S = 30.0
 RUN_MARKER = "LOFT_FEDERATE_RUN"
 #: the marker of the last run this process started (tests look for its processes)
 LAST_RUN_MARKER: str | None = None
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived during the simulation (a BaseException, like KeyboardInterrupt, so that
+    no ``except Exception`` on the way turns it into an error)."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated
 
 
 def leftover_processes(marker: str) -> list[int]:
@@ -136,7 +155,13 @@ def federate(cfg: FederateConfig, *, overwrite: bool = False, progress: bool = T
         if on_round is not None:
             on_round(rec, detail)
 
-    seconds, killed = _simulate(cfg, bench, split, record)
+    try:
+        seconds, killed = _simulate(cfg, bench, split, record)
+    except KeyboardInterrupt:
+        raise RunInterrupted(_interrupted("Interrupted", cfg, out, rounds)) from None
+    except Terminated:
+        print(f"\nloft: {_interrupted('Terminated (SIGTERM)', cfg, out, rounds)}", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signal.SIGTERM) from None
     if len(rounds) != cfg.rounds + 1:
         raise RuntimeError(f"the simulation ended after {len(rounds) - 1} of {cfg.rounds} rounds")
     metrics = _metrics(cfg, bench, split, labels, rounds, seconds, time.perf_counter() - t_start, killed)
@@ -149,8 +174,18 @@ def federate(cfg: FederateConfig, *, overwrite: bool = False, progress: bool = T
     return metrics
 
 
+def _interrupted(what: str, cfg: FederateConfig, out: Path, rounds: list[dict[str, Any]]) -> str:
+    done = max(len(rounds) - 1, 0)
+    return (f"{what} after {done} of {cfg.rounds} rounds; Ray's processes and temporary files were removed. "
+            f"{out / ROUNDS_FILE} holds the finished rounds; there is no --resume: rerun the command with --overwrite.")
+
+
 def _simulate(cfg: FederateConfig, bench: Any, split: list[list[int]], record: Callable) -> tuple[float, list[int]]:
-    """Run the federation in Flower's simulation engine; returns (seconds, pids that had to be killed)."""
+    """Run the federation in Flower's simulation engine; returns (seconds, pids that had to be killed).
+
+    Cleans up (Ray shut down, its processes ended, its folder removed) however it ends; SIGTERM
+    raises :class:`Terminated` (from loft's handler, or from the one ``ray.init`` installs, which
+    calls ``sys.exit(SIGTERM)``), and the previous SIGTERM handler is put back afterwards."""
     _quiet_flower()
     from flwr.simulation import run_simulation
 
@@ -169,19 +204,64 @@ def _simulate(cfg: FederateConfig, bench: Any, split: list[list[int]], record: C
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0},
                "init_args": {"num_cpus": parallel, "num_gpus": 0, "object_store_memory": 128 * 2**20,
                              "_temp_dir": ray_dir, "include_dashboard": False}}
+    stop = threading.Event()  # tells the ServerApp's thread to stop waiting for replies
+    on_main = threading.current_thread() is threading.main_thread()
+    previous_term = signal.getsignal(signal.SIGTERM)
+    if previous_term is None:  # set outside Python: put back the default
+        previous_term = signal.SIG_DFL
+    if on_main:
+        signal.signal(signal.SIGTERM, _raise_terminated)
     start = time.perf_counter()
     try:
-        run_simulation(server_app=make_server_app(bench, split, on_round=record), client_app=client_app,
+        _start_ray(backend["init_args"])
+        if on_main:  # ray.init replaced the SIGTERM handler, in Python and in C (Ray's failure-signal handler)
+            signal.signal(signal.SIGTERM, _raise_terminated)
+        run_simulation(server_app=make_server_app(bench, split, on_round=record, stop=stop), client_app=client_app,
                        num_supernodes=cfg.clients, backend_config=backend)
+    except SystemExit as e:  # ray.init's SIGTERM handler
+        if e.code != signal.SIGTERM:
+            raise
+        raise Terminated from None
     finally:
-        for key, value in saved_env.items():  # Flower's Ray backend sets PYTHONPATH in this process
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        killed = _end_processes(marker)
-        shutil.rmtree(ray_dir, ignore_errors=True)
+        stop.set()
+        try:
+            for key, value in saved_env.items():  # Flower's Ray backend sets PYTHONPATH in this process
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+            _shutdown_ray()
+            killed = _end_processes(marker)
+        finally:
+            shutil.rmtree(ray_dir, ignore_errors=True)
+            if on_main:
+                signal.signal(signal.SIGTERM, previous_term)
     return time.perf_counter() - start, killed
+
+
+def _start_ray(init_args: dict[str, Any]) -> None:
+    """``ray.init`` as Flower's Ray backend would call it (which then finds Ray started and uses
+    it): so that loft can put its own SIGTERM handler back afterwards. Ray's failure-signal
+    handler, which ``ray.init`` installs for SIGTERM too, can abort the process when SIGTERM
+    arrives during the simulation (exit status 134, Ray's folder left behind)."""
+    import ray
+
+    if ray.is_initialized():  # started by the caller: Flower's backend uses it as it is
+        return
+    pythonpath = os.pathsep.join(sys.path)  # what Flower's backend passes its actors
+    if os.environ.get("PYTHONPATH"):
+        pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
+    os.environ["PYTHONPATH"] = pythonpath
+    ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **init_args)
+
+
+def _shutdown_ray() -> None:
+    """``ray.shutdown()`` if Ray is still up (Flower shuts it down when the simulation ends, but
+    not when it is interrupted while Ray starts)."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
 
 
 def _metrics(cfg: FederateConfig, bench: Any, split: list[list[int]], labels: list[int], rounds: list[dict[str, Any]],

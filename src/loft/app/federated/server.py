@@ -16,10 +16,12 @@ weights = the clients' example counts. The server then evaluates the global mode
 per round: ``eval_accuracy``, ``eval_loss``, ``train_loss`` (the clients' weighted mean),
 ``aggregation_error`` (``||mean_k B_k A_k - B A||_F / ||mean_k B_k A_k||_F`` per layer, mean and
 max over layers, measured densely here for the record), ``bytes_up`` / ``bytes_down`` per
-client: the tensors a message must carry (:func:`~loft.federated.message_bytes` of the factors
-that change, plus the head: FFA-LoRA's B only, on alternating rounds the round's factor; the
-simulation's messages carry both factors for simplicity),
-``state_steps`` per client and ``seconds``.
+client: the tensors the messages carry (:func:`~loft.federated.message_bytes` of the factors
+that change, plus the head and a folded residual). A message carries only the factors the other
+end does not know: FFA-LoRA's ``B`` (every process builds the same frozen ``A`` from the run's
+seed); on alternating rounds the round's factor up, and down the factor aggregated in the round
+before (the first round sends both); the clients keep the global factors in ``context.state``.
+Also ``state_steps`` per client and ``seconds``.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import os
 
 os.environ["FLWR_TELEMETRY_ENABLED"] = "0"  # read when flwr is imported: no usage reports, offline
 
+import threading  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable, Sequence  # noqa: E402
 from typing import Any  # noqa: E402
@@ -38,13 +41,19 @@ from flwr.serverapp import Grid, ServerApp  # noqa: E402
 
 from ... import federated as fed  # noqa: E402
 from .bench import Bench  # noqa: E402
-from .client import train_message_config  # noqa: E402
+from .client import train_message_config, trained_factors  # noqa: E402
 from .records import factors_record, record_factors, record_tensors, tensors_record  # noqa: E402
 
-__all__ = ["factor_bytes", "make_server_app", "product_error", "tensor_bytes"]
+__all__ = ["RunStopped", "factor_bytes", "make_server_app", "product_error", "tensor_bytes"]
 
 #: seconds the server waits for the simulation's nodes to register
 NODE_WAIT_S = 300.0
+#: seconds between two looks for the clients' replies (Flower's InMemoryGrid pulls every 0.1 s too)
+PULL_INTERVAL_S = 0.1
+
+
+class RunStopped(Exception):
+    """The run was interrupted (Ctrl-C, SIGTERM): the ServerApp stops instead of waiting for replies."""
 
 
 def tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:
@@ -83,50 +92,75 @@ def _mean(tensors: Sequence[dict[str, torch.Tensor]], weights: Sequence[float]) 
     return {k: sum((w / total) * t[k] for t, w in zip(tensors, weights)) for k in tensors[0]}
 
 
-def _wait_for_nodes(grid: Grid, clients: int) -> list[int]:
+def _check(stop: threading.Event | None) -> None:
+    if stop is not None and stop.is_set():
+        raise RunStopped("the run was interrupted")
+
+
+def _wait_for_nodes(grid: Grid, clients: int, stop: threading.Event | None) -> list[int]:
     deadline = time.monotonic() + NODE_WAIT_S
     while len(nodes := sorted(grid.get_node_ids())) < clients:
+        _check(stop)
         if time.monotonic() > deadline:
             raise RuntimeError(f"only {len(nodes)} of {clients} Flower nodes registered in {NODE_WAIT_S:.0f} s")
         time.sleep(0.05)
     return nodes[:clients]
 
 
-def make_server_app(bench: Bench, split: list[list[int]], *, on_round: Callable[[dict[str, Any], dict[str, Any]], None]
-                    ) -> ServerApp:
+def _send_and_receive(grid: Grid, messages: list[Message], stop: threading.Event | None) -> list[Message]:
+    """``grid.send_and_receive`` that gives up (:class:`RunStopped`) once ``stop`` is set: the
+    simulation runs the ServerApp in a thread of its own that nothing else can end, and whose
+    clients are gone after an interrupt."""
+    waiting = set(grid.push_messages(messages))
+    replies: list[Message] = []
+    while True:
+        got = list(grid.pull_messages(waiting))
+        replies += got
+        waiting -= {reply.metadata.reply_to_message_id for reply in got}
+        if not waiting:
+            return replies
+        _check(stop)
+        time.sleep(PULL_INTERVAL_S)
+
+
+def make_server_app(bench: Bench, split: list[list[int]], *, on_round: Callable[[dict[str, Any], dict[str, Any]], None],
+                    stop: threading.Event | None = None) -> ServerApp:
     """The ``ServerApp`` of one run. ``bench`` holds the server's copy of the model (the global
     state, evaluated each round); ``split[k]``: client ``k``'s training example indices.
     ``on_round(record, detail)`` is called after round 0 (the evaluation before training) and after
     each round: ``record`` is the round's JSON-able metrics, ``detail`` what the round received
-    and computed (``updates``, ``weights``, ``factors``, ``residual``, ``others``), for tests."""
+    and computed (``updates``, ``weights``, ``factors``, ``residual``, ``others``), for tests.
+    Once ``stop`` is set, the app raises :class:`RunStopped` at its next wait or round."""
     cfg = bench.cfg
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        nodes = _wait_for_nodes(grid, cfg.clients)
+        nodes = _wait_for_nodes(grid, cfg.clients, stop)
         aggregator = cfg.aggregator_name
         carry: fed.Factors | None = None
         fold: fed.Factors | None = None  # the residual the clients fold at the next round
         start = time.perf_counter()
         on_round({"round": 0, **bench.evaluate(), "seconds": 0.0}, {})
         for rnd in range(1, cfg.rounds + 1):
+            _check(stop)
             trained = fed.trained_factor(rnd) if aggregator == "alternating" else None
             glob = bench.factors()
+            moving = trained_factors(cfg, trained)  # the factor the clients train and send (None: both)
+            # the factors that changed since the clients last heard (alternating: last round's; the first round: all)
+            changed = fed.trained_factor(rnd - 1) if trained and rnd > 1 else (None if trained else moving)
             down: dict[str, Any] = {"others": tensors_record(bench.others())}
             if glob is not None:
-                down["factors"] = factors_record(glob)
+                down["factors"] = factors_record(glob, only=changed)
             if fold:
                 down["fold"] = factors_record(fold)
-            moving = "B" if cfg.method == "ffa" else None  # the factors that change (alternating: the round's)
-            changed = fed.trained_factor(rnd - 1) if trained and rnd > 1 else moving
             bytes_down = (factor_bytes(glob, changed) if glob else 0) + tensor_bytes(bench.others()) + (
                 fed.message_bytes(fold) if fold else 0)
             messages = []
             for k, node in enumerate(nodes):
                 content = RecordDict({**down, "config": train_message_config(cfg, rnd, k, split[k], trained)})
                 messages.append(Message(content=content, dst_node_id=node, message_type=MessageType.TRAIN))
-            replies = list(grid.send_and_receive(messages))
+            replies = _send_and_receive(grid, messages, stop)
             by_client: dict[int, Message] = {}
             for reply in replies:
                 if reply.has_error():
@@ -137,7 +171,8 @@ def make_server_app(bench: Bench, split: list[list[int]], *, on_round: Callable[
             ordered = [by_client[k] for k in range(len(nodes))]
             weights = [float(r.content["metrics"]["examples"]) for r in ordered]
             others = _mean([record_tensors(r.content["others"]) for r in ordered], weights)
-            updates = [record_factors(r.content["factors"]) for r in ordered] if glob is not None else []
+            # each client's factors, completed with the global factor it did not train
+            updates = [record_factors(r.content["factors"], glob) for r in ordered] if glob is not None else []
             residual: fed.Factors = {}
             used_carry, fold = carry, None
             if glob is None:
@@ -158,7 +193,7 @@ def make_server_app(bench: Bench, split: list[list[int]], *, on_round: Callable[
             if new is not None:
                 fed.set_factors(bench.model, new)
             bench.set_others(others)
-            up = [(factor_bytes(u, trained or moving) if u else 0) + tensor_bytes(record_tensors(r.content["others"]))
+            up = [(factor_bytes(u, moving) if u else 0) + tensor_bytes(record_tensors(r.content["others"]))
                   for u, r in zip(updates or [None] * len(ordered), ordered)]
             metrics = [r.content["metrics"] for r in ordered]
             record = {
