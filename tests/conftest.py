@@ -12,21 +12,31 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+# One torch thread, here and in the processes the tests start (they inherit the variable): the
+# tiny models' operations are too small to gain from a second thread, and on a small, shared CI
+# machine the threads only compete (a tiny `loft finetune` run used 2-3x the CPU time on 2 threads
+# as on 1). Set OMP_NUM_THREADS to choose another count.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 peft = pytest.importorskip("peft")
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(autouse=True)
 def _gc_freeze():
-    """Move every object alive when a test module starts (torch, transformers, ... : ~0.5 M
-    objects) to the collector's permanent generation, so that a full ``gc.collect()`` scans only
-    what this module creates. Each run of ``loft finetune`` collects garbage twice
-    (loft/app/memory.py, before measuring its peak memory); in this long-lived pytest process each
-    collection scanned everything imported so far, ~0.3-0.8 s, which was most of the fuzz tests'
-    time. Garbage is collected first, so nothing collectable is frozen; objects created by the
-    module's tests and fixtures are collected as usual."""
+    """Before each test, collect garbage, then move every object still alive (torch,
+    transformers, ... : ~0.5 M objects once the app is imported) to the collector's permanent
+    generation (``gc.freeze``), so that a full ``gc.collect()`` during the test scans only what the
+    test creates. Each run of ``loft finetune`` collects garbage twice (loft/app/memory.py, before
+    measuring its peak memory); in this long-lived pytest process each collection used to scan
+    everything imported so far, 0.3-0.8 s, most of the fuzz tests' time. Nothing collectable is
+    frozen (collected first); a test's own objects are collected as usual. What a fixture of a
+    wider scope holds stays frozen after its teardown if it is in a reference cycle: small here
+    (tiny models, paths, results)."""
     gc.collect()
     gc.freeze()
     yield
+
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
