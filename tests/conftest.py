@@ -55,6 +55,45 @@ def mc_data(tmp_path_factory):
     return write_jsonl(d / "train.jsonl", mc_records(24)), write_jsonl(d / "test.jsonl", mc_records(8, seed=1))
 
 
+#: the FSDP2 / DDP scenarios of tests/test_owners.py (tests/owner_worker.py) and of tests/test_dcp.py
+#: (tests/dcp_worker.py, prefixed ``dcp:``) share one launch of 2 ranks and one of 4: starting the
+#: processes (importing torch and peft) costs more than the scenarios. "dcp:accelerate" comes last
+#: (it changes the process's AcceleratorState).
+OWNER_SCENARIOS = ["fsdp2", "fsdp2_clip_outside", "ddp_split", "fsdp2_mixed_precision", "checkpoint"]
+DCP_SAVES = ["save:fsdp2:dcp", "save:fsdp2:full", "save:ddp:dcp"]
+
+
+def _split(results: list[dict]) -> tuple[list[dict], list[dict]]:
+    """Per rank: (the owner scenarios' results, the DCP scenarios' results without the prefix)."""
+    owners = [{k: v for k, v in r.items() if not k.startswith("dcp:")} for r in results]
+    dcp = [{k.removeprefix("dcp:"): v for k, v in r.items() if k.startswith("dcp:")} for r in results]
+    return owners, dcp
+
+
+@pytest.fixture(scope="session")
+def fsdp_two_ranks(tmp_path_factory):
+    """``(owners, dcp)``: every rank's results of the 2-rank launch."""
+    import _ranks
+    from owner_worker import worker
+
+    scenarios = [*OWNER_SCENARIOS, *(f"dcp:{s}" for s in DCP_SAVES), "dcp:accelerate"]
+    return _split(_ranks.run_ranks(worker, 2, scenarios, tmp_path_factory.mktemp("two")))
+
+
+@pytest.fixture(scope="session")
+def fsdp_four_ranks(fsdp_two_ranks, tmp_path_factory):
+    """``(owners, dcp)`` of 4 ranks: training with owners, and resuming the 2 ranks' checkpoints
+    (LoFT's state_dict, DCP, and the full state dict)."""
+    import _ranks
+    from owner_worker import worker
+
+    owners, dcp = fsdp_two_ranks
+    scenarios = ["fsdp2", f"resume:{owners[0]['checkpoint']['checkpoint']}",
+                 f"dcp:resume:fsdp2:dcp:{dcp[0]['save:fsdp2:dcp']['folder']}",
+                 f"dcp:resume:fsdp2:full:{dcp[0]['save:fsdp2:full']['folder']}"]
+    return _split(_ranks.run_ranks(worker, 4, scenarios, tmp_path_factory.mktemp("four")))
+
+
 #: the device axis of the test matrix: CUDA where a GPU is present (issue 14: ready for GPUs)
 DEVICES = [
     "cpu",

@@ -1,4 +1,5 @@
-"""Worker processes for tests/test_dcp.py: LoFT's optimizer state through
+"""The scenarios of tests/test_dcp.py (run by tests/owner_worker.py's workers, as ``dcp:<scenario>``,
+in the launches tests/test_owners.py's scenarios use): LoFT's optimizer state through
 ``torch.distributed.checkpoint`` (DCP) and ``get_optimizer_state_dict`` /
 ``set_optimizer_state_dict``, under FSDP2 and DDP (gloo, CPU, float64)."""
 
@@ -132,13 +133,3 @@ def run(scenario: str, rank: int, world: int, xs, ys) -> dict[str, object]:
         return res
     return {"resumed": resume(kind, world, rank, rest[0], xs, ys, full)}
 
-
-def worker(rank: int, world: int, port: int, scenarios: list[str], out_dir: str) -> None:
-    """One rank: its rows of the batch, every scenario in one process group (tests/_ranks.py)."""
-    from _ranks import serve_scenarios
-
-    global OUT_DIR
-    OUT_DIR = out_dir
-    x, y = data()
-    rows = slice(rank * N_ROWS // world, (rank + 1) * N_ROWS // world)
-    serve_scenarios(rank, world, port, scenarios, out_dir, lambda scenario: run(scenario, rank, world, x[rows], y[rows]))

@@ -103,12 +103,16 @@ def worker(rank: int, world: int, port: int, scenarios: list[str], out_dir: str)
     OUT_DIR = out_dir
     x, y = data()
     rows = slice(rank * N_ROWS // world, (rank + 1) * N_ROWS // world)
-    serve_scenarios(rank, world, port, scenarios, out_dir, lambda scenario: run(scenario, rank, world, x[rows], y[rows]),
-                    timeout_s=30)
+    serve_scenarios(rank, world, port, scenarios, out_dir, lambda scenario: run(scenario, rank, world, x[rows], y[rows]))
 
 
 def run(scenario: str, rank: int, world: int, xs, ys) -> dict[str, object]:
     out: dict[str, object] = {}
+    if scenario.startswith("dcp:"):  # a scenario of tests/dcp_worker.py, in the same launch
+        import dcp_worker
+
+        dcp_worker.OUT_DIR = OUT_DIR
+        return dcp_worker.run(scenario.removeprefix("dcp:"), rank, world, xs, ys)
     if scenario in ("fsdp2", "ddp_split"):
         if scenario == "fsdp2":
             model = shard(build_model(), world)
