@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 
@@ -11,7 +12,31 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+# One torch thread, here and in the processes the tests start (they inherit the variable): the
+# tiny models' operations are too small to gain from a second thread, and on a small, shared CI
+# machine the threads only compete (a tiny `loft finetune` run used 2-3x the CPU time on 2 threads
+# as on 1). Set OMP_NUM_THREADS to choose another count.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 peft = pytest.importorskip("peft")
+
+
+@pytest.fixture(autouse=True)
+def _gc_freeze():
+    """Before each test, collect garbage, then move every object still alive (torch,
+    transformers, ... : ~0.5 M objects once the app is imported) to the collector's permanent
+    generation (``gc.freeze``), so that a full ``gc.collect()`` during the test scans only what the
+    test creates. Each run of ``loft finetune`` collects garbage twice (loft/app/memory.py, before
+    measuring its peak memory); in this long-lived pytest process each collection used to scan
+    everything imported so far, 0.3-0.8 s, most of the fuzz tests' time. Nothing collectable is
+    frozen (collected first); a test's own objects are collected as usual. What a fixture of a
+    wider scope holds stays frozen after its teardown if it is in a reference cycle: small here
+    (tiny models, paths, results)."""
+    gc.collect()
+    gc.freeze()
+    yield
+
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
@@ -28,6 +53,45 @@ def mc_data(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("mc")
     return write_jsonl(d / "train.jsonl", mc_records(24)), write_jsonl(d / "test.jsonl", mc_records(8, seed=1))
+
+
+#: the FSDP2 / DDP scenarios of tests/test_owners.py (tests/owner_worker.py) and of tests/test_dcp.py
+#: (tests/dcp_worker.py, prefixed ``dcp:``) share one launch of 2 ranks and one of 4: starting the
+#: processes (importing torch and peft) costs more than the scenarios. "dcp:accelerate" comes last
+#: (it changes the process's AcceleratorState).
+OWNER_SCENARIOS = ["fsdp2", "fsdp2_clip_outside", "ddp_split", "fsdp2_mixed_precision", "checkpoint"]
+DCP_SAVES = ["save:fsdp2:dcp", "save:fsdp2:full", "save:ddp:dcp"]
+
+
+def _split(results: list[dict]) -> tuple[list[dict], list[dict]]:
+    """Per rank: (the owner scenarios' results, the DCP scenarios' results without the prefix)."""
+    owners = [{k: v for k, v in r.items() if not k.startswith("dcp:")} for r in results]
+    dcp = [{k.removeprefix("dcp:"): v for k, v in r.items() if k.startswith("dcp:")} for r in results]
+    return owners, dcp
+
+
+@pytest.fixture(scope="session")
+def fsdp_two_ranks(tmp_path_factory):
+    """``(owners, dcp)``: every rank's results of the 2-rank launch."""
+    import _ranks
+    from owner_worker import worker
+
+    scenarios = [*OWNER_SCENARIOS, *(f"dcp:{s}" for s in DCP_SAVES), "dcp:accelerate"]
+    return _split(_ranks.run_ranks(worker, 2, scenarios, tmp_path_factory.mktemp("two")))
+
+
+@pytest.fixture(scope="session")
+def fsdp_four_ranks(fsdp_two_ranks, tmp_path_factory):
+    """``(owners, dcp)`` of 4 ranks: training with owners, and resuming the 2 ranks' checkpoints
+    (LoFT's state_dict, DCP, and the full state dict)."""
+    import _ranks
+    from owner_worker import worker
+
+    owners, dcp = fsdp_two_ranks
+    scenarios = ["fsdp2", f"resume:{owners[0]['checkpoint']['checkpoint']}",
+                 f"dcp:resume:fsdp2:dcp:{dcp[0]['save:fsdp2:dcp']['folder']}",
+                 f"dcp:resume:fsdp2:full:{dcp[0]['save:fsdp2:full']['folder']}"]
+    return _split(_ranks.run_ranks(worker, 4, scenarios, tmp_path_factory.mktemp("four")))
 
 
 #: the device axis of the test matrix: CUDA where a GPU is present (issue 14: ready for GPUs)

@@ -1,12 +1,11 @@
-"""Worker processes for tests/test_dcp.py: LoFT's optimizer state through
+"""The scenarios of tests/test_dcp.py (run by tests/owner_worker.py's workers, as ``dcp:<scenario>``,
+in the launches tests/test_owners.py's scenarios use): LoFT's optimizer state through
 ``torch.distributed.checkpoint`` (DCP) and ``get_optimizer_state_dict`` /
 ``set_optimizer_state_dict``, under FSDP2 and DDP (gloo, CPU, float64)."""
 
 from __future__ import annotations
 
-import datetime
 import os
-import warnings
 
 import torch
 import torch.distributed as dist
@@ -119,45 +118,18 @@ def accelerate_fsdp2(xs, ys) -> dict[str, object]:
 OUT_DIR = ""
 
 
-def worker(rank: int, world: int, port: int, scenarios: list[str], out_dir: str) -> None:
-    global OUT_DIR
-    OUT_DIR = out_dir
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    warnings.simplefilter("ignore")
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
-    results: dict[str, object] = {}
-    try:
-        x, y = data()
-        rows = slice(rank * N_ROWS // world, (rank + 1) * N_ROWS // world)
-        xs, ys = x[rows], y[rows]
-        for scenario in scenarios:
-            try:
-                if scenario == "accelerate":
-                    results[scenario] = accelerate_fsdp2(xs, ys)
-                    dist.barrier()
-                    continue
-                # "save:<kind>:<dcp|full>" or "resume:<kind>:<dcp|full>:<folder>"
-                what, kind, fmt, *rest = scenario.split(":", 3)
-                full = fmt == "full"
-                if what == "save":
-                    folder = os.path.join(out_dir, f"{kind}-{fmt}")
-                    res = save(kind, world, rank, folder, xs, ys, full)
-                    res["resumed"] = resume(kind, world, rank, folder, xs, ys, full)
-                    res["folder"] = folder
-                else:
-                    res = {"resumed": resume(kind, world, rank, rest[0], xs, ys, full)}
-                results[scenario] = res
-            except Exception:  # reported to the test, which fails with it
-                import traceback
+def run(scenario: str, rank: int, world: int, xs, ys) -> dict[str, object]:
+    """``accelerate``, ``save:<kind>:<dcp|full>`` (save, continue, and resume from it on the same
+    processes) or ``resume:<kind>:<dcp|full>:<folder>`` (resume a checkpoint of another launch)."""
+    if scenario == "accelerate":
+        return accelerate_fsdp2(xs, ys)
+    what, kind, fmt, *rest = scenario.split(":", 3)
+    full = fmt == "full"
+    if what == "save":
+        folder = os.path.join(OUT_DIR, f"{kind}-{fmt}")
+        res = save(kind, world, rank, folder, xs, ys, full)
+        res["resumed"] = resume(kind, world, rank, folder, xs, ys, full)
+        res["folder"] = folder
+        return res
+    return {"resumed": resume(kind, world, rank, rest[0], xs, ys, full)}
 
-                results[scenario] = {"error": traceback.format_exc()}
-                raise
-            dist.barrier()
-    finally:
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-        try:
-            dist.barrier()
-            dist.destroy_process_group()
-        finally:
-            os._exit(0)  # skip the interpreter's teardown (see dist_worker.py)

@@ -1,12 +1,12 @@
-"""Worker processes for tests/test_distributed.py (2 ranks, gloo, CPU, float64)."""
+"""Worker processes for tests/test_distributed.py (2 ranks, gloo, CPU, float64); one launch runs
+every scenario (tests/_ranks.py)."""
 
 from __future__ import annotations
 
 import os
-import warnings
+import time
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 import loft
@@ -55,23 +55,18 @@ def single_process_reference(micro_batches: int = 1):
     return trainable(model)
 
 
-def worker(rank: int, world: int, port: int, scenario: str, out_dir: str) -> None:
-    run_scenario(rank, world, port, scenario, out_dir)
-    # Leave without the interpreter's teardown: gloo's background threads can abort the process
-    # there ("terminate called without an active exception", seen once in CI after the results
-    # were saved), which would fail the test for a reason that has nothing to do with LoFT.
-    os._exit(0)
+def worker(rank: int, world: int, port: int, scenarios: list[str], out_dir: str) -> None:
+    """One rank: its rows of the batch, every scenario in one process group (tests/_ranks.py)."""
+    from _ranks import serve_scenarios
 
-
-def run_scenario(rank: int, world: int, port: int, scenario: str, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    warnings.simplefilter("ignore")
     x, y = data()
-    shard = slice(rank * N_ROWS // world, (rank + 1) * N_ROWS // world)
-    xs, ys = x[shard], y[shard]
+    rows = slice(rank * N_ROWS // world, (rank + 1) * N_ROWS // world)
+    serve_scenarios(rank, world, port, scenarios, out_dir, lambda scenario: run(scenario, rank, x[rows], y[rows]))
+
+
+def run(scenario: str, rank: int, xs, ys) -> dict[str, object]:
     result: dict[str, object] = {}
-    if scenario == "accelerate":
+    if scenario == "accelerate":  # Accelerate adopts the running process group
         from accelerate import Accelerator
 
         accelerator = Accelerator(cpu=True)
@@ -84,47 +79,41 @@ def run_scenario(rank: int, world: int, port: int, scenario: str, out_dir: str) 
             accelerator.backward(loss_fn(model, xs, ys))
             opt.step()
         result["params"] = trainable(model)
-        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-        accelerator.end_training()
-        dist.destroy_process_group() if dist.is_initialized() else None
-        return
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        if scenario == "missing":
-            # rank 1 never constructs its optimizer (as if it had failed before): rank 0 must not wait forever
-            result["error"] = None
-            if rank == 0:
-                import time
-
-                t0 = time.perf_counter()
-                try:
-                    make_optimizer(build_model())
-                except loft.distributed.RanksNotResponding as exc:
-                    result["error"] = str(exc)
-                result["seconds"] = time.perf_counter() - t0
-        elif scenario == "mismatch":
-            # (DDP would refuse this model itself; code that all-reduces by hand relies on LoFT's check)
-            model = build_model(rank_of_lora=2 + rank)
+    elif scenario.startswith("missing"):
+        # "missing:<seconds>" (the last scenario of a launch: rank 1 skips a construction, so the
+        # ranks' construction counts differ from here on). Rank 1 never constructs its optimizer
+        # (as if it had failed before): rank 0 must not wait forever.
+        os.environ["LOFT_DIST_TIMEOUT"] = scenario.split(":")[1]
+        result["refusal"] = None
+        if rank == 0:
+            t0 = time.perf_counter()
             try:
-                make_optimizer(model)
-                result["error"] = None
-            except loft.UnsupportedDistributedSetup as exc:
-                result["error"] = str(exc)
-        else:
-            model = nn.parallel.DistributedDataParallel(build_model())
-            opt = make_optimizer(model)
-            for _ in range(STEPS):
-                opt.zero_grad()
-                if scenario == "accumulate":  # two micro-batches, gradients synced only on the last
-                    half = xs.shape[0] // 2
-                    with model.no_sync():
-                        (loss_fn(model, xs[:half], ys[:half]) / 2).backward()
-                    (loss_fn(model, xs[half:], ys[half:]) / 2).backward()
-                else:
-                    loss_fn(model, xs, ys).backward()
-                opt.step()
-            result["params"] = trainable(model)
-        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.barrier()  # neither rank tears the group down while the other still uses it
-    finally:
-        dist.destroy_process_group()
+                make_optimizer(build_model())
+            except loft.distributed.RanksNotResponding as exc:
+                result["refusal"] = str(exc)
+            result["seconds"] = time.perf_counter() - t0
+    elif scenario == "mismatch":
+        # (DDP would refuse this model itself; code that all-reduces by hand relies on LoFT's check)
+        model = build_model(rank_of_lora=2 + rank)
+        try:
+            make_optimizer(model)
+            result["refusal"] = None
+        except loft.UnsupportedDistributedSetup as exc:
+            result["refusal"] = str(exc)
+    elif scenario in ("ddp", "accumulate"):
+        model = nn.parallel.DistributedDataParallel(build_model())
+        opt = make_optimizer(model)
+        for _ in range(STEPS):
+            opt.zero_grad()
+            if scenario == "accumulate":  # two micro-batches, gradients synced only on the last
+                half = xs.shape[0] // 2
+                with model.no_sync():
+                    (loss_fn(model, xs[:half], ys[:half]) / 2).backward()
+                (loss_fn(model, xs[half:], ys[half:]) / 2).backward()
+            else:
+                loss_fn(model, xs, ys).backward()
+            opt.step()
+        result["params"] = trainable(model)
+    else:
+        raise ValueError(scenario)
+    return result

@@ -3,9 +3,7 @@
 
 from __future__ import annotations
 
-import datetime
 import os
-import warnings
 
 import torch
 import torch.distributed as dist
@@ -98,37 +96,23 @@ def shard(model, world: int, mp_policy=None):
 
 
 def worker(rank: int, world: int, port: int, scenarios: list[str], out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    warnings.simplefilter("ignore")
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=30))
-    results: dict[str, object] = {}
+    """One rank: its rows of the batch, every scenario in one process group (tests/_ranks.py)."""
+    from _ranks import serve_scenarios
+
     global OUT_DIR
     OUT_DIR = out_dir
-    try:
-        x, y = data()
-        rows = slice(rank * N_ROWS // world, (rank + 1) * N_ROWS // world)
-        for scenario in scenarios:
-            try:
-                results[scenario] = run(scenario, rank, world, x[rows], y[rows])
-            except Exception:  # reported to the test, which fails with it
-                import traceback
-
-                results[scenario] = {"error": traceback.format_exc()}
-                raise
-            dist.barrier()
-    finally:
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-        try:
-            dist.barrier()  # neither rank tears the group down while the other still uses it
-            dist.destroy_process_group()
-        finally:
-            # skip the interpreter's teardown (gloo's threads can abort it; see dist_worker.py)
-            os._exit(0)
+    x, y = data()
+    rows = slice(rank * N_ROWS // world, (rank + 1) * N_ROWS // world)
+    serve_scenarios(rank, world, port, scenarios, out_dir, lambda scenario: run(scenario, rank, world, x[rows], y[rows]))
 
 
 def run(scenario: str, rank: int, world: int, xs, ys) -> dict[str, object]:
     out: dict[str, object] = {}
+    if scenario.startswith("dcp:"):  # a scenario of tests/dcp_worker.py, in the same launch
+        import dcp_worker
+
+        dcp_worker.OUT_DIR = OUT_DIR
+        return dcp_worker.run(scenario.removeprefix("dcp:"), rank, world, xs, ys)
     if scenario in ("fsdp2", "ddp_split"):
         if scenario == "fsdp2":
             model = shard(build_model(), world)

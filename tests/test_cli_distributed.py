@@ -22,6 +22,8 @@ from safetensors.torch import load_file
 from loft.app.cli import main
 from loft.app.finetune import FinetuneConfig, finetune
 
+pytestmark = pytest.mark.slow  # real multi-process launches (pyproject.toml: markers)
+
 BIN = Path(sys.executable).parent
 STEPS, BATCH = 8, 8
 TIMEOUT = 300  # seconds per launch; a launch takes ~10-20 s on 2 cores

@@ -15,6 +15,8 @@ from test_cli_distributed import BATCH, BIN, STEPS, TIMEOUT, _env, adapter, free
 from loft.app.cli import main
 from loft.app.finetune import FinetuneConfig, finetune
 
+pytestmark = pytest.mark.slow  # real multi-process launches (pyproject.toml: markers)
+
 
 @pytest.fixture(scope="module")
 def straight(setup):

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import _ranks
-from conftest import rel_err
+from conftest import DCP_SAVES, rel_err
 
 pytest.importorskip("peft")
 
@@ -15,18 +14,13 @@ pytest.importorskip("peft")
 NAMES = 10
 
 
-def run_ranks(world: int, scenarios: list[str], folder) -> list[dict]:
-    from dcp_worker import worker
-
-    return _ranks.run_ranks(worker, world, scenarios, folder)
-
-
-SAVES = ["save:fsdp2:dcp", "save:fsdp2:full", "save:ddp:dcp"]
+SAVES = DCP_SAVES
 
 
 @pytest.fixture(scope="module")
-def two(tmp_path_factory):
-    return run_ranks(2, [*SAVES, "accelerate"], tmp_path_factory.mktemp("two"))
+def two(fsdp_two_ranks):
+    """Two ranks (one launch shared with tests/test_owners.py: conftest.fsdp_two_ranks)."""
+    return fsdp_two_ranks[1]
 
 
 @pytest.fixture(scope="module")
@@ -101,9 +95,10 @@ def test_two_process_checkpoints_continue_on_one_process(two, reference):
         assert_close(resume("plain", 1, 0, folder, x, y, full=scenario.endswith("full")), reference)
 
 
-def test_two_process_dcp_checkpoint_continues_on_four(two, reference, tmp_path):
-    four = run_ranks(4, [f"resume:fsdp2:dcp:{two[0]['save:fsdp2:dcp']['folder']}",
-                         f"resume:fsdp2:full:{two[0]['save:fsdp2:full']['folder']}"], tmp_path)
+def test_two_process_dcp_checkpoint_continues_on_four(fsdp_four_ranks, reference):
+    """DCP and the full state dict, written on 2 FSDP2 ranks, continue on 4 (conftest.fsdp_four_ranks)."""
+    four = fsdp_four_ranks[1]
+    assert all(len(r) == 2 for r in four)
     for r in four:
         for res in r.values():
             assert_close(res["resumed"], reference)

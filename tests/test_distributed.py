@@ -2,73 +2,71 @@
 
 from __future__ import annotations
 
-import time
+import importlib.util
 
 import pytest
 import torch
-import torch.multiprocessing as mp
-from _ranks import free_port
+import _ranks
 from conftest import rel_err
 from dist_worker import single_process_reference
 
 pytest.importorskip("peft")
 
+#: one launch of 2 ranks runs every scenario (process start-up is most of the cost); "missing"
+#: must come last (see dist_worker.run)
+SCENARIOS = ["ddp", "accumulate", "accelerate", "mismatch", "missing:2"]
 
-def run_two_ranks(scenario: str, tmp_path, deadline: float | None = None) -> list[dict]:
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
     from dist_worker import worker
 
-    context = mp.start_processes(worker, args=(2, free_port(), scenario, str(tmp_path)), nprocs=2, join=False,
-                                 start_method="spawn")
-    t0 = time.monotonic()
-    while not context.join(timeout=1):
-        if deadline is not None and time.monotonic() - t0 > deadline:
-            for p in context.processes:
-                p.kill()
-            pytest.fail(f"the ranks of scenario {scenario!r} still ran after {deadline} s (a rank waits forever)")
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    scenarios = SCENARIOS if importlib.util.find_spec("accelerate") else [s for s in SCENARIOS if s != "accelerate"]
+
+    # the deadline: a rank that waits forever (scenario "missing") fails the tests instead of hanging
+    return _ranks.run_ranks(worker, 2, scenarios, tmp_path_factory.mktemp("ranks"), deadline=240)
 
 
-def assert_ranks_agree_and_match_one_process(results):
+def assert_ranks_agree_and_match_one_process(results, scenario):
     reference = single_process_reference()
-    rank0, rank1 = results[0]["params"], results[1]["params"]
+    rank0, rank1 = results[0][scenario]["params"], results[1][scenario]["params"]
     assert rank0.keys() == reference.keys()
     for name in reference:
         assert torch.equal(rank0[name], rank1[name]), name
         assert rel_err(rank0[name], reference[name]) < 1e-8, name
 
 
-def test_ddp_equals_one_process_with_the_whole_batch(tmp_path):
-    assert_ranks_agree_and_match_one_process(run_two_ranks("ddp", tmp_path))
+def test_ddp_equals_one_process_with_the_whole_batch(ranks):
+    assert_ranks_agree_and_match_one_process(ranks, "ddp")
 
 
-def test_ddp_gradient_accumulation_with_no_sync_equals_the_large_batch(tmp_path):
-    assert_ranks_agree_and_match_one_process(run_two_ranks("accumulate", tmp_path))
+def test_ddp_gradient_accumulation_with_no_sync_equals_the_large_batch(ranks):
+    assert_ranks_agree_and_match_one_process(ranks, "accumulate")
 
 
-def test_accelerate_prepared_model_and_optimizer(tmp_path):
+def test_accelerate_prepared_model_and_optimizer(ranks):
     pytest.importorskip("accelerate")
-    results = run_two_ranks("accelerate", tmp_path)
-    assert results[0]["distributed_type"] == "DistributedType.MULTI_CPU"
-    assert_ranks_agree_and_match_one_process(results)
+    assert ranks[0]["accelerate"]["distributed_type"] == "DistributedType.MULTI_CPU"
+    assert_ranks_agree_and_match_one_process(ranks, "accelerate")
 
 
-def test_ranks_with_different_lora_pairs_are_refused(tmp_path):
-    results = run_two_ranks("mismatch", tmp_path)
-    for r in results:
-        assert r["error"] is not None and "found different LoRA pairs" in r["error"]
-        assert "Every data-parallel rank must build the same model" in r["error"]
+def test_ranks_with_different_lora_pairs_are_refused(ranks):
+    for r in ranks:
+        error = r["mismatch"]["refusal"]
+        assert error is not None and "found different LoRA pairs" in error
+        assert "Every data-parallel rank must build the same model" in error
 
 
-def test_a_rank_that_never_constructs_the_optimizer_is_named_not_waited_for(tmp_path, monkeypatch):
+def test_a_rank_that_never_constructs_the_optimizer_is_named_not_waited_for(ranks):
     """Rank 1 never constructs LoFTAdamW (as if it had failed before); rank 0's construction-time
-    check gives up after LOFT_DIST_TIMEOUT seconds and names rank 1 (on main: waits forever)."""
-    monkeypatch.setenv("LOFT_DIST_TIMEOUT", "2")  # inherited by the spawned workers
-    results = run_two_ranks("missing", tmp_path, deadline=45)
-    error = results[0]["error"]
+    check gives up after LOFT_DIST_TIMEOUT seconds (2, set in the worker) and names rank 1 (on
+    main: waits forever)."""
+    result = ranks[0]["missing:2"]
+    error = result["refusal"]
     assert error is not None and "waited 2 s for rank(s) 1 of 2" in error and "LOFT_DIST_TIMEOUT" in error
-    # it waited for the timeout; that it gave up at all is run_two_ranks' deadline (no upper bound on
+    # it waited for the timeout; that it gave up at all is run_ranks' deadline (no upper bound on
     # the time here: under heavy load the store's wait took 30 s once, and timing is for benchmarks)
-    assert results[0]["seconds"] > 1.5
+    assert result["seconds"] > 1.5
 
 
 def _small_peft_model():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -20,14 +21,12 @@ peft = pytest.importorskip("peft")
 
 RESUME_SCRIPT = textwrap.dedent(
     """
-    import sys, torch, peft
+    import json, sys, torch, peft
     from torch import nn
     import loft
     torch.set_num_threads(1)
-    mode, path, k, n_steps = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-    alternating = sys.argv[5] == "1"
 
-    def build():
+    def build(n_steps, alternating):
         torch.manual_seed(0)
         base = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 3))
         cfg = peft.LoraConfig(r=4, target_modules=["0"], modules_to_save=["2"])
@@ -50,33 +49,50 @@ RESUME_SCRIPT = textwrap.dedent(
             opt.step()
             sched.step()
 
-    model, opt, sched = build()
-    if mode == "full":
-        run(model, opt, sched, range(n_steps))
-        torch.save(trainable(model), path)
-    elif mode == "first":
-        run(model, opt, sched, range(k))
-        torch.save({"model": trainable(model), "optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, path)
-    else:
-        ckpt = torch.load(path, weights_only=True)
-        model.load_state_dict(ckpt["model"], strict=False)
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        run(model, opt, sched, range(k, n_steps))
-        torch.save(trainable(model), path + ".resumed")
+    # every job: [mode, path, k, n_steps, alternating]; each builds its own model, optimizer and
+    # scheduler (seeded), so jobs in one process do not depend on each other
+    for mode, path, k, n_steps, alternating in json.loads(sys.argv[1]):
+        model, opt, sched = build(n_steps, alternating)
+        if mode == "full":
+            run(model, opt, sched, range(n_steps))
+            torch.save(trainable(model), path)
+        elif mode == "first":
+            run(model, opt, sched, range(k))
+            torch.save({"model": trainable(model), "optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, path)
+        else:
+            ckpt = torch.load(path, weights_only=True)
+            model.load_state_dict(ckpt["model"], strict=False)
+            opt.load_state_dict(ckpt["optimizer"])
+            sched.load_state_dict(ckpt["scheduler"])
+            run(model, opt, sched, range(k, n_steps))
+            torch.save(trainable(model), path + ".resumed")
     """
 )
 
+RESUME_CASES = [(5, True), (6, True), (5, False)]
 
-@pytest.mark.parametrize("k, alternating", [(5, True), (6, True), (5, False)])
-def test_resume_in_a_new_process_is_bit_exact(tmp_path, k, alternating):
-    script = tmp_path / "resume.py"
+
+@pytest.fixture(scope="module")
+def resumed_in_new_processes(tmp_path_factory):
+    """Two processes for all cases (starting one costs more than its 12 steps): the first runs
+    every uninterrupted run and every first part, the second, new, resumes every checkpoint."""
+    folder = tmp_path_factory.mktemp("resume")
+    script = folder / "resume.py"
     script.write_text(RESUME_SCRIPT)
-    full, part = str(tmp_path / "full.pt"), str(tmp_path / "part.pt")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    flag = "1" if alternating else "0"
-    for mode, path in (("full", full), ("first", part), ("resume", part)):
-        subprocess.run([sys.executable, str(script), mode, path, str(k), "12", flag], check=True, env=env)
+    paths = {case: (str(folder / f"full-{case[0]}-{case[1]}.pt"), str(folder / f"part-{case[0]}-{case[1]}.pt"))
+             for case in RESUME_CASES}
+    before = [[mode, path, k, 12, alternating] for (k, alternating), (full, part) in paths.items()
+              for mode, path in (("full", full), ("first", part))]
+    after = [["resume", part, k, 12, alternating] for (k, alternating), (_, part) in paths.items()]
+    for jobs in (before, after):
+        subprocess.run([sys.executable, str(script), json.dumps(jobs)], check=True, env=env)
+    return paths
+
+
+@pytest.mark.parametrize("k, alternating", RESUME_CASES)
+def test_resume_in_a_new_process_is_bit_exact(resumed_in_new_processes, k, alternating):
+    full, part = resumed_in_new_processes[(k, alternating)]
     uninterrupted = torch.load(full, weights_only=True)
     resumed = torch.load(part + ".resumed", weights_only=True)
     at_k = torch.load(part, weights_only=True)["model"]

@@ -1,32 +1,27 @@
 """LoFT with one owner rank per pair: FSDP2 (``fully_shard``, DTensor shards) and DDP with
 ``split_step=True``, on 2 and 4 CPU processes over gloo (127.0.0.1, a free port). One spawn of
-the workers per world size runs every scenario (tests/owner_worker.py)."""
+the workers per world size runs every scenario (tests/owner_worker.py), and tests/test_dcp.py's
+(conftest.py: fsdp_two_ranks, fsdp_four_ranks)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-import _ranks
 from conftest import rel_err
 
 pytest.importorskip("peft")
 
 
-def run_ranks(world: int, scenarios: list[str], folder) -> list[dict]:
-    from owner_worker import worker
-
-    return _ranks.run_ranks(worker, world, scenarios, folder)
+@pytest.fixture(scope="module")
+def two(fsdp_two_ranks):
+    """Two ranks (one launch shared with tests/test_dcp.py: conftest.fsdp_two_ranks)."""
+    return fsdp_two_ranks[0]
 
 
 @pytest.fixture(scope="module")
-def two(tmp_path_factory):
-    return run_ranks(2, ["fsdp2", "fsdp2_clip_outside", "ddp_split", "fsdp2_mixed_precision", "checkpoint"], tmp_path_factory.mktemp("two"))
-
-
-@pytest.fixture(scope="module")
-def four(two, tmp_path_factory):
+def four(fsdp_four_ranks):
     """Four ranks; they also resume the two ranks' checkpoint."""
-    return run_ranks(4, ["fsdp2", f"resume:{two[0]['checkpoint']['checkpoint']}"], tmp_path_factory.mktemp("four"))
+    return fsdp_four_ranks[0]
 
 
 @pytest.fixture(scope="module")
