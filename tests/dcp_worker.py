@@ -10,7 +10,7 @@ import os
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from owner_worker import CHECKPOINT_AT, N_ROWS, STEPS, build_model, data, load_trainable, make_optimizer, shard, train, trainable
+from owner_worker import CHECKPOINT_AT, STEPS, build_model, load_trainable, make_optimizer, shard, train, trainable
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
 
