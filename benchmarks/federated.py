@@ -23,9 +23,10 @@ The full grid: 4 and 8 clients; Dirichlet(0.1), Dirichlet(1.0) and even splits; 
 * ``ffa``: FFA-LoRA (A frozen, AdamW on B), FedAvg of B;
 * ``full``: full fine-tuning, FedAvg of every weight (the reference; no rank).
 
-``--subset small`` runs 4 clients, the even and Dirichlet(0.1) splits, rank 4, the arms
-loft-keep, loft-reset, lora-fedavg and loft-fedavg, seed 0 first (then seeds 1 and 2),
-``SMALL_ROUNDS`` rounds of ``LOCAL_STEPS`` steps: docs/federated.md says what was cut.
+``--subset small`` runs 4 clients, the even and Dirichlet(0.1) splits, rank 4,
+``SMALL_ROUNDS`` rounds of ``LOCAL_STEPS`` steps: first the arms loft-keep, loft-reset,
+lora-fedavg and loft-fedavg (seed 0, then seeds 1 and 2), then the references ffa and full
+(seeds 0, 1, 2): docs/federated.md says what was cut.
 
 Each run is ``loft federate`` in its own process (one at a time; its Ray actors take the CPUs);
 its ``metrics.json`` (every round: accuracy, loss, aggregation error, bytes per client) goes
@@ -74,6 +75,8 @@ ARMS: dict[str, dict[str, Any]] = {
     "full": {"method": "full", "aggregator": "fedavg", "state": "reset"},
 }
 SMALL_ARMS = ("loft-keep", "loft-reset", "lora-fedavg", "loft-fedavg")
+#: run after SMALL_ARMS in the small subset (added once those were done, so they come last)
+SMALL_REFERENCES = ("ffa", "full")
 #: the accuracy whose first round the report gives ("rounds to target")
 TARGET = 0.80
 
@@ -88,8 +91,8 @@ def run_of(arm: str, clients: int, split: str, rank: int, seed: int, rounds: int
 def runs(subset: str) -> list[dict[str, Any]]:
     """The runs of a subset, in the order they run (seed-major: every arm once before any repeat)."""
     if subset == "small":
-        return [run_of(arm, 4, split, 4, seed, SMALL_ROUNDS) for seed in SEEDS for split in ("even", "dirichlet:0.1")
-                for arm in SMALL_ARMS]
+        return [run_of(arm, 4, split, 4, seed, SMALL_ROUNDS) for arms in (SMALL_ARMS, SMALL_REFERENCES)
+                for seed in SEEDS for split in ("even", "dirichlet:0.1") for arm in arms]
     out = []
     for seed in SEEDS:
         for clients in CLIENTS:
