@@ -19,11 +19,14 @@ LIBRARIES = ("torch-loft", "torch", "transformers", "peft", "accelerate")
 
 def commit() -> str:
     """The checked-out commit (short hash), with ``+dirty`` when tracked files under ``src/`` or
-    ``benchmarks/`` differ from it (what the result depends on); ``unknown`` outside a git checkout."""
+    ``benchmarks/`` differ from it (what the result depends on; not the result files under
+    ``benchmarks/results/``, which runs append to while others run); ``unknown`` outside a git
+    checkout."""
     try:
         head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture_output=True, text=True,
                               check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "src", "benchmarks"],
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "src", "benchmarks",
+                                ":(exclude)benchmarks/results"],
                                cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
