@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+import signal
 import sys
 
 import pytest
@@ -36,6 +37,18 @@ def _gc_freeze():
     gc.collect()
     gc.freeze()
     yield
+
+
+@pytest.fixture(autouse=True)
+def _terminal_sigint():
+    """Each test runs with Python's own Ctrl-C handling (``default_int_handler``), as a ``loft``
+    started from a terminal has, whatever this process inherited: a shell without job control
+    starts background commands (``pytest ... &``, ``nohup``, some CI runners) with SIGINT
+    ignored, and then the Ctrl-C tests' SIGINT would do nothing (the run would finish, exit 0).
+    The inherited disposition is put back after the test."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 @pytest.fixture(scope="module")
