@@ -80,6 +80,9 @@ METHODS: dict[str, tuple[Callable[[int], dict[str, Any]], int]] = {
 #: stage 3's arms (method, rank) and its shared grid (lattice indices)
 STABILITY_ARMS = (("loft", 4), ("loft", 16), ("lora", 4), ("lora", 16), ("full", 0))
 STABILITY_GRID = tuple(range(-1, 7))  # 5e-5 ... 6.4e-3
+#: run first, at every seed: the arms and learning rates (2e-4 ... 1.6e-3) around LoFT's and full
+#: fine-tuning's collapse edge, which decide ``loft finetune``'s default learning rate
+DECIDING = ({("loft", 4), ("loft", 16), ("full", 0)}, range(1, 5))
 
 
 def splits() -> tuple[str, str, str]:
@@ -168,8 +171,11 @@ def stability(sweep: Sweep) -> dict[tuple[str, int], dict[int, list[dict[str, An
     """Stage 3: the shared grid x seeds for each stability arm, on validation."""
     runs = {(arm, k): [run_of(arm[0], arm[1], k, s, "val") for s in SEEDS] for arm in STABILITY_ARMS
             for k in STABILITY_GRID}
-    # seeds outermost: an interrupted stage still has every learning rate at a few seeds
-    order = [rs[i] for i in range(len(SEEDS)) for rs in runs.values()]
+    # the deciding runs first, then seeds outermost: an interrupted stage still has every
+    # learning rate at a few seeds
+    deciding = [rs[i] for i in range(len(SEEDS)) for (arm, k), rs in runs.items()
+                if arm in DECIDING[0] and k in DECIDING[1]]
+    order = deciding + [rs[i] for i in range(len(SEEDS)) for rs in runs.values() if rs[i] not in deciding]
     res = sweep.get(order)
     if res is None:
         return {}
