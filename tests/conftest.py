@@ -74,6 +74,8 @@ def mc_data(tmp_path_factory):
 #: (it changes the process's AcceleratorState).
 OWNER_SCENARIOS = ["fsdp2", "fsdp2_clip_outside", "ddp_split", "fsdp2_mixed_precision", "checkpoint"]
 DCP_SAVES = ["save:fsdp2:dcp", "save:fsdp2:full", "save:ddp:dcp"]
+#: the same with one factor of every pair frozen from the start (``+A`` / ``+B``; tests/dcp_worker.wrap)
+DCP_FROZEN_SAVES = ["save:fsdp2+B:dcp", "save:ddp+A:dcp"]
 
 
 def _split(results: list[dict]) -> tuple[list[dict], list[dict]]:
@@ -89,7 +91,7 @@ def fsdp_two_ranks(tmp_path_factory):
     import _ranks
     from owner_worker import worker
 
-    scenarios = [*OWNER_SCENARIOS, *(f"dcp:{s}" for s in DCP_SAVES), "dcp:accelerate"]
+    scenarios = [*OWNER_SCENARIOS, *(f"dcp:{s}" for s in DCP_SAVES + DCP_FROZEN_SAVES), "dcp:accelerate"]
     return _split(_ranks.run_ranks(worker, 2, scenarios, tmp_path_factory.mktemp("two")))
 
 

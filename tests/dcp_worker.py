@@ -14,10 +14,16 @@ from owner_worker import CHECKPOINT_AT, STEPS, build_model, load_trainable, make
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
 
+from loft import federated
+
 
 def wrap(kind: str, world: int):
-    """A fresh model: FSDP2-sharded (``fsdp2``), in DDP (``ddp``), or plain (``plain``, one process)."""
+    """A fresh model: FSDP2-sharded (``fsdp2``), in DDP (``ddp``), or plain (``plain``, one process);
+    a suffix ``+A`` or ``+B`` freezes that factor of every pair first (FFA-LoRA, a federated client)."""
+    kind, _, frozen = kind.partition("+")
     model = build_model()
+    if frozen:
+        federated.freeze_factor(model, frozen)
     if kind == "fsdp2":
         return shard(model, world)
     if kind == "ddp":

@@ -69,9 +69,14 @@ def train(model, opt, sched, x, y, steps: int = STEPS):
         sched.step()
 
 
-def single_process_reference(steps: int = STEPS):
-    """One process that sees the whole batch every step."""
+def single_process_reference(steps: int = STEPS, frozen: str | None = None):
+    """One process that sees the whole batch every step (every pair's ``frozen`` factor, 'A' or
+    'B', frozen from the start: loft.federated.freeze_factor)."""
     model = build_model()
+    if frozen:
+        from loft import federated
+
+        federated.freeze_factor(model, frozen)
     opt, sched = make_optimizer(model)
     x, y = data()
     train(model, opt, sched, x, y, steps)

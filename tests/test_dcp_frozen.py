@@ -1,5 +1,6 @@
 """``torch.distributed.checkpoint`` (DCP) with LoRA pairs that have one frozen factor (FFA-LoRA's
-``A``, a federated client's other factor; loft/checkpoint.py), in one process, float64.
+``A``, a federated client's other factor; loft/checkpoint.py), in one process, and on 2 gloo
+processes under FSDP2 and DDP (the 2-rank launch of conftest.fsdp_two_ranks), float64.
 
 torch's ``set_optimizer_state_dict`` keeps only the entries of parameters that require grad,
 so the frozen factor's state travels inside its trainable partner's entry (``frozen.*`` keys,
@@ -13,11 +14,12 @@ import torch
 pytest.importorskip("peft")
 
 import torch.distributed.checkpoint as dcp  # noqa: E402
+from conftest import DCP_FROZEN_SAVES, rel_err  # noqa: E402
 from owner_worker import build_model, data, make_optimizer, train, trainable  # noqa: E402
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict  # noqa: E402
 
 from loft import federated as fed  # noqa: E402
-from loft.checkpoint import FROZEN  # noqa: E402
+from loft.checkpoint import FROZEN, fold_frozen_sides  # noqa: E402
 
 #: the pairs of owner_worker.build_model: (m, n, r)
 PAIRS = {"0": (7, 6, 2), "2": (7, 7, 2), "4": (7, 7, 2), "6": (5, 7, 1)}
@@ -100,3 +102,60 @@ def test_dcp_keeps_a_frozen_factors_state_and_resumes_bit_exactly(frozen, tmp_pa
         train(m, o, s, x, y, 2)
     ta, tb = trainable(model), trainable(loaded)
     assert all(torch.equal(ta[n], tb[n]) for n in ta)
+
+
+def test_a_frozen_factors_state_without_its_partners_is_refused_not_dropped():
+    """Folding needs the trainable side's entry to carry the frozen side's state; a state dict
+    where only the frozen side has an entry (never made by LoFT: both sides get state at the same
+    step) raises, rather than saving a checkpoint that silently lost that state."""
+    x, y = data()
+    model = build_model()
+    opt, sched = make_optimizer(model)
+    train(model, opt, sched, x, y, 1)
+    fed.freeze_factor(model, "B")
+    params = [p for g in opt.param_groups for p in g["params"]]
+    sd = opt.state_dict()
+    del sd["state"][0]  # pair "0": A (trainable) loses its entry, B (frozen) keeps its
+    with pytest.raises(RuntimeError, match="frozen factor has optimizer state but its trainable factor has none"):
+        fold_frozen_sides(opt, sd, params)
+    sd = opt.state_dict()
+    fold_frozen_sides(opt, sd, params)  # the intact state folds: B's entries under A's, prefixed
+    assert 1 not in sd["state"] and FROZEN + "exp_avg" in sd["state"][0]
+
+
+# ----------------------------------------------------------------------------- on 2 processes
+def _frozen(scenario: str) -> str:
+    return scenario.split(":")[1].partition("+")[2]  # "save:fsdp2+B:dcp" -> "B"
+
+
+@pytest.mark.parametrize("scenario", DCP_FROZEN_SAVES)
+def test_two_processes_with_a_frozen_factor_resume_bit_exactly_and_equal_one_process(fsdp_two_ranks, scenario):
+    """Every pair's A (DDP) or B (FSDP2) frozen from the start: on each rank the fresh optimizer offers
+    DCP only the trainable parameters, the checkpoint (DCP, per-rank shards) loads into a fresh
+    model and optimizer on the same processes and continues bit-identically, and the run equals
+    one process with the same factor frozen (1e-8)."""
+    from owner_worker import single_process_reference
+
+    frozen = _frozen(scenario)
+    reference = single_process_reference(frozen=frozen)
+    assert len(reference) == 6  # 4 trainable factors and the head's weight and bias
+    for r in fsdp_two_ranks[1]:
+        res = r[scenario]
+        assert len(res["fresh_keys"]) == 6 and not any(f"lora_{frozen}." in k for k in res["fresh_keys"])
+        assert res["continued"].keys() == res["resumed"].keys() == reference.keys()
+        for name in reference:
+            assert torch.equal(res["continued"][name], res["resumed"][name]), (scenario, name)
+            assert rel_err(res["continued"][name], reference[name]) < 1e-8, (scenario, name)
+
+
+def test_a_two_process_fsdp2_checkpoint_with_a_frozen_factor_continues_on_one_process(fsdp_two_ranks):
+    """The FSDP2 ranks' DCP checkpoint (B frozen) continues on one process without FSDP (the frozen
+    side's state unfolded from its partner's entry): the single-process trajectory to 1e-8."""
+    from dcp_worker import resume
+    from owner_worker import single_process_reference
+
+    x, y = data()
+    folder = fsdp_two_ranks[1][0]["save:fsdp2+B:dcp"]["folder"]
+    resumed, reference = resume("plain+B", 1, 0, folder, x, y, full=False), single_process_reference(frozen="B")
+    for name in reference:
+        assert rel_err(resumed[name], reference[name]) < 1e-8, name

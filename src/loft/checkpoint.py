@@ -80,8 +80,15 @@ def fold_frozen_sides(optimizer: LoFTAdamW, state_dict: dict[str, Any], params: 
     for pair, side in _one_frozen(optimizer):
         frozen, live = index[id((pair.A, pair.B)[side])], index[id((pair.A, pair.B)[1 - side])]
         entry = state.pop(frozen, None)
-        if entry and live in state:
-            state[live] = {**state[live], **{FROZEN + k: v for k, v in entry.items() if k != "step"}}
+        if not entry:
+            continue
+        if not state.get(live):  # a pair's two sides get state at the same step: never both, never one
+            raise RuntimeError(
+                f"LoRA pair {pair.name or '(unnamed)'}: its frozen factor has optimizer state but its trainable "
+                "factor has none, so the state cannot be saved through torch's state-dict API. This is a bug in "
+                "loft; please report it with the optimizer's state_dict() keys."
+            )
+        state[live] = {**state[live], **{FROZEN + k: v for k, v in entry.items() if k != "step"}}
 
 
 def unfold_frozen_sides(
