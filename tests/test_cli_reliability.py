@@ -423,3 +423,22 @@ def test_atomic_write_killed_mid_write_leaves_the_old_file(tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert json.loads(target.read_text()) == {"old": True}
+
+
+@pytest.mark.parametrize("inherited", ["default", "ignored"])
+def test_the_ctrl_c_handler_is_installed_for_training_and_put_back(inherited):
+    """Training installs loft's Ctrl-C handler and puts the previous one back at the end; a process
+    that inherited SIGINT ignored (a background job, nohup) keeps ignoring it during training."""
+    from loft.app.callbacks import InterruptCallback
+
+    before = signal.default_int_handler if inherited == "default" else signal.SIG_IGN
+    previous = signal.signal(signal.SIGINT, before)
+    try:
+        cb = InterruptCallback()
+        cb.on_train_begin(None, None, None)
+        during = signal.getsignal(signal.SIGINT)
+        assert (during == cb._handler) if inherited == "default" else (during is signal.SIG_IGN)
+        cb.on_train_end(None, None, None)
+        assert signal.getsignal(signal.SIGINT) is before
+    finally:
+        signal.signal(signal.SIGINT, previous)

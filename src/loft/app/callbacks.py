@@ -50,7 +50,8 @@ class ProgressBar(TrainerCallback):
 
 class InterruptCallback(TrainerCallback):
     """The first Ctrl-C asks Trainer to save a checkpoint at the end of the current step and
-    stop; a second Ctrl-C aborts at once (the last periodic checkpoint remains).
+    stop; a second Ctrl-C aborts at once (the last periodic checkpoint remains). A process that
+    inherited SIGINT ignored (started in the background, with nohup) keeps it ignored.
 
     On several processes (torchrun forwards Ctrl-C to every worker, each at its own moment) the
     ranks agree at the end of every step: when any rank has seen Ctrl-C, all of them save the
@@ -76,7 +77,8 @@ class InterruptCallback(TrainerCallback):
             print("\nCtrl-C: saving a checkpoint after this step (Ctrl-C again to abort without it) ...", flush=True)
 
     def on_train_begin(self, args, state, control, **kwargs: Any):
-        if threading.current_thread() is threading.main_thread():
+        # a process started with Ctrl-C ignored (a background job, nohup) keeps ignoring it
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
             self._previous = signal.signal(signal.SIGINT, self._handler)
 
     def on_step_end(self, args, state, control, **kwargs: Any):
