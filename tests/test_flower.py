@@ -446,7 +446,7 @@ def test_an_interrupted_simulation_cleans_up(tiny, tmp_path, monkeypatch, capsys
         return real(bench, split, on_round=hook, stop=stop)
 
     monkeypatch.setattr(server_mod, "make_server_app", interrupting)
-    handler = signal.getsignal(signal.SIGTERM)
+    handler, int_handler = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     threads = set(threading.enumerate())
     bert, train, test = tiny
     out = tmp_path / "run"
@@ -468,10 +468,79 @@ def test_an_interrupted_simulation_cleans_up(tiny, tmp_path, monkeypatch, capsys
     assert alive and alive[0] >= 1  # the check below would see the run's processes
     assert run_mod.leftover_processes(run_mod.LAST_RUN_MARKER) == []
     assert list(temp.iterdir()) == []
-    assert signal.getsignal(signal.SIGTERM) == handler
+    assert signal.getsignal(signal.SIGTERM) == handler and signal.getsignal(signal.SIGINT) == int_handler
     assert [json.loads(line)["round"] for line in (out / "rounds.jsonl").read_text().splitlines()] == [0, 1]
     assert not (out / "metrics.json").exists()
     deadline = time.monotonic() + 30  # the ServerApp's thread stops at its next wait for replies
     while (left := [t for t in set(threading.enumerate()) - threads if not t.daemon]) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert left == []
+
+
+def _tagged(tag: str) -> list[int]:
+    """Pids of live processes whose environment holds ``LOFT_TEST_TAG=tag``."""
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            if f"LOFT_TEST_TAG={tag}".encode() in (entry / "environ").read_bytes().split(b"\0"):
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the run's processes in /proc (Linux)")
+def test_ctrl_c_from_a_terminal_while_clients_train(tiny, tmp_path):
+    """`loft federate` in a terminal of its own (a pseudo-terminal, the process group in its
+    foreground), Ctrl-C typed while the clients train round 2: the terminal sends SIGINT to the
+    whole foreground group (Ray's processes too, which block it). Exit status 130, stderr ends in
+    loft's one line and holds no error or traceback (Flower reported the actors that Ray's
+    shutdown ends), no process of the run left, Ray's temporary folder removed, round 1 kept."""
+    import fcntl
+    import pty
+    import subprocess
+    import sys
+    import termios
+    import uuid
+
+    bert, train, test = tiny
+    tag, out = uuid.uuid4().hex, tmp_path / "run"
+    temp = Path(tempfile.mkdtemp(prefix="lft"))  # short: Ray's socket paths inside must fit in 107 bytes
+    master, terminal = pty.openpty()
+
+    def own_terminal():  # a session of its own, with the pseudo-terminal as its controlling terminal
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    argv = [sys.executable, "-m", "loft.app", "federate", "--model", str(bert), "--data", str(train), "--eval-data",
+            str(test), "--clients", "2", "--rounds", "20", "--local-steps", "600", "--rank", "2", "--batch-size", "8",
+            "--parallel", "1", "--output-dir", str(out), "--quiet"]
+    env = {**os.environ, "LOFT_TEST_TAG": tag, "TMPDIR": str(temp)}
+    proc = subprocess.Popen(argv, stdin=terminal, stdout=terminal, stderr=subprocess.PIPE, preexec_fn=own_terminal,
+                            env=env)
+    os.close(terminal)
+    try:
+        rounds = out / "rounds.jsonl"
+        deadline = time.monotonic() + 240
+        while not (rounds.exists() and len(rounds.read_text().splitlines()) >= 2):  # round 1 evaluated
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()[-3000:]
+            time.sleep(0.1)
+        assert len(_tagged(tag)) >= 3  # loft, Ray's services and a client: what the check below must not find
+        time.sleep(1.5)  # into round 2's first client (600 steps, about 6 s): Flower is waiting on Ray for it
+        os.write(master, b"\x03")  # Ctrl-C, typed
+        err = proc.communicate(timeout=120)[1].decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
+    lines = err.strip().splitlines()
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "ERROR" not in err, err[-3000:]
+    assert lines[-1].startswith("loft: Interrupted after"), err[-3000:]
+    assert _tagged(tag) == []
+    assert not [p for p in temp.iterdir() if p.name.startswith("loft-ray-")]
+    shutil.rmtree(temp, ignore_errors=True)
+    kept = [json.loads(line)["round"] for line in rounds.read_text().splitlines()]
+    assert kept[:2] == [0, 1] and kept == list(range(len(kept)))
+    assert not (out / "metrics.json").exists()

@@ -72,7 +72,13 @@ class Terminated(BaseException):
 
 
 def _raise_terminated(signum: int, frame: Any) -> None:
+    _FLOWER_MUTE.tearing_down.set()
     raise Terminated
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    _FLOWER_MUTE.tearing_down.set()
+    raise KeyboardInterrupt
 
 
 def leftover_processes(marker: str) -> list[int]:
@@ -106,8 +112,28 @@ def _end_processes(marker: str) -> list[int]:
     return pids
 
 
+class _MuteWhileTearingDown(logging.Filter):
+    """Drops Flower's log records from the moment a simulation is interrupted (Ctrl-C, SIGTERM) or
+    ends: Flower's own clean-up ends the Ray actors, and its threads still waiting on a client
+    then report that as an error with a traceback (whenever a client was training at Ctrl-C)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tearing_down = threading.Event()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.tearing_down.is_set()
+
+
+_FLOWER_MUTE = _MuteWhileTearingDown()
+
+
 def _quiet_flower() -> None:
-    logging.getLogger("flwr").setLevel(logging.ERROR)
+    logger = logging.getLogger("flwr")
+    logger.setLevel(logging.ERROR)
+    if _FLOWER_MUTE not in logger.filters:
+        logger.addFilter(_FLOWER_MUTE)
+    _FLOWER_MUTE.tearing_down.clear()
     warnings.filterwarnings("ignore", message=".*RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO.*")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -209,8 +235,13 @@ def _simulate(cfg: FederateConfig, bench: Any, split: list[list[int]], record: C
     previous_term = signal.getsignal(signal.SIGTERM)
     if previous_term is None:  # set outside Python: put back the default
         previous_term = signal.SIG_DFL
+    previous_int = signal.getsignal(signal.SIGINT)
+    # Python's Ctrl-C (not one ignored, as in a background job, nor a caller's own handler)
+    own_int = on_main and previous_int is signal.default_int_handler
     if on_main:
         signal.signal(signal.SIGTERM, _raise_terminated)
+    if own_int:
+        signal.signal(signal.SIGINT, _raise_interrupt)
     start = time.perf_counter()
     try:
         _start_ray(backend["init_args"])
@@ -221,9 +252,11 @@ def _simulate(cfg: FederateConfig, bench: Any, split: list[list[int]], record: C
     except SystemExit as e:  # ray.init's SIGTERM handler
         if e.code != signal.SIGTERM:
             raise
+        _FLOWER_MUTE.tearing_down.set()
         raise Terminated from None
     finally:
         stop.set()
+        _FLOWER_MUTE.tearing_down.set()  # cleared by the next run's _quiet_flower
         try:
             for key, value in saved_env.items():  # Flower's Ray backend sets PYTHONPATH in this process
                 if value is None:
@@ -236,6 +269,8 @@ def _simulate(cfg: FederateConfig, bench: Any, split: list[list[int]], record: C
             shutil.rmtree(ray_dir, ignore_errors=True)
             if on_main:
                 signal.signal(signal.SIGTERM, previous_term)
+            if own_int:
+                signal.signal(signal.SIGINT, previous_int)
     return time.perf_counter() - start, killed
 
 
