@@ -1,0 +1,225 @@
+"""Evidence on a causal LM: SmolLM2-135M + Social IQa, all seven projections, ranks 1, 4 and 16,
+three seeds, full fine-tuning included (issue 15, item 6), at a reduced budget.
+
+    .venv/bin/python benchmarks/evidence_siqa.py plan     # runs done / to do (nothing runs)
+    .venv/bin/python benchmarks/evidence_siqa.py run      # tune, then the finals (resumable)
+    .venv/bin/python benchmarks/evidence_siqa.py report   # docs/results/evidence_siqa.md, from the JSONL only
+
+Every run: ``COMMON`` (80 steps of batch 8, about 0.5 epoch of the 1,254 training questions,
+every ``q/k/v/o/gate/up/down_proj`` adapted), scored as multiple choice (the answer with the
+lowest loss). What the budget of 2 CPU cores cut, against the sentiment protocol
+(``benchmarks/evidence.py``):
+
+1. **Tune** at rank 4 only, seed 0, on the validation split (200 questions carved once from the
+   training file, seed 1234): ``GRID_POINTS`` consecutive learning rates of the lattice
+   ``1e-4 * 2**k`` per method (LoFT; LoRA with alpha = 2r; full fine-tuning), grown one point
+   past an edge optimum at most ``MAX_EXTENSIONS`` times. LoFT has no alpha and LoRA's scale
+   alpha / r = 2 is the same at every rank, so the rank-4 rate is reused at ranks 1 and 16. DoRA,
+   rsLoRA and the optimizer-side peers are left out.
+2. **Final**: LoFT and LoRA at ranks 1, 4 and 16 and full fine-tuning, ``SEEDS`` each, on the
+   test split (500 questions). Mean, standard error, 95% interval, paired t tests across seeds.
+   The untrained model's accuracy does not depend on the seed or the method (LoRA's B starts at
+   zero): the full fine-tuning runs measure it (``eval_before``).
+
+Every run is its own process (``_sweep.py``), two at a time with one thread each; results go to
+``benchmarks/results/evidence_siqa.jsonl`` with their provenance, and a rerun skips finished runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _sweep  # noqa: E402
+from _stats import ALPHA, claim_verdict, edge_to_extend, paired, summarize  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+NAME = "evidence_siqa"
+RESULTS = ROOT / "benchmarks" / "results" / f"{NAME}.jsonl"
+REPORT = ROOT / "docs" / "results" / f"{NAME}.md"
+
+MODEL, DATA, N_VAL = "smollm2-135m", "social_iqa", 200
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+COMMON = {"max_steps": 80, "batch_size": 8, "target_modules": PROJECTIONS}
+TUNE_RANK, RANKS, SEEDS = 4, (1, 4, 16), (0, 1, 2)
+GRID_POINTS, MAX_EXTENSIONS = 3, 1
+#: each method's run settings at rank r, and the lattice index its grid is centred on
+METHODS = {
+    "loft": (lambda r: {"method": "loft", "rank": r}, 2),  # 4e-4 (3e-4 was best with q/v only)
+    "lora": (lambda r: {"method": "lora", "rank": r, "alpha": float(2 * r)}, 4),  # 1.6e-3
+    "full": (lambda r: {"method": "full", "rank": 1}, -2),  # 2.5e-5
+}
+
+
+def lattice(k: int) -> float:
+    """``1e-4 * 2**k`` to 3 significant digits (a run's JSON identity stays stable)."""
+    return float(f"{1e-4 * 2.0 ** k:.3g}")
+
+
+def splits() -> tuple[str, str, str]:
+    """(train, validation, test) paths relative to the repository (carved once)."""
+    return _sweep.carve_validation(DATA, N_VAL, ROOT / "benchmarks" / "results" / NAME)
+
+
+def run_of(method: str, rank: int, k: int, seed: int, split: str) -> dict[str, Any]:
+    train, val, test = splits()
+    settings, _ = METHODS[method]
+    run = {"model": MODEL, "data": train, "eval_data": val if split == "val" else test, **settings(rank),
+           "lr": lattice(k), "seed": seed, **COMMON}
+    if method == "full" and split == "test":
+        run["eval_before"] = True
+    return run
+
+
+class Runner:
+    """Looks runs up in the results file; runs the missing ones unless ``dry``."""
+
+    def __init__(self, jobs: int, threads: int, dry: bool) -> None:
+        self.jobs, self.threads, self.dry, self.missing = jobs, threads, dry, 0
+
+    def get(self, runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]] | None:
+        have = _sweep.load_results(RESULTS)
+        missing = [r for r in runs if _sweep.key(r) not in have]
+        if not missing:
+            return have
+        if self.dry:
+            self.missing += len(missing)
+            return None
+        return _sweep.run_all(runs, RESULTS, jobs=self.jobs, threads=self.threads)
+
+
+def _score(rec: dict[str, Any]) -> tuple[float, float]:
+    return rec["eval_accuracy"], -rec["eval_loss"]
+
+
+def tune(runner: Runner) -> dict[str, dict[str, Any]]:
+    """Each method's grid at rank 4 (grown past an edge optimum), its records and chosen index."""
+    grids = {m: list(range(c - GRID_POINTS // 2, c + GRID_POINTS // 2 + 1)) for m, (_, c) in METHODS.items()}
+    out: dict[str, dict[str, Any]] = {}
+    pending = set(METHODS)
+    for _ in range(MAX_EXTENSIONS + 1):
+        # the slow full fine-tuning runs first, so that the two jobs finish together
+        runs = [run_of(m, TUNE_RANK, k, 0, "val") for m in sorted(pending, key=lambda m: m != "full") for k in grids[m]]
+        res = runner.get(runs)
+        if res is None:
+            return {}
+        for m in sorted(pending):
+            recs = [res[_sweep.key(run_of(m, TUNE_RANK, k, 0, "val"))] for k in grids[m]]
+            edge = edge_to_extend([lattice(k) for k in grids[m]], [_score(r) for r in recs])
+            best = max(range(len(recs)), key=lambda i: _score(recs[i]))
+            out[m] = {"grid": list(grids[m]), "records": recs, "chosen": grids[m][best], "inside": edge == 0}
+            if edge == 0 or len(grids[m]) >= GRID_POINTS + MAX_EXTENSIONS:
+                pending.discard(m)
+            else:
+                grids[m] = [grids[m][0] - 1] + grids[m] if edge < 0 else grids[m] + [grids[m][-1] + 1]
+        if not pending:
+            break
+    return out
+
+
+def arms() -> list[tuple[str, int]]:
+    return [(m, r) for m in METHODS if m != "full" for r in RANKS] + [("full", 0)]
+
+
+def final(runner: Runner, tuned: dict[str, dict[str, Any]]) -> dict[tuple[str, int], list[dict[str, Any]]]:
+    """Every arm at its method's chosen rate, every seed, on test (records in seed order); seeds
+    outermost, so that an interrupted stage has whole seeds."""
+    runs = {arm: [run_of(arm[0], arm[1], tuned[arm[0]]["chosen"], s, "test") for s in SEEDS] for arm in arms()}
+    res = runner.get([rs[i] for i in range(len(SEEDS)) for rs in runs.values()])
+    if res is None:
+        return {}
+    return {arm: [res[_sweep.key(r)] for r in rs] for arm, rs in runs.items()}
+
+
+def _label(arm: tuple[str, int]) -> str:
+    return "full fine-tuning" if arm[0] == "full" else f"{arm[0]} r={arm[1]}"
+
+
+def _accs(recs: list[dict[str, Any]]) -> list[float]:
+    return [r["eval_accuracy"] for r in recs]
+
+
+def report(tuned: dict[str, dict[str, Any]], finals: dict[tuple[str, int], list[dict[str, Any]]]) -> None:
+    recs = list(_sweep.load_results(RESULTS).values())
+    commits = Counter(r.get("provenance", {}).get("commit", "not recorded") for r in recs)
+    libs = Counter(json.dumps(r.get("provenance", {}).get("versions", {}), sort_keys=True) for r in recs)
+    lines = [f"# Evidence: SmolLM2-135M + Social IQa, all seven projections, {len(SEEDS)} seeds (reduced budget)", "",
+             f"Generated by `.venv/bin/python benchmarks/evidence_siqa.py report` from `benchmarks/results/{NAME}.jsonl` "
+             "only; the protocol and what the budget cut are in the script's docstring. Settings of every run: "
+             f"`{json.dumps(COMMON)}`.", "",
+             f"{len(recs)} runs; commits: " + ", ".join(f"`{c}` ({n})" for c, n in commits.most_common())
+             + "; library versions: " + "; ".join(f"{v} ({n})" for v, n in libs.most_common()) + ".", ""]
+    if tuned:
+        lines += [f"## 1. Learning rate per method at rank {TUNE_RANK} (validation, seed 0)", "",
+                  "| method | grid (lr: val accuracy) | chosen | optimum inside the grid |", "|---|---|---|---|"]
+        for m, t in tuned.items():
+            cells = ", ".join(f"{lattice(k):g}: {r['eval_accuracy']:.3f}" for k, r in zip(t["grid"], t["records"]))
+            lines.append(f"| {m} | {cells} | {lattice(t['chosen']):g} | {'yes' if t['inside'] else 'no (out of extensions)'} |")
+        lines.append("")
+    if finals:
+        lines += [f"## 2. Test accuracy, {len(SEEDS)} seeds", "",
+                  "Mean +- standard error [95% interval] over seeds; train s: mean training time of a run "
+                  f"(two runs at a time, one thread each). Bold: better than the other method at that rank in a "
+                  f"paired t test (p < {ALPHA}).", "",
+                  "| method | " + " | ".join(f"r={r}" for r in RANKS) + " |", "|---|" + "---|" * len(RANKS)]
+        for m in METHODS:
+            if m == "full":
+                continue
+            row = []
+            for r in RANKS:
+                others = [o for o in finals if o[1] == r and o != (m, r)]
+                best = others and all(paired(_accs(finals[(m, r)]), _accs(finals[o])).verdict == "better" for o in others)
+                text = summarize(_accs(finals[(m, r)])).fmt()
+                row.append(f"**{text}**" if best else text)
+            lines.append(f"| {m} | " + " | ".join(row) + " |")
+        full = finals[("full", 0)]
+        lines.append(f"| full fine-tuning | {summarize(_accs(full)).fmt()} |" + " |" * (len(RANKS) - 1))
+        before = [r["eval_accuracy_before"] for r in full if r.get("eval_accuracy_before") is not None]
+        lines.append(f"| untrained | {summarize(before).fmt() if len(set(before)) > 1 else f'{before[0]:.3f}'} |"
+                     + " |" * (len(RANKS) - 1))
+        lines += ["", "| arm | train s | peak RSS MiB | trainable params |", "|---|---|---|---|"]
+        for arm, rs in finals.items():
+            lines.append(f"| {_label(arm)} | {sum(r['train_seconds'] for r in rs) / len(rs):.0f} | "
+                         f"{sum(r['peak_rss_mib'] for r in rs) / len(rs):.0f} | {rs[0]['trainable_params']:,} |")
+        lines += ["", "### Claims (paired t tests across seeds)", "",
+                  "| claim | difference [95% interval], p | verdict |", "|---|---|---|"]
+        claims = [(("loft", 4), ("lora", 16))] + [(("loft", r), ("lora", r)) for r in RANKS]
+        claims += [(("loft", r), ("full", 0)) for r in RANKS] + [(("lora", r), ("full", 0)) for r in RANKS]
+        for a, b in claims:
+            t = paired(_accs(finals[a]), _accs(finals[b]))
+            lines.append(f"| {_label(a)} beats {_label(b)} | {t.fmt()} | {claim_verdict(t)} |")
+        lines.append("")
+    REPORT.parent.mkdir(parents=True, exist_ok=True)
+    REPORT.write_text("\n".join(lines))
+    print(f"wrote {REPORT.relative_to(ROOT)}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("stage", choices=("plan", "run", "report"))
+    ap.add_argument("--jobs", type=int, default=2, help="runs at a time (default 2)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
+    args = ap.parse_args()
+    runner = Runner(args.jobs, args.threads, dry=args.stage != "run")
+    t0 = time.perf_counter()
+    tuned = tune(runner)
+    finals = final(runner, tuned) if tuned else {}
+    if args.stage == "plan":
+        done = len(_sweep.load_results(RESULTS)) if RESULTS.exists() else 0
+        print(f"{done} runs done; tuning {'complete' if tuned else 'incomplete'}; {runner.missing} runs missing in the "
+              f"next stage; about {len(METHODS) * GRID_POINTS + len(arms()) * len(SEEDS)} in all before extensions")
+    elif args.stage == "report":
+        report(tuned, finals)
+    else:
+        print(f"finished in {(time.perf_counter() - t0) / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()
