@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/evidence.py tune        # stage 1: learning rate per method and rank
     .venv/bin/python benchmarks/evidence.py final       # stage 2: 5 seeds on the test split
     .venv/bin/python benchmarks/evidence.py stability   # stage 3: collapse to chance per learning rate
+    .venv/bin/python benchmarks/evidence.py default     # stage 4: the default run at the old and the chosen lr
     .venv/bin/python benchmarks/evidence.py report      # docs/results/evidence_sentiment.md, from the JSONL only
 
 MiniLM-L6 on movie sentiment, every linear layer adapted, 100 steps of batch 16, one fresh head
@@ -21,6 +22,11 @@ MiniLM-L6 on movie sentiment, every linear layer adapted, 100 steps of batch 16,
 3. **Stability**: LoFT at ranks 4 and 16, LoRA at ranks 4 and 16 and full fine-tuning on one
    shared learning-rate grid, ``SEEDS`` each, on the validation split: the fraction of seeds that
    collapse to chance (accuracy within ``COLLAPSE_MARGIN`` of the majority class), as a figure.
+   Its runs around LoFT's and full fine-tuning's collapse edge (``DECIDING``) go first.
+4. **Default**: ``loft finetune``'s default learning rate is chosen from stage 3's deciding runs
+   (:func:`choose_default`: the best mean accuracy among the rates where no LoFT seed
+   collapsed); the default run (400 steps, whole test split) then runs at the old default and
+   at the chosen rate, ``DEFAULT_SEEDS`` each.
 
 Every run is its own process (``_sweep.py``), two at a time with one thread each; every result
 line records its settings, accuracies before and after training (the untrained baseline of that
@@ -83,6 +89,10 @@ STABILITY_GRID = tuple(range(-1, 7))  # 5e-5 ... 6.4e-3
 #: run first, at every seed: the arms and learning rates (2e-4 ... 1.6e-3) around LoFT's and full
 #: fine-tuning's collapse edge, which decide ``loft finetune``'s default learning rate
 DECIDING = ({("loft", 4), ("loft", 16), ("full", 0)}, range(1, 5))
+#: stage 4: ``loft finetune``'s default run (400 steps, the whole training and test sets) at the
+#: old default learning rate and at the one the deciding runs choose (:func:`choose_default`),
+#: ``DEFAULT_SEEDS`` each
+OLD_DEFAULT_LR, DEFAULT_SEEDS = 5e-4, (0, 1, 2)
 
 
 def splits() -> tuple[str, str, str]:
@@ -96,6 +106,13 @@ def run_of(method: str, rank: int, k: int, seed: int, eval_split: str) -> dict[s
     settings, _ = METHODS[method]
     return {"model": MODEL, "data": train, "eval_data": {"val": val, "test": test}[eval_split],
             **settings(rank), "lr": lattice(k), "seed": seed, **COMMON}
+
+
+def default_run_of(lr: float, seed: int) -> dict[str, Any]:
+    """``loft finetune`` with no options but ``lr`` and ``seed`` (its defaults spelled out, so that
+    the run's identity does not change if a default does)."""
+    return {"model": MODEL, "data": DATA, "method": "loft", "rank": 4, "max_steps": 400, "batch_size": 16,
+            "lr": lr, "seed": seed, "eval_before": True}
 
 
 def arms() -> list[tuple[str, int]]:
@@ -185,6 +202,40 @@ def stability(sweep: Sweep) -> dict[tuple[str, int], dict[int, list[dict[str, An
     return out
 
 
+def choose_default(decide: dict[tuple[str, int], dict[int, list[dict[str, Any]]]]) -> int:
+    """The lattice index of ``loft finetune``'s default learning rate: among the deciding rates at
+    which no seed of either LoFT arm collapsed, the one with the best mean validation accuracy
+    over both arms and all seeds."""
+    chance = majority_share(splits()[1])
+    loft = [arm for arm in decide if arm[0] == "loft"]
+    safe = [k for k in DECIDING[1] if not any(collapsed(r, chance) for arm in loft for r in decide[arm][k])]
+    if not safe:
+        raise SystemExit("every deciding learning rate collapsed at some seed: widen DECIDING")
+    return max(safe, key=lambda k: summarize([a for arm in loft for a in _accs(decide[arm][k])]).mean)
+
+
+def default_runs(sweep: Sweep, chosen: float) -> dict[float, list[dict[str, Any]]]:
+    """Stage 4: the default run at the old default and at ``chosen``, every seed (seeds outermost)."""
+    runs = {lr: [default_run_of(lr, s) for s in DEFAULT_SEEDS] for lr in (OLD_DEFAULT_LR, chosen)}
+    res = sweep.get([rs[i] for i in range(len(DEFAULT_SEEDS)) for rs in runs.values()])
+    if res is None:
+        return {}
+    return {lr: [res[_sweep.key(r)] for r in rs] for lr, rs in runs.items()}
+
+
+def deciding(sweep: Sweep) -> dict[tuple[str, int], dict[int, list[dict[str, Any]]]]:
+    """Stage 3's deciding runs (:data:`DECIDING`), when they are complete (never runs anything)."""
+    have = sweep.results()
+    out: dict[tuple[str, int], dict[int, list[dict[str, Any]]]] = {}
+    for arm in sorted(DECIDING[0]):
+        for k in DECIDING[1]:
+            keys = [_sweep.key(run_of(arm[0], arm[1], k, s, "val")) for s in SEEDS]
+            if any(key not in have for key in keys):
+                return {}
+            out.setdefault(arm, {})[k] = [have[key] for key in keys]
+    return out
+
+
 # ----------------------------------------------------------------------------- report
 def majority_share(path: str) -> float:
     """The share of the most common label in a JSONL split: the accuracy of a collapsed model."""
@@ -205,7 +256,7 @@ def _accs(recs: list[dict[str, Any]]) -> list[float]:
     return [r["eval_accuracy"] for r in recs]
 
 
-def report(tuned, finals, stab) -> None:  # noqa: ANN001 (the stage outputs above)
+def report(tuned, finals, stab, decide, defaults) -> None:  # noqa: ANN001 (the stage outputs above)
     lines = [f"# Evidence: MiniLM-L6 + movie sentiment, tuned per rank, {len(SEEDS)} seeds", "",
              "Generated by `.venv/bin/python benchmarks/evidence.py report` from "
              f"`benchmarks/results/{NAME}.jsonl` only (the protocol is in the script's docstring). "
@@ -291,6 +342,32 @@ def report(tuned, finals, stab) -> None:  # noqa: ANN001 (the stage outputs abov
         FIGURE.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(FIGURE, dpi=120)
         lines += ["", f"![stability](../figures/{FIGURE.name})", ""]
+    if decide:
+        chance = majority_share(splits()[1])
+        k = choose_default(decide)
+        lines += ["## 4. `loft finetune`'s default learning rate", "",
+                  f"Stage 3's deciding runs ({len(SEEDS)} seeds, validation, 100 steps): collapsed seeds / seeds "
+                  "(mean accuracy). The default is the rate, among those where no seed of either LoFT arm collapsed, "
+                  "with the best mean accuracy over both arms and all seeds "
+                  f"(`choose_default`): **{lattice(k):g}**.", "",
+                  "| arm | " + " | ".join(f"{lattice(j):g}" for j in DECIDING[1]) + " |", "|---|" + "---|" * len(DECIDING[1])]
+        for arm, by_k in decide.items():
+            lines.append(f"| {_label(arm)} | " + " | ".join(
+                f"{sum(collapsed(r, chance) for r in by_k[j])}/{len(by_k[j])} ({summarize(_accs(by_k[j])).mean:.3f})"
+                for j in DECIDING[1]) + " |")
+        lines.append("")
+        if defaults:
+            old, new = defaults[OLD_DEFAULT_LR], defaults[lattice(k)]
+            lines += [f"The default run (`loft finetune` with only `--lr` and `--seed` given: LoFT at rank 4, 400 steps of "
+                      f"batch 16, the whole 2,000-snippet test split), seeds {list(DEFAULT_SEEDS)}:", "",
+                      "| lr | accuracy before | accuracy after | per seed | train s (mean) |", "|---|---|---|---|---|"]
+            for lr, rs in ((OLD_DEFAULT_LR, old), (lattice(k), new)):
+                lines.append(f"| {lr:g}{' (old default)' if lr == OLD_DEFAULT_LR else ''} | "
+                             f"{summarize([r['eval_accuracy_before'] for r in rs]).mean:.3f} | {summarize(_accs(rs)).fmt()} | "
+                             + " ".join(f"{a:.3f}" for a in _accs(rs))
+                             + f" | {sum(r['train_seconds'] for r in rs) / len(rs):.0f} |")
+            t = paired(_accs(new), _accs(old))
+            lines += ["", f"{lattice(k):g} against {OLD_DEFAULT_LR:g}, paired across seeds: {t.fmt()}: {claim_verdict(t)}.", ""]
     REPORT.parent.mkdir(parents=True, exist_ok=True)
     REPORT.write_text("\n".join(lines))
     print(f"wrote {REPORT.relative_to(ROOT)}")
@@ -298,7 +375,7 @@ def report(tuned, finals, stab) -> None:  # noqa: ANN001 (the stage outputs abov
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("stage", choices=("plan", "tune", "final", "stability", "report"))
+    ap.add_argument("stage", choices=("plan", "tune", "final", "stability", "default", "report"))
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time (default 2)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
     args = ap.parse_args()
@@ -317,8 +394,12 @@ def main() -> None:
     tuned = tune(sweep) if args.stage in ("tune", "final", "report") else {}
     finals = final(sweep, tuned) if args.stage in ("final", "report") and tuned else {}
     stab = stability(sweep) if args.stage in ("stability", "report") else {}
+    decide = deciding(sweep) if args.stage in ("default", "report") else {}
+    if args.stage == "default" and not decide:
+        raise SystemExit("the deciding runs of the stability stage are not complete: run the stability stage first")
+    defaults = default_runs(sweep, lattice(choose_default(decide))) if decide else {}
     if args.stage == "report":
-        report(tuned, finals, stab)
+        report(tuned, finals, stab, decide, defaults)
     else:
         print(f"stage {args.stage} finished in {(time.perf_counter() - t0) / 60:.1f} min")
 
