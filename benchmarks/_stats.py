@@ -85,6 +85,26 @@ def paired(a: Sequence[float], b: Sequence[float]) -> Paired:
     return Paired(s.n, s.mean, s.lo, s.hi, p)
 
 
+def method_rows(values: dict[tuple[str, int], Sequence[float]], methods: Sequence[str], ranks: Sequence[int]) -> list[str]:
+    """Markdown rows ``| method | cell per rank |`` of per-seed ``values`` by (method, rank): each
+    cell the :func:`summarize` of its arm, bold where the arm is better than every other arm of
+    that rank in :func:`paired` tests, empty where the arm is missing."""
+    rows = []
+    for method in methods:
+        cells = []
+        for r in ranks:
+            arm = (method, r)
+            if arm not in values:
+                cells.append("")
+                continue
+            others = [o for o in values if o[1] == r and o != arm]
+            best = bool(others) and all(paired(values[arm], values[o]).verdict == "better" for o in others)
+            text = summarize(values[arm]).fmt()
+            cells.append(f"**{text}**" if best else text)
+        rows.append(f"| {method} | " + " | ".join(cells) + " |")
+    return rows
+
+
 def claim_verdict(test: Paired) -> str:
     """A claim "a beats b": ``holds`` when a is significantly better, ``does not hold`` when b is
     significantly better, else ``inconclusive``."""

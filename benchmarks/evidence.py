@@ -48,7 +48,7 @@ from typing import Any, Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _sweep  # noqa: E402
-from _stats import ALPHA, claim_verdict, edge_to_extend, paired, summarize  # noqa: E402
+from _stats import ALPHA, claim_verdict, edge_to_extend, method_rows, paired, summarize  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "evidence_sentiment"
@@ -280,20 +280,7 @@ def report(tuned, finals, stab, decide, defaults) -> None:  # noqa: ANN001 (the 
                   "Mean +- standard error [95% interval]; untrained: the same seeds' accuracy before training. "
                   f"Bold: better than every other method at that rank in paired t tests (p < {ALPHA}).", "",
                   "| method | " + " | ".join(f"r={r}" for r in RANKS) + " |", "|---|" + "---|" * len(RANKS)]
-        for method in METHODS:
-            if method == "full":
-                continue
-            row = []
-            for r in RANKS:
-                arm = (method, r)
-                if arm not in finals:
-                    row.append("")
-                    continue
-                others = [o for o in finals if o[1] == r and o != arm]
-                best = all(paired(_accs(finals[arm]), _accs(finals[o])).verdict == "better" for o in others)
-                text = summarize(_accs(finals[arm])).fmt()
-                row.append(f"**{text}**" if best and others else text)
-            lines.append(f"| {method} | " + " | ".join(row) + " |")
+        lines += method_rows({arm: _accs(rs) for arm, rs in finals.items()}, [m for m in METHODS if m != "full"], RANKS)
         if ("full", 0) in finals:
             lines.append(f"| full fine-tuning | {summarize(_accs(finals[('full', 0)])).fmt()} |" + " |" * (len(RANKS) - 1))
         before = [r["eval_accuracy_before"] for rs in finals.values() for r in rs if r.get("eval_accuracy_before") is not None]

@@ -38,7 +38,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _sweep  # noqa: E402
-from _stats import ALPHA, claim_verdict, edge_to_extend, paired, summarize  # noqa: E402
+from _stats import ALPHA, claim_verdict, edge_to_extend, method_rows, paired, summarize  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "evidence_siqa"
@@ -169,16 +169,7 @@ def report(tuned: dict[str, dict[str, Any]], finals: dict[tuple[str, int], list[
                   f"(two runs at a time, one thread each). Bold: better than the other method at that rank in a "
                   f"paired t test (p < {ALPHA}).", "",
                   "| method | " + " | ".join(f"r={r}" for r in RANKS) + " |", "|---|" + "---|" * len(RANKS)]
-        for m in METHODS:
-            if m == "full":
-                continue
-            row = []
-            for r in RANKS:
-                others = [o for o in finals if o[1] == r and o != (m, r)]
-                best = others and all(paired(_accs(finals[(m, r)]), _accs(finals[o])).verdict == "better" for o in others)
-                text = summarize(_accs(finals[(m, r)])).fmt()
-                row.append(f"**{text}**" if best else text)
-            lines.append(f"| {m} | " + " | ".join(row) + " |")
+        lines += method_rows({arm: _accs(rs) for arm, rs in finals.items()}, ["loft", "lora"], RANKS)
         full = finals[("full", 0)]
         lines.append(f"| full fine-tuning | {summarize(_accs(full)).fmt()} |" + " |" * (len(RANKS) - 1))
         before = [r["eval_accuracy_before"] for r in full if r.get("eval_accuracy_before") is not None]

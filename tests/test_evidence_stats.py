@@ -1,5 +1,6 @@
-"""The rules that turn evidence runs into verdicts (benchmarks/_stats.py) and the tuning protocol
-of benchmarks/evidence.py (grids grow past an edge optimum), on synthetic results."""
+"""The rules that turn evidence runs into verdicts (benchmarks/_stats.py) and the protocols of
+benchmarks/evidence.py and evidence_siqa.py (grids grow past an edge optimum, the deciding
+stability runs first, the default learning rate's rule), on synthetic results."""
 
 from __future__ import annotations
 
@@ -115,3 +116,69 @@ def test_final_runs_every_seed_on_test_at_the_chosen_rate(fake_splits):
 def test_collapse_rule():
     assert evidence.collapsed({"eval_accuracy": 0.52}, chance=0.5)
     assert not evidence.collapsed({"eval_accuracy": 0.70}, chance=0.5)
+
+
+def test_method_rows_bold_only_an_arm_better_than_every_other_of_its_rank():
+    seeds = [0.0, 0.01, -0.01, 0.02, -0.02]
+    values = {("loft", 4): [0.80 + d for d in seeds], ("lora", 4): [0.70 + 1.1 * d for d in seeds],
+              ("loft", 16): [0.80 + d for d in seeds], ("lora", 16): [0.80 + 1.1 * d + 0.001 for d in seeds]}
+    rows = _stats.method_rows(values, ["loft", "lora", "dora"], [1, 4, 16])
+    loft, lora, dora = (row.split(" | ") for row in rows)
+    assert loft[0] == "| loft" and loft[1] == "" and loft[2].startswith("**0.800") and not loft[3].startswith("**")
+    assert not any(cell.startswith("**") for cell in lora + dora)  # worse at r=4, a tie at r=16
+    assert dora[1:] == ["", "", " |"]  # every dora arm missing
+
+
+def _decide(accs):
+    """Deciding runs: {arm: {k: records}} from {arm: {k: per-seed accuracies}}."""
+    return {arm: {k: [{"eval_accuracy": a} for a in xs] for k, xs in by_k.items()} for arm, by_k in accs.items()}
+
+
+def test_default_learning_rate_is_the_best_rate_where_no_loft_seed_collapsed(fake_splits, monkeypatch):
+    monkeypatch.setattr(evidence, "majority_share", lambda path: 0.5)
+    ks = list(evidence.DECIDING[1])
+    good, best, dead = [0.80] * 5, [0.82] * 5, [0.81, 0.81, 0.81, 0.81, 0.50]
+    accs = {("loft", 4): dict.fromkeys(ks, good), ("loft", 16): dict.fromkeys(ks, good), ("full", 0): dict.fromkeys(ks, dead)}
+    accs[("loft", 4)] = {**accs[("loft", 4)], ks[2]: best}
+    accs[("loft", 16)] = {**accs[("loft", 16)], ks[2]: best}
+    assert evidence.choose_default(_decide(accs)) == ks[2]  # full fine-tuning's collapses do not count
+    accs[("loft", 16)][ks[2]] = dead  # one LoFT seed collapses there: the next best safe rate
+    assert evidence.choose_default(_decide(accs)) in set(ks) - {ks[2]}
+    accs[("loft", 4)][ks[1]] = [0.81] * 5
+    assert evidence.choose_default(_decide(accs)) == ks[1]
+
+
+def test_stability_runs_the_deciding_runs_first_at_every_seed(fake_splits):
+    sweep = FakeSweep({m: c for m, (_, c) in evidence.METHODS.items()})
+    evidence.stability(sweep)
+    n = len(evidence.DECIDING[0]) * len(evidence.DECIDING[1]) * len(evidence.SEEDS)
+    first, rest = sweep.asked[:n], sweep.asked[n:]
+    key = lambda r: ((r["method"], 0 if r["method"] == "full" else r["rank"]), round(math.log2(r["lr"] / 1e-4)))  # noqa: E731
+    assert all(key(r)[0] in evidence.DECIDING[0] and key(r)[1] in evidence.DECIDING[1] for r in first)
+    assert {r["seed"] for r in first} == set(evidence.SEEDS)
+    assert not any(key(r)[0] in evidence.DECIDING[0] and key(r)[1] in evidence.DECIDING[1] for r in rest)
+    assert len(sweep.asked) == len(evidence.STABILITY_ARMS) * len(evidence.STABILITY_GRID) * len(evidence.SEEDS)
+
+
+def test_siqa_protocol_tunes_at_rank_4_and_runs_every_rank_at_its_methods_rate(monkeypatch):
+    import evidence_siqa as siqa
+
+    monkeypatch.setattr(siqa, "splits", lambda: ("train.jsonl", "val.jsonl", "test.jsonl"))
+    centre = {m: c for m, (_, c) in siqa.METHODS.items()}
+    peak = dict(centre, loft=centre["loft"] + 1, full=centre["full"] + 5)  # LoFT's optimum on the grid's top edge
+    sweep = FakeSweep(peak)
+    tuned = siqa.tune(sweep)
+    assert tuned["loft"]["inside"] and tuned["loft"]["chosen"] == peak["loft"] and len(tuned["loft"]["grid"]) == 4
+    assert not tuned["full"]["inside"] and len(tuned["full"]["grid"]) == siqa.GRID_POINTS + siqa.MAX_EXTENSIONS
+    assert tuned["lora"]["inside"] and len(tuned["lora"]["grid"]) == siqa.GRID_POINTS
+    assert all(r["rank"] == siqa.TUNE_RANK or r["method"] == "full" for r in sweep.asked)
+    assert all(r["eval_data"] == "val.jsonl" and r["seed"] == 0 and "eval_before" not in r for r in sweep.asked)
+    assert all(r["target_modules"] == siqa.PROJECTIONS for r in sweep.asked)
+    finals = siqa.final(sweep, tuned)
+    assert set(finals) == {(m, r) for m in ("loft", "lora") for r in siqa.RANKS} | {("full", 0)}
+    for (method, rank), recs in finals.items():
+        assert [r["run"]["seed"] for r in recs] == list(siqa.SEEDS)
+        assert {r["run"]["lr"] for r in recs} == {siqa.lattice(tuned[method]["chosen"])}
+        assert all(r["run"]["eval_data"] == "test.jsonl" for r in recs)
+        assert all(r["run"].get("eval_before", False) == (method == "full") for r in recs)
+        assert method == "full" or {r["run"]["rank"] for r in recs} == {rank}
