@@ -477,18 +477,6 @@ def test_an_interrupted_simulation_cleans_up(tiny, tmp_path, monkeypatch, capsys
     assert left == []
 
 
-def _tagged(tag: str) -> list[int]:
-    """Pids of live processes whose environment holds ``LOFT_TEST_TAG=tag``."""
-    found = []
-    for entry in Path("/proc").glob("[0-9]*"):
-        try:
-            if f"LOFT_TEST_TAG={tag}".encode() in (entry / "environ").read_bytes().split(b"\0"):
-                found.append(int(entry.name))
-        except OSError:
-            continue
-    return found
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the run's processes in /proc (Linux)")
 def test_ctrl_c_from_a_terminal_while_clients_train(tiny, tmp_path):
@@ -526,7 +514,8 @@ def test_ctrl_c_from_a_terminal_while_clients_train(tiny, tmp_path):
         while not (rounds.exists() and len(rounds.read_text().splitlines()) >= 2):  # round 1 evaluated
             assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()[-3000:]
             time.sleep(0.1)
-        assert len(_tagged(tag)) >= 3  # loft, Ray's services and a client: what the check below must not find
+        # loft, Ray's services and a client: what the check below must not find
+        assert len(run_mod.leftover_processes(tag, "LOFT_TEST_TAG")) >= 3
         time.sleep(1.5)  # into round 2's first client (600 steps, about 6 s): Flower is waiting on Ray for it
         os.write(master, b"\x03")  # Ctrl-C, typed
         err = proc.communicate(timeout=120)[1].decode()
@@ -538,7 +527,7 @@ def test_ctrl_c_from_a_terminal_while_clients_train(tiny, tmp_path):
     assert proc.returncode == 130, err[-3000:]
     assert "Traceback" not in err and "ERROR" not in err, err[-3000:]
     assert lines[-1].startswith("loft: Interrupted after"), err[-3000:]
-    assert _tagged(tag) == []
+    assert run_mod.leftover_processes(tag, "LOFT_TEST_TAG") == []
     assert not [p for p in temp.iterdir() if p.name.startswith("loft-ray-")]
     shutil.rmtree(temp, ignore_errors=True)
     kept = [json.loads(line)["round"] for line in rounds.read_text().splitlines()]

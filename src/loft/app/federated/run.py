@@ -81,10 +81,10 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-def leftover_processes(marker: str) -> list[int]:
-    """Pids of live processes (not zombies) whose environment has ``LOFT_FEDERATE_RUN=marker``,
-    other than this one (Linux ``/proc``; an empty list elsewhere)."""
-    needle = f"{RUN_MARKER}={marker}".encode()
+def leftover_processes(marker: str, variable: str = RUN_MARKER) -> list[int]:
+    """Pids of live processes (not zombies) whose environment has ``variable=marker`` (by default
+    ``LOFT_FEDERATE_RUN=marker``), other than this one (Linux ``/proc``; an empty list elsewhere)."""
+    needle = f"{variable}={marker}".encode()
     found = []
     for entry in Path("/proc").glob("[0-9]*"):
         pid = int(entry.name)
