@@ -77,6 +77,10 @@ ARMS: dict[str, dict[str, Any]] = {
 SMALL_ARMS = ("loft-keep", "loft-reset", "lora-fedavg", "loft-fedavg")
 #: run after SMALL_ARMS in the small subset (added once those were done, so they come last)
 SMALL_REFERENCES = ("ffa", "full")
+#: every run's learning rate per method: ``loft finetune``'s defaults when these runs began (tuned
+#: centrally, not for federated training; FFA-LoRA takes LoRA's), passed explicitly so that a
+#: later change of those defaults does not change what a resumed grid runs
+LRS = {"loft": 5e-4, "lora": 2e-3, "ffa": 2e-3, "full": 1e-4}
 #: the accuracy whose first round the report gives ("rounds to target")
 TARGET = 0.80
 
@@ -110,7 +114,12 @@ def key(run: dict[str, Any]) -> str:
 def load() -> dict[str, dict[str, Any]]:
     if not RESULTS.is_file():
         return {}
-    return {key(r["run"]): r for r in map(json.loads, RESULTS.read_text().splitlines()) if r}
+    out = {key(r["run"]): r for r in map(json.loads, RESULTS.read_text().splitlines()) if r}
+    for r in out.values():
+        if r["lr"] != LRS[r["method"]]:
+            raise SystemExit(f"{RESULTS.relative_to(ROOT)}: a {r['method']} run at lr {r['lr']:g}, but LRS gives "
+                             f"{LRS[r['method']]:g}: runs at other rates cannot be pooled; move that file aside")
+    return out
 
 
 def _command(run: dict[str, Any], out: Path) -> list[str]:
@@ -118,7 +127,7 @@ def _command(run: dict[str, Any], out: Path) -> list[str]:
             "--method", run["method"], "--aggregator", run["aggregator"], "--state", run["state"],
             "--clients", str(run["clients"]), "--split", run["split"], "--rounds", str(run["rounds"]),
             "--local-steps", str(run["local_steps"]), "--seed", str(run["seed"]), "--max-eval", str(run["max_eval"]),
-            "--batch-size", str(run["batch_size"]), "--output-dir", str(out), "--quiet"]
+            "--batch-size", str(run["batch_size"]), "--lr", str(LRS[run["method"]]), "--output-dir", str(out), "--quiet"]
     if run["rank"]:
         args += ["--rank", str(run["rank"])]
     return args
