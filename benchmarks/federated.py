@@ -9,8 +9,8 @@ federated LoRA, on Flower's simulation engine.
 MiniLM-L6 on movie sentiment (the built-in training file, 8,043 snippets, split over the clients;
 accuracy on the first ``MAX_EVAL`` snippets of the test split after every round), every linear
 layer adapted, a fresh head averaged like the adapters, batch 16, gradients clipped to norm 1,
-each method at ``loft finetune``'s default learning rate (tuned centrally, not for federated
-training). Every client trains in every round.
+each method at the learning rate ``LRS`` gives it (``loft finetune``'s defaults when the runs
+began; tuned centrally, not for federated training). Every client trains in every round.
 
 The full grid: 4 and 8 clients; Dirichlet(0.1), Dirichlet(1.0) and even splits; ranks 1, 4 and
 16; ``ROUNDS`` rounds of ``LOCAL_STEPS`` local steps; ``SEEDS``; the arms
