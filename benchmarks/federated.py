@@ -116,9 +116,10 @@ def load() -> dict[str, dict[str, Any]]:
         return {}
     out = {key(r["run"]): r for r in map(json.loads, RESULTS.read_text().splitlines()) if r}
     for r in out.values():
-        if r["lr"] != LRS[r["method"]]:
-            raise SystemExit(f"{RESULTS.relative_to(ROOT)}: a {r['method']} run at lr {r['lr']:g}, but LRS gives "
-                             f"{LRS[r['method']]:g}: runs at other rates cannot be pooled; move that file aside")
+        method = r["run"]["method"]
+        if r["lr"] != LRS[method]:
+            raise SystemExit(f"{RESULTS.name}: a {method} run at lr {r['lr']:g}, but LRS gives {LRS[method]:g}: "
+                             "runs at other rates cannot be pooled; move that file aside")
     return out
 
 

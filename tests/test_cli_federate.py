@@ -100,7 +100,8 @@ def _record(bench, arm, seed, accs, split="even"):
     run = bench.run_of(arm, 4, split, 4, seed, len(accs) - 1)
     rounds = [{"round": i, "eval_accuracy": a, "aggregation_error": 0.1 * (i > 0), "bytes_up": [1024] * 4}
               for i, a in enumerate(accs)]
-    return {"run": run, "eval_accuracy": accs[-1], "best_eval_accuracy": max(accs[1:]), "rounds": rounds,
+    return {"run": run, "lr": bench.LRS[run["method"]], "eval_accuracy": accs[-1], "best_eval_accuracy": max(accs[1:]),
+            "rounds": rounds,
             "client_examples": [10, 10, 10, 10], "client_labels": [{"0": 5, "1": 5}] * 4,
             "flwr_version": "1.42.0", "ray_version": "2.55.1",
             "provenance": {"commit": "abc", "versions": {"torch": "2.13.0"}}}
@@ -133,3 +134,19 @@ def test_federated_report_comes_from_the_results_file_with_verdicts(tmp_path, mo
     assert "0.820 +- 0.006" in keep_row and "| 2.0 (3/3) |" in keep_row  # rounds to 0.80: round 2 for every seed
     assert "4 clients, even, seed 0: 10 (0: 5, 1: 5), 10 (0: 5, 1: 5)" in text
     assert (tmp_path / "docs" / "figures" / "r.png").stat().st_size > 0
+
+
+def test_federated_results_at_another_learning_rate_are_refused(tmp_path, monkeypatch):
+    """A result line whose learning rate is not the one the benchmark runs its method at (LRS)
+    cannot be pooled with the others: loading the results file stops with a message."""
+    import json
+
+    bench = _bench_module()
+    monkeypatch.setattr(bench, "RESULTS", tmp_path / "r.jsonl")
+    good, odd = _record(bench, "loft-keep", 0, [0.5, 0.8]), _record(bench, "lora-fedavg", 0, [0.5, 0.8])
+    (tmp_path / "r.jsonl").write_text(json.dumps(good) + "\n")
+    assert len(bench.load()) == 1
+    odd["lr"] = bench.LRS["lora"] / 2
+    (tmp_path / "r.jsonl").write_text(json.dumps(good) + "\n" + json.dumps(odd) + "\n")
+    with pytest.raises(SystemExit, match="a lora run at lr 0.001, but LRS gives 0.002"):
+        bench.load()
