@@ -57,7 +57,9 @@ def lr_runs() -> tuple[list[dict[str, Any]], Path]:
 
 
 def _memory_run(setup: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
-    return {**setup, **base, "method": "loft", "rank": 4, "seed": 0, "eval_before": False}
+    # lr 5e-4: loft finetune's default when these runs were made (it is in each run's identity, so
+    # that a later change of the default does not change what a rerun measures)
+    return {**setup, **base, "method": "loft", "rank": 4, "lr": 5e-4, "seed": 0, "eval_before": False}
 
 
 def memory_runs() -> tuple[list[dict[str, Any]], Path]:
