@@ -39,16 +39,23 @@ def _gc_freeze():
     yield
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="session")
 def _terminal_sigint():
-    """Each test runs with Python's own Ctrl-C handling (``default_int_handler``), as a ``loft``
-    started from a terminal has, whatever this process inherited: a shell without job control
-    starts background commands (``pytest ... &``, ``nohup``, some CI runners) with SIGINT
-    ignored, and then the Ctrl-C tests' SIGINT would do nothing (the run would finish, exit 0).
-    The inherited disposition is put back after the test."""
+    """The whole session (module fixtures too) runs with Python's own Ctrl-C handling
+    (``default_int_handler``), as a ``loft`` started from a terminal has, whatever this process
+    inherited: a shell without job control starts background commands (``pytest ... &``,
+    ``nohup``, some CI runners) with SIGINT ignored, and then the Ctrl-C tests' SIGINT would do
+    nothing (``loft``, like Python, keeps an inherited ignore). Put back at the end."""
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
     signal.signal(signal.SIGINT, previous)
+
+
+@pytest.fixture(autouse=True)
+def _sigint_per_test(_terminal_sigint):
+    """A test that changes the Ctrl-C handler does not leave it changed for the next one."""
+    yield
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="module")
