@@ -85,7 +85,9 @@ def paired(a: Sequence[float], b: Sequence[float]) -> Paired:
     return Paired(s.n, s.mean, s.lo, s.hi, p)
 
 
-def method_rows(values: dict[tuple[str, int], Sequence[float]], methods: Sequence[str], ranks: Sequence[int]) -> list[str]:
+def method_rows(
+    values: dict[tuple[str, int], Sequence[float]], methods: Sequence[str], ranks: Sequence[int]
+) -> list[str]:
     """Markdown rows ``| method | cell per rank |`` of per-seed ``values`` by (method, rank): each
     cell the :func:`summarize` of its arm, bold where the arm is better than every other arm of
     that rank in :func:`paired` tests, empty where the arm is missing."""

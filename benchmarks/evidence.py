@@ -337,7 +337,8 @@ def report(tuned, finals, stab, decide, defaults) -> None:  # noqa: ANN001 (the 
                   "(mean accuracy). The default is the rate, among those where no seed of either LoFT arm collapsed, "
                   "with the best mean accuracy over both arms and all seeds "
                   f"(`choose_default`): **{lattice(k):g}**.", "",
-                  "| arm | " + " | ".join(f"{lattice(j):g}" for j in DECIDING[1]) + " |", "|---|" + "---|" * len(DECIDING[1])]
+                  "| arm | " + " | ".join(f"{lattice(j):g}" for j in DECIDING[1]) + " |",
+                  "|---|" + "---|" * len(DECIDING[1])]
         for arm, by_k in decide.items():
             lines.append(f"| {_label(arm)} | " + " | ".join(
                 f"{sum(collapsed(r, chance) for r in by_k[j])}/{len(by_k[j])} ({summarize(_accs(by_k[j])).mean:.3f})"
@@ -345,16 +346,18 @@ def report(tuned, finals, stab, decide, defaults) -> None:  # noqa: ANN001 (the 
         lines.append("")
         if defaults:
             old, new = defaults[OLD_DEFAULT_LR], defaults[lattice(k)]
-            lines += [f"The default run (`loft finetune` with only `--lr` and `--seed` given: LoFT at rank 4, 400 steps of "
-                      f"batch 16, the whole 2,000-snippet test split), seeds {list(DEFAULT_SEEDS)}:", "",
+            lines += ["The default run (`loft finetune` with only `--lr` and `--seed` given: LoFT at rank 4, 400 "
+                      f"steps of batch 16, the whole 2,000-snippet test split), seeds {list(DEFAULT_SEEDS)}:", "",
                       "| lr | accuracy before | accuracy after | per seed | train s (mean) |", "|---|---|---|---|---|"]
             for lr, rs in ((OLD_DEFAULT_LR, old), (lattice(k), new)):
                 lines.append(f"| {lr:g}{' (old default)' if lr == OLD_DEFAULT_LR else ''} | "
-                             f"{summarize([r['eval_accuracy_before'] for r in rs]).mean:.3f} | {summarize(_accs(rs)).fmt()} | "
+                             f"{summarize([r['eval_accuracy_before'] for r in rs]).mean:.3f} | "
+                             f"{summarize(_accs(rs)).fmt()} | "
                              + " ".join(f"{a:.3f}" for a in _accs(rs))
                              + f" | {sum(r['train_seconds'] for r in rs) / len(rs):.0f} |")
             t = paired(_accs(new), _accs(old))
-            lines += ["", f"{lattice(k):g} against {OLD_DEFAULT_LR:g}, paired across seeds: {t.fmt()}: {claim_verdict(t)}.", ""]
+            lines += ["", f"{lattice(k):g} against {OLD_DEFAULT_LR:g}, paired across seeds: {t.fmt()}: "
+                      f"{claim_verdict(t)}.", ""]
     REPORT.parent.mkdir(parents=True, exist_ok=True)
     REPORT.write_text("\n".join(lines))
     print(f"wrote {REPORT.relative_to(ROOT)}")

@@ -128,7 +128,8 @@ def _command(run: dict[str, Any], out: Path) -> list[str]:
             "--method", run["method"], "--aggregator", run["aggregator"], "--state", run["state"],
             "--clients", str(run["clients"]), "--split", run["split"], "--rounds", str(run["rounds"]),
             "--local-steps", str(run["local_steps"]), "--seed", str(run["seed"]), "--max-eval", str(run["max_eval"]),
-            "--batch-size", str(run["batch_size"]), "--lr", str(LRS[run["method"]]), "--output-dir", str(out), "--quiet"]
+            "--batch-size", str(run["batch_size"]), "--lr", str(LRS[run["method"]]), "--output-dir", str(out),
+            "--quiet"]
     if run["rank"]:
         args += ["--rank", str(run["rank"])]
     return args

@@ -138,7 +138,8 @@ def test_default_learning_rate_is_the_best_rate_where_no_loft_seed_collapsed(fak
     monkeypatch.setattr(evidence, "majority_share", lambda path: 0.5)
     ks = list(evidence.DECIDING[1])
     good, best, dead = [0.80] * 5, [0.82] * 5, [0.81, 0.81, 0.81, 0.81, 0.50]
-    accs = {("loft", 4): dict.fromkeys(ks, good), ("loft", 16): dict.fromkeys(ks, good), ("full", 0): dict.fromkeys(ks, dead)}
+    accs = {("loft", 4): dict.fromkeys(ks, good), ("loft", 16): dict.fromkeys(ks, good),
+            ("full", 0): dict.fromkeys(ks, dead)}
     accs[("loft", 4)] = {**accs[("loft", 4)], ks[2]: best}
     accs[("loft", 16)] = {**accs[("loft", 16)], ks[2]: best}
     assert evidence.choose_default(_decide(accs)) == ks[2]  # full fine-tuning's collapses do not count
@@ -153,7 +154,9 @@ def test_stability_runs_the_deciding_runs_first_at_every_seed(fake_splits):
     evidence.stability(sweep)
     n = len(evidence.DECIDING[0]) * len(evidence.DECIDING[1]) * len(evidence.SEEDS)
     first, rest = sweep.asked[:n], sweep.asked[n:]
-    key = lambda r: ((r["method"], 0 if r["method"] == "full" else r["rank"]), round(math.log2(r["lr"] / 1e-4)))  # noqa: E731
+    def key(r):  # ((method, rank), lattice index)
+        return (r["method"], 0 if r["method"] == "full" else r["rank"]), round(math.log2(r["lr"] / 1e-4))
+
     assert all(key(r)[0] in evidence.DECIDING[0] and key(r)[1] in evidence.DECIDING[1] for r in first)
     assert {r["seed"] for r in first} == set(evidence.SEEDS)
     assert not any(key(r)[0] in evidence.DECIDING[0] and key(r)[1] in evidence.DECIDING[1] for r in rest)
