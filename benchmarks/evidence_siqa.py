@@ -18,8 +18,9 @@ lowest loss). What the budget of 2 CPU cores cut, against the sentiment protocol
    rsLoRA and the optimizer-side peers are left out.
 2. **Final**: LoFT and LoRA at ranks 1, 4 and 16 and full fine-tuning, ``SEEDS`` each, on the
    test split (500 questions). Mean, standard error, 95% interval, paired t tests across seeds.
-   The untrained model's accuracy does not depend on the seed or the method (LoRA's B starts at
-   zero): the full fine-tuning runs measure it (``eval_before``).
+   Every run also scores the untrained model first (``loft finetune``'s default ``eval_before``);
+   that accuracy does not depend on the seed or the method (LoRA's B starts at zero), and the
+   report takes it from the full fine-tuning finals, which name ``eval_before`` in their settings.
 
 Every run is its own process (``_sweep.py``), two at a time with one thread each; results go to
 ``benchmarks/results/evidence_siqa.jsonl`` with their provenance, and a rerun skips finished runs.
