@@ -48,7 +48,8 @@ from typing import Any, Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _sweep  # noqa: E402
-from _stats import ALPHA, claim_verdict, edge_to_extend, method_rows, paired, summarize  # noqa: E402
+from _protocol import Sweep, accuracies as _accs, lattice, provenance_line, tune_grids  # noqa: E402
+from _stats import ALPHA, claim_verdict, method_rows, paired, summarize  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "evidence_sentiment"
@@ -63,12 +64,6 @@ SEEDS = (0, 1, 2, 3, 4)
 GRID_POINTS = 5
 MAX_EXTENSIONS = 3
 COLLAPSE_MARGIN = 0.05
-
-
-def lattice(k: int) -> float:
-    """The k-th learning rate of the shared lattice ``1e-4 * 2**k`` (3 significant digits, so a
-    run's JSON identity is stable): ..., 5e-5, 1e-4, 2e-4, 4e-4, 8e-4, 1.6e-3, ..."""
-    return float(f"{1e-4 * 2.0 ** k:.3g}")
 
 
 #: Each method: its run settings at rank r, and the lattice index its tuning grid is centred on.
@@ -120,59 +115,12 @@ def arms() -> list[tuple[str, int]]:
     return [(m, r) for m in METHODS if m != "full" for r in RANKS] + [("full", 0)]
 
 
-def _score(rec: dict[str, Any]) -> tuple[float, float]:
-    return rec["eval_accuracy"], -rec["eval_loss"]
-
-
-class Sweep:
-    """Runs (or, with ``dry``, only looks up) runs in the results file."""
-
-    def __init__(self, jobs: int, threads: int, dry: bool) -> None:
-        self.jobs, self.threads, self.dry = jobs, threads, dry
-        self.missing: list[dict[str, Any]] = []
-
-    def results(self) -> dict[str, dict[str, Any]]:
-        return _sweep.load_results(RESULTS)
-
-    def get(self, runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]] | None:
-        """Results of ``runs`` (running the missing ones unless dry); None when dry and some miss."""
-        have = self.results()
-        missing = [r for r in runs if _sweep.key(r) not in have]
-        if not missing:
-            return have
-        if self.dry:
-            self.missing += [r for r in missing if r not in self.missing]
-            return None
-        return _sweep.run_all(runs, RESULTS, jobs=self.jobs, threads=self.threads)
-
-
 def tune(sweep: Sweep) -> dict[tuple[str, int], dict[str, Any]]:
     """Stage 1: every arm's grid, grown past an edge optimum; returns per arm its grid (lattice
     indices), the records, the chosen index and whether the optimum is inside the grid."""
-    out: dict[tuple[str, int], dict[str, Any]] = {}
     grids = {arm: list(range(METHODS[arm[0]][1] - GRID_POINTS // 2, METHODS[arm[0]][1] + GRID_POINTS // 2 + 1))
              for arm in arms()}
-    pending = set(grids)
-    for _ in range(MAX_EXTENSIONS + 1):
-        # one batch for every arm still growing: the two jobs stay busy across arms
-        runs = [run_of(m, r, k, 0, "val") for (m, r) in sorted(pending) for k in grids[(m, r)]]
-        res = sweep.get(runs)
-        if res is None:
-            return {}
-        for arm in sorted(pending):
-            recs = [res[_sweep.key(run_of(arm[0], arm[1], k, 0, "val"))] for k in grids[arm]]
-            edge = edge_to_extend([lattice(k) for k in grids[arm]], [_score(r) for r in recs])
-            best = max(range(len(recs)), key=lambda i: _score(recs[i]))
-            out[arm] = {"grid": list(grids[arm]), "records": recs, "chosen": grids[arm][best], "inside": edge == 0}
-            if edge == 0:
-                pending.discard(arm)
-            elif len(grids[arm]) < GRID_POINTS + MAX_EXTENSIONS:
-                grids[arm] = [grids[arm][0] - 1] + grids[arm] if edge < 0 else grids[arm] + [grids[arm][-1] + 1]
-            else:
-                pending.discard(arm)  # out of extensions: the report says the optimum is on the edge
-        if not pending:
-            break
-    return out
+    return tune_grids(sweep, grids, lambda arm, k: run_of(arm[0], arm[1], k, 0, "val"), GRID_POINTS + MAX_EXTENSIONS)
 
 
 def final(sweep: Sweep, tuned: dict[tuple[str, int], dict[str, Any]]) -> dict[tuple[str, int], list[dict[str, Any]]]:
@@ -188,11 +136,10 @@ def stability(sweep: Sweep) -> dict[tuple[str, int], dict[int, list[dict[str, An
     """Stage 3: the shared grid x seeds for each stability arm, on validation."""
     runs = {(arm, k): [run_of(arm[0], arm[1], k, s, "val") for s in SEEDS] for arm in STABILITY_ARMS
             for k in STABILITY_GRID}
-    # the deciding runs first, then seeds outermost: an interrupted stage still has every
-    # learning rate at a few seeds
-    deciding = [rs[i] for i in range(len(SEEDS)) for (arm, k), rs in runs.items()
-                if arm in DECIDING[0] and k in DECIDING[1]]
-    order = deciding + [rs[i] for i in range(len(SEEDS)) for rs in runs.values() if rs[i] not in deciding]
+    # the deciding runs first, then the others; seeds outermost in each, so that an interrupted
+    # stage still has every learning rate at a few seeds
+    order = [rs[i] for first in (True, False) for i in range(len(SEEDS)) for (arm, k), rs in runs.items()
+             if (arm in DECIDING[0] and k in DECIDING[1]) == first]
     res = sweep.get(order)
     if res is None:
         return {}
@@ -252,20 +199,12 @@ def _label(arm: tuple[str, int]) -> str:
     return arm[0] if arm[0] == "full" else f"{arm[0]} r={arm[1]}"
 
 
-def _accs(recs: list[dict[str, Any]]) -> list[float]:
-    return [r["eval_accuracy"] for r in recs]
-
-
 def report(tuned, finals, stab, decide, defaults) -> None:  # noqa: ANN001 (the stage outputs above)
     lines = [f"# Evidence: MiniLM-L6 + movie sentiment, tuned per rank, {len(SEEDS)} seeds", "",
              "Generated by `.venv/bin/python benchmarks/evidence.py report` from "
              f"`benchmarks/results/{NAME}.jsonl` only (the protocol is in the script's docstring). "
              f"Settings of every run: `{json.dumps(COMMON)}`, every linear layer adapted, head learning rate 2e-3.", ""]
-    recs = list(_sweep.load_results(RESULTS).values())
-    commits = Counter(r.get("provenance", {}).get("commit", "not recorded") for r in recs)
-    libs = Counter(json.dumps(r.get("provenance", {}).get("versions", {}), sort_keys=True) for r in recs)
-    lines += [f"{len(recs)} runs; commits: " + ", ".join(f"`{c}` ({n})" for c, n in commits.most_common())
-              + "; library versions: " + "; ".join(f"{v} ({n})" for v, n in libs.most_common()) + ".", ""]
+    lines += [provenance_line(list(_sweep.load_results(RESULTS).values())), ""]
     if tuned:
         lines += ["## 1. Learning rate per method and rank (validation, seed 0)", "",
                   "| method | rank | grid (lr: val accuracy) | chosen | optimum inside the grid |", "|---|---|---|---|---|"]
@@ -370,7 +309,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
     args = ap.parse_args()
     dry = args.stage in ("plan", "report")
-    sweep = Sweep(args.jobs, args.threads, dry=dry)
+    sweep = Sweep(RESULTS, args.jobs, args.threads, dry=dry)
     t0 = time.perf_counter()
     if args.stage == "plan":
         total = len(arms()) * GRID_POINTS + len(arms()) * len(SEEDS) + len(STABILITY_ARMS) * len(STABILITY_GRID) * len(SEEDS)

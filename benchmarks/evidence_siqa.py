@@ -32,14 +32,14 @@ import argparse
 import json
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _sweep  # noqa: E402
-from _stats import ALPHA, claim_verdict, edge_to_extend, method_rows, paired, summarize  # noqa: E402
+from _protocol import Sweep, accuracies as _accs, lattice, provenance_line, tune_grids  # noqa: E402
+from _stats import ALPHA, claim_verdict, method_rows, paired, summarize  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "evidence_siqa"
@@ -59,11 +59,6 @@ METHODS = {
 }
 
 
-def lattice(k: int) -> float:
-    """``1e-4 * 2**k`` to 3 significant digits (a run's JSON identity stays stable)."""
-    return float(f"{1e-4 * 2.0 ** k:.3g}")
-
-
 def splits() -> tuple[str, str, str]:
     """(train, validation, test) paths relative to the repository (carved once)."""
     return _sweep.carve_validation(DATA, N_VAL, ROOT / "benchmarks" / "results" / NAME)
@@ -79,61 +74,23 @@ def run_of(method: str, rank: int, k: int, seed: int, split: str) -> dict[str, A
     return run
 
 
-class Runner:
-    """Looks runs up in the results file; runs the missing ones unless ``dry``."""
-
-    def __init__(self, jobs: int, threads: int, dry: bool) -> None:
-        self.jobs, self.threads, self.dry, self.missing = jobs, threads, dry, 0
-
-    def get(self, runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]] | None:
-        have = _sweep.load_results(RESULTS)
-        missing = [r for r in runs if _sweep.key(r) not in have]
-        if not missing:
-            return have
-        if self.dry:
-            self.missing += len(missing)
-            return None
-        return _sweep.run_all(runs, RESULTS, jobs=self.jobs, threads=self.threads)
-
-
-def _score(rec: dict[str, Any]) -> tuple[float, float]:
-    return rec["eval_accuracy"], -rec["eval_loss"]
-
-
-def tune(runner: Runner) -> dict[str, dict[str, Any]]:
-    """Each method's grid at rank 4 (grown past an edge optimum), its records and chosen index."""
+def tune(sweep: Sweep) -> dict[str, dict[str, Any]]:
+    """Each method's grid at rank 4 (grown past an edge optimum), its records and chosen index;
+    the slow full fine-tuning runs first, so that the two jobs finish together."""
     grids = {m: list(range(c - GRID_POINTS // 2, c + GRID_POINTS // 2 + 1)) for m, (_, c) in METHODS.items()}
-    out: dict[str, dict[str, Any]] = {}
-    pending = set(METHODS)
-    for _ in range(MAX_EXTENSIONS + 1):
-        # the slow full fine-tuning runs first, so that the two jobs finish together
-        runs = [run_of(m, TUNE_RANK, k, 0, "val") for m in sorted(pending, key=lambda m: m != "full") for k in grids[m]]
-        res = runner.get(runs)
-        if res is None:
-            return {}
-        for m in sorted(pending):
-            recs = [res[_sweep.key(run_of(m, TUNE_RANK, k, 0, "val"))] for k in grids[m]]
-            edge = edge_to_extend([lattice(k) for k in grids[m]], [_score(r) for r in recs])
-            best = max(range(len(recs)), key=lambda i: _score(recs[i]))
-            out[m] = {"grid": list(grids[m]), "records": recs, "chosen": grids[m][best], "inside": edge == 0}
-            if edge == 0 or len(grids[m]) >= GRID_POINTS + MAX_EXTENSIONS:
-                pending.discard(m)
-            else:
-                grids[m] = [grids[m][0] - 1] + grids[m] if edge < 0 else grids[m] + [grids[m][-1] + 1]
-        if not pending:
-            break
-    return out
+    return tune_grids(sweep, grids, lambda m, k: run_of(m, TUNE_RANK, k, 0, "val"), GRID_POINTS + MAX_EXTENSIONS,
+                      order=lambda m: (m != "full", m))
 
 
 def arms() -> list[tuple[str, int]]:
     return [(m, r) for m in METHODS if m != "full" for r in RANKS] + [("full", 0)]
 
 
-def final(runner: Runner, tuned: dict[str, dict[str, Any]]) -> dict[tuple[str, int], list[dict[str, Any]]]:
+def final(sweep: Sweep, tuned: dict[str, dict[str, Any]]) -> dict[tuple[str, int], list[dict[str, Any]]]:
     """Every arm at its method's chosen rate, every seed, on test (records in seed order); seeds
     outermost, so that an interrupted stage has whole seeds."""
     runs = {arm: [run_of(arm[0], arm[1], tuned[arm[0]]["chosen"], s, "test") for s in SEEDS] for arm in arms()}
-    res = runner.get([rs[i] for i in range(len(SEEDS)) for rs in runs.values()])
+    res = sweep.get([rs[i] for i in range(len(SEEDS)) for rs in runs.values()])
     if res is None:
         return {}
     return {arm: [res[_sweep.key(r)] for r in rs] for arm, rs in runs.items()}
@@ -143,21 +100,13 @@ def _label(arm: tuple[str, int]) -> str:
     return "full fine-tuning" if arm[0] == "full" else f"{arm[0]} r={arm[1]}"
 
 
-def _accs(recs: list[dict[str, Any]]) -> list[float]:
-    return [r["eval_accuracy"] for r in recs]
-
-
 def report(tuned: dict[str, dict[str, Any]], finals: dict[tuple[str, int], list[dict[str, Any]]]) -> None:
-    recs = list(_sweep.load_results(RESULTS).values())
-    commits = Counter(r.get("provenance", {}).get("commit", "not recorded") for r in recs)
-    libs = Counter(json.dumps(r.get("provenance", {}).get("versions", {}), sort_keys=True) for r in recs)
     lines = [f"# Evidence: SmolLM2-135M + Social IQa, all seven projections, {len(SEEDS)} seeds (reduced budget)", "",
              "Generated by `.venv/bin/python benchmarks/evidence_siqa.py report` from "
              f"`benchmarks/results/{NAME}.jsonl` "
              "only; the protocol and what the budget cut are in the script's docstring. Settings of every run: "
              f"`{json.dumps(COMMON)}`.", "",
-             f"{len(recs)} runs; commits: " + ", ".join(f"`{c}` ({n})" for c, n in commits.most_common())
-             + "; library versions: " + "; ".join(f"{v} ({n})" for v, n in libs.most_common()) + ".", ""]
+             provenance_line(list(_sweep.load_results(RESULTS).values())), ""]
     if tuned:
         lines += [f"## 1. Learning rate per method at rank {TUNE_RANK} (validation, seed 0)", "",
                   "| method | grid (lr: val accuracy) | chosen | optimum inside the grid |", "|---|---|---|---|"]
@@ -201,13 +150,13 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time (default 2)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
     args = ap.parse_args()
-    runner = Runner(args.jobs, args.threads, dry=args.stage != "run")
+    sweep = Sweep(RESULTS, args.jobs, args.threads, dry=args.stage != "run")
     t0 = time.perf_counter()
-    tuned = tune(runner)
-    finals = final(runner, tuned) if tuned else {}
+    tuned = tune(sweep)
+    finals = final(sweep, tuned) if tuned else {}
     if args.stage == "plan":
         done = len(_sweep.load_results(RESULTS)) if RESULTS.exists() else 0
-        print(f"{done} runs done; tuning {'complete' if tuned else 'incomplete'}; {runner.missing} runs missing in the "
+        print(f"{done} runs done; tuning {'complete' if tuned else 'incomplete'}; {len(sweep.missing)} runs missing in the "
               f"next stage; about {len(METHODS) * GRID_POINTS + len(arms()) * len(SEEDS)} in all before extensions")
     elif args.stage == "report":
         report(tuned, finals)
