@@ -479,7 +479,7 @@ def test_an_interrupted_simulation_cleans_up(tiny, tmp_path, monkeypatch, capsys
 
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the run's processes in /proc (Linux)")
-def test_ctrl_c_from_a_terminal_while_clients_train(tiny, tmp_path):
+def test_ctrl_c_from_a_terminal_while_clients_train(tiny, tmp_path, request):
     """`loft federate` in a terminal of its own (a pseudo-terminal, the process group in its
     foreground), Ctrl-C typed while the clients train round 2: the terminal sends SIGINT to the
     whole foreground group (Ray's processes too, which block it). Exit status 130, stderr ends in
@@ -495,6 +495,7 @@ def test_ctrl_c_from_a_terminal_while_clients_train(tiny, tmp_path):
     bert, train, test = tiny
     tag, out = uuid.uuid4().hex, tmp_path / "run"
     temp = Path(tempfile.mkdtemp(prefix="lft"))  # short: Ray's socket paths inside must fit in 107 bytes
+    request.addfinalizer(lambda: shutil.rmtree(temp, ignore_errors=True))
     master, terminal = pty.openpty()
 
     def own_terminal():  # a session of its own, with the pseudo-terminal as its controlling terminal
@@ -529,7 +530,6 @@ def test_ctrl_c_from_a_terminal_while_clients_train(tiny, tmp_path):
     assert lines[-1].startswith("loft: Interrupted after"), err[-3000:]
     assert run_mod.leftover_processes(tag, "LOFT_TEST_TAG") == []
     assert not [p for p in temp.iterdir() if p.name.startswith("loft-ray-")]
-    shutil.rmtree(temp, ignore_errors=True)
     kept = [json.loads(line)["round"] for line in rounds.read_text().splitlines()]
     assert kept[:2] == [0, 1] and kept == list(range(len(kept)))
     assert not (out / "metrics.json").exists()

@@ -82,7 +82,7 @@ def fold_frozen_sides(optimizer: LoFTAdamW, state_dict: dict[str, Any], params: 
         entry = state.pop(frozen, None)
         if not entry:
             continue
-        if not state.get(live):  # a pair's two sides get state at the same step: never both, never one
+        if not state.get(live):  # a pair's two sides get state at the same step: both or neither
             raise RuntimeError(
                 f"LoRA pair {pair.name or '(unnamed)'}: its frozen factor has optimizer state but its trainable "
                 "factor has none, so the state cannot be saved through torch's state-dict API. This is a bug in "

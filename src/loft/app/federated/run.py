@@ -252,7 +252,6 @@ def _simulate(cfg: FederateConfig, bench: Any, split: list[list[int]], record: C
     except SystemExit as e:  # ray.init's SIGTERM handler
         if e.code != signal.SIGTERM:
             raise
-        _FLOWER_MUTE.tearing_down.set()
         raise Terminated from None
     finally:
         stop.set()
