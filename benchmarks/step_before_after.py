@@ -4,6 +4,7 @@ the installed one, interleaved in one process (the machine is noisy: alternating
     cp -r src/loft /tmp/loft_before        # before changing the code
     .venv/bin/python benchmarks/step_before_after.py --before /tmp/loft_before
     .venv/bin/python benchmarks/step_before_after.py --before /tmp/loft_before --syncs   # host syncs per step
+    .venv/bin/python benchmarks/step_before_after.py --before /tmp/loft_before --layer 4096 4096 --samples 30
 
 Two modes: ``step`` (``optimizer.step()`` alone) and ``trainer`` (``loft.clip_grad_norm_`` then
 ``step()``, what ``transformers.Trainer`` does each step with ``max_grad_norm`` set; the
@@ -11,13 +12,16 @@ clipping is active, the gradients are scaled). The pairs
 are the 210 LoRA pairs of SmolLM2-135M's seven projections in 30 layers (576 x 576,
 192 x 576, 1536 x 576, 576 x 1536) built directly as ``LoRAPair`` objects with fixed random
 gradients; the whole training step is in ``optimizer_cost.py``. One sample is two steps (one
-moves B, one moves A), float32, one thread.
+moves B, one moves A), float32, one thread. ``--layer M N``: one ``M x N`` pair instead (a 7B
+model's projection is 4096 x 4096). Each line also gives the minor page faults per step (the
+kernel zeroing fresh pages for the process: large temporaries allocated anew every step).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import resource
 import statistics
 import sys
 import time
@@ -40,11 +44,11 @@ def load_package(path: Path, name: str = "loft_before"):
     return module
 
 
-def build(package, r: int, layers: int):
+def build(package, r: int, layers: int, shapes: list[tuple[int, int]] = PROJECTIONS):
     g = torch.Generator().manual_seed(0)
     pairs = []
     for layer in range(layers):
-        for j, (m, n) in enumerate(PROJECTIONS):
+        for j, (m, n) in enumerate(shapes):
             A = nn.Parameter(torch.randn(r, n, generator=g) / n**0.5)
             B = nn.Parameter(torch.randn(m, r, generator=g) * 0.02)
             A.grad = torch.randn(r, n, generator=g) * 1e-3
@@ -101,31 +105,43 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, nargs="+", default=[4, 16])
     parser.add_argument("--modes", nargs="+", default=["step", "trainer"])
     parser.add_argument("--syncs", action="store_true", help="count host syncs per step instead of timing")
+    parser.add_argument("--layer", type=int, nargs=2, metavar=("M", "N"), help="one M x N pair instead of SmolLM2's")
     args = parser.parse_args()
+    shapes = PROJECTIONS
+    if args.layer:
+        shapes, args.layers = [tuple(args.layer)], 1
     torch.set_num_threads(1)
     before = load_package(args.before)
     packages = {"before": before, "after": loft}
     if args.syncs:
         count_syncs(packages, args)
         return
-    print(f"torch {torch.__version__}, 1 thread, {args.layers * len(PROJECTIONS)} pairs, {args.samples} samples of 2 steps")
+    what = f"one {shapes[0][0]} x {shapes[0][1]} pair" if args.layer else f"{args.layers * len(shapes)} pairs"
+    print(f"torch {torch.__version__}, 1 thread, {what}, {args.samples} samples of 2 steps")
     for r in args.ranks:
         for mode in args.modes:
-            opts = {name: build(pkg, r, args.layers) for name, pkg in packages.items()}
+            opts = {name: build(pkg, r, args.layers, shapes) for name, pkg in packages.items()}
             for name, opt in opts.items():  # warm-up: both factors once
                 one_sample(packages[name], opt, mode)
             times = {name: [] for name in packages}
+            faults = {name: 0 for name in packages}
             ratios = []
             for i in range(args.samples):
                 order = ["before", "after"] if i % 2 == 0 else ["after", "before"]
-                sample = {name: one_sample(packages[name], opts[name], mode) for name in order}
+                sample = {}
+                for name in order:
+                    start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+                    sample[name] = one_sample(packages[name], opts[name], mode)
+                    faults[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start
                 for name, t in sample.items():
                     times[name].append(t / 2)
                 ratios.append(sample["after"] / sample["before"])
             b, a = statistics.median(times["before"]), statistics.median(times["after"])
+            per_step = {name: faults[name] / (2 * args.samples) for name in packages}
             print(
                 f"r={r:2d} {mode:7s}: before {b:.4f} s/step, after {a:.4f} s/step, "
-                f"ratio of medians {a / b:.3f}, median of paired ratios {statistics.median(ratios):.3f}",
+                f"ratio of medians {a / b:.3f}, median of paired ratios {statistics.median(ratios):.3f}; "
+                f"page faults per step before {per_step['before']:.0f}, after {per_step['after']:.0f}",
                 flush=True,
             )
 

@@ -280,19 +280,29 @@ def projected_adam_direction(
     ``(l, r, k)`` tensor ever exists. A block is as many whole pairs as fit in the budget, or
     ``rows`` of one pair when a whole pair does not fit (then exactly the unbatched blocks).
     ``fuse``: the elementwise passes as one compiled kernel (:func:`adam_quotient`).
+
+    The two block buffers are allocated once per call and every block's GEMMs write into them
+    (``out=``): a fresh multi-MiB tensor per block costs the kernel's page faults each time,
+    which made the ``V`` / ``M`` GEMMs of small inner depth up to 2.5x slower.
     """
     k = exp_avg.shape[-1]
     out = torch.zeros_like(exp_avg)
     row_bytes = 2 * k * partner.element_size()
     rows_per_chunk = max(1, chunk_bytes // row_bytes)
     options = {"bias_correction1": bias_correction1, "bias_correction2": bias_correction2, "eps": eps, "fuse": fuse}
+    l = partner.shape[-2]
     if exp_avg.dim() == 2:
-        _add_direction(out, partner, exp_avg, exp_avg_sq, index, rows_per_chunk=rows_per_chunk, **options)
+        buffers = _block_buffers(exp_avg, (min(rows_per_chunk, l), k))
+        _add_direction(out, partner, exp_avg, exp_avg_sq, index, rows_per_chunk=rows_per_chunk, buffers=buffers, **options)
         return out
-    b, l = partner.shape[:2]
+    b = partner.shape[0]
     pairs_per_block = max(1, min(b, chunk_bytes // (row_bytes * l)))
+    if pairs_per_block == 1:  # plain GEMMs on one pair's matrices at a time
+        buffers = _block_buffers(exp_avg, (min(rows_per_chunk, l), k))
+    else:
+        buffers = _block_buffers(exp_avg, (pairs_per_block, l, k))
     for first in range(0, b, pairs_per_block):
-        if pairs_per_block == 1:  # plain GEMMs on one pair's matrices
+        if pairs_per_block == 1:
             _add_direction(
                 out[first],
                 partner[first],
@@ -300,14 +310,27 @@ def projected_adam_direction(
                 exp_avg_sq[first],
                 index,
                 rows_per_chunk=rows_per_chunk,
+                buffers=buffers,
                 **options,
             )
         else:
             block = slice(first, first + pairs_per_block)
             _add_direction(
-                out[block], partner[block], exp_avg[block], exp_avg_sq[block], index, rows_per_chunk=l, **options
+                out[block],
+                partner[block],
+                exp_avg[block],
+                exp_avg_sq[block],
+                index,
+                rows_per_chunk=l,
+                buffers=buffers,
+                **options,
             )
     return out
+
+
+def _block_buffers(like: Tensor, shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+    """The ``V`` and ``M`` buffers of one block, ``shape``, reused by every block of a rebuild."""
+    return like.new_empty(shape), like.new_empty(shape)
 
 
 def _add_direction(
@@ -322,17 +345,22 @@ def _add_direction(
     eps: float,
     rows_per_chunk: int,
     fuse: bool,
+    buffers: tuple[Tensor, Tensor],
 ) -> None:
     """``out += P^T D`` for one pair (2-D operands) or a block of pairs (3-D), ``rows_per_chunk``
-    rows of ``P`` at a time: the body of :func:`projected_adam_direction`."""
+    rows of ``P`` at a time: the body of :func:`projected_adam_direction`. ``buffers``: two
+    tensors of at least ``([pairs,] rows_per_chunk, k)`` that the ``V`` and ``M`` GEMMs write into."""
     # bias corrections folded into the small operands: V / bc2 and M / bc1 come out of the GEMMs
     sq_t = (exp_avg_sq * (index.weight / bias_correction2)).transpose(-1, -2)  # ([pairs,] p, k)
     avg = exp_avg / bias_correction1  # ([pairs,] r, k)
+    gemm = torch.mm if out.dim() == 2 else torch.bmm
     for start in range(0, partner.shape[-2], rows_per_chunk):
         p_rows = partner[..., start : start + rows_per_chunk, :]  # ([pairs,] rows, r)
         products = p_rows[..., index.rows] * p_rows[..., index.cols]  # ([pairs,] rows, p)
+        # a leading, contiguous part of each buffer: ``rows`` rows (2-D) or the block's pairs (3-D, all ``l`` rows)
+        v, m = (buffer[: p_rows.shape[0]] for buffer in buffers)
         # D = (M / bc1) / (sqrt(V / bc2) + eps)
-        direction = adam_quotient(products @ sq_t, p_rows @ avg, eps, fuse=fuse)
+        direction = adam_quotient(gemm(products, sq_t, out=v), gemm(p_rows, avg, out=m), eps, fuse=fuse)
         if out.dim() == 2:
             out.addmm_(p_rows.T, direction)
         else:
