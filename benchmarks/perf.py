@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 import loft
+from loft.options import Settings
 from loft.syncs import HostSyncCounter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -234,6 +235,20 @@ def layer(args: argparse.Namespace, r: int) -> dict:
         depth = r * (r + 1) // 2 + 2 * r
         x, y = torch.randn(m, depth, device=device), torch.randn(depth, n, device=device)
         z = torch.empty(m, n, device=device)
+        # the elementwise passes no eager implementation avoids: Adam's denominator needs the square root
+        # of all m x n rebuilt second moments, then + eps and a division (and a clamp of rounding below 0),
+        # here over blocks of the rows the rebuild uses (cache-sized), without allocating
+        rows = max(1, Settings().chunk_bytes // (2 * n * z.element_size()))
+        v_full, m_full, d_full = torch.rand(m, n, device=device) + 1, torch.randn(m, n, device=device), torch.empty(m, n, device=device)
+        blocks = [(v_full[i : i + rows], m_full[i : i + rows], d_full[i : i + rows]) for i in range(0, m, rows)]
+
+        def sqrt_pass() -> None:
+            for v, _, _ in blocks:
+                v.sqrt_()  # stays at ~1: no denormals
+
+        def elementwise() -> None:
+            for v, m_block, d in blocks:
+                torch.div(m_block, v.clamp_min_(0).sqrt_().add_(1e-8), out=d)
 
         def timed(f: Callable[[], object]) -> Callable[[], float]:
             def one() -> float:
@@ -246,7 +261,10 @@ def layer(args: argparse.Namespace, r: int) -> dict:
             return one
 
         before = load()
-        times = interleaved({"loft": timed(opt.step), "gemm": timed(lambda: torch.mm(x, y, out=z))}, args.samples)
+        runs = {"loft": timed(opt.step), "gemm": timed(lambda: torch.mm(x, y, out=z)), "sqrt": timed(sqrt_pass),
+                "elementwise": timed(elementwise)}
+        times = interleaved(runs, args.samples)
+        with_pass = {name: [g + t for g, t in zip(times["gemm"], times[name])] for name in ("sqrt", "elementwise")}
         return {
             "r": r,
             "shape": [m, n],
@@ -255,6 +273,12 @@ def layer(args: argparse.Namespace, r: int) -> dict:
             "loft_step": summary(times["loft"]),
             "floor_gemm": summary(times["gemm"]),
             "ratio": paired(times, "loft", "gemm"),
+            "sqrt_pass": summary(times["sqrt"]),
+            "elementwise_passes": summary(times["elementwise"]),
+            "block_rows": rows,
+            # (floor GEMM + the passes) / floor GEMM: what an eager step costs at the very least
+            "bound_sqrt": paired({"a": with_pass["sqrt"], "b": times["gemm"]}, "a", "b"),
+            "bound_elementwise": paired({"a": with_pass["elementwise"], "b": times["gemm"]}, "a", "b"),
             "load_before": before,
             "load_after": load(),
         }
@@ -360,6 +384,20 @@ def render(result: dict) -> str:
             f"| {m} x {n}, {ly['threads']} thread(s) | {ly['r']} | {_t(ly['loft_step'], 1e3, 1)} | "
             f"{_t(ly['floor_gemm'], 1e3, 1)} | {_t(ly['ratio'], 1, 2)} |"
         )
+    if all("bound_sqrt" in ly for ly in result["layer"]):
+        lines += [
+            "",
+            "| one layer | r | floor GEMM ms | one sqrt pass ms | clamp, sqrt, + eps, divide ms | (floor + sqrt) / floor | "
+            "(floor + all four) / floor |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for ly in result["layer"]:
+            m, n = ly["shape"]
+            lines.append(
+                f"| {m} x {n}, {ly['threads']} thread(s) | {ly['r']} | {_t(ly['floor_gemm'], 1e3, 1)} | "
+                f"{_t(ly['sqrt_pass'], 1e3, 1)} | {_t(ly['elementwise_passes'], 1e3, 1)} | {_t(ly['bound_sqrt'], 1, 2)} | "
+                f"{_t(ly['bound_elementwise'], 1, 2)} |"
+            )
     return "\n".join(lines)
 
 

@@ -41,6 +41,11 @@ def result(perf, loft_times, lora_times, layer_ratio):
         "loft_step": perf.summary([g * layer_ratio for g in gemm]),
         "floor_gemm": perf.summary(gemm),
         "ratio": perf.paired({"a": [g * layer_ratio for g in gemm], "b": gemm}, "a", "b"),
+        "sqrt_pass": perf.summary([0.004] * 5),
+        "elementwise_passes": perf.summary([0.007] * 5),
+        "block_rows": 8,
+        "bound_sqrt": perf.summary([1.4] * 5),
+        "bound_elementwise": perf.summary([1.7] * 5),
         "load_before": [2.0, 2.0, 2.0],
         "load_after": [2.0, 2.0, 2.0],
     }
@@ -67,6 +72,16 @@ def test_statistics_and_verdicts(perf):
     assert "1.500 (1.500-1.500)x" in slow and slow.count("**does not hold**") == 2
     assert "3.0 / 1.0" in slow  # state MiB, LoFT / AdamW
     assert "0123456789" in slow and "5 interleaved samples" in slow
+    # the eager bound: floor GEMM, the passes' times and (floor + passes) / floor
+    assert "| 64 x 64, 1 thread(s) | 4 | 10.0 (10.0-10.0) | 4.0 (4.0-4.0) | 7.0 (7.0-7.0) | 1.40 (1.40-1.40) | 1.70 (1.70-1.70) |" in slow
+
+
+def test_results_without_the_eager_bound_still_render(perf):
+    old = result(perf, [1.5] * 5, [1.0] * 5, 2.0)
+    for key in ("sqrt_pass", "elementwise_passes", "block_rows", "bound_sqrt", "bound_elementwise"):
+        del old["layer"][0][key]
+    text = perf.render(old)
+    assert "| 64 x 64, 1 thread(s) | 4 |" in text and "one sqrt pass" not in text
 
 
 def test_report_replaces_only_the_marked_section(perf, tmp_path):
