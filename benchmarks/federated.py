@@ -212,7 +212,8 @@ def report() -> None:
                 f"| {clients} | {split} | {rank or '-'} | {rounds} | {arm} | {len(by_seed)} | {_cell(finals)} | "
                 f"{_cell(best)} | {(f'{sum(reach) / len(reach):.1f} ({len(reach)}/{len(by_seed)})' if reach else '-')} | "
                 f"{sum(errs) / len(errs):.2e} | {sum(up) / len(up) / 1024:,.1f} |")
-        verdicts += _claims(clients, split, rank, rounds, arms)
+        reference = groups.get((clients, split, None, rounds), {}).get("full")  # full fine-tuning has no rank
+        verdicts += _claims(clients, split, rank, rounds, {**arms, "full": reference} if reference and rank else arms)
     lines += ["", "Accuracy per round (mean over seeds; round 0: before training):", "",
               "| clients | split | rank | arm | accuracy by round |", "|---|---|---|---|---|"]
     for (clients, split, rank, rounds), arms in sorted(groups.items(), key=lambda kv: str(kv[0])):
@@ -239,7 +240,7 @@ def report() -> None:
 
 
 CLAIMS = (("loft-keep", "loft-reset"), ("loft-keep", "loft-fedavg"), ("loft-keep", "lora-fedavg"),
-          ("loft-keep", "ffa"), ("loft-reset", "lora-fedavg"))
+          ("loft-keep", "ffa"), ("loft-reset", "lora-fedavg"), ("loft-keep", "full"), ("lora-fedavg", "full"))
 
 
 def _claims(clients: int, split: str, rank: int | None, rounds: int, arms: dict[str, dict[int, dict]]) -> list[str]:

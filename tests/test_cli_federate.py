@@ -120,14 +120,20 @@ def test_federated_report_comes_from_the_results_file_with_verdicts(tmp_path, mo
     recs += [_record(bench, "lora-fedavg", s, [0.5, 0.7, 0.82 - 0.01 * s + 0.004 * (s == 1)]) for s in range(3)]
     recs += [_record(bench, "loft-fedavg", 0, [0.5, 0.6, 0.75], split="dirichlet:0.1"),
              _record(bench, "loft-keep", 0, [0.5, 0.6, 0.78], split="dirichlet:0.1")]
+    # the rankless reference: LoFT is compared with it within its setting, and LoRA is clearly behind it
+    recs += [_record(bench, "full", s, [0.5, 0.7, a]) for s, a in enumerate([0.85, 0.845, 0.83])]
     (tmp_path / "r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     bench.report()
     text = (tmp_path / "docs" / "results" / "r.md").read_text()
-    assert "11 runs" in text and "`abc` (11)" in text
+    assert "14 runs" in text and "`abc` (14)" in text
     assert "| 4 clients, even, r=4, 2 rounds | loft-keep beats loft-reset |" in text
     line = lambda claim: next(x for x in text.splitlines() if claim in x and "even" in x)  # noqa: E731
     assert line("loft-keep beats loft-reset").endswith("| holds |")
     assert line("loft-keep beats lora-fedavg").endswith("| within noise |")
+    assert line("| 4 clients, even, r=4, 2 rounds | loft-keep beats full |").endswith("| within noise |")
+    assert "-0.022 " in line("loft-keep beats full")
+    assert line("lora-fedavg beats full").endswith("| does not hold (the other is better) |")
+    assert not any("beats full" in x for x in text.splitlines() if "dirichlet" in x)  # no reference there
     dirichlet = next(x for x in text.splitlines() if "dirichlet:0.1" in x and "beats loft-fedavg" in x)
     assert dirichlet.endswith("| no verdict (1 seed) |") and "+0.030 (1 seed)" in dirichlet
     keep_row = next(x for x in text.splitlines() if x.startswith("| 4 | even | 4 | 2 | loft-keep | 3 |"))
