@@ -297,34 +297,20 @@ def projected_adam_direction(
         return out
     b = partner.shape[0]
     pairs_per_block = max(1, min(b, chunk_bytes // (row_bytes * l)))
-    if pairs_per_block == 1:  # plain GEMMs on one pair's matrices at a time
-        buffers = _block_buffers(exp_avg, (min(rows_per_chunk, l), k))
-    else:
-        buffers = _block_buffers(exp_avg, (pairs_per_block, l, k))
+    one_pair = pairs_per_block == 1  # then plain GEMMs on one pair's matrices at a time, in blocks of rows
+    buffers = _block_buffers(exp_avg, (min(rows_per_chunk, l), k) if one_pair else (pairs_per_block, l, k))
     for first in range(0, b, pairs_per_block):
-        if pairs_per_block == 1:
-            _add_direction(
-                out[first],
-                partner[first],
-                exp_avg[first],
-                exp_avg_sq[first],
-                index,
-                rows_per_chunk=rows_per_chunk,
-                buffers=buffers,
-                **options,
-            )
-        else:
-            block = slice(first, first + pairs_per_block)
-            _add_direction(
-                out[block],
-                partner[block],
-                exp_avg[block],
-                exp_avg_sq[block],
-                index,
-                rows_per_chunk=l,
-                buffers=buffers,
-                **options,
-            )
+        pick = first if one_pair else slice(first, first + pairs_per_block)
+        _add_direction(
+            out[pick],
+            partner[pick],
+            exp_avg[pick],
+            exp_avg_sq[pick],
+            index,
+            rows_per_chunk=rows_per_chunk if one_pair else l,
+            buffers=buffers,
+            **options,
+        )
     return out
 
 
