@@ -264,7 +264,8 @@ def layer(args: argparse.Namespace, r: int) -> dict:
         runs = {"loft": timed(opt.step), "gemm": timed(lambda: torch.mm(x, y, out=z)), "sqrt": timed(sqrt_pass),
                 "elementwise": timed(elementwise)}
         times = interleaved(runs, args.samples)
-        with_pass = {name: [g + t for g, t in zip(times["gemm"], times[name])] for name in ("sqrt", "elementwise")}
+        for name in ("sqrt", "elementwise"):  # the floor GEMM plus the passes, sample by sample
+            times[f"gemm+{name}"] = [g + t for g, t in zip(times["gemm"], times[name])]
         return {
             "r": r,
             "shape": [m, n],
@@ -277,8 +278,8 @@ def layer(args: argparse.Namespace, r: int) -> dict:
             "elementwise_passes": summary(times["elementwise"]),
             "block_rows": rows,
             # (floor GEMM + the passes) / floor GEMM: what an eager step costs at the very least
-            "bound_sqrt": paired({"a": with_pass["sqrt"], "b": times["gemm"]}, "a", "b"),
-            "bound_elementwise": paired({"a": with_pass["elementwise"], "b": times["gemm"]}, "a", "b"),
+            "bound_sqrt": paired(times, "gemm+sqrt", "gemm"),
+            "bound_elementwise": paired(times, "gemm+elementwise", "gemm"),
             "load_before": before,
             "load_after": load(),
         }
@@ -379,10 +380,9 @@ def render(result: dict) -> str:
         "| --- | --- | --- | --- | --- |",
     ]
     for ly in result["layer"]:
-        m, n = ly["shape"]
         lines.append(
-            f"| {m} x {n}, {ly['threads']} thread(s) | {ly['r']} | {_t(ly['loft_step'], 1e3, 1)} | "
-            f"{_t(ly['floor_gemm'], 1e3, 1)} | {_t(ly['ratio'], 1, 2)} |"
+            f"| {_layer_label(ly)} | {_t(ly['loft_step'], 1e3, 1)} | {_t(ly['floor_gemm'], 1e3, 1)} | "
+            f"{_t(ly['ratio'], 1, 2)} |"
         )
     if all("bound_sqrt" in ly for ly in result["layer"]):
         lines += [
@@ -392,13 +392,17 @@ def render(result: dict) -> str:
             "| --- | --- | --- | --- | --- | --- | --- |",
         ]
         for ly in result["layer"]:
-            m, n = ly["shape"]
             lines.append(
-                f"| {m} x {n}, {ly['threads']} thread(s) | {ly['r']} | {_t(ly['floor_gemm'], 1e3, 1)} | "
-                f"{_t(ly['sqrt_pass'], 1e3, 1)} | {_t(ly['elementwise_passes'], 1e3, 1)} | {_t(ly['bound_sqrt'], 1, 2)} | "
-                f"{_t(ly['bound_elementwise'], 1, 2)} |"
+                f"| {_layer_label(ly)} | {_t(ly['floor_gemm'], 1e3, 1)} | {_t(ly['sqrt_pass'], 1e3, 1)} | "
+                f"{_t(ly['elementwise_passes'], 1e3, 1)} | {_t(ly['bound_sqrt'], 1, 2)} | {_t(ly['bound_elementwise'], 1, 2)} |"
             )
     return "\n".join(lines)
+
+
+def _layer_label(ly: dict) -> str:
+    """The first two cells of a one-layer row: shape and threads, rank."""
+    m, n = ly["shape"]
+    return f"{m} x {n}, {ly['threads']} thread(s) | {ly['r']}"
 
 
 def write_report(result: dict, doc: Path = DOC) -> None:

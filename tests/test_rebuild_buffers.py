@@ -1,6 +1,6 @@
 """The direction rebuild writes every block's ``V`` and ``M`` GEMMs into two buffers allocated once
-per call: fresh block-sized tensors per block cost page faults on every block (on one 4096 x 4096
-pair at r = 4 that made the step 1.75x slower; ``benchmarks/step_before_after.py --layer``)."""
+per call: fresh block-sized tensors per block cost page faults on every block (measured by
+``benchmarks/step_before_after.py --layer``; docs/performance.md)."""
 
 from __future__ import annotations
 

@@ -282,8 +282,8 @@ def projected_adam_direction(
     ``fuse``: the elementwise passes as one compiled kernel (:func:`adam_quotient`).
 
     The two block buffers are allocated once per call and every block's GEMMs write into them
-    (``out=``): a fresh multi-MiB tensor per block costs the kernel's page faults each time,
-    which made the ``V`` / ``M`` GEMMs of small inner depth up to 2.5x slower.
+    (``out=``): a fresh multi-MiB tensor per block costs the kernel's page faults each time
+    (measured in docs/performance.md, "Fresh block buffers").
     """
     k = exp_avg.shape[-1]
     out = torch.zeros_like(exp_avg)
