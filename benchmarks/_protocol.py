@@ -58,20 +58,28 @@ def tune_grids(
     run_of: Callable[[Arm, int], dict[str, Any]],
     max_points: int,
     order: Callable[[Arm], Any] | None = None,
+    partial: bool = False,
 ) -> dict[Arm, dict[str, Any]]:
     """Each arm's learning-rate grid (consecutive lattice indices), grown one point past an edge
     optimum until the optimum is inside or the grid has ``max_points``. Each round runs every
     growing arm's grid in one batch (arms in ``order``), so the jobs stay busy across arms.
-    Returns per arm ``grid``, ``records``, ``chosen`` (lattice index) and ``inside``; ``{}`` when
-    ``sweep`` is dry and runs are missing."""
+    Returns per arm ``grid``, ``records``, ``chosen`` (lattice index) and ``inside``. When
+    ``sweep`` is dry and runs are missing: ``{}``, or with ``partial`` only the arms already
+    settled (every run of their final grid present)."""
     grids = {arm: list(grid) for arm, grid in grids.items()}
     out: dict[Arm, dict[str, Any]] = {}
     pending = set(grids)
     while pending:
         res = sweep.get([run_of(arm, k) for arm in sorted(pending, key=order) for k in grids[arm]])
         if res is None:
-            return {}
+            if not partial:
+                return {}
+            res = sweep.results()
         for arm in sorted(pending, key=order):
+            if any(_sweep.key(run_of(arm, k)) not in res for k in grids[arm]):  # not settled yet
+                out.pop(arm, None)
+                pending.discard(arm)
+                continue
             recs = [res[_sweep.key(run_of(arm, k))] for k in grids[arm]]
             edge = edge_to_extend([lattice(k) for k in grids[arm]], [score(r) for r in recs])
             best = max(range(len(recs)), key=lambda i: score(recs[i]))

@@ -86,11 +86,11 @@ def paired(a: Sequence[float], b: Sequence[float]) -> Paired:
 
 
 def method_rows(
-    values: dict[tuple[str, int], Sequence[float]], methods: Sequence[str], ranks: Sequence[int]
+    values: dict[tuple[str, int], Sequence[float]], methods: Sequence[str], ranks: Sequence[int], bold: bool = True
 ) -> list[str]:
     """Markdown rows ``| method | cell per rank |`` of per-seed ``values`` by (method, rank): each
-    cell the :func:`summarize` of its arm, bold where the arm is better than every other arm of
-    that rank in :func:`paired` tests, empty where the arm is missing."""
+    cell the :func:`summarize` of its arm, bold (unless not ``bold``) where the arm is better than
+    every other arm of that rank in :func:`paired` tests, empty where the arm is missing."""
     rows = []
     for method in methods:
         cells = []
@@ -100,7 +100,7 @@ def method_rows(
                 cells.append("")
                 continue
             others = [o for o in values if o[1] == r and o != arm]
-            best = bool(others) and all(paired(values[arm], values[o]).verdict == "better" for o in others)
+            best = bold and bool(others) and all(paired(values[arm], values[o]).verdict == "better" for o in others)
             text = summarize(values[arm]).fmt()
             cells.append(f"**{text}**" if best else text)
         rows.append(f"| {method} | " + " | ".join(cells) + " |")

@@ -19,6 +19,7 @@ MiniLM-L6 on movie sentiment, every linear layer adapted, 100 steps of batch 16,
 2. **Final**: each (method, rank) at its chosen learning rate, ``SEEDS`` (seed: data order, head
    and adapter initialisation) on the test split (2,000 snippets). Mean, standard error, 95%
    interval; each claim is a paired t test across seeds, and says "inconclusive" where p >= 0.05.
+   Arms run in ``FINAL_ORDER``: LoFT, LoRA, full fine-tuning and DoRA (the paper's claims) first.
 3. **Stability**: LoFT at ranks 4 and 16, LoRA at ranks 4 and 16 and full fine-tuning on one
    shared learning-rate grid, ``SEEDS`` each, on the validation split: the fraction of seeds that
    collapse to chance (accuracy within ``COLLAPSE_MARGIN`` of the majority class), as a figure.
@@ -32,7 +33,9 @@ Every run is its own process (``_sweep.py``), two at a time with one thread each
 line records its settings, accuracies before and after training (the untrained baseline of that
 seed), losses, time, peak memory and provenance (commit, versions, threads, load). Results go to
 ``benchmarks/results/evidence_sentiment.jsonl``; a rerun skips finished runs, so each stage can
-be stopped and restarted. Stages are independent except that ``final`` needs ``tune``.
+be stopped and restarted. Stages are independent except that ``final`` needs ``tune``. A report
+written while a stage is under way shows the arms that stage has settled and names the others
+(no entry is bold until every arm of the finals has run).
 """
 
 from __future__ import annotations
@@ -78,6 +81,9 @@ METHODS: dict[str, tuple[Callable[[int], dict[str, Any]], int]] = {
     "pissa": (lambda r: {"method": "pissa", "rank": r, "alpha": float(2 * r)}, 2),
     "full": (lambda r: {"method": "full", "rank": 1}, -1),
 }
+#: stage 2's order of methods: those of the paper's claims (LoFT against LoRA, DoRA and full
+#: fine-tuning) first, then PEFT's optimizer-side peers
+FINAL_ORDER = ("loft", "lora", "full", "dora", "rslora", "loraplus", "lorafa", "pissa")
 #: stage 3's arms (method, rank) and its shared grid (lattice indices)
 STABILITY_ARMS = (("loft", 4), ("loft", 16), ("lora", 4), ("lora", 16), ("full", 0))
 STABILITY_GRID = tuple(range(-1, 7))  # 5e-5 ... 6.4e-3
@@ -115,21 +121,29 @@ def arms() -> list[tuple[str, int]]:
     return [(m, r) for m in METHODS if m != "full" for r in RANKS] + [("full", 0)]
 
 
-def tune(sweep: Sweep) -> dict[tuple[str, int], dict[str, Any]]:
+def tune(sweep: Sweep, partial: bool = False) -> dict[tuple[str, int], dict[str, Any]]:
     """Stage 1: every arm's grid, grown past an edge optimum; returns per arm its grid (lattice
-    indices), the records, the chosen index and whether the optimum is inside the grid."""
+    indices), the records, the chosen index and whether the optimum is inside the grid (with a dry
+    ``sweep`` and ``partial``: the arms settled so far)."""
     grids = {arm: list(range(METHODS[arm[0]][1] - GRID_POINTS // 2, METHODS[arm[0]][1] + GRID_POINTS // 2 + 1))
              for arm in arms()}
-    return tune_grids(sweep, grids, lambda arm, k: run_of(arm[0], arm[1], k, 0, "val"), GRID_POINTS + MAX_EXTENSIONS)
+    return tune_grids(sweep, grids, lambda arm, k: run_of(arm[0], arm[1], k, 0, "val"), GRID_POINTS + MAX_EXTENSIONS,
+                      partial=partial)
 
 
-def final(sweep: Sweep, tuned: dict[tuple[str, int], dict[str, Any]]) -> dict[tuple[str, int], list[dict[str, Any]]]:
-    """Stage 2: every arm at its chosen learning rate, every seed, on test (records in seed order)."""
-    runs = {arm: [run_of(arm[0], arm[1], t["chosen"], s, "test") for s in SEEDS] for arm, t in tuned.items()}
+def final(sweep: Sweep, tuned: dict[tuple[str, int], dict[str, Any]],
+          partial: bool = False) -> dict[tuple[str, int], list[dict[str, Any]]]:
+    """Stage 2: every arm at its chosen learning rate, every seed, on test (records in seed order).
+    Arms run in :data:`FINAL_ORDER`, seeds innermost, so an interrupted stage has whole arms for the
+    main claims first; with a dry ``sweep`` and ``partial`` only the arms with every seed are returned."""
+    runs = {arm: [run_of(arm[0], arm[1], tuned[arm]["chosen"], s, "test") for s in SEEDS]
+            for arm in sorted(tuned, key=lambda a: (FINAL_ORDER.index(a[0]), a[1]))}
     res = sweep.get([r for rs in runs.values() for r in rs])
     if res is None:
-        return {}
-    return {arm: [res[_sweep.key(r)] for r in rs] for arm, rs in runs.items()}
+        if not partial:
+            return {}
+        res = sweep.results()
+    return {arm: [res[_sweep.key(r)] for r in rs] for arm, rs in runs.items() if all(_sweep.key(r) in res for r in rs)}
 
 
 def stability(sweep: Sweep) -> dict[tuple[str, int], dict[int, list[dict[str, Any]]]]:
@@ -199,6 +213,15 @@ def _label(arm: tuple[str, int]) -> str:
     return arm[0] if arm[0] == "full" else f"{arm[0]} r={arm[1]}"
 
 
+def _progress(what: str, done: dict[tuple[str, int], Any]) -> list[str]:
+    """A report line saying which arms a stage has finished, and which it has not (none if all)."""
+    todo = [arm for arm in arms() if arm not in done]
+    if not todo:
+        return []
+    return [f"**In progress:** {len(done)} of {len(arms())} arms {what} so far; still to run: "
+            + ", ".join(_label(arm) for arm in todo) + " (`benchmarks/evidence.py plan` counts the runs)."]
+
+
 def report(tuned, finals, stab, decide, defaults) -> None:  # noqa: ANN001 (the stage outputs above)
     lines = [f"# Evidence: MiniLM-L6 + movie sentiment, tuned per rank, {len(SEEDS)} seeds", "",
              "Generated by `.venv/bin/python benchmarks/evidence.py report` from "
@@ -212,20 +235,25 @@ def report(tuned, finals, stab, decide, defaults) -> None:  # noqa: ANN001 (the 
             cells = ", ".join(f"{lattice(k):g}: {r['eval_accuracy']:.3f}" for k, r in zip(t["grid"], t["records"]))
             lines.append(f"| {arm[0]} | {arm[1] or '-'} | {cells} | {lattice(t['chosen']):g} | "
                          f"{'yes' if t['inside'] else 'no (out of extensions)'} |")
-        lines.append("")
+        lines += ["", *_progress("settled", tuned), ""]
     if finals:
         chance = majority_share(splits()[2])
         lines += [f"## 2. Test accuracy, {len(SEEDS)} seeds", "",
                   "Mean +- standard error [95% interval]; untrained: the same seeds' accuracy before training. "
                   f"Bold: better than every other method at that rank in paired t tests (p < {ALPHA}).", "",
                   "| method | " + " | ".join(f"r={r}" for r in RANKS) + " |", "|---|" + "---|" * len(RANKS)]
-        lines += method_rows({arm: _accs(rs) for arm, rs in finals.items()}, [m for m in METHODS if m != "full"], RANKS)
+        complete = len(finals) == len(arms())
+        lines += method_rows({arm: _accs(rs) for arm, rs in finals.items()}, [m for m in METHODS if m != "full"], RANKS,
+                             bold=complete)
         if ("full", 0) in finals:
             lines.append(f"| full fine-tuning | {summarize(_accs(finals[('full', 0)])).fmt()} |" + " |" * (len(RANKS) - 1))
         before = [r["eval_accuracy_before"] for rs in finals.values() for r in rs if r.get("eval_accuracy_before") is not None]
         if before:
             lines.append(f"| untrained | {summarize(before).fmt()} |" + " |" * (len(RANKS) - 1))
-        lines += ["", f"Majority class of the test split: {chance:.3f}.", "", "### Claims (paired t tests across seeds)", "",
+        lines += ["", f"Majority class of the test split: {chance:.3f}.", "", *_progress("with every seed", finals)]
+        if not complete:
+            lines.append("No entry is bold until every arm has run: bold compares an arm with every other of its rank.")
+        lines += ["", "### Claims (paired t tests across seeds)", "",
                   "| claim | difference [95% interval], p | verdict |", "|---|---|---|"]
         claims = [(("loft", 4), ("lora", 16))]
         claims += [(("loft", r), (m, r)) for r in RANKS for m in METHODS if m not in ("loft", "full")]
@@ -320,8 +348,9 @@ def main() -> None:
               f"final {len(arms()) * len(SEEDS)}, stability {len(STABILITY_ARMS) * len(STABILITY_GRID) * len(SEEDS)}, "
               "some shared); tuning complete: " + ("yes" if tuned else f"no ({len(sweep.missing)} runs missing now)"))
         return
-    tuned = tune(sweep) if args.stage in ("tune", "final", "report") else {}
-    finals = final(sweep, tuned) if args.stage in ("final", "report") and tuned else {}
+    partial = args.stage == "report"  # a report shows what is settled; a stage runs what is missing
+    tuned = tune(sweep, partial) if args.stage in ("tune", "final", "report") else {}
+    finals = final(sweep, tuned, partial) if args.stage in ("final", "report") and tuned else {}
     stab = stability(sweep) if args.stage in ("stability", "report") else {}
     decide = deciding(sweep) if args.stage in ("default", "report") else {}
     if args.stage == "default" and not decide:

@@ -113,6 +113,54 @@ def test_final_runs_every_seed_on_test_at_the_chosen_rate(fake_splits):
         assert {r["run"]["lr"] for r in recs} == {evidence.lattice(tuned[arm]["chosen"])}
 
 
+class DrySweep:
+    """A dry sweep that holds only ``have`` (as a report sees a stage under way)."""
+
+    def __init__(self, have):
+        self.have = have
+
+    def results(self):
+        return dict(self.have)
+
+    def get(self, runs):
+        return self.results() if all(evidence._sweep.key(r) in self.have for r in runs) else None
+
+
+def test_final_runs_the_claims_arms_first_with_seeds_innermost(fake_splits):
+    sweep = FakeSweep({m: c for m, (_, c) in evidence.METHODS.items()})
+    tuned = evidence.tune(sweep)
+    sweep.asked = []
+    evidence.final(sweep, tuned)
+    arms = [(r["method"], r["rank"]) for r in sweep.asked[::len(evidence.SEEDS)]]
+    assert [r["seed"] for r in sweep.asked] == list(evidence.SEEDS) * len(evidence.arms())
+    assert arms[:7] == [("loft", 1), ("loft", 4), ("loft", 16), ("lora", 1), ("lora", 4), ("lora", 16), ("full", 1)]
+    assert [a[0] for a in arms[7:10]] == ["dora"] * 3
+
+
+def test_a_report_under_way_shows_only_settled_arms(fake_splits):
+    centre = {m: c for m, (_, c) in evidence.METHODS.items()}
+    full = FakeSweep(dict(centre, lora=centre["lora"] + 3))  # lora's grids must grow twice
+    tuned = evidence.tune(full)
+    finals = evidence.final(full, tuned)
+    key = evidence._sweep.key
+    have = full.get(list(full.asked))  # every run of both stages
+    # dora r=4 misses a run of its first grid; lora r=1 has its first grid but not the extension it
+    # needs (its optimum is on the edge); loft r=16 misses one final seed
+    del have[key(evidence.run_of("dora", 4, tuned[("dora", 4)]["grid"][2], 0, "val"))]
+    del have[key(evidence.run_of("lora", 1, tuned[("lora", 1)]["grid"][-1], 0, "val"))]
+    del have[key(evidence.run_of("loft", 16, tuned[("loft", 16)]["chosen"], 3, "test"))]
+    dry = DrySweep(have)
+    assert evidence.tune(dry) == {} and evidence.final(dry, tuned) == {}
+    settled = evidence.tune(dry, partial=True)
+    assert set(settled) == set(evidence.arms()) - {("dora", 4), ("lora", 1)}
+    assert all(settled[arm] == tuned[arm] for arm in settled)  # a settled arm is what the whole stage gives
+    done = evidence.final(dry, settled, partial=True)
+    assert set(done) == set(settled) - {("loft", 16)}
+    assert all(done[arm] == finals[arm] for arm in done)
+    assert "still to run: lora r=1, dora r=4" in evidence._progress("settled", settled)[0]
+    assert evidence._progress("settled", tuned) == []
+
+
 def test_collapse_rule():
     assert evidence.collapsed({"eval_accuracy": 0.52}, chance=0.5)
     assert not evidence.collapsed({"eval_accuracy": 0.70}, chance=0.5)
@@ -127,6 +175,7 @@ def test_method_rows_bold_only_an_arm_better_than_every_other_of_its_rank():
     assert loft[0] == "| loft" and loft[1] == "" and loft[2].startswith("**0.800") and not loft[3].startswith("**")
     assert not any(cell.startswith("**") for cell in lora + dora)  # worse at r=4, a tie at r=16
     assert dora[1:] == ["", "", " |"]  # every dora arm missing
+    assert not any("**" in row for row in _stats.method_rows(values, ["loft", "lora"], [1, 4, 16], bold=False))
 
 
 def _decide(accs):
