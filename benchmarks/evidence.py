@@ -235,7 +235,7 @@ def report(tuned, finals, stab, decide, defaults) -> None:  # noqa: ANN001 (the 
             cells = ", ".join(f"{lattice(k):g}: {r['eval_accuracy']:.3f}" for k, r in zip(t["grid"], t["records"]))
             lines.append(f"| {arm[0]} | {arm[1] or '-'} | {cells} | {lattice(t['chosen']):g} | "
                          f"{'yes' if t['inside'] else 'no (out of extensions)'} |")
-        lines += ["", *_progress("settled", tuned), ""]
+        lines += ["", *_progress("settled", tuned), ""] if len(tuned) < len(arms()) else [""]
     if finals:
         chance = majority_share(splits()[2])
         lines += [f"## 2. Test accuracy, {len(SEEDS)} seeds", "",
