@@ -40,15 +40,16 @@ class Sweep:
     def results(self) -> dict[str, dict[str, Any]]:
         return _sweep.load_results(self.path)
 
-    def get(self, runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]] | None:
-        """Results of ``runs`` (running the missing ones unless dry); None when dry and some miss."""
+    def get(self, runs: list[dict[str, Any]], partial: bool = False) -> dict[str, dict[str, Any]] | None:
+        """Results of ``runs`` (running the missing ones unless dry). When dry and some miss: None,
+        or with ``partial`` the results there are (the caller keeps what it can)."""
         have = self.results()
         missing = [r for r in runs if _sweep.key(r) not in have]
         if not missing:
             return have
         if self.dry:
             self.missing += [r for r in missing if r not in self.missing]
-            return None
+            return have if partial else None
         return _sweep.run_all(runs, self.path, jobs=self.jobs, threads=self.threads)
 
 
@@ -70,17 +71,16 @@ def tune_grids(
     out: dict[Arm, dict[str, Any]] = {}
     pending = set(grids)
     while pending:
-        res = sweep.get([run_of(arm, k) for arm in sorted(pending, key=order) for k in grids[arm]])
+        res = sweep.get([run_of(arm, k) for arm in sorted(pending, key=order) for k in grids[arm]], partial)
         if res is None:
-            if not partial:
-                return {}
-            res = sweep.results()
+            return {}
         for arm in sorted(pending, key=order):
-            if any(_sweep.key(run_of(arm, k)) not in res for k in grids[arm]):  # not settled yet
+            keys = [_sweep.key(run_of(arm, k)) for k in grids[arm]]
+            if any(key not in res for key in keys):  # not settled yet (only with ``partial``)
                 out.pop(arm, None)
                 pending.discard(arm)
                 continue
-            recs = [res[_sweep.key(run_of(arm, k))] for k in grids[arm]]
+            recs = [res[key] for key in keys]
             edge = edge_to_extend([lattice(k) for k in grids[arm]], [score(r) for r in recs])
             best = max(range(len(recs)), key=lambda i: score(recs[i]))
             out[arm] = {"grid": list(grids[arm]), "records": recs, "chosen": grids[arm][best], "inside": edge == 0}

@@ -138,11 +138,9 @@ def final(sweep: Sweep, tuned: dict[tuple[str, int], dict[str, Any]],
     main claims first; with a dry ``sweep`` and ``partial`` only the arms with every seed are returned."""
     runs = {arm: [run_of(arm[0], arm[1], tuned[arm]["chosen"], s, "test") for s in SEEDS]
             for arm in sorted(tuned, key=lambda a: (FINAL_ORDER.index(a[0]), a[1]))}
-    res = sweep.get([r for rs in runs.values() for r in rs])
+    res = sweep.get([r for rs in runs.values() for r in rs], partial)
     if res is None:
-        if not partial:
-            return {}
-        res = sweep.results()
+        return {}
     return {arm: [res[_sweep.key(r)] for r in rs] for arm, rs in runs.items() if all(_sweep.key(r) in res for r in rs)}
 
 
@@ -214,12 +212,13 @@ def _label(arm: tuple[str, int]) -> str:
 
 
 def _progress(what: str, done: dict[tuple[str, int], Any]) -> list[str]:
-    """A report line saying which arms a stage has finished, and which it has not (none if all)."""
+    """A report paragraph (its line, then a blank) naming the arms a stage has not finished; none
+    once every arm has."""
     todo = [arm for arm in arms() if arm not in done]
     if not todo:
         return []
     return [f"**In progress:** {len(done)} of {len(arms())} arms {what} so far; still to run: "
-            + ", ".join(_label(arm) for arm in todo) + " (`benchmarks/evidence.py plan` counts the runs)."]
+            + ", ".join(_label(arm) for arm in todo) + " (`benchmarks/evidence.py plan` counts the runs).", ""]
 
 
 def report(tuned, finals, stab, decide, defaults) -> None:  # noqa: ANN001 (the stage outputs above)
@@ -235,7 +234,7 @@ def report(tuned, finals, stab, decide, defaults) -> None:  # noqa: ANN001 (the 
             cells = ", ".join(f"{lattice(k):g}: {r['eval_accuracy']:.3f}" for k, r in zip(t["grid"], t["records"]))
             lines.append(f"| {arm[0]} | {arm[1] or '-'} | {cells} | {lattice(t['chosen']):g} | "
                          f"{'yes' if t['inside'] else 'no (out of extensions)'} |")
-        lines += ["", *_progress("settled", tuned), ""] if len(tuned) < len(arms()) else [""]
+        lines += ["", *_progress("settled", tuned)]
     if finals:
         chance = majority_share(splits()[2])
         lines += [f"## 2. Test accuracy, {len(SEEDS)} seeds", "",
@@ -252,8 +251,8 @@ def report(tuned, finals, stab, decide, defaults) -> None:  # noqa: ANN001 (the 
             lines.append(f"| untrained | {summarize(before).fmt()} |" + " |" * (len(RANKS) - 1))
         lines += ["", f"Majority class of the test split: {chance:.3f}.", "", *_progress("with every seed", finals)]
         if not complete:
-            lines.append("No entry is bold until every arm has run: bold compares an arm with every other of its rank.")
-        lines += ["", "### Claims (paired t tests across seeds)", "",
+            lines += ["No entry is bold until every arm has run: bold compares an arm with every other of its rank.", ""]
+        lines += ["### Claims (paired t tests across seeds)", "",
                   "| claim | difference [95% interval], p | verdict |", "|---|---|---|"]
         claims = [(("loft", 4), ("lora", 16))]
         claims += [(("loft", r), (m, r)) for r in RANKS for m in METHODS if m not in ("loft", "full")]

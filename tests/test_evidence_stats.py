@@ -4,6 +4,7 @@ stability runs first, the default learning rate's rule), on synthetic results.""
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import sys
@@ -15,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import _stats  # noqa: E402
 import evidence  # noqa: E402
+from _protocol import Sweep  # noqa: E402
 
 
 def test_interval_covers_the_mean_about_95_percent_of_the_time():
@@ -68,7 +70,7 @@ class FakeSweep:
     def __init__(self, peak: dict[str, int]) -> None:
         self.peak, self.asked = peak, []
 
-    def get(self, runs):
+    def get(self, runs, partial=False):
         self.asked += runs
         out = {}
         for run in runs:
@@ -113,17 +115,11 @@ def test_final_runs_every_seed_on_test_at_the_chosen_rate(fake_splits):
         assert {r["run"]["lr"] for r in recs} == {evidence.lattice(tuned[arm]["chosen"])}
 
 
-class DrySweep:
-    """A dry sweep that holds only ``have`` (as a report sees a stage under way)."""
-
-    def __init__(self, have):
-        self.have = have
-
-    def results(self):
-        return dict(self.have)
-
-    def get(self, runs):
-        return self.results() if all(evidence._sweep.key(r) in self.have for r in runs) else None
+def dry_sweep(have, folder):
+    """A dry :class:`Sweep` over a results file holding only ``have`` (as a report sees a stage under way)."""
+    path = folder / "results.jsonl"
+    path.write_text("".join(json.dumps(rec) + "\n" for rec in have.values()))
+    return Sweep(path, jobs=1, threads=1, dry=True)
 
 
 def test_final_runs_the_claims_arms_first_with_seeds_innermost(fake_splits):
@@ -137,7 +133,7 @@ def test_final_runs_the_claims_arms_first_with_seeds_innermost(fake_splits):
     assert [a[0] for a in arms[7:10]] == ["dora"] * 3
 
 
-def test_a_report_under_way_shows_only_settled_arms(fake_splits):
+def test_a_report_under_way_shows_only_settled_arms(fake_splits, tmp_path):
     centre = {m: c for m, (_, c) in evidence.METHODS.items()}
     full = FakeSweep(dict(centre, lora=centre["lora"] + 3))  # lora's grids must grow twice
     tuned = evidence.tune(full)
@@ -149,7 +145,7 @@ def test_a_report_under_way_shows_only_settled_arms(fake_splits):
     del have[key(evidence.run_of("dora", 4, tuned[("dora", 4)]["grid"][2], 0, "val"))]
     del have[key(evidence.run_of("lora", 1, tuned[("lora", 1)]["grid"][-1], 0, "val"))]
     del have[key(evidence.run_of("loft", 16, tuned[("loft", 16)]["chosen"], 3, "test"))]
-    dry = DrySweep(have)
+    dry = dry_sweep(have, tmp_path)
     assert evidence.tune(dry) == {} and evidence.final(dry, tuned) == {}
     settled = evidence.tune(dry, partial=True)
     assert set(settled) == set(evidence.arms()) - {("dora", 4), ("lora", 1)}
