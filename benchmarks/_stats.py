@@ -1,4 +1,5 @@
-"""The statistics the evidence reports use: seed summaries, paired tests, verdicts, grid edges.
+"""The statistics the evidence reports use: seed summaries, paired tests, verdicts (one claim at a
+time and, with Holm's correction, over a table of claims), grid edges.
 
 Pure functions over lists of numbers (scipy does the distributions), so the rules that turn
 results into the words "holds", "does not hold" and "inconclusive" are tested on their own
@@ -9,13 +10,18 @@ from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 from scipy import stats as _scipy_stats
 
 #: two-sided significance level of every verdict
 ALPHA = 0.05
+
+#: what the two verdict columns of :func:`claim_rows` mean, for the reports to print above the table
+CLAIMS_NOTE = (f"Verdict: the claim alone (p < {ALPHA} to hold). Verdict after Holm: every claim of the table "
+               f"taken as one family (Holm's step-down correction), which keeps the chance of any false verdict "
+               f"in the table below {ALPHA}.")
 
 
 @dataclass(frozen=True)
@@ -111,6 +117,31 @@ def claim_verdict(test: Paired) -> str:
     """A claim "a beats b": ``holds`` when a is significantly better, ``does not hold`` when b is
     significantly better, else ``inconclusive``."""
     return {"better": "holds", "worse": "does not hold", "inconclusive": "inconclusive"}[test.verdict]
+
+
+def holm(ps: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p values of a family of tests, in the order given.
+
+    The i-th smallest p (from 0) is multiplied by ``m - i``, capped at 1 and made non-decreasing
+    in that order. Calling a claim significant when its adjusted p is below :data:`ALPHA` keeps the
+    chance of *any* false verdict in the family at or below :data:`ALPHA` (Holm 1979)."""
+    m = len(ps)
+    adjusted = [1.0] * m
+    running = 0.0
+    for i, j in enumerate(sorted(range(m), key=lambda j: ps[j])):
+        running = max(running, min(1.0, (m - i) * ps[j]))
+        adjusted[j] = running
+    return adjusted
+
+
+def claim_rows(tests: Sequence[tuple[str, Paired]]) -> list[str]:
+    """A markdown claims table: one row per ``(claim, paired test)``, its own verdict, and Holm's
+    adjusted p and verdict over every claim of the table as one family (:func:`holm`)."""
+    rows = [f"| claim | difference [95% interval], p | verdict | Holm p ({len(tests)} claims) | verdict after Holm |",
+            "|---|---|---|---|---|"]
+    for (claim, t), q in zip(tests, holm([t.p for _, t in tests])):
+        rows.append(f"| {claim} | {t.fmt()} | {claim_verdict(t)} | {q:.3g} | {claim_verdict(replace(t, p=q))} |")
+    return rows
 
 
 def edge_to_extend(grid: Sequence[float], scores: Sequence[tuple[float, float]]) -> int:

@@ -18,7 +18,8 @@ MiniLM-L6 on movie sentiment, every linear layer adapted, 100 steps of batch 16,
    report says it does not). Choice: highest accuracy, ties by lower loss.
 2. **Final**: each (method, rank) at its chosen learning rate, ``SEEDS`` (seed: data order, head
    and adapter initialisation) on the test split (2,000 snippets). Mean, standard error, 95%
-   interval; each claim is a paired t test across seeds, and says "inconclusive" where p >= 0.05.
+   interval; each claim is a paired t test across seeds, and says "inconclusive" where p >= 0.05;
+   a second verdict applies Holm's correction over all the claims of the table.
    Arms run in ``FINAL_ORDER``: LoFT, LoRA, full fine-tuning and DoRA (the paper's claims) first.
 3. **Stability**: LoFT at ranks 4 and 16, LoRA at ranks 4 and 16 and full fine-tuning on one
    shared learning-rate grid, ``SEEDS`` each, on the validation split: the fraction of seeds that
@@ -52,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _sweep  # noqa: E402
 from _protocol import Sweep, accuracies as _accs, lattice, provenance_line, tune_grids  # noqa: E402
-from _stats import ALPHA, claim_verdict, method_rows, paired, summarize  # noqa: E402
+from _stats import ALPHA, CLAIMS_NOTE, claim_rows, claim_verdict, method_rows, paired, summarize  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "evidence_sentiment"
@@ -252,15 +253,12 @@ def report(tuned, finals, stab, decide, defaults) -> None:  # noqa: ANN001 (the 
         lines += ["", f"Majority class of the test split: {chance:.3f}.", "", *_progress("with every seed", finals)]
         if not complete:
             lines += ["No entry is bold until every arm has run: bold compares an arm with every other of its rank.", ""]
-        lines += ["### Claims (paired t tests across seeds)", "",
-                  "| claim | difference [95% interval], p | verdict |", "|---|---|---|"]
+        lines += ["### Claims (paired t tests across seeds)", "", CLAIMS_NOTE, ""]
         claims = [(("loft", 4), ("lora", 16))]
         claims += [(("loft", r), (m, r)) for r in RANKS for m in METHODS if m not in ("loft", "full")]
         claims += [(("loft", r), ("full", 0)) for r in RANKS]
-        for a, b in claims:
-            if a in finals and b in finals:
-                t = paired(_accs(finals[a]), _accs(finals[b]))
-                lines.append(f"| {_label(a)} beats {_label(b)} | {t.fmt()} | {claim_verdict(t)} |")
+        lines += claim_rows([(f"{_label(a)} beats {_label(b)}", paired(_accs(finals[a]), _accs(finals[b])))
+                             for a, b in claims if a in finals and b in finals])
         lines.append("")
     if stab:
         chance = majority_share(splits()[1])

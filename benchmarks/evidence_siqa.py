@@ -17,7 +17,8 @@ lowest loss). What the budget of 2 CPU cores cut, against the sentiment protocol
    alpha / r = 2 is the same at every rank, so the rank-4 rate is reused at ranks 1 and 16. DoRA,
    rsLoRA and the optimizer-side peers are left out.
 2. **Final**: LoFT and LoRA at ranks 1, 4 and 16 and full fine-tuning, ``SEEDS`` each, on the
-   test split (500 questions). Mean, standard error, 95% interval, paired t tests across seeds.
+   test split (500 questions). Mean, standard error, 95% interval, paired t tests across seeds
+   (each claim alone, and with Holm's correction over the table).
    Every run also scores the untrained model first (``loft finetune``'s default ``eval_before``);
    that accuracy does not depend on the seed or the method (LoRA's B starts at zero), and the
    report takes it from the full fine-tuning finals, which name ``eval_before`` in their settings.
@@ -39,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _sweep  # noqa: E402
 from _protocol import Sweep, accuracies as _accs, lattice, provenance_line, tune_grids  # noqa: E402
-from _stats import ALPHA, claim_verdict, method_rows, paired, summarize  # noqa: E402
+from _stats import ALPHA, CLAIMS_NOTE, claim_rows, method_rows, paired, summarize  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "evidence_siqa"
@@ -131,13 +132,11 @@ def report(tuned: dict[str, dict[str, Any]], finals: dict[tuple[str, int], list[
         for arm, rs in finals.items():
             lines.append(f"| {_label(arm)} | {sum(r['train_seconds'] for r in rs) / len(rs):.0f} | "
                          f"{sum(r['peak_rss_mib'] for r in rs) / len(rs):.0f} | {rs[0]['trainable_params']:,} |")
-        lines += ["", "### Claims (paired t tests across seeds)", "",
-                  "| claim | difference [95% interval], p | verdict |", "|---|---|---|"]
+        lines += ["", "### Claims (paired t tests across seeds)", "", CLAIMS_NOTE, ""]
         claims = [(("loft", 4), ("lora", 16))] + [(("loft", r), ("lora", r)) for r in RANKS]
         claims += [(("loft", r), ("full", 0)) for r in RANKS] + [(("lora", r), ("full", 0)) for r in RANKS]
-        for a, b in claims:
-            t = paired(_accs(finals[a]), _accs(finals[b]))
-            lines.append(f"| {_label(a)} beats {_label(b)} | {t.fmt()} | {claim_verdict(t)} |")
+        lines += claim_rows([(f"{_label(a)} beats {_label(b)}", paired(_accs(finals[a]), _accs(finals[b])))
+                             for a, b in claims])
         lines.append("")
     REPORT.parent.mkdir(parents=True, exist_ok=True)
     REPORT.write_text("\n".join(lines))

@@ -47,6 +47,38 @@ def test_paired_verdicts():
     assert same.p == 1.0 and same.verdict == "inconclusive"
 
 
+def test_holm_adjusts_each_p_by_its_place_in_the_family():
+    # by hand: sorted 0.005, 0.01, 0.03, 0.04 times 4, 3, 2, 1 = 0.02, 0.03, 0.06, 0.04 -> monotone 0.06
+    assert _stats.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert _stats.holm([0.3, 0.9]) == pytest.approx([0.6, 0.9])
+    assert _stats.holm([0.6, 0.9]) == [1.0, 1.0]  # capped at 1; 0.9 x 1 is raised to the 1.0 before it
+    assert _stats.holm([0.02]) == [0.02] and _stats.holm([]) == []
+    rng = random.Random(3)
+    ps = [rng.random() ** 3 for _ in range(12)]
+    adjusted = _stats.holm(ps)
+    assert all(p <= q <= min(1.0, len(ps) * p) for p, q in zip(ps, adjusted))  # between raw and Bonferroni
+    by_p = [q for _, q in sorted(zip(ps, adjusted))]
+    assert by_p == sorted(by_p)  # the order of the raw p values is kept
+
+
+def test_claim_rows_give_the_claim_alone_and_after_holm():
+    rng = random.Random(2)
+    base = [rng.gauss(0.8, 0.02) for _ in range(5)]
+    clear = _stats.paired([b + 0.02 + rng.gauss(0, 0.001) for b in base], base)
+    marginal = next(t for t in (_stats.paired([b + 0.01 + rng.gauss(0, 0.006) for b in base], base)
+                                for _ in range(1000)) if 0.025 < t.p < 0.045)
+    level = _stats.paired([b + rng.gauss(0, 0.01) for b in base], base)
+    rows = _stats.claim_rows([("a beats b", clear), ("c beats b", marginal), ("d beats b", level)])
+    assert rows[0].startswith("| claim |") and "Holm p (3 claims)" in rows[0] and rows[1] == "|---|---|---|---|---|"
+    cells = [row.strip("| ").split(" | ") for row in rows[2:]]
+    assert [c[0] for c in cells] == ["a beats b", "c beats b", "d beats b"]
+    assert cells[0][2:] == ["holds", f"{3 * clear.p:.3g}", "holds"]
+    # significant alone, not once three claims share the 5%: second smallest, so its adjusted p is 2 x p
+    assert cells[1][2] == "holds" and float(cells[1][3]) == pytest.approx(2 * marginal.p, rel=1e-3)
+    assert cells[1][4] == "inconclusive"
+    assert cells[2][4] == "inconclusive"
+
+
 def test_paired_refuses_unpaired_input():
     with pytest.raises(ValueError, match="same seeds"):
         _stats.paired([0.8, 0.81], [0.8])
