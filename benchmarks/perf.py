@@ -387,14 +387,15 @@ def render(result: dict) -> str:
     if all("bound_sqrt" in ly for ly in result["layer"]):
         lines += [
             "",
-            "| one layer | r | floor GEMM ms | one sqrt pass ms | clamp, sqrt, + eps, divide ms | (floor + sqrt) / floor | "
-            "(floor + all four) / floor |",
-            "| --- | --- | --- | --- | --- | --- | --- |",
+            "| one layer | r | floor GEMM ms | one sqrt pass ms | clamp, sqrt, + eps, divide ms | rows per block | "
+            "(floor + sqrt) / floor | (floor + all four) / floor |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for ly in result["layer"]:
             lines.append(
                 f"| {_layer_label(ly)} | {_t(ly['floor_gemm'], 1e3, 1)} | {_t(ly['sqrt_pass'], 1e3, 1)} | "
-                f"{_t(ly['elementwise_passes'], 1e3, 1)} | {_t(ly['bound_sqrt'], 1, 2)} | {_t(ly['bound_elementwise'], 1, 2)} |"
+                f"{_t(ly['elementwise_passes'], 1e3, 1)} | {ly['block_rows']} | "
+                f"{_t(ly['bound_sqrt'], 1, 2)} | {_t(ly['bound_elementwise'], 1, 2)} |"
             )
     return "\n".join(lines)
 

@@ -72,8 +72,9 @@ def test_statistics_and_verdicts(perf):
     assert "1.500 (1.500-1.500)x" in slow and slow.count("**does not hold**") == 2
     assert "3.0 / 1.0" in slow  # state MiB, LoFT / AdamW
     assert "0123456789" in slow and "5 interleaved samples" in slow
-    # the eager bound: floor GEMM, the passes' times and (floor + passes) / floor
-    assert "| 64 x 64, 1 thread(s) | 4 | 10.0 (10.0-10.0) | 4.0 (4.0-4.0) | 7.0 (7.0-7.0) | 1.40 (1.40-1.40) | 1.70 (1.70-1.70) |" in slow
+    # the eager bound: floor GEMM, the passes' times, the rows of their blocks and (floor + passes) / floor
+    assert ("| 64 x 64, 1 thread(s) | 4 | 10.0 (10.0-10.0) | 4.0 (4.0-4.0) | 7.0 (7.0-7.0) | 8 | 1.40 (1.40-1.40) | "
+            "1.70 (1.70-1.70) |") in slow
 
 
 def test_results_without_the_eager_bound_still_render(perf):
