@@ -18,11 +18,6 @@ from scipy import stats as _scipy_stats
 #: two-sided significance level of every verdict
 ALPHA = 0.05
 
-#: what the two verdict columns of :func:`claim_rows` mean, for the reports to print above the table
-CLAIMS_NOTE = (f"Verdict: the claim alone (p < {ALPHA} to hold). Verdict after Holm: every claim of the table "
-               f"taken as one family (Holm's step-down correction), which keeps the chance of any false verdict "
-               f"in the table below {ALPHA}.")
-
 
 @dataclass(frozen=True)
 class Summary:
@@ -135,9 +130,13 @@ def holm(ps: Sequence[float]) -> list[float]:
 
 
 def claim_rows(tests: Sequence[tuple[str, Paired]]) -> list[str]:
-    """A markdown claims table: one row per ``(claim, paired test)``, its own verdict, and Holm's
-    adjusted p and verdict over every claim of the table as one family (:func:`holm`)."""
-    rows = [f"| claim | difference [95% interval], p | verdict | Holm p ({len(tests)} claims) | verdict after Holm |",
+    """A markdown claims table, after a paragraph saying what its verdicts mean: one row per
+    ``(claim, paired test)``, its own verdict, and Holm's adjusted p and verdict over every claim of
+    the table as one family (:func:`holm`)."""
+    rows = [f"Verdict: the claim alone (p < {ALPHA} to hold). Verdict after Holm: every claim of the table "
+            f"taken as one family (Holm's step-down correction), which keeps the chance of any false verdict "
+            f"in the table below {ALPHA}.", "",
+            f"| claim | difference [95% interval], p | verdict | Holm p ({len(tests)} claims) | verdict after Holm |",
             "|---|---|---|---|---|"]
     for (claim, t), q in zip(tests, holm([t.p for _, t in tests])):
         rows.append(f"| {claim} | {t.fmt()} | {claim_verdict(t)} | {q:.3g} | {claim_verdict(replace(t, p=q))} |")

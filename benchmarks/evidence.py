@@ -53,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _sweep  # noqa: E402
 from _protocol import Sweep, accuracies as _accs, lattice, provenance_line, tune_grids  # noqa: E402
-from _stats import ALPHA, CLAIMS_NOTE, claim_rows, claim_verdict, method_rows, paired, summarize  # noqa: E402
+from _stats import ALPHA, claim_rows, claim_verdict, method_rows, paired, summarize  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "evidence_sentiment"
@@ -253,7 +253,7 @@ def report(tuned, finals, stab, decide, defaults) -> None:  # noqa: ANN001 (the 
         lines += ["", f"Majority class of the test split: {chance:.3f}.", "", *_progress("with every seed", finals)]
         if not complete:
             lines += ["No entry is bold until every arm has run: bold compares an arm with every other of its rank.", ""]
-        lines += ["### Claims (paired t tests across seeds)", "", CLAIMS_NOTE, ""]
+        lines += ["### Claims (paired t tests across seeds)", ""]
         claims = [(("loft", 4), ("lora", 16))]
         claims += [(("loft", r), (m, r)) for r in RANKS for m in METHODS if m not in ("loft", "full")]
         claims += [(("loft", r), ("full", 0)) for r in RANKS]

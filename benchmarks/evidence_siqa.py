@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _sweep  # noqa: E402
 from _protocol import Sweep, accuracies as _accs, lattice, provenance_line, tune_grids  # noqa: E402
-from _stats import ALPHA, CLAIMS_NOTE, claim_rows, method_rows, paired, summarize  # noqa: E402
+from _stats import ALPHA, claim_rows, method_rows, paired, summarize  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "evidence_siqa"
@@ -132,7 +132,7 @@ def report(tuned: dict[str, dict[str, Any]], finals: dict[tuple[str, int], list[
         for arm, rs in finals.items():
             lines.append(f"| {_label(arm)} | {sum(r['train_seconds'] for r in rs) / len(rs):.0f} | "
                          f"{sum(r['peak_rss_mib'] for r in rs) / len(rs):.0f} | {rs[0]['trainable_params']:,} |")
-        lines += ["", "### Claims (paired t tests across seeds)", "", CLAIMS_NOTE, ""]
+        lines += ["", "### Claims (paired t tests across seeds)", ""]
         claims = [(("loft", 4), ("lora", 16))] + [(("loft", r), ("lora", r)) for r in RANKS]
         claims += [(("loft", r), ("full", 0)) for r in RANKS] + [(("lora", r), ("full", 0)) for r in RANKS]
         lines += claim_rows([(f"{_label(a)} beats {_label(b)}", paired(_accs(finals[a]), _accs(finals[b])))

@@ -69,8 +69,9 @@ def test_claim_rows_give_the_claim_alone_and_after_holm():
                                 for _ in range(1000)) if 0.025 < t.p < 0.045)
     level = _stats.paired([b + rng.gauss(0, 0.01) for b in base], base)
     rows = _stats.claim_rows([("a beats b", clear), ("c beats b", marginal), ("d beats b", level)])
-    assert rows[0].startswith("| claim |") and "Holm p (3 claims)" in rows[0] and rows[1] == "|---|---|---|---|---|"
-    cells = [row.strip("| ").split(" | ") for row in rows[2:]]
+    assert rows[0].startswith("Verdict: the claim alone") and rows[1] == ""
+    assert rows[2].startswith("| claim |") and "Holm p (3 claims)" in rows[2] and rows[3] == "|---|---|---|---|---|"
+    cells = [row.strip("| ").split(" | ") for row in rows[4:]]
     assert [c[0] for c in cells] == ["a beats b", "c beats b", "d beats b"]
     assert cells[0][2:] == ["holds", f"{3 * clear.p:.3g}", "holds"]
     # significant alone, not once three claims share the 5%: second smallest, so its adjusted p is 2 x p
