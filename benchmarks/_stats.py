@@ -135,7 +135,7 @@ def claim_rows(tests: Sequence[tuple[str, Paired]]) -> list[str]:
     the table as one family (:func:`holm`)."""
     rows = [f"Verdict: the claim alone (p < {ALPHA} to hold). Verdict after Holm: every claim of the table "
             f"taken as one family (Holm's step-down correction), which keeps the chance of any false verdict "
-            f"in the table below {ALPHA}.", "",
+            f"in the table at or below {ALPHA}.", "",
             f"| claim | difference [95% interval], p | verdict | Holm p ({len(tests)} claims) | verdict after Holm |",
             "|---|---|---|---|---|"]
     for (claim, t), q in zip(tests, holm([t.p for _, t in tests])):
