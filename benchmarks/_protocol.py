@@ -21,9 +21,11 @@ def lattice(k: int) -> float:
     return float(f"{1e-4 * 2.0 ** k:.3g}")
 
 
-def score(rec: dict[str, Any]) -> tuple[float, float]:
-    """What tuning maximises: accuracy, ties broken by lower loss."""
-    return rec["eval_accuracy"], -rec["eval_loss"]
+def score(rec: dict[str, Any] | list[dict[str, Any]]) -> tuple[float, float]:
+    """What tuning maximises: accuracy, ties broken by lower loss (of one run, or the means over
+    the runs of one grid point at several tuning seeds)."""
+    recs = rec if isinstance(rec, list) else [rec]
+    return (sum(r["eval_accuracy"] for r in recs) / len(recs), -sum(r["eval_loss"] for r in recs) / len(recs))
 
 
 def accuracies(recs: list[dict[str, Any]]) -> list[float]:
@@ -56,7 +58,7 @@ class Sweep:
 def tune_grids(
     sweep: Sweep,
     grids: dict[Arm, list[int]],
-    run_of: Callable[[Arm, int], dict[str, Any]],
+    run_of: Callable[[Arm, int], dict[str, Any] | list[dict[str, Any]]],
     max_points: int,
     order: Callable[[Arm], Any] | None = None,
     partial: bool = False,
@@ -64,23 +66,33 @@ def tune_grids(
     """Each arm's learning-rate grid (consecutive lattice indices), grown one point past an edge
     optimum until the optimum is inside or the grid has ``max_points``. Each round runs every
     growing arm's grid in one batch (arms in ``order``), so the jobs stay busy across arms.
+    ``run_of`` gives a grid point's run, or its runs at several tuning seeds (then a point's
+    score is the mean, and its entry of ``records`` the list of records).
     Returns per arm ``grid``, ``records``, ``chosen`` (lattice index) and ``inside``. When
     ``sweep`` is dry and runs are missing: ``{}``, or with ``partial`` only the arms already
     settled (every run of their final grid present)."""
     grids = {arm: list(grid) for arm, grid in grids.items()}
     out: dict[Arm, dict[str, Any]] = {}
     pending = set(grids)
+
+    def runs(arm: Arm, k: int) -> list[dict[str, Any]]:
+        got = run_of(arm, k)
+        return got if isinstance(got, list) else [got]
+
+    def records(arm: Arm, k: int, res: dict[str, dict[str, Any]]) -> Any:
+        got = run_of(arm, k)
+        return [res[_sweep.key(r)] for r in got] if isinstance(got, list) else res[_sweep.key(got)]
+
     while pending:
-        res = sweep.get([run_of(arm, k) for arm in sorted(pending, key=order) for k in grids[arm]], partial)
+        res = sweep.get([r for arm in sorted(pending, key=order) for k in grids[arm] for r in runs(arm, k)], partial)
         if res is None:
             return {}
         for arm in sorted(pending, key=order):
-            keys = [_sweep.key(run_of(arm, k)) for k in grids[arm]]
-            if any(key not in res for key in keys):  # not settled yet (only with ``partial``)
+            if any(_sweep.key(r) not in res for k in grids[arm] for r in runs(arm, k)):  # not settled (``partial``)
                 out.pop(arm, None)
                 pending.discard(arm)
                 continue
-            recs = [res[key] for key in keys]
+            recs = [records(arm, k, res) for k in grids[arm]]
             edge = edge_to_extend([lattice(k) for k in grids[arm]], [score(r) for r in recs])
             best = max(range(len(recs)), key=lambda i: score(recs[i]))
             out[arm] = {"grid": list(grids[arm]), "records": recs, "chosen": grids[arm][best], "inside": edge == 0}

@@ -1,7 +1,8 @@
 """Run many :func:`loft.app.finetune.finetune` jobs, each in its own process, and keep their results.
 
 Used by ``real_tasks.py``. Each run is a dict of :class:`loft.app.finetune.FinetuneConfig` fields;
-its result (the run's ``metrics.json`` minus the loss curve's bulk, plus the process's peak
+its result (the run's ``metrics.json`` minus the loss curve's bulk, which eval examples it got
+right as a string of 0 and 1 (``eval_correct``, from the run's ``predictions.jsonl``), plus the process's peak
 resident memory from ``os.wait4`` and the :func:`_provenance.provenance` of the run: commit, library
 versions, threads, machine load at its start) is appended to a JSONL file, so an interrupted sweep
 continues where it stopped and a finished run is never repeated. Runs go ``jobs`` at a time,
@@ -32,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 KEEP = ("eval_accuracy", "eval_loss", "eval_accuracy_before", "eval_loss_before", "train_loss", "train_loss_last", "steps", "train_seconds", "seconds",
         "trainable_params", "num_train", "num_eval", "lr", "head_lr", "loss_curve", "quantization", "base_model_mb",
-        "peak_memory_mb", "load_peak_memory_mb", "peak_memory_kind")
+        "peak_memory_mb", "load_peak_memory_mb", "peak_memory_kind", "eval_correct")
 
 
 def key(run: dict[str, Any]) -> str:
@@ -128,6 +129,10 @@ def _one(run_json: str, out: str) -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     cfg = FinetuneConfig(**json.loads(run_json), output_dir=str(Path(out) / "run"), save_steps=10**9)
     metrics = finetune(cfg, overwrite=True, progress=False)
+    predictions = Path(out) / "run" / "predictions.jsonl"
+    if predictions.is_file():  # which eval examples the run got right, for bootstraps over examples
+        metrics["eval_correct"] = "".join("1" if json.loads(line)["correct"] else "0"
+                                          for line in predictions.read_text().splitlines())
     (Path(out) / "metrics.json").write_text(json.dumps(metrics))
 
 

@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -63,6 +64,12 @@ def test_finetune_classification_adapter_reloads_identically(bert, cls_data, tmp
     loss, acc = eval_loss_classification(model, AutoTokenizer.from_pretrained(out), cls_data[1])
     assert loss == pytest.approx(m["eval_loss"], rel=1e-5)
     assert acc == pytest.approx(m["eval_accuracy"])
+    # predictions.jsonl: one line per eval example, in order, with the label names of metrics.json
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    labels = [json.loads(line)["label"] for line in Path(cls_data[1]).read_text().splitlines()]
+    assert [r["label"] for r in rows] == [m["labels"][i] for i in labels]
+    assert all(r["correct"] == (r["label"] == r["prediction"]) and r["prediction"] in m["labels"] for r in rows)
+    assert sum(r["correct"] for r in rows) / len(rows) == pytest.approx(m["eval_accuracy"])
 
 
 @pytest.mark.parametrize("method", ["lora", "dora", "full"])
@@ -112,6 +119,9 @@ def test_finetune_multiple_choice_causal_lm(llama, mc_data, tmp_path):
     FakeTrainer.model = model
     again = task.evaluate(FakeTrainer, tok, 128)
     assert again["eval_accuracy"] == pytest.approx(m["eval_accuracy"])
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [r["prediction"] for r in rows] == again["predictions"]
+    assert [r["label"] for r in rows] == [r["answer"] for r in mc_records(8, seed=1)]
     assert again["eval_loss"] == pytest.approx(m["eval_loss"], rel=1e-5)
 
 

@@ -263,3 +263,105 @@ def test_siqa_protocol_tunes_at_rank_4_and_runs_every_rank_at_its_methods_rate(m
         assert all(r["run"]["eval_data"] == "test.jsonl" for r in recs)
         assert all(r["run"].get("eval_before", False) == (method == "full") for r in recs)
         assert method == "full" or {r["run"]["rank"] for r in recs} == {rank}
+
+
+# ----------------------------------------------------------------------------- the bootstrap over seeds and examples
+def _bernoulli_runs(rng, seeds, examples, p, shift=None):
+    """Per seed, which examples a run got right: each example has its own difficulty (shared by
+    every seed and arm) and each seed its own draw."""
+    return ["".join("1" if rng.random() < min(1.0, p[j] + (shift or 0.0)) else "0" for j in range(examples))
+            for _ in range(seeds)]
+
+
+def test_bootstrap_interval_covers_the_true_difference_about_95_percent_of_the_time():
+    rng = random.Random(5)
+    covered, trials = 0, 120
+    for _ in range(trials):
+        difficulty = [rng.random() for _ in range(300)]  # a fresh eval set each trial: its sampling error counts
+        a = _bernoulli_runs(rng, 4, 300, difficulty)
+        b = _bernoulli_runs(rng, 4, 300, difficulty)
+        t = _stats.paired_bootstrap(a, b, n_boot=400, seed=rng.randrange(10**6))
+        covered += t.lo <= 0.0 <= t.hi  # both arms have the same expected accuracy
+    assert 0.88 <= covered / trials <= 1.0
+
+
+def test_bootstrap_includes_the_eval_sets_sampling_error_that_the_t_test_leaves_out():
+    # a is right on 20 more of 2,000 examples than b, the same 20 at every seed: no seed variance
+    base = "1" * 1500 + "0" * 500
+    better = "1" * 1520 + "0" * 480
+    a, b = [better] * 5, [base] * 5
+    t_test = _stats.paired([x.count("1") / 2000 for x in a], [x.count("1") / 2000 for x in b])
+    assert t_test.lo == t_test.hi == pytest.approx(0.01)  # the t test sees no uncertainty at all
+    boot = _stats.paired_bootstrap(a, b, n_boot=2000, seed=1)
+    assert boot.diff == pytest.approx(0.01) and boot.verdict == "better"
+    # 20 discordant examples of 2,000: the difference's standard error is about sqrt(20) / 2000
+    assert boot.hi - boot.lo == pytest.approx(2 * 1.96 * 20 ** 0.5 / 2000, rel=0.25)
+    assert boot.lo90 > boot.lo and boot.hi90 < boot.hi
+    assert not boot.within(0.005) and boot.within(0.02)
+
+
+def test_bootstrap_refuses_runs_on_different_examples_or_seeds():
+    with pytest.raises(ValueError, match="same seeds"):
+        _stats.paired_bootstrap(["01", "10"], ["01"])
+    with pytest.raises(ValueError, match="same eval examples"):
+        _stats.paired_bootstrap(["01", "10"], ["011", "101"])
+    with pytest.raises(ValueError, match="same eval examples"):
+        _stats.paired_bootstrap(["01", "101"], ["01", "10"])
+
+
+def test_rank1_plan_verdicts_and_holm_over_the_primary_family(monkeypatch):
+    import evidence_rank1 as plan
+
+    monkeypatch.setattr(plan, "splits", lambda: ("train.jsonl", "val.jsonl", "test.jsonl"))
+    # tuning seeds never appear in the finals, and every run is one epoch
+    assert not set(plan.TUNE_SEEDS) & set(plan.FINAL_SEEDS) and len(plan.FINAL_SEEDS) == 10
+    run = plan.run_of("loft", 3, plan.TUNE_SEEDS[0], "val")
+    assert run["epochs"] == 1.0 and "max_steps" not in run and run["eval_data"] == "val.jsonl"
+    rng = random.Random(2)
+    difficulty = [0.4 + 0.5 * rng.random() for _ in range(2000)]
+    same = _bernoulli_runs(rng, 10, 2000, difficulty)
+    finals = {
+        "loft": [{"eval_correct": c, "eval_accuracy": c.count("1") / 2000} for c in same],
+        "full": [{"eval_correct": c, "eval_accuracy": c.count("1") / 2000} for c in same],  # identical to LoFT
+        "lora": [{"eval_correct": c, "eval_accuracy": c.count("1") / 2000}
+                 for c in _bernoulli_runs(rng, 10, 2000, difficulty, shift=-0.05)],  # 5 points worse
+    }
+    rows = {(r["a"], r["b"]): r for r in plan.analyse(finals)}
+    assert set(rows) == {("loft", "full"), ("loft", "lora"), ("lora", "full")}  # DoRA has not run: left out
+    assert rows[("loft", "full")]["verdict"] == "equivalent within +-0.5 points"
+    assert rows[("loft", "lora")]["verdict"] == "LoFT r1 better"
+    assert rows[("lora", "full")]["verdict"] == "full fine-tuning better"
+    # Holm only over a complete primary family; a secondary comparison uses its own p
+    assert all(r["p_used"] == r["test"].p for r in rows.values())
+    finals["dora"] = finals["lora"]
+    rows = {(r["a"], r["b"]): r for r in plan.analyse(finals)}
+    primary = [rows[pair] for pair in plan.PRIMARY]
+    assert [r["p_used"] for r in primary] == pytest.approx(_stats.holm([r["test"].p for r in primary]))
+    assert rows[("dora", "full")]["p_used"] == rows[("dora", "full")]["test"].p
+
+
+def test_rank1_tuning_scores_a_point_by_its_mean_over_the_tuning_seeds(monkeypatch):
+    import evidence_rank1 as plan
+
+    monkeypatch.setattr(plan, "splits", lambda: ("train.jsonl", "val.jsonl", "test.jsonl"))
+
+    class TwoSeeds(FakeSweep):
+        def get(self, runs, partial=False):
+            self.asked += runs
+            out = {}
+            for run in runs:
+                k = round(math.log2(run["lr"] / 1e-4))
+                first = plan.ARMS[run["method"]][1][1]  # seed 100 peaks on the grid's second point by a little,
+                peak = first if run["seed"] == plan.TUNE_SEEDS[0] else first + 1  # seed 101 on the third by a lot
+                acc = 0.8 - (0.01 if run["seed"] == plan.TUNE_SEEDS[0] else 0.05) * abs(k - peak)
+                out[plan._sweep.key(run)] = {"run": run, "eval_accuracy": acc, "eval_loss": 1 - acc}
+            return out
+
+    sweep = TwoSeeds({})
+    tuned = plan.tune(sweep)
+    for arm, (_, grid) in plan.ARMS.items():
+        assert tuned[arm]["chosen"] == grid[2] and tuned[arm]["grid"] == grid and tuned[arm]["inside"]
+        assert all(len(point) == len(plan.TUNE_SEEDS) for point in tuned[arm]["records"])
+    assert {r["seed"] for r in sweep.asked} == set(plan.TUNE_SEEDS)
+    finals = plan.final(sweep, tuned)
+    assert all([r["run"]["seed"] for r in recs] == list(plan.FINAL_SEEDS) for recs in finals.values())

@@ -12,10 +12,24 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
-__all__ = ["DEFAULT_MEMBERS", "CausalLMTask", "Task"]
+__all__ = ["DEFAULT_MEMBERS", "PREDICTIONS_FILE", "CausalLMTask", "Task", "prediction_lines"]
 
 #: members with a working default (the Trainer-facing hooks); a task overrides what it changes
 DEFAULT_MEMBERS = ("check_inputs", "training_arguments", "trainer_class", "trainer_inputs", "result_files")
+#: the run folder's file of per-example predictions (classification, multiple choice)
+PREDICTIONS_FILE = "predictions.jsonl"
+
+
+def prediction_lines(answers: list[int], predicted: list[int], names: list[str] | None = None) -> str:
+    """``predictions.jsonl``'s text: one line per eval example, ``{"label", "prediction",
+    "correct"}`` (class names where ``names`` is given, else indices)."""
+    import json
+
+    def show(i: int) -> Any:
+        return names[i] if names is not None else i
+
+    return "".join(json.dumps({"label": show(a), "prediction": show(p), "correct": a == p}, ensure_ascii=False) + "\n"
+                   for a, p in zip(answers, predicted))
 
 
 @runtime_checkable

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding
 
 from ..errors import LoftUsageError
-from .base import Task
+from .base import PREDICTIONS_FILE, Task, prediction_lines
 
 __all__ = ["ClassificationTask"]
 
@@ -166,4 +166,10 @@ class ClassificationTask(Task):
         # batches with repeated examples and then cuts them off, that weighting is off.)
         loss = torch.nn.functional.cross_entropy(torch.as_tensor(np.asarray(logits), dtype=torch.float32),
                                                  torch.as_tensor(labels, dtype=torch.long))
-        return {"eval_accuracy": accuracy, "eval_loss": float(loss)}
+        return {"eval_accuracy": accuracy, "eval_loss": float(loss),
+                "predictions": [int(i) for i in np.asarray(logits).argmax(-1)]}
+
+    def result_files(self, before: dict[str, Any] | None, after: dict[str, Any]) -> dict[str, str]:
+        """``predictions.jsonl``: per eval example, in the eval file's order, its label, the
+        label predicted after training and whether they agree."""
+        return {PREDICTIONS_FILE: prediction_lines(self.eval_labels, after.get("predictions", []), self.label_names)}

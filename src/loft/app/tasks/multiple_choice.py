@@ -15,7 +15,7 @@ import torch
 from transformers import DataCollatorForSeq2Seq
 
 from ..errors import LoftUsageError
-from .base import CausalLMTask
+from .base import PREDICTIONS_FILE, CausalLMTask, prediction_lines
 
 __all__ = ["MultipleChoiceTask", "prompt"]
 
@@ -126,10 +126,18 @@ class MultipleChoiceTask(CausalLMTask):
             for (i, j, _), s, n in zip(chunk, sums.tolist(), counts.tolist()):
                 scores[(i, j)] = (s, n)
         model.train(was_training)
-        correct, nll, tokens = 0, 0.0, 0
+        correct, nll, tokens, predictions = 0, 0.0, 0, []
         for i, (_, choices, answer) in enumerate(self.eval_items):
             best = max(range(len(choices)), key=lambda j: scores[(i, j)][0])
+            predictions.append(best)
             correct += best == answer
             s, n = scores[(i, answer)]
             nll, tokens = nll - s, tokens + n
-        return {"eval_accuracy": correct / len(self.eval_items), "eval_loss": nll / max(tokens, 1)}
+        return {"eval_accuracy": correct / len(self.eval_items), "eval_loss": nll / max(tokens, 1),
+                "predictions": predictions}
+
+    def result_files(self, before: dict[str, Any] | None, after: dict[str, Any]) -> dict[str, str]:
+        """``predictions.jsonl``: per eval example, in order, the index of the right choice, the
+        chosen one after training and whether they agree."""
+        return {PREDICTIONS_FILE: prediction_lines([answer for _, _, answer in self.eval_items],
+                                                   after.get("predictions", []))}
