@@ -10,10 +10,9 @@ translates the state to and from ``state_dict()``, and steps the other parameter
 from __future__ import annotations
 
 import difflib
-import inspect
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -33,23 +32,21 @@ from .distributed import (
 )
 from .distributor import LocalDistributor, OwnerDistributor, Whole, all_finite, is_dtensor, local_part, shard_like
 from .functional import (
-    PairOptions,
-    PreparedPair,
-    SideState,
+    PendingStep,
+    PreparedStep,
     StepResult,
-    checks_balance,
+    apply_step,
     clip_coefficient,
-    loft_step,
-    pair_sq_norm,
-    prepare_pair,
-    rebalance,
-    scale_gradients,
+    new_factors,
+    prepare_step,
+    rebalance_steps,
+    settle_steps,
+    step_sq_norm,
 )
-from .linalg import compute_dtype, factor_grams, may_need_rebalancing, packed_index, settle_with
-from .options import GROUP_DEFAULTS, SWITCHES, Settings, check_group
+from .linalg import compute_dtype, packed_index
+from .options import SETTING_KEYS, SWITCHES, LoFTOptions, Settings, check_group, options_doc
 from .pairs import LoRAPair, count_lora_layers, split_lora_parameters, warn_about_ranks_between
-from .state import STATE_KEYS, BatchState, PairStates, ParamStateView
-from .syncs import host_values, on_host, to_host
+from .state import STATE_KEYS, BatchState, PairStates, ParamStateView, SideState
 
 __all__ = ["LoFTAdamW", "SWITCHES"]
 
@@ -57,18 +54,12 @@ __all__ = ["LoFTAdamW", "SWITCHES"]
 @dataclass
 class _Batch:
     """A batch of pairs prepared for this step: same factor shapes, dtype, device, param group,
-    step count and scaling; ``sides`` stacked along a leading batch dimension."""
+    step count and scaling; ``prep`` their stacked, settled preparation; ``state`` their state."""
 
     pairs: list[LoRAPair]
     group: dict[str, Any]
-    step: int  # the step this is (1-based)
-    move: tuple[bool, bool]  # (A moves, B moves)
-    scaling: float
-    sides: PreparedPair
-    wholes: list[Whole]  # the factors and gradients as the distributor gave them
-    #: for the A side and the B side, which pairs' partner changed since the moments were stored
-    #: (host booleans, known from what the optimizer wrote; compared on the device only where not)
-    moved: tuple[list[bool], list[bool]] = field(default_factory=lambda: ([], []))
+    prep: PreparedStep
+    state: BatchState
 
 
 @dataclass
@@ -116,44 +107,15 @@ class LoFTAdamW(Optimizer):
             and tensors. Modules are expanded into their LoRA pairs (LoFT) and their other
             trainable parameters (plain AdamW). A plain iterable of tensors such as
             ``model.parameters()`` is refused: LoFT must know which tensors form a pair.
-        lr, betas, eps, weight_decay: as in :class:`torch.optim.AdamW`. For a pair, ``eps`` is
-            added in the full weight space and weight decay shrinks the adapter's change
-            ``dW`` toward the pretrained weight (``dW <- (1 - lr wd) dW``).
-        max_grad_norm: clip inside the step by the projected full-gradient norm (``None``: no
-            clipping). Clip outside the step with :func:`loft.clip_grad_norm_` instead. The norm
-            is over all groups, so every group must hold the same value.
-        head_lr, head_weight_decay: learning rate and weight decay of the parameters that are
-            not LoRA factors (fresh heads, ``modules_to_save``, biases, norms, DoRA magnitudes).
-            They are put in a param group of their own, next to each group's pairs, so LR
-            schedulers scale both by the same factor. ``None``: the group's ``lr`` /
-            ``weight_decay``. LoFT's good learning rates are full fine-tuning's, often several
-            times lower than a fresh head wants.
-        gradient_scaling, alternating_updates, first_moment_calibration,
-        second_moment_calibration, projected_update, projected_clipping: LoFT's building
-            blocks, each on by default (see :data:`SWITCHES`). Switching
-            ``second_moment_calibration`` between steps converts the state (see
-            :meth:`loft.state.BatchState.match_layout`).
-        rebalance, rebalance_threshold: when the worse of a pair's two grams is more than
-            ``rebalance_threshold`` times worse-conditioned than necessary, re-factor the pair
-            into balanced factors with the same product (see
-            :func:`loft.linalg.balanced_factors`). The moments follow through calibration, so
-            ``dW``'s trajectory is unchanged in exact arithmetic and much more accurate in
-            float32. Only in configurations that are invariant to the factors' basis (scaling,
-            both calibrations and the projected update on); ``A`` and ``B`` themselves change.
-        damping: relative damping of the ``r x r`` solves (``None``: ten machine epsilons of the
-            compute dtype, 1.2e-6 in float32).
-        chunk_bytes, batch_pairs, nonfinite_grads, split_step, fuse_elementwise: how the step
-            computes, not what;
-            they form ``optimizer.settings`` (:class:`loft.options.Settings`). ``split_step``:
-            under DDP, one owner rank per pair steps it and broadcasts the new factors. FSDP2
-            models (``fully_shard``) always have owners (:mod:`loft.distributor`); with owners,
-            ``step()``, ``grad_norm()``, ``state_dict()`` and ``load_state_dict()`` are
-            collectives: call them on every rank.
+        the options (:class:`loft.options.LoFTOptions` defines each once: its default, whether it
+            is a param-group key or a setting of how the step computes, and this text):
 
-    Every option but the last five is a param-group key (:data:`loft.options.GROUP_DEFAULTS`),
-    so a param-group dict may override any of them. State and solves are float32 for float32 /
-    bfloat16 / float16 parameters and float64 for float64 ones. Parameters that are not LoRA
-    factors follow ``torch.optim.AdamW`` exactly. A pair's state lives in a
+{options}
+
+    Every param-group key may be overridden by a param-group dict, as in torch; the settings form
+    ``optimizer.settings`` (:class:`loft.options.Settings`). State and solves are float32 for
+    float32 / bfloat16 / float16 parameters and float64 for float64 ones. Parameters that are not
+    LoRA factors follow ``torch.optim.AdamW`` exactly. A pair's state lives in a
     :class:`loft.state.BatchState` shared with the pairs it is stepped with;
     ``optimizer.state[param]`` and ``state_dict()`` show it per parameter.
     """
@@ -185,41 +147,19 @@ class LoFTAdamW(Optimizer):
         fuse_elementwise: bool | None = None,
         **unknown: Any,
     ) -> None:
+        given = locals()
+        values = {f.name: given[f.name] for f in fields(LoFTOptions)}
         if unknown:
             name = next(iter(unknown))
-            signature = inspect.signature(LoFTAdamW.__init__).parameters
-            options = [p for p in signature if p not in ("self", "params", "unknown")]
-            close = difflib.get_close_matches(name, options, n=1)
+            close = difflib.get_close_matches(name, list(values), n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise TypeError(f"LoFTAdamW got an unknown option {name!r}.{hint} Options: {', '.join(options)}.")
-        #: how the step computes (batching, memory budget, non-finite policy)
-        self.settings = Settings(
-            chunk_bytes=chunk_bytes,
-            batch_pairs=batch_pairs,
-            nonfinite_grads=nonfinite_grads,
-            split_step=split_step,
-            fuse_elementwise=fuse_elementwise,
-        )
-        defaults = dict(
-            lr=lr,
-            betas=tuple(betas) if isinstance(betas, (tuple, list)) else betas,
-            eps=eps,
-            weight_decay=weight_decay,
-            gradient_scaling=gradient_scaling,
-            alternating_updates=alternating_updates,
-            first_moment_calibration=first_moment_calibration,
-            second_moment_calibration=second_moment_calibration,
-            projected_update=projected_update,
-            projected_clipping=projected_clipping,
-            max_grad_norm=max_grad_norm,
-            rebalance=rebalance,
-            rebalance_threshold=rebalance_threshold,
-            damping=damping,
-            head_lr=head_lr,
-            head_weight_decay=head_weight_decay,
-        )
-        assert defaults.keys() == GROUP_DEFAULTS.keys()
-        check_group(defaults)
+            raise TypeError(f"LoFTAdamW got an unknown option {name!r}.{hint} Options: {', '.join(values)}.")
+        if isinstance(values["betas"], list):
+            values["betas"] = tuple(values["betas"])
+        options = LoFTOptions(**values)  # validates every option
+        #: how the step computes (batching, memory budget, non-finite policy, split across ranks)
+        self.settings = Settings(**{k: values[k] for k in SETTING_KEYS})
+        defaults = options.group()
         #: total gradient norm (clipping norm) seen by the last step, when clipping is on
         self.last_grad_norm: Tensor | None = None
         #: how many steps were skipped because of non-finite gradients
@@ -350,15 +290,15 @@ class LoFTAdamW(Optimizer):
     # ----------------------------------------------------------------------------- preparation
     def _fingerprint(self) -> tuple[Any, ...]:
         """What a preparation depends on besides the state: each pair's factors and gradients
-        (their tensor version counters), scalings, and the group options read by preparation."""
+        (their tensor version counters), scalings, and every group option (the prepared step
+        carries them all: :class:`loft.options.LoFTOptions`)."""
         items: list[Any] = []
         for pair in self._pairs:
             for t in (pair.A, pair.B):
                 g = t.grad
                 items += (t._version, t.requires_grad, None if g is None else (id(g), g._version))
         items += [pair.scale() for pair in self._pairs]
-        keys = ("gradient_scaling", "projected_clipping", "alternating_updates", "damping")
-        items += [tuple(group[k] for k in keys) for group in self.param_groups]
+        items += [LoFTOptions.of_group(group) for group in self.param_groups]
         return tuple(items)
 
     def _prepare(self, with_norm: bool) -> _Preparation:
@@ -391,61 +331,58 @@ class LoFTAdamW(Optimizer):
                     )
         # the whole factors and gradients of the pairs stepped here (a collective with owners)
         wholes = dist.gather(self._pairs)
-        batches: list[_Batch] = []
+        pending: list[tuple[list[LoRAPair], dict[str, Any], BatchState, PendingStep]] = []
         for group in self.param_groups:
-            grouped: dict[tuple[Any, ...], tuple[float, list[LoRAPair]]] = {}
+            options = LoFTOptions.of_group(group)
+            grouped: dict[tuple[Any, ...], list[LoRAPair]] = {}
             for p in group["params"]:
                 held = self._pair_by_param.get(id(p))
                 if held is None:
                     continue
                 pair, side = held
                 if side == 0 and pair in wholes:
-                    s = pair.scale()
-                    step = self._states.step_of(pair)
                     trainable = (pair.A.requires_grad, pair.B.requires_grad)
-                    key = (pair.A.shape, pair.B.shape, pair.A.dtype, pair.A.device, step, s, trainable)
-                    grouped.setdefault(key if self.settings.batch_pairs else (id(pair),), (s, []))[1].append(pair)
-            scale_grads = group["gradient_scaling"] or (with_norm and group["projected_clipping"])
-            for s, pairs in grouped.values():
-                batch = self._prepare_batch(group, [wholes[p] for p in pairs], pairs, s)
-                batches.append((batch, scale_grads))
-        self._settle(batches)
-        self._prepared = _Preparation([batch for batch, _ in batches], fingerprint, with_norm)
+                    key = (pair.A.shape, pair.B.shape, pair.A.dtype, pair.A.device, self._states.step_of(pair),
+                           pair.scale(), trainable)
+                    grouped.setdefault(key if self.settings.batch_pairs else (id(pair),), []).append(pair)
+            for pairs in grouped.values():
+                state = self._batch_state(pairs, options)
+                pending.append((pairs, group, state, self._prepare_batch(pairs, [wholes[p] for p in pairs], state,
+                                                                          options, with_norm)))
+        settled = settle_steps([p for *_, p in pending])  # one host sync for every batch
+        batches = [_Batch(pairs, group, prep, state) for (pairs, group, state, _), prep in zip(pending, settled)]
+        self._prepared = _Preparation(batches, fingerprint, with_norm)
         return self._prepared
 
-    def _settle(self, batches: list[tuple[_Batch, bool]]) -> None:
-        """One host sync for the whole preparation: which damped Cholesky factorisations failed
-        (they fall back to the eigen pseudo-solve) and, where the optimizer cannot know it, which
-        pairs' partners changed since their moments were stored (compared on the device). Then
-        the scaled gradients (``scale``: of the batches that need them)."""
-        solvers = [side.solver for batch, _ in batches for side in batch.sides]
-        compared: list[tuple[_Batch, int, list[int]]] = []
-        flags: list[Tensor] = [solver.failed() for solver in solvers]
-        for batch, _ in batches:
-            if batch.step == 1:
-                continue
-            known = [self._partner_flags(pair) for pair in batch.pairs]
-            moved: tuple[list[bool], list[bool]] = ([], [])
-            for side in (0, 1):
-                partner_flag = [k[1 - side] for k in known]  # A's partner is U (B), B's is A^T
-                moved[side].extend(f == 1 for f in partner_flag)
-                unknown = [i for i, f in enumerate(partner_flag) if f == 2]
-                if unknown:
-                    stored = self._states.stored_partners([batch.pairs[i] for i in unknown], side)
-                    current = batch.sides[side].partner[unknown] if len(unknown) < len(known) else batch.sides[side].partner
-                    flags.append((stored != current).flatten(1).any(1))
-                    compared.append((batch, side, unknown))
-            batch.moved = moved
-        values = host_values(torch.cat(flags)) if flags else []
-        settle_with(solvers, values)
-        start = sum(f.numel() for f in flags[: len(solvers)])
-        for batch, side, unknown in compared:
-            for i, changed in zip(unknown, values[start : start + len(unknown)]):
-                batch.moved[side][i] = changed
-            start += len(unknown)
-        for batch, scale in batches:
-            if scale:
-                batch.sides = scale_gradients(batch.sides)
+    def _batch_state(self, pairs: list[LoRAPair], options: LoFTOptions) -> BatchState:
+        """The state of exactly these pairs as one batch (regrouped if needed; fresh before their first step)."""
+        if self._states.step_of(pairs[0]) > 0:
+            return self._states.batch_for(pairs)
+        cd, device = compute_dtype(pairs[0].A.dtype), local_part(pairs[0].A).device
+        size = packed_index(pairs[0].rank, not options.second_moment_calibration, cd, device).size
+        return self._states.batch_for(pairs, fresh=BatchState.for_pairs(pairs, size, cd, device))
+
+    def _prepare_batch(self, pairs: list[LoRAPair], wholes: list[Whole], state: BatchState, options: LoFTOptions,
+                       with_norm: bool) -> PendingStep:
+        """Phase 1 of the step for one batch: its factors and gradients stacked ``(b, ...)`` in the
+        compute dtype, and what the optimizer knows of which partners moved (the rest is compared
+        on the device, in the same host sync)."""
+        cd = compute_dtype(pairs[0].A.dtype)
+        flags = [self._partner_flags(pair) for pair in pairs]
+        known = {0: False, 1: True, 2: None}  # 2: unknown, compare (the A side's partner is U (B), B's is A)
+        moved = ([known[f[1]] for f in flags], [known[f[0]] for f in flags])
+        return prepare_step(
+            _stack([w.a for w in wholes], cd),  # A: (b, r, n)
+            _stack([w.b for w in wholes], cd),  # B: (b, m, r)
+            _stack([w.grad_a for w in wholes], cd),
+            _stack([w.grad_b for w in wholes], cd),
+            state,
+            scaling=pairs[0].scale(),
+            options=options,
+            trainable=(pairs[0].A.requires_grad, pairs[0].B.requires_grad),
+            moved=moved,
+            with_norm=with_norm,
+        )
 
     def _stamp(self, pair: LoRAPair) -> tuple[Any, ...]:
         """What changes when anything writes a factor in place or replaces it, or the scaling changes."""
@@ -466,31 +403,6 @@ class LoFTAdamW(Optimizer):
             return (2 if flags[0] == 0 else flags[0], 2 if flags[1] == 0 else flags[1])
         return flags
 
-    def _prepare_batch(self, group: dict[str, Any], wholes: list[Whole], pairs: list[LoRAPair], s: float) -> _Batch:
-        """Step 1 for one batch up to the solves (grams and their Cholesky factorisations), which
-        :meth:`_settle` finishes for all batches at once."""
-        step = self._states.step_of(pairs[0]) + 1
-        cd = compute_dtype(pairs[0].A.dtype)
-        damping = group["damping"] if group["damping"] is not None else 10 * torch.finfo(cd).eps
-        sides = prepare_pair(
-            _stack([w.a for w in wholes], cd),  # A: (b, r, n)
-            _stack([w.b for w in wholes], cd) * s,  # U = s B: (b, m, r)
-            _stack([w.grad_a for w in wholes], cd),  # dL/dA
-            _stack([w.grad_b for w in wholes], cd) / s,  # dL/dU = dL/dB / s
-            scaling=s,
-            damping=damping,
-            scale_grads=False,
-            settle=False,
-        )
-        trainable = (pairs[0].A.requires_grad, pairs[0].B.requires_grad)
-        if not all(trainable):  # a frozen factor never moves; the other moves at every step
-            move = trainable
-        elif group["alternating_updates"]:  # B moves on odd steps, A on even ones
-            move = (step % 2 == 0, step % 2 == 1)
-        else:
-            move = (True, True)
-        return _Batch(pairs, group, step, move, s, sides, wholes)
-
     def _plain_with_grads(self) -> list[tuple[dict[str, Any], list[Tensor]]]:
         return [
             (group, [p for p in group["params"] if id(p) in self._plain_ids and p.grad is not None])
@@ -500,10 +412,7 @@ class LoFTAdamW(Optimizer):
     def _total_norm(self, prepared: _Preparation, plain: list[tuple[dict[str, Any], list[Tensor]]]) -> Tensor:
         """5: the clipping norm, sqrt of the pairs' projected and the other parameters' plain
         squared norms (float64, on the first parameter's device; one sync)."""
-        terms = [
-            pair_sq_norm(b.sides, move_a=b.move[0], move_b=b.move[1], projected=b.group["projected_clipping"])
-            for b in prepared.batches
-        ]
+        terms = [step_sq_norm(b.prep) for b in prepared.batches]
         dist = self._distributor
         assert dist is not None
         terms += [local_part(p.grad).double().square().sum() for _, ps in plain for p in ps if dist.counts_plain(p)]
@@ -567,7 +476,7 @@ class LoFTAdamW(Optimizer):
         if valid and float(coef_t) != 1.0:
             factor = float(coef_t)
             for batch in prepared.batches:  # before the gradients: a lone pair's stack may be a view of its gradient
-                batch.sides = PreparedPair(*(side.grads_scaled_by(factor) for side in batch.sides))
+                batch.prep = batch.prep.grads_scaled_by(factor)
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
@@ -599,112 +508,37 @@ class LoFTAdamW(Optimizer):
         if max_norm is not None:
             self.last_grad_norm = self._total_norm(prepared, plain)
             coef = clip_coefficient(self.last_grad_norm, max_norm)  # stays on the device
-        results = [self._step_batch(batch, coef) for batch in prepared.batches]
-        results = self._rebalance(prepared.batches, results)
+        fuse = self.settings.fuses(self._device())
+        results = [apply_step(b.prep, b.state, clip_coef=coef, chunk_bytes=self.settings.chunk_bytes, fuse=fuse)
+                   for b in prepared.batches]
+        results = rebalance_steps([b.prep for b in prepared.batches], results,
+                                  [(b.pairs[0].A.requires_grad, b.pairs[0].B.requires_grad) for b in prepared.batches])
         for batch, result in zip(prepared.batches, results):
             self._write_back(batch, result)
         assert self._distributor is not None
         self._distributor.finish()  # the owners send the new factors (a collective with owners)
         for batch, result in zip(prepared.batches, results):
-            maybe = 2 if result is not None and result.rebalanced is not None else 0
-            flags = (1 if batch.move[0] else maybe, 1 if batch.move[1] else maybe)
+            maybe = 2 if result.rebalanced is not None else 0
+            flags = (1 if batch.prep.move[0] else maybe, 1 if batch.prep.move[1] else maybe)
             for pair in batch.pairs:
                 self._written[pair] = (flags, self._stamp(pair))
         for group, params in plain:
             self._step_plain(group, params, coef)
         return loss
 
-    def _options(self, group: dict[str, Any]) -> PairOptions:
-        beta1, beta2 = group["betas"]
-        return PairOptions(
-            lr=group["lr"],
-            beta1=beta1,
-            beta2=beta2,
-            eps=group["eps"],
-            weight_decay=group["weight_decay"],
-            gradient_scaling=group["gradient_scaling"],
-            first_moment_calibration=group["first_moment_calibration"],
-            second_moment_calibration=group["second_moment_calibration"],
-            projected_update=group["projected_update"],
-            rebalance=group["rebalance"],
-            rebalance_threshold=group["rebalance_threshold"],
-        )
-
-    def _step_batch(self, batch: _Batch, coef: Tensor | None) -> StepResult:
-        """Steps 2-4 of one batch (its state updated in place); the new factors."""
-        group, pairs = batch.group, batch.pairs
-        cd = batch.sides.a.factor.dtype
-        device = pairs[0].A.device
-        index = packed_index(pairs[0].rank, not group["second_moment_calibration"], cd, device)
-        state = self._states.batch_for(
-            pairs, fresh=BatchState.zeros(pairs, index.size, cd, device) if batch.step == 1 else None
-        )
-        state.match_layout(index)
-        result = loft_step(
-            batch.sides,
-            state.sides,
-            step=batch.step,
-            move=batch.move,
-            options=self._options(group),
-            index=index,
-            clip_coef=coef,
-            chunk_bytes=self.settings.chunk_bytes,
-            moved=batch.moved,
-            fuse=self.settings.fuses(device),
-        )
-        state.step = batch.step
-        return result
-
-    def _rebalance(self, batches: list[_Batch], results: list[StepResult]) -> list[StepResult]:
-        """Rebalancing after the step, for every batch with one host sync: the cheap test
-        (:func:`loft.linalg.may_need_rebalancing` on the ``r x r`` grams, copied to the host
-        together) decides which batches need the expensive check (:func:`loft.functional.rebalance`,
-        one more host sync for all of those)."""
-        checked = [
-            i
-            for i, batch in enumerate(batches)
-            if checks_balance(self._options(batch.group), (*batch.pairs[0].shape, batch.pairs[0].rank))
-            and batch.pairs[0].A.requires_grad and batch.pairs[0].B.requires_grad  # never re-factor a frozen factor
-        ]
-        if not checked:
-            return results
-        grams = [factor_grams(results[i].u_t.mT, results[i].a) for i in checked]
-        host = to_host(torch.cat([g.reshape(-1) for g in grams]))
-        start = 0
-        out = list(results)
-        with on_host():
-            need = []
-            for i, g in zip(checked, grams):
-                part = host[start : start + g.numel()].reshape(g.shape)
-                start += g.numel()
-                eps = torch.finfo(results[i].a.dtype).eps
-                need.append(bool(may_need_rebalancing(part, batches[i].group["rebalance_threshold"], eps).any()))
-        todo = [i for i, needed in zip(checked, need) if needed]
-        if todo:
-            thresholds = [batches[i].group["rebalance_threshold"] for i in todo]
-            for i, result in zip(todo, rebalance([results[i] for i in todo], thresholds)):
-                out[i] = result
-        return out
-
     def _write_back(self, batch: _Batch, result: StepResult) -> None:
-        """Write the factors that moved; where a rebalancing check ran, also the other factor of
-        the pairs it re-factored (the parameter's own value for the others: no host sync)."""
+        """Hand the distributor the factors that may have changed (those that moved; where a
+        rebalancing check ran, also the other, with its own value where nothing was re-factored)."""
         assert self._distributor is not None
-        for side, moves in enumerate(batch.move):
-            if not moves and result.rebalanced is None:
-                continue
-            values = result.a if side == 0 else result.u_t.mT / batch.scaling
-            for i, (pair, whole) in enumerate(zip(batch.pairs, batch.wholes)):
-                value = values[i]
-                if not moves:
-                    current = (whole.a if side == 0 else whole.b).to(value.dtype)
-                    value = torch.where(result.rebalanced[i], value, current)
-                self._distributor.write(pair, side, value)
+        for side, values in enumerate(new_factors(batch.prep, result)):
+            if values is not None:
+                for i, pair in enumerate(batch.pairs):
+                    self._distributor.write(pair, side, values[i])
 
     @staticmethod
     def _grads_finite(prepared: _Preparation, plain: list[tuple[dict[str, Any], list[Tensor]]]) -> bool:
         # the pairs' gradients as stacked for the step: one check per batch and side; one sync
-        grads = [side.grad for b in prepared.batches for side in b.sides]
+        grads = [side.grad for b in prepared.batches for side in b.prep.sides]
         grads += [local_part(p.grad) for _, ps in plain for p in ps]
         return all_finite(grads)
 
@@ -785,6 +619,9 @@ class LoFTAdamW(Optimizer):
     def batch_states(self) -> list[BatchState]:
         """The state of the pairs, one :class:`~loft.state.BatchState` per batch."""
         return self._states.batches()
+
+
+LoFTAdamW.__doc__ = (LoFTAdamW.__doc__ or "").replace("{options}", options_doc())
 
 
 # --------------------------------------------------------------------------------- state dict hooks

@@ -23,71 +23,56 @@ and its per-parameter view is made on demand.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .functional import SideState
 from .linalg import PackedIndex
 from .pairs import LoRAPair
 
-__all__ = ["BatchState", "PairStates", "ParamStateView", "STATE_KEYS"]
+__all__ = ["BatchState", "PairState", "PairStates", "ParamStateView", "STATE_KEYS", "SideState"]
 
 #: the tensor-valued per-parameter state keys of a LoRA factor (besides the int ``step``)
 STATE_KEYS = ("exp_avg", "exp_avg_sq", "partner")
 
 
-def _side_shapes(pair: LoRAPair) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
-    """``(r, k, l)`` of the A side and of the B side: factor ``r x k``, partner ``l x r``."""
-    m, n = pair.shape
-    return (pair.rank, n, m), (pair.rank, m, n)
+@dataclass
+class SideState:
+    """The stacked state of one side of a batch of pairs (mutated in place by
+    :func:`loft.functional.apply_step`).
 
-
-class BatchState:
-    """The stacked state of ``b`` pairs stepped together.
-
-    ``pairs``: the pairs, in batch order; ``step``: how many steps they took (all the same);
-    ``sides``: the A side's and the B side's :class:`~loft.functional.SideState`
-    (``exp_avg`` ``(b, r, k)``, ``exp_avg_sq`` ``(b, k, p)``, ``partner`` ``(b, l, r)``).
+    ``exp_avg``: ``(b, r, k)``; ``exp_avg_sq``: packed grams ``(b, k, p)``; ``partner``: the
+    partner the moments are expressed in, ``(b, l, r)``.
     """
 
-    def __init__(self, pairs: list[LoRAPair], step: int, sides: tuple[SideState, SideState]) -> None:
-        self.pairs = pairs
+    exp_avg: Tensor
+    exp_avg_sq: Tensor
+    partner: Tensor
+
+
+class PairState:
+    """The LoFT state of a batch of ``b`` pairs: the steps they took (all the same) and, for the
+    A side and the B side, a :class:`SideState` (``sides``)."""
+
+    def __init__(self, step: int, sides: tuple[SideState, SideState]) -> None:
         self.step = step
         self.sides = sides
 
     @classmethod
-    def zeros(cls, pairs: list[LoRAPair], packed_size: int, dtype: torch.dtype, device: torch.device) -> BatchState:
-        """A fresh state (step 0, zero moments) for ``pairs`` with ``packed_size`` entries per gram."""
-        b = len(pairs)
+    def zeros(cls, b: int, m: int, n: int, r: int, packed_size: int, dtype: torch.dtype,
+              device: torch.device) -> PairState:
+        """A fresh state (step 0, zero moments) for ``b`` pairs ``A (r, n)``, ``B (m, r)`` with
+        ``packed_size`` entries per gram (``r (r + 1) / 2``, or ``r`` without second-moment
+        calibration)."""
         sides = tuple(
-            SideState(
-                torch.zeros(b, r, k, dtype=dtype, device=device),
-                torch.zeros(b, k, packed_size, dtype=dtype, device=device),
-                torch.zeros(b, l, r, dtype=dtype, device=device),
-            )
-            for r, k, l in _side_shapes(pairs[0])
+            SideState(torch.zeros(b, r, k, dtype=dtype, device=device),
+                      torch.zeros(b, k, packed_size, dtype=dtype, device=device),
+                      torch.zeros(b, l, r, dtype=dtype, device=device))
+            for k, l in ((n, m), (m, n))
         )
-        return cls(pairs, 0, sides)  # type: ignore[arg-type]
-
-    @classmethod
-    def gather(cls, rows: list[tuple[BatchState, int]]) -> BatchState:
-        """A new batch made of row ``i`` of each ``(batch, i)`` (copies; the step counts must agree)."""
-        steps = {batch.step for batch, _ in rows}
-        assert len(steps) == 1, steps
-        sides = tuple(
-            SideState(
-                *(torch.stack([getattr(batch.sides[s], key)[i] for batch, i in rows]) for key in STATE_KEYS)
-            )
-            for s in (0, 1)
-        )
-        return cls([batch.pairs[i] for batch, i in rows], steps.pop(), sides)  # type: ignore[arg-type]
-
-    def param_state(self, i: int, side: int) -> dict[str, Any]:
-        """The per-parameter state of pair ``i``'s factor A (``side`` 0) or B (1): views of the stacks."""
-        st = self.sides[side]
-        return {"step": self.step, **{key: getattr(st, key)[i] for key in STATE_KEYS}}
+        return cls(0, sides)  # type: ignore[arg-type]
 
     def match_layout(self, index: PackedIndex) -> None:
         """Convert the grams to ``index``'s layout when ``second_moment_calibration`` was switched.
@@ -101,17 +86,49 @@ class BatchState:
             if p == index.size:
                 continue
             if index.diagonal_only:
-                full = _packed_diagonal_positions(index.r, st.exp_avg_sq.device)
-                st.exp_avg_sq = st.exp_avg_sq[..., full].contiguous()
+                rows, cols = torch.triu_indices(index.r, index.r, device=st.exp_avg_sq.device)
+                st.exp_avg_sq = st.exp_avg_sq[..., torch.nonzero(rows == cols).flatten()].contiguous()
             else:
                 grams = st.exp_avg_sq.new_zeros(b, k, index.size)
                 grams[..., index.diag] = st.exp_avg_sq
                 st.exp_avg_sq = grams
 
 
-def _packed_diagonal_positions(r: int, device: torch.device) -> Tensor:
-    rows, cols = torch.triu_indices(r, r, device=device)
-    return torch.nonzero(rows == cols).flatten()
+class BatchState(PairState):
+    """The :class:`PairState` of ``pairs`` (in batch order), stepped together:
+    ``sides`` holds the A side's and the B side's :class:`SideState`
+    (``exp_avg`` ``(b, r, k)``, ``exp_avg_sq`` ``(b, k, p)``, ``partner`` ``(b, l, r)``).
+    """
+
+    def __init__(self, pairs: list[LoRAPair], step: int, sides: tuple[SideState, SideState]) -> None:
+        super().__init__(step, sides)
+        self.pairs = pairs
+
+    @classmethod
+    def for_pairs(cls, pairs: list[LoRAPair], packed_size: int, dtype: torch.dtype, device: torch.device) -> BatchState:
+        """A fresh state (step 0, zero moments) for ``pairs`` with ``packed_size`` entries per gram."""
+        (m, n), r = pairs[0].shape, pairs[0].rank
+        fresh = PairState.zeros(len(pairs), m, n, r, packed_size, dtype, device)
+        return cls(pairs, 0, fresh.sides)
+
+    @classmethod
+    def gather(cls, rows: list[tuple[BatchState, int]]) -> BatchState:
+        """A new batch made of row ``i`` of each ``(batch, i)`` (copies; the step counts must agree)."""
+        steps = {batch.step for batch, _ in rows}
+        if len(steps) != 1:
+            raise ValueError(f"BatchState.gather: rows of batches at different steps {sorted(steps)}")
+        sides = tuple(
+            SideState(
+                *(torch.stack([getattr(batch.sides[s], key)[i] for batch, i in rows]) for key in STATE_KEYS)
+            )
+            for s in (0, 1)
+        )
+        return cls([batch.pairs[i] for batch, i in rows], steps.pop(), sides)  # type: ignore[arg-type]
+
+    def param_state(self, i: int, side: int) -> dict[str, Any]:
+        """The per-parameter state of pair ``i``'s factor A (``side`` 0) or B (1): views of the stacks."""
+        st = self.sides[side]
+        return {"step": self.step, **{key: getattr(st, key)[i] for key in STATE_KEYS}}
 
 
 class PairStates:
