@@ -33,7 +33,8 @@ MiniLM-L6 on movie sentiment, every linear layer adapted, 100 steps of batch 16,
 (learning rate 2e-3 for every method: not tuned, to keep the budget). Protocol:
 
 1. **Tune** on the validation split (1,000 snippets carved once from the training file, seed
-   1234), at the protocol's tuning seeds (v1: seed 0), for every method at every rank (``RANKS``) and full fine-tuning once: a grid of
+   1234), at the protocol's tuning seeds (v1: seed 0), for every method at every rank
+   (``RANKS``) and full fine-tuning once: a grid of
    ``GRID_POINTS`` learning rates, consecutive points of one lattice (``1e-4 * 2**k``) centred on
    the method's usual range. Where the best point lies on a grid's edge the grid grows one point
    past that edge, up to ``MAX_EXTENSIONS`` times, so every optimum ends inside its grid (or the
@@ -57,7 +58,7 @@ MiniLM-L6 on movie sentiment, every linear layer adapted, 100 steps of batch 16,
 Every run is its own process (``_sweep.py``), two at a time with one thread each; every result
 line records its settings, accuracies before and after training (the untrained baseline of that
 seed), losses, time, peak memory and provenance (commit, versions, threads, load). Results go to
-``benchmarks/results/evidence_sentiment.jsonl``; a rerun skips finished runs, so each stage can
+the protocol's file (stages 3-4: v1's); a rerun skips finished runs, so each stage can
 be stopped and restarted. Stages are independent except that ``final`` needs ``tune``. A report
 written while a stage is under way shows the arms that stage has settled and names the others
 (no entry is bold until every arm of the finals has run).
@@ -342,7 +343,7 @@ def _tuning_section(tuned: dict[tuple[str, int], dict[str, Any]], protocol: Prot
     return lines + ["", *_progress("settled", tuned, protocol)]
 
 
-def _finals_section(tuned, finals, protocol: Protocol) -> list[str]:  # noqa: ANN001
+def _finals_section(finals, protocol: Protocol) -> list[str]:  # noqa: ANN001
     chance = majority_share(splits()[2])
     complete = len(finals) == len(arms())
     seeds = protocol.final_seeds
@@ -486,7 +487,7 @@ def report(tuned, finals, stab, decide, defaults, protocol: Protocol = V1) -> No
     if tuned:
         lines += _tuning_section(tuned, protocol)
     if finals:
-        lines += _finals_section(tuned, finals, protocol)
+        lines += _finals_section(finals, protocol)
     if stab:
         lines += _stability_section(stab)
     if decide:
