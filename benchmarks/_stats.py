@@ -1,9 +1,14 @@
-"""The statistics the evidence reports use: seed summaries, paired tests, verdicts (one claim at a
-time and, with Holm's correction, over a table of claims), grid edges.
+"""The statistics the evidence reports use: seed summaries, paired tests (a t test across seeds,
+or a bootstrap over seeds and eval examples), verdicts (one claim at a time and, with Holm's
+correction, over a table of claims), equivalence within a margin, grid edges.
 
 Pure functions over lists of numbers (scipy does the distributions), so the rules that turn
-results into the words "holds", "does not hold" and "inconclusive" are tested on their own
-(tests/test_evidence_stats.py).
+results into the words "holds", "does not hold", "inconclusive" and "equivalent" are tested on
+their own (tests/test_evidence_stats.py).
+
+What a failure to find a difference means: nothing, on its own. A report says "inconclusive" for
+it, and calls two arms *equivalent* only when the 90% interval of their difference lies inside
+``+-EQUIVALENCE_MARGIN`` (two one-sided tests at 5%).
 """
 
 from __future__ import annotations
@@ -11,12 +16,15 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import dataclass, replace
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from scipy import stats as _scipy_stats
 
 #: two-sided significance level of every verdict
 ALPHA = 0.05
+#: equivalence margin of an accuracy difference: +-0.5 points (the margin the rank-1 experiment,
+#: ``evidence_rank1.py``, pre-registered)
+EQUIVALENCE_MARGIN = 0.005
 
 
 @dataclass(frozen=True)
@@ -51,13 +59,19 @@ def summarize(values: Sequence[float]) -> Summary:
 
 @dataclass(frozen=True)
 class Paired:
-    """A paired comparison of ``a`` against ``b`` over the same seeds."""
+    """A paired comparison of ``a`` against ``b`` over the same seeds (a t test across seeds: the
+    seeds' spread only; the eval set's own sampling error is not in it)."""
 
     n: int
     diff: float  # mean of a - b
     lo: float  # 95% interval of the mean difference
     hi: float
     p: float  # two-sided paired t test; 1.0 when every difference is zero
+    lo90: float = math.nan  # 90% interval (for equivalence: two one-sided tests at 5%)
+    hi90: float = math.nan
+
+    #: what the test is, for a report's caption
+    DESCRIBES = "paired t test across seeds (the seeds' spread only: it leaves out the test set's own sampling error)"
 
     @property
     def verdict(self) -> str:
@@ -66,8 +80,15 @@ class Paired:
             return "better" if self.diff > 0 else "worse"
         return "inconclusive"
 
+    def within(self, margin: float = EQUIVALENCE_MARGIN) -> bool:
+        """Equivalence within ``+-margin``: the 90% interval lies inside it (TOST at 5%)."""
+        return -margin < self.lo90 and self.hi90 < margin
+
     def fmt(self) -> str:
         return f"{self.diff:+.3f} [{self.lo:+.3f}, {self.hi:+.3f}], p = {self.p:.3g}"
+
+    def fmt90(self) -> str:
+        return f"[{self.lo90:+.3f}, {self.hi90:+.3f}]"
 
 
 def paired(a: Sequence[float], b: Sequence[float]) -> Paired:
@@ -81,17 +102,67 @@ def paired(a: Sequence[float], b: Sequence[float]) -> Paired:
     s = summarize(d)
     if statistics.pstdev(d) == 0.0:  # identical differences: no variance, the test is undefined
         p = 1.0 if s.mean == 0.0 else 0.0
-        return Paired(s.n, s.mean, s.mean, s.mean, p)
+        return Paired(s.n, s.mean, s.mean, s.mean, p, s.mean, s.mean)
     p = float(_scipy_stats.ttest_rel(a, b).pvalue)
-    return Paired(s.n, s.mean, s.lo, s.hi, p)
+    half90 = float(_scipy_stats.t.ppf(0.95, s.n - 1)) * s.se
+    return Paired(s.n, s.mean, s.lo, s.hi, p, s.mean - half90, s.mean + half90)
+
+
+def untrained(records: Sequence[dict[str, Any]]) -> list[float]:
+    """The untrained model's accuracy (``eval_accuracy_before``), one value per seed.
+
+    Every arm of a seed scores the same untrained model (the seed's fresh head; the adapters start
+    as the identity), so the records of many arms repeat each seed's value: pooling them would
+    count one seed as many and shrink the interval. A seed's value is the mean over its records
+    (they agree), in seed order; records without the value are skipped."""
+    by_seed: dict[int, list[float]] = {}
+    for r in records:
+        if r.get("eval_accuracy_before") is not None:
+            by_seed.setdefault(r["run"]["seed"], []).append(r["eval_accuracy_before"])
+    return [statistics.fmean(v) for _, v in sorted(by_seed.items())]
+
+
+def best_cells(values: dict[tuple[str, int], Any], test: Callable[[Any, Any], Any] | None = None) -> set[tuple[str, int]]:
+    """The arms (method, rank) that are better than every other arm of their rank, after Holm.
+
+    Each arm with others at its rank is one claim, "better than each of them": its p is the
+    largest p of its tests against them when it is ahead of every one, else 1 (an intersection of
+    tests, each at :data:`ALPHA`). :func:`holm` runs over every such claim of the table, so that a
+    bold cell is as strict as a verdict after Holm in a claims table. ``test(a, b)``: a paired test
+    of two arms' values (default :func:`paired`)."""
+    test = test or paired
+    done: dict[tuple[Any, Any], tuple[float, float]] = {}  # (a, b) -> (diff of a - b, p); each pair tested once
+
+    def diff_p(a: tuple[str, int], b: tuple[str, int]) -> tuple[float, float]:
+        if (b, a) in done:
+            diff, p = done[(b, a)]
+            return -diff, p
+        t = test(values[a], values[b])
+        done[(a, b)] = (t.diff, t.p)
+        return done[(a, b)]
+
+    claims: dict[tuple[str, int], float] = {}
+    for arm in values:
+        others = [o for o in values if o[1] == arm[1] and o != arm]
+        if not others:
+            continue
+        tests = [diff_p(arm, o) for o in others]
+        claims[arm] = max(p for _, p in tests) if all(d > 0 for d, _ in tests) else 1.0
+    arms = list(claims)
+    return {arm for arm, q in zip(arms, holm([claims[a] for a in arms])) if q < ALPHA}
 
 
 def method_rows(
-    values: dict[tuple[str, int], Sequence[float]], methods: Sequence[str], ranks: Sequence[int], bold: bool = True
+    values: dict[tuple[str, int], Any], methods: Sequence[str], ranks: Sequence[int], bold: bool = True,
+    test: Callable[[Any, Any], Any] | None = None, fmt: Callable[[Any], str] | None = None,
 ) -> list[str]:
     """Markdown rows ``| method | cell per rank |`` of per-seed ``values`` by (method, rank): each
-    cell the :func:`summarize` of its arm, bold (unless not ``bold``) where the arm is better than
-    every other arm of that rank in :func:`paired` tests, empty where the arm is missing."""
+    cell ``fmt(values[arm])`` (default: the :func:`summarize` of the accuracies), bold (unless not
+    ``bold``) where :func:`best_cells` finds the arm better than every other of its rank after
+    Holm's correction over the table (``test``: default :func:`paired`), empty where the arm is
+    missing."""
+    fmt = fmt or (lambda v: summarize(v).fmt())
+    best = best_cells(values, test) if bold else set()
     rows = []
     for method in methods:
         cells = []
@@ -100,18 +171,23 @@ def method_rows(
             if arm not in values:
                 cells.append("")
                 continue
-            others = [o for o in values if o[1] == r and o != arm]
-            best = bold and bool(others) and all(paired(values[arm], values[o]).verdict == "better" for o in others)
-            text = summarize(values[arm]).fmt()
-            cells.append(f"**{text}**" if best else text)
+            text = fmt(values[arm])
+            cells.append(f"**{text}**" if arm in best else text)
         rows.append(f"| {method} | " + " | ".join(cells) + " |")
     return rows
 
 
-def claim_verdict(test: Paired) -> str:
+def claim_verdict(test: Any) -> str:
     """A claim "a beats b": ``holds`` when a is significantly better, ``does not hold`` when b is
-    significantly better, else ``inconclusive``."""
+    significantly better, else ``inconclusive`` (no difference found, which on its own says neither
+    that the claim is false nor that the two are level: see :func:`equivalence`)."""
     return {"better": "holds", "worse": "does not hold", "inconclusive": "inconclusive"}[test.verdict]
+
+
+def equivalence(test: Any, margin: float = EQUIVALENCE_MARGIN) -> str:
+    """Whether a comparison shows the two arms level: ``equivalent`` when the 90% interval of the
+    difference lies inside ``+-margin`` (two one-sided tests at 5%), else ``not shown``."""
+    return "equivalent" if test.within(margin) else "not shown"
 
 
 def holm(ps: Sequence[float]) -> list[float]:
@@ -129,17 +205,23 @@ def holm(ps: Sequence[float]) -> list[float]:
     return adjusted
 
 
-def claim_rows(tests: Sequence[tuple[str, Paired]]) -> list[str]:
+def claim_rows(tests: Sequence[tuple[str, Any]], margin: float = EQUIVALENCE_MARGIN) -> list[str]:
     """A markdown claims table, after a paragraph saying what its verdicts mean: one row per
-    ``(claim, paired test)``, its own verdict, and Holm's adjusted p and verdict over every claim of
-    the table as one family (:func:`holm`)."""
-    rows = [f"Verdict: the claim alone (p < {ALPHA} to hold). Verdict after Holm: every claim of the table "
-            f"taken as one family (Holm's step-down correction), which keeps the chance of any false verdict "
-            f"in the table at or below {ALPHA}.", "",
-            f"| claim | difference [95% interval], p | verdict | Holm p ({len(tests)} claims) | verdict after Holm |",
-            "|---|---|---|---|---|"]
+    ``(claim, test)`` (a :class:`Paired` or a :class:`Bootstrap`, all of one kind), its own verdict,
+    Holm's adjusted p and verdict over every claim of the table as one family (:func:`holm`), and
+    the 90% interval with the :func:`equivalence` verdict at ``+-margin``."""
+    kind = type(tests[0][1]).DESCRIBES if tests else Paired.DESCRIBES
+    rows = [f"Test: {kind}. Verdict: the claim alone (p < {ALPHA} to hold; 'inconclusive': no difference found, "
+            f"which is not evidence that the two are level). Verdict after Holm: every claim of the table taken as "
+            f"one family (Holm's step-down correction), which keeps the chance of any false verdict in the table at "
+            f"or below {ALPHA}. Level within +-{margin * 100:g} points: 'equivalent' when the 90% interval of the "
+            f"difference lies inside +-{margin:g} (two one-sided tests at 5%, claim by claim), else 'not shown'.", "",
+            f"| claim | difference [95% interval], p | verdict | Holm p ({len(tests)} claims) | verdict after Holm | "
+            f"90% interval | level within +-{margin * 100:g} points |",
+            "|---|---|---|---|---|---|---|"]
     for (claim, t), q in zip(tests, holm([t.p for _, t in tests])):
-        rows.append(f"| {claim} | {t.fmt()} | {claim_verdict(t)} | {q:.3g} | {claim_verdict(replace(t, p=q))} |")
+        rows.append(f"| {claim} | {t.fmt()} | {claim_verdict(t)} | {q:.3g} | {claim_verdict(replace(t, p=q))} | "
+                    f"{t.fmt90()} | {equivalence(t, margin)} |")
     return rows
 
 
@@ -173,6 +255,10 @@ class Bootstrap:
     hi90: float
     p: float
 
+    #: what the test is, for a report's caption
+    DESCRIBES = ("paired bootstrap over seeds and test examples (both the seeds' spread and the test set's own "
+                 "sampling error)")
+
     @property
     def verdict(self) -> str:
         """``better`` / ``worse`` (``a`` against ``b``, significant at :data:`ALPHA`) or ``inconclusive``."""
@@ -180,13 +266,16 @@ class Bootstrap:
             return "better" if self.diff > 0 else "worse"
         return "inconclusive"
 
-    def within(self, margin: float) -> bool:
+    def within(self, margin: float = EQUIVALENCE_MARGIN) -> bool:
         """Equivalence within ``+-margin``: the 90% interval lies inside it (TOST at 5%)."""
         return -margin < self.lo90 and self.hi90 < margin
 
     def fmt(self) -> str:
         return (f"{self.diff:+.4f} [{self.lo:+.4f}, {self.hi:+.4f}] (90%: [{self.lo90:+.4f}, {self.hi90:+.4f}]), "
                 f"p = {self.p:.3g}")
+
+    def fmt90(self) -> str:
+        return f"[{self.lo90:+.4f}, {self.hi90:+.4f}]"
 
 
 def _correctness(runs: Sequence[str | Sequence[int]]) -> Any:

@@ -117,13 +117,19 @@ def report(tuned: dict[str, dict[str, Any]], finals: dict[tuple[str, int], list[
             lines.append(f"| {m} | {cells} | {lattice(t['chosen']):g} | {inside} |")
         lines.append("")
     if finals:
+        full = finals[("full", 0)]
+        n_test = full[0].get("num_eval") or 500
+        acc = sum(r["eval_accuracy"] for rs in finals.values() for r in rs) / sum(len(rs) for rs in finals.values())
         lines += [f"## 2. Test accuracy, {len(SEEDS)} seeds", "",
-                  "Mean +- standard error [95% interval] over seeds; train s: mean training time of a run "
-                  f"(two runs at a time, one thread each). Bold: better than the other method at that rank in a "
-                  f"paired t test (p < {ALPHA}).", "",
+                  "Mean +- standard error [95% interval] over seeds: the seeds' spread only. The test set's own "
+                  f"sampling error (one run's accuracy on {n_test} questions: about "
+                  f"{100 * (acc * (1 - acc) / n_test) ** 0.5:.1f} points) is in neither these intervals nor the t tests "
+                  "below; the runs did not record which questions they got right, so no bootstrap over questions can "
+                  "be made. Train s: mean training time of a run (two runs at a time, one thread each). Bold: better "
+                  f"than the other method at that rank in a paired t test (p < {ALPHA}), after Holm's correction over "
+                  "every cell of the table.", "",
                   "| method | " + " | ".join(f"r={r}" for r in RANKS) + " |", "|---|" + "---|" * len(RANKS)]
         lines += method_rows({arm: _accs(rs) for arm, rs in finals.items()}, ["loft", "lora"], RANKS)
-        full = finals[("full", 0)]
         lines.append(f"| full fine-tuning | {summarize(_accs(full)).fmt()} |" + " |" * (len(RANKS) - 1))
         before = [r["eval_accuracy_before"] for r in full if r.get("eval_accuracy_before") is not None]
         lines.append(f"| untrained | {summarize(before).fmt() if len(set(before)) > 1 else f'{before[0]:.3f}'} |"

@@ -20,6 +20,11 @@ The choice on the validation split: highest accuracy, ties broken by lower eval 
 run is a separate process (peak resident memory per run from ``os.wait4``); results go to
 ``benchmarks/results/<task>.jsonl`` (a rerun skips finished runs), the report to
 ``docs/results/real_<task>.md`` and ``docs/figures/real_<task>.png``.
+
+The first runs of both tasks recorded no commit or library versions; they, their reports and
+figures are in ``benchmarks/archive/`` and ``docs/archive/`` and are no longer quoted as evidence
+(``docs/archive/README.md``). A run now records its provenance (``_sweep.py``), so a rerun
+starts new result files.
 """
 
 from __future__ import annotations

@@ -103,8 +103,8 @@ def _record(bench, arm, seed, accs, split="even"):
     return {"run": run, "lr": bench.LRS[run["method"]], "eval_accuracy": accs[-1], "best_eval_accuracy": max(accs[1:]),
             "rounds": rounds,
             "client_examples": [10, 10, 10, 10], "client_labels": [{"0": 5, "1": 5}] * 4,
-            "flwr_version": "1.42.0", "ray_version": "2.55.1",
-            "provenance": {"commit": "abc", "versions": {"torch": "2.13.0"}}}
+            "flwr_version": "1.42.0", "ray_version": "2.55.1", "wall_seconds": 60.0 * (2 + seed),
+            "provenance": {"commit": "abc", "versions": {"torch": "2.13.0"}, "load_1min": 1.5 + seed, "cpus": 2}}
 
 
 def test_federated_report_comes_from_the_results_file_with_verdicts(tmp_path, monkeypatch):
@@ -126,16 +126,26 @@ def test_federated_report_comes_from_the_results_file_with_verdicts(tmp_path, mo
     bench.report()
     text = (tmp_path / "docs" / "results" / "r.md").read_text()
     assert "14 runs" in text and "`abc` (14)" in text
-    assert "| 4 clients, even, r=4, 2 rounds | loft-keep beats loft-reset |" in text
-    line = lambda claim: next(x for x in text.splitlines() if claim in x and "even" in x)  # noqa: E731
-    assert line("loft-keep beats loft-reset").endswith("| holds |")
-    assert line("loft-keep beats lora-fedavg").endswith("| within noise |")
-    assert line("| 4 clients, even, r=4, 2 rounds | loft-keep beats full |").endswith("| within noise |")
-    assert "-0.022 " in line("loft-keep beats full")
-    assert line("lora-fedavg beats full").endswith("| does not hold (the other is better) |")
+    # the claims with several seeds are one family for Holm's correction (5 here: the 1-seed claim is left out)
+    assert "| 4 clients, even, r=4, 2 rounds: loft-keep beats loft-reset (3 seeds) |" in text
+    assert "Holm p (5 claims)" in text
+
+    def cells(claim):  # claim, test, verdict, Holm p, verdict after Holm, 90% interval, level within the margin
+        return next(x for x in text.splitlines() if f": {claim} (" in x and "even" in x).strip("| ").split(" | ")
+
+    assert cells("loft-keep beats loft-reset")[2] == "holds" and cells("loft-keep beats loft-reset")[4] == "holds"
+    assert cells("loft-keep beats lora-fedavg")[2] == "inconclusive"
+    assert cells("loft-keep beats full")[1].startswith("-0.022 ") and cells("loft-keep beats full")[2] == "inconclusive"
+    assert cells("loft-keep beats full")[6] == "not shown"  # no difference found is not "level"
+    lora_full = cells("lora-fedavg beats full")
+    raw = bench.paired([0.82, 0.814, 0.80], [0.85, 0.845, 0.83]).p
+    assert lora_full[2] == "does not hold" and raw < float(lora_full[3]) <= 5 * raw * 1.01  # Holm: up to 5 x p
+    assert lora_full[4] == "does not hold"
     assert not any("beats full" in x for x in text.splitlines() if "dirichlet" in x)  # no reference there
     dirichlet = next(x for x in text.splitlines() if "dirichlet:0.1" in x and "beats loft-fedavg" in x)
-    assert dirichlet.endswith("| no verdict (1 seed) |") and "+0.030 (1 seed)" in dirichlet
+    assert dirichlet == "| 4 clients, dirichlet:0.1, r=4, 2 rounds: loft-keep beats loft-fedavg | +0.030 (1 seed) |"
+    # wall times from the results file: 2, 3 and 4 minutes by seed, loads 1.5 to 3.5
+    assert "1-minute load average at a run's start ranging 1.5-3.5 on 2 cores): 2.0 to 4.0 minutes" in text
     keep_row = next(x for x in text.splitlines() if x.startswith("| 4 | even | 4 | 2 | loft-keep | 3 |"))
     assert "0.820 +- 0.006" in keep_row and "| 2.0 (3/3) |" in keep_row  # rounds to 0.80: round 2 for every seed
     assert "4 clients, even, seed 0: 10 (0: 5, 1: 5), 10 (0: 5, 1: 5)" in text

@@ -69,15 +69,17 @@ def test_claim_rows_give_the_claim_alone_and_after_holm():
                                 for _ in range(1000)) if 0.025 < t.p < 0.045)
     level = _stats.paired([b + rng.gauss(0, 0.01) for b in base], base)
     rows = _stats.claim_rows([("a beats b", clear), ("c beats b", marginal), ("d beats b", level)])
-    assert rows[0].startswith("Verdict: the claim alone") and rows[1] == ""
-    assert rows[2].startswith("| claim |") and "Holm p (3 claims)" in rows[2] and rows[3] == "|---|---|---|---|---|"
+    assert rows[0].startswith("Test: paired t test across seeds") and "sampling error" in rows[0] and rows[1] == ""
+    assert rows[2].startswith("| claim |") and "Holm p (3 claims)" in rows[2] and rows[3] == "|" + "---|" * 7
     cells = [row.strip("| ").split(" | ") for row in rows[4:]]
     assert [c[0] for c in cells] == ["a beats b", "c beats b", "d beats b"]
-    assert cells[0][2:] == ["holds", f"{3 * clear.p:.3g}", "holds"]
+    assert cells[0][2:5] == ["holds", f"{3 * clear.p:.3g}", "holds"]
     # significant alone, not once three claims share the 5%: second smallest, so its adjusted p is 2 x p
     assert cells[1][2] == "holds" and float(cells[1][3]) == pytest.approx(2 * marginal.p, rel=1e-3)
     assert cells[1][4] == "inconclusive"
     assert cells[2][4] == "inconclusive"
+    # every row gives the 90% interval and whether it shows the two level (a 2-point gain is not level)
+    assert cells[0][5] == clear.fmt90() and cells[0][6] == "not shown"
 
 
 def test_paired_refuses_unpaired_input():
@@ -190,6 +192,129 @@ def test_a_report_under_way_shows_only_settled_arms(fake_splits, tmp_path):
     assert evidence._progress("settled", tuned) == []
 
 
+class SeedSweep(FakeSweep):
+    """:class:`FakeSweep` whose accuracy also depends on the seed (so tuning seeds matter)."""
+
+    def get(self, runs, partial=False):
+        out = super().get(runs, partial)
+        for rec in out.values():
+            rec["eval_accuracy"] -= 0.001 * (rec["run"]["seed"] % 7)
+        return out
+
+
+def test_protocol_v2_tunes_on_seeds_no_final_uses(fake_splits):
+    v1, v2 = evidence.V1, evidence.V2
+    assert set(v1.tune_seeds) <= set(v1.final_seeds)  # the weakness v2 removes
+    assert not set(v2.tune_seeds) & set(v2.final_seeds) and len(v2.tune_seeds) >= 2
+    assert v2.results != v1.results and v2.report != v1.report  # the old lines stay as they are
+    sweep = SeedSweep({m: c for m, (_, c) in evidence.METHODS.items()})
+    tuned = evidence.tune(sweep, protocol=v2)
+    assert {r["seed"] for r in sweep.asked} == set(v2.tune_seeds)
+    assert all(r["eval_data"] == "val.jsonl" and r["eval_before"] is False for r in sweep.asked)
+    for arm, t in tuned.items():  # a point's records: one per tuning seed
+        assert all([r["run"]["seed"] for r in point] == list(v2.tune_seeds) for point in t["records"])
+    sweep.asked = []
+    finals = evidence.final(sweep, tuned, protocol=v2)
+    assert {r["seed"] for r in sweep.asked} == set(v2.final_seeds)
+    assert all(r["eval_data"] == "test.jsonl" and r["eval_before"] for r in sweep.asked)  # for the untrained row
+    assert set(finals) == set(evidence.arms())
+    # v1's runs keep their identity (the committed results file is looked up by it)
+    assert evidence.tune_runs(("loft", 4), 1, v1) == {
+        "model": "minilm-l6", "data": "train.jsonl", "eval_data": "val.jsonl", "method": "loft", "rank": 4,
+        "lr": 2e-4, "seed": 0, "max_steps": 100, "batch_size": 16, "eval_before": True}
+
+
+def test_plan_counts_the_runs_and_their_time(fake_splits, tmp_path):
+    seconds = {(m, split): 100.0 for m in evidence.METHODS for split in ("val.jsonl", "test.jsonl")}
+    dry = dry_sweep({}, tmp_path)
+    dry.jobs = 2
+    lines = evidence.plan_lines(evidence.V2, dry, seconds)
+    n_arms, n_tune, n_final = len(evidence.arms()), len(evidence.V2.tune_seeds), len(evidence.V2.final_seeds)
+    first = n_arms * evidence.GRID_POINTS * n_tune
+    grow = n_arms * evidence.MAX_EXTENSIONS * n_tune
+    assert lines[0].endswith(": 0 runs done")
+    assert f"{first} runs to run in the grids as they stand" in lines[1] and f"at most {grow} more" in lines[1]
+    assert lines[2].startswith(f"finals: {n_arms * n_final} runs")
+    assert lines[3] == f"to run: {first + n_arms * n_final} runs (at most {first + grow + n_arms * n_final} if every " \
+                       "unsettled grid grows to its limit)"
+    hours = (first + n_arms * n_final) * 100 / 3600
+    assert f"about {hours:.1f} h of run time" in lines[4] and f", {hours / 2:.1f} h (" in lines[4]
+    # once every tuning run is there, the finals are counted exactly at the chosen rates
+    full = SeedSweep({m: c for m, (_, c) in evidence.METHODS.items()})
+    tuned = evidence.tune(full, protocol=evidence.V2)
+    have = full.get(list(full.asked))
+    done = dry_sweep(have, tmp_path)
+    lines = evidence.plan_lines(evidence.V2, done, seconds)
+    assert lines[1].endswith("settled") and lines[3] == f"to run: {n_arms * n_final} runs"
+    evidence.final(full, tuned, protocol=evidence.V2)
+    assert evidence.plan_lines(evidence.V2, dry_sweep(full.get(list(full.asked)), tmp_path), seconds)[3] == "to run: 0 runs"
+    with pytest.raises(SystemExit, match="no committed run time"):
+        evidence.plan_lines(evidence.V2, dry_sweep({}, tmp_path), {})
+
+
+def _synthetic_finals(protocol, rng, gap):
+    """Tuning and final records of every arm for ``protocol``: LoFT r=1 ``gap`` ahead of the
+    rest on every test snippet's odds; each final knows which of 400 snippets it got right."""
+    sweep = SeedSweep({m: c for m, (_, c) in evidence.METHODS.items()})
+    tuned = evidence.tune(sweep, protocol=protocol)
+    evidence.final(sweep, tuned, protocol=protocol)
+    have = sweep.get(list(sweep.asked))
+    difficulty = [0.5 + 0.4 * rng.random() for _ in range(400)]
+    for rec in have.values():
+        run = rec["run"]
+        if run["eval_data"] == "test.jsonl":
+            up = gap if (run["method"], run["rank"]) == ("loft", 1) else 0.0
+            rec["eval_correct"] = "".join("1" if rng.random() < min(1.0, d + up) else "0" for d in difficulty)
+            rec["eval_accuracy"] = rec["eval_correct"].count("1") / 400
+            rec["num_eval"] = 400
+            rec["eval_accuracy_before"] = 0.5 + 0.01 * (run["seed"] % 3)
+    return have
+
+
+def test_reports_say_which_protocol_and_test_each_table_comes_from(fake_splits, tmp_path, monkeypatch):
+    monkeypatch.setattr(evidence, "ROOT", tmp_path)
+    monkeypatch.setattr(evidence, "majority_share", lambda path: 0.5)
+    monkeypatch.setattr(evidence, "N_BOOT", 1000)  # p >= 1 / 1001: enough to survive Holm over 22
+    rng = random.Random(7)
+    for protocol in (evidence.V1, evidence.V2):
+        have = _synthetic_finals(protocol, rng, gap=0.2)
+        protocol.results.parent.mkdir(parents=True, exist_ok=True)
+        protocol.results.write_text("".join(json.dumps(rec) + "\n" for rec in have.values()))
+        sweep = Sweep(protocol.results, 1, 1, dry=True)
+        tuned = evidence.tune(sweep, True, protocol)
+        finals = evidence.final(sweep, tuned, True, protocol)
+        evidence.report(tuned, finals, {}, {}, {}, protocol)
+    v1 = evidence.V1.report.read_text()
+    v2 = evidence.V2.report.read_text()
+    assert "(protocol v1)" in v1.splitlines()[0] and "(protocol v2)" in v2.splitlines()[0]
+    assert "Claims (paired t tests across seeds)" in v1 and "Test: paired t test across seeds" in v1
+    assert "Claims (paired bootstraps over seeds and test snippets)" in v2 and "Test: paired bootstrap" in v2
+    # v1 counts the arms whose best final seed is the tuning seed; v2 has no tuning seed among its finals
+    assert "**The tuning seed is also a final seed** (protocol v1): seed 0's final is the best" in v1
+    assert "tuning seed is also a final seed" not in v2
+    assert "validation, mean over tuning seeds 10, 11" in v2 and "validation, seed 0)" in v1
+    # the untrained row: one value per seed (seeds 20-24: 0.52, 0.50, 0.51, 0.52, 0.50)
+    untrained = next(x for x in v2.splitlines() if x.startswith("| untrained |"))
+    assert untrained.startswith(f"| untrained | {_stats.summarize([0.52, 0.50, 0.51, 0.52, 0.50]).fmt()} |")
+    claim = next(x for x in v2.splitlines() if x.startswith("| loft r=1 beats lora r=1 |")).strip("| ").split(" | ")
+    assert claim[2] == "holds" and claim[4] == "holds" and claim[6] == "not shown"  # far ahead, after Holm
+    level = next(x for x in v2.splitlines() if x.startswith("| loft r=4 beats lora r=4 |")).strip("| ").split(" | ")
+    assert level[2] == "inconclusive"  # same odds: no difference found, and 400 snippets cannot show "level"
+    table = v2.split("## 2.")[1]
+    loft_row = next(x for x in table.splitlines() if x.startswith("| loft |")).split(" | ")
+    assert loft_row[1].startswith("**") and not loft_row[2].startswith("**")  # LoFT r=1 bold, after Holm
+
+
+def test_best_seed_count_and_first_collapse():
+    recs = lambda accs: [{"run": {"seed": s}, "eval_accuracy": a} for s, a in enumerate(accs)]  # noqa: E731
+    finals = {("a", 1): recs([0.8, 0.7, 0.75]), ("b", 1): recs([0.7, 0.8, 0.75]), ("c", 1): recs([0.8, 0.8, 0.7])}
+    assert evidence.best_seed_count(finals, 0) == 2  # ties count
+    by_k = {0: [{"eval_accuracy": 0.52}] * 2, 1: [{"eval_accuracy": 0.8}] * 2,  # slow start at rate 0
+            2: [{"eval_accuracy": 0.81}, {"eval_accuracy": 0.7}], 3: [{"eval_accuracy": 0.8}, {"eval_accuracy": 0.5}]}
+    assert evidence.first_collapse(by_k, chance=0.5) == 3  # not 0: below the best rate a run has not left chance
+    assert evidence.first_collapse({k: v for k, v in by_k.items() if k < 3}, chance=0.5) is None
+
+
 def test_collapse_rule():
     assert evidence.collapsed({"eval_accuracy": 0.52}, chance=0.5)
     assert not evidence.collapsed({"eval_accuracy": 0.70}, chance=0.5)
@@ -205,6 +330,66 @@ def test_method_rows_bold_only_an_arm_better_than_every_other_of_its_rank():
     assert not any(cell.startswith("**") for cell in lora + dora)  # worse at r=4, a tie at r=16
     assert dora[1:] == ["", "", " |"]  # every dora arm missing
     assert not any("**" in row for row in _stats.method_rows(values, ["loft", "lora"], [1, 4, 16], bold=False))
+
+
+def test_a_bold_cell_must_survive_holm_over_every_cell_of_the_table():
+    """The SmolLM2 report once bolded LoRA r16 on one t test (p = 0.015) that its own claims table
+    called inconclusive after Holm: a bold cell is a verdict, so it is corrected like one."""
+    rng = random.Random(4)
+    base = [rng.gauss(0.40, 0.02) for _ in range(3)]
+    ahead = next(v for v in ([b + 0.005 + rng.gauss(0, 0.0015) for b in base] for _ in range(5000))
+                 if 0.01 < _stats.paired(v, base).p < 0.02)  # significant alone, as LoRA r16 was
+    level = [[b + rng.gauss(0, 0.01) for b in base] for _ in range(2)]
+    values = {("loft", 1): base, ("lora", 1): level[0], ("loft", 4): base, ("lora", 4): level[1],
+              ("loft", 16): base, ("lora", 16): ahead}
+    assert _stats.paired(ahead, base).verdict == "better"
+    assert _stats.best_cells(values) == set()  # 6 cells: Holm multiplies its p by up to 6
+    assert not any("**" in row for row in _stats.method_rows(values, ["loft", "lora"], [1, 4, 16]))
+    clear = [b + 0.02 + rng.gauss(0, 0.0002) for b in base]  # p ~ 1e-4: survives
+    assert _stats.best_cells({**values, ("lora", 16): clear}) == {("lora", 16)}
+    # any paired test plugs in (a bootstrap over examples in protocol v2), each pair tested once
+    calls = []
+
+    def counting(a, b):
+        calls.append((a, b))
+        return _stats.paired(a, b)
+
+    assert _stats.best_cells({**values, ("lora", 16): clear}, counting) == {("lora", 16)} and len(calls) == 3
+
+
+def test_the_untrained_row_has_one_value_per_seed():
+    # 22 arms x 5 seeds repeat each seed's untrained accuracy 22 times: pooled, they would look like 110 values
+    per_seed = [0.5335, 0.4885, 0.5105, 0.4855, 0.5005]
+    records = [{"run": {"seed": s, "method": m}, "eval_accuracy_before": a}
+               for m in range(22) for s, a in enumerate(per_seed)] + [{"run": {"seed": 9}, "eval_accuracy_before": None}]
+    assert _stats.untrained(records) == pytest.approx(per_seed)
+    s = _stats.summarize(_stats.untrained(records))
+    assert s.n == 5 and f"{s.mean:.3f} +- {s.se:.3f} [{s.lo:.3f}, {s.hi:.3f}]" == "0.504 +- 0.009 [0.480, 0.528]"
+    assert _stats.summarize([r["eval_accuracy_before"] for r in records[:-1]]).se < 0.003  # the old, pooled row
+
+
+def test_equivalence_needs_the_90_percent_interval_inside_the_margin():
+    base = [0.80, 0.81, 0.79, 0.82, 0.78]
+    tight = _stats.paired([b + 0.001 + e for b, e in zip(base, [0.0005, -0.0005, 0.0003, -0.0003, 0.0])], base)
+    assert tight.lo90 > -_stats.EQUIVALENCE_MARGIN and tight.hi90 < _stats.EQUIVALENCE_MARGIN
+    assert tight.within() and _stats.equivalence(tight) == "equivalent"
+    # no difference found, but the interval is wide: not evidence that the two are level
+    wide = _stats.paired([b + e for b, e in zip(base, [0.01, -0.012, 0.006, -0.004, 0.001])], base)
+    assert wide.verdict == "inconclusive" and wide.lo90 < -0.005
+    assert not wide.within() and _stats.equivalence(wide) == "not shown"
+    # the 90% interval (t, 4 degrees of freedom) is narrower than the 95% one, around the same mean
+    assert wide.lo < wide.lo90 < wide.diff < wide.hi90 < wide.hi
+    d = [x - y for x, y in zip([b + e for b, e in zip(base, [0.01, -0.012, 0.006, -0.004, 0.001])], base)]
+    half = 2.131846786 * _stats.summarize(d).se
+    assert wide.hi90 - wide.diff == pytest.approx(half, rel=1e-6)
+    # an interval just past the margin on one side is not equivalence, whatever the other side
+    assert not _stats.Paired(5, 0.0, -0.01, 0.01, 0.9, -0.004, 0.0051).within()
+    # a bootstrap's verdict follows the same rule, and claim_rows says which test it is
+    boot = _stats.Bootstrap(5, 2000, 0.001, -0.004, 0.006, -0.003, 0.0045, 0.7)
+    assert boot.within() and _stats.equivalence(boot) == "equivalent"
+    rows = _stats.claim_rows([("a beats b", boot)])
+    assert rows[0].startswith("Test: paired bootstrap over seeds and test examples")
+    assert rows[4].strip("| ").split(" | ")[5:] == ["[-0.0030, +0.0045]", "equivalent"]
 
 
 def _decide(accs):
@@ -365,3 +550,10 @@ def test_rank1_tuning_scores_a_point_by_its_mean_over_the_tuning_seeds(monkeypat
     assert {r["seed"] for r in sweep.asked} == set(plan.TUNE_SEEDS)
     finals = plan.final(sweep, tuned)
     assert all([r["run"]["seed"] for r in recs] == list(plan.FINAL_SEEDS) for recs in finals.values())
+
+
+def test_the_stability_and_default_stages_refuse_protocol_v2(monkeypatch, capsys):
+    for stage in ("stability", "default"):
+        monkeypatch.setattr(sys, "argv", ["evidence.py", stage, "--protocol", "v2"])
+        with pytest.raises(SystemExit, match=f"the {stage} stage is protocol v1's .*leave out --protocol"):
+            evidence.main()
