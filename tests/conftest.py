@@ -79,7 +79,8 @@ def mc_data(tmp_path_factory):
 #: (tests/dcp_worker.py, prefixed ``dcp:``) share one launch of 2 ranks and one of 4: starting the
 #: processes (importing torch and peft) costs more than the scenarios. "dcp:accelerate" comes last
 #: (it changes the process's AcceleratorState).
-OWNER_SCENARIOS = ["fsdp2", "fsdp2_clip_outside", "ddp_split", "fsdp2_mixed_precision", "checkpoint"]
+OWNER_SCENARIOS = ["fsdp2", "fsdp2_default_mesh", "fsdp2_clip_outside", "ddp_split", "fsdp2_mixed_precision", "checkpoint",
+                   "mesh_refusals"]
 DCP_SAVES = ["save:fsdp2:dcp", "save:fsdp2:full", "save:ddp:dcp"]
 #: the same with one factor of every pair frozen from the start (``+A`` / ``+B``; tests/dcp_worker.wrap)
 DCP_FROZEN_SAVES = ["save:fsdp2+B:dcp", "save:ddp+A:dcp"]
@@ -110,7 +111,7 @@ def fsdp_four_ranks(fsdp_two_ranks, tmp_path_factory):
     from owner_worker import worker
 
     owners, dcp = fsdp_two_ranks
-    scenarios = ["fsdp2", f"resume:{owners[0]['checkpoint']['checkpoint']}",
+    scenarios = ["fsdp2", "fsdp2_default_mesh", f"resume:{owners[0]['checkpoint']['checkpoint']}",
                  f"dcp:resume:fsdp2:dcp:{dcp[0]['save:fsdp2:dcp']['folder']}",
                  f"dcp:resume:fsdp2:full:{dcp[0]['save:fsdp2:full']['folder']}"]
     return _split(_ranks.run_ranks(worker, 4, scenarios, tmp_path_factory.mktemp("four")))

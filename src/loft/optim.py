@@ -28,6 +28,7 @@ from .distributed import (
     check_module_supported,
     check_pair_supported,
     check_pairs_agree_across_ranks,
+    check_sharding,
     check_tensor_supported,
     make_distributor,
 )
@@ -240,7 +241,7 @@ class LoFTAdamW(Optimizer):
         if not self._pairs:
             raise ValueError(self._no_pairs_message())
         check_pairs_agree_across_ranks((p.name, p.A.shape, p.B.shape) for p in self._pairs)
-        self._distributor = make_distributor(self._pairs, self.settings.split_step)
+        self._distributor = make_distributor(self._pairs, self.settings.split_step, self._plain_params(), self._param_names)
         warn_about_ranks_between(self._pairs)
         self.register_state_dict_pre_hook(rebind_if_swapped)
         self.register_state_dict_post_hook(_pack_pair_state)
@@ -321,10 +322,20 @@ class LoFTAdamW(Optimizer):
                 self.state[t] = ParamStateView(self._states, pair, side)
             self._param_names.setdefault(id(pair.A), f"{pair.name}.A" if pair.name else "lora A")
             self._param_names.setdefault(id(pair.B), f"{pair.name}.B" if pair.name else "lora B")
-        if self._distributor is not None:
+        if self._distributor is not None:  # (at construction, make_distributor checks the sharding)
+            mesh = check_sharding(self._pairs, self._plain_params(), self._param_names)
+            if (mesh is not None) != bool(getattr(self._distributor, "sharded", False)):
+                raise UnsupportedDistributedSetup(
+                    "add_param_group: the new parameters are sharded (FSDP2) and the optimizer's are not, or the other "
+                    "way round; shard the whole model with fully_shard before constructing LoFTAdamW."
+                )
             self._distributor.add_pairs(pairs)
         self._prepared = None
         note_layout(self)  # which tensor sits where, to follow a wrapper that swaps them (loft/rebind.py)
+
+    def _plain_params(self) -> list[Tensor]:
+        """The parameters that are not LoRA factors, in ``param_groups`` order."""
+        return [p for g in self.param_groups for p in g["params"] if id(p) in self._plain_ids]
 
     def _no_pairs_message(self) -> str:
         if self._modules_seen:
