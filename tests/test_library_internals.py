@@ -213,17 +213,6 @@ def test_accelerate_ignores_the_fsdp_plugin_on_cpu_processes_and_fsdp_on_cpu_set
     assert not li.fsdp_on_cpu(SimpleNamespace(state=state), plugin)  # already FSDP: nothing to do
 
 
-def test_torch_state_dict_api_name_that_loft_recognises():
-    """loft/checkpoint.py recognises torch's get/set_optimizer_state_dict by their helper on the stack."""
-    import torch.distributed.checkpoint.state_dict as dsd
-
-    from loft.checkpoint import TORCH_DSD_GETTER, TORCH_DSD_MODULE
-
-    assert dsd.__name__ == TORCH_DSD_MODULE and callable(getattr(dsd, TORCH_DSD_GETTER, None)), (
-        f"torch {torch.__version__}: {TORCH_DSD_MODULE}.{TORCH_DSD_GETTER} is gone (see loft/checkpoint.py)")
-    assert TORCH_DSD_GETTER in inspect.getsource(dsd.get_optimizer_state_dict)
-
-
 # ----------------------------------------------------------------------------- bitsandbytes
 def test_bitsandbytes_cpu_packing_switch_and_training_after_an_evaluation():
     bnb = pytest.importorskip("bitsandbytes")
