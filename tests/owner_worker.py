@@ -88,13 +88,14 @@ def state_bytes(opt) -> int:
     return sum(t.numel() * t.element_size() for b in opt.batch_states() for side in b.sides for t in vars(side).values())
 
 
-def shard(model, world: int, mp_policy=None, *, mesh: bool = True):
+def shard(model, world: int, mp_policy=None, *, mesh: bool = True, **fsdp_options):
     """``fully_shard`` on each LoRA layer, then the root. ``mesh=False``: as torch's tutorials and
-    most users write it, no ``mesh=`` argument (each call makes a default mesh of its own)."""
+    most users write it, no ``mesh=`` argument (each call makes a default mesh of its own).
+    ``fsdp_options``: more keyword arguments of ``fully_shard`` (``reshard_after_forward``)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    kwargs = {} if mp_policy is None else {"mp_policy": mp_policy}
+    kwargs = dict(fsdp_options) if mp_policy is None else {"mp_policy": mp_policy, **fsdp_options}
     if mesh:
         kwargs["mesh"] = init_device_mesh("cpu", (world,))
     for i in LORA_LAYERS:
@@ -150,6 +151,11 @@ def run(scenario: str, rank: int, world: int, xs, ys) -> dict[str, object]:
 
         dcp_worker.OUT_DIR = OUT_DIR
         return dcp_worker.run(scenario.removeprefix("dcp:"), rank, world, xs, ys)
+    if scenario.startswith("setups:"):  # a scenario of tests/setups_worker.py, in the same launch
+        import setups_worker
+
+        setups_worker.OUT_DIR = OUT_DIR
+        return setups_worker.run(scenario.removeprefix("setups:"), rank, world, xs, ys)
     if scenario == "mesh_refusals":
         return mesh_refusals(world)
     if scenario in ("fsdp2", "fsdp2_default_mesh", "ddp_split"):
