@@ -12,7 +12,8 @@ shard with FSDP2, each compared with one process (gloo, CPU, float64 unless stat
 * ``hf_checkpointing``: a tiny transformers Llama with ``gradient_checkpointing_enable()``,
   ``fully_shard`` on each decoder layer and the root (no ``mesh=``);
 * ``trainer``: ``LoFTTrainer`` with ``TrainingArguments(fsdp="full_shard", fsdp_config={"version": 2,
-  ...})`` on the tiny Llama, as users configure Trainer's FSDP2.
+  ...})`` on the tiny Llama, as users configure Trainer's FSDP2, with its checkpoints; then a fresh
+  trainer resumed from the first checkpoint.
 """
 
 from __future__ import annotations
@@ -163,8 +164,12 @@ def run(scenario: str, rank: int, world: int, xs, ys) -> dict[str, object]:
         opt = llama_optimizer(model)
         llama_train(model, opt, ids[part])
         out["owner_distributor"] = type(opt._distributor).__name__
-    elif scenario == "trainer":
-        out["params"], out["sharded"] = trainer_run(os.path.join(OUT_DIR, "trainer"), fsdp=True)
+    elif scenario == "trainer":  # 6 steps (a checkpoint at 3), then a fresh trainer resumed from it
+        folder = os.path.join(OUT_DIR, "trainer")
+        out["params"], out["sharded"] = trainer_run(folder, fsdp=True)
+        out["resumed"], _ = trainer_run(os.path.join(OUT_DIR, "trainer-resumed"), fsdp=True,
+                                        resume=os.path.join(folder, f"checkpoint-{STEPS // 2}"))
+        out["checkpoint"] = sorted(os.listdir(os.path.join(folder, f"checkpoint-{STEPS // 2}")))
         return out
     else:
         raise ValueError(scenario)
@@ -183,26 +188,27 @@ class _Tokens(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
-def trainer_run(out_dir: str, fsdp: bool) -> tuple[dict[str, torch.Tensor], bool]:
-    """``LoFTTrainer`` on the tiny Llama for STEPS steps of the global batch (LLAMA_ROWS rows):
-    with ``fsdp`` (2 processes), Trainer's FSDP2 as users configure it, 4 rows per process; without
-    (one process), 2 accumulated micro-batches of 4. The trained adapter, gathered whole, and
-    whether LoFT stepped sharded factors with owners."""
+def trainer_run(out_dir: str, fsdp: bool, resume: str | None = None) -> tuple[dict[str, torch.Tensor], bool]:
+    """``LoFTTrainer`` on the tiny Llama for STEPS steps of the global batch (LLAMA_ROWS rows),
+    Trainer's default schedule and checkpoints (every STEPS // 2 steps): with ``fsdp`` (2
+    processes), Trainer's FSDP2 as users configure it (its default FULL_STATE_DICT checkpoints), 4
+    rows per process; without (one process), 2 accumulated micro-batches of 4. ``resume``: a
+    checkpoint folder to continue from. The trained adapter, gathered whole, and whether LoFT
+    stepped sharded factors with owners."""
     from transformers import TrainingArguments
 
     from loft.integrations import LoFTTrainer
 
-    fsdp_args = dict(fsdp="full_shard", fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
-                                                     "reshard_after_forward": True})
+    fsdp_args = dict(fsdp="full_shard", fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]})
     args = TrainingArguments(
         output_dir=out_dir, max_steps=STEPS, per_device_train_batch_size=LLAMA_ROWS // 2,
         gradient_accumulation_steps=1 if fsdp else 2, learning_rate=1e-2, weight_decay=0.01, max_grad_norm=0.5,
-        lr_scheduler_type="constant", warmup_steps=0, save_strategy="no", logging_strategy="no", report_to=[],
-        use_cpu=True, seed=0, data_seed=0, disable_tqdm=True, **(fsdp_args if fsdp else {}),
+        save_steps=STEPS // 2, logging_strategy="no", report_to=[], use_cpu=True, seed=0, data_seed=0,
+        disable_tqdm=True, **(fsdp_args if fsdp else {}),
     )
     model = build_llama()
     trainer = LoFTTrainer(model=model, args=args, train_dataset=_Tokens(llama_data()))
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume)
     optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # (inside Accelerate's wrapper)
     sharded = type(optimizer._distributor).__name__ == "OwnerDistributor" and all(
         hasattr(p, "device_mesh") for p in optimizer.param_groups[0]["params"])
