@@ -78,8 +78,8 @@ def mc_data(tmp_path_factory):
 #: the FSDP2 / DDP scenarios of tests/test_owners.py (tests/owner_worker.py), of tests/test_dcp.py
 #: (tests/dcp_worker.py, prefixed ``dcp:``) and of tests/test_fsdp2_setups.py (tests/setups_worker.py,
 #: prefixed ``setups:``) share one launch of 2 ranks and one of 4: starting the processes (importing
-#: torch and peft) costs more than the scenarios. "setups:trainer" and "dcp:accelerate" come last, in
-#: this order (each sets the process's AcceleratorState).
+#: torch and peft) costs more than the scenarios. "setups:trainer" and "dcp:accelerate" come last
+#: (each resets, then sets, the process's Accelerate state: tests/owner_worker.run).
 OWNER_SCENARIOS = ["fsdp2", "fsdp2_default_mesh", "fsdp2_clip_outside", "ddp_split", "fsdp2_mixed_precision", "checkpoint",
                    "mesh_refusals"]
 DCP_SAVES = ["save:fsdp2:dcp", "save:fsdp2:full", "save:ddp:dcp"]

@@ -97,7 +97,6 @@ def provide(names: set[str], code: str, folder: Path, distributed: bool) -> dict
         "peft_model": peft_model,
         "ds": Tokens,
         "folder": lambda: str(folder),
-        "device": lambda: torch.device("cpu"),
     }
     if classifier:
         makers["loader"] = lambda: review_batches(os.environ[TINY_BERT_ENV])

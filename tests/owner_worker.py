@@ -146,6 +146,10 @@ def worker(rank: int, world: int, port: int, scenarios: list[str], out_dir: str)
 
 def run(scenario: str, rank: int, world: int, xs, ys) -> dict[str, object]:
     out: dict[str, object] = {}
+    if scenario in ("dcp:accelerate", "setups:trainer"):  # each starts from a fresh Accelerate state
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
     if scenario.startswith("dcp:"):  # a scenario of tests/dcp_worker.py, in the same launch
         import dcp_worker
 
