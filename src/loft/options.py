@@ -95,7 +95,8 @@ def check_group(group: dict[str, Any]) -> None:
 
 @dataclass(frozen=True)
 class Settings:
-    """How :class:`~loft.LoFTAdamW` computes, not what: the results agree up to rounding.
+    """How :class:`~loft.LoFTAdamW` computes and checkpoints, not what it computes: the results
+    agree up to rounding.
 
     ``chunk_bytes``: memory budget of the temporaries of the full-direction rebuild (for a batch
     of pairs, of the whole batch); calibration and the moment updates take slices of a batch of
@@ -109,6 +110,13 @@ class Settings:
     ``load_state_dict()`` are collectives: call them on every rank. ``fuse_elementwise``: the
     full-direction rebuild's elementwise passes (clamp, sqrt, ``+ eps``, divide) as one
     ``torch.compile`` kernel (``None``: on CUDA only; eager with a warning where compiling fails).
+    ``complete_state_dict``: what ``state_dict()`` holds, whoever calls it (:mod:`loft.checkpoint`):
+    ``True``, an entry for every trainable parameter (step-0 zeros before its first step, which
+    loading leaves fresh) and a frozen factor's state inside its trainable partner's entry, so
+    that torch's ``get_optimizer_state_dict`` / ``set_optimizer_state_dict`` (DCP, Accelerate's and
+    Trainer's FSDP2 checkpoints) save and restore everything; ``False``, only the entries of
+    parameters that have state, each under its own parameter (a fresh optimizer then offers DCP
+    nothing to load into).
     """
 
     chunk_bytes: int = 4 * 2**20
@@ -116,6 +124,7 @@ class Settings:
     nonfinite_grads: str = "skip"
     split_step: bool = False
     fuse_elementwise: bool | None = None
+    complete_state_dict: bool = True
 
     def fuses(self, device: Any) -> bool:
         """Whether the rebuild's elementwise passes run as one compiled kernel on ``device``:
@@ -134,6 +143,8 @@ class Settings:
             raise TypeError(f"Invalid batch_pairs: {self.batch_pairs!r} (True or False).")
         if self.fuse_elementwise is not None and not isinstance(self.fuse_elementwise, bool):
             raise TypeError(f"Invalid fuse_elementwise: {self.fuse_elementwise!r} (True, False or None).")
+        if not isinstance(self.complete_state_dict, bool):
+            raise TypeError(f"Invalid complete_state_dict: {self.complete_state_dict!r} (True or False).")
         if not isinstance(self.split_step, bool):
             raise TypeError(f"Invalid split_step: {self.split_step!r} (True or False).")
         if self.nonfinite_grads not in ("skip", "raise"):

@@ -176,8 +176,14 @@ def fsdp_on_cpu(accelerator: Any, fsdp_plugin: Any) -> bool:
     ...); with ``MULTI_CPU`` it silently ignores it and trains with DDP, although torch's
     ``fully_shard`` runs on CPU over gloo. Relies on the shared ``AcceleratorState`` taking
     writes to ``distributed_type`` and ``fsdp_plugin`` (read by ``Accelerator.prepare``, its
-    ``is_fsdp2`` and the FSDP checkpoint helpers); returns whether it changed anything.
+    ``is_fsdp2`` and the FSDP checkpoint helpers), and on ``PartialState._shared_state`` holding
+    the ``distributed_type`` that every later ``AcceleratorState()`` copies back into the shared
+    state (as ``AcceleratorState.__init__`` itself writes it there): without that write
+    ``is_fsdp2`` turned false again after ``prepare``, and Trainer's FULL_STATE_DICT save handed
+    DTensors to PEFT's ``save_pretrained``, which failed on rank 0 while rank 1 waited. Returns
+    whether it changed anything.
     """
+    from accelerate.state import PartialState
     from accelerate.utils import DistributedType
 
     state = accelerator.state
@@ -185,6 +191,7 @@ def fsdp_on_cpu(accelerator: Any, fsdp_plugin: Any) -> bool:
         return False
     state.distributed_type = DistributedType.FSDP
     state.fsdp_plugin = fsdp_plugin
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
     return True
 
 
