@@ -428,6 +428,17 @@ class _RunTrainerMixin:
         self._loft_step_losses: dict[int, torch.Tensor] = {}
         self._loft_t0 = time.perf_counter()
 
+    # Trainer's batch fetch before each optimizer step (library_internals.BATCH_SAMPLES_HOOK)
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """Trainer's, except when the run already took its last step: a resume from the checkpoint
+        written after the final step (an interruption during the final evaluation or while saving)
+        would otherwise train step ``max_steps + 1`` (transformers 5.25 checks the step count only
+        after a step). No batch then, and training stops before any step."""
+        if self.state.global_step >= self.state.max_steps:
+            self.control.should_training_stop = True
+            return [], None
+        return super().get_batch_samples(epoch_iterator, num_batches, device)
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
         step = self.state.global_step + 1
