@@ -110,3 +110,126 @@ def test_resume_of_a_run_interrupted_after_its_last_step_trains_no_extra_step(mo
     for key in ("steps", "epochs", "train_loss", "train_loss_last", "loss_curve", "eval_loss", "eval_accuracy"):
         assert resumed[key] == reference[key], key
     assert same_tensors(adapter(out), adapter(straight[0]))
+
+
+# ----------------------------------------------------------------------------- 2. one process per run folder
+TESTS = Path(__file__).parent
+
+
+def start_loft(argv, **popen):
+    """``loft`` in another process (this checkout's source)."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=str(TESTS.parent / "src"))
+    return subprocess.Popen([sys.executable, "-m", "loft.app", *map(str, argv)], env=env, **popen)
+
+
+def wait_for(path: Path, proc, what: str, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"the other process ended before {what}"
+        assert time.monotonic() < deadline, f"the other process never reached {what}"
+        time.sleep(0.2)
+
+
+def test_a_second_run_into_a_folder_a_live_run_writes_is_refused_and_a_killed_ones_lock_blocks_nothing(
+        capsys, bert, data, tmp_path):
+    """Run A trains into DIR (another process); run B, other settings and --overwrite, into DIR is
+    refused, naming A's pid, and changes nothing; so is a plain --resume. Once A is killed (-9),
+    its lock is gone with it, and B runs."""
+    import subprocess
+
+    out = tmp_path / "run"
+    a = start_loft(args(bert, data, out)[:-1] + ["--max-steps", "100000", "--quiet"],
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(out / "eval_before.json", a, "training")
+        listing = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+        for extra in (["--rank", "2", "--overwrite"], ["--resume"], []):
+            err = one_line(capsys, args(bert, data, out, *extra), 2)
+            assert f"is in use: loft process {a.pid}" in err and f"kill {a.pid}" in err, err
+            assert "--overwrite" not in err.split("in use")[1], err  # never suggests replacing a live run
+        assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == listing
+        assert a.poll() is None  # A trains on
+    finally:
+        a.kill()
+        a.wait(60)
+    assert main(args(bert, data, out, "--rank", "2", "--overwrite")) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["rank"] == 2 and metrics["steps"] == STEPS
+    assert json.loads((out / "run_config.json").read_text())["settings"]["rank"] == 2
+    assert not (out / ".loft.lock").exists()  # released at the end of the run
+
+
+def test_the_lock_is_taken_after_the_checks_and_refuses_a_folder_that_changed_meanwhile(bert, data, tmp_path):
+    from loft.app.errors import LoftUsageError
+    from loft.app.rundir import check_output_dir, take_output_dir
+
+    out = tmp_path / "run"
+    identity = config(bert, data, out).identity()
+    plan = check_output_dir(out, identity, overwrite=False, resume=False)
+    assert plan.action == "new" and not out.exists()  # the checks write nothing
+    lock = take_output_dir(out, plan.snapshot)
+    try:
+        with pytest.raises(LoftUsageError, match="is in use"):
+            take_output_dir(out, plan.snapshot)  # a second handle: refused, even in this process
+    finally:
+        lock.release()
+    assert not (out / ".loft.lock").exists()
+    (out / "run_config.json").write_text("{}")  # another process started a run meanwhile
+    with pytest.raises(LoftUsageError, match="changed while this command was loading"):
+        take_output_dir(out, plan.snapshot)
+
+
+# ----------------------------------------------------------------------------- 3. loft federate reruns
+def fake_simulation(monkeypatch, accuracy: float, interrupt_after: int | None = None):
+    """``loft federate`` with Flower's simulation replaced by rounds made up here (this tests the
+    output folder; tests/test_flower.py runs the real simulation): round records with
+    ``accuracy``, and a Ctrl-C after round ``interrupt_after``."""
+    import loft.app.federated.run as run_mod
+
+    def simulate(cfg, bench, split, record):
+        for r in range(cfg.rounds + 1):
+            record({"round": r, "eval_accuracy": accuracy, "eval_loss": 0.7, "train_loss": None if r == 0 else 0.6,
+                    "aggregation_error": None if r == 0 else 1e-3, "bytes_up": [10] * cfg.clients,
+                    "bytes_down": 10, "seconds": 0.1}, {})
+            if r == interrupt_after:
+                raise KeyboardInterrupt
+        return 1.0, []
+
+    monkeypatch.setattr(run_mod, "_simulate", simulate)
+
+
+def test_an_interrupted_rerun_of_a_finished_federate_run_keeps_its_results(capsys, monkeypatch, bert, data, tmp_path):
+    out = tmp_path / "fed"
+    argv = ["federate", "--model", bert, "--data", data[0], "--eval-data", data[1], "--clients", "2", "--rounds", "2",
+            "--rank", "2", "-b", "8", "-o", out, "--quiet"]
+    fake_simulation(monkeypatch, 0.25)
+    assert main([str(a) for a in argv]) == 0
+    capsys.readouterr()
+    finished = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert {"metrics.json", "rounds.jsonl", "accuracy.png", "run_config.json"} <= finished.keys()
+    fake_simulation(monkeypatch, 0.75, interrupt_after=1)
+    err = one_line(capsys, argv, 130)  # the same settings, no --overwrite: a rerun, Ctrl-C in round 1
+    assert f"The finished run in {out} is unchanged" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == finished  # its history is intact
+    fake_simulation(monkeypatch, 0.75)
+    assert main([str(a) for a in argv]) == 0  # a complete rerun replaces it
+    assert [json.loads(line)["eval_accuracy"] for line in (out / "rounds.jsonl").read_text().splitlines()] == [0.75] * 3
+    assert json.loads((out / "metrics.json").read_text())["eval_accuracy"] == 0.75
+    assert not (out / ".incoming").exists()
+
+
+def test_an_interrupted_new_federate_run_keeps_its_rounds_and_a_plain_rerun_starts_again(capsys, monkeypatch, bert,
+                                                                                         data, tmp_path):
+    out = tmp_path / "fed"
+    argv = ["federate", "--model", bert, "--data", data[0], "--eval-data", data[1], "--clients", "2", "--rounds", "2",
+            "--rank", "2", "-b", "8", "-o", out, "--quiet"]
+    fake_simulation(monkeypatch, 0.25, interrupt_after=1)
+    err = one_line(capsys, argv, 130)
+    assert f"{out / 'rounds.jsonl'} holds the finished rounds" in err and "run the same command again" in err
+    assert [json.loads(line)["round"] for line in (out / "rounds.jsonl").read_text().splitlines()] == [0, 1]
+    fake_simulation(monkeypatch, 0.5)
+    assert main([str(a) for a in argv]) == 0  # no --overwrite needed: the unfinished run had nothing to continue
+    assert json.loads((out / "metrics.json").read_text())["eval_accuracy"] == 0.5

@@ -14,7 +14,6 @@ import csv
 import io
 import json
 import re
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -28,10 +27,14 @@ from .rundir import (
     METRICS_FILE,
     _check_writable,
     _latest_checkpoint,
+    _snapshot,
     check_output_dir,
+    clear_folder,
     is_new_output_dir,
     run_name,
+    take_output_dir,
 )
+from .runlock import RunLock, listing
 from .launch import barrier, init_processes, is_main_process, launched_processes, on_main_process
 
 __all__ = ["parse_lrs", "run_compare"]
@@ -99,9 +102,16 @@ def _is_comparison(out: Path) -> bool:
 
 
 def _check_folder(out: Path, identity: dict[str, Any], runs: list[tuple[str, FinetuneConfig]], overwrite: bool,
-                  resume: bool) -> dict[str, str]:
+                  resume: bool) -> tuple[dict[str, str], tuple]:
     """Decide, reading only, what happens to ``out`` and to each run's folder in it:
-    ``{name: "new" | "done" | "resume" | "restart"}``. Refuses a folder it must not use."""
+    ``({name: "new" | "done" | "resume" | "restart"}, what out holds now)``. Refuses a folder it
+    must not use (another live process's too)."""
+    states = _run_states(out, identity, runs, overwrite, resume)
+    return states, _snapshot(out)  # after the checks (which probe each folder for writing)
+
+
+def _run_states(out: Path, identity: dict[str, Any], runs: list[tuple[str, FinetuneConfig]], overwrite: bool,
+                resume: bool) -> dict[str, str]:
     if is_new_output_dir(out, overwrite=overwrite, resume=resume, holds="comparison"):
         return {name: "new" for name, _ in runs}
     if not _is_comparison(out):
@@ -130,7 +140,7 @@ def _check_folder(out: Path, identity: dict[str, Any], runs: list[tuple[str, Fin
     states = {}
     for name, cfg in runs:
         sub = out / name
-        if not sub.is_dir() or not any(sub.iterdir()):
+        if not sub.is_dir() or not listing(sub):
             states[name] = "new"
         elif (sub / METRICS_FILE).is_file() and not (sub / CHECKPOINTS).exists():
             check_output_dir(sub, cfg.identity(), overwrite=False, resume=False)  # the same settings
@@ -143,14 +153,16 @@ def _check_folder(out: Path, identity: dict[str, Any], runs: list[tuple[str, Fin
     return states
 
 
-def _prepare_folder(out: Path, identity: dict[str, Any], overwrite: bool) -> None:
-    """Create ``out`` (emptied first for ``--overwrite``) and record the comparison's settings
-    (main process only)."""
+def _prepare_folder(out: Path, identity: dict[str, Any], overwrite: bool, snapshot: tuple, held: list[RunLock]) -> None:
+    """Take ``out``'s lock (appended to ``held``; kept until the comparison ends), empty it for
+    ``--overwrite`` and record the comparison's settings (main process only)."""
     try:
-        if overwrite and out.exists():
+        lock = take_output_dir(out, snapshot)
+        if lock is not None:
+            held.append(lock)
+        if overwrite and listing(out):
             print(f"Replacing the comparison in {out} (--overwrite).", flush=True)
-            shutil.rmtree(out)
-        out.mkdir(parents=True, exist_ok=True)
+            clear_folder(out)
         write_json(out / COMPARE_CONFIG, identity)
     except OSError as e:
         raise LoftUsageError(f"Cannot write to --output-dir {str(out)!r}: {e.strerror or e}.") from None
@@ -210,9 +222,10 @@ def run_compare(
     del inputs
     identity = json.loads(json.dumps({"methods": methods, "ranks": ranks, "full": full, "lrs": lrs,
                                       "settings": settings}, default=str))
-    states = on_main_process(_check_folder, out, identity, runs, overwrite, resume)
-    on_main_process(_prepare_folder, out, identity, overwrite)
+    states, snapshot = on_main_process(_check_folder, out, identity, runs, overwrite, resume)
+    held: list[RunLock] = []
     try:
+        on_main_process(_prepare_folder, out, identity, overwrite, snapshot, held)
         return _run_all(out, runs, states, settings, lrs, progress)
     except KeyboardInterrupt:  # between runs, or while writing the table
         done = sum((out / name / METRICS_FILE).is_file() for name, _ in runs)
@@ -220,6 +233,9 @@ def run_compare(
             f"Interrupted; {done} of {len(runs)} runs in {out} finished and are kept. Continue the comparison with the "
             "same loft compare command plus --resume."
         ) from None
+    finally:
+        for lock in held:
+            lock.release()
 
 
 def _run_all(out: Path, runs, states: dict[str, str], settings: dict[str, Any], lrs: dict[str, float],

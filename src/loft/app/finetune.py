@@ -61,6 +61,7 @@ from ..linalg import rank_regime
 from .memory import start_peak_memory
 from .methods import PissaStart, lora_options, make_optimizer
 from .models import resolve_model
+from .runlock import RunLock
 from .rundir import (  # noqa: F401  (re-exported: compare and the tests use them from here)
     CHECKPOINTS,
     CONFIG_FILE,
@@ -78,6 +79,7 @@ from .rundir import (  # noqa: F401  (re-exported: compare and the tests use the
     checkpoint_damage,
     default_output_dir,
     run_name,
+    take_output_dir,
 )
 from .tasks import Task
 
@@ -172,10 +174,11 @@ def _fresh_modules(missing_keys: list[str]) -> list[str]:
 
 
 def _start_run(
-    out: Path, cfg: FinetuneConfig, plan: OutputPlan, *, model_path: str, world: int
+    out: Path, cfg: FinetuneConfig, plan: OutputPlan, *, model_path: str, world: int, status: RunStatus
 ) -> tuple[str | None, dict[str, float] | None, dict[str, Any] | None]:
-    """Make ``out`` ready (main process only): ``(checkpoint to resume from, saved eval-before
-    metrics, saved training progress)``."""
+    """Take the folder's lock (held until the run ends, ``status.lock``) and make ``out`` ready
+    (main process only): ``(checkpoint to resume from, saved eval-before metrics, saved training
+    progress)``."""
     if plan.action == "resume":
         started = _read_run_config(out).get("processes", 1)
         if started != world:
@@ -184,6 +187,8 @@ def _start_run(
                 "so that every process finds its own saved random state. Nothing was changed."
             )
     try:
+        status.lock = take_output_dir(out, plan.snapshot)
+        status.output = plan
         apply_output_plan(out, plan)
         if plan.checkpoint is None:
             write_json(out / CONFIG_FILE, {"settings": cfg.identity(), "processes": world, "model_path": model_path,
@@ -546,6 +551,7 @@ def finetune(
     except KeyboardInterrupt:
         raise RunInterrupted(status.interrupted(), status.checkpoint_kept()) from None
     finally:
+        status.release()
         if inputs is not None and inputs.pissa is not None:
             inputs.pissa.close()
 
@@ -764,9 +770,10 @@ def build_run(plan: RunPlan, inputs: RunInputs, *, callbacks: list[Any] | None, 
     cfg, model = plan.cfg, inputs.model
     # only now, with every input checked, touch the output directory
     status.phase = "preparing the output directory"
-    status.output = plan.output
+    if not plan.main:  # rank 0 sets it once it holds the folder's lock
+        status.output = plan.output
     checkpoint, before, saved_progress = on_main_process(
-        _start_run, plan.out, cfg, plan.output, model_path=plan.model_path, world=plan.world
+        _start_run, plan.out, cfg, plan.output, model_path=plan.model_path, world=plan.world, status=status
     )
     has_head = any(plan.is_head(n) for n, p in model.named_parameters() if p.requires_grad)
 
@@ -922,6 +929,13 @@ class RunStatus:
         self.main = True
         self.memory = start_peak_memory()  # the run's peak memory (metrics.json: peak_memory_mb)
         self.load_peak_mb: float | None = None
+        self.lock: RunLock | None = None  # the output folder's lock (main process), held until the run ends
+
+    def release(self) -> None:
+        """Let other processes use the output folder (the end of the run, however it ends)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     # -------------------------------------------------------------- interruptions
     def checkpoint_kept(self) -> str | None:
@@ -950,6 +964,7 @@ class RunStatus:
             for name in (CONFIG_FILE, EVAL_BEFORE_FILE, STAGING, CHECKPOINTS):
                 path = self.out / name
                 shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            self.release()
             if not self.output.existed and self.out.is_dir() and not any(self.out.iterdir()):
                 self.out.rmdir()
         if self.output.action == "overwrite":

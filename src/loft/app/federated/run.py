@@ -7,10 +7,15 @@ serving clients in turn) with the ``ServerApp`` of :mod:`.server` in this proces
 ``ClientApp`` of :mod:`.client` in the actors, and writes into the output folder:
 
 * ``run_config.json``: the settings (as ``loft finetune`` does);
-* ``rounds.jsonl``: one line per round as it finishes (round 0: the evaluation before training);
-* ``metrics.json``: every round, the split and a summary (written last: a run is finished when
+* ``rounds.jsonl``: one line per round (round 0: the evaluation before training), written into
+  ``.incoming/rounds.jsonl`` as each round finishes and moved in with the other results;
+* ``metrics.json``: every round, the split and a summary (moved in last: a run is finished when
   it is there);
 * ``accuracy.png``: accuracy and aggregation error per round.
+
+As with ``loft finetune``, a rerun of a finished run (same settings) keeps its results until the
+new ones are complete, and the folder's lock (:mod:`loft.app.runlock`) keeps a second process out
+while a run writes it.
 
 Offline: Flower's telemetry (``FLWR_TELEMETRY_ENABLED=0``) and Ray's usage statistics
 (``RAY_USAGE_STATS_ENABLED=0``) are off, nothing is installed at run time, Ray keeps its files
@@ -49,9 +54,17 @@ from typing import Any, Callable  # noqa: E402
 
 from ... import __version__  # noqa: E402
 from ... import federated as fed  # noqa: E402
-from ..atomic import write_json  # noqa: E402
+from ..atomic import replace_files, write_json  # noqa: E402
 from ..errors import LoftUsageError, RunInterrupted  # noqa: E402
-from ..rundir import CONFIG_FILE, METRICS_FILE, apply_output_plan, check_output_dir  # noqa: E402
+from ..rundir import (  # noqa: E402
+    CONFIG_FILE,
+    METRICS_FILE,
+    STAGING,
+    OutputPlan,
+    apply_output_plan,
+    check_output_dir,
+    take_output_dir,
+)
 from .config import FederateConfig  # noqa: E402
 
 __all__ = ["PROCESS_WAIT_S", "ROUNDS_FILE", "Terminated", "federate", "leftover_processes"]
@@ -157,18 +170,31 @@ def federate(cfg: FederateConfig, *, overwrite: bool = False, progress: bool = T
         raise LoftUsageError(f"Cannot split {len(labels)} training examples over --clients {cfg.clients} "
                              f"(--split {cfg.split}): {e}") from None
 
-    # every input is checked: only now touch the output folder
+    # every input is checked: only now touch the output folder (its lock held until the run ends)
+    lock = take_output_dir(out, plan.snapshot)
+    try:
+        return _run(cfg, out, plan, bench, split, labels, t_start, progress, on_round)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run(cfg: FederateConfig, out: Path, plan: OutputPlan, bench: Any, split: list[list[int]], labels: list[int],
+         t_start: float, progress: bool, on_round: Callable | None) -> dict[str, Any]:
+    """The run in its locked output folder: the simulation, then the results moved in."""
+    staging = out / STAGING
     try:
         apply_output_plan(out, plan)
         write_json(out / CONFIG_FILE, {"settings": cfg.identity(), "command": "federate", "loft_version": __version__})
-        (out / ROUNDS_FILE).write_text("", encoding="utf-8")
+        staging.mkdir()
+        (staging / ROUNDS_FILE).write_text("", encoding="utf-8")
     except OSError as e:
         raise LoftUsageError(f"Cannot write to --output-dir {str(out)!r}: {e.strerror or e}.") from None
     rounds: list[dict[str, Any]] = []
 
     def record(rec: dict[str, Any], detail: dict[str, Any]) -> None:
         rounds.append(rec)
-        with open(out / ROUNDS_FILE, "a", encoding="utf-8") as f:
+        with open(staging / ROUNDS_FILE, "a", encoding="utf-8") as f:
             f.write(json.dumps(rec) + "\n")
         if progress:
             acc = f"accuracy {rec['eval_accuracy']:.4f}, loss {rec['eval_loss']:.4f}"
@@ -184,9 +210,9 @@ def federate(cfg: FederateConfig, *, overwrite: bool = False, progress: bool = T
     try:
         seconds, killed = _simulate(cfg, bench, split, record)
     except KeyboardInterrupt:
-        raise RunInterrupted(_interrupted("Interrupted", cfg, out, rounds)) from None
+        raise RunInterrupted(_interrupted("Interrupted", cfg, out, plan, rounds)) from None
     except Terminated:
-        print(f"\nloft: {_interrupted('Terminated (SIGTERM)', cfg, out, rounds)}", file=sys.stderr, flush=True)
+        print(f"\nloft: {_interrupted('Terminated (SIGTERM)', cfg, out, plan, rounds)}", file=sys.stderr, flush=True)
         raise SystemExit(128 + signal.SIGTERM) from None
     if len(rounds) != cfg.rounds + 1:
         raise RuntimeError(f"the simulation ended after {len(rounds) - 1} of {cfg.rounds} rounds")
@@ -194,16 +220,29 @@ def federate(cfg: FederateConfig, *, overwrite: bool = False, progress: bool = T
     from ..plots import plot_rounds
 
     name = f"{cfg.method}-r{cfg.rank}" if cfg.method != "full" else "full"
-    plot_rounds({name: rounds}, out / PLOT_FILE,
+    plot_rounds({name: rounds}, staging / PLOT_FILE,
                 f"{name}, {cfg.aggregator_name}, {cfg.clients} clients, split {cfg.split}")
-    write_json(out / METRICS_FILE, metrics)
+    write_json(staging / METRICS_FILE, metrics)
+    (out / METRICS_FILE).unlink(missing_ok=True)  # a crash among the moves leaves an unfinished run, not a mix
+    replace_files(staging, out, last=METRICS_FILE)
     return metrics
 
 
-def _interrupted(what: str, cfg: FederateConfig, out: Path, rounds: list[dict[str, Any]]) -> str:
+def _interrupted(what: str, cfg: FederateConfig, out: Path, plan: OutputPlan, rounds: list[dict[str, Any]]) -> str:
+    """What an interruption says, after keeping what it can: the finished rounds of a new run go to
+    ``rounds.jsonl``; a rerun leaves the finished run's results as they were."""
     done = max(len(rounds) - 1, 0)
-    return (f"{what} after {done} of {cfg.rounds} rounds; Ray's processes and temporary files were removed. "
-            f"{out / ROUNDS_FILE} holds the finished rounds; there is no --resume: rerun the command with --overwrite.")
+    where = f"{what} after {done} of {cfg.rounds} rounds; Ray's processes and temporary files were removed."
+    staged = out / STAGING / ROUNDS_FILE
+    if plan.action == "rerun":
+        return (f"{where} The finished run in {out} is unchanged (this attempt's rounds are in {staged} until the next "
+                "run); there is no --resume.")
+    try:
+        os.replace(staged, out / ROUNDS_FILE)
+        shutil.rmtree(out / STAGING, ignore_errors=True)
+    except OSError:
+        return f"{where} {staged} holds the finished rounds; there is no --resume: run the same command again."
+    return f"{where} {out / ROUNDS_FILE} holds the finished rounds; there is no --resume: run the same command again."
 
 
 def _simulate(cfg: FederateConfig, bench: Any, split: list[list[int]], record: Callable) -> tuple[float, list[int]]:
