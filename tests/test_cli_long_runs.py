@@ -233,3 +233,101 @@ def test_an_interrupted_new_federate_run_keeps_its_rounds_and_a_plain_rerun_star
     fake_simulation(monkeypatch, 0.5)
     assert main([str(a) for a in argv]) == 0  # no --overwrite needed: the unfinished run had nothing to continue
     assert json.loads((out / "metrics.json").read_text())["eval_accuracy"] == 0.5
+
+
+# ----------------------------------------------------------------------------- 6. SIGTERM as Ctrl-C
+def sigterm():
+    os.kill(os.getpid(), signal.SIGTERM)  # what kill, docker stop, systemd and Slurm send
+    time.sleep(0.5)  # the handler runs at the next bytecode boundary
+
+
+class SigtermAt(TrainerCallback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step == self.step:
+            sigterm()
+
+
+def test_sigterm_during_training_saves_a_checkpoint_and_resume_is_exact(capsys, monkeypatch, straight, bert, data,
+                                                                        tmp_path):
+    out = tmp_path / "run"
+    original = loft.app.finetune.finetune
+    monkeypatch.setattr(loft.app.finetune, "finetune",
+                        lambda cfg, **kw: original(cfg, **{**kw, "callbacks": [SigtermAt(1)]}))
+    err = one_line(capsys, args(bert, data, out), 143)
+    assert err.startswith("loft: Terminated (SIGTERM) at step 2/3; checkpoint saved in") and "--resume" in err, err
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back
+    monkeypatch.undo()
+    assert main(args(bert, data, out, "--resume")) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["resumed_from"].endswith("checkpoint-2") and metrics["steps"] == STEPS
+    assert metrics["loss_curve"] == [list(p) for p in straight[1]["loss_curve"]]
+    assert same_tensors(adapter(out), adapter(straight[0]))
+
+
+def test_sigterm_before_the_first_checkpoint_leaves_the_folder_as_before(capsys, monkeypatch, bert, data, tmp_path):
+    from loft.app.tasks.classification import ClassificationTask
+
+    evaluate = ClassificationTask.evaluate
+
+    def evaluate_then_sigterm(self, *a, **kw):
+        result = evaluate(self, *a, **kw)
+        sigterm()
+        return result
+
+    monkeypatch.setattr(ClassificationTask, "evaluate", evaluate_then_sigterm)
+    out = tmp_path / "run"
+    err = one_line(capsys, args(bert, data, out), 143)
+    assert "Terminated (SIGTERM) while evaluating before training" in err and "nothing was kept" in err, err
+    assert not out.exists()  # a plain rerun starts cleanly
+
+
+@pytest.mark.parametrize("rerun", ["plain", "--resume"])
+def test_a_run_killed_before_its_first_checkpoint_is_started_again(rerun, capsys, bert, data, tmp_path):
+    """What kill -9 (or a crash) leaves before the first checkpoint: run_config.json and
+    eval_before.json. Neither a plain rerun nor --resume needs --overwrite for it."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run_config.json").write_text(json.dumps({"settings": config(bert, data, out).identity(), "processes": 1}))
+    (out / "eval_before.json").write_text("{}")
+    assert main(args(bert, data, out, *([] if rerun == "plain" else ["--resume"]))) == 0
+    assert "stopped before its first checkpoint; starting it again" in capsys.readouterr().out
+    assert json.loads((out / "metrics.json").read_text())["steps"] == STEPS
+
+
+def test_sigterm_between_the_runs_of_a_comparison(capsys, monkeypatch, bert, data, tmp_path):
+    out = tmp_path / "cmp"
+    argv = ["compare", "--model", bert, "--data", data[0], "--eval-data", data[1], "--methods", "lora", "--ranks", "1,2",
+            "--no-full", "--max-steps", "2", "-b", "8", "--quiet", "-o", out]
+    original = loft.app.compare.finetune
+
+    def sigterm_after_the_first(cfg, **kw):
+        metrics = original(cfg, **kw)
+        if cfg.rank == 1:
+            sigterm()
+        return metrics
+
+    monkeypatch.setattr(loft.app.compare, "finetune", sigterm_after_the_first)
+    err = one_line(capsys, argv, 143)
+    assert "Terminated (SIGTERM); 1 of 2 runs" in err and "--resume" in err, err
+    monkeypatch.undo()
+    assert main([str(a) for a in argv + ["--resume"]]) == 0
+    assert (out / "compare.csv").read_text().count("\n") == 3
+
+
+def test_ctrl_c_after_the_results_are_saved_says_they_are_complete(capsys, monkeypatch, bert, data, tmp_path):
+    """Ctrl-C just after "Saved to" (while the command shuts down): status 130 and one line that
+    says the results are complete."""
+    import loft.app.launch
+
+    def shutdown_then_ctrl_c():
+        raise KeyboardInterrupt
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(loft.app.launch, "shutdown_processes", shutdown_then_ctrl_c)
+    assert main(args(bert, data, out)) == 130
+    captured = capsys.readouterr()
+    assert captured.out.rstrip().splitlines()[-1].startswith(f"Saved to {out}/")
+    assert captured.err.strip() == f"loft: Interrupted after the run finished; its results in {out} are complete."

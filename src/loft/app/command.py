@@ -9,6 +9,7 @@ status 2 instead of failing with an import traceback.
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from importlib.util import find_spec
 
@@ -33,7 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     from .cli import main as cli_main
 
-    return cli_main(argv)
+    status = cli_main(argv)
+    # the command is over (its outcome printed): a Ctrl-C during the interpreter's exit would only
+    # print a traceback over it
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return status
 
 
 if __name__ == "__main__":  # pragma: no cover

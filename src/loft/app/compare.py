@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import atomic_write, write_json, write_text
-from .errors import LoftUsageError, RunInterrupted
+from .errors import LoftUsageError, RunInterrupted, interruption
 from .config import ADAPTER_METHODS
 from .finetune import DEFAULT_LR, METHODS, FinetuneConfig, finetune, prepare_inputs, resolve_targets
 from .rundir import (
@@ -35,6 +35,7 @@ from .rundir import (
     take_output_dir,
 )
 from .runlock import RunLock, listing
+from .signals import sigterm_as_interrupt
 from .launch import barrier, init_processes, is_main_process, launched_processes, on_main_process
 
 __all__ = ["parse_lrs", "run_compare"]
@@ -225,13 +226,15 @@ def run_compare(
     states, snapshot = on_main_process(_check_folder, out, identity, runs, overwrite, resume)
     held: list[RunLock] = []
     try:
-        on_main_process(_prepare_folder, out, identity, overwrite, snapshot, held)
-        return _run_all(out, runs, states, settings, lrs, progress)
-    except KeyboardInterrupt:  # between runs, or while writing the table
+        with sigterm_as_interrupt():  # SIGTERM: as Ctrl-C
+            on_main_process(_prepare_folder, out, identity, overwrite, snapshot, held)
+            return _run_all(out, runs, states, settings, lrs, progress)
+    except KeyboardInterrupt as e:  # between runs, or while writing the table (Ctrl-C or SIGTERM)
+        what, code = interruption(e)
         done = sum((out / name / METRICS_FILE).is_file() for name, _ in runs)
         raise RunInterrupted(
-            f"Interrupted; {done} of {len(runs)} runs in {out} finished and are kept. Continue the comparison with the "
-            "same loft compare command plus --resume."
+            f"{what}; {done} of {len(runs)} runs in {out} finished and are kept. Continue the comparison with the "
+            "same loft compare command plus --resume.", exit_code=code,
         ) from None
     finally:
         for lock in held:
@@ -262,6 +265,7 @@ def _run_all(out: Path, runs, states: dict[str, str], settings: dict[str, Any], 
                     f"Run {name}: {what}; {i - 1} of {len(runs)} runs finished and are kept. Continue the comparison "
                     "with the same loft compare command plus --resume.",
                     e.checkpoint,
+                    e.exit_code,
                 ) from None
         rows.append({k: metrics.get(k) for k in COLUMNS + OPTIONAL_COLUMNS})
         curves[name] = metrics["loss_curve"]

@@ -48,7 +48,7 @@ from .config import (  # noqa: F401  (FinetuneConfig and the defaults are used f
     FinetuneConfig,
     check_batch_split,
 )
-from .errors import LoftUsageError, RunInterrupted
+from .errors import LoftUsageError, RunInterrupted, Terminated, interruption
 from .launch import (
     barrier,
     cpu_processes,
@@ -62,6 +62,7 @@ from .memory import start_peak_memory
 from .methods import PissaStart, lora_options, make_optimizer
 from .models import resolve_model
 from .runlock import RunLock
+from .signals import sigterm_as_interrupt
 from .rundir import (  # noqa: F401  (re-exported: compare and the tests use them from here)
     CHECKPOINTS,
     CONFIG_FILE,
@@ -544,12 +545,13 @@ def finetune(
     status = RunStatus(cfg, progress)
     inputs = None
     try:
-        plan, inputs = plan_run(cfg, overwrite=overwrite, resume=resume, status=status)
-        built = build_run(plan, inputs, callbacks=callbacks, status=status)
-        trained = train_run(plan, inputs, built, status=status)
-        return save_run(plan, inputs, built, trained, status=status).as_dict()
-    except KeyboardInterrupt:
-        raise RunInterrupted(status.interrupted(), status.checkpoint_kept()) from None
+        with sigterm_as_interrupt():  # SIGTERM: as Ctrl-C (a checkpoint during training), exit status 143
+            plan, inputs = plan_run(cfg, overwrite=overwrite, resume=resume, status=status)
+            built = build_run(plan, inputs, callbacks=callbacks, status=status)
+            trained = train_run(plan, inputs, built, status=status)
+            return save_run(plan, inputs, built, trained, status=status).as_dict()
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM outside the training steps, or a second one in them
+        raise RunInterrupted(status.interrupted(e), status.checkpoint_kept(), interruption(e)[1]) from None
     finally:
         status.release()
         if inputs is not None and inputs.pissa is not None:
@@ -835,10 +837,12 @@ def train_run(plan: RunPlan, inputs: RunInputs, built: BuiltRun, *, status: RunS
     barrier()  # rank 0 has finished writing the last checkpoint before any rank moves on or exits
     if built.interrupt.interrupted:
         saved = _latest_checkpoint(plan.out)
+        what, code = interruption(Terminated() if built.interrupt.terminated else None)
         raise RunInterrupted(
-            f"Interrupted at step {trainer.state.global_step}/{plan.max_steps}; checkpoint saved in {saved}. "
+            f"{what} at step {trainer.state.global_step}/{plan.max_steps}; checkpoint saved in {saved}. "
             f"Continue with the same command plus --resume.",
             str(saved) if saved else None,
+            code,
         )
     return TrainedRun(before=before, training_loss=result.training_loss)
 
@@ -944,10 +948,13 @@ class RunStatus:
         found = _latest_checkpoint(self.out)
         return str(found) if found else None
 
-    def interrupted(self) -> str:
-        """The one line printed when Ctrl-C stops the run outside the training steps (or a
-        second Ctrl-C aborts them): what was kept, and how to go on."""
-        where = f"Interrupted while {self.phase}"
+    def interrupted(self, signal: BaseException | None = None) -> str:
+        """The one line printed when Ctrl-C or SIGTERM (``signal``: the ``KeyboardInterrupt`` or
+        ``Terminated`` it raised) stops the run outside the training steps (or a second one
+        aborts them): what was kept, and how to go on."""
+        what = interruption(signal)[0]
+        phase = self.phase.replace("Ctrl-C", "SIGTERM") if isinstance(signal, Terminated) else self.phase
+        where = f"{what} while {phase}"
         if self.output is None:
             return f"{where}; nothing was written (the output directory {str(self.out)!r} is unchanged)."
         checkpoint = _latest_checkpoint(self.out) if self.out.is_dir() else None

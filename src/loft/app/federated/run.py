@@ -24,10 +24,10 @@ ended (:func:`leftover_processes`; ones still there after :data:`PROCESS_WAIT_S`
 
 Interrupted (Ctrl-C, SIGTERM) during the simulation, the run cleans up the same way: the
 ServerApp's thread stops waiting for replies, Ray is shut down, its processes are waited for (and
-killed if need be) and its temporary folder removed. Ctrl-C then raises
-:class:`~loft.app.errors.RunInterrupted` (``loft`` exits with status 130), SIGTERM exits with
-status 143 (128 + 15), each with one line on stderr; ``rounds.jsonl`` keeps the rounds that
-finished. loft starts Ray itself (:func:`_start_ray`) so that it can put its own SIGTERM handler
+killed if need be) and its temporary folder removed. Ctrl-C and SIGTERM then raise
+:class:`~loft.app.errors.RunInterrupted` (``loft`` exits with status 130, or 143 = 128 + 15 for
+SIGTERM), with one line on stderr; ``rounds.jsonl`` keeps the rounds that finished (a rerun of a
+finished run keeps that run's results instead). loft starts Ray itself (:func:`_start_ray`) so that it can put its own SIGTERM handler
 back after ``ray.init``.
 """
 
@@ -55,7 +55,7 @@ from typing import Any, Callable  # noqa: E402
 from ... import __version__  # noqa: E402
 from ... import federated as fed  # noqa: E402
 from ..atomic import replace_files, write_json  # noqa: E402
-from ..errors import LoftUsageError, RunInterrupted  # noqa: E402
+from ..errors import LoftUsageError, RunInterrupted, Terminated, interruption  # noqa: E402
 from ..rundir import (  # noqa: E402
     CONFIG_FILE,
     METRICS_FILE,
@@ -77,11 +77,6 @@ PROCESS_WAIT_S = 30.0
 RUN_MARKER = "LOFT_FEDERATE_RUN"
 #: the marker of the last run this process started (tests look for its processes)
 LAST_RUN_MARKER: str | None = None
-
-
-class Terminated(BaseException):
-    """SIGTERM arrived during the simulation (a BaseException, like KeyboardInterrupt, so that
-    no ``except Exception`` on the way turns it into an error)."""
 
 
 def _raise_terminated(signum: int, frame: Any) -> None:
@@ -209,11 +204,9 @@ def _run(cfg: FederateConfig, out: Path, plan: OutputPlan, bench: Any, split: li
 
     try:
         seconds, killed = _simulate(cfg, bench, split, record)
-    except KeyboardInterrupt:
-        raise RunInterrupted(_interrupted("Interrupted", cfg, out, plan, rounds)) from None
-    except Terminated:
-        print(f"\nloft: {_interrupted('Terminated (SIGTERM)', cfg, out, plan, rounds)}", file=sys.stderr, flush=True)
-        raise SystemExit(128 + signal.SIGTERM) from None
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Terminated)
+        what, code = interruption(e)
+        raise RunInterrupted(_interrupted(what, cfg, out, plan, rounds), exit_code=code) from None
     if len(rounds) != cfg.rounds + 1:
         raise RuntimeError(f"the simulation ended after {len(rounds) - 1} of {cfg.rounds} rounds")
     metrics = _metrics(cfg, bench, split, labels, rounds, seconds, time.perf_counter() - t_start, killed)
