@@ -331,3 +331,132 @@ def test_ctrl_c_after_the_results_are_saved_says_they_are_complete(capsys, monke
     captured = capsys.readouterr()
     assert captured.out.rstrip().splitlines()[-1].startswith(f"Saved to {out}/")
     assert captured.err.strip() == f"loft: Interrupted after the run finished; its results in {out} are complete."
+
+
+# ----------------------------------------------------------------------------- 4. a full disk
+def no_space(path):
+    """Half a file, then what a full disk raises."""
+    import errno
+
+    Path(path).write_bytes(b"x" * 100)
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def save_every_2_steps(monkeypatch, module=loft.app.finetune):
+    original = loft.app.finetune.finetune
+
+    def patched(cfg, **kw):
+        cfg.save_steps = 2
+        return original(cfg, **kw)
+
+    monkeypatch.setattr(module, "finetune", patched)
+
+
+def test_a_full_disk_while_writing_a_checkpoint(capsys, monkeypatch, straight, bert, data, tmp_path):
+    """No space left while checkpoint-3's tokenizer is saved (the reported case): one line, status 1,
+    the partial checkpoint removed (it would keep the disk full), checkpoint-2 kept and complete;
+    --resume then ends where the uninterrupted run does."""
+    from transformers import PreTrainedTokenizerBase
+
+    from loft.app.rundir import checkpoint_damage
+
+    out = tmp_path / "run"
+    save = PreTrainedTokenizerBase.save_pretrained
+
+    def full_at_checkpoint_3(self, folder, *a, **kw):
+        if "checkpoint-3" in str(folder):
+            no_space(Path(folder) / "tokenizer.json")
+        return save(self, folder, *a, **kw)
+
+    monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", full_at_checkpoint_3)
+    save_every_2_steps(monkeypatch)
+    err = one_line(capsys, args(bert, data, out), 1)
+    assert err.startswith("loft: error: Could not write the run's files: No space left on device while writing "
+                          "checkpoint-3"), err
+    assert "checkpoint-2 is kept; continue with the same command plus --resume" in err
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-2"]  # no .incoming left
+    assert checkpoint_damage(out / "checkpoints" / "checkpoint-2") is None
+    monkeypatch.undo()
+    assert main(args(bert, data, out, "--resume")) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["resumed_from"].endswith("checkpoint-2")
+    assert metrics["loss_curve"] == [list(p) for p in straight[1]["loss_curve"]]
+    assert same_tensors(adapter(out), adapter(straight[0]))
+
+
+def test_a_full_disk_while_a_rerun_writes_its_results_keeps_the_earlier_ones(capsys, monkeypatch, bert, data,
+                                                                             tmp_path):
+    import loft.app.plots
+
+    out = tmp_path / "run"
+    assert main(args(bert, data, out)) == 0
+    capsys.readouterr()
+    finished = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    monkeypatch.setattr(loft.app.plots, "plot_loss_curve", lambda curve, path, title: no_space(path))
+    err = one_line(capsys, args(bert, data, out), 1)  # a rerun of the finished run
+    assert "No space left on device while writing the results" in err and f"checkpoint-{STEPS} is kept" in err, err
+    assert "earlier finished results" in err and "unchanged" in err
+    for name, content in finished.items():
+        assert (out / name).read_bytes() == content, name  # the finished run's files, intact
+    assert not (out / ".incoming").exists()  # the partial results removed
+
+
+def test_torch_failing_to_write_a_checkpoint_file_is_a_write_failure(capsys, monkeypatch, bert, data, tmp_path):
+    """torch.save's writer names no cause (``unexpected pos``, seen on a full file system)."""
+    out = tmp_path / "run"
+    save = torch.save
+
+    def failing(obj, f, *a, **kw):
+        if str(f).endswith("optimizer.pt"):
+            Path(f).write_bytes(b"PK")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+        return save(obj, f, *a, **kw)
+
+    monkeypatch.setattr(torch, "save", failing)
+    err = one_line(capsys, args(bert, data, out), 1)
+    assert "torch could not write the file while writing checkpoint-3" in err and "nothing was kept" in err, err
+    assert not out.exists()  # a new run that reached no checkpoint leaves nothing behind
+
+
+def test_write_failure_names_the_cause_of_each_writer(tmp_path):
+    import errno
+
+    from safetensors import SafetensorError
+
+    from loft.app.atomic import write_failure
+
+    assert write_failure(OSError(errno.ENOSPC, "No space left on device"), tmp_path) == "No space left on device"
+    assert write_failure(SafetensorError("Error while serializing: I/O error: Disk quota exceeded (os error 122)"),
+                         tmp_path) == os.strerror(122)
+    assert write_failure(RuntimeError("basic_ios::clear: iostream error"), tmp_path) == "torch could not write the file"
+    assert write_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied"), tmp_path) is None  # a bug
+    assert write_failure(ValueError("x"), tmp_path) is None
+
+
+def test_a_full_disk_at_the_end_of_a_federate_run_keeps_its_rounds(capsys, monkeypatch, bert, data, tmp_path):
+    import loft.app.plots
+
+    out = tmp_path / "fed"
+    fake_simulation(monkeypatch, 0.25)
+    monkeypatch.setattr(loft.app.plots, "plot_rounds", lambda rounds, path, title: no_space(path))
+    err = one_line(capsys, ["federate", "--model", bert, "--data", data[0], "--eval-data", data[1], "--clients", "2",
+                            "--rounds", "2", "--rank", "2", "-b", "8", "-o", out, "--quiet"], 1)
+    assert "No space left on device while writing the results" in err and "holds the finished rounds" in err, err
+    assert [json.loads(line)["round"] for line in (out / "rounds.jsonl").read_text().splitlines()] == [0, 1, 2]
+    assert not (out / "metrics.json").exists() and not (out / ".incoming").exists()
+
+
+def test_a_full_disk_while_writing_a_comparisons_table_keeps_its_runs(capsys, monkeypatch, bert, data, tmp_path):
+    import loft.app.plots
+
+    out = tmp_path / "cmp"
+    argv = ["compare", "--model", bert, "--data", data[0], "--eval-data", data[1], "--methods", "lora", "--ranks", "1",
+            "--no-full", "--max-steps", "2", "-b", "8", "--quiet", "-o", out]
+    monkeypatch.setattr(loft.app.plots, "plot_compare", lambda rows, curves, path, title: no_space(path))
+    err = one_line(capsys, argv, 1)
+    assert "No space left on device while writing the comparison's table" in err and "--resume" in err, err
+    finished = (out / "lora-r1" / "metrics.json").read_bytes()
+    assert not [p for p in out.iterdir() if p.name.startswith(".compare")]  # no partial plot left
+    monkeypatch.undo()
+    assert main([str(a) for a in argv + ["--resume"]]) == 0
+    assert (out / "lora-r1" / "metrics.json").read_bytes() == finished and (out / "compare.png").is_file()

@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .atomic import atomic_write, write_json, write_text
-from .errors import LoftUsageError, RunInterrupted, interruption
+from .atomic import atomic_write, write_failure, write_json, write_text
+from .errors import LoftUsageError, OutputWriteError, RunInterrupted, interruption
 from .config import ADAPTER_METHODS
 from .finetune import DEFAULT_LR, METHODS, FinetuneConfig, finetune, prepare_inputs, resolve_targets
 from .rundir import (
@@ -243,8 +243,6 @@ def run_compare(
 
 def _run_all(out: Path, runs, states: dict[str, str], settings: dict[str, Any], lrs: dict[str, float],
              progress: bool) -> dict[str, Any]:
-    from .plots import plot_compare
-
     main = is_main_process()
     progress = progress and main
     t0 = time.perf_counter()
@@ -271,11 +269,28 @@ def _run_all(out: Path, runs, states: dict[str, str], settings: dict[str, Any], 
         curves[name] = metrics["loss_curve"]
     seconds = time.perf_counter() - t0
     markdown, csv_text = _table(rows)
-    if main:
+    on_main_process(_write_table, out, rows, curves, markdown, csv_text, seconds, settings, lrs)
+    barrier()
+    return {"rows": rows, "markdown": markdown, "csv": csv_text, "seconds": seconds}
+
+
+def _write_table(out: Path, rows: list[dict[str, Any]], curves: dict[str, Any], markdown: str, csv_text: str,
+                 seconds: float, settings: dict[str, Any], lrs: dict[str, float]) -> None:
+    """The table, the plot and ``compare.json`` (main process); a failed write (a full disk)
+    raises :class:`OutputWriteError` saying that the runs are kept."""
+    from .plots import plot_compare
+
+    try:
         write_text(out / "compare.md", markdown)
         write_text(out / "compare.csv", csv_text)
         data_name = Path(str(settings.get("data", "movie_sentiment"))).stem
         atomic_write(out / "compare.png", lambda tmp: plot_compare(rows, curves, tmp, f"{data_name}: same data, seed and steps"))
         write_json(out / "compare.json", {"rows": rows, "seconds": round(seconds, 1), "settings": {k: v for k, v in settings.items()}, "lrs": lrs}, default=str)
-    barrier()
-    return {"rows": rows, "markdown": markdown, "csv": csv_text, "seconds": seconds}
+    except Exception as e:
+        why = write_failure(e, out)
+        if why is None:
+            raise
+        raise OutputWriteError(
+            f"{why} while writing the comparison's table into {str(out)!r}; its {len(rows)} runs are complete and "
+            "kept. Make room on that file system, then rerun the same loft compare command plus --resume."
+        ) from None

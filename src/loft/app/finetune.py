@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from .. import __version__
-from .atomic import publish_dir, replace_files, write_json
+from .atomic import publish_dir, replace_files, write_failure, write_json
 from .data import BUILTIN_DATASETS, read_records, resolve_data
 from .config import (  # noqa: F401  (FinetuneConfig and the defaults are used from here too)
     DEFAULT_HEAD_LR,
@@ -48,8 +48,9 @@ from .config import (  # noqa: F401  (FinetuneConfig and the defaults are used f
     FinetuneConfig,
     check_batch_split,
 )
-from .errors import LoftUsageError, RunInterrupted, Terminated, interruption
+from .errors import LoftUsageError, OutputWriteError, RunInterrupted, Terminated, interruption
 from .launch import (
+    any_rank,
     barrier,
     cpu_processes,
     init_processes,
@@ -195,13 +196,26 @@ def _start_run(
             write_json(out / CONFIG_FILE, {"settings": cfg.identity(), "processes": world, "model_path": model_path,
                                            "loft_version": __version__})
             return None, None, None
-    except OSError as e:
-        raise LoftUsageError(f"Cannot write to --output-dir {str(out)!r}: {e.strerror or e}.") from None
+    except OSError as e:  # nothing of this run written yet: refused like an unwritable --output-dir
+        if plan.action == "new":
+            (out / CONFIG_FILE).unlink(missing_ok=True)
+            status.release()
+            if not plan.existed and out.is_dir() and not any(out.iterdir()):
+                out.rmdir()
+        raise LoftUsageError(f"Cannot write to --output-dir {str(out)!r}: {write_failure(e, out)}.") from None
     state_file = out / EVAL_BEFORE_FILE
     before = json.loads(state_file.read_text()) if state_file.is_file() and not _damage(state_file) else None
     progress_file = plan.checkpoint / PROGRESS_FILE
     progress = json.loads(progress_file.read_text()) if progress_file.is_file() else None
     return str(plan.checkpoint), before, progress
+
+
+def _write_eval_before(out: Path, before: dict[str, Any]) -> None:
+    """Keep the evaluation before training (main process): a resumed run does not repeat it."""
+    try:
+        write_json(out / EVAL_BEFORE_FILE, before)
+    except OSError as e:
+        raise OutputWriteError(f"{write_failure(e, out)} while writing {EVAL_BEFORE_FILE}") from None
 
 
 def _check_world(args: Any, processes: int, cfg: FinetuneConfig) -> int:
@@ -477,12 +491,27 @@ class _RunTrainerMixin:
         if self.args.should_save:
             shutil.rmtree(staging / name, ignore_errors=True)
         barrier()
-        with saving_checkpoints_into(self, staging):
-            super()._save_checkpoint(model, trial)
+        failed = None
+        try:
+            with saving_checkpoints_into(self, staging):
+                super()._save_checkpoint(model, trial)
+        except Exception as e:  # a full disk ...: every rank learns of it below, none is left waiting
+            failed = write_failure(e, staging)
+            if failed is None:
+                raise
         progress = self.loft_progress()
+        if self.args.should_save and failed is None:
+            try:
+                write_json(staging / name / PROGRESS_FILE, progress)
+            except OSError as e:
+                failed = write_failure(e, staging)
+        if any_rank(failed is not None, self.args.device):
+            if self.args.should_save:
+                shutil.rmtree(staging, ignore_errors=True)  # the partial checkpoint would keep the disk full
+            raise OutputWriteError(f"{failed or 'another process could not write its part'} while writing {name} "
+                                   f"into {str(root)!r} (its partial files were removed)")
         barrier()  # every process has written its files (rng_state_<rank>.pth) before the rename
         if self.args.should_save:
-            write_json(staging / name / PROGRESS_FILE, progress)
             publish_dir(staging / name, root / name)
             try:
                 staging.rmdir()  # only when empty
@@ -552,6 +581,8 @@ def finetune(
             return save_run(plan, inputs, built, trained, status=status).as_dict()
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM outside the training steps, or a second one in them
         raise RunInterrupted(status.interrupted(e), status.checkpoint_kept(), interruption(e)[1]) from None
+    except OutputWriteError as e:  # a full disk ...: the partial files are removed, what was complete is kept
+        raise OutputWriteError(status.write_failed(str(e))) from None
     finally:
         status.release()
         if inputs is not None and inputs.pissa is not None:
@@ -823,12 +854,11 @@ def train_run(plan: RunPlan, inputs: RunInputs, built: BuiltRun, *, status: RunS
         status.phase = "evaluating before training"
         before = task.evaluate(trainer, inputs.tokenizer, plan.max_length)
         let_train_wrap_for_ddp(trainer)  # see loft.integrations.library_internals
-        if plan.main:
-            write_json(plan.out / EVAL_BEFORE_FILE, before)
+        on_main_process(_write_eval_before, plan.out, before)
         if plan.progress:
             print(f"before training: {eval_summary(before)} on {task.num_eval} eval examples", flush=True)
 
-    status.phase = "training (second Ctrl-C)"
+    status.phase = "training"
     trainer._loft_setup(built.progress)
     try:
         result = trainer.train(resume_from_checkpoint=built.checkpoint)
@@ -905,16 +935,11 @@ def save_run(plan: RunPlan, inputs: RunInputs, built: BuiltRun, trained: Trained
     )
     status.phase = "saving the results"
     weights = _full_trainable_state(inputs.model) if cfg.fsdp else None  # a collective: every rank
-    if plan.main:
-        save = inputs.pissa.save if inputs.pissa is not None else None
-        try:
-            _save_results(plan.out, inputs.model, inputs.tokenizer, metrics, f"{plan.name} on {Path(cfg.data).stem}",
-                          status.t_start, task.result_files(trained.before, after), weights, save)
-        except OSError as e:
-            raise LoftUsageError(
-                f"Could not write the results to {str(plan.out)!r}: {e.strerror or e}. The last checkpoint is kept: free "
-                "space or fix permissions, then rerun the same command with --resume."
-            ) from None
+    save = inputs.pissa.save if inputs.pissa is not None else None
+    # rank 0 writes; a failed write (a full disk) stops every rank with its message
+    on_main_process(_save_results, plan.out, inputs.model, inputs.tokenizer, metrics,
+                    f"{plan.name} on {Path(cfg.data).stem}", status.t_start, task.result_files(trained.before, after),
+                    weights, save)
     barrier()  # the run's files are complete before any rank returns
     metrics.seconds = round(time.perf_counter() - status.t_start, 1)
     return metrics
@@ -953,8 +978,20 @@ class RunStatus:
         ``Terminated`` it raised) stops the run outside the training steps (or a second one
         aborts them): what was kept, and how to go on."""
         what = interruption(signal)[0]
-        phase = self.phase.replace("Ctrl-C", "SIGTERM") if isinstance(signal, Terminated) else self.phase
-        where = f"{what} while {phase}"
+        phase = self.phase
+        if phase == "training":
+            phase += " (second SIGTERM)" if isinstance(signal, Terminated) else " (second Ctrl-C)"
+        return self._stopped(f"{what} while {phase}")
+
+    def write_failed(self, detail: str) -> str:
+        """The one line printed when the system refused a write into the output folder (``detail``:
+        which write and why, e.g. a full disk): what was kept, and how to go on."""
+        line = self._stopped(f"Could not write the run's files: {detail}")
+        return f"{line} Make room on that file system (or fix it) first."
+
+    def _stopped(self, where: str) -> str:
+        """``where`` and what the stopped run kept; a new run that reached no checkpoint leaves its
+        output folder as it found it."""
         if self.output is None:
             return f"{where}; nothing was written (the output directory {str(self.out)!r} is unchanged)."
         checkpoint = _latest_checkpoint(self.out) if self.out.is_dir() else None
@@ -976,6 +1013,8 @@ class RunStatus:
                 self.out.rmdir()
         if self.output.action == "overwrite":
             return f"{where}; nothing was kept (--overwrite had removed the previous run in {self.out})."
+        if self.output.action == "restart":
+            return f"{where}; nothing was kept (no checkpoint yet); run the same command again."
         return f"{where}; nothing was kept (no checkpoint yet), {str(self.out)!r} is as before."
 
 
@@ -1000,9 +1039,25 @@ def _save_results(out: Path, model, tokenizer, metrics: RunMetrics, title: str, 
     goes first, so a crash among the moves leaves an unfinished run whose final checkpoint
     ``--resume`` turns into the results again.
     """
+    staging = out / STAGING
+    try:
+        _write_results(out, staging, model, tokenizer, metrics, title, t_start, extra, weights, save)
+    except Exception as e:
+        why = write_failure(e, out)
+        if why is None:
+            raise
+        shutil.rmtree(staging, ignore_errors=True)  # the partial files: they would keep the disk full
+        raise OutputWriteError(f"{why} while writing the results into {str(out)!r} (the partial files were "
+                               "removed)") from None
+    shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
+    (out / EVAL_BEFORE_FILE).unlink(missing_ok=True)
+
+
+def _write_results(out: Path, staging: Path, model, tokenizer, metrics: RunMetrics, title: str, t_start: float,
+                   extra: dict[str, str] | None, weights: dict[str, torch.Tensor] | None, save) -> None:
+    """:func:`_save_results`'s writing: into ``staging``, then moved into ``out``."""
     from .plots import plot_loss_curve
 
-    staging = out / STAGING
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     if save is not None:  # PiSSA: PEFT's conversion to an adapter of the original base
@@ -1019,5 +1074,3 @@ def _save_results(out: Path, model, tokenizer, metrics: RunMetrics, title: str, 
     (staging / METRICS_FILE).write_text(json.dumps(metrics.as_dict(), indent=2))
     (out / METRICS_FILE).unlink(missing_ok=True)
     replace_files(staging, out, last=METRICS_FILE)
-    shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
-    (out / EVAL_BEFORE_FILE).unlink(missing_ok=True)

@@ -15,8 +15,8 @@ import tempfile
 from pathlib import Path
 
 from .. import __version__
-from .atomic import publish_dir, write_json
-from .errors import LoftUsageError
+from .atomic import publish_dir, write_failure, write_json
+from .errors import LoftUsageError, OutputWriteError
 from .rundir import is_new_output_dir
 from .runmodel import PROMPT_FORMAT_FILE, check_run_dir, load_run
 
@@ -75,6 +75,12 @@ def merge_run(run_dir: str | Path, out: str | Path, *, overwrite: bool = False) 
                                           "task": run.task, "loft_version": __version__})
         staging.chmod(0o755)  # mkdtemp makes it private
         publish_dir(staging, out)
+    except Exception as e:
+        why = write_failure(e, out.parent)
+        if why is None:
+            raise
+        raise OutputWriteError(f"{why} while writing the merged model beside {str(out)!r}; the partial files were "
+                               "removed and --output-dir is unchanged. Make room on that file system first.") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out

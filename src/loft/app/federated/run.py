@@ -54,8 +54,8 @@ from typing import Any, Callable  # noqa: E402
 
 from ... import __version__  # noqa: E402
 from ... import federated as fed  # noqa: E402
-from ..atomic import replace_files, write_json  # noqa: E402
-from ..errors import LoftUsageError, RunInterrupted, Terminated, interruption  # noqa: E402
+from ..atomic import replace_files, write_failure, write_json  # noqa: E402
+from ..errors import LoftUsageError, OutputWriteError, RunInterrupted, Terminated, interruption  # noqa: E402
 from ..rundir import (  # noqa: E402
     CONFIG_FILE,
     METRICS_FILE,
@@ -184,13 +184,16 @@ def _run(cfg: FederateConfig, out: Path, plan: OutputPlan, bench: Any, split: li
         staging.mkdir()
         (staging / ROUNDS_FILE).write_text("", encoding="utf-8")
     except OSError as e:
-        raise LoftUsageError(f"Cannot write to --output-dir {str(out)!r}: {e.strerror or e}.") from None
+        raise OutputWriteError(f"Could not write to {str(out)!r}: {write_failure(e, out)}.") from None
     rounds: list[dict[str, Any]] = []
 
     def record(rec: dict[str, Any], detail: dict[str, Any]) -> None:
         rounds.append(rec)
-        with open(staging / ROUNDS_FILE, "a", encoding="utf-8") as f:
-            f.write(json.dumps(rec) + "\n")
+        try:
+            with open(staging / ROUNDS_FILE, "a", encoding="utf-8") as f:
+                f.write(json.dumps(rec) + "\n")
+        except OSError:  # a full disk: the rounds are kept in memory and written whole at the end
+            pass
         if progress:
             acc = f"accuracy {rec['eval_accuracy']:.4f}, loss {rec['eval_loss']:.4f}"
             if rec["round"] == 0:
@@ -210,32 +213,54 @@ def _run(cfg: FederateConfig, out: Path, plan: OutputPlan, bench: Any, split: li
     if len(rounds) != cfg.rounds + 1:
         raise RuntimeError(f"the simulation ended after {len(rounds) - 1} of {cfg.rounds} rounds")
     metrics = _metrics(cfg, bench, split, labels, rounds, seconds, time.perf_counter() - t_start, killed)
+    try:
+        _write_results(cfg, out, staging, rounds, metrics)
+    except Exception as e:
+        why = write_failure(e, out)
+        if why is None:
+            raise
+        for name in (PLOT_FILE, METRICS_FILE):  # the partial files: they would keep the disk full
+            (staging / name).unlink(missing_ok=True)
+        raise OutputWriteError(f"{why} while writing the results into {str(out)!r}. {_keep_rounds(out, plan)} Make "
+                               "room on that file system first.") from None
+    return metrics
+
+
+def _write_results(cfg: FederateConfig, out: Path, staging: Path, rounds: list[dict[str, Any]],
+                   metrics: dict[str, Any]) -> None:
+    """Every round, the plot and ``metrics.json`` into ``staging``, then moved into ``out``
+    (``metrics.json``, which marks the run finished, last)."""
     from ..plots import plot_rounds
 
+    (staging / ROUNDS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rounds), encoding="utf-8")
     name = f"{cfg.method}-r{cfg.rank}" if cfg.method != "full" else "full"
     plot_rounds({name: rounds}, staging / PLOT_FILE,
                 f"{name}, {cfg.aggregator_name}, {cfg.clients} clients, split {cfg.split}")
     write_json(staging / METRICS_FILE, metrics)
     (out / METRICS_FILE).unlink(missing_ok=True)  # a crash among the moves leaves an unfinished run, not a mix
     replace_files(staging, out, last=METRICS_FILE)
-    return metrics
 
 
 def _interrupted(what: str, cfg: FederateConfig, out: Path, plan: OutputPlan, rounds: list[dict[str, Any]]) -> str:
-    """What an interruption says, after keeping what it can: the finished rounds of a new run go to
-    ``rounds.jsonl``; a rerun leaves the finished run's results as they were."""
+    """What an interruption says, after keeping what it can (:func:`_keep_rounds`)."""
     done = max(len(rounds) - 1, 0)
     where = f"{what} after {done} of {cfg.rounds} rounds; Ray's processes and temporary files were removed."
+    return f"{where} {_keep_rounds(out, plan)}"
+
+
+def _keep_rounds(out: Path, plan: OutputPlan) -> str:
+    """Keep what a stopped run can: the finished rounds of a new run go to ``rounds.jsonl``; a
+    rerun leaves the finished run's results as they were. Returns the sentence that says so."""
     staged = out / STAGING / ROUNDS_FILE
     if plan.action == "rerun":
-        return (f"{where} The finished run in {out} is unchanged (this attempt's rounds are in {staged} until the next "
-                "run); there is no --resume.")
+        return (f"The finished run in {out} is unchanged (this attempt's rounds are in {staged} until the next run); "
+                "there is no --resume.")
     try:
         os.replace(staged, out / ROUNDS_FILE)
         shutil.rmtree(out / STAGING, ignore_errors=True)
     except OSError:
-        return f"{where} {staged} holds the finished rounds; there is no --resume: run the same command again."
-    return f"{where} {out / ROUNDS_FILE} holds the finished rounds; there is no --resume: run the same command again."
+        return f"{staged} holds the finished rounds; there is no --resume: run the same command again."
+    return f"{out / ROUNDS_FILE} holds the finished rounds; there is no --resume: run the same command again."
 
 
 def _simulate(cfg: FederateConfig, bench: Any, split: list[list[int]], record: Callable) -> tuple[float, list[int]]:
