@@ -449,6 +449,24 @@ def test_merge_refuses_a_full_run_and_foreign_or_overlapping_output_folders(caps
     assert not (loft_run / "merged").exists()
 
 
+@pytest.mark.parametrize("command", ["generate", "merge"])
+def test_generate_and_merge_refuse_a_truncated_adapter_in_one_line(capsys, loft_run, tmp_path, command):
+    """A truncated adapter_model.safetensors (a full disk, a copy cut short): one line naming the
+    file, status 2, nothing written (was: safetensors' traceback)."""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(loft_run, run_dir)
+    weights = run_dir / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    args = ["--prompt", "hi"] if command == "generate" else ["-o", tmp_path / "merged"]
+    assert run(command, run_dir, *args) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "adapter_model.safetensors in the run" in err and "is damaged (truncated)" in err and "--overwrite" in err
+    assert not (tmp_path / "merged").exists()
+
+
 def test_generate_refuses_bad_options(capsys, loft_run, tmp_path):
     assert run("generate", loft_run, "--prompt", "a", "--prompt-file", tmp_path / "p.txt") == 2
     assert "not both" in capsys.readouterr().err
