@@ -835,6 +835,10 @@ def build_run(plan: RunPlan, inputs: RunInputs, *, callbacks: list[Any] | None, 
         else:
             trainer = trainer_class(**common, optimizers=(build_optimizer(model), None))
     trainer.remove_callback(PrinterCallback)
+    if cfg.quantization is not None:  # TRL's SFTTrainer casts a quantized model's adapter to bfloat16
+        from .quantize import keep_adapter_float32
+
+        keep_adapter_float32(model)
     if plan.task_kind == "classification":
         # sequence classifiers average their loss over neither accumulation steps nor processes
         loss_is_per_process_mean(trainer)
