@@ -460,3 +460,12 @@ def test_a_full_disk_while_writing_a_comparisons_table_keeps_its_runs(capsys, mo
     monkeypatch.undo()
     assert main([str(a) for a in argv + ["--resume"]]) == 0
     assert (out / "lora-r1" / "metrics.json").read_bytes() == finished and (out / "compare.png").is_file()
+
+
+def test_every_result_file_is_readable_by_others(straight):
+    """adapter_model.safetensors was written 0600 (safetensors makes its files private) where every
+    other result file is 0644."""
+    import stat
+
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in straight[0].iterdir() if p.is_file()}
+    assert "adapter_model.safetensors" in modes and set(modes.values()) == {0o644}, modes

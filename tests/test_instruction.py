@@ -162,6 +162,22 @@ def test_prompts_that_fill_max_length_are_refused(capsys, llama, data, tmp_path)
     assert "--max-length 8 tokens or more" in err and "line 1" in err and not out.exists()
 
 
+@pytest.mark.parametrize("words, advice", [
+    (240, "Give --max-length 256 (the most this model takes)"),
+    (300, "This model takes at most 256 tokens, so shorten those prompts"),
+])
+def test_an_over_long_prompts_advice_stays_within_the_models_positions(capsys, llama, data, tmp_path, words, advice):
+    """The tiny Llama takes 256 positions: never advise a --max-length it refuses (was: longest + 32)."""
+    records = [{"prompt": "the " * (words if i == 3 else 5), "completion": " yes"} for i in range(12)]
+    train = write_jsonl(tmp_path / "long.jsonl", records)
+    out = tmp_path / "out"
+    assert run("finetune", "--model", llama, "--data", train, "--eval-data", data["prompt_completion"][1], "-o", out,
+               "--max-length", "128", "-q") == 2
+    err = capsys.readouterr().err
+    assert "line 4" in err and advice in err, err
+    assert not out.exists()
+
+
 def test_an_encoder_is_refused_for_instruction_data(capsys, data, tmp_path):
     from _tiny import make_bert
 

@@ -85,13 +85,25 @@ def fsync_tree(folder: str | Path) -> None:
         _fsync_dir(Path(root))
 
 
+def _readable(folder: Path) -> None:
+    """Mode 0644 for every plain file under ``folder``, as :func:`atomic_write` gives its files
+    (some writers, safetensors among them, create theirs private: 0600)."""
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            path = Path(root) / name
+            if not path.is_symlink():
+                os.chmod(path, 0o644)
+
+
 def publish_dir(staged: str | Path, target: str | Path) -> None:
     """Move the complete folder ``staged`` to ``target`` (replacing an existing ``target``).
 
-    ``staged`` is flushed first; the rename is atomic, so ``target`` is either absent, the old
-    folder or the new one. (An old ``target`` is first renamed aside, then removed.)
+    ``staged`` is flushed first (its files made 0644); the rename is atomic, so ``target`` is
+    either absent, the old folder or the new one. (An old ``target`` is first renamed aside,
+    then removed.)
     """
     staged, target = Path(staged), Path(target)
+    _readable(staged)
     fsync_tree(staged)
     old = None
     if target.exists():
@@ -106,8 +118,10 @@ def publish_dir(staged: str | Path, target: str | Path) -> None:
 
 def replace_files(staged: str | Path, target: str | Path, last: str | None = None) -> None:
     """Move every file of the complete folder ``staged`` into ``target``, one atomic rename
-    each, ``last`` (the file that marks the result as complete) after all the others."""
+    each, ``last`` (the file that marks the result as complete) after all the others. Files
+    get mode 0644 (:func:`_readable`)."""
     staged, target = Path(staged), Path(target)
+    _readable(staged)
     fsync_tree(staged)
     names = sorted(p.name for p in staged.iterdir())
     if last in names:

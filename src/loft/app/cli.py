@@ -135,7 +135,8 @@ def _summary(metrics: dict, method: str, rank: int, out) -> None:
     parts = [f"eval {name} {text}" for name, text in (("accuracy", change("eval_accuracy", ".4f")),
                                                       ("perplexity", change("eval_perplexity", ".3f"))) if text]
     print(
-        f"\n{run_name(method, rank)} on {metrics['num_train']} examples, {metrics['steps']} steps in {metrics['train_seconds']:.0f} s: "
+        f"\n{run_name(method, rank)} on {metrics['num_train']} examples, {metrics['steps']} step{'' if metrics['steps'] == 1 else 's'} "
+        f"in {metrics['train_seconds']:.0f} s: "
         f"{', '.join(parts) or 'eval loss ' + change('eval_loss', '.4f')} "
         f"({metrics['num_eval']} examples), train loss {metrics['train_loss']:.4f}."
     )
@@ -195,7 +196,8 @@ def federate(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines.")] = False,
 ) -> None:
     """Federated fine-tuning on Flower's simulation engine: clients train locally, a server aggregates
-    (docs/federated.md). With no options: MiniLM-L6 on movie_sentiment, 4 clients, LoFT at rank 4."""
+    their adapters each round. With no options: MiniLM-L6 on movie_sentiment, 4 clients, LoFT at rank 4.
+    Writes run_config.json, rounds.jsonl (one line per round), metrics.json and accuracy.png."""
     from .federated import FederateConfig
     from .federated.run import federate as run
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from .atomic import atomic_write, write_failure, write_json, write_text
 from .errors import LoftUsageError, OutputWriteError, RunInterrupted, interruption
-from .config import ADAPTER_METHODS
+from .config import ADAPTER_METHODS, check_output_option
 from .finetune import DEFAULT_LR, METHODS, FinetuneConfig, finetune, prepare_inputs, resolve_targets
 from .rundir import (
     CHECKPOINTS,
@@ -189,6 +189,7 @@ def run_compare(
     finished, resumes the interrupted one from its checkpoint and runs the rest.
     """
 
+    check_output_option(output_dir, "runs/compare")
     bad = [m for m in methods if m not in ADAPTER_METHODS]
     if bad:
         raise LoftUsageError(

@@ -210,6 +210,19 @@ def _start_run(
     return str(plan.checkpoint), before, progress
 
 
+def _examples_per_step(cfg: FinetuneConfig, num_train: int, main: bool) -> int:
+    """Examples per optimizer step: ``--batch-size`` (times the accumulation steps), or all the
+    training examples when there are fewer (every step takes them all; said once, so that the
+    examples per second count only examples that exist)."""
+    batch = cfg.batch_size * cfg.grad_accum
+    if batch <= num_train:
+        return batch
+    if main:
+        print(f"Note: --batch-size {cfg.batch_size} is more than the {num_train} training examples; every step "
+              f"takes all {num_train}.", flush=True)
+    return num_train
+
+
 def _write_eval_before(out: Path, before: dict[str, Any]) -> None:
     """Keep the evaluation before training (main process): a resumed run does not repeat it."""
     try:
@@ -741,7 +754,8 @@ def prepare_inputs(cfg: FinetuneConfig, processes: int = 1) -> LoadedInputs:
     set_seed(cfg.seed)  # the fresh head starts the same for every method
     model, tokenizer, missing = _load_model(task, model_path, spec, cfg.quantization)
     _check_max_length(model, max_length, spec)
-    task.check_inputs(tokenizer, max_length)
+    positions = getattr(model.config, "max_position_embeddings", None)
+    task.check_inputs(tokenizer, max_length, positions if isinstance(positions, int) else None)
     fresh = _fresh_modules(missing)
     return LoadedInputs(task=task, train_path=train_path, eval_note=eval_note, spec=spec, model_path=model_path,
                         max_length=max_length, model=model, tokenizer=tokenizer, fresh=fresh,
@@ -788,7 +802,7 @@ def plan_run(cfg: FinetuneConfig, *, overwrite: bool, resume: bool, status: RunS
         model_spec=loaded.spec, model_path=loaded.model_path, max_length=loaded.max_length,
         fresh=tuple(loaded.fresh), targets=None if targets is None else tuple(targets), method_lr=method_lr,
         head_lr=head_lr, steps_per_epoch=steps_per_epoch, max_steps=max_steps,
-        batch_size=cfg.batch_size * cfg.grad_accum, output=output, base_model_mb=loaded.base_model_mb,
+        batch_size=_examples_per_step(cfg, task.num_train, main), output=output, base_model_mb=loaded.base_model_mb,
     )
     return plan, RunInputs(task=task, model=model, tokenizer=loaded.tokenizer, args=args, pissa=pissa)
 

@@ -52,6 +52,8 @@ def check_merge_output(run_dir: Path, out: Path, *, overwrite: bool) -> bool:
 def merge_run(run_dir: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
     """Merge the adapter of the run in ``run_dir`` into its base model and save the result,
     with the run's tokenizer, to ``out``. Returns ``out``."""
+    if not str(out).strip():
+        raise LoftUsageError("--output-dir is empty; give a folder for the merged model.")
     run_dir, out = Path(run_dir).expanduser(), Path(out).expanduser()
     info = check_run_dir(run_dir, "merge")
     if not info.adapter:

@@ -159,11 +159,13 @@ def federate(cfg: FederateConfig, *, overwrite: bool = False, progress: bool = T
     t_start = time.perf_counter()
     bench = build_bench(cfg)  # the server's model: the global state, evaluated each round
     labels = list(bench.task.train_labels)
+    if len(labels) < cfg.clients:
+        raise LoftUsageError(f"Cannot split {len(labels)} training examples over --clients {cfg.clients}: every client "
+                             f"needs at least one. Give --clients {len(labels)} or fewer, or more training data.")
     try:
         split = fed.dirichlet_split(labels, cfg.clients, cfg.alpha, cfg.seed)
     except ValueError as e:
-        raise LoftUsageError(f"Cannot split {len(labels)} training examples over --clients {cfg.clients} "
-                             f"(--split {cfg.split}): {e}") from None
+        raise LoftUsageError(f"--split {cfg.split} over --clients {cfg.clients}: {e}") from None
 
     # every input is checked: only now touch the output folder (its lock held until the run ends)
     lock = take_output_dir(out, plan.snapshot)
