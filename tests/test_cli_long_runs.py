@@ -469,3 +469,17 @@ def test_every_result_file_is_readable_by_others(straight):
 
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in straight[0].iterdir() if p.is_file()}
     assert "adapter_model.safetensors" in modes and set(modes.values()) == {0o644}, modes
+
+
+# ----------------------------------------------------------------------------- noise
+def test_a_quiet_run_prints_nothing_on_stderr(bert, data, tmp_path):
+    """`loft finetune -q` in a fresh process: no line of the libraries' (bitsandbytes' and kernels'
+    notices about a hub kernel loft does not use were printed by every command that loads a
+    model, even without --load-in-4bit)."""
+    import subprocess
+
+    proc = start_loft(args(bert, data, tmp_path / "run"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert err == "", err
+    assert out.rstrip().splitlines()[-1].startswith("Saved to")

@@ -209,7 +209,8 @@ def federate(
     out = cfg.default_output_dir()
     _finished(f"the run finished; its results in {out} are complete")
     print(f"\n{metrics['method']} ({metrics['aggregator']}, state {metrics['state']}), {metrics['clients']} clients, "
-          f"{cfg.rounds} rounds of {cfg.local_steps} steps in {metrics['seconds']:.0f} s: eval accuracy "
+          f"{cfg.rounds} round{'' if cfg.rounds == 1 else 's'} of {cfg.local_steps} step{'' if cfg.local_steps == 1 else 's'} "
+          f"in {metrics['seconds']:.0f} s: eval accuracy "
           f"{metrics['eval_accuracy_before']:.4f} -> {metrics['eval_accuracy']:.4f} ({metrics['num_eval']} examples); "
           f"{metrics['bytes_up_total'] / 2**20:,.2f} MiB sent by the clients in all.")
     print(f"Saved to {out}/ (metrics.json, rounds.jsonl, accuracy.png).")

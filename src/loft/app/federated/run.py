@@ -137,6 +137,10 @@ _FLOWER_MUTE = _MuteWhileTearingDown()
 
 
 def _quiet_flower() -> None:
+    """Flower and Ray say only errors (call after importing flwr, whose logger module sets its own
+    level when imported): Flower's notice that ``run_simulation`` is deprecated, Ray's "Started a
+    local Ray instance" and the like are nothing a user of ``loft federate`` can act on. Ray prints
+    what its actors write without colour codes unless stderr is a terminal."""
     logger = logging.getLogger("flwr")
     logger.setLevel(logging.ERROR)
     if _FLOWER_MUTE not in logger.filters:
@@ -145,6 +149,8 @@ def _quiet_flower() -> None:
     warnings.filterwarnings("ignore", message=".*RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO.*")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    if not sys.stderr.isatty():
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
 
 
 def federate(cfg: FederateConfig, *, overwrite: bool = False, progress: bool = True,
@@ -271,12 +277,13 @@ def _simulate(cfg: FederateConfig, bench: Any, split: list[list[int]], record: C
     Cleans up (Ray shut down, its processes ended, its folder removed) however it ends; SIGTERM
     raises :class:`Terminated` (from loft's handler, or from the one ``ray.init`` installs, which
     calls ``sys.exit(SIGTERM)``), and the previous SIGTERM handler is put back afterwards."""
-    _quiet_flower()
     from flwr.simulation import run_simulation
 
     from .client import THREADS_VAR
     from .client import app as client_app
     from .server import make_server_app
+
+    _quiet_flower()
 
     marker = uuid.uuid4().hex
     parallel = cfg.parallel or max(1, min(cfg.clients, os.cpu_count() or 1))
@@ -288,7 +295,7 @@ def _simulate(cfg: FederateConfig, bench: Any, split: list[list[int]], record: C
     LAST_RUN_MARKER = marker
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0},
                "init_args": {"num_cpus": parallel, "num_gpus": 0, "object_store_memory": 128 * 2**20,
-                             "_temp_dir": ray_dir, "include_dashboard": False}}
+                             "_temp_dir": ray_dir, "include_dashboard": False, "logging_level": logging.ERROR}}
     stop = threading.Event()  # tells the ServerApp's thread to stop waiting for replies
     on_main = threading.current_thread() is threading.main_thread()
     previous_term = signal.getsignal(signal.SIGTERM)
