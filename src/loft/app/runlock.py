@@ -82,7 +82,7 @@ def in_use_error(folder: Path, holder: dict, flag: str = "--output-dir") -> Loft
     if holder.get("host") and holder.get("host") != socket.gethostname():
         who += f" on {holder['host']}"
     command = f" ({holder['command']})" if holder.get("command") else ""
-    stop = f"stop it (kill {pid} saves a checkpoint first)" if pid else "stop it"
+    stop = f"stop it (kill {pid} stops it as Ctrl-C does, keeping what it finished)" if pid else "stop it"
     return LoftUsageError(
         f"{flag} {str(folder)!r} is in use: loft {who} is writing to it now{command}. Nothing was changed. Wait "
         f"for it to finish, {stop}, or choose another {flag}."
