@@ -66,6 +66,24 @@ def test_trainer_save_checkpoint_hook_and_its_output_folder():
     assert li.SAVE_CHECKPOINT_HOOK in vars(_RunTrainerMixin), "loft finetune no longer overrides the checkpoint hook"
 
 
+def test_trainer_batch_samples_hook_is_called_before_each_step():
+    from transformers import Trainer
+
+    hook = getattr(Trainer, li.BATCH_SAMPLES_HOOK, None)
+    where = f"Trainer.{li.BATCH_SAMPLES_HOOK}"
+    assert callable(hook), _lib("transformers", where, "is gone")
+    assert _params(hook) == ["self", "epoch_iterator", "num_batches", "device"], _lib(
+        "transformers", where, f"now takes {_params(hook)}")
+    loop = inspect.getsource(Trainer)
+    assert f"self.{li.BATCH_SAMPLES_HOOK}(epoch_iterator, num_batches" in loop, _lib(
+        "transformers", where, "is no longer called by the training loop")
+    assert "for i, inputs in enumerate(batch_samples)" in loop, _lib(
+        "transformers", where, "its batches are no longer what the step trains on")
+    from loft.app.finetune import _RunTrainerMixin
+
+    assert li.BATCH_SAMPLES_HOOK in vars(_RunTrainerMixin), "loft finetune no longer overrides the batch hook"
+
+
 def test_checkpoint_folder_name_is_what_trainer_writes(tmp_path):
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 

@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from typing import Any
 
 __all__ = [
+    "BATCH_SAMPLES_HOOK",
     "CLIP_HOOK",
     "SAVE_CHECKPOINT_HOOK",
     "checkpoint_folder_name",
@@ -44,6 +45,14 @@ CLIP_HOOK = "_clip_grad_norm"
 #: folder. ``loft finetune`` overrides it to write each checkpoint beside its final place and
 #: rename it in once complete (loft/app/finetune.py, :func:`saving_checkpoints_into`).
 SAVE_CHECKPOINT_HOOK = "_save_checkpoint"
+
+#: ``Trainer.get_batch_samples(self, epoch_iterator, num_batches, device)``: fetches the batches
+#: of one optimizer step, called by the training loop before each step (transformers 5.x;
+#: public name, but when and how the loop calls it is not documented). ``loft finetune``
+#: overrides it to take no step once ``global_step`` has reached ``max_steps``: Trainer checks
+#: the step count only after a step, so a resume from the checkpoint of the last step would
+#: otherwise train one step too many (loft/app/finetune.py).
+BATCH_SAMPLES_HOOK = "get_batch_samples"
 
 
 def clip_hook_missing(trainer_cls: type | None = None) -> str | None:
