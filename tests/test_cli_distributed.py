@@ -149,7 +149,7 @@ def test_torchrun_ctrl_c_checkpoint_by_rank_0_then_resume_matches_uninterrupted(
     again = torchrun(*cmd)
     assert again.returncode != 0
     assert again.stderr.count("loft: error: Output directory") == 1, again.stderr[-3000:]
-    assert "continue it with --resume" in again.stderr
+    assert "Continue it with the same command plus --resume" in again.stderr
     assert sorted((out / "checkpoints").iterdir()) == saved
 
     resumed = torchrun(*cmd, "--resume")
@@ -166,6 +166,28 @@ def test_torchrun_ctrl_c_checkpoint_by_rank_0_then_resume_matches_uninterrupted(
     assert max_rel_diff(adapter(out), adapter(straight_out)) < 1e-6
     straight_metrics = json.loads((straight_out / "metrics.json").read_text())
     assert m["eval_loss"] == pytest.approx(straight_metrics["eval_loss"], rel=1e-6)
+
+
+def test_torchrun_sigterm_checkpoint_by_rank_0_then_resume_matches_uninterrupted(setup, straight):
+    """SIGTERM to the torchrun launcher (kill, docker stop, a Slurm time limit), which forwards it
+    to every worker: as Ctrl-C, the ranks agree on a step, save its checkpoint and stop; one line
+    on stderr; --resume ends where the uninterrupted run does."""
+    out = setup["root"] / "terminated"
+    cmd = ["-m", "loft.app", "finetune", *setup["args"], "-o", out]
+    proc = torchrun(str(Path(__file__).with_name("ctrl_c_cli.py")), *cmd[2:],
+                    env=_env(LOFT_TEST_CTRL_C_STEP="3", LOFT_TEST_SIGNAL="SIGTERM"))
+    assert proc.returncode != 0
+    assert proc.stderr.count("loft: Terminated (SIGTERM) at step") == 1, proc.stderr[-3000:]
+    # the workers stop cleanly; the launcher itself ends with its SignalException's traceback
+    assert not re.search(r'File "[^"]*/loft/', proc.stderr), proc.stderr[-3000:]
+    (ckpt,) = sorted((out / "checkpoints").iterdir())
+    assert {"rng_state_0.pth", "rng_state_1.pth", "optimizer.pt"} <= {p.name for p in ckpt.iterdir()}
+    resumed = torchrun(*cmd, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["steps"] == STEPS and m["resumed_from"].endswith(ckpt.name)
+    straight_out, _ = straight
+    assert max_rel_diff(adapter(out), adapter(straight_out)) < 1e-6
 
 
 def test_accelerate_launch_two_cpu_processes(setup, straight):

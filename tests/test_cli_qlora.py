@@ -102,6 +102,48 @@ def test_cli_prints_peak_memory_and_compare_leaves_full_out(llama, mc_data, tmp_
     assert [r["method"] for r in rows] == ["loft", "lora"] and all(float(r["peak_memory_mb"]) > 0 for r in rows)
 
 
+class _CtrlCAt(TrainerCallback):
+    """A real Ctrl-C (SIGINT to this process) at the end of step ``step``; records the dtypes of
+    the trainable parameters at every step."""
+
+    def __init__(self, step: int | None = None) -> None:
+        self.step, self.dtypes = step, set()
+
+    def on_step_end(self, args, state, control, model=None, **kw):
+        self.dtypes |= {p.dtype for p in model.parameters() if p.requires_grad}
+        if state.global_step == self.step:
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_instruction_tuning_on_a_4bit_base_trains_a_float32_adapter_and_resumes_bit_exactly(llama, mc_data, tmp_path):
+    """TRL's SFTTrainer casts a quantized model's adapter to bfloat16; a resumed run reloads it in
+    float32 (PEFT's load_adapter), so --resume was not bit-exact (issue 32). The adapter is float32
+    throughout, and an interrupted, resumed run ends exactly where the uninterrupted one does."""
+    from loft.app.errors import RunInterrupted
+
+    records = [json.loads(line) for line in mc_data[0].read_text().splitlines()]
+    data = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": r["question"], "completion": " " + r["choices"][r["answer"]]}
+                                               for r in records])
+
+    def config(out):
+        return FinetuneConfig(model=str(llama), data=str(data), rank=2, max_steps=5, batch_size=8, lr=5e-3,
+                              load_in_4bit=True, eval_before=False, output_dir=str(out))
+
+    watch = _CtrlCAt()
+    straight = finetune(config(tmp_path / "straight"), progress=False, callbacks=[watch])
+    assert watch.dtypes == {torch.float32}
+    with pytest.raises(RunInterrupted):
+        finetune(config(tmp_path / "run"), progress=False, callbacks=[_CtrlCAt(2)])  # checkpoint-3
+    resumed = finetune(config(tmp_path / "run"), resume=True, progress=False)
+    assert resumed["resumed_from"].endswith("checkpoint-3")
+    assert resumed["loss_curve"] == straight["loss_curve"] and resumed["train_loss"] == straight["train_loss"]
+    a, b = load_file(tmp_path / "straight" / "adapter_model.safetensors"), load_file(tmp_path / "run" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == torch.float32 for k in a)
+
+
 # ----------------------------------------------------------------------------- bad input
 def _fails(capsys, *args):
     assert main([str(a) for a in args]) == 2

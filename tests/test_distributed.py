@@ -87,10 +87,14 @@ def test_dtensor_layouts_other_than_fsdp2_are_refused(tmp_path):
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
     import loft
+    from loft.distributed import mesh_key
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rdzv'}", rank=0, world_size=1)
     try:
         mesh = init_device_mesh("cpu", (1,))
+        again, named = init_device_mesh("cpu", (1,)), init_device_mesh("cpu", (1,), mesh_dim_names=("dp",))
+        assert again is not mesh and mesh_key(again) == mesh_key(mesh) == ("cpu", (1,), (0,), None)
+        assert mesh_key(named) == ("cpu", (1,), (0,), ("dp",))
         sharded = _small_peft_model()
         fully_shard(sharded, mesh=mesh)
         assert len(loft.LoFTAdamW(sharded).pairs) == 1

@@ -162,6 +162,22 @@ def test_prompts_that_fill_max_length_are_refused(capsys, llama, data, tmp_path)
     assert "--max-length 8 tokens or more" in err and "line 1" in err and not out.exists()
 
 
+@pytest.mark.parametrize("words, advice", [
+    (240, "Give --max-length 256 (the most this model takes)"),
+    (300, "This model takes at most 256 tokens, so shorten those prompts"),
+])
+def test_an_over_long_prompts_advice_stays_within_the_models_positions(capsys, llama, data, tmp_path, words, advice):
+    """The tiny Llama takes 256 positions: never advise a --max-length it refuses (was: longest + 32)."""
+    records = [{"prompt": "the " * (words if i == 3 else 5), "completion": " yes"} for i in range(12)]
+    train = write_jsonl(tmp_path / "long.jsonl", records)
+    out = tmp_path / "out"
+    assert run("finetune", "--model", llama, "--data", train, "--eval-data", data["prompt_completion"][1], "-o", out,
+               "--max-length", "128", "-q") == 2
+    err = capsys.readouterr().err
+    assert "line 4" in err and advice in err, err
+    assert not out.exists()
+
+
 def test_an_encoder_is_refused_for_instruction_data(capsys, data, tmp_path):
     from _tiny import make_bert
 
@@ -447,6 +463,24 @@ def test_merge_refuses_a_full_run_and_foreign_or_overlapping_output_folders(caps
     assert run("merge", loft_run, "-o", loft_run / "merged") == 2
     assert "overlaps the run folder" in capsys.readouterr().err
     assert not (loft_run / "merged").exists()
+
+
+@pytest.mark.parametrize("command", ["generate", "merge"])
+def test_generate_and_merge_refuse_a_truncated_adapter_in_one_line(capsys, loft_run, tmp_path, command):
+    """A truncated adapter_model.safetensors (a full disk, a copy cut short): one line naming the
+    file, status 2, nothing written (was: safetensors' traceback)."""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(loft_run, run_dir)
+    weights = run_dir / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    args = ["--prompt", "hi"] if command == "generate" else ["-o", tmp_path / "merged"]
+    assert run(command, run_dir, *args) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "adapter_model.safetensors in the run" in err and "is damaged (truncated)" in err and "--overwrite" in err
+    assert not (tmp_path / "merged").exists()
 
 
 def test_generate_refuses_bad_options(capsys, loft_run, tmp_path):

@@ -66,6 +66,24 @@ def test_trainer_save_checkpoint_hook_and_its_output_folder():
     assert li.SAVE_CHECKPOINT_HOOK in vars(_RunTrainerMixin), "loft finetune no longer overrides the checkpoint hook"
 
 
+def test_trainer_batch_samples_hook_is_called_before_each_step():
+    from transformers import Trainer
+
+    hook = getattr(Trainer, li.BATCH_SAMPLES_HOOK, None)
+    where = f"Trainer.{li.BATCH_SAMPLES_HOOK}"
+    assert callable(hook), _lib("transformers", where, "is gone")
+    assert _params(hook) == ["self", "epoch_iterator", "num_batches", "device"], _lib(
+        "transformers", where, f"now takes {_params(hook)}")
+    loop = inspect.getsource(Trainer)
+    assert f"self.{li.BATCH_SAMPLES_HOOK}(epoch_iterator, num_batches" in loop, _lib(
+        "transformers", where, "is no longer called by the training loop")
+    assert "for i, inputs in enumerate(batch_samples)" in loop, _lib(
+        "transformers", where, "its batches are no longer what the step trains on")
+    from loft.app.finetune import _RunTrainerMixin
+
+    assert li.BATCH_SAMPLES_HOOK in vars(_RunTrainerMixin), "loft finetune no longer overrides the batch hook"
+
+
 def test_checkpoint_folder_name_is_what_trainer_writes(tmp_path):
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
@@ -194,11 +212,12 @@ def test_let_train_wrap_for_ddp_clears_the_mark_on_several_processes_only():
 
 
 # ----------------------------------------------------------------------------- Accelerate FSDP2 on CPU
-def test_accelerate_ignores_the_fsdp_plugin_on_cpu_processes_and_fsdp_on_cpu_sets_it():
+def test_accelerate_ignores_the_fsdp_plugin_on_cpu_processes_and_fsdp_on_cpu_sets_it(monkeypatch):
     """What fsdp_on_cpu works around and relies on: AcceleratorState enables FSDP only for GPU-like
-    distributed types (the MULTI_CPU branch does not read the plugin), and its distributed_type /
-    fsdp_plugin / is_fsdp2 are plain shared attributes."""
-    from accelerate.state import AcceleratorState
+    distributed types (the MULTI_CPU branch does not read the plugin), its distributed_type /
+    fsdp_plugin / is_fsdp2 are plain shared attributes, and every AcceleratorState() copies
+    PartialState's shared distributed_type back (so fsdp_on_cpu writes it there too)."""
+    from accelerate.state import AcceleratorState, PartialState
     from accelerate.utils import DistributedType
 
     source = inspect.getsource(AcceleratorState.__init__)
@@ -206,22 +225,16 @@ def test_accelerate_ignores_the_fsdp_plugin_on_cpu_processes_and_fsdp_on_cpu_set
     assert hasattr(DistributedType, "MULTI_CPU") and hasattr(DistributedType, "FSDP")
     assert "distributed_type == DistributedType.FSDP" in inspect.getsource(AcceleratorState.is_fsdp2.fget), _lib(
         "accelerate", "AcceleratorState.is_fsdp2", "is no longer read from distributed_type")
+    assert "self.__dict__.update(PartialState._shared_state)" in source and \
+        'PartialState._shared_state["distributed_type"]' in source, _lib(
+        "accelerate", "AcceleratorState.__init__", "no longer keeps distributed_type in PartialState's shared state")
+    monkeypatch.setattr(PartialState, "_shared_state", {})  # (this process's real state is left alone)
     state = SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, fsdp_plugin=None)
     plugin = object()
     assert li.fsdp_on_cpu(SimpleNamespace(state=state), plugin)
     assert state.distributed_type == DistributedType.FSDP and state.fsdp_plugin is plugin
+    assert PartialState._shared_state == {"distributed_type": DistributedType.FSDP}
     assert not li.fsdp_on_cpu(SimpleNamespace(state=state), plugin)  # already FSDP: nothing to do
-
-
-def test_torch_state_dict_api_name_that_loft_recognises():
-    """loft/checkpoint.py recognises torch's get/set_optimizer_state_dict by their helper on the stack."""
-    import torch.distributed.checkpoint.state_dict as dsd
-
-    from loft.checkpoint import TORCH_DSD_GETTER, TORCH_DSD_MODULE
-
-    assert dsd.__name__ == TORCH_DSD_MODULE and callable(getattr(dsd, TORCH_DSD_GETTER, None)), (
-        f"torch {torch.__version__}: {TORCH_DSD_MODULE}.{TORCH_DSD_GETTER} is gone (see loft/checkpoint.py)")
-    assert TORCH_DSD_GETTER in inspect.getsource(dsd.get_optimizer_state_dict)
 
 
 # ----------------------------------------------------------------------------- bitsandbytes

@@ -60,6 +60,36 @@ def test_fsdp2_two_processes_equal_one_process_with_the_whole_batch(two, referen
     assert_owners_split_the_pairs(two, "fsdp2", 2)
 
 
+@pytest.mark.parametrize("world", [2, 4])
+def test_fsdp2_without_a_mesh_argument_equals_one_process(two, four, reference, world):
+    """fully_shard(layer) for each layer, then fully_shard(model), with no mesh= (as torch's tutorials
+    and docs/distributed.md write it): each call makes a default mesh of its own, equal ones, so the
+    model trains with owners and equals one process (float64, 1e-8), each rank holding part of the state."""
+    results = two if world == 2 else four
+    assert_equals_one_process(results, "fsdp2_default_mesh", reference)
+    for r in results:
+        assert r["fsdp2_default_mesh"]["owned"] == r["fsdp2"]["owned"]  # the same owners as with one mesh
+        assert r["fsdp2_default_mesh"]["state_bytes"] == r["fsdp2"]["state_bytes"]
+
+
+@pytest.mark.parametrize("layout, message", [
+    ("subgroup", r"base_model\.model\.0\[default\]\.A is sharded over a 1-D cpu mesh of shape \(2,\) over ranks \[0, 1\] but "
+                 r"base_model\.model\.4\[default\]\.A over a 1-D cpu mesh of shape \(1,\) over ranks \[RANK\] named \('shard',\)"),
+    ("named", r"over a 1-D cpu mesh of shape \(2,\) over ranks \[0, 1\] named \('dp',\) but .* over a 1-D cpu mesh of "
+              r"shape \(2,\) over ranks \[0, 1\]: .*Pass the same mesh to every fully_shard call"),
+    ("2d", r"is a DTensor with placements \(Replicate\(\), Shard\(dim=0\)\) on a 2-D mesh"),
+])
+def test_fsdp2_over_meshes_that_differ_is_refused(two, layout, message):
+    """Meshes that really differ (a sub-group of the ranks, other dimension names, a 2-D mesh) are
+    refused at construction on every rank, naming both meshes (or the layout) and what to do."""
+    import re
+
+    for rank, r in enumerate(two):
+        refusal = r["mesh_refusals"][layout]
+        assert refusal is not None, layout
+        assert re.search(message.replace("RANK", str(rank)), refusal), refusal
+
+
 def test_fsdp2_clipping_outside_the_step(two, reference):
     """loft.clip_grad_norm_ (what LoFTTrainer calls) on sharded gradients: the same norms and the same
     trajectory as clipping inside the step on one process."""

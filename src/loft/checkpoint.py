@@ -1,27 +1,37 @@
-"""LoFT's optimizer state and ``torch.distributed.checkpoint`` (DCP).
+"""What LoFT's ``state_dict()`` holds so that torch's checkpoint API restores everything.
 
 ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict`` / ``set_optimizer_state_dict``
-(what Accelerate's and ``transformers.Trainer``'s FSDP2 checkpoints call) read
+(what DCP users, Accelerate's and ``transformers.Trainer``'s FSDP2 checkpoints call) read
 ``optimizer.state_dict()``, rename its parameter numbers to parameter names, and, for loading,
 use the state dict of the *fresh* optimizer as the template that DCP reads the saved tensors
-into. A fresh optimizer has no state yet, so torch first fills it by a step with zero gradients
-and learning rate 0 when ``optimizer.state`` is empty. LoFT cannot allow that step (with lr 0
-it may still rebalance a pair's factors, changing ``A`` and ``B`` at the same product), and its
-``optimizer.state`` is never empty (every factor has a view of its pair's state), so torch skips
-it. Instead, when torch's ``get_optimizer_state_dict`` machinery asks, LoFT's ``state_dict()``
-holds an entry for *every* trainable parameter: before a parameter's first step, zeros of the
-right shapes with ``step`` 0 (:func:`add_templates`). Loading such an entry leaves the fresh
-state (a pair's step-0 entry is skipped; AdamW's zeros at step 0 are its fresh state).
+into: only the entries the template has are loaded. Two things would otherwise be lost:
 
-A pair with one frozen factor (``requires_grad=False``: FFA-LoRA's ``A``, a federated client's
-factor of the other round) still has state on both sides (the frozen side's moments decay with
-zero gradients, and are used again once it trains). But torch's ``set_optimizer_state_dict``
-keeps only the entries of parameters that require grad, so the frozen side's entry would be
-dropped on load (and LoFT would refuse the half pair). On that path only, the frozen side's
-entry travels inside the trainable side's, as ``frozen.exp_avg``, ``frozen.exp_avg_sq`` and
-``frozen.partner`` (:func:`fold_frozen_sides`; the step-0 template has them too), and
-``load_state_dict`` takes it back out (:func:`unfold_frozen_sides`). So freeze the same factors
-before loading as when saving: DCP reads exactly the keys of the fresh optimizer's template.
+* **Parameters without state yet.** A fresh optimizer has no state, so its template would be
+  empty and the load would silently restore nothing. torch fills an empty ``optimizer.state``
+  by a step with zero gradients and learning rate 0; LoFT cannot allow that step (with lr 0 it
+  may still rebalance a pair's factors, changing ``A`` and ``B`` at the same product, and its
+  calibration and step count would move), and never gets it: its ``optimizer.state`` is never
+  empty (every factor has a view of its pair's state, from construction on), so torch skips it.
+  Instead ``state_dict()`` holds an entry for *every* trainable parameter: before a parameter's
+  first step, zeros of the right shapes with ``step`` 0 (:func:`add_templates`). Loading such an
+  entry leaves the fresh state (a pair's step-0 entry is skipped; AdamW's zeros at step 0 are
+  its fresh state).
+* **A pair's frozen factor.** A pair with one frozen factor (``requires_grad=False``: FFA-LoRA's
+  ``A``, a federated client's factor of the other round) still has state on both sides (the
+  frozen side's moments decay with zero gradients, and are used again once it trains), but
+  torch's ``set_optimizer_state_dict`` keeps only the entries of parameters that require grad.
+  So the frozen side's entry travels inside the trainable side's, as ``frozen.exp_avg``,
+  ``frozen.exp_avg_sq`` and ``frozen.partner`` (:func:`fold_frozen_sides`; the step-0 template
+  has them too), and ``load_state_dict`` takes it back out (:func:`unfold_frozen_sides`). Freeze
+  the same factors before loading as when saving: DCP reads exactly the keys of the fresh
+  optimizer's template.
+
+Both are what ``state_dict()`` returns whoever calls it (``torch.save(optimizer.state_dict())``,
+torch's API, Accelerate, Trainer): the ``complete_state_dict`` setting of
+:class:`~loft.LoFTAdamW`, on by default. With ``complete_state_dict=False`` the state dict holds
+only the parameters that have state, each factor under its own entry (smaller before the first
+step; a fresh optimizer then offers DCP nothing to load into). ``load_state_dict`` accepts
+either form, and checkpoints of earlier versions.
 
 Everything else is LoFT's ordinary ``state_dict()`` / ``load_state_dict()``: with owners (FSDP2,
 ``split_step``) the state dict holds every pair's whole state on every rank (CPU tensors) and
@@ -31,7 +41,6 @@ replicated tensor once.
 
 from __future__ import annotations
 
-import sys
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -42,27 +51,10 @@ from .linalg import compute_dtype, packed_index
 if TYPE_CHECKING:  # pragma: no cover
     from .optim import LoFTAdamW
 
-__all__ = ["FROZEN", "add_templates", "called_by_torch_state_dict_api", "fold_frozen_sides", "unfold_frozen_sides"]
+__all__ = ["FROZEN", "add_templates", "fold_frozen_sides", "unfold_frozen_sides"]
 
 #: the prefix of a frozen factor's state keys inside its trainable partner's entry
 FROZEN = "frozen."
-
-#: The function of ``torch.distributed.checkpoint.state_dict`` that calls ``optimizer.state_dict()``
-#: for ``get_optimizer_state_dict`` and ``set_optimizer_state_dict`` (torch 2.13; a private name,
-#: checked by tests/test_dcp.py).
-TORCH_DSD_MODULE = "torch.distributed.checkpoint.state_dict"
-TORCH_DSD_GETTER = "_get_optim_state_dict"
-
-
-def called_by_torch_state_dict_api() -> bool:
-    """Whether ``state_dict()`` is being called by torch's ``get_optimizer_state_dict`` /
-    ``set_optimizer_state_dict`` (their ``_get_optim_state_dict`` is on the call stack)."""
-    frame = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code.co_name == TORCH_DSD_GETTER and frame.f_globals.get("__name__") == TORCH_DSD_MODULE:
-            return True
-        frame = frame.f_back
-    return False
 
 
 def _one_frozen(optimizer: LoFTAdamW) -> list[tuple[Any, int]]:
@@ -85,7 +77,7 @@ def fold_frozen_sides(optimizer: LoFTAdamW, state_dict: dict[str, Any], params: 
         if not state.get(live):  # a pair's two sides get state at the same step: both or neither
             raise RuntimeError(
                 f"LoRA pair {pair.name or '(unnamed)'}: its frozen factor has optimizer state but its trainable "
-                "factor has none, so the state cannot be saved through torch's state-dict API. This is a bug in "
+                "factor has none, so the state cannot be carried in a complete state dict. This is a bug in "
                 "loft; please report it with the optimizer's state_dict() keys."
             )
         state[live] = {**state[live], **{FROZEN + k: v for k, v in entry.items() if k != "step"}}

@@ -14,7 +14,12 @@ full-space rebuild). Supported:
 
 Refused, with a message naming FSDP2 as the supported way to shard: FSDP v1 (flat parameters),
 DeepSpeed ZeRO, tensor parallelism and other DTensor layouts (``Replicate``, ``Shard`` on
-another dim, 2-D meshes).
+another dim, 2-D meshes), and parameters sharded over meshes that differ.
+
+Meshes are compared by what they are (:func:`mesh_key`: device type, shape, ranks, dimension
+names), not by identity: each ``fully_shard(module)`` call without ``mesh=`` makes a default mesh
+of its own, a different object equal in all of these, and a model sharded that way (torch's own
+tutorials do) shards every parameter over the same processes alike.
 """
 
 from __future__ import annotations
@@ -36,8 +41,11 @@ __all__ = [
     "check_module_supported",
     "check_pair_supported",
     "check_pairs_agree_across_ranks",
+    "check_sharding",
     "check_tensor_supported",
     "make_distributor",
+    "mesh_key",
+    "sharding_mesh",
 ]
 
 SUPPORTED = (
@@ -94,25 +102,77 @@ def check_pair_supported(pair: LoRAPair) -> None:
             f"{name}: one factor is sharded (DTensor) and the other is not; shard the whole LoRA layer with "
             f"fully_shard. {SUPPORTED}"
         )
-    if is_dtensor(pair.A) and pair.A.device_mesh != pair.B.device_mesh:  # type: ignore[attr-defined]
-        raise UnsupportedDistributedSetup(f"{name}: A and B are sharded over different meshes. {SUPPORTED}")
+    if is_dtensor(pair.A):
+        sharding_mesh([pair.A, pair.B], [f"{name}.A", f"{name}.B"])
 
 
-def make_distributor(pairs: list[LoRAPair], split_step: bool) -> LocalDistributor | OwnerDistributor:
-    """The distributor for these pairs: owners over the FSDP2 mesh when the factors are sharded;
-    owners over the default process group for whole factors with ``split_step`` under a
-    running process group of several ranks; otherwise every pair stepped here."""
-    sharded = [is_dtensor(p.A) for p in pairs]
-    if any(sharded):
-        if not all(sharded):
+def mesh_key(mesh: Any) -> tuple[Any, ...]:
+    """What a ``DeviceMesh`` is, for comparing meshes: ``(device type, shape, ranks, dimension
+    names)``, the ranks being this rank's mesh tensor flattened (for a mesh sliced from a larger
+    one, the ranks of this rank's slice). Two meshes with the same key shard a tensor alike over
+    the same processes. (torch's own ``DeviceMesh.__eq__`` also compares the creating thread and
+    the layout's strides.)"""
+    return (mesh.device_type, tuple(mesh.shape), tuple(mesh.mesh.flatten().tolist()), mesh.mesh_dim_names)
+
+
+def _describe(key: tuple[Any, ...]) -> str:
+    device, shape, ranks, names = key
+    text = f"a {len(shape)}-D {device} mesh of shape {shape} over ranks {list(ranks)}"
+    return text + (f" named {names}" if names else "")
+
+
+def sharding_mesh(tensors: list[Tensor], names: list[str]) -> Any:
+    """The one ``DeviceMesh`` the DTensors among ``tensors`` are sharded over (``None`` when none
+    is a DTensor): the first one's, after checking that every other is equal to it
+    (:func:`mesh_key`). ``names``: the tensors' names, for the message. Raises
+    :class:`UnsupportedDistributedSetup` when they differ: the owners' gathers, scatters and the
+    clipping norm's all-reduce run over one process group, which must hold every shard."""
+    sharded = [(t.device_mesh, n) for t, n in zip(tensors, names) if is_dtensor(t)]  # type: ignore[attr-defined]
+    if not sharded:
+        return None
+    first, first_name = sharded[0]
+    key = mesh_key(first)
+    for mesh, name in sharded[1:]:
+        other = mesh_key(mesh)
+        if other != key:
             raise UnsupportedDistributedSetup(
-                "Some LoRA pairs are sharded (FSDP2) and others are not; shard the whole model with fully_shard "
-                f"(its submodules first, then the root). {SUPPORTED}"
+                f"{first_name} is sharded over {_describe(key)} but {name} over {_describe(other)}: LoFTAdamW needs "
+                "every sharded parameter on one mesh (equal meshes are fine). Pass the same mesh to every fully_shard "
+                f"call, or none (each call then makes the default mesh over all ranks). {SUPPORTED}"
             )
-        meshes = {id(p.A.device_mesh): p.A.device_mesh for p in pairs}  # type: ignore[attr-defined]
-        if len(meshes) > 1:
-            raise UnsupportedDistributedSetup(f"LoRA pairs are sharded over {len(meshes)} different meshes. {SUPPORTED}")
-        mesh: Any = next(iter(meshes.values()))
+    return first
+
+
+def check_sharding(pairs: list[LoRAPair], others: list[Tensor], names: dict[int, str] | None = None) -> Any:
+    """The mesh the optimizer's sharded parameters live on, ``None`` when none is sharded. Either
+    every pair is sharded or none is; every sharded tensor (factors, and ``others``: the heads,
+    whose shards the clipping norm adds over the mesh's group) must be on meshes equal to each
+    other (:func:`sharding_mesh`), so a model sharded by ``fully_shard`` calls without ``mesh=``
+    (a default mesh per call) is accepted. ``names``: ``id(tensor) -> name`` for messages."""
+    names = names or {}
+    sharded = [is_dtensor(p.A) for p in pairs]
+    if not any(sharded) and not any(is_dtensor(t) for t in others):
+        return None
+    if not all(sharded):
+        raise UnsupportedDistributedSetup(
+            "Some LoRA pairs or other parameters are sharded (FSDP2) and some LoRA pairs are not; shard the whole "
+            f"model with fully_shard (its submodules first, then the root). {SUPPORTED}"
+        )
+    tensors = [t for p in pairs for t in (p.A, p.B)] + list(others)
+    labels = [f"{p.name or 'a LoRA pair'}.{side}" for p in pairs for side in "AB"]
+    labels += [names.get(id(t), f"a parameter of shape {tuple(t.shape)}") for t in others]
+    return sharding_mesh(tensors, labels)
+
+
+def make_distributor(
+    pairs: list[LoRAPair], split_step: bool, others: list[Tensor] | None = None, names: dict[int, str] | None = None
+) -> LocalDistributor | OwnerDistributor:
+    """The distributor for these pairs: owners over the FSDP2 mesh when the factors are sharded
+    (:func:`check_sharding`: one mesh, compared by what it is); owners over the default process
+    group for whole factors with ``split_step`` under a running process group of several ranks;
+    otherwise every pair stepped here. ``others``, ``names``: as for :func:`check_sharding`."""
+    mesh = check_sharding(pairs, others or [], names)
+    if mesh is not None:
         return OwnerDistributor(pairs, mesh.get_group(), sharded=True)
     if split_step and torch.distributed.is_available() and torch.distributed.is_initialized():
         if torch.distributed.get_world_size() > 1:

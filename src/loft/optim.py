@@ -20,13 +20,14 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.adamw import adamw as _adamw_functional
 
-from .checkpoint import add_templates, called_by_torch_state_dict_api, unfold_frozen_sides
+from .checkpoint import add_templates, unfold_frozen_sides
 from .rebind import note_layout, rebind_if_swapped
 from .distributed import (
     UnsupportedDistributedSetup,
     check_module_supported,
     check_pair_supported,
     check_pairs_agree_across_ranks,
+    check_sharding,
     check_tensor_supported,
     make_distributor,
 )
@@ -145,6 +146,7 @@ class LoFTAdamW(Optimizer):
         batch_pairs: bool = True,
         split_step: bool = False,
         fuse_elementwise: bool | None = None,
+        complete_state_dict: bool = True,
         **unknown: Any,
     ) -> None:
         given = locals()
@@ -180,7 +182,7 @@ class LoFTAdamW(Optimizer):
         if not self._pairs:
             raise ValueError(self._no_pairs_message())
         check_pairs_agree_across_ranks((p.name, p.A.shape, p.B.shape) for p in self._pairs)
-        self._distributor = make_distributor(self._pairs, self.settings.split_step)
+        self._distributor = make_distributor(self._pairs, self.settings.split_step, self._plain_params(), self._param_names)
         warn_about_ranks_between(self._pairs)
         self.register_state_dict_pre_hook(rebind_if_swapped)
         self.register_state_dict_post_hook(_pack_pair_state)
@@ -261,10 +263,20 @@ class LoFTAdamW(Optimizer):
                 self.state[t] = ParamStateView(self._states, pair, side)
             self._param_names.setdefault(id(pair.A), f"{pair.name}.A" if pair.name else "lora A")
             self._param_names.setdefault(id(pair.B), f"{pair.name}.B" if pair.name else "lora B")
-        if self._distributor is not None:
+        if self._distributor is not None:  # (at construction, make_distributor checks the sharding)
+            mesh = check_sharding(self._pairs, self._plain_params(), self._param_names)
+            if (mesh is not None) != bool(getattr(self._distributor, "sharded", False)):
+                raise UnsupportedDistributedSetup(
+                    "add_param_group: the new parameters are sharded (FSDP2) and the optimizer's are not, or the other "
+                    "way round; shard the whole model with fully_shard before constructing LoFTAdamW."
+                )
             self._distributor.add_pairs(pairs)
         self._prepared = None
         note_layout(self)  # which tensor sits where, to follow a wrapper that swaps them (loft/rebind.py)
+
+    def _plain_params(self) -> list[Tensor]:
+        """The parameters that are not LoRA factors, in ``param_groups`` order."""
+        return [p for g in self.param_groups for p in g["params"] if id(p) in self._plain_ids]
 
     def _no_pairs_message(self) -> str:
         if self._modules_seen:
@@ -632,7 +644,9 @@ def _param_index(optimizer: LoFTAdamW) -> list[Tensor]:
 
 def _pack_pair_state(optimizer: LoFTAdamW, state_dict: dict[str, Any]) -> dict[str, Any]:
     """``state_dict()`` post-hook: each LoRA factor's entry becomes a plain per-parameter dict
-    (views of its batch's stacks), or is left out before the pair's first step."""
+    (views of its batch's stacks); with ``complete_state_dict`` (the default) every trainable
+    parameter without state gets its step-0 template and a frozen factor's entry moves into its
+    partner's (:func:`loft.checkpoint.add_templates`), else it is left out before the pair's first step."""
     state = state_dict["state"]
     dist = optimizer._distributor
     assert dist is not None
@@ -666,7 +680,7 @@ def _pack_pair_state(optimizer: LoFTAdamW, state_dict: dict[str, Any]) -> dict[s
             state[i] = st
         else:
             state.pop(i, None)
-    if called_by_torch_state_dict_api():  # a template for DCP to load into (see loft/checkpoint.py)
+    if optimizer.settings.complete_state_dict:  # what torch's DCP API needs (loft/checkpoint.py)
         add_templates(optimizer, state_dict, _param_index(optimizer), None if dist.local else torch.device("cpu"))
     return state_dict
 

@@ -103,6 +103,13 @@ class LoFTOptions:
     fuse_elementwise: bool | None = _option(
         None, "the rebuild's elementwise passes (clamp, sqrt, ``+ eps``, divide) as one ``torch.compile`` kernel "
         "(``None``: on CUDA only; eager with a warning where compiling fails)", "setting")
+    complete_state_dict: bool = _option(
+        True, "what ``state_dict()`` holds, whoever calls it (:mod:`loft.checkpoint`): ``True``, an entry for every "
+        "trainable parameter (step-0 zeros before its first step, which loading leaves fresh) and a frozen factor's "
+        "state inside its trainable partner's entry, so that torch's ``get_optimizer_state_dict`` / "
+        "``set_optimizer_state_dict`` (DCP, Accelerate's and Trainer's FSDP2 checkpoints) save and restore "
+        "everything; ``False``, only the entries of parameters that have state, each under its own parameter",
+        "setting")
 
     def __post_init__(self) -> None:
         check_group(self.group())
@@ -194,6 +201,7 @@ class Settings:
     nonfinite_grads: str = LoFTOptions.nonfinite_grads
     split_step: bool = LoFTOptions.split_step
     fuse_elementwise: bool | None = LoFTOptions.fuse_elementwise
+    complete_state_dict: bool = LoFTOptions.complete_state_dict
 
     def fuses(self, device: Any) -> bool:
         """Whether the rebuild's elementwise passes run as one compiled kernel on ``device``:
@@ -212,6 +220,8 @@ class Settings:
             raise TypeError(f"Invalid batch_pairs: {self.batch_pairs!r} (True or False).")
         if self.fuse_elementwise is not None and not isinstance(self.fuse_elementwise, bool):
             raise TypeError(f"Invalid fuse_elementwise: {self.fuse_elementwise!r} (True, False or None).")
+        if not isinstance(self.complete_state_dict, bool):
+            raise TypeError(f"Invalid complete_state_dict: {self.complete_state_dict!r} (True or False).")
         if not isinstance(self.split_step, bool):
             raise TypeError(f"Invalid split_step: {self.split_step!r} (True or False).")
         if self.nonfinite_grads not in ("skip", "raise"):

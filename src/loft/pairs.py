@@ -136,14 +136,18 @@ def find_lora_pairs(model: nn.Module) -> list[LoRAPair]:
     """Every trainable LoRA pair in ``model`` (a PEFT model, a module holding PEFT LoRA layers,
     or either wrapped in ``DistributedDataParallel``), in module order.
 
-    Adapters whose factors are both frozen (inactive adapters) are skipped; a pair with exactly
-    one trainable factor is an error.
+    Adapters whose factors are both frozen (inactive adapters) are skipped. Each pair is found
+    once, under the first module that shows it: a wrapper that forwards attribute access to the
+    layer it wraps (torch's ``CheckpointWrapper`` of activation checkpointing) shows the layer's
+    ``lora_A`` / ``lora_B`` as its own, and the pair is not counted again under the wrapped layer.
     """
     pairs: list[LoRAPair] = []
+    seen: set[tuple[int, int]] = set()
     for name, module in model.named_modules():
         for adapter, a, b in _adapter_factors(module):
-            if not (a.requires_grad or b.requires_grad):
+            if not (a.requires_grad or b.requires_grad) or (id(a), id(b)) in seen:
                 continue
+            seen.add((id(a), id(b)))
             pairs.append(LoRAPair(a, b, _scaling_reader(module, adapter), name=f"{name}[{adapter}]"))
     return pairs
 
@@ -158,8 +162,9 @@ def split_lora_parameters(model: nn.Module) -> tuple[list[LoRAPair], list[Tensor
 
 
 def count_lora_layers(model: nn.Module) -> int:
-    """How many modules of ``model`` hold LoRA factors, trainable or not."""
-    return sum(1 for _, m in model.named_modules() if _adapter_factors(m))
+    """How many LoRA layers ``model`` holds (trainable or not), each once (see :func:`find_lora_pairs`)."""
+    return len({tuple(id(t) for _, a, b in found for t in (a, b)) for _, m in model.named_modules()
+                if (found := _adapter_factors(m))})
 
 
 

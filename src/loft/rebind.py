@@ -103,7 +103,8 @@ def rebind_if_swapped(optimizer: LoFTAdamW) -> bool:
                 optimizer.state[new] = st
     for pair in optimizer._pairs:
         check_pair_supported(pair)
-    optimizer._distributor = make_distributor(optimizer._pairs, optimizer.settings.split_step)
+    optimizer._distributor = make_distributor(optimizer._pairs, optimizer.settings.split_step,
+                                              optimizer._plain_params(), optimizer._param_names)
     if not optimizer._distributor.local and optimizer._states.batches():
         raise UnsupportedDistributedSetup(
             "LoFTAdamW's LoRA factors were sharded after it had taken steps; shard the model (or run "

@@ -9,15 +9,17 @@ or the new one, never half of one.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write", "fsync_tree", "publish_dir", "replace_files", "write_json", "write_text"]
+__all__ = ["atomic_write", "fsync_tree", "publish_dir", "replace_files", "write_failure", "write_json", "write_text"]
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -83,13 +85,25 @@ def fsync_tree(folder: str | Path) -> None:
         _fsync_dir(Path(root))
 
 
+def _readable(folder: Path) -> None:
+    """Mode 0644 for every plain file under ``folder``, as :func:`atomic_write` gives its files
+    (some writers, safetensors among them, create theirs private: 0600)."""
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            path = Path(root) / name
+            if not path.is_symlink():
+                os.chmod(path, 0o644)
+
+
 def publish_dir(staged: str | Path, target: str | Path) -> None:
     """Move the complete folder ``staged`` to ``target`` (replacing an existing ``target``).
 
-    ``staged`` is flushed first; the rename is atomic, so ``target`` is either absent, the old
-    folder or the new one. (An old ``target`` is first renamed aside, then removed.)
+    ``staged`` is flushed first (its files made 0644); the rename is atomic, so ``target`` is
+    either absent, the old folder or the new one. (An old ``target`` is first renamed aside,
+    then removed.)
     """
     staged, target = Path(staged), Path(target)
+    _readable(staged)
     fsync_tree(staged)
     old = None
     if target.exists():
@@ -104,8 +118,10 @@ def publish_dir(staged: str | Path, target: str | Path) -> None:
 
 def replace_files(staged: str | Path, target: str | Path, last: str | None = None) -> None:
     """Move every file of the complete folder ``staged`` into ``target``, one atomic rename
-    each, ``last`` (the file that marks the result as complete) after all the others."""
+    each, ``last`` (the file that marks the result as complete) after all the others. Files
+    get mode 0644 (:func:`_readable`)."""
     staged, target = Path(staged), Path(target)
+    _readable(staged)
     fsync_tree(staged)
     names = sorted(p.name for p in staged.iterdir())
     if last in names:
@@ -121,3 +137,35 @@ def replace_files(staged: str | Path, target: str | Path, last: str | None = Non
             replace(src, dst)
     _fsync_dir(target)
     shutil.rmtree(staged, ignore_errors=True)
+
+
+#: free bytes below which a failed write is put down to a full disk (torch's writer does not say why)
+_NEARLY_FULL = 1 << 20
+
+
+def write_failure(e: BaseException, folder: str | Path) -> str | None:
+    """Why writing into ``folder`` failed, when ``e`` is a failed write rather than a bug: ``"No
+    space left on device"``, ``"Disk quota exceeded"``, ... ; ``None`` for any other error.
+
+    The writers report it differently: Python's files and matplotlib raise ``OSError``;
+    safetensors a ``SafetensorError`` naming the ``os error``; ``torch.save``'s zip writer a
+    ``RuntimeError`` that names no cause (``unexpected pos ...``, ``iostream error``, seen on a
+    full tmpfs), put down to a full disk when the file system has (almost) no space left.
+    """
+    if isinstance(e, OSError):
+        return e.strerror or str(e) or type(e).__name__
+    text = str(e)
+    found = re.search(r"os error (\d+)", text)
+    if found and type(e).__name__ == "SafetensorError":
+        return os.strerror(int(found.group(1)))
+    if not isinstance(e, RuntimeError):
+        return None
+    try:
+        stat = os.statvfs(folder)
+        if stat.f_bavail * stat.f_frsize < _NEARLY_FULL:
+            return os.strerror(errno.ENOSPC)
+    except OSError:
+        pass
+    if any(w in text for w in ("inline_container.cc", "PytorchStreamWriter", "iostream error")):
+        return "torch could not write the file"
+    return None

@@ -1,4 +1,4 @@
-"""Trainer callbacks of the command line: a progress bar and Ctrl-C handling."""
+"""Trainer callbacks of the command line: a progress bar and Ctrl-C / SIGTERM handling."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ from typing import Any
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
+from .errors import Terminated
 from .launch import any_rank, is_main_process
+from .signals import ours_or_default
 
 __all__ = ["InterruptCallback", "ProgressBar"]
 
@@ -49,37 +51,52 @@ class ProgressBar(TrainerCallback):
 
 
 class InterruptCallback(TrainerCallback):
-    """The first Ctrl-C asks Trainer to save a checkpoint at the end of the current step and
-    stop; a second Ctrl-C aborts at once (the last periodic checkpoint remains). A process that
-    inherited SIGINT ignored (started in the background, with nohup) keeps it ignored.
+    """The first Ctrl-C (or SIGTERM: ``kill``, ``docker stop``, a Slurm time limit) asks Trainer to
+    save a checkpoint at the end of the current step and stop; a second one aborts at once (the
+    last periodic checkpoint remains). A process that inherited SIGINT (or SIGTERM) ignored
+    (started in the background, with nohup) keeps it ignored; a SIGTERM handler of the program's
+    own is left in place.
 
-    On several processes (torchrun forwards Ctrl-C to every worker, each at its own moment) the
-    ranks agree at the end of every step: when any rank has seen Ctrl-C, all of them save the
-    same step's checkpoint and stop together (one all-reduce of a flag per step).
+    On several processes (torchrun forwards Ctrl-C and SIGTERM to every worker, each at its own
+    moment) the ranks agree at the end of every step: when any rank has seen a signal, all of
+    them save the same step's checkpoint and stop together (one all-reduce of a flag per step).
     """
 
     def __init__(self) -> None:
         self.interrupted = False
-        self._previous: Any = None
+        self.signal: int | None = None  # the first signal this process received (None: another rank's)
+        self._previous: dict[int, Any] = {}
         self._presses = 0
 
-    def request_stop(self) -> None:
-        """What Ctrl-C does (tests call it directly)."""
+    def request_stop(self, signum: int | None = None) -> None:
+        """What Ctrl-C (``signum`` SIGINT) or SIGTERM does (tests call it directly)."""
         self.interrupted = True
+        if self.signal is None:
+            self.signal = signum
 
-    def _handler(self, signum, frame):  # pragma: no cover - exercised by a real Ctrl-C
-        # count this process's own Ctrl-Cs: a stop agreed with the other ranks is not a first press
+    @property
+    def terminated(self) -> bool:
+        """Whether SIGTERM stopped this process's training."""
+        return self.signal == signal.SIGTERM
+
+    def _handler(self, signum, frame):  # pragma: no cover - exercised by a real signal
+        # count this process's own signals: a stop agreed with the other ranks is not a first press
         self._presses += 1
         if self._presses > 1:
-            raise KeyboardInterrupt
-        self.request_stop()
+            raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+        self.request_stop(signum)
         if is_main_process():
-            print("\nCtrl-C: saving a checkpoint after this step (Ctrl-C again to abort without it) ...", flush=True)
+            what = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
+            print(f"\n{what}: saving a checkpoint after this step ({what} again to abort without it) ...", flush=True)
 
     def on_train_begin(self, args, state, control, **kwargs: Any):
+        if threading.current_thread() is not threading.main_thread():
+            return
         # a process started with Ctrl-C ignored (a background job, nohup) keeps ignoring it
-        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
-            self._previous = signal.signal(signal.SIGINT, self._handler)
+        if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+            self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._handler)
+        if ours_or_default(signal.getsignal(signal.SIGTERM)):
+            self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._handler)
 
     def on_step_end(self, args, state, control, **kwargs: Any):
         self.interrupted = any_rank(self.interrupted, args.device)
@@ -92,6 +109,6 @@ class InterruptCallback(TrainerCallback):
         self.restore()
 
     def restore(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
+        for signum, previous in self._previous.items():
+            signal.signal(signum, signal.SIG_DFL if previous is None else previous)
+        self._previous = {}

@@ -21,7 +21,8 @@ from typing import Annotated, Any, Optional
 import typer
 
 from .config import FinetuneConfig, OptionSpec, compare_fields, finetune_fields
-from .errors import LoftUsageError, RunInterrupted
+from .errors import LoftUsageError, OutputWriteError, RunInterrupted, interruption
+from .signals import sigterm_as_interrupt
 
 app = typer.Typer(
     add_completion=False,
@@ -116,13 +117,10 @@ def finetune(**options: Any) -> None:
 
     cfg = FinetuneConfig(**_settings(options, finetune_fields()))
     metrics = run(cfg, overwrite=options["overwrite"], resume=options["resume"], progress=not options["quiet"])
-    if not _main_process():
-        return
     out = default_output_dir(cfg)
-    try:
+    _finished(f"the run finished; its results in {out} are complete")
+    if _main_process():
         _summary(metrics, cfg.method, cfg.rank, out)
-    except KeyboardInterrupt:
-        raise RunInterrupted(f"Interrupted after the run finished; its results in {out} are complete.") from None
 
 
 def _summary(metrics: dict, method: str, rank: int, out) -> None:
@@ -137,7 +135,8 @@ def _summary(metrics: dict, method: str, rank: int, out) -> None:
     parts = [f"eval {name} {text}" for name, text in (("accuracy", change("eval_accuracy", ".4f")),
                                                       ("perplexity", change("eval_perplexity", ".3f"))) if text]
     print(
-        f"\n{run_name(method, rank)} on {metrics['num_train']} examples, {metrics['steps']} steps in {metrics['train_seconds']:.0f} s: "
+        f"\n{run_name(method, rank)} on {metrics['num_train']} examples, {metrics['steps']} step{'' if metrics['steps'] == 1 else 's'} "
+        f"in {metrics['train_seconds']:.0f} s: "
         f"{', '.join(parts) or 'eval loss ' + change('eval_loss', '.4f')} "
         f"({metrics['num_eval']} examples), train loss {metrics['train_loss']:.4f}."
     )
@@ -165,6 +164,7 @@ def compare(**options: Any) -> None:
         full=options["full"], lrs=parse_lrs(options["lrs"]), output_dir=output_dir, overwrite=options["overwrite"],
         resume=options["resume"], progress=not options["quiet"], **_settings(options, compare_fields()),
     )
+    _finished(f"the comparison finished; its table and runs in {output_dir} are complete")
     if not _main_process():
         return
     print("\n" + result["markdown"])
@@ -196,7 +196,8 @@ def federate(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines.")] = False,
 ) -> None:
     """Federated fine-tuning on Flower's simulation engine: clients train locally, a server aggregates
-    (docs/federated.md). With no options: MiniLM-L6 on movie_sentiment, 4 clients, LoFT at rank 4."""
+    their adapters each round. With no options: MiniLM-L6 on movie_sentiment, 4 clients, LoFT at rank 4.
+    Writes run_config.json, rounds.jsonl (one line per round), metrics.json and accuracy.png."""
     from .federated import FederateConfig
     from .federated.run import federate as run
 
@@ -206,8 +207,10 @@ def federate(
                          parallel=parallel, output_dir=output_dir)
     metrics = run(cfg, overwrite=overwrite, progress=not quiet)
     out = cfg.default_output_dir()
+    _finished(f"the run finished; its results in {out} are complete")
     print(f"\n{metrics['method']} ({metrics['aggregator']}, state {metrics['state']}), {metrics['clients']} clients, "
-          f"{cfg.rounds} rounds of {cfg.local_steps} steps in {metrics['seconds']:.0f} s: eval accuracy "
+          f"{cfg.rounds} round{'' if cfg.rounds == 1 else 's'} of {cfg.local_steps} step{'' if cfg.local_steps == 1 else 's'} "
+          f"in {metrics['seconds']:.0f} s: eval accuracy "
           f"{metrics['eval_accuracy_before']:.4f} -> {metrics['eval_accuracy']:.4f} ({metrics['num_eval']} examples); "
           f"{metrics['bytes_up_total'] / 2**20:,.2f} MiB sent by the clients in all.")
     print(f"Saved to {out}/ (metrics.json, rounds.jsonl, accuracy.png).")
@@ -243,6 +246,7 @@ def merge(
     from .merge import merge_run
 
     out = merge_run(run_dir, output_dir, overwrite=overwrite)
+    _finished(f"the merged model in {out} is complete")
     print(f"Merged model saved to {out}/ (loads with AutoModelForCausalLM.from_pretrained).")
 
 
@@ -265,43 +269,77 @@ def _main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+#: what a command has completed, once it has (what a Ctrl-C or SIGTERM after that point reports)
+_FINISHED: list[str] = []
+
+
+def _finished(what: str) -> None:
+    """Record that the command's work is complete (its results written)."""
+    _FINISHED.append(what)
+
+
+def _stopped(signal: BaseException | None) -> int:
+    """Print what a Ctrl-C / SIGTERM that stopped no run kept; return the exit status."""
+    what, code = interruption(signal)
+    if _main_process():
+        line = f"{what} after {_FINISHED[-1]}." if _FINISHED else f"{what[0].lower()}{what[1:]}; nothing was written."
+        print(f"\nloft: {line}", file=sys.stderr)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``loft`` script; returns the exit status."""
+    _FINISHED.clear()
     try:
-        status = app(args=argv, standalone_mode=False)
+        status = _run(argv)
+    except BaseException:
+        _shutdown()
+        raise
+    try:
+        _shutdown()
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM after the command's work: say what it completed
+        status = _stopped(e)
+    return status
+
+
+def _shutdown() -> None:
+    if "torch" in sys.modules:
+        from .launch import shutdown_processes
+
+        shutdown_processes()
+
+
+def _run(argv: list[str] | None) -> int:
+    """The command, its errors and interruptions turned into messages and an exit status."""
+    try:
+        with sigterm_as_interrupt():  # SIGTERM (kill, docker stop, Slurm) is handled as Ctrl-C: status 143
+            status = app(args=argv, standalone_mode=False)
         if isinstance(status, int) and status == 130:  # typer's answer to a KeyboardInterrupt
-            if _main_process():
-                print("\nloft: interrupted; nothing was written.", file=sys.stderr)
-            return 130
+            return _stopped(None)
         if isinstance(status, int) and status:
             return status
     except LoftUsageError as e:
         if _main_process():  # every rank stops with the same message; print it once
             print(f"loft: error: {e}", file=sys.stderr)
         return 2
+    except OutputWriteError as e:
+        if _main_process():
+            print(f"loft: error: {e}", file=sys.stderr)
+        return 1
     except RunInterrupted as e:
         if _main_process():
             print(f"\nloft: {e}", file=sys.stderr)
-        return 130
-    except KeyboardInterrupt:
-        if _main_process():
-            print("\nloft: interrupted; nothing was written.", file=sys.stderr)
-        return 130
+        return e.exit_code
+    except KeyboardInterrupt as e:
+        return _stopped(e)
     except Exception as e:  # click's usage errors (typer vendors its own click)
         names = {c.__name__ for c in type(e).__mro__}
         if "ClickException" in names:
             e.show()
             return int(getattr(e, "exit_code", 2))
-        if "Abort" in names:
-            if _main_process():
-                print("\nloft: interrupted; nothing was written.", file=sys.stderr)
-            return 130
+        if "Abort" in names:  # click's answer to a KeyboardInterrupt (or Terminated) in a command
+            return _stopped(e.__cause__)
         raise
-    finally:
-        if "torch" in sys.modules:
-            from .launch import shutdown_processes
-
-            shutdown_processes()
     return 0
 
 

@@ -8,7 +8,7 @@ status 2 instead of failing with an import traceback.
 
 from __future__ import annotations
 
-import logging
+import signal
 import sys
 from importlib.util import find_spec
 
@@ -28,12 +28,18 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    # bitsandbytes (installed for QLoRA) logs, when peft imports it on some CPUs, a hint about
-    # an optional kernel download that loft's runs never use: keep it off the user's terminal
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # bitsandbytes and kernels log, when peft imports them on some CPUs, lines about an optional
+    # kernel download that loft's runs never use: keep them off the user's terminal
+    from .noise import quiet_library_logs
+
+    quiet_library_logs()
     from .cli import main as cli_main
 
-    return cli_main(argv)
+    status = cli_main(argv)
+    # the command is over (its outcome printed): a Ctrl-C during the interpreter's exit would only
+    # print a traceback over it
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return status
 
 
 if __name__ == "__main__":  # pragma: no cover

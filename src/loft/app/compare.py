@@ -14,24 +14,28 @@ import csv
 import io
 import json
 import re
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-from .atomic import atomic_write, write_json, write_text
-from .errors import LoftUsageError, RunInterrupted
-from .config import ADAPTER_METHODS
+from .atomic import atomic_write, write_failure, write_json, write_text
+from .errors import LoftUsageError, OutputWriteError, RunInterrupted, interruption
+from .config import ADAPTER_METHODS, check_output_option
 from .finetune import DEFAULT_LR, METHODS, FinetuneConfig, finetune, prepare_inputs, resolve_targets
 from .rundir import (
     CHECKPOINTS,
     METRICS_FILE,
     _check_writable,
     _latest_checkpoint,
+    _snapshot,
     check_output_dir,
+    clear_folder,
     is_new_output_dir,
     run_name,
+    take_output_dir,
 )
+from .runlock import RunLock, listing
+from .signals import sigterm_as_interrupt
 from .launch import barrier, init_processes, is_main_process, launched_processes, on_main_process
 
 __all__ = ["parse_lrs", "run_compare"]
@@ -99,9 +103,16 @@ def _is_comparison(out: Path) -> bool:
 
 
 def _check_folder(out: Path, identity: dict[str, Any], runs: list[tuple[str, FinetuneConfig]], overwrite: bool,
-                  resume: bool) -> dict[str, str]:
+                  resume: bool) -> tuple[dict[str, str], tuple]:
     """Decide, reading only, what happens to ``out`` and to each run's folder in it:
-    ``{name: "new" | "done" | "resume" | "restart"}``. Refuses a folder it must not use."""
+    ``({name: "new" | "done" | "resume" | "restart"}, what out holds now)``. Refuses a folder it
+    must not use (another live process's too)."""
+    states = _run_states(out, identity, runs, overwrite, resume)
+    return states, _snapshot(out)  # after the checks (which probe each folder for writing)
+
+
+def _run_states(out: Path, identity: dict[str, Any], runs: list[tuple[str, FinetuneConfig]], overwrite: bool,
+                resume: bool) -> dict[str, str]:
     if is_new_output_dir(out, overwrite=overwrite, resume=resume, holds="comparison"):
         return {name: "new" for name, _ in runs}
     if not _is_comparison(out):
@@ -130,7 +141,7 @@ def _check_folder(out: Path, identity: dict[str, Any], runs: list[tuple[str, Fin
     states = {}
     for name, cfg in runs:
         sub = out / name
-        if not sub.is_dir() or not any(sub.iterdir()):
+        if not sub.is_dir() or not listing(sub):
             states[name] = "new"
         elif (sub / METRICS_FILE).is_file() and not (sub / CHECKPOINTS).exists():
             check_output_dir(sub, cfg.identity(), overwrite=False, resume=False)  # the same settings
@@ -143,14 +154,16 @@ def _check_folder(out: Path, identity: dict[str, Any], runs: list[tuple[str, Fin
     return states
 
 
-def _prepare_folder(out: Path, identity: dict[str, Any], overwrite: bool) -> None:
-    """Create ``out`` (emptied first for ``--overwrite``) and record the comparison's settings
-    (main process only)."""
+def _prepare_folder(out: Path, identity: dict[str, Any], overwrite: bool, snapshot: tuple, held: list[RunLock]) -> None:
+    """Take ``out``'s lock (appended to ``held``; kept until the comparison ends), empty it for
+    ``--overwrite`` and record the comparison's settings (main process only)."""
     try:
-        if overwrite and out.exists():
+        lock = take_output_dir(out, snapshot)
+        if lock is not None:
+            held.append(lock)
+        if overwrite and listing(out):
             print(f"Replacing the comparison in {out} (--overwrite).", flush=True)
-            shutil.rmtree(out)
-        out.mkdir(parents=True, exist_ok=True)
+            clear_folder(out)
         write_json(out / COMPARE_CONFIG, identity)
     except OSError as e:
         raise LoftUsageError(f"Cannot write to --output-dir {str(out)!r}: {e.strerror or e}.") from None
@@ -176,6 +189,7 @@ def run_compare(
     finished, resumes the interrupted one from its checkpoint and runs the rest.
     """
 
+    check_output_option(output_dir, "runs/compare")
     bad = [m for m in methods if m not in ADAPTER_METHODS]
     if bad:
         raise LoftUsageError(
@@ -210,22 +224,26 @@ def run_compare(
     del inputs
     identity = json.loads(json.dumps({"methods": methods, "ranks": ranks, "full": full, "lrs": lrs,
                                       "settings": settings}, default=str))
-    states = on_main_process(_check_folder, out, identity, runs, overwrite, resume)
-    on_main_process(_prepare_folder, out, identity, overwrite)
+    states, snapshot = on_main_process(_check_folder, out, identity, runs, overwrite, resume)
+    held: list[RunLock] = []
     try:
-        return _run_all(out, runs, states, settings, lrs, progress)
-    except KeyboardInterrupt:  # between runs, or while writing the table
+        with sigterm_as_interrupt():  # SIGTERM: as Ctrl-C
+            on_main_process(_prepare_folder, out, identity, overwrite, snapshot, held)
+            return _run_all(out, runs, states, settings, lrs, progress)
+    except KeyboardInterrupt as e:  # between runs, or while writing the table (Ctrl-C or SIGTERM)
+        what, code = interruption(e)
         done = sum((out / name / METRICS_FILE).is_file() for name, _ in runs)
         raise RunInterrupted(
-            f"Interrupted; {done} of {len(runs)} runs in {out} finished and are kept. Continue the comparison with the "
-            "same loft compare command plus --resume."
+            f"{what}; {done} of {len(runs)} runs in {out} finished and are kept. Continue the comparison with the "
+            "same loft compare command plus --resume.", exit_code=code,
         ) from None
+    finally:
+        for lock in held:
+            lock.release()
 
 
 def _run_all(out: Path, runs, states: dict[str, str], settings: dict[str, Any], lrs: dict[str, float],
              progress: bool) -> dict[str, Any]:
-    from .plots import plot_compare
-
     main = is_main_process()
     progress = progress and main
     t0 = time.perf_counter()
@@ -246,16 +264,34 @@ def _run_all(out: Path, runs, states: dict[str, str], settings: dict[str, Any], 
                     f"Run {name}: {what}; {i - 1} of {len(runs)} runs finished and are kept. Continue the comparison "
                     "with the same loft compare command plus --resume.",
                     e.checkpoint,
+                    e.exit_code,
                 ) from None
         rows.append({k: metrics.get(k) for k in COLUMNS + OPTIONAL_COLUMNS})
         curves[name] = metrics["loss_curve"]
     seconds = time.perf_counter() - t0
     markdown, csv_text = _table(rows)
-    if main:
+    on_main_process(_write_table, out, rows, curves, markdown, csv_text, seconds, settings, lrs)
+    barrier()
+    return {"rows": rows, "markdown": markdown, "csv": csv_text, "seconds": seconds}
+
+
+def _write_table(out: Path, rows: list[dict[str, Any]], curves: dict[str, Any], markdown: str, csv_text: str,
+                 seconds: float, settings: dict[str, Any], lrs: dict[str, float]) -> None:
+    """The table, the plot and ``compare.json`` (main process); a failed write (a full disk)
+    raises :class:`OutputWriteError` saying that the runs are kept."""
+    from .plots import plot_compare
+
+    try:
         write_text(out / "compare.md", markdown)
         write_text(out / "compare.csv", csv_text)
         data_name = Path(str(settings.get("data", "movie_sentiment"))).stem
         atomic_write(out / "compare.png", lambda tmp: plot_compare(rows, curves, tmp, f"{data_name}: same data, seed and steps"))
         write_json(out / "compare.json", {"rows": rows, "seconds": round(seconds, 1), "settings": {k: v for k, v in settings.items()}, "lrs": lrs}, default=str)
-    barrier()
-    return {"rows": rows, "markdown": markdown, "csv": csv_text, "seconds": seconds}
+    except Exception as e:
+        why = write_failure(e, out)
+        if why is None:
+            raise
+        raise OutputWriteError(
+            f"{why} while writing the comparison's table into {str(out)!r}; its {len(rows)} runs are complete and "
+            "kept. Make room on that file system, then rerun the same loft compare command plus --resume."
+        ) from None

@@ -26,6 +26,7 @@ __all__ = [
     "FinetuneConfig",
     "OptionSpec",
     "check_batch_split",
+    "check_output_option",
     "check_fsdp",
     "compare_fields",
     "finetune_fields",
@@ -181,6 +182,7 @@ class FinetuneConfig:
             raise LoftUsageError(f"--max-length must be >= 8, got {self.max_length}.")
         if self.max_eval is not None and self.max_eval < 1:
             raise LoftUsageError(f"--max-eval must be >= 1, got {self.max_eval}.")
+        check_output_option(self.output_dir, "runs/<data>-<method>-r<rank>")
 
     @property
     def quantization(self) -> str | None:
@@ -220,6 +222,12 @@ class FinetuneConfig:
             if not d[key]:
                 d.pop(key)
         return d
+
+
+def check_output_option(value: str | None, default: str) -> None:
+    """Refuse an empty ``--output-dir`` (``-o ''``: it would name the current folder)."""
+    if value is not None and not str(value).strip():
+        raise LoftUsageError(f"--output-dir is empty; give a folder, or leave the option out for {default}.")
 
 
 def check_batch_split(batch_size: int, processes: int) -> None:

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from .. import __version__
-from .atomic import publish_dir, replace_files, write_json
+from .atomic import publish_dir, replace_files, write_failure, write_json
 from .data import BUILTIN_DATASETS, read_records, resolve_data
 from .config import (  # noqa: F401  (FinetuneConfig and the defaults are used from here too)
     DEFAULT_HEAD_LR,
@@ -48,8 +48,9 @@ from .config import (  # noqa: F401  (FinetuneConfig and the defaults are used f
     FinetuneConfig,
     check_batch_split,
 )
-from .errors import LoftUsageError, RunInterrupted
+from .errors import LoftUsageError, OutputWriteError, RunInterrupted, Terminated, interruption
 from .launch import (
+    any_rank,
     barrier,
     cpu_processes,
     init_processes,
@@ -61,6 +62,8 @@ from ..linalg import rank_regime
 from .memory import start_peak_memory
 from .methods import PissaStart, lora_options, make_optimizer
 from .models import resolve_model
+from .runlock import RunLock
+from .signals import sigterm_as_interrupt
 from .rundir import (  # noqa: F401  (re-exported: compare and the tests use them from here)
     CHECKPOINTS,
     CONFIG_FILE,
@@ -78,6 +81,7 @@ from .rundir import (  # noqa: F401  (re-exported: compare and the tests use the
     checkpoint_damage,
     default_output_dir,
     run_name,
+    take_output_dir,
 )
 from .tasks import Task
 
@@ -172,10 +176,11 @@ def _fresh_modules(missing_keys: list[str]) -> list[str]:
 
 
 def _start_run(
-    out: Path, cfg: FinetuneConfig, plan: OutputPlan, *, model_path: str, world: int
+    out: Path, cfg: FinetuneConfig, plan: OutputPlan, *, model_path: str, world: int, status: RunStatus
 ) -> tuple[str | None, dict[str, float] | None, dict[str, Any] | None]:
-    """Make ``out`` ready (main process only): ``(checkpoint to resume from, saved eval-before
-    metrics, saved training progress)``."""
+    """Take the folder's lock (held until the run ends, ``status.lock``) and make ``out`` ready
+    (main process only): ``(checkpoint to resume from, saved eval-before metrics, saved training
+    progress)``."""
     if plan.action == "resume":
         started = _read_run_config(out).get("processes", 1)
         if started != world:
@@ -184,18 +189,46 @@ def _start_run(
                 "so that every process finds its own saved random state. Nothing was changed."
             )
     try:
+        status.lock = take_output_dir(out, plan.snapshot)
+        status.output = plan
         apply_output_plan(out, plan)
         if plan.checkpoint is None:
             write_json(out / CONFIG_FILE, {"settings": cfg.identity(), "processes": world, "model_path": model_path,
                                            "loft_version": __version__})
             return None, None, None
-    except OSError as e:
-        raise LoftUsageError(f"Cannot write to --output-dir {str(out)!r}: {e.strerror or e}.") from None
+    except OSError as e:  # nothing of this run written yet: refused like an unwritable --output-dir
+        if plan.action == "new":
+            (out / CONFIG_FILE).unlink(missing_ok=True)
+            status.release()
+            if not plan.existed and out.is_dir() and not any(out.iterdir()):
+                out.rmdir()
+        raise LoftUsageError(f"Cannot write to --output-dir {str(out)!r}: {write_failure(e, out)}.") from None
     state_file = out / EVAL_BEFORE_FILE
     before = json.loads(state_file.read_text()) if state_file.is_file() and not _damage(state_file) else None
     progress_file = plan.checkpoint / PROGRESS_FILE
     progress = json.loads(progress_file.read_text()) if progress_file.is_file() else None
     return str(plan.checkpoint), before, progress
+
+
+def _examples_per_step(cfg: FinetuneConfig, num_train: int, main: bool) -> int:
+    """Examples per optimizer step: ``--batch-size`` (times the accumulation steps), or all the
+    training examples when there are fewer (every step takes them all; said once, so that the
+    examples per second count only examples that exist)."""
+    batch = cfg.batch_size * cfg.grad_accum
+    if batch <= num_train:
+        return batch
+    if main:
+        print(f"Note: --batch-size {cfg.batch_size} is more than the {num_train} training examples; every step "
+              f"takes all {num_train}.", flush=True)
+    return num_train
+
+
+def _write_eval_before(out: Path, before: dict[str, Any]) -> None:
+    """Keep the evaluation before training (main process): a resumed run does not repeat it."""
+    try:
+        write_json(out / EVAL_BEFORE_FILE, before)
+    except OSError as e:
+        raise OutputWriteError(f"{write_failure(e, out)} while writing {EVAL_BEFORE_FILE}") from None
 
 
 def _check_world(args: Any, processes: int, cfg: FinetuneConfig) -> int:
@@ -428,6 +461,17 @@ class _RunTrainerMixin:
         self._loft_step_losses: dict[int, torch.Tensor] = {}
         self._loft_t0 = time.perf_counter()
 
+    # Trainer's batch fetch before each optimizer step (library_internals.BATCH_SAMPLES_HOOK)
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """Trainer's, except when the run already took its last step: a resume from the checkpoint
+        written after the final step (an interruption during the final evaluation or while saving)
+        would otherwise train step ``max_steps + 1`` (transformers 5.25 checks the step count only
+        after a step). No batch then, and training stops before any step."""
+        if self.state.global_step >= self.state.max_steps:
+            self.control.should_training_stop = True
+            return [], None
+        return super().get_batch_samples(epoch_iterator, num_batches, device)
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
         step = self.state.global_step + 1
@@ -460,12 +504,27 @@ class _RunTrainerMixin:
         if self.args.should_save:
             shutil.rmtree(staging / name, ignore_errors=True)
         barrier()
-        with saving_checkpoints_into(self, staging):
-            super()._save_checkpoint(model, trial)
+        failed = None
+        try:
+            with saving_checkpoints_into(self, staging):
+                super()._save_checkpoint(model, trial)
+        except Exception as e:  # a full disk ...: every rank learns of it below, none is left waiting
+            failed = write_failure(e, staging)
+            if failed is None:
+                raise
         progress = self.loft_progress()
+        if self.args.should_save and failed is None:
+            try:
+                write_json(staging / name / PROGRESS_FILE, progress)
+            except OSError as e:
+                failed = write_failure(e, staging)
+        if any_rank(failed is not None, self.args.device):
+            if self.args.should_save:
+                shutil.rmtree(staging, ignore_errors=True)  # the partial checkpoint would keep the disk full
+            raise OutputWriteError(f"{failed or 'another process could not write its part'} while writing {name} "
+                                   f"into {str(root)!r} (its partial files were removed)")
         barrier()  # every process has written its files (rng_state_<rank>.pth) before the rename
         if self.args.should_save:
-            write_json(staging / name / PROGRESS_FILE, progress)
             publish_dir(staging / name, root / name)
             try:
                 staging.rmdir()  # only when empty
@@ -528,13 +587,17 @@ def finetune(
     status = RunStatus(cfg, progress)
     inputs = None
     try:
-        plan, inputs = plan_run(cfg, overwrite=overwrite, resume=resume, status=status)
-        built = build_run(plan, inputs, callbacks=callbacks, status=status)
-        trained = train_run(plan, inputs, built, status=status)
-        return save_run(plan, inputs, built, trained, status=status).as_dict()
-    except KeyboardInterrupt:
-        raise RunInterrupted(status.interrupted(), status.checkpoint_kept()) from None
+        with sigterm_as_interrupt():  # SIGTERM: as Ctrl-C (a checkpoint during training), exit status 143
+            plan, inputs = plan_run(cfg, overwrite=overwrite, resume=resume, status=status)
+            built = build_run(plan, inputs, callbacks=callbacks, status=status)
+            trained = train_run(plan, inputs, built, status=status)
+            return save_run(plan, inputs, built, trained, status=status).as_dict()
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM outside the training steps, or a second one in them
+        raise RunInterrupted(status.interrupted(e), status.checkpoint_kept(), interruption(e)[1]) from None
+    except OutputWriteError as e:  # a full disk ...: the partial files are removed, what was complete is kept
+        raise OutputWriteError(status.write_failed(str(e))) from None
     finally:
+        status.release()
         if inputs is not None and inputs.pissa is not None:
             inputs.pissa.close()
 
@@ -691,7 +754,8 @@ def prepare_inputs(cfg: FinetuneConfig, processes: int = 1) -> LoadedInputs:
     set_seed(cfg.seed)  # the fresh head starts the same for every method
     model, tokenizer, missing = _load_model(task, model_path, spec, cfg.quantization)
     _check_max_length(model, max_length, spec)
-    task.check_inputs(tokenizer, max_length)
+    positions = getattr(model.config, "max_position_embeddings", None)
+    task.check_inputs(tokenizer, max_length, positions if isinstance(positions, int) else None)
     fresh = _fresh_modules(missing)
     return LoadedInputs(task=task, train_path=train_path, eval_note=eval_note, spec=spec, model_path=model_path,
                         max_length=max_length, model=model, tokenizer=tokenizer, fresh=fresh,
@@ -738,7 +802,7 @@ def plan_run(cfg: FinetuneConfig, *, overwrite: bool, resume: bool, status: RunS
         model_spec=loaded.spec, model_path=loaded.model_path, max_length=loaded.max_length,
         fresh=tuple(loaded.fresh), targets=None if targets is None else tuple(targets), method_lr=method_lr,
         head_lr=head_lr, steps_per_epoch=steps_per_epoch, max_steps=max_steps,
-        batch_size=cfg.batch_size * cfg.grad_accum, output=output, base_model_mb=loaded.base_model_mb,
+        batch_size=_examples_per_step(cfg, task.num_train, main), output=output, base_model_mb=loaded.base_model_mb,
     )
     return plan, RunInputs(task=task, model=model, tokenizer=loaded.tokenizer, args=args, pissa=pissa)
 
@@ -753,9 +817,10 @@ def build_run(plan: RunPlan, inputs: RunInputs, *, callbacks: list[Any] | None, 
     cfg, model = plan.cfg, inputs.model
     # only now, with every input checked, touch the output directory
     status.phase = "preparing the output directory"
-    status.output = plan.output
+    if not plan.main:  # rank 0 sets it once it holds the folder's lock
+        status.output = plan.output
     checkpoint, before, saved_progress = on_main_process(
-        _start_run, plan.out, cfg, plan.output, model_path=plan.model_path, world=plan.world
+        _start_run, plan.out, cfg, plan.output, model_path=plan.model_path, world=plan.world, status=status
     )
     has_head = any(plan.is_head(n) for n, p in model.named_parameters() if p.requires_grad)
 
@@ -784,6 +849,10 @@ def build_run(plan: RunPlan, inputs: RunInputs, *, callbacks: list[Any] | None, 
         else:
             trainer = trainer_class(**common, optimizers=(build_optimizer(model), None))
     trainer.remove_callback(PrinterCallback)
+    if cfg.quantization is not None:  # TRL's SFTTrainer casts a quantized model's adapter to bfloat16
+        from .quantize import keep_adapter_float32
+
+        keep_adapter_float32(model)
     if plan.task_kind == "classification":
         # sequence classifiers average their loss over neither accumulation steps nor processes
         loss_is_per_process_mean(trainer)
@@ -803,12 +872,11 @@ def train_run(plan: RunPlan, inputs: RunInputs, built: BuiltRun, *, status: RunS
         status.phase = "evaluating before training"
         before = task.evaluate(trainer, inputs.tokenizer, plan.max_length)
         let_train_wrap_for_ddp(trainer)  # see loft.integrations.library_internals
-        if plan.main:
-            write_json(plan.out / EVAL_BEFORE_FILE, before)
+        on_main_process(_write_eval_before, plan.out, before)
         if plan.progress:
             print(f"before training: {eval_summary(before)} on {task.num_eval} eval examples", flush=True)
 
-    status.phase = "training (second Ctrl-C)"
+    status.phase = "training"
     trainer._loft_setup(built.progress)
     try:
         result = trainer.train(resume_from_checkpoint=built.checkpoint)
@@ -817,10 +885,12 @@ def train_run(plan: RunPlan, inputs: RunInputs, built: BuiltRun, *, status: RunS
     barrier()  # rank 0 has finished writing the last checkpoint before any rank moves on or exits
     if built.interrupt.interrupted:
         saved = _latest_checkpoint(plan.out)
+        what, code = interruption(Terminated() if built.interrupt.terminated else None)
         raise RunInterrupted(
-            f"Interrupted at step {trainer.state.global_step}/{plan.max_steps}; checkpoint saved in {saved}. "
+            f"{what} at step {trainer.state.global_step}/{plan.max_steps}; checkpoint saved in {saved}. "
             f"Continue with the same command plus --resume.",
             str(saved) if saved else None,
+            code,
         )
     return TrainedRun(before=before, training_loss=result.training_loss)
 
@@ -883,16 +953,11 @@ def save_run(plan: RunPlan, inputs: RunInputs, built: BuiltRun, trained: Trained
     )
     status.phase = "saving the results"
     weights = _full_trainable_state(inputs.model) if cfg.fsdp else None  # a collective: every rank
-    if plan.main:
-        save = inputs.pissa.save if inputs.pissa is not None else None
-        try:
-            _save_results(plan.out, inputs.model, inputs.tokenizer, metrics, f"{plan.name} on {Path(cfg.data).stem}",
-                          status.t_start, task.result_files(trained.before, after), weights, save)
-        except OSError as e:
-            raise LoftUsageError(
-                f"Could not write the results to {str(plan.out)!r}: {e.strerror or e}. The last checkpoint is kept: free "
-                "space or fix permissions, then rerun the same command with --resume."
-            ) from None
+    save = inputs.pissa.save if inputs.pissa is not None else None
+    # rank 0 writes; a failed write (a full disk) stops every rank with its message
+    on_main_process(_save_results, plan.out, inputs.model, inputs.tokenizer, metrics,
+                    f"{plan.name} on {Path(cfg.data).stem}", status.t_start, task.result_files(trained.before, after),
+                    weights, save)
     barrier()  # the run's files are complete before any rank returns
     metrics.seconds = round(time.perf_counter() - status.t_start, 1)
     return metrics
@@ -911,6 +976,13 @@ class RunStatus:
         self.main = True
         self.memory = start_peak_memory()  # the run's peak memory (metrics.json: peak_memory_mb)
         self.load_peak_mb: float | None = None
+        self.lock: RunLock | None = None  # the output folder's lock (main process), held until the run ends
+
+    def release(self) -> None:
+        """Let other processes use the output folder (the end of the run, however it ends)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     # -------------------------------------------------------------- interruptions
     def checkpoint_kept(self) -> str | None:
@@ -919,10 +991,25 @@ class RunStatus:
         found = _latest_checkpoint(self.out)
         return str(found) if found else None
 
-    def interrupted(self) -> str:
-        """The one line printed when Ctrl-C stops the run outside the training steps (or a
-        second Ctrl-C aborts them): what was kept, and how to go on."""
-        where = f"Interrupted while {self.phase}"
+    def interrupted(self, signal: BaseException | None = None) -> str:
+        """The one line printed when Ctrl-C or SIGTERM (``signal``: the ``KeyboardInterrupt`` or
+        ``Terminated`` it raised) stops the run outside the training steps (or a second one
+        aborts them): what was kept, and how to go on."""
+        what = interruption(signal)[0]
+        phase = self.phase
+        if phase == "training":
+            phase += " (second SIGTERM)" if isinstance(signal, Terminated) else " (second Ctrl-C)"
+        return self._stopped(f"{what} while {phase}")
+
+    def write_failed(self, detail: str) -> str:
+        """The one line printed when the system refused a write into the output folder (``detail``:
+        which write and why, e.g. a full disk): what was kept, and how to go on."""
+        line = self._stopped(f"Could not write the run's files: {detail}")
+        return f"{line} Make room on that file system (or fix it) first."
+
+    def _stopped(self, where: str) -> str:
+        """``where`` and what the stopped run kept; a new run that reached no checkpoint leaves its
+        output folder as it found it."""
         if self.output is None:
             return f"{where}; nothing was written (the output directory {str(self.out)!r} is unchanged)."
         checkpoint = _latest_checkpoint(self.out) if self.out.is_dir() else None
@@ -939,10 +1026,13 @@ class RunStatus:
             for name in (CONFIG_FILE, EVAL_BEFORE_FILE, STAGING, CHECKPOINTS):
                 path = self.out / name
                 shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            self.release()
             if not self.output.existed and self.out.is_dir() and not any(self.out.iterdir()):
                 self.out.rmdir()
         if self.output.action == "overwrite":
             return f"{where}; nothing was kept (--overwrite had removed the previous run in {self.out})."
+        if self.output.action == "restart":
+            return f"{where}; nothing was kept (no checkpoint yet); run the same command again."
         return f"{where}; nothing was kept (no checkpoint yet), {str(self.out)!r} is as before."
 
 
@@ -967,9 +1057,25 @@ def _save_results(out: Path, model, tokenizer, metrics: RunMetrics, title: str, 
     goes first, so a crash among the moves leaves an unfinished run whose final checkpoint
     ``--resume`` turns into the results again.
     """
+    staging = out / STAGING
+    try:
+        _write_results(out, staging, model, tokenizer, metrics, title, t_start, extra, weights, save)
+    except Exception as e:
+        why = write_failure(e, out)
+        if why is None:
+            raise
+        shutil.rmtree(staging, ignore_errors=True)  # the partial files: they would keep the disk full
+        raise OutputWriteError(f"{why} while writing the results into {str(out)!r} (the partial files were "
+                               "removed)") from None
+    shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
+    (out / EVAL_BEFORE_FILE).unlink(missing_ok=True)
+
+
+def _write_results(out: Path, staging: Path, model, tokenizer, metrics: RunMetrics, title: str, t_start: float,
+                   extra: dict[str, str] | None, weights: dict[str, torch.Tensor] | None, save) -> None:
+    """:func:`_save_results`'s writing: into ``staging``, then moved into ``out``."""
     from .plots import plot_loss_curve
 
-    staging = out / STAGING
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     if save is not None:  # PiSSA: PEFT's conversion to an adapter of the original base
@@ -986,5 +1092,3 @@ def _save_results(out: Path, model, tokenizer, metrics: RunMetrics, title: str, 
     (staging / METRICS_FILE).write_text(json.dumps(metrics.as_dict(), indent=2))
     (out / METRICS_FILE).unlink(missing_ok=True)
     replace_files(staging, out, last=METRICS_FILE)
-    shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
-    (out / EVAL_BEFORE_FILE).unlink(missing_ok=True)

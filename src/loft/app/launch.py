@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from .errors import LoftUsageError
+from .errors import LoftUsageError, OutputWriteError
 
 __all__ = [
     "any_rank",
@@ -105,8 +105,8 @@ def on_main_process(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Run ``fn`` on rank 0 only and give every rank its result (picklable).
 
     When ``fn`` raises on rank 0, rank 0 re-raises it and the other ranks raise the same
-    :class:`LoftUsageError` (or a ``RuntimeError`` naming rank 0's error), so no rank is left
-    waiting. A collective: every rank must call it at the same point.
+    :class:`LoftUsageError` or :class:`OutputWriteError` (or a ``RuntimeError`` naming rank 0's
+    error), so no rank is left waiting. A collective: every rank must call it at the same point.
     """
     if not _group_running():
         return fn(*args, **kwargs)
@@ -117,14 +117,16 @@ def on_main_process(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
             box[0] = ("ok", fn(*args, **kwargs))
         except Exception as e:  # every rank must still reach the broadcast below
             error = e
-            kind = "usage" if isinstance(e, LoftUsageError) else "other"
-            box[0] = (kind, str(e) if kind == "usage" else f"{type(e).__name__}: {e}")
+            kind = "usage" if isinstance(e, LoftUsageError) else "write" if isinstance(e, OutputWriteError) else "other"
+            box[0] = (kind, f"{type(e).__name__}: {e}" if kind == "other" else str(e))
     torch.distributed.broadcast_object_list(box, src=0)
     if error is not None:
         raise error
     kind, value = box[0]
     if kind == "usage":
         raise LoftUsageError(value)
+    if kind == "write":
+        raise OutputWriteError(value)
     if kind == "other":
         raise RuntimeError(f"The main process (rank 0) failed: {value}")
     return value

@@ -15,8 +15,8 @@ import tempfile
 from pathlib import Path
 
 from .. import __version__
-from .atomic import publish_dir, write_json
-from .errors import LoftUsageError
+from .atomic import publish_dir, write_failure, write_json
+from .errors import LoftUsageError, OutputWriteError
 from .rundir import is_new_output_dir
 from .runmodel import PROMPT_FORMAT_FILE, check_run_dir, load_run
 
@@ -52,6 +52,8 @@ def check_merge_output(run_dir: Path, out: Path, *, overwrite: bool) -> bool:
 def merge_run(run_dir: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
     """Merge the adapter of the run in ``run_dir`` into its base model and save the result,
     with the run's tokenizer, to ``out``. Returns ``out``."""
+    if not str(out).strip():
+        raise LoftUsageError("--output-dir is empty; give a folder for the merged model.")
     run_dir, out = Path(run_dir).expanduser(), Path(out).expanduser()
     info = check_run_dir(run_dir, "merge")
     if not info.adapter:
@@ -75,6 +77,12 @@ def merge_run(run_dir: str | Path, out: str | Path, *, overwrite: bool = False) 
                                           "task": run.task, "loft_version": __version__})
         staging.chmod(0o755)  # mkdtemp makes it private
         publish_dir(staging, out)
+    except Exception as e:
+        why = write_failure(e, out.parent)
+        if why is None:
+            raise
+        raise OutputWriteError(f"{why} while writing the merged model beside {str(out)!r}; the partial files were "
+                               "removed and --output-dir is unchanged. Make room on that file system first.") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out

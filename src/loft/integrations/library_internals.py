@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from typing import Any
 
 __all__ = [
+    "BATCH_SAMPLES_HOOK",
     "CLIP_HOOK",
     "SAVE_CHECKPOINT_HOOK",
     "checkpoint_folder_name",
@@ -44,6 +45,14 @@ CLIP_HOOK = "_clip_grad_norm"
 #: folder. ``loft finetune`` overrides it to write each checkpoint beside its final place and
 #: rename it in once complete (loft/app/finetune.py, :func:`saving_checkpoints_into`).
 SAVE_CHECKPOINT_HOOK = "_save_checkpoint"
+
+#: ``Trainer.get_batch_samples(self, epoch_iterator, num_batches, device)``: fetches the batches
+#: of one optimizer step, called by the training loop before each step (transformers 5.x;
+#: public name, but when and how the loop calls it is not documented). ``loft finetune``
+#: overrides it to take no step once ``global_step`` has reached ``max_steps``: Trainer checks
+#: the step count only after a step, so a resume from the checkpoint of the last step would
+#: otherwise train one step too many (loft/app/finetune.py).
+BATCH_SAMPLES_HOOK = "get_batch_samples"
 
 
 def clip_hook_missing(trainer_cls: type | None = None) -> str | None:
@@ -176,8 +185,14 @@ def fsdp_on_cpu(accelerator: Any, fsdp_plugin: Any) -> bool:
     ...); with ``MULTI_CPU`` it silently ignores it and trains with DDP, although torch's
     ``fully_shard`` runs on CPU over gloo. Relies on the shared ``AcceleratorState`` taking
     writes to ``distributed_type`` and ``fsdp_plugin`` (read by ``Accelerator.prepare``, its
-    ``is_fsdp2`` and the FSDP checkpoint helpers); returns whether it changed anything.
+    ``is_fsdp2`` and the FSDP checkpoint helpers), and on ``PartialState._shared_state`` holding
+    the ``distributed_type`` that every later ``AcceleratorState()`` copies back into the shared
+    state (as ``AcceleratorState.__init__`` itself writes it there): without that write
+    ``is_fsdp2`` turned false again after ``prepare``, and Trainer's FULL_STATE_DICT save handed
+    DTensors to PEFT's ``save_pretrained``, which failed on rank 0 while rank 1 waited. Returns
+    whether it changed anything.
     """
+    from accelerate.state import PartialState
     from accelerate.utils import DistributedType
 
     state = accelerator.state
@@ -185,6 +200,7 @@ def fsdp_on_cpu(accelerator: Any, fsdp_plugin: Any) -> bool:
         return False
     state.distributed_type = DistributedType.FSDP
     state.fsdp_plugin = fsdp_plugin
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
     return True
 
 

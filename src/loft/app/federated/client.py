@@ -28,15 +28,24 @@ every trainable value is overwritten from the message (and the state) at each ca
 
 from __future__ import annotations
 
+import logging
 import os
 
 os.environ["FLWR_TELEMETRY_ENABLED"] = "0"  # read when flwr is imported: no usage reports, offline
 
 from typing import Any  # noqa: E402
 
+from ..noise import quiet_library_logs  # noqa: E402
+
+quiet_library_logs()  # in the Ray actors too (before peft imports bitsandbytes)
+
 import torch  # noqa: E402
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
+
+# in the Ray actors: Flower's notices (e.g. "Manually terminating ClientAppActor" when the run ends)
+# are nothing the user can act on; errors still show (Flower's logger module sets its level when imported)
+logging.getLogger("flwr").setLevel(logging.ERROR)
 
 from ... import federated as fed  # noqa: E402
 from .bench import Bench, build_bench  # noqa: E402

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import DEFAULT_LR, FinetuneConfig
+from ..config import DEFAULT_LR, FinetuneConfig, check_output_option
 from ..errors import LoftUsageError
 
 __all__ = ["AGGREGATORS", "FED_METHODS", "RESIDUALS", "FederateConfig", "parse_split"]
@@ -133,6 +133,7 @@ class FederateConfig:
         if self.residual != "drop" and agg != "product":
             raise LoftUsageError(f"--residual {self.residual} applies to --aggregator product only (here {agg}).")
         self.alpha  # noqa: B018  (parse_split raises on a bad --split)
+        check_output_option(self.output_dir, "runs/<data>-federated-<method>-r<rank>")
         self.finetune_config().check()  # model, data, lr, seed, lengths: loft finetune's own checks
 
     def finetune_config(self) -> FinetuneConfig:

@@ -7,10 +7,15 @@ serving clients in turn) with the ``ServerApp`` of :mod:`.server` in this proces
 ``ClientApp`` of :mod:`.client` in the actors, and writes into the output folder:
 
 * ``run_config.json``: the settings (as ``loft finetune`` does);
-* ``rounds.jsonl``: one line per round as it finishes (round 0: the evaluation before training);
-* ``metrics.json``: every round, the split and a summary (written last: a run is finished when
+* ``rounds.jsonl``: one line per round (round 0: the evaluation before training), written into
+  ``.incoming/rounds.jsonl`` as each round finishes and moved in with the other results;
+* ``metrics.json``: every round, the split and a summary (moved in last: a run is finished when
   it is there);
 * ``accuracy.png``: accuracy and aggregation error per round.
+
+As with ``loft finetune``, a rerun of a finished run (same settings) keeps its results until the
+new ones are complete, and the folder's lock (:mod:`loft.app.runlock`) keeps a second process out
+while a run writes it.
 
 Offline: Flower's telemetry (``FLWR_TELEMETRY_ENABLED=0``) and Ray's usage statistics
 (``RAY_USAGE_STATS_ENABLED=0``) are off, nothing is installed at run time, Ray keeps its files
@@ -19,10 +24,10 @@ ended (:func:`leftover_processes`; ones still there after :data:`PROCESS_WAIT_S`
 
 Interrupted (Ctrl-C, SIGTERM) during the simulation, the run cleans up the same way: the
 ServerApp's thread stops waiting for replies, Ray is shut down, its processes are waited for (and
-killed if need be) and its temporary folder removed. Ctrl-C then raises
-:class:`~loft.app.errors.RunInterrupted` (``loft`` exits with status 130), SIGTERM exits with
-status 143 (128 + 15), each with one line on stderr; ``rounds.jsonl`` keeps the rounds that
-finished. loft starts Ray itself (:func:`_start_ray`) so that it can put its own SIGTERM handler
+killed if need be) and its temporary folder removed. Ctrl-C and SIGTERM then raise
+:class:`~loft.app.errors.RunInterrupted` (``loft`` exits with status 130, or 143 = 128 + 15 for
+SIGTERM), with one line on stderr; ``rounds.jsonl`` keeps the rounds that finished (a rerun of a
+finished run keeps that run's results instead). loft starts Ray itself (:func:`_start_ray`) so that it can put its own SIGTERM handler
 back after ``ray.init``.
 """
 
@@ -49,9 +54,17 @@ from typing import Any, Callable  # noqa: E402
 
 from ... import __version__  # noqa: E402
 from ... import federated as fed  # noqa: E402
-from ..atomic import write_json  # noqa: E402
-from ..errors import LoftUsageError, RunInterrupted  # noqa: E402
-from ..rundir import CONFIG_FILE, METRICS_FILE, apply_output_plan, check_output_dir  # noqa: E402
+from ..atomic import replace_files, write_failure, write_json  # noqa: E402
+from ..errors import LoftUsageError, OutputWriteError, RunInterrupted, Terminated, interruption  # noqa: E402
+from ..rundir import (  # noqa: E402
+    CONFIG_FILE,
+    METRICS_FILE,
+    STAGING,
+    OutputPlan,
+    apply_output_plan,
+    check_output_dir,
+    take_output_dir,
+)
 from .config import FederateConfig  # noqa: E402
 
 __all__ = ["PROCESS_WAIT_S", "ROUNDS_FILE", "Terminated", "federate", "leftover_processes"]
@@ -64,11 +77,6 @@ PROCESS_WAIT_S = 30.0
 RUN_MARKER = "LOFT_FEDERATE_RUN"
 #: the marker of the last run this process started (tests look for its processes)
 LAST_RUN_MARKER: str | None = None
-
-
-class Terminated(BaseException):
-    """SIGTERM arrived during the simulation (a BaseException, like KeyboardInterrupt, so that
-    no ``except Exception`` on the way turns it into an error)."""
 
 
 def _raise_terminated(signum: int, frame: Any) -> None:
@@ -129,6 +137,10 @@ _FLOWER_MUTE = _MuteWhileTearingDown()
 
 
 def _quiet_flower() -> None:
+    """Flower and Ray say only errors (call after importing flwr, whose logger module sets its own
+    level when imported): Flower's notice that ``run_simulation`` is deprecated, Ray's "Started a
+    local Ray instance" and the like are nothing a user of ``loft federate`` can act on. Ray prints
+    what its actors write without colour codes unless stderr is a terminal."""
     logger = logging.getLogger("flwr")
     logger.setLevel(logging.ERROR)
     if _FLOWER_MUTE not in logger.filters:
@@ -137,6 +149,8 @@ def _quiet_flower() -> None:
     warnings.filterwarnings("ignore", message=".*RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO.*")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    if not sys.stderr.isatty():
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
 
 
 def federate(cfg: FederateConfig, *, overwrite: bool = False, progress: bool = True,
@@ -151,25 +165,43 @@ def federate(cfg: FederateConfig, *, overwrite: bool = False, progress: bool = T
     t_start = time.perf_counter()
     bench = build_bench(cfg)  # the server's model: the global state, evaluated each round
     labels = list(bench.task.train_labels)
+    if len(labels) < cfg.clients:
+        raise LoftUsageError(f"Cannot split {len(labels)} training examples over --clients {cfg.clients}: every client "
+                             f"needs at least one. Give --clients {len(labels)} or fewer, or more training data.")
     try:
         split = fed.dirichlet_split(labels, cfg.clients, cfg.alpha, cfg.seed)
     except ValueError as e:
-        raise LoftUsageError(f"Cannot split {len(labels)} training examples over --clients {cfg.clients} "
-                             f"(--split {cfg.split}): {e}") from None
+        raise LoftUsageError(f"--split {cfg.split} over --clients {cfg.clients}: {e}") from None
 
-    # every input is checked: only now touch the output folder
+    # every input is checked: only now touch the output folder (its lock held until the run ends)
+    lock = take_output_dir(out, plan.snapshot)
+    try:
+        return _run(cfg, out, plan, bench, split, labels, t_start, progress, on_round)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run(cfg: FederateConfig, out: Path, plan: OutputPlan, bench: Any, split: list[list[int]], labels: list[int],
+         t_start: float, progress: bool, on_round: Callable | None) -> dict[str, Any]:
+    """The run in its locked output folder: the simulation, then the results moved in."""
+    staging = out / STAGING
     try:
         apply_output_plan(out, plan)
         write_json(out / CONFIG_FILE, {"settings": cfg.identity(), "command": "federate", "loft_version": __version__})
-        (out / ROUNDS_FILE).write_text("", encoding="utf-8")
+        staging.mkdir()
+        (staging / ROUNDS_FILE).write_text("", encoding="utf-8")
     except OSError as e:
-        raise LoftUsageError(f"Cannot write to --output-dir {str(out)!r}: {e.strerror or e}.") from None
+        raise OutputWriteError(f"Could not write to {str(out)!r}: {write_failure(e, out)}.") from None
     rounds: list[dict[str, Any]] = []
 
     def record(rec: dict[str, Any], detail: dict[str, Any]) -> None:
         rounds.append(rec)
-        with open(out / ROUNDS_FILE, "a", encoding="utf-8") as f:
-            f.write(json.dumps(rec) + "\n")
+        try:
+            with open(staging / ROUNDS_FILE, "a", encoding="utf-8") as f:
+                f.write(json.dumps(rec) + "\n")
+        except OSError:  # a full disk: the rounds are kept in memory and written whole at the end
+            pass
         if progress:
             acc = f"accuracy {rec['eval_accuracy']:.4f}, loss {rec['eval_loss']:.4f}"
             if rec["round"] == 0:
@@ -183,27 +215,60 @@ def federate(cfg: FederateConfig, *, overwrite: bool = False, progress: bool = T
 
     try:
         seconds, killed = _simulate(cfg, bench, split, record)
-    except KeyboardInterrupt:
-        raise RunInterrupted(_interrupted("Interrupted", cfg, out, rounds)) from None
-    except Terminated:
-        print(f"\nloft: {_interrupted('Terminated (SIGTERM)', cfg, out, rounds)}", file=sys.stderr, flush=True)
-        raise SystemExit(128 + signal.SIGTERM) from None
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Terminated)
+        what, code = interruption(e)
+        raise RunInterrupted(_interrupted(what, cfg, out, plan, rounds), exit_code=code) from None
     if len(rounds) != cfg.rounds + 1:
         raise RuntimeError(f"the simulation ended after {len(rounds) - 1} of {cfg.rounds} rounds")
     metrics = _metrics(cfg, bench, split, labels, rounds, seconds, time.perf_counter() - t_start, killed)
-    from ..plots import plot_rounds
-
-    name = f"{cfg.method}-r{cfg.rank}" if cfg.method != "full" else "full"
-    plot_rounds({name: rounds}, out / PLOT_FILE,
-                f"{name}, {cfg.aggregator_name}, {cfg.clients} clients, split {cfg.split}")
-    write_json(out / METRICS_FILE, metrics)
+    try:
+        _write_results(cfg, out, staging, rounds, metrics)
+    except Exception as e:
+        why = write_failure(e, out)
+        if why is None:
+            raise
+        for name in (PLOT_FILE, METRICS_FILE):  # the partial files: they would keep the disk full
+            (staging / name).unlink(missing_ok=True)
+        raise OutputWriteError(f"{why} while writing the results into {str(out)!r}. {_keep_rounds(out, plan)} Make "
+                               "room on that file system first.") from None
     return metrics
 
 
-def _interrupted(what: str, cfg: FederateConfig, out: Path, rounds: list[dict[str, Any]]) -> str:
+def _write_results(cfg: FederateConfig, out: Path, staging: Path, rounds: list[dict[str, Any]],
+                   metrics: dict[str, Any]) -> None:
+    """Every round, the plot and ``metrics.json`` into ``staging``, then moved into ``out``
+    (``metrics.json``, which marks the run finished, last)."""
+    from ..plots import plot_rounds
+
+    (staging / ROUNDS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rounds), encoding="utf-8")
+    name = f"{cfg.method}-r{cfg.rank}" if cfg.method != "full" else "full"
+    plot_rounds({name: rounds}, staging / PLOT_FILE,
+                f"{name}, {cfg.aggregator_name}, {cfg.clients} clients, split {cfg.split}")
+    write_json(staging / METRICS_FILE, metrics)
+    (out / METRICS_FILE).unlink(missing_ok=True)  # a crash among the moves leaves an unfinished run, not a mix
+    replace_files(staging, out, last=METRICS_FILE)
+
+
+def _interrupted(what: str, cfg: FederateConfig, out: Path, plan: OutputPlan, rounds: list[dict[str, Any]]) -> str:
+    """What an interruption says, after keeping what it can (:func:`_keep_rounds`)."""
     done = max(len(rounds) - 1, 0)
-    return (f"{what} after {done} of {cfg.rounds} rounds; Ray's processes and temporary files were removed. "
-            f"{out / ROUNDS_FILE} holds the finished rounds; there is no --resume: rerun the command with --overwrite.")
+    where = f"{what} after {done} of {cfg.rounds} rounds; Ray's processes and temporary files were removed."
+    return f"{where} {_keep_rounds(out, plan)}"
+
+
+def _keep_rounds(out: Path, plan: OutputPlan) -> str:
+    """Keep what a stopped run can: the finished rounds of a new run go to ``rounds.jsonl``; a
+    rerun leaves the finished run's results as they were. Returns the sentence that says so."""
+    staged = out / STAGING / ROUNDS_FILE
+    if plan.action == "rerun":
+        return (f"The finished run in {out} is unchanged (this attempt's rounds are in {staged} until the next run); "
+                "there is no --resume.")
+    try:
+        os.replace(staged, out / ROUNDS_FILE)
+        shutil.rmtree(out / STAGING, ignore_errors=True)
+    except OSError:
+        return f"{staged} holds the finished rounds; there is no --resume: run the same command again."
+    return f"{out / ROUNDS_FILE} holds the finished rounds; there is no --resume: run the same command again."
 
 
 def _simulate(cfg: FederateConfig, bench: Any, split: list[list[int]], record: Callable) -> tuple[float, list[int]]:
@@ -212,12 +277,13 @@ def _simulate(cfg: FederateConfig, bench: Any, split: list[list[int]], record: C
     Cleans up (Ray shut down, its processes ended, its folder removed) however it ends; SIGTERM
     raises :class:`Terminated` (from loft's handler, or from the one ``ray.init`` installs, which
     calls ``sys.exit(SIGTERM)``), and the previous SIGTERM handler is put back afterwards."""
-    _quiet_flower()
     from flwr.simulation import run_simulation
 
     from .client import THREADS_VAR
     from .client import app as client_app
     from .server import make_server_app
+
+    _quiet_flower()
 
     marker = uuid.uuid4().hex
     parallel = cfg.parallel or max(1, min(cfg.clients, os.cpu_count() or 1))
@@ -229,7 +295,7 @@ def _simulate(cfg: FederateConfig, bench: Any, split: list[list[int]], record: C
     LAST_RUN_MARKER = marker
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0},
                "init_args": {"num_cpus": parallel, "num_gpus": 0, "object_store_memory": 128 * 2**20,
-                             "_temp_dir": ray_dir, "include_dashboard": False}}
+                             "_temp_dir": ray_dir, "include_dashboard": False, "logging_level": logging.ERROR}}
     stop = threading.Event()  # tells the ServerApp's thread to stop waiting for replies
     on_main = threading.current_thread() is threading.main_thread()
     previous_term = signal.getsignal(signal.SIGTERM)

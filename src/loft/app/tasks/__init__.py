@@ -9,6 +9,7 @@ object that knows how to build its model, encode examples and evaluate.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +36,34 @@ def detect_task(records: list[dict[str, Any]], path: str | Path) -> str:
     keys = set(first) - {"_line"}
     candidates = [(task, fields) for task, fields in _FIELDS.items()]
     candidates += [("instruction", fields) for fields in INSTRUCTION_FORMATS.values()]
-    for task, fields in candidates:
-        if set(fields) <= keys:
-            return task
+    matches = [(task, fields) for task, fields in candidates if set(fields) <= keys]
+    if matches:
+        task, fields = matches[0]
+        other = next(((t, f) for t, f in matches if t != task), None)
+        if other is not None:
+            _note_once(path, f"Note: the records of {path} have the fields of {_named(task, fields)} and of "
+                             f"{_named(*other)}; reading them as {task.replace('_', '-')}. Remove the "
+                             f"{', '.join(repr(f) for f in fields)} fields to train on them as {other[0]} data.")
+        return task
     expected = " or ".join("{" + ", ".join(f'"{f}"' for f in fields) + "}" for _, fields in candidates)
     raise LoftUsageError(
         f"{path}, line {first.get('_line', 1)}: fields {sorted(keys)} match no task; expected {expected}."
     )
+
+
+_NOTED: set[str] = set()
+
+
+def _named(task: str, fields: tuple[str, ...]) -> str:
+    return f"{task.replace('_', '-')} data ({{{', '.join(fields)}}})"
+
+
+def _note_once(path: str | Path, text: str) -> None:
+    """Print ``text`` once per file, on the main process only (``RANK`` 0 or unset)."""
+    if str(path) in _NOTED or os.environ.get("RANK", "0") != "0":
+        return
+    _NOTED.add(str(path))
+    print(text, flush=True)
 
 
 def make_task(

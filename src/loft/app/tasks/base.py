@@ -85,9 +85,10 @@ class Task(Protocol):
         ...
 
     # ------------------------------------------------------------------ defaults a task may override
-    def check_inputs(self, tokenizer: Any, max_length: int) -> None:
+    def check_inputs(self, tokenizer: Any, max_length: int, max_positions: int | None = None) -> None:
         """Refuse data the model cannot train on (raise ``LoftUsageError``); runs before anything
-        is written. Default: nothing to check."""
+        is written. ``max_positions``: the most tokens the model takes (``None``: unknown), for
+        advice that the model accepts. Default: nothing to check."""
 
     def training_arguments(self, args: Any, max_length: int) -> Any:
         """The ``TrainingArguments`` the task's Trainer takes (default: ``args`` as they are)."""

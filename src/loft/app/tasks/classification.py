@@ -67,7 +67,8 @@ class ClassificationTask(Task):
 
     @classmethod
     def from_records(cls, train: list[dict], train_path: str | Path, eval_: list[dict], eval_path: str | Path):
-        """Check every record; map labels to ids (sorted); refuse eval labels unseen in training."""
+        """Check every record; map labels to ids (sorted); refuse eval labels unseen in training.
+        ``eval_path == train_path``: the eval records were held out of the training file."""
         parsed = []
         for records, path in ((train, train_path), (eval_, eval_path)):
             texts, labels = [], []
@@ -77,17 +78,29 @@ class ClassificationTask(Task):
                 labels.append(_label_value(r, path))
             parsed.append((texts, labels))
         (train_texts, train_values), (eval_texts, eval_values) = parsed
+        held_out = str(eval_path) == str(train_path)
         kinds = {type(v) for v in train_values + eval_values}
         if len(kinds) > 1:
-            raise LoftUsageError(
-                f"Labels mix integers and names ({train_path}, {eval_path}); use one kind of label throughout."
-            )
+            first = {}  # the first record of each kind of label: (file, line, label)
+            for records, values, path in ((train, train_values, train_path), (eval_, eval_values, eval_path)):
+                for r, v in zip(records, values):
+                    first.setdefault(type(v), (str(path), r["_line"], v))
+            (p1, l1, v1), (p2, l2, v2) = first[int], first[str]
+            where = (f"{p1}: line {l1} has {v1!r}, line {l2} has {v2!r}" if p1 == p2 else
+                     f"{p1}, line {l1} has {v1!r}; {p2}, line {l2} has {v2!r}")
+            raise LoftUsageError(f"Labels mix integers and names ({where}); use one kind of label throughout.")
         classes = sorted(set(train_values))
         if len(classes) < 2:
             raise LoftUsageError(f"{train_path}: every record has label {classes[0]!r}; classification needs two or more classes.")
         unseen = sorted(set(eval_values) - set(classes))
         if unseen:
             line = next(r["_line"] for r, v in zip(eval_, eval_values) if v == unseen[0])
+            if held_out:
+                raise LoftUsageError(
+                    f"{train_path}: every record with label(s) {unseen[:5]} (first at line {line}) fell into the 10% "
+                    f"held out for evaluation, so training never sees that label. Give --eval-data (a separate eval "
+                    f"file), or more records of that label."
+                )
             raise LoftUsageError(
                 f"Labels do not match: {eval_path} has label(s) {unseen[:5]} (first at line {line}) that the "
                 f"training data {train_path} never uses (its labels: {classes[:20]})."

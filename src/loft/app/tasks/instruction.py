@@ -259,9 +259,10 @@ class InstructionTask(CausalLMTask):
         return all(0 < len(normalize_answer(e.reference).split()) <= SHORT_ANSWER_WORDS for e in self.eval_items)
 
     # ------------------------------------------------------------------ model and tokenizer
-    def check_inputs(self, tokenizer, max_length: int) -> None:
+    def check_inputs(self, tokenizer, max_length: int, max_positions: int | None = None) -> None:
         """Chat data needs a chat template; every prompt must leave room for completion tokens
-        within ``max_length`` (TRL would otherwise drop the example)."""
+        within ``max_length`` (TRL would otherwise drop the example); the advice given stays
+        within the model's ``max_positions``."""
         if tokenizer.eos_token is None:
             raise LoftUsageError("The model's tokenizer has no end-of-sequence token; instruction tuning needs one "
                                  "(the model learns to stop with it).")
@@ -276,10 +277,17 @@ class InstructionTask(CausalLMTask):
             if too_long:
                 e, n = too_long[0]
                 longest = max(n for _, n in too_long)
+                if max_positions is None or longest + 32 <= max_positions:
+                    advice = f"Give --max-length {longest + 32} or more, or shorten those prompts."
+                elif longest < max_positions and max_length < max_positions:
+                    advice = (f"Give --max-length {max_positions} (the most this model takes), or shorten those "
+                              "prompts.")
+                else:
+                    advice = (f"This model takes at most {max_positions} tokens, so shorten those prompts (the longest "
+                              f"has {longest} tokens) or use a model with a longer context.")
                 raise LoftUsageError(
                     f"{len(too_long)} {name} record(s) have prompts of --max-length {max_length} tokens or more (first: "
-                    f"line {e.line}, {n} tokens), which leaves no completion token to train or score. Give --max-length "
-                    f"{longest + 32} or more, or shorten those prompts."
+                    f"line {e.line}, {n} tokens), which leaves no completion token to train or score. {advice}"
                 )
 
     # ------------------------------------------------------------------ training
