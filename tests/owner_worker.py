@@ -179,8 +179,8 @@ def run(scenario: str, rank: int, world: int, xs, ys) -> dict[str, object]:
         out["params"] = trainable(model)
         out["norms"] = norms
         out["state_bytes"] = state_bytes(opt)
-        out["sent_bytes"] = opt._distributor.sent_bytes
-        out["owned"] = sorted(p.name for p in opt.pairs if opt._distributor.owner(p) == rank)
+        out["sent_bytes"] = opt.distributor.sent_bytes
+        out["owned"] = sorted(p.name for p in opt.pairs if opt.distributor.owner(p) == rank)
         return out
     if scenario == "fsdp2_clip_outside":  # clipping by loft.clip_grad_norm_ before the step, as LoFTTrainer does
         model = shard(build_model(), world)
@@ -195,7 +195,7 @@ def run(scenario: str, rank: int, world: int, xs, ys) -> dict[str, object]:
             sched.step()
         out["params"] = trainable(model)
         out["norms"] = norms
-        out["sent_bytes"] = opt._distributor.sent_bytes
+        out["sent_bytes"] = opt.distributor.sent_bytes
         return out
     if scenario == "fsdp2_mixed_precision":
         from torch.distributed.fsdp import MixedPrecisionPolicy

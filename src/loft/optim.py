@@ -2,9 +2,11 @@
 
 The math is in :mod:`loft.functional` (the step of a batch of pairs, in the paper's order) on
 top of :mod:`loft.linalg`; the pairs' state in :mod:`loft.state`; the options in
-:mod:`loft.options`. This module keeps the bookkeeping: it finds the pairs, groups them into
-batches, stacks their factors and gradients, runs the functional step, writes the factors back,
-translates the state to and from ``state_dict()``, and steps the other parameters with AdamW.
+:mod:`loft.options`. This module keeps the bookkeeping: it groups the pairs (:mod:`loft.registry`
+finds them) into batches, stacks their factors and gradients as its distributor
+(:mod:`loft.distributor`) gives them, runs the functional step's phases, hands the new factors
+back, and steps the other parameters with AdamW; :mod:`loft.checkpoint` translates the state to
+and from ``state_dict()``.
 """
 
 from __future__ import annotations
@@ -20,18 +22,10 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.adamw import adamw as _adamw_functional
 
-from .checkpoint import add_templates, unfold_frozen_sides
-from .rebind import note_layout, rebind_if_swapped
-from .distributed import (
-    UnsupportedDistributedSetup,
-    check_module_supported,
-    check_pair_supported,
-    check_pairs_agree_across_ranks,
-    check_sharding,
-    check_tensor_supported,
-    make_distributor,
-)
-from .distributor import LocalDistributor, OwnerDistributor, Whole, all_finite, is_dtensor, local_part, shard_like
+from .checkpoint import StateDictHooks
+from .distributed import check_pairs_agree_across_ranks, check_sharding, make_distributor
+from .distributor import Distributor, LocalDistributor, Whole, all_finite, is_dtensor, local_part
+from .errors import UnsupportedDistributedSetup
 from .functional import (
     PendingStep,
     PreparedStep,
@@ -46,8 +40,9 @@ from .functional import (
 )
 from .linalg import compute_dtype, packed_index
 from .options import SETTING_KEYS, SWITCHES, LoFTOptions, Settings, check_group, options_doc
-from .pairs import LoRAPair, count_lora_layers, split_lora_parameters, warn_about_ranks_between
-from .state import STATE_KEYS, BatchState, PairStates, ParamStateView, SideState
+from .pairs import LoRAPair, warn_about_ranks_between
+from .registry import ParamRegistry
+from .state import BatchState, PairStates, ParamStateView
 
 __all__ = ["LoFTAdamW", "SWITCHES"]
 
@@ -166,28 +161,26 @@ class LoFTAdamW(Optimizer):
         self.last_grad_norm: Tensor | None = None
         #: how many steps were skipped because of non-finite gradients
         self.skipped_steps = 0
-        self._pairs: list[LoRAPair] = []
-        self._pair_by_param: dict[int, tuple[LoRAPair, int]] = {}  # id(param) -> (pair, 0 for A / 1 for B)
-        self._plain_ids: set[int] = set()
-        self._param_names: dict[int, str] = {}
-        self._modules_seen: list[nn.Module] = []
-        self._states = PairStates()
+        #: which tensors are LoRA factors (of which pair, which side) and which are other parameters
+        self.registry = ParamRegistry()
+        #: the LoRA pairs' LoFT state, one :class:`~loft.state.BatchState` per batch
+        self.pair_states = PairStates()
         self._prepared: _Preparation | None = None
         #: pair -> ((A changed, B changed), stamp): what the last step of the pair wrote (0 nothing,
         #: 1 a new factor, 2 maybe: compare) and the factors' version stamp right after it
         self._written: dict[LoRAPair, tuple[tuple[int, int], tuple[Any, ...]]] = {}
-        self._loaded_pairs: list[tuple[LoRAPair, dict[str, Any], dict[str, Any]]] = []
-        self._distributor: LocalDistributor | OwnerDistributor | None = None
-        super().__init__(_as_param_groups(params), defaults)
-        if not self._pairs:
-            raise ValueError(self._no_pairs_message())
-        check_pairs_agree_across_ranks((p.name, p.A.shape, p.B.shape) for p in self._pairs)
-        self._distributor = make_distributor(self._pairs, self.settings.split_step, self._plain_params(), self._param_names)
-        warn_about_ranks_between(self._pairs)
-        self.register_state_dict_pre_hook(rebind_if_swapped)
-        self.register_state_dict_post_hook(_pack_pair_state)
-        self.register_load_state_dict_pre_hook(_unpack_pair_state)
-        self.register_load_state_dict_post_hook(_install_loaded_pair_state)
+        groups = [self._expanded(g) for g in _as_param_groups(params)]
+        pairs = [p for g in groups for p in g["params"] if isinstance(p, LoRAPair)]
+        if not pairs:
+            raise ValueError(self.registry.no_pairs_message())
+        check_pairs_agree_across_ranks((p.name, p.A.shape, p.B.shape) for p in pairs)
+        plain = [t for g in groups for t in g["params"] if isinstance(t, Tensor)]
+        self._distributor: Distributor = make_distributor(pairs, self.settings.split_step, plain, self.registry.names)
+        super().__init__(groups, defaults)
+        warn_about_ranks_between(pairs)
+        self.register_state_dict_pre_hook(LoFTAdamW.follow_swapped_params)
+        StateDictHooks().register(self)
+        self.register_load_state_dict_post_hook(LoFTAdamW._forget_what_was_written)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -202,30 +195,7 @@ class LoFTAdamW(Optimizer):
         if not isinstance(param_group, dict):
             raise TypeError(f"A param group must be a dict, got {type(param_group).__name__}.")
         group = dict(param_group)
-        items = group.get("params", [])
-        items = [items] if isinstance(items, (Tensor, nn.Module, LoRAPair)) else list(items)
-        pairs: list[LoRAPair] = []
-        plain: list[Tensor] = []
-        for item in items:
-            if isinstance(item, nn.Module):
-                check_module_supported(item)
-                found, others = split_lora_parameters(item)
-                pairs += found
-                plain += others
-                self._modules_seen.append(item)
-                self._param_names.update({id(p): n for n, p in item.named_parameters()})
-            elif isinstance(item, LoRAPair):
-                pairs.append(item)
-            elif isinstance(item, Tensor):
-                plain.append(item)
-            else:
-                raise TypeError(
-                    f"LoFTAdamW params must be modules, loft.LoRAPair objects or tensors, got {type(item).__name__}."
-                )
-        for pair in pairs:
-            check_pair_supported(pair)
-        for t in plain:
-            check_tensor_supported(t, self._param_names.get(id(t), f"a parameter of shape {tuple(t.shape)}"))
+        pairs, plain = self.registry.expand(group.get("params", []))
         unknown = set(group) - {"params", *self.defaults}
         if unknown:
             name = sorted(unknown)[0]
@@ -255,49 +225,50 @@ class LoFTAdamW(Optimizer):
             super().add_param_group(head_group)
         else:
             super().add_param_group(group)
-        self._plain_ids.update(id(t) for t in plain)
+        self.registry.add(pairs, plain)
         for pair in pairs:
-            self._pairs.append(pair)
             for side, t in enumerate((pair.A, pair.B)):
-                self._pair_by_param[id(t)] = (pair, side)
-                self.state[t] = ParamStateView(self._states, pair, side)
-            self._param_names.setdefault(id(pair.A), f"{pair.name}.A" if pair.name else "lora A")
-            self._param_names.setdefault(id(pair.B), f"{pair.name}.B" if pair.name else "lora B")
-        if self._distributor is not None:  # (at construction, make_distributor checks the sharding)
-            mesh = check_sharding(self._pairs, self._plain_params(), self._param_names)
-            if (mesh is not None) != bool(getattr(self._distributor, "sharded", False)):
-                raise UnsupportedDistributedSetup(
-                    "add_param_group: the new parameters are sharded (FSDP2) and the optimizer's are not, or the other "
-                    "way round; shard the whole model with fully_shard before constructing LoFTAdamW."
-                )
-            self._distributor.add_pairs(pairs)
-        self._prepared = None
-        note_layout(self)  # which tensor sits where, to follow a wrapper that swaps them (loft/rebind.py)
-
-    def _plain_params(self) -> list[Tensor]:
-        """The parameters that are not LoRA factors, in ``param_groups`` order."""
-        return [p for g in self.param_groups for p in g["params"] if id(p) in self._plain_ids]
-
-    def _no_pairs_message(self) -> str:
-        if self._modules_seen:
-            layers = sum(count_lora_layers(m) for m in self._modules_seen)
-            kinds = ", ".join(sorted({type(m).__name__ for m in self._modules_seen}))
-            if layers:
-                return (
-                    f"{kinds} has {layers} LoRA layer(s) but none with trainable factors. Make the adapter "
-                    "trainable (e.g. peft_model.set_adapter(name) or requires_grad_(True) on lora_A/lora_B)."
-                )
-            return (
-                f"No LoRA layers found in {kinds}. LoFTAdamW trains LoRA adapters: wrap the model first, "
-                "e.g. model = peft.get_peft_model(model, peft.LoraConfig(r=8, target_modules=[...])), "
-                "or pass explicit pairs with loft.LoRAPair(A, B, scaling). For a model without adapters "
-                "use torch.optim.AdamW."
+                self.state[t] = ParamStateView(self.pair_states, pair, side)
+        # (the distributor was chosen from every group before torch's constructor added them here)
+        mesh = check_sharding(self.registry.pairs, self.registry.plain_in(self.param_groups), self.registry.names)
+        if (mesh is not None) != self._distributor.sharded:
+            raise UnsupportedDistributedSetup(
+                "add_param_group: the new parameters are sharded (FSDP2) and the optimizer's are not, or the other "
+                "way round; shard the whole model with fully_shard before constructing LoFTAdamW."
             )
-        return (
-            "LoFTAdamW got tensors but no LoRA pairs. Pass the model itself, LoFTAdamW(model), not "
-            "model.parameters(): LoFT must know which tensors form a LoRA pair (A, B, scaling). For "
-            "your own LoRA modules pass loft.LoRAPair(A, B, scaling) objects (tensors may follow)."
-        )
+        self._distributor.add_pairs(pairs)
+        self._prepared = None
+        self.registry.note_layout(self.param_groups)  # to follow a wrapper that swaps the tensors
+
+    def _expanded(self, group: dict[str, Any]) -> dict[str, Any]:
+        """``group`` with its modules expanded into their pairs and other parameters."""
+        if not isinstance(group, dict):
+            raise TypeError(f"A param group must be a dict, got {type(group).__name__}.")
+        pairs, plain = self.registry.expand(group.get("params", []))
+        return {**group, "params": [*pairs, *plain]}
+
+    def follow_swapped_params(self) -> bool:
+        """Take the tensors a wrapper (Accelerate's or Trainer's FSDP2 ``prepare``) put in
+        ``param_groups`` in place of the ones the optimizer was built with, and choose the
+        distributor again (:meth:`loft.registry.ParamRegistry.follow_swap`). Called before the
+        optimizer uses its tensors; returns whether anything changed."""
+        if not self.registry.swapped(self.param_groups):
+            return False
+        self.registry.follow_swap(self.param_groups, self.state, self.pair_states)
+        plain = self.registry.plain_in(self.param_groups)
+        self._distributor = make_distributor(self.registry.pairs, self.settings.split_step, plain, self.registry.names)
+        if not isinstance(self._distributor, LocalDistributor) and self.pair_states.batches():
+            raise UnsupportedDistributedSetup(
+                "LoFTAdamW's LoRA factors were sharded after it had taken steps; shard the model (or run "
+                "accelerator.prepare) before training, and load a checkpoint after that."
+            )
+        self._prepared = None
+        return True
+
+    def _forget_what_was_written(self) -> None:
+        """After a load: the pairs' partners are compared again, and nothing prepared is kept."""
+        self._written.clear()
+        self._prepared = None
 
     # ----------------------------------------------------------------------------- preparation
     def _fingerprint(self) -> tuple[Any, ...]:
@@ -305,11 +276,11 @@ class LoFTAdamW(Optimizer):
         (their tensor version counters), scalings, and every group option (the prepared step
         carries them all: :class:`loft.options.LoFTOptions`)."""
         items: list[Any] = []
-        for pair in self._pairs:
+        for pair in self.registry.pairs:
             for t in (pair.A, pair.B):
                 g = t.grad
                 items += (t._version, t.requires_grad, None if g is None else (id(g), g._version))
-        items += [pair.scale() for pair in self._pairs]
+        items += [pair.scale() for pair in self.registry.pairs]
         items += [LoFTOptions.of_group(group) for group in self.param_groups]
         return tuple(items)
 
@@ -317,14 +288,13 @@ class LoFTAdamW(Optimizer):
         """Step 1 for every batch of pairs with gradients, or the preparation :meth:`grad_norm`
         made if nothing changed since. ``with_norm``: a norm will be taken (projected clipping
         needs the scaled gradients even where gradient scaling is off)."""
-        rebind_if_swapped(self)  # Accelerate's FSDP2 prepare swapped the parameters (loft/rebind.py)
+        self.follow_swapped_params()  # Accelerate's FSDP2 prepare swapped the parameters
         fingerprint = self._fingerprint()
         cached = self._prepared
         dist = self._distributor
-        assert dist is not None
         reuse = cached is not None and cached.fingerprint == fingerprint and (cached.with_norm or not with_norm)
-        if not dist.local:  # every rank takes part in each gather: reuse only when all ranks can (one all-reduce)
-            reuse = not bool(dist.sum(torch.tensor(float(not reuse), device=self._device())))
+        # every rank takes part in each gather: reuse only when all ranks can (one all-reduce with owners)
+        reuse = dist.all_agree(reuse, self._device())
         if reuse:
             assert cached is not None
             return cached
@@ -332,29 +302,29 @@ class LoFTAdamW(Optimizer):
             for p in group["params"]:
                 if p.grad is not None and p.grad.is_sparse:
                     raise RuntimeError(
-                        f"LoFTAdamW does not support sparse gradients ({self._name(p)}). Use dense "
+                        f"LoFTAdamW does not support sparse gradients ({self.registry.name(p)}). Use dense "
                         "gradients (e.g. nn.Embedding(..., sparse=False))."
                     )
-                if id(p) not in self._pair_by_param and id(p) not in self._plain_ids:
+                if not self.registry.knows(p):
                     raise UnsupportedDistributedSetup(
                         f"LoFTAdamW's param_groups hold a tensor of shape {tuple(p.shape)} it was not built with. "
                         "Something replaced the optimizer's parameters (DeepSpeed ZeRO and other wrappers that "
                         "flatten or partition them are not supported); add parameters with add_param_group."
                     )
         # the whole factors and gradients of the pairs stepped here (a collective with owners)
-        wholes = dist.gather(self._pairs)
+        wholes = dist.gather(self.registry.pairs)
         pending: list[tuple[list[LoRAPair], dict[str, Any], BatchState, PendingStep]] = []
         for group in self.param_groups:
             options = LoFTOptions.of_group(group)
             grouped: dict[tuple[Any, ...], list[LoRAPair]] = {}
             for p in group["params"]:
-                held = self._pair_by_param.get(id(p))
+                held = self.registry.held(p)
                 if held is None:
                     continue
                 pair, side = held
                 if side == 0 and pair in wholes:
                     trainable = (pair.A.requires_grad, pair.B.requires_grad)
-                    key = (pair.A.shape, pair.B.shape, pair.A.dtype, pair.A.device, self._states.step_of(pair),
+                    key = (pair.A.shape, pair.B.shape, pair.A.dtype, pair.A.device, self.pair_states.step_of(pair),
                            pair.scale(), trainable)
                     grouped.setdefault(key if self.settings.batch_pairs else (id(pair),), []).append(pair)
             for pairs in grouped.values():
@@ -368,11 +338,11 @@ class LoFTAdamW(Optimizer):
 
     def _batch_state(self, pairs: list[LoRAPair], options: LoFTOptions) -> BatchState:
         """The state of exactly these pairs as one batch (regrouped if needed; fresh before their first step)."""
-        if self._states.step_of(pairs[0]) > 0:
-            return self._states.batch_for(pairs)
+        if self.pair_states.step_of(pairs[0]) > 0:
+            return self.pair_states.batch_for(pairs)
         cd, device = compute_dtype(pairs[0].A.dtype), local_part(pairs[0].A).device
         size = packed_index(pairs[0].rank, not options.second_moment_calibration, cd, device).size
-        return self._states.batch_for(pairs, fresh=BatchState.for_pairs(pairs, size, cd, device))
+        return self.pair_states.batch_for(pairs, fresh=BatchState.for_pairs(pairs, size, cd, device))
 
     def _prepare_batch(self, pairs: list[LoRAPair], wholes: list[Whole], state: BatchState, options: LoFTOptions,
                        with_norm: bool) -> PendingStep:
@@ -409,15 +379,11 @@ class LoFTAdamW(Optimizer):
         known = self._written.get(pair)
         if known is None or known[1] != self._stamp(pair):
             return (2, 2)
-        flags = known[0]
-        assert self._distributor is not None
-        if not self._distributor.local:
-            return (2 if flags[0] == 0 else flags[0], 2 if flags[1] == 0 else flags[1])
-        return flags
+        return self._distributor.known_writes(known[0])
 
     def _plain_with_grads(self) -> list[tuple[dict[str, Any], list[Tensor]]]:
         return [
-            (group, [p for p in group["params"] if id(p) in self._plain_ids and p.grad is not None])
+            (group, [p for p in group["params"] if self.registry.is_plain(p) and p.grad is not None])
             for group in self.param_groups
         ]
 
@@ -426,7 +392,6 @@ class LoFTAdamW(Optimizer):
         squared norms (float64, on the first parameter's device; one sync)."""
         terms = [step_sq_norm(b.prep) for b in prepared.batches]
         dist = self._distributor
-        assert dist is not None
         terms += [local_part(p.grad).double().square().sum() for _, ps in plain for p in ps if dist.counts_plain(p)]
         device = self._device()
         if not terms:
@@ -436,7 +401,7 @@ class LoFTAdamW(Optimizer):
         return dist.sum(total).sqrt()
 
     def _device(self) -> torch.device:
-        return local_part(self._pairs[0].A).device
+        return local_part(self.registry.pairs[0].A).device
 
     def _max_grad_norm(self) -> float | None:
         norms = {group["max_grad_norm"] for group in self.param_groups}
@@ -470,7 +435,6 @@ class LoFTAdamW(Optimizer):
     def _plain_total_norm(self) -> Tensor:
         """The plain norm of all gradients (what torch reports for a non-finite gradient)."""
         dist = self._distributor
-        assert dist is not None
         grads = [local_part(p.grad) for g in self.param_groups for p in g["params"] if p.grad is not None and dist.counts_plain(p)]
         squares = [g.double().square().sum().to(self._device()) for g in grads]
         total = torch.stack(squares).sum() if squares else torch.zeros((), dtype=torch.float64, device=self._device())
@@ -527,7 +491,6 @@ class LoFTAdamW(Optimizer):
                                   [(b.pairs[0].A.requires_grad, b.pairs[0].B.requires_grad) for b in prepared.batches])
         for batch, result in zip(prepared.batches, results):
             self._write_back(batch, result)
-        assert self._distributor is not None
         self._distributor.finish()  # the owners send the new factors (a collective with owners)
         for batch, result in zip(prepared.batches, results):
             maybe = 2 if result.rebalanced is not None else 0
@@ -541,7 +504,6 @@ class LoFTAdamW(Optimizer):
     def _write_back(self, batch: _Batch, result: StepResult) -> None:
         """Hand the distributor the factors that may have changed (those that moved; where a
         rebalancing check ran, also the other, with its own value where nothing was re-factored)."""
-        assert self._distributor is not None
         for side, values in enumerate(new_factors(batch.prep, result)):
             if values is not None:
                 for i, pair in enumerate(batch.pairs):
@@ -556,12 +518,7 @@ class LoFTAdamW(Optimizer):
 
     def _finite_everywhere(self, prepared: _Preparation, plain: list[tuple[dict[str, Any], list[Tensor]]]) -> bool:
         """Whether every rank's gradients are finite (one collective with owners)."""
-        dist = self._distributor
-        assert dist is not None
-        finite = self._grads_finite(prepared, plain)
-        if dist.local:
-            return finite
-        return not bool(dist.sum(torch.tensor(float(not finite), device=self._device())))
+        return self._distributor.all_agree(self._grads_finite(prepared, plain), self._device())
 
     def _all_finite(self, prepared: _Preparation, plain: list[tuple[dict[str, Any], list[Tensor]]]) -> bool:
         """Whether the step may go on: warn and skip (or raise) when a gradient is not finite."""
@@ -569,7 +526,7 @@ class LoFTAdamW(Optimizer):
             return True
         params = [t for b in prepared.batches for pair in b.pairs for t in (pair.A, pair.B)]
         params += [p for _, ps in plain for p in ps]
-        bad = [self._name(p) for p in params if p.grad is not None and not bool(torch.isfinite(local_part(p.grad)).all())]
+        bad = [self.registry.name(p) for p in params if p.grad is not None and not bool(torch.isfinite(local_part(p.grad)).all())]
         message = (
             f"Non-finite gradient (inf or NaN) in {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; "
             "the LoFTAdamW step was skipped and no parameter or state changed."
@@ -620,157 +577,23 @@ class LoFTAdamW(Optimizer):
         )
 
     # ----------------------------------------------------------------------------- state
-    def _name(self, p: Tensor) -> str:
-        return self._param_names.get(id(p), f"a parameter of shape {tuple(p.shape)}")
+    @property
+    def distributor(self) -> Distributor:
+        """Where each pair's step runs (:mod:`loft.distributor`): chosen at construction, and
+        again when a wrapper swaps the parameters for FSDP2 shards."""
+        return self._distributor
 
     @property
     def pairs(self) -> list[LoRAPair]:
         """The LoRA pairs this optimizer trains with LoFT."""
-        return list(self._pairs)
+        return list(self.registry.pairs)
 
     def batch_states(self) -> list[BatchState]:
         """The state of the pairs, one :class:`~loft.state.BatchState` per batch."""
-        return self._states.batches()
+        return self.pair_states.batches()
 
 
 LoFTAdamW.__doc__ = (LoFTAdamW.__doc__ or "").replace("{options}", options_doc())
-
-
-# --------------------------------------------------------------------------------- state dict hooks
-def _param_index(optimizer: LoFTAdamW) -> list[Tensor]:
-    """The parameters in ``state_dict()`` order (their position is their id there)."""
-    return [p for group in optimizer.param_groups for p in group["params"]]
-
-
-def _pack_pair_state(optimizer: LoFTAdamW, state_dict: dict[str, Any]) -> dict[str, Any]:
-    """``state_dict()`` post-hook: each LoRA factor's entry becomes a plain per-parameter dict
-    (views of its batch's stacks); with ``complete_state_dict`` (the default) every trainable
-    parameter without state gets its step-0 template and a frozen factor's entry moves into its
-    partner's (:func:`loft.checkpoint.add_templates`), else it is left out before the pair's first step."""
-    state = state_dict["state"]
-    dist = optimizer._distributor
-    assert dist is not None
-    everyone: dict[int, tuple[dict[str, Any], dict[str, Any]]] = {}
-    if not dist.local:
-        # with owners each rank holds only its pairs' state: gather all of it (a collective), so
-        # that the checkpoint has today's per-parameter format and loads on any number of ranks
-        number = {pair: k for k, pair in enumerate(optimizer._pairs)}
-        mine = {
-            number[pair]: tuple(
-                {key: v.detach().to("cpu", copy=True) if isinstance(v, Tensor) else v for key, v in st.items()}
-                for st in (optimizer._states.param_state(pair, 0), optimizer._states.param_state(pair, 1))
-            )
-            for pair in optimizer._pairs
-            if dist.owner(pair) == dist.rank and pair in optimizer._states
-        }
-        everyone = dist.all_states(mine)  # type: ignore[union-attr]
-    for i, p in enumerate(_param_index(optimizer)):
-        held = optimizer._pair_by_param.get(id(p))
-        if held is None:
-            if i in state and any(is_dtensor(v) for v in state[i].values()):  # an FSDP2 shard: the whole state
-                state[i] = {k: v.full_tensor().cpu() if is_dtensor(v) else v for k, v in state[i].items()}
-            continue
-        if dist.local:
-            st = optimizer._states.param_state(*held)
-        else:
-            pair, side = held
-            saved = everyone.get(optimizer._pairs.index(pair))
-            st = {} if saved is None else saved[side]
-        if st:
-            state[i] = st
-        else:
-            state.pop(i, None)
-    if optimizer.settings.complete_state_dict:  # what torch's DCP API needs (loft/checkpoint.py)
-        add_templates(optimizer, state_dict, _param_index(optimizer), None if dist.local else torch.device("cpu"))
-    return state_dict
-
-
-def _unpack_pair_state(optimizer: LoFTAdamW, state_dict: dict[str, Any]) -> dict[str, Any]:
-    """``load_state_dict`` pre-hook: check the saved state against the parameters, and take the
-    LoRA factors' entries out (torch would cast them to the parameters' dtype); the post-hook
-    turns them into batch states."""
-    rebind_if_swapped(optimizer)
-    params = _param_index(optimizer)
-    saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-    if len(saved_ids) != len(params):
-        raise ValueError(
-            f"This optimizer state holds {len(saved_ids)} parameters but the optimizer has {len(params)}: "
-            "it was saved for a different model or adapter configuration (target modules, adapters)."
-        )
-    saved = unfold_frozen_sides(optimizer, state_dict["state"], saved_ids, params)  # loft/checkpoint.py
-    by_pair: dict[LoRAPair, list[dict[str, Any] | None]] = {}
-    for pid, p in zip(saved_ids, params):
-        st = saved.get(pid)
-        held = optimizer._pair_by_param.get(id(p))
-        if held is None:
-            for key in ("exp_avg", "exp_avg_sq"):
-                value = None if not st else st.get(key)
-                if isinstance(value, Tensor) and value.shape != p.shape:
-                    raise ValueError(
-                        f"Saved state for {optimizer._name(p)} has {key} of shape {tuple(value.shape)}, but the "
-                        f"parameter has shape {tuple(p.shape)}: the checkpoint was saved for a different model "
-                        "(another head size or number of labels, say)."
-                    )
-            continue
-        pair, side = held
-        st = st if st and int(st.get("step", 1)) > 0 else None  # step 0: a template, the fresh state
-        by_pair.setdefault(pair, [None, None])[side] = st
-        if st:
-            _check_factor_state(optimizer, p, pair, side, st)
-    loaded = []
-    for pair, (st_a, st_b) in by_pair.items():
-        if (st_a is None) != (st_b is None) or (st_a and st_a["step"] != st_b["step"]):  # type: ignore[index]
-            raise ValueError(f"Saved state for LoRA pair {pair.name or '(unnamed)'} is incomplete or inconsistent.")
-        if st_a is not None:
-            loaded.append((pair, st_a, st_b))
-    optimizer._loaded_pairs = loaded
-    pair_ids = {pid for pid, p in zip(saved_ids, params) if id(p) in optimizer._pair_by_param}
-    return {**state_dict, "state": {k: v for k, v in saved.items() if k not in pair_ids}}
-
-
-def _check_factor_state(optimizer: LoFTAdamW, p: Tensor, pair: LoRAPair, side: int, st: dict[str, Any]) -> None:
-    m, n = pair.shape
-    r = pair.rank
-    k, l = (n, m) if side == 0 else (m, n)
-    expected = {"exp_avg": [(r, k)], "exp_avg_sq": [(k, r * (r + 1) // 2), (k, r)], "partner": [(l, r)]}
-    for key, shapes in expected.items():
-        value = st.get(key)
-        if not isinstance(value, Tensor) or tuple(value.shape) not in shapes:
-            got = tuple(value.shape) if isinstance(value, Tensor) else value
-            raise ValueError(
-                f"Saved state for {optimizer._name(p)} has {key} {got}, expected {shapes[0]}: the checkpoint was "
-                "saved with a different LoRA rank or layer."
-            )
-
-
-def _install_loaded_pair_state(optimizer: LoFTAdamW) -> None:
-    """``load_state_dict`` post-hook: each loaded pair's state becomes a batch of its own (the
-    next step regroups the pairs), in the compute dtype, on the parameters' device."""
-    optimizer._states.clear()
-    optimizer._written.clear()
-    optimizer._prepared = None
-    dist = optimizer._distributor
-    assert dist is not None
-    for pair, st_a, st_b in optimizer._loaded_pairs:
-        if not dist.local and dist.owner(pair) != dist.rank:
-            continue  # another rank owns this pair: it keeps the state
-        cd, device = compute_dtype(pair.A.dtype), pair.A.device
-        sides = tuple(
-            SideState(*(st[key].to(device=device, dtype=cd, copy=True).unsqueeze(0) for key in STATE_KEYS))
-            for st in (st_a, st_b)
-        )
-        optimizer._states.install(BatchState([pair], int(st_a["step"]), sides))  # type: ignore[arg-type]
-    optimizer._loaded_pairs = []
-    for group in optimizer.param_groups:  # FSDP2 shards of other parameters: keep this rank's rows
-        for p in group["params"]:
-            st = optimizer.state.get(p)
-            if is_dtensor(p) and id(p) in optimizer._plain_ids and st:
-                for key, value in list(st.items()):
-                    if isinstance(value, Tensor) and not is_dtensor(value) and tuple(value.shape) == tuple(p.shape):
-                        st[key] = shard_like(value, p)
-    for pair in optimizer._pairs:  # torch's load made a new state dict: show the pairs' state again
-        for side, t in enumerate((pair.A, pair.B)):
-            optimizer.state[t] = ParamStateView(optimizer._states, pair, side)
 
 
 # --------------------------------------------------------------------------------- helpers

@@ -16,7 +16,7 @@ What the mixin changes, and only that:
   inside the Trainer, so Trainer's refusal of a pre-built optimizer under FSDP does not apply.
   With ``fsdp`` / ``fsdp_config`` (FSDP2: ``fsdp_config={"version": 2, ...}``) Trainer builds it
   before Accelerate shards the model and swaps the optimizer's parameters for the shards;
-  ``LoFTAdamW`` follows the swap (:mod:`loft.rebind`) and steps the shards with one owner rank
+  ``LoFTAdamW`` follows the swap (:meth:`LoFTAdamW.follow_swapped_params`, :mod:`loft.registry`) and steps the shards with one owner rank
   per pair. On CPU processes the mixin makes Accelerate shard over gloo (it would otherwise
   ignore the FSDP plugin there and train with DDP).
   LR schedulers, gradient accumulation, ``save_steps``
