@@ -75,31 +75,10 @@ from .state import PairState, SideState
 from .syncs import host_values, on_host, to_host
 
 __all__ = [
-    "PairState",
-    "PendingStep",
-    "PreparedPair",
-    "PreparedStep",
-    "Side",
-    "SideState",
-    "StepOutput",
-    "StepResult",
-    "apply_step",
-    "basis_invariant",
-    "calibrate",
-    "checks_balance",
-    "clip_coefficient",
-    "factor_adam_update",
-    "loft_step",
-    "new_factors",
-    "pair_sq_norm",
-    "prepare_step",
-    "projected_sq_norm",
-    "projected_update",
-    "rebalance",
-    "rebalance_steps",
-    "settle_steps",
-    "step_sq_norm",
-    "update_moments",
+    "PairState", "PendingStep", "PreparedPair", "PreparedStep", "Side", "SideState", "StepOutput", "StepResult",
+    "apply_step", "basis_invariant", "calibrate", "checks_balance", "clip_coefficient", "factor_adam_update",
+    "loft_step", "new_factors", "pair_sq_norm", "prepare_step", "projected_sq_norm", "projected_update",
+    "rebalance", "rebalance_steps", "settle_steps", "step_sq_norm", "update_moments",
 ]
 
 

@@ -22,7 +22,7 @@ and its per-parameter view is made on demand.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -159,6 +159,31 @@ class PairStates:
             return first.sides[side].partner
         return torch.stack([batch.sides[side].partner[i] for batch, i in held])
 
+    def set_value(self, pair: LoRAPair, side: int, key: str, value: Any) -> None:
+        """Write ``value`` into ``pair``'s ``key`` of side ``side`` (A 0, B 1), in its batch's stacks
+        (copied, cast to the state's dtype and device). ``step`` and entries before the pair's first
+        step are refused: see :class:`ParamStateView`."""
+        held = self._where.get(pair)
+        name = f"{pair.name or 'a LoRA pair'}.{'AB'[side]}"
+        if key == "step":
+            raise KeyError(
+                f"optimizer.state[{name}]['step'] cannot be set alone: the pairs stepped together share one step count. "
+                "Load a whole state with optimizer.load_state_dict() instead."
+            )
+        if key not in STATE_KEYS:
+            raise KeyError(f"optimizer.state[{name}] has the keys step, {', '.join(STATE_KEYS)}; not {key!r}.")
+        if held is None:
+            raise KeyError(
+                f"optimizer.state[{name}] is empty until the pair's first step, so {key!r} cannot be set yet; give it "
+                "a state with optimizer.load_state_dict()."
+            )
+        batch, i = held
+        target = getattr(batch.sides[side], key)[i]
+        value = torch.as_tensor(value)
+        if tuple(value.shape) != tuple(target.shape):
+            raise ValueError(f"optimizer.state[{name}][{key!r}] has shape {tuple(target.shape)}, got {tuple(value.shape)}.")
+        target.copy_(value)
+
     def batches(self) -> list[BatchState]:
         """Every batch state, each once."""
         return list({id(batch): batch for batch, _ in self._where.values()}.values())
@@ -206,11 +231,16 @@ class PairStates:
                 self._install(BatchState.gather([(batch, i) for i in rows]))
 
 
-class ParamStateView(Mapping):
-    """``optimizer.state[param]`` of a LoRA factor: a read-only view of its batch's state.
+class ParamStateView(MutableMapping):
+    """``optimizer.state[param]`` of a LoRA factor: a view of its batch's state.
 
     The state itself lives in a :class:`BatchState`; this mapping looks it up at each access, so
-    it always shows the current values (tensors are views of the batch's stacks).
+    it always shows the current values (tensors are views of the batch's stacks). As torch's
+    contract says, it is writable: ``state[p]["exp_avg"] = t`` copies ``t`` into the stacks (same
+    shape; cast to the state's dtype), and in-place changes of the tensors it returns change the
+    state. Two writes are refused with a ``KeyError`` that says what to do instead: ``step``
+    (shared by the pairs stepped together) and any key before the pair's first step (there is no
+    state yet); deleting a key is refused too (a factor's state is all four keys or none).
     """
 
     def __init__(self, states: PairStates, pair: LoRAPair, side: int) -> None:
@@ -221,6 +251,16 @@ class ParamStateView(Mapping):
 
     def __getitem__(self, key: str) -> Any:
         return self._current()[key]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self._states.set_value(self._pair, self._side, key, value)
+
+    def __delitem__(self, key: str) -> None:
+        raise KeyError(
+            f"The LoFT state of {self._pair.name or 'a LoRA pair'}.{'AB'[self._side]} is all of step, "
+            f"{', '.join(STATE_KEYS)} or none: a key cannot be deleted alone. Load another state with "
+            "optimizer.load_state_dict()."
+        )
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._current())
