@@ -61,9 +61,9 @@ def test_trainer_save_checkpoint_hook_and_its_output_folder():
     assert "self.args.output_dir" in inspect.getsource(Trainer._get_output_dir), _lib(
         "transformers", "Trainer._get_output_dir", "no longer returns args.output_dir"
     )
-    from loft.app.finetune import _RunTrainerMixin
+    from loft.app.trainer import RunTrainerMixin
 
-    assert li.SAVE_CHECKPOINT_HOOK in vars(_RunTrainerMixin), "loft finetune no longer overrides the checkpoint hook"
+    assert li.SAVE_CHECKPOINT_HOOK in vars(RunTrainerMixin), "loft finetune no longer overrides the checkpoint hook"
 
 
 def test_trainer_batch_samples_hook_is_called_before_each_step():
@@ -79,9 +79,9 @@ def test_trainer_batch_samples_hook_is_called_before_each_step():
         "transformers", where, "is no longer called by the training loop")
     assert "for i, inputs in enumerate(batch_samples)" in loop, _lib(
         "transformers", where, "its batches are no longer what the step trains on")
-    from loft.app.finetune import _RunTrainerMixin
+    from loft.app.trainer import RunTrainerMixin
 
-    assert li.BATCH_SAMPLES_HOOK in vars(_RunTrainerMixin), "loft finetune no longer overrides the batch hook"
+    assert li.BATCH_SAMPLES_HOOK in vars(RunTrainerMixin), "loft finetune no longer overrides the batch hook"
 
 
 def test_checkpoint_folder_name_is_what_trainer_writes(tmp_path):

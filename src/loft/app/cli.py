@@ -112,7 +112,7 @@ def finetune(**options: Any) -> None:
 
     With no options: the MiniLM-L6 encoder on the built-in movie_sentiment data, LoFT at rank 4.
     """
-    from .finetune import default_output_dir
+    from .rundir import default_output_dir
     from .finetune import finetune as run
 
     cfg = FinetuneConfig(**_settings(options, finetune_fields()))
@@ -124,7 +124,7 @@ def finetune(**options: Any) -> None:
 
 
 def _summary(metrics: dict, method: str, rank: int, out) -> None:
-    from .finetune import run_name
+    from .rundir import run_name
 
     def change(key: str, fmt: str) -> str | None:
         after, before = metrics.get(key), metrics.get(key + "_before")

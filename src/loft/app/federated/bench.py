@@ -22,7 +22,7 @@ from ... import LoFTAdamW, clip_grad_norm_
 from ... import federated as fed
 from ..config import DEFAULT_HEAD_LR
 from ..errors import LoftUsageError
-from ..finetune import _apply_method, _load_data, _quiet_libraries, prepare_inputs, resolve_targets
+from ..load import apply_method, load_data, prepare_inputs, quiet_libraries, resolve_targets
 from ..methods import make_optimizer
 from .config import FederateConfig
 
@@ -139,10 +139,10 @@ class Bench:
 def build_bench(cfg: FederateConfig) -> Bench:
     """Load the data and the model and wrap the model for the method, with ``loft finetune``'s
     own functions (so every check and default is the same); LoftUsageError on bad input."""
-    _quiet_libraries()
+    quiet_libraries()
     fcfg = cfg.finetune_config()
     fcfg.check()
-    kind = _load_data(fcfg)[0].kind  # before the model: its checks are for the task's kind
+    kind = load_data(fcfg)[0].kind  # before the model: its checks are for the task's kind
     if kind != "classification":
         raise LoftUsageError(
             f"loft federate trains classification data ({{\"text\", \"label\"}} records) for now; {cfg.data!r} is "
@@ -152,7 +152,7 @@ def build_bench(cfg: FederateConfig) -> Bench:
     task = loaded.task
     targets = None if cfg.method == "full" else resolve_targets(loaded.model, fcfg.target_modules, cfg.rank,
                                                                 set(loaded.fresh))
-    model = _apply_method(fcfg, task, loaded.model, loaded.fresh, targets)
+    model = apply_method(fcfg, task, loaded.model, loaded.fresh, targets)
     if cfg.method == "ffa":
         fed.freeze_factor(model, "A")
     pristine = {}
