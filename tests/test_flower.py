@@ -511,7 +511,7 @@ def test_ctrl_c_from_a_terminal_while_clients_train(tiny, tmp_path, request):
                             env=env)
     os.close(terminal)
     try:
-        rounds = out / "rounds.jsonl"
+        rounds = out / ".incoming" / "rounds.jsonl"  # where a run's rounds go as they finish
         deadline = time.monotonic() + 240
         while not (rounds.exists() and len(rounds.read_text().splitlines()) >= 2):  # round 1 evaluated
             assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()[-3000:]
@@ -531,6 +531,6 @@ def test_ctrl_c_from_a_terminal_while_clients_train(tiny, tmp_path, request):
     assert lines[-1].startswith("loft: Interrupted after"), err[-3000:]
     assert run_mod.leftover_processes(tag, "LOFT_TEST_TAG") == []
     assert not [p for p in temp.iterdir() if p.name.startswith("loft-ray-")]
-    kept = [json.loads(line)["round"] for line in rounds.read_text().splitlines()]
+    kept = [json.loads(line)["round"] for line in (out / "rounds.jsonl").read_text().splitlines()]  # moved in
     assert kept[:2] == [0, 1] and kept == list(range(len(kept)))
     assert not (out / "metrics.json").exists()
