@@ -98,11 +98,12 @@ class RunTrainerMixin:
         """Trainer's, except under FSDP2 (``--fsdp``): the whole trainable values gathered by every
         rank, written by rank 0 with the tokenizer and the arguments, as Trainer writes them
         (Accelerate's ``get_state_dict`` hands DTensors to PEFT on CPU processes)."""
-        if not getattr(self, "is_fsdp_enabled", False):
+        if not self.accelerator.is_fsdp2:
             return super().save_model(output_dir, _internal_call)
         weights = full_trainable_state(self.model)  # a collective
         if self.args.should_save:
             folder = Path(output_dir or self.args.output_dir)
+            folder.mkdir(parents=True, exist_ok=True)
             self.model.save_pretrained(folder, state_dict=weights)
             if self.processing_class is not None:
                 self.processing_class.save_pretrained(folder)
