@@ -15,8 +15,10 @@ lorafa     LoRA                                                     ``peft.optim
 ========== ======================================================= =====================================
 
 Every method trains the fresh head (``modules_to_save``) at ``head_lr`` in a param group of its
-own, as LoFT and full fine-tuning do: PEFT's LoRA+ and LoRA-FA optimizers are built on the model
-with the head left out, and the head group is added to what they return.
+own, as LoFT and full fine-tuning do: PEFT's LoRA+ optimizer is built on the model with the head
+left out and the head group added to what it returns; PEFT's LoRA-FA optimizer takes every
+parameter, and the head is moved into a group of its own
+(:func:`loft.integrations.library_internals.lorafa_head_group`).
 
 PiSSA changes the base weights (``W_res = W - scale * B0 A0``), so an adapter saved as trained
 loads only on that residual base. :class:`PissaStart` keeps the initial adapter and converts the
