@@ -68,11 +68,11 @@ def worker(rank: int, world: int, port: int, out: str) -> None:
     x = torch.randn(4, 256)
     sent = []
     for _ in range(2):
-        before = opt._distributor.sent_bytes
+        before = opt.distributor.sent_bytes
         opt.zero_grad()
         model(x).square().mean().backward()
         opt.step()
-        sent.append(opt._distributor.sent_bytes - before)
+        sent.append(opt.distributor.sent_bytes - before)
     state = sum(t.numel() * t.element_size() for b in opt.batch_states() for s in b.sides for t in vars(s).values())
     torch.save({"state": state, "sent": sent, "pairs": sum(len(b.pairs) for b in opt.batch_states())}, f"{out}/{rank}.pt")
     dist.barrier()

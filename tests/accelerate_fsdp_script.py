@@ -36,7 +36,7 @@ def main(path: str) -> None:
               for n, p in model.named_parameters() if p.requires_grad}
     if accelerator.is_main_process:
         torch.save({"params": params, "sharded": sharded,
-                    "distributor": type(optimizer.optimizer._distributor).__name__}, path)
+                    "distributor": type(optimizer.optimizer.distributor).__name__}, path)
     accelerator.wait_for_everyone()
 
 

@@ -106,7 +106,7 @@ def accelerate_fsdp2(xs, ys) -> dict[str, object]:
     accelerator, model, opt, sched = prepared()
     out: dict[str, object] = {"dtensors": all(hasattr(p, "device_mesh") for p in model.parameters())}
     train(model, opt, sched, xs, ys, CHECKPOINT_AT)
-    out["distributor"] = type(opt.optimizer._distributor).__name__  # (chosen again at the first step)
+    out["distributor"] = type(opt.optimizer.distributor).__name__  # (chosen again at the first step)
     folder = os.path.join(OUT_DIR, "accelerate")
     save_fsdp_optimizer(accelerator.state.fsdp_plugin, accelerator, opt.optimizer, model, folder)
     weights, scheduler = trainable(model), sched.state_dict()

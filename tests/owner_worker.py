@@ -155,6 +155,11 @@ def run(scenario: str, rank: int, world: int, xs, ys) -> dict[str, object]:
 
         dcp_worker.OUT_DIR = OUT_DIR
         return dcp_worker.run(scenario.removeprefix("dcp:"), rank, world, xs, ys)
+    if scenario.startswith("internals:"):  # a scenario of tests/internals_worker.py, in the same launch
+        import internals_worker
+
+        internals_worker.OUT_DIR = OUT_DIR
+        return internals_worker.run(scenario.removeprefix("internals:"), rank, world)
     if scenario.startswith("setups:"):  # a scenario of tests/setups_worker.py, in the same launch
         import setups_worker
 
@@ -179,8 +184,8 @@ def run(scenario: str, rank: int, world: int, xs, ys) -> dict[str, object]:
         out["params"] = trainable(model)
         out["norms"] = norms
         out["state_bytes"] = state_bytes(opt)
-        out["sent_bytes"] = opt._distributor.sent_bytes
-        out["owned"] = sorted(p.name for p in opt.pairs if opt._distributor.owner(p) == rank)
+        out["sent_bytes"] = opt.distributor.sent_bytes
+        out["owned"] = sorted(p.name for p in opt.pairs if opt.distributor.owner(p) == rank)
         return out
     if scenario == "fsdp2_clip_outside":  # clipping by loft.clip_grad_norm_ before the step, as LoFTTrainer does
         model = shard(build_model(), world)
@@ -195,7 +200,7 @@ def run(scenario: str, rank: int, world: int, xs, ys) -> dict[str, object]:
             sched.step()
         out["params"] = trainable(model)
         out["norms"] = norms
-        out["sent_bytes"] = opt._distributor.sent_bytes
+        out["sent_bytes"] = opt.distributor.sent_bytes
         return out
     if scenario == "fsdp2_mixed_precision":
         from torch.distributed.fsdp import MixedPrecisionPolicy

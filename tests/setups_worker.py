@@ -23,7 +23,6 @@ import os
 
 import torch
 from owner_worker import STEPS, build_model, data, loss_fn, make_optimizer, shard, train, trainable
-from torch import nn
 
 import loft
 
@@ -163,7 +162,7 @@ def run(scenario: str, rank: int, world: int, xs, ys) -> dict[str, object]:
         part = slice(rank * LLAMA_ROWS // world, (rank + 1) * LLAMA_ROWS // world)
         opt = llama_optimizer(model)
         llama_train(model, opt, ids[part])
-        out["owner_distributor"] = type(opt._distributor).__name__
+        out["owner_distributor"] = type(opt.distributor).__name__
     elif scenario == "trainer":  # 6 steps (a checkpoint at 3), then a fresh trainer resumed from it
         folder = os.path.join(OUT_DIR, "trainer")
         out["params"], out["sharded"] = trainer_run(folder, fsdp=True)
@@ -209,7 +208,7 @@ def trainer_run(out_dir: str, fsdp: bool, resume: str | None = None) -> tuple[di
     model = build_llama()
     trainer = LoFTTrainer(model=model, args=args, train_dataset=_Tokens(llama_data()))
     trainer.train(resume_from_checkpoint=resume)
-    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # (inside Accelerate's wrapper)
-    sharded = type(optimizer._distributor).__name__ == "OwnerDistributor" and all(
+    optimizer = trainer.loft_optimizer  # (trainer.optimizer holds it inside Accelerate's wrapper)
+    sharded = type(optimizer.distributor).__name__ == "FSDP2Owners" and all(
         hasattr(p, "device_mesh") for p in optimizer.param_groups[0]["params"])
     return trainable(trainer.model), sharded

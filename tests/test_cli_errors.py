@@ -118,7 +118,7 @@ def test_rank_at_or_above_every_layers_larger_side_is_accepted(bert):
     """r >= max(m, n) is exactly full fine-tuning of a layer with LoFT: not refused."""
     from transformers import AutoModelForSequenceClassification
 
-    from loft.app.finetune import resolve_targets
+    from loft.app.load import resolve_targets
 
     model = AutoModelForSequenceClassification.from_pretrained(bert, num_labels=2)
     targets = resolve_targets(model, None, 64, set())

@@ -8,7 +8,7 @@ import dataclasses
 import typer
 
 from loft.app.cli import app
-from loft.app.config import NOT_OPTIONS, FinetuneConfig, compare_fields, finetune_fields
+from loft.app.config import NOT_OPTIONS, FinetuneConfig, compare_fields, finetune_fields, option_fields
 
 COMMAND_FLAGS = {"overwrite", "resume", "quiet"}  # options of the commands, not of a run's settings
 
@@ -50,6 +50,27 @@ def test_compare_shares_finetune_options_exactly():
         ), f"loft compare's --{name.replace('_', '-')} differs from loft finetune's"
     own = set(compare) - set(shared) - COMMAND_FLAGS
     assert own == {"methods", "ranks", "full", "lrs", "output_dir"}, own
+
+
+def test_federate_options_come_from_its_config_and_share_finetunes_definitions():
+    """``loft federate``'s options are FederateConfig's option fields; the ones it shares with
+    ``loft finetune`` take finetune's default, flags and type from FinetuneConfig (one definition)."""
+    from loft.app.federated.config import FederateConfig
+
+    federate, finetune = _params("federate"), _params("finetune")
+    options = option_fields(FederateConfig)
+    assert set(federate) == {f.name for f, _ in options} | {"overwrite", "quiet"}
+    ft_fields = {f.name: f for f in dataclasses.fields(FinetuneConfig)}
+    shared = [f.name for f, _ in options if f.name in finetune]
+    assert set(shared) == {"model", "data", "eval_data", "rank", "batch_size", "max_length", "max_eval", "seed",
+                           "lr", "method", "output_dir"}
+    for name in shared:
+        a, b = federate[name], finetune[name]
+        assert (a.opts, a.secondary_opts, repr(a.type)) == (b.opts, b.secondary_opts, repr(b.type)), name
+        if name not in ("method", "lr", "output_dir"):  # federate's own: other choices, defaults per method, folder
+            assert a.default == b.default == ft_fields[name].default, name
+    for field, spec in options:  # every default and help as the config says
+        assert federate[field.name].default == field.default and federate[field.name].help == spec.help, field.name
 
 
 def test_target_modules_are_split_on_commas():

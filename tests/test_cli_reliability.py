@@ -115,14 +115,16 @@ def straight(bert, data, tmp_path_factory):
 
 # ----------------------------------------------------------------------------- 1. Ctrl-C exits 130
 def test_ctrl_c_while_loading_the_model_exits_130_and_writes_nothing(capsys, monkeypatch, bert, data, tmp_path):
-    load = loft.app.finetune._load_model
+    import loft.app.load
+
+    load = loft.app.load.load_model
 
     def load_then_ctrl_c(*a, **kw):
         result = load(*a, **kw)
         ctrl_c()
         return result
 
-    monkeypatch.setattr(loft.app.finetune, "_load_model", load_then_ctrl_c)
+    monkeypatch.setattr(loft.app.load, "load_model", load_then_ctrl_c)
     err = interrupted(capsys, args(bert, data, tmp_path / "o"))
     assert "while loading the data and the model" in err and "nothing was written" in err
     assert not (tmp_path / "o").exists()
@@ -149,7 +151,7 @@ def test_second_ctrl_c_exits_130_and_keeps_the_checkpoint(capsys, monkeypatch, b
     err = interrupted(capsys, args(bert, data, tmp_path / "o"))
     assert "Interrupted while training (second Ctrl-C)" in err
     assert "checkpoint-3 is kept" in err and "--resume" in err  # the first Ctrl-C stops after the next step
-    assert loft.app.finetune.checkpoint_damage(tmp_path / "o" / "checkpoints" / "checkpoint-3") is None
+    assert loft.app.rundir.checkpoint_damage(tmp_path / "o" / "checkpoints" / "checkpoint-3") is None
 
 
 # ----------------------------------------------------------------------------- 2. reruns keep results
@@ -384,8 +386,8 @@ def test_kill_9_during_a_checkpoint_write_then_resume_matches_uninterrupted(stra
             proc.kill()
     half = Path(marker.read_text())
     assert half.is_file() and ".incoming" in half.parts  # the half-written checkpoint is not where resume looks
-    assert loft.app.finetune._latest_checkpoint(out).name == "checkpoint-2"
-    assert loft.app.finetune.checkpoint_damage(out / "checkpoints" / "checkpoint-2") is None
+    assert loft.app.finetune.latest_checkpoint(out).name == "checkpoint-2"
+    assert loft.app.rundir.checkpoint_damage(out / "checkpoints" / "checkpoint-2") is None
     assert main(args(bert, data, out, "--resume")) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["resumed_from"].endswith("checkpoint-2")

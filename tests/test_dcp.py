@@ -121,7 +121,7 @@ def test_accelerate_fsdp2_plugin_with_the_optimizer_built_before_prepare(two, re
     process to 1e-8; Accelerate's save_fsdp_optimizer / load_fsdp_optimizer (DCP) resume bit-exactly."""
     for r in two:
         res = r["accelerate"]
-        assert res["distributor"] == "OwnerDistributor" and res["dtensors"]
+        assert res["distributor"] == "FSDP2Owners" and res["dtensors"]
         assert_close(res["params"], reference)
         for name in res["params"]:
             assert torch.equal(res["params"][name], res["resumed"][name]), name

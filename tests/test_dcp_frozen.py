@@ -118,9 +118,9 @@ def test_a_frozen_factors_state_without_its_partners_is_refused_not_dropped():
     sd = opt.state_dict()
     del sd["state"][0]  # pair "0": A (trainable) loses its entry, B (frozen) keeps its
     with pytest.raises(RuntimeError, match="frozen factor has optimizer state but its trainable factor has none"):
-        fold_frozen_sides(opt, sd, params)
+        fold_frozen_sides(opt.registry, sd, params)
     sd = opt.state_dict()
-    fold_frozen_sides(opt, sd, params)  # the intact state folds: B's entries under A's, prefixed
+    fold_frozen_sides(opt.registry, sd, params)  # the intact state folds: B's entries under A's, prefixed
     assert 1 not in sd["state"] and FROZEN + "exp_avg" in sd["state"][0]
 
 

@@ -122,7 +122,7 @@ def test_transformers_gradient_checkpointing_equals_one_process(two, llama_refer
     decoder layer and the root without mesh=: LoFT steps the shards with owners and equals one process
     without sharding or checkpointing (1e-8)."""
     for r in two:
-        assert r["hf_checkpointing"]["checkpointing"] and r["hf_checkpointing"]["owner_distributor"] == "OwnerDistributor"
+        assert r["hf_checkpointing"]["checkpointing"] and r["hf_checkpointing"]["owner_distributor"] == "FSDP2Owners"
     assert_equals(two, "hf_checkpointing", llama_reference)
 
 
@@ -161,7 +161,7 @@ def test_accelerate_launch_with_an_fsdp2_config_file_equals_one_process(tmp_path
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = torch.load(out, weights_only=False)
-    assert result["sharded"] and result["distributor"] == "OwnerDistributor"
+    assert result["sharded"] and result["distributor"] == "FSDP2Owners"
     params = result["params"]
     assert params.keys() == llama_reference.keys()
     for name in llama_reference:

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 from _tiny import make_bert, mc_records, sentiment_records
 
+import loft.app.build
 import loft.app.compare
 import loft.app.finetune
 from loft.app.cli import main
@@ -158,7 +159,7 @@ def csv_bytes(rng: random.Random) -> bytes:
 
 
 def test_fuzz_data_files(bert, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(loft.app.finetune, "_start_run", refuse_to_write)
+    monkeypatch.setattr(loft.app.build, "start_run", refuse_to_write)
     monkeypatch.chdir(tmp_path)
     rng = random.Random(SEED)
     data_dir = tmp_path / "data"
@@ -214,7 +215,7 @@ COMPARE_VALUES = {
 
 
 def test_fuzz_option_values(bert, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(loft.app.finetune, "_start_run", refuse_to_write)
+    monkeypatch.setattr(loft.app.build, "start_run", refuse_to_write)
     monkeypatch.setattr(loft.app.compare, "_prepare_folder", refuse_to_write)
     monkeypatch.chdir(tmp_path)
     rng = random.Random(SEED + 1)

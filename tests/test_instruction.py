@@ -18,7 +18,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from loft import LoFTAdamW
 from loft.app.cli import main
 from loft.app.data import builtin_path, read_records
-from loft.app.finetune import FinetuneConfig, RunStatus, build_run, finetune, plan_run
+from loft.app.finetune import FinetuneConfig, build_run, finetune, plan_run
+from loft.app.status import RunStatus
 from loft.app.tasks import InstructionTask, make_task
 from loft.app.tasks.instruction import ALPACA_PROMPT, ANSWER_TOKENS, first_answer, normalize_answer
 from loft.integrations import LoFTTrainerMixin

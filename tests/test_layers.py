@@ -93,3 +93,96 @@ def test_python_dash_m_loft_app_runs_the_command():
     out = subprocess.run([sys.executable, "-m", "loft.app", "--help"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "finetune" in out.stdout and "compare" in out.stdout
+
+
+# ----------------------------------------------------------------------------- docs/architecture.md's table
+ARCHITECTURE = SRC.parents[1] / "docs" / "architecture.md"
+
+
+def _module_name(path: Path) -> str:
+    return "loft." + ".".join(path.relative_to(SRC).with_suffix("").parts).removesuffix(".__init__")
+
+
+def _loft_imports(path: Path) -> set[str]:
+    """The loft modules ``path`` imports (``from .x import y`` counts ``loft.x``, or ``loft.x.y``
+    where that is a module), lazy imports inside functions included."""
+    modules = {_module_name(p) for p in SRC.rglob("*.py")} | {"loft"}
+    found = set()
+    for _, name in _imports(path):
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        if name and name != _module_name(path):
+            found.add(name)
+    # ``from .x import y`` where ``loft.x.y`` is a module yields ``loft.x`` too: keep the submodule
+    return {m for m in found if m == "loft" or not any(other.startswith(m + ".") for other in found)}
+
+
+def _layer_table() -> dict[str, set[str]]:
+    """``module -> loft modules it may import`` from the table of docs/architecture.md, "Layers"."""
+    table = {}
+    for line in ARCHITECTURE.read_text(encoding="utf-8").splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0].startswith("`loft/") and cells[0].endswith(".py`"):
+            module = "loft." + cells[0].strip("`").removeprefix("loft/").removesuffix(".py").replace("/", ".")
+            allowed = set() if cells[2] == "nothing" else {"loft." + m.strip().strip("`") for m in cells[2].split(",")}
+            table[module] = allowed
+    return table
+
+
+def test_every_core_module_imports_only_what_architecture_md_says():
+    """docs/architecture.md's "Layers" table lists every core module with the loft modules it may
+    import; each module's real imports (lazy ones too) are checked against it."""
+    table = _layer_table()
+    core = [p for p in SRC.rglob("*.py") if p.relative_to(SRC).parts[0] != "app" and p.name != "__init__.py"]
+    assert {_module_name(p) for p in core} == set(table), "architecture.md's Layers table and src/loft differ"
+    wrong = {}
+    for path in core:
+        extra = _loft_imports(path) - table[_module_name(path)]
+        if extra:
+            wrong[_module_name(path)] = sorted(extra)
+    assert not wrong, f"imports that architecture.md's Layers table does not allow: {wrong}"
+
+
+def test_no_module_imports_another_in_a_circle():
+    graph = {_module_name(p): _loft_imports(p) - {"loft"} for p in SRC.rglob("*.py")}
+    done: set[str] = set()
+
+    def visit(node: str, path: list[str]) -> None:
+        if node in path:
+            raise AssertionError("import circle: " + " -> ".join(path[path.index(node):] + [node]))
+        if node in done:
+            return
+        for nxt in sorted(graph.get(node, ())):
+            if nxt in graph:
+                visit(nxt, path + [node])
+        done.add(node)
+
+    for node in sorted(graph):
+        visit(node, [])
+
+
+def test_no_module_imports_a_private_name_of_another():
+    offenders = []
+    for path in SRC.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("loft")):
+                offenders += [f"{path.relative_to(SRC.parent)}:{node.lineno} {a.name}" for a in node.names
+                              if a.name.startswith("_") and not a.name.startswith("__")]
+    assert not offenders, f"imports of another module's private names: {offenders}"
+
+
+#: the core as the application may use it (docs/architecture.md, "Two layers")
+PUBLIC_CORE = {"loft", "loft.federated", "loft.integrations", "loft.integrations.trainer",
+               "loft.integrations.library_internals", "loft.linalg"}
+
+
+def test_the_app_uses_only_the_cores_public_api():
+    offenders = {}
+    for path in (SRC / "app").rglob("*.py"):
+        core = {m for m in _loft_imports(path) if not m.startswith("loft.app")} - PUBLIC_CORE
+        if core:
+            offenders[_module_name(path)] = sorted(core)
+    assert not offenders, f"application modules importing core internals: {offenders}"
+    linalg = [(p, n) for p in (SRC / "app").rglob("*.py") for n in ast.walk(ast.parse(p.read_text()))
+              if isinstance(n, ast.ImportFrom) and n.level and n.module == "linalg"]
+    assert all([a.name for a in n.names] == ["rank_regime"] for _, n in linalg)

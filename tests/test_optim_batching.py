@@ -229,12 +229,12 @@ def test_damped_gram_falls_back_per_matrix_in_a_batch():
     grams = x.mT @ x
     grams[1, 2, 2] *= 1 - 1e-6  # slightly indefinite: Cholesky fails
     rhs = torch.randn(4, 3, 5, generator=g, dtype=torch.float64)
-    batched = DampedGram(grams, 0.0)
-    assert batched._eig is not None and batched._eig[0].tolist() == [False, True, False, False]
+    batched = DampedGram.of(grams, 0.0)
+    assert batched.eig is not None and batched.eig[0].tolist() == [False, True, False, False]
     out = batched.solve(rhs)
     for i in range(4):
-        single = DampedGram(grams[i], 0.0)
-        assert (single._eig is not None) == (i == 1)
+        single = DampedGram.of(grams[i], 0.0)
+        assert (single.eig is not None) == (i == 1)
         assert torch.allclose(out[i], single.solve(rhs[i]), rtol=1e-12, atol=1e-300)
     sub = batched.select(torch.tensor([3, 1]))
     assert torch.allclose(sub.solve(rhs[[3, 1]]), out[[3, 1]], rtol=1e-12, atol=1e-300)
@@ -250,9 +250,9 @@ def test_damped_gram_of_a_nonfinite_matrix_solves_to_nonfinite_without_raising()
     grams[0, 1, 1] = float("nan")
     grams[1, 0, 0] = float("inf")
     rhs = torch.randn(3, 3, 2, generator=g, dtype=torch.float64)
-    out = DampedGram(grams, 0.0).solve(rhs)
+    out = DampedGram.of(grams, 0.0).solve(rhs)
     assert not out[0].isfinite().any() and not out[1].isfinite().all()
-    assert torch.allclose(out[2], DampedGram(grams[2], 0.0).solve(rhs[2]), rtol=1e-12, atol=1e-300)
+    assert torch.allclose(out[2], DampedGram.of(grams[2], 0.0).solve(rhs[2]), rtol=1e-12, atol=1e-300)
 
 
 def test_eigh_fallback_inside_a_batch(monkeypatch):

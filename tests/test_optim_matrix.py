@@ -207,3 +207,60 @@ def test_error_inputs(kwargs, error, message):
     if group_kwargs:  # the same option given in a param group
         with pytest.raises(error, match=message):
             loft.LoFTAdamW([{"params": [*model.pairs(), model.head], **group_kwargs}])
+
+
+def functional_run(case: Case, dtype: torch.dtype, steps: int) -> Model:
+    """The matrix's model trained by :func:`loft.functional.loft_step` alone, one call per batch
+    (same-shape pairs together, unless the case steps them one at a time), on plain stacked
+    tensors: no optimizer. The head: ``torch.optim.AdamW`` on its clipped gradient. Clipping by
+    the norm over every batch and the head, from the functional phases."""
+    from loft.functional import clip_coefficient, loft_step, prepare_step, settle_steps, step_sq_norm
+    from loft.options import GROUP_KEYS, LoFTOptions
+
+    values = {"lr": 1e-2, **case.options}
+    options = LoFTOptions(**{k: v for k, v in values.items() if k in GROUP_KEYS})
+    settings = {k: v for k, v in values.items() if k == "chunk_bytes"}
+    model = Model(dtype)
+    head_opt = torch.optim.AdamW([model.head], lr=options.lr, betas=options.betas, eps=options.eps,
+                                 weight_decay=options.weight_decay)
+    by_shape: dict[Any, list[int]] = {}
+    for i, (m, n, r, s) in enumerate(SHAPES):
+        by_shape.setdefault((m, n, r, s) if values.get("batch_pairs", True) else i, []).append(i)
+    batches = list(by_shape.values())
+    states: list[Any] = [None] * len(batches)
+    for _ in range(steps):
+        model.zero_grad()
+        model.loss().backward()
+        stacks = [[torch.stack([t[i].grad if grad else t[i].detach() for i in rows])
+                   for t, grad in ((model.A, False), (model.B, False), (model.A, True), (model.B, True))]
+                  for rows in batches]
+        coef = None
+        if options.max_grad_norm is not None:
+            preps = settle_steps([prepare_step(*stack, st, scaling=SHAPES[rows[0]][3], options=options, with_norm=True)
+                                  for stack, st, rows in zip(stacks, states, batches)])
+            total = sum(step_sq_norm(p).sum() for p in preps) + model.head.grad.double().square().sum()
+            coef = clip_coefficient(total.sqrt(), options.max_grad_norm)
+        for k, (stack, rows) in enumerate(zip(stacks, batches)):
+            out = loft_step(*stack, states[k], scaling=SHAPES[rows[0]][3], options=options, clip_coef=coef, **settings)
+            states[k] = out.state
+            with torch.no_grad():
+                for j, i in enumerate(rows):
+                    model.A[i].copy_(out.a[j])
+                    model.B[i].copy_(out.b[j])
+        if coef is not None:
+            model.head.grad.mul_(coef.to(model.head.dtype))
+        head_opt.step()
+    return model
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_functional_loft_step_alone_equals_the_optimizer(case, dtype):
+    """``loft.functional.loft_step`` called alone on plain tensors takes the optimizer's steps:
+    the optimizer is bookkeeping around it (gather, stack, call, write back). Bit-identical
+    factors, in float64 and float32, for every option set of the matrix."""
+    model, opt = build(case, dtype)
+    train(model, opt, 6)
+    alone = functional_run(case, dtype, 6)
+    for i in range(len(SHAPES)):
+        assert torch.equal(model.A[i], alone.A[i]) and torch.equal(model.B[i], alone.B[i]), (case.name, i)

@@ -36,8 +36,8 @@ def test_group_rebalance_threshold_reaches_the_rebalancing(monkeypatch):
     spy = lambda pairs, thresholds: seen.extend(thresholds) or original(pairs, thresholds)  # noqa: E731
     monkeypatch.setattr(functional, "rebalanced_factors_all", spy)
     # the cheap test that decides whether the QR / SVD check runs gets the threshold too
-    cheap = loft.optim.may_need_rebalancing
-    monkeypatch.setattr(loft.optim, "may_need_rebalancing", lambda g, threshold, eps: seen.append(threshold) or cheap(g, threshold, eps))
+    cheap = functional.may_need_rebalancing
+    monkeypatch.setattr(functional, "may_need_rebalancing", lambda g, threshold, eps: seen.append(threshold) or cheap(g, threshold, eps))
     model = Pairs()
     pairs = model.pairs()
     opt = loft.LoFTAdamW([{"params": pairs[:3]}, {"params": pairs[3:], "rebalance_threshold": 50.0}], lr=1e-2)
@@ -114,8 +114,8 @@ def test_other_switches_can_change_between_steps():
 
 def test_grad_norm_and_step_share_one_preparation(monkeypatch):
     calls = []
-    original = loft.optim.prepare_pair
-    monkeypatch.setattr(loft.optim, "prepare_pair", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = loft.optim.prepare_step
+    monkeypatch.setattr(loft.optim, "prepare_step", lambda *a, **k: calls.append(1) or original(*a, **k))
     model, opt = make(lr=2e-2)
     model_ref, opt_ref = make(lr=2e-2, max_grad_norm=0.05)
     for step in range(4):
@@ -149,3 +149,48 @@ def test_a_gradient_changed_after_grad_norm_is_seen_by_step():
     opt_ref.step()
     for p, q in zip(model.parameters(), model_ref.parameters()):
         assert torch.equal(p, q)
+
+
+def test_the_constructor_takes_exactly_the_options_of_the_dataclass():
+    """LoFTOptions defines every option once: the signature lists its fields, in order, with its
+    defaults; the docstring carries each field's text; the group keys and settings come from it."""
+    import dataclasses
+    import inspect
+
+    from loft.options import GROUP_KEYS, SETTING_KEYS, LoFTOptions
+
+    sig = inspect.signature(loft.LoFTAdamW.__init__).parameters
+    names = [p for p in sig if p not in ("self", "params", "unknown")]
+    fields = dataclasses.fields(LoFTOptions)
+    assert names == [f.name for f in fields]
+    assert [sig[f.name].default for f in fields] == [f.default for f in fields]
+    doc = " ".join(loft.LoFTAdamW.__doc__.split())
+    assert all(" ".join(f.metadata["doc"].split()) in doc for f in fields)
+    assert set(GROUP_KEYS) | set(SETTING_KEYS) == set(names) and not set(GROUP_KEYS) & set(SETTING_KEYS)
+    model, opt = make()
+    assert set(opt.param_groups[0]) - {"params"} == set(GROUP_KEYS)
+    assert set(dataclasses.asdict(opt.settings)) == set(SETTING_KEYS)
+
+
+#: a different valid value for each param-group option
+CHANGED = {"lr": 3e-2, "betas": (0.8, 0.99), "eps": 1e-6, "weight_decay": 0.1, "max_grad_norm": 7.0,
+           "rebalance_threshold": 20.0, "damping": 1e-5, "head_lr": 1e-3, "head_weight_decay": 0.01}
+
+
+def test_changing_any_group_option_between_grad_norm_and_step_prepares_again(monkeypatch):
+    """The preparation kept from grad_norm() for step() is keyed on every group option, so an
+    option added later cannot leave it stale: each is changed in turn and the step prepares again."""
+    from loft.options import GROUP_KEYS
+
+    calls = []
+    original = loft.optim.prepare_step
+    monkeypatch.setattr(loft.optim, "prepare_step", lambda *a, **k: calls.append(1) or original(*a, **k))
+    for key in GROUP_KEYS:
+        model, opt = make(lr=2e-2)
+        model.loss().backward()
+        opt.grad_norm()
+        prepared = len(calls)
+        group = opt.param_groups[0]
+        group[key] = CHANGED[key] if key in CHANGED else not group[key]
+        opt.step()
+        assert len(calls) > prepared, key

@@ -237,3 +237,43 @@ def test_ddp_wrapped_model_is_accepted_and_trains_like_the_plain_one(tmp_path):
         assert float(delta_w(layer).norm()) > 0
     finally:
         dist.destroy_process_group()
+
+
+def test_optimizer_state_of_a_factor_is_writable_as_torch_promises():
+    """``optimizer.state[A]["exp_avg"] = t`` writes into the pair's stacked state (what the next
+    step uses, and what state_dict() saves); in-place changes of the returned tensors do too;
+    ``step``, a key before the first step, a wrong shape and deletion are refused in plain words."""
+    model, layer = lora_linear(6, 5, 2)
+    problem = Regression(5, 6)
+    A, B, _ = factors(layer)
+    opt = loft.LoFTAdamW(model, lr=1e-2)
+    with pytest.raises(KeyError, match="empty until the pair's first step"):
+        opt.state[A]["exp_avg"] = torch.zeros(2, 5, dtype=torch.float64)
+    problem.model_loss(model).backward()
+    opt.step()
+    twin = copy.deepcopy(opt.state_dict())
+    new = torch.full((2, 5), 0.25, dtype=torch.float64)
+    opt.state[A]["exp_avg"] = new
+    assert torch.equal(opt.state[A]["exp_avg"], new)
+    assert torch.equal(opt.state_dict()["state"][0]["exp_avg"], new)  # what a checkpoint saves
+    opt.state[B]["exp_avg"].zero_()  # in place: the view is the state
+    assert not opt.state[B]["exp_avg"].any()
+    # the next step uses what was written: the same as loading a state dict that holds it
+    twin["state"][0]["exp_avg"], twin["state"][1]["exp_avg"] = new.clone(), torch.zeros(2, 6, dtype=torch.float64)
+    model2, layer2 = lora_linear(6, 5, 2)
+    model2.load_state_dict(model.state_dict())
+    opt2 = loft.LoFTAdamW(model2, lr=1e-2)
+    opt2.load_state_dict(twin)
+    for o, mdl in ((opt, model), (opt2, model2)):
+        o.zero_grad()
+        problem.model_loss(mdl).backward()
+        o.step()
+    assert all(torch.equal(x, y) for x, y in zip(factors(layer)[:2], factors(layer2)[:2]))
+    with pytest.raises(KeyError, match="share one step count"):
+        opt.state[A]["step"] = 5
+    with pytest.raises(ValueError, match=r"shape \(2, 5\), got \(3, 5\)"):
+        opt.state[A]["exp_avg"] = torch.zeros(3, 5)
+    with pytest.raises(KeyError, match="all of step"):
+        del opt.state[A]["partner"]
+    with pytest.raises(KeyError, match="has the keys"):
+        opt.state[A]["momentum"] = torch.zeros(1)

@@ -190,4 +190,4 @@ def test_split_step_is_a_checked_setting_and_without_a_process_group_changes_not
     with pytest.raises(TypeError, match="split_step"):
         loft.LoFTAdamW(build_model(), split_step="yes")
     opt = loft.LoFTAdamW(build_model(), split_step=True)  # one process: every pair is stepped here
-    assert opt.settings.split_step and type(opt._distributor).__name__ == "LocalDistributor"
+    assert opt.settings.split_step and type(opt.distributor).__name__ == "LocalDistributor"

@@ -8,7 +8,7 @@ from . import federated
 from .clip import clip_grad_norm_
 from .distributed import UnsupportedDistributedSetup
 from .optim import SWITCHES, LoFTAdamW
-from .pairs import LoRAPair, find_lora_pairs, split_lora_parameters
+from .pairs import LoRAPair, adapter_factors, find_lora_pairs, split_lora_parameters
 from .syncs import HostSyncCounter
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "LoFTAdamW",
     "LoRAPair",
     "UnsupportedDistributedSetup",
+    "adapter_factors",
     "clip_grad_norm_",
     "federated",
     "find_lora_pairs",

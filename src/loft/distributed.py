@@ -10,7 +10,7 @@ full-space rebuild). Supported:
   that steps it and broadcasts the new factors;
 * FSDP2 (``torch.distributed.fsdp.fully_shard``): parameters are DTensors sharded along dim 0
   on a 1-D mesh; each pair has one owner rank that gathers the pair's rows (never the base
-  weight), steps it and scatters the new rows back (:class:`loft.distributor.OwnerDistributor`).
+  weight), steps it and scatters the new rows back (:class:`loft.distributor.FSDP2Owners`).
 
 Refused, with a message naming FSDP2 as the supported way to shard: FSDP v1 (flat parameters),
 DeepSpeed ZeRO, tensor parallelism and other DTensor layouts (``Replicate``, ``Shard`` on
@@ -33,11 +33,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .distributor import LocalDistributor, OwnerDistributor, is_dtensor
+from .distributor import DDPOwners, Distributor, FSDP2Owners, LocalDistributor, is_dtensor
+from .errors import RanksNotResponding, UnsupportedDistributedSetup
 from .pairs import LoRAPair
 
 __all__ = [
     "RanksNotResponding",
+    "UnsupportedDistributedSetup",
     "check_module_supported",
     "check_pair_supported",
     "check_pairs_agree_across_ranks",
@@ -53,10 +55,6 @@ SUPPORTED = (
     "the supported way to shard; and DistributedDataParallel (torchrun, accelerate launch with DDP / "
     "MULTI_CPU / MULTI_GPU, transformers.Trainer on several processes)."
 )
-
-
-class UnsupportedDistributedSetup(RuntimeError):
-    """A parallel set-up that shards LoRA factors or optimizer state in a way LoFT cannot follow exactly."""
 
 
 def _fsdp2_layout(t: Tensor) -> tuple[bool, str]:
@@ -166,17 +164,17 @@ def check_sharding(pairs: list[LoRAPair], others: list[Tensor], names: dict[int,
 
 def make_distributor(
     pairs: list[LoRAPair], split_step: bool, others: list[Tensor] | None = None, names: dict[int, str] | None = None
-) -> LocalDistributor | OwnerDistributor:
+) -> Distributor:
     """The distributor for these pairs: owners over the FSDP2 mesh when the factors are sharded
     (:func:`check_sharding`: one mesh, compared by what it is); owners over the default process
     group for whole factors with ``split_step`` under a running process group of several ranks;
     otherwise every pair stepped here. ``others``, ``names``: as for :func:`check_sharding`."""
     mesh = check_sharding(pairs, others or [], names)
     if mesh is not None:
-        return OwnerDistributor(pairs, mesh.get_group(), sharded=True)
+        return FSDP2Owners(pairs, mesh.get_group())
     if split_step and torch.distributed.is_available() and torch.distributed.is_initialized():
         if torch.distributed.get_world_size() > 1:
-            return OwnerDistributor(pairs, torch.distributed.group.WORLD, sharded=False)
+            return DDPOwners(pairs, torch.distributed.group.WORLD)
     return LocalDistributor()
 
 
@@ -188,10 +186,6 @@ def check_module_supported(module: nn.Module) -> None:
                 f"{name or 'the model'} is wrapped in FullyShardedDataParallel (FSDP v1): LoFTAdamW does not "
                 f"support it; use FSDP2 (torch.distributed.fsdp.fully_shard) instead. {SUPPORTED}"
             )
-
-
-class RanksNotResponding(RuntimeError):
-    """Another rank did not reach the optimizer's construction-time check in time."""
 
 
 #: Seconds ``check_pairs_agree_across_ranks`` waits for the other ranks (``LOFT_DIST_TIMEOUT``).

@@ -5,18 +5,23 @@ distributor gives :class:`~loft.LoFTAdamW` exactly that, for the pairs this proc
 sends the new factors to wherever the parameters live. It moves tensors and decides ownership;
 it computes nothing of the algorithm.
 
+Every distributor implements one interface, :class:`Distributor`, which the optimizer uses
+without asking which kind it has (chosen once, by :func:`loft.distributed.make_distributor`, at
+construction, and again only when a wrapper swaps the parameters for shards):
+
 * :class:`LocalDistributor`: one process, or data parallelism where every rank holds the whole
   factors and steps every pair (DDP's default). No communication.
-* :class:`OwnerDistributor`: every pair has one owner rank (balanced by the cost of its step);
-  only the owner keeps the pair's LoFT state and computes its step.
+* :class:`OwnerDistributor` (the owners' common part): every pair has one owner rank (balanced by
+  the cost of its step); only the owner keeps the pair's LoFT state and computes its step. Two
+  kinds:
 
-  - ``sharded=True`` (FSDP2 ``fully_shard``: DTensor parameters, ``Shard(0)`` on a 1-D mesh):
+  - :class:`FSDP2Owners` (``fully_shard``: DTensor parameters, ``Shard(0)`` on a 1-D mesh):
     each rank holds rows of ``A`` (``r x n``) and ``B`` (``m x r``) and the reduce-scattered
     gradient of its rows. Per step, for each owner, one ``gather`` of every rank's rows of the
     owner's pairs (``A``, ``dL/dA``, ``B``, ``dL/dB``: ``2 (r n + m r)`` numbers a pair, never the
     ``m x n`` base weight), and after the step one ``scatter`` of each rank's rows of the new
     ``A`` and ``B``.
-  - ``sharded=False`` (DDP with ``split_step=True``): every rank holds the whole factors and the
+  - :class:`DDPOwners` (DDP with ``split_step=True``): every rank holds the whole factors and the
     all-reduced gradients, so nothing is gathered; each owner ``broadcast``\\ s its pairs' new
     factors (``r n + m r`` a pair).
 
@@ -28,14 +33,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from abc import ABC, abstractmethod
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from .errors import UnsupportedDistributedSetup
 from .pairs import LoRAPair
 
-__all__ = ["LocalDistributor", "OwnerDistributor", "Whole", "all_finite", "assign_owners", "is_dtensor", "local_part", "shard_like", "step_cost"]
+__all__ = ["DDPOwners", "Distributor", "FSDP2Owners", "LocalDistributor", "OwnerDistributor", "Whole", "all_finite", "assign_owners", "is_dtensor", "local_part", "shard_like", "step_cost"]
 
 
 def is_dtensor(t: Tensor) -> bool:
@@ -118,21 +125,82 @@ def _grad_matrix(param: Tensor) -> Tensor:
     return _matrix(param).new_zeros(_matrix(param).shape) if g is None else _matrix(g)
 
 
-class LocalDistributor:
+class Distributor(ABC):
+    """Where each pair's step runs: the interface :class:`~loft.LoFTAdamW` steps through.
+
+    A step asks :meth:`gather` for the whole factors and gradients of the pairs stepped here,
+    hands each new factor to :meth:`write`, and calls :meth:`finish` (which sends them where the
+    parameters live). Decisions every rank must share go through :meth:`sum` and
+    :meth:`all_agree`; ``state_dict()`` goes through :meth:`all_states`. With owners, every method
+    that communicates is a collective: every rank calls it, in the same order.
+    """
+
+    #: ranks the pairs are spread over, and this process's rank among them
+    world: int = 1
+    rank: int = 0
+    #: bytes this rank sent in the distributor's collectives since construction
+    sent_bytes: int = 0
+    #: the factors are FSDP2 shards (DTensors)
+    sharded: bool = False
+
+    @abstractmethod
+    def add_pairs(self, pairs: list[LoRAPair]) -> None:
+        """Take on pairs added after construction (``add_param_group``)."""
+
+    @abstractmethod
+    def owns(self, pair: LoRAPair) -> bool:
+        """Whether this rank steps ``pair`` and keeps its LoFT state."""
+
+    @abstractmethod
+    def gather(self, pairs: list[LoRAPair]) -> dict[LoRAPair, Whole]:
+        """The whole factors and gradients of the pairs stepped here that have a gradient (on
+        some rank). ``pairs``: every pair, in the same order on every rank."""
+
+    @abstractmethod
+    def write(self, pair: LoRAPair, side: int, value: Tensor) -> None:
+        """A new factor of a pair stepped here (``side`` 0: ``A`` ``(r, n)``; 1: ``B`` ``(m, r)``)."""
+
+    @abstractmethod
+    def finish(self) -> None:
+        """After the step: the new factors reach every rank's parameters."""
+
+    @abstractmethod
+    def sum(self, t: Tensor) -> Tensor:
+        """The sum of ``t`` over the ranks (a new tensor; ``t`` itself on one rank)."""
+
+    def all_agree(self, flag: bool, device: torch.device) -> bool:
+        """Whether ``flag`` holds on every rank (one all-reduce of a scalar with owners)."""
+        return not bool(self.sum(torch.tensor(float(not flag), device=device)))
+
+    @abstractmethod
+    def all_states(self, mine: dict[int, Any]) -> dict[int, Any]:
+        """The union of every rank's ``mine`` (pair number -> its per-parameter states), for
+        ``state_dict()``: CPU copies with owners, ``mine`` itself (views) on one rank."""
+
+    @abstractmethod
+    def counts_plain(self, p: Tensor) -> bool:
+        """Whether this rank adds ``p``'s local gradient to the clipping norm."""
+
+    @abstractmethod
+    def known_writes(self, flags: tuple[int, int]) -> tuple[int, int]:
+        """What this rank knows of a pair's factors since its last step, from what the owner
+        wrote (``flags``: per factor 0 unchanged, 1 written, 2 maybe): a factor this rank did not
+        write may have been changed by another (owners: 0 becomes 2, "compare")."""
+
+    @property
+    def template_device(self) -> torch.device | None:
+        """Where ``state_dict()``'s step-0 templates live (``None``: each pair's own device)."""
+        return None
+
+
+class LocalDistributor(Distributor):
     """Every pair is stepped here, on the parameters themselves (one process, or replicated DDP)."""
-
-    world = 1
-    rank = 0
-    local = True  # no collectives: a preparation may be kept between grad_norm() and step()
-
-    def __init__(self) -> None:
-        self.sent_bytes = 0
 
     def add_pairs(self, pairs: list[LoRAPair]) -> None:
         pass
 
-    def owner(self, pair: LoRAPair) -> int:
-        return 0
+    def owns(self, pair: LoRAPair) -> bool:
+        return True
 
     def gather(self, pairs: list[LoRAPair]) -> dict[LoRAPair, Whole]:
         """The pairs with a gradient, as views of the parameters and their gradients."""
@@ -143,7 +211,6 @@ class LocalDistributor:
         }
 
     def write(self, pair: LoRAPair, side: int, value: Tensor) -> None:
-        """Write a new factor (``side`` 0: ``A`` ``(r, n)``; 1: ``B`` ``(m, r)``)."""
         param = pair.A if side == 0 else pair.B
         param.copy_(value.reshape(param.shape))
 
@@ -151,38 +218,41 @@ class LocalDistributor:
         pass
 
     def sum(self, t: Tensor) -> Tensor:
-        """Sum over ranks (here: ``t``)."""
         return t
 
+    def all_agree(self, flag: bool, device: torch.device) -> bool:
+        return flag
+
+    def all_states(self, mine: dict[int, Any]) -> dict[int, Any]:
+        return mine
+
     def counts_plain(self, p: Tensor) -> bool:
-        """Whether this rank adds ``p``'s local gradient to the clipping norm."""
         return True
 
+    def known_writes(self, flags: tuple[int, int]) -> tuple[int, int]:
+        return flags
 
-class OwnerDistributor:
-    """One owner rank per pair; see the module docstring.
 
-    ``group``: the process group (for FSDP2, the mesh's); ``sharded``: the factors are DTensors
-    ``Shard(0)`` over ``group`` (else whole on every rank).
+class OwnerDistributor(Distributor):
+    """One owner rank per pair (see the module docstring): ownership, reductions and the state's
+    gathering, shared by :class:`DDPOwners` and :class:`FSDP2Owners`, which move the factors.
+
+    ``group``: the process group (for FSDP2, the mesh's).
     """
 
-    local = False
-
-    def __init__(self, pairs: list[LoRAPair], group: Any, *, sharded: bool) -> None:
+    def __init__(self, pairs: list[LoRAPair], group: Any) -> None:
         import torch.distributed as dist
 
         self._dist = dist
         self.group = group
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
-        self.sharded = sharded
         self._global = [dist.get_global_rank(group, k) for k in range(self.world)]
         self._pairs: list[LoRAPair] = []
         self._owner: dict[LoRAPair, int] = {}
         self._loads = [0] * self.world
         self._current: dict[LoRAPair, Whole] = {}
         self._pending: dict[tuple[LoRAPair, int], Tensor] = {}
-        #: bytes this rank sent in the distributor's collectives since construction
         self.sent_bytes = 0
         self.add_pairs(pairs)
 
@@ -191,8 +261,6 @@ class OwnerDistributor:
         new = [p for p in pairs if p not in self._owner]
         dtypes = {p.A.dtype for p in self._pairs + new}
         if len(dtypes) > 1:
-            from .distributed import UnsupportedDistributedSetup
-
             raise UnsupportedDistributedSetup(
                 f"LoRA factors of several dtypes ({sorted(map(str, dtypes))}) with a step split across ranks; "
                 "keep the adapter in one dtype."
@@ -202,96 +270,31 @@ class OwnerDistributor:
         self._pairs += new
 
     def owner(self, pair: LoRAPair) -> int:
+        """The rank that steps ``pair``."""
         return self._owner[pair]
 
+    def owns(self, pair: LoRAPair) -> bool:
+        return self._owner[pair] == self.rank
+
     def owned(self) -> list[LoRAPair]:
-        return [p for p in self._pairs if self._owner[p] == self.rank]
-
-    def _rows(self, total: int) -> list[int]:
-        """Rows of a ``total``-row tensor held by each rank under ``Shard(0)`` (torch.chunk's split)."""
-        if not self.sharded:
-            return [total] * self.world
-        size = math.ceil(total / self.world) if total else 0
-        return [max(0, min(size, total - k * size)) for k in range(self.world)]
-
-    def _offsets(self, total: int) -> list[int]:
-        rows = self._rows(total)
-        return [sum(rows[:k]) for k in range(self.world)]
-
-    # ------------------------------------------------------------------ per step
-    def _pair_numel(self, pair: LoRAPair, k: int) -> int:
-        """Numbers rank ``k`` sends its owner for ``pair``: rows of A, dA, B, dB, and a flag."""
-        (m, n), r = pair.shape, pair.rank
-        return 2 * (self._rows(r)[k] * n + self._rows(m)[k] * r) + 1
-
-    def gather(self, pairs: list[LoRAPair]) -> dict[LoRAPair, Whole]:
-        """Collective: the whole factors and gradients of this rank's pairs that have a gradient
-        on some rank. ``pairs``: every pair, in the same order on every rank."""
-        self._current = {}
-        self._pending = {}
-        if not self.sharded:  # DDP: whole factors and all-reduced gradients everywhere
-            for p in pairs:
-                if self._owner[p] == self.rank and (p.A.grad is not None or p.B.grad is not None):
-                    self._current[p] = Whole(_matrix(p.A), _matrix(p.B), _grad_matrix(p.A), _grad_matrix(p.B))
-            return dict(self._current)
-        stepped: dict[LoRAPair, Whole] = {}
-        dist, dtype = self._dist, pairs[0].A.dtype
-        device = local_part(pairs[0].A).device
-        for owner in range(self.world):
-            mine = [p for p in pairs if self._owner[p] == owner]
-            if not mine:
-                continue
-            sizes = [sum(self._pair_numel(p, k) for p in mine) for k in range(self.world)]
-            parts: list[Tensor] = []
-            for p in mine:
-                flag = float(p.A.grad is not None or p.B.grad is not None)
-                for t in (p.A, p.B):
-                    parts += [_matrix(local_part(t)).reshape(-1), _grad_matrix_local(t).reshape(-1)]
-                parts.append(torch.tensor([flag], dtype=dtype, device=device))
-            buf = torch.cat([x.to(dtype) for x in parts] + [torch.zeros(max(sizes) - sizes[self.rank], dtype=dtype, device=device)])
-            received = [torch.empty_like(buf) for _ in range(self.world)] if owner == self.rank else None
-            dist.gather(buf, received, dst=self._global[owner], group=self.group)
-            if owner != self.rank:
-                self.sent_bytes += buf.numel() * buf.element_size()
-                continue
-            assert received is not None
-            offsets = [0] * self.world
-            for p in mine:
-                (m, n), r = p.shape, p.rank
-                pieces: list[list[Tensor]] = [[], [], [], []]  # A, dA, B, dB rows per rank
-                flag = 0.0
-                for k in range(self.world):
-                    at = offsets[k]
-                    for j, (rows, cols) in enumerate(((self._rows(r)[k], n), (self._rows(m)[k], r))):
-                        for g in (0, 1):
-                            count = rows * cols
-                            pieces[2 * j + g].append(received[k][at : at + count].reshape(rows, cols))
-                            at += count
-                    flag = max(flag, float(received[k][at]))
-                    offsets[k] = at + 1
-                a, ga, b, gb = (torch.cat(x) for x in pieces)
-                self._current[p] = Whole(a, b, ga, gb)
-                if flag:
-                    stepped[p] = self._current[p]
-        return stepped
+        return [p for p in self._pairs if self.owns(p)]
 
     def write(self, pair: LoRAPair, side: int, value: Tensor) -> None:
-        """Record a new factor of a pair this rank owns (``side`` 0: ``A`` ``(r, n)``; 1: ``B``
-        ``(m, r)``); :meth:`finish` sends it."""
+        """Record a new factor of a pair this rank owns; :meth:`finish` sends it."""
         self._pending[(pair, side)] = value
 
     def finish(self) -> None:
-        """Collective: every owner sends its pairs' new factors (their rows, when sharded) to every
-        rank, which writes them into its parameters (or local shards)."""
+        """Collective: every owner sends its pairs' new factors to every rank, which writes them
+        into its parameters (or local shards)."""
         for owner in range(self.world):
             mine = [p for p in self._pairs if self._owner[p] == owner]
-            if not mine:
-                continue
-            if self.sharded:
-                self._scatter(owner, mine)
-            else:
-                self._broadcast(owner, mine)
+            if mine:
+                self._send(owner, mine)
         self._current, self._pending = {}, {}
+
+    @abstractmethod
+    def _send(self, owner: int, mine: list[LoRAPair]) -> None:
+        """Collective: ``owner``'s pairs ``mine`` reach every rank."""
 
     def _new_factor(self, pair: LoRAPair, side: int) -> Tensor:
         """The owner's factor after the step: the written one, or the one it gathered (a pair that
@@ -302,10 +305,50 @@ class OwnerDistributor:
         whole = self._current.get(pair)
         if whole is not None:
             return whole.a if side == 0 else whole.b
-        assert not self.sharded, "gather keeps every owned pair"
         return _matrix(pair.A if side == 0 else pair.B)
 
-    def _broadcast(self, owner: int, mine: list[LoRAPair]) -> None:
+    # ------------------------------------------------------------------ reductions
+    def sum(self, t: Tensor) -> Tensor:
+        out = t.clone()
+        self._dist.all_reduce(out, group=self.group)
+        return out
+
+    def all_states(self, mine: dict[int, Any]) -> dict[int, Any]:
+        """Collective: each rank's owned pairs' states, copied to the CPU, gathered on every rank."""
+        mine = {k: tuple({key: v.detach().to("cpu", copy=True) if isinstance(v, Tensor) else v for key, v in st.items()}
+                         for st in sides) for k, sides in mine.items()}
+        gathered: list[Any] = [None] * self.world
+        self._dist.all_gather_object(gathered, mine, group=self.group)
+        merged: dict[int, Any] = {}
+        for part in gathered:
+            merged.update(part)
+        return merged
+
+    def counts_plain(self, p: Tensor) -> bool:
+        """A sharded parameter's gradient is counted shard by shard on every rank; a replicated
+        one only on rank 0 (it is the same everywhere)."""
+        return is_dtensor(p) or self.rank == 0
+
+    def known_writes(self, flags: tuple[int, int]) -> tuple[int, int]:
+        return (2 if flags[0] == 0 else flags[0], 2 if flags[1] == 0 else flags[1])
+
+    @property
+    def template_device(self) -> torch.device | None:
+        return torch.device("cpu")
+
+
+class DDPOwners(OwnerDistributor):
+    """Owners over whole factors (DDP with ``split_step=True``): nothing is gathered, each owner
+    broadcasts its pairs' new factors."""
+
+    def gather(self, pairs: list[LoRAPair]) -> dict[LoRAPair, Whole]:
+        self._current, self._pending = {}, {}
+        for p in pairs:
+            if self.owns(p) and (p.A.grad is not None or p.B.grad is not None):
+                self._current[p] = Whole(_matrix(p.A), _matrix(p.B), _grad_matrix(p.A), _grad_matrix(p.B))
+        return dict(self._current)
+
+    def _send(self, owner: int, mine: list[LoRAPair]) -> None:
         dtype = mine[0].A.dtype
         if owner == self.rank:
             buf = torch.cat([self._new_factor(p, s).to(dtype).reshape(-1) for p in mine for s in (0, 1)])
@@ -325,10 +368,80 @@ class OwnerDistributor:
                     if (p, s) in self._pending:
                         t.copy_(self._pending[(p, s)].reshape(t.shape))
 
-    def _scatter(self, owner: int, mine: list[LoRAPair]) -> None:
+
+class FSDP2Owners(OwnerDistributor):
+    """Owners over FSDP2 shards (``Shard(0)`` DTensors over ``group``): each owner gathers its
+    pairs' rows from every rank and scatters the new rows back."""
+
+    sharded = True
+
+    def _rows(self, total: int) -> list[int]:
+        """Rows of a ``total``-row tensor held by each rank under ``Shard(0)`` (torch.chunk's split)."""
+        size = math.ceil(total / self.world) if total else 0
+        return [max(0, min(size, total - k * size)) for k in range(self.world)]
+
+    def _offsets(self, total: int) -> list[int]:
+        rows = self._rows(total)
+        return [sum(rows[:k]) for k in range(self.world)]
+
+    def _pair_numel(self, pair: LoRAPair, k: int) -> int:
+        """Numbers rank ``k`` sends its owner for ``pair``: rows of A, dA, B, dB, and a flag."""
+        (m, n), r = pair.shape, pair.rank
+        return 2 * (self._rows(r)[k] * n + self._rows(m)[k] * r) + 1
+
+    def gather(self, pairs: list[LoRAPair]) -> dict[LoRAPair, Whole]:
+        self._current, self._pending = {}, {}
+        stepped: dict[LoRAPair, Whole] = {}
+        for owner in range(self.world):
+            mine = [p for p in pairs if self._owner[p] == owner]
+            if mine:
+                stepped.update(self._gather_to(owner, mine))
+        return stepped
+
+    def _gather_to(self, owner: int, mine: list[LoRAPair]) -> dict[LoRAPair, Whole]:
+        """Collective: every rank's rows of ``owner``'s pairs ``mine``, on the owner (whole
+        factors and gradients of those with a gradient somewhere; nothing elsewhere)."""
+        dtype, device = mine[0].A.dtype, local_part(mine[0].A).device
+        sizes = [sum(self._pair_numel(p, k) for p in mine) for k in range(self.world)]
+        parts: list[Tensor] = []
+        for p in mine:
+            flag = float(p.A.grad is not None or p.B.grad is not None)
+            for t in (p.A, p.B):
+                parts += [_matrix(local_part(t)).reshape(-1), _grad_matrix_local(t).reshape(-1)]
+            parts.append(torch.tensor([flag], dtype=dtype, device=device))
+        pad = torch.zeros(max(sizes) - sizes[self.rank], dtype=dtype, device=device)
+        buf = torch.cat([x.to(dtype) for x in parts] + [pad])
+        received = [torch.empty_like(buf) for _ in range(self.world)] if owner == self.rank else None
+        self._dist.gather(buf, received, dst=self._global[owner], group=self.group)
+        if owner != self.rank:
+            self.sent_bytes += buf.numel() * buf.element_size()
+            return {}
+        assert received is not None
+        stepped, offsets = {}, [0] * self.world
+        for p in mine:
+            (m, n), r = p.shape, p.rank
+            pieces: list[list[Tensor]] = [[], [], [], []]  # A, dA, B, dB rows per rank
+            flag = 0.0
+            for k in range(self.world):
+                at = offsets[k]
+                for j, (rows, cols) in enumerate(((self._rows(r)[k], n), (self._rows(m)[k], r))):
+                    for g in (0, 1):
+                        count = rows * cols
+                        pieces[2 * j + g].append(received[k][at : at + count].reshape(rows, cols))
+                        at += count
+                flag = max(flag, float(received[k][at]))
+                offsets[k] = at + 1
+            a, ga, b, gb = (torch.cat(x) for x in pieces)
+            self._current[p] = Whole(a, b, ga, gb)
+            if flag:
+                stepped[p] = self._current[p]
+        return stepped
+
+    def _send(self, owner: int, mine: list[LoRAPair]) -> None:
         dtype = mine[0].A.dtype
         device = local_part(mine[0].A).device
-        sizes = [sum(self._rows(p.rank)[k] * p.shape[1] + self._rows(p.shape[0])[k] * p.rank for p in mine) for k in range(self.world)]
+        sizes = [sum(self._rows(p.rank)[k] * p.shape[1] + self._rows(p.shape[0])[k] * p.rank for p in mine)
+                 for k in range(self.world)]
         size = max(sizes)
         outgoing = None
         if owner == self.rank:
@@ -350,28 +463,6 @@ class OwnerDistributor:
                 local = local_part(t)
                 local.copy_(buf[at : at + local.numel()].reshape(local.shape))
                 at += local.numel()
-
-    # ------------------------------------------------------------------ reductions
-    def sum(self, t: Tensor) -> Tensor:
-        """Collective: the sum of ``t`` over the ranks (a new tensor)."""
-        out = t.clone()
-        self._dist.all_reduce(out, group=self.group)
-        return out
-
-    def all_states(self, mine: dict[int, Any]) -> dict[int, Any]:
-        """Collective: the union of every rank's ``mine`` (pair number -> its per-parameter
-        states, CPU tensors), for ``state_dict()``."""
-        gathered: list[Any] = [None] * self.world
-        self._dist.all_gather_object(gathered, mine, group=self.group)
-        merged: dict[int, Any] = {}
-        for part in gathered:
-            merged.update(part)
-        return merged
-
-    def counts_plain(self, p: Tensor) -> bool:
-        """A sharded parameter's gradient is counted shard by shard on every rank; a replicated
-        one only on rank 0 (it is the same everywhere)."""
-        return is_dtensor(p) or self.rank == 0
 
 
 def _grad_matrix_local(param: Tensor) -> Tensor:

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from .pairs import _adapter_factors
+from .pairs import adapter_factors
 
 if TYPE_CHECKING:
     from .optim import LoFTAdamW
@@ -68,7 +68,7 @@ scaling * B @ A, scaling the same on every client (same LoraConfig)."""
 def _layers(model: nn.Module, adapter: str) -> Iterator[tuple[str, nn.Module, Tensor, Tensor]]:
     """``(module name, module, A, B)`` of every LoRA layer of ``model`` holding ``adapter``."""
     for name, module in model.named_modules():
-        for found, a, b in _adapter_factors(module):
+        for found, a, b in adapter_factors(module):
             if found == adapter:
                 yield name, module, a, b
 

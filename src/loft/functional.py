@@ -1,4 +1,4 @@
-"""The LoFT algorithm as pure functions: one step of a batch of same-shape LoRA pairs.
+"""The LoFT algorithm as functions on plain tensors: one step of a batch of same-shape LoRA pairs.
 
 A LoRA pair computes ``dW = U @ A`` with ``U = s * B`` (``m x r``) and ``A`` (``r x n``). The
 algorithm treats its two factors symmetrically, since ``dW^T = A^T @ U^T``. Each *side* is a
@@ -17,10 +17,21 @@ With ``G = dL/d(dW)`` (seen from the side: ``G`` or ``G^T``), autograd's gradien
 sides. Every tensor carries a leading batch dimension ``b``: the pairs of one shape, param group
 and step count are stepped together with batched GEMMs and solves (a lone pair is a batch of one).
 
-The step, in the paper's order (:func:`prepare_pair` and :func:`scale_gradients` do 1,
-:func:`pair_sq_norm` and :func:`clip_coefficient` do 5, :func:`loft_step` does 2-4 and
-:func:`rebalance` the rebalancing, where :func:`loft.linalg.may_need_rebalancing` cannot rule
-it out)::
+**The whole step**, :func:`loft_step`: factors, gradients and state in, new factors and state out,
+like ``torch.optim.adamw.adamw``. It is four phases, which a caller stepping many batches (the
+optimizer) calls itself to make one host synchronisation per phase for all its batches:
+
+1. :func:`prepare_step` (device work only): stacks in the compute dtype, grams, their Cholesky
+   factorisations, and the comparisons of each stored partner with the current one where the
+   caller does not know whether it moved;
+2. :func:`settle_steps`: one host read of every batch's pending decisions (a Cholesky that failed
+   gets the eigen fallback; which partners moved), then the scaled gradients (step 1 below);
+   :func:`step_sq_norm` and :func:`clip_coefficient` give step 5's coefficient from them;
+3. :func:`apply_step`: steps 2-4, the state updated in place;
+4. :func:`rebalance_steps`: the rebalancing check of every batch with one host read (and one more
+   for the batches that need the expensive check); :func:`new_factors` gives ``A`` and ``B``.
+
+The math, in the paper's order::
 
     1. scaled gradients     g = (P^T P)^-1 P^T G                       (b, r, k)
     5. clipping coefficient c = min(1, max_norm / (||proj G|| + 1e-6))  over all pairs and heads
@@ -37,6 +48,7 @@ between preparation and the rest of the step.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
@@ -46,36 +58,31 @@ from torch import Tensor
 from .linalg import (
     DampedGram,
     PackedIndex,
+    PendingGram,
+    compute_dtype,
+    factor_grams,
+    may_need_rebalancing,
+    packed_index,
     packed_outer,
     packed_transport,
     projected_adam_direction,
     rank_regime,
     rebalanced_factors_all,
-    settle_all,
+    settle_with,
 )
+from .options import LoFTOptions
+from .state import PairState, SideState
+from .syncs import host_values, on_host, to_host
 
 __all__ = [
-    "PairOptions",
-    "PreparedPair",
-    "Side",
-    "SideState",
-    "StepResult",
-    "basis_invariant",
-    "calibrate",
-    "checks_balance",
-    "clip_coefficient",
-    "factor_adam_update",
-    "loft_step",
-    "pair_sq_norm",
-    "prepare_pair",
-    "rebalance",
-    "scale_gradients",
-    "projected_sq_norm",
-    "projected_update",
-    "update_moments",
+    "PairState", "PendingStep", "PreparedPair", "PreparedStep", "Side", "SideState", "StepOutput", "StepResult",
+    "apply_step", "basis_invariant", "calibrate", "checks_balance", "clip_coefficient", "factor_adam_update",
+    "loft_step", "new_factors", "pair_sq_norm", "prepare_step", "projected_sq_norm", "projected_update",
+    "rebalance", "rebalance_steps", "settle_steps", "step_sq_norm", "update_moments",
 ]
 
 
+# ----------------------------------------------------------------------------- 1. preparation
 @dataclass(frozen=True)
 class Side:
     """One factor of a batch of pairs in compute dtype, with what its step needs.
@@ -97,26 +104,13 @@ class Side:
 
     def select(self, index: slice | Tensor) -> Side:
         """The sides ``index`` of the batch (a slice or gather on the first dimension)."""
-        return Side(
-            self.factor[index],
-            self.partner[index],
-            self.gram[index],
-            self.solver.select(index),
-            self.grad[index],
-            self.param_scale,
-            None if self.scaled is None else self.scaled[index],
-        )
+        return Side(self.factor[index], self.partner[index], self.gram[index], self.solver.select(index),
+                    self.grad[index], self.param_scale, None if self.scaled is None else self.scaled[index])
 
     def grads_scaled_by(self, coef: float) -> Side:
         """The same side with its gradients multiplied by ``coef`` (clipping outside the step)."""
         scaled = None if self.scaled is None else self.scaled * coef
         return replace(self, grad=self.grad * coef, scaled=scaled)
-
-
-def _side(factor: Tensor, partner: Tensor, grad: Tensor, param_scale: float, damping: float) -> Side:
-    gram = partner.mT @ partner
-    solver = DampedGram(gram, damping, settle=False)
-    return Side(factor, partner, gram, solver, grad, param_scale, None)
 
 
 class PreparedPair(NamedTuple):
@@ -126,40 +120,144 @@ class PreparedPair(NamedTuple):
     b: Side
 
 
-def prepare_pair(
+@dataclass(frozen=True)
+class PendingStep:
+    """A batch after :func:`prepare_step`, before :func:`settle_steps` reads its decisions.
+
+    ``params``: ``A`` and ``B`` as given; ``factors``, ``partners``, ``grads``, ``grams``: per side
+    (A, then B), as in :class:`Side`;
+    ``pending``: the grams' factorisations; ``moved``: per side, whether each pair's partner
+    changed since its moments were stored (``None``: compared on the device, ``compared``);
+    ``step``: the step this is (1-based); ``move``: whether A and B move.
+    """
+
+    params: tuple[Tensor, Tensor]
+    factors: tuple[Tensor, Tensor]
+    partners: tuple[Tensor, Tensor]
+    grads: tuple[Tensor, Tensor]
+    grams: tuple[Tensor, Tensor]
+    pending: tuple[PendingGram, PendingGram]
+    moved: tuple[list[bool | None], list[bool | None]]
+    compared: tuple[Tensor | None, Tensor | None]
+    scaling: float
+    options: LoFTOptions
+    step: int
+    move: tuple[bool, bool]
+    needs_scaled: bool
+
+    def flags(self) -> list[Tensor]:
+        """The device booleans :func:`settle_steps` reads: each factorisation's failures, then each
+        side's partner comparisons."""
+        return [p.failed() for p in self.pending] + [c for c in self.compared if c is not None]
+
+
+@dataclass(frozen=True)
+class PreparedStep:
+    """A settled batch: its :class:`PreparedPair` (``sides``) and what :func:`apply_step` needs
+    (``params``: ``A`` and ``B`` as given to :func:`prepare_step`)."""
+
+    params: tuple[Tensor, Tensor]
+    sides: PreparedPair
+    moved: tuple[list[bool], list[bool]]
+    scaling: float
+    options: LoFTOptions
+    step: int
+    move: tuple[bool, bool]
+
+    def grads_scaled_by(self, coef: float) -> PreparedStep:
+        """The same step with its gradients multiplied by ``coef`` (clipping outside the step)."""
+        return replace(self, sides=PreparedPair(*(side.grads_scaled_by(coef) for side in self.sides)))
+
+
+def moving_factors(step: int, options: LoFTOptions, trainable: tuple[bool, bool]) -> tuple[bool, bool]:
+    """Which of ``(A, B)`` move at ``step`` (1-based): a frozen factor never moves and the other
+    then moves every step; with alternating updates B moves on odd steps, A on even ones."""
+    if not all(trainable):
+        return trainable
+    if options.alternating_updates:
+        return step % 2 == 0, step % 2 == 1
+    return True, True
+
+
+def prepare_step(
     a: Tensor,
-    u: Tensor,
+    b: Tensor,
     grad_a: Tensor,
-    grad_u: Tensor,
+    grad_b: Tensor,
+    state: PairState | None,
     *,
     scaling: float,
-    damping: float,
-    scale_grads: bool,
-    settle: bool = True,
-) -> PreparedPair:
-    """Step 1 for a batch: grams, their damped factorisations and the scaled gradients.
+    options: LoFTOptions,
+    trainable: tuple[bool, bool] = (True, True),
+    moved: tuple[Sequence[bool | None], Sequence[bool | None]] | None = None,
+    with_norm: bool = False,
+) -> PendingStep:
+    """Phase 1 for a batch, on the device: the sides' grams and their damped Cholesky
+    factorisations, and the partner comparisons, without reading anything on the host.
 
-    ``a``: ``A`` ``(b, r, n)``; ``u``: ``U = s B`` ``(b, m, r)``; ``grad_a``: ``dL/dA``
-    ``(b, r, n)``; ``grad_u``: ``dL/dU = (dL/dB) / s`` ``(b, m, r)``. Both sides are built from
-    the factors as they are now, before either moves.
-
-    ``settle=False`` stops before the solves: the caller settles the factorisations of all its
-    batches at once (:func:`loft.linalg.settle_all`, one host sync) and then calls
-    :func:`scale_gradients`.
+    ``a``: ``A`` ``(b, r, n)``; ``b``: ``B`` ``(b, m, r)``; ``grad_a``, ``grad_b``: their gradients
+    (zeros for a factor without one); any float dtype (the step computes in :func:`compute_dtype`).
+    ``state``: the batch's state (``None`` or step 0: fresh). ``scaling``: the LoRA scaling ``s``
+    (``U = s B``). ``trainable``: whether A and B train (a frozen factor never moves). ``moved``:
+    per side, whether each pair's partner changed since its moments were stored, where the caller
+    knows (``None`` entries, or ``moved=None``: compared on the device). ``with_norm``: a clipping
+    norm will be taken (projected clipping needs the scaled gradients even without gradient
+    scaling).
     """
-    side_a = _side(a, u, grad_a, 1.0, damping)
-    side_b = _side(u.mT, a.mT, grad_u.mT, scaling, damping)
-    pair = PreparedPair(side_a, side_b)
-    if not settle:
-        return pair
-    settle_all([side_a.solver, side_b.solver])
-    return scale_gradients(pair) if scale_grads else pair
+    cd = compute_dtype(a.dtype)
+    step = (0 if state is None else state.step) + 1
+    damping = options.damping if options.damping is not None else 10 * torch.finfo(cd).eps
+    params = (a, b)
+    a, u = a.to(cd), b.to(cd) * scaling
+    grad_u = grad_b.to(cd) / scaling  # dL/dU = dL/dB / s
+    factors, partners, grads = (a, u.mT), (u, a.mT), (grad_a.to(cd), grad_u.mT)
+    grams = tuple(p.mT @ p for p in partners)
+    pending = tuple(PendingGram(g, damping) for g in grams)
+    count = a.shape[0]
+    known: list[list[bool | None]] = [[None] * count, [None] * count] if moved is None else [list(x) for x in moved]
+    compared: list[Tensor | None] = [None, None]
+    if step > 1:
+        for side in (0, 1):
+            rows = [i for i, f in enumerate(known[side]) if f is None]
+            if rows:
+                stored, current = state.sides[side].partner, partners[side]  # type: ignore[union-attr]
+                if len(rows) < count:
+                    index = torch.tensor(rows, device=a.device)
+                    stored, current = stored[index], current[index]
+                compared[side] = (stored != current).flatten(1).any(1)
+    needs = options.gradient_scaling or (with_norm and options.projected_clipping)
+    return PendingStep(params, factors, partners, grads, grams, pending, (known[0], known[1]),  # type: ignore[arg-type]
+                       (compared[0], compared[1]), scaling, options, step,
+                       moving_factors(step, options, trainable), needs)
 
 
-def scale_gradients(pair: PreparedPair) -> PreparedPair:
-    """1. the scaled gradients ``g = (P^T P)^-1 P^T G`` of both sides (``P g`` is the projection
-    of ``G`` onto ``P``'s columns), from settled factorisations."""
-    return PreparedPair(*(replace(side, scaled=side.solver.solve(side.grad)) for side in pair))
+def settle_steps(pending: Sequence[PendingStep]) -> list[PreparedStep]:
+    """Phase 2 for every batch with one host sync: read each batch's factorisation failures (those
+    matrices get the eigen fallback) and partner comparisons, then step 1, the scaled gradients
+    ``g = (P^T P)^-1 P^T G`` (``P g`` is the projection of ``G`` onto ``P``'s columns) of the
+    batches that need them."""
+    flags = [t for p in pending for t in p.flags()]
+    values = host_values(torch.cat(flags)) if flags else []
+    out, at = [], 0
+    for p in pending:
+        counts = [g.count for g in p.pending]
+        solvers = settle_with(list(p.pending), values[at : at + sum(counts)])
+        at += sum(counts)
+        moved: list[list[bool]] = []
+        for side in (0, 1):
+            known = list(p.moved[side])
+            if p.compared[side] is not None:
+                rows = [i for i, f in enumerate(known) if f is None]
+                for i, changed in zip(rows, values[at : at + len(rows)]):
+                    known[i] = changed
+                at += len(rows)
+            moved.append([bool(f) for f in known])
+        sides = [Side(p.factors[s], p.partners[s], p.grams[s], solvers[s], p.grads[s], (1.0, p.scaling)[s], None)
+                 for s in (0, 1)]
+        if p.needs_scaled:
+            sides = [replace(side, scaled=side.solver.solve(side.grad)) for side in sides]
+        out.append(PreparedStep(p.params, PreparedPair(*sides), (moved[0], moved[1]), p.scaling, p.options, p.step, p.move))
+    return out
 
 
 # ----------------------------------------------------------------------------- 5. clipping
@@ -294,41 +392,17 @@ def factor_adam_update(
     return side.factor.mul(1 - lr * weight_decay).addcdiv_(exp_avg, denom, value=-lr * c / bias_correction1)
 
 
-# ----------------------------------------------------------------------------- the whole step
-@dataclass(frozen=True)
-class PairOptions:
-    """A param group's numerical options, as the functional step reads them."""
-
-    lr: float
-    beta1: float
-    beta2: float
-    eps: float
-    weight_decay: float
-    gradient_scaling: bool
-    first_moment_calibration: bool
-    second_moment_calibration: bool
-    projected_update: bool
-    rebalance: bool
-    rebalance_threshold: float
+def step_sq_norm(prep: PreparedStep) -> Tensor:
+    """Step 5's squared norm of each pair of a prepared batch, ``(b,)``: :func:`pair_sq_norm` of
+    the factors that move, projected or not as the batch's options say."""
+    return pair_sq_norm(prep.sides, move_a=prep.move[0], move_b=prep.move[1], projected=prep.options.projected_clipping)
 
 
-@dataclass
-class SideState:
-    """The stacked state of one side of a batch of pairs (mutated in place by :func:`loft_step`).
-
-    ``exp_avg``: ``(b, r, k)``; ``exp_avg_sq``: packed grams ``(b, k, p)``; ``partner``: the
-    partner the moments are expressed in, ``(b, l, r)``.
-    """
-
-    exp_avg: Tensor
-    exp_avg_sq: Tensor
-    partner: Tensor
-
-
+# ----------------------------------------------------------------------------- 2-4: applying a prepared step
 class StepResult(NamedTuple):
     """The factors after a step of a batch: ``a`` ``(b, r, n)`` and ``u_t`` (``U^T``,
     ``(b, r, m)``), the old ones where nothing changed; ``rebalanced``: ``(b,)`` bool, the pairs
-    whose factors were both re-factored (``None``: none were)."""
+    whose factors were both re-factored (``None``: no rebalancing check ran)."""
 
     a: Tensor
     u_t: Tensor
@@ -339,43 +413,41 @@ def _slices(n: int, size: int) -> list[slice]:
     return [slice(start, start + size) for start in range(0, n, size)]
 
 
-def loft_step(
-    pair: PreparedPair,
-    state: tuple[SideState, SideState],
+def step_index(prep: PreparedStep) -> PackedIndex:
+    """The packed layout of the batch's second-moment grams."""
+    a = prep.sides.a.factor
+    return packed_index(a.shape[-2], not prep.options.second_moment_calibration, a.dtype, a.device)
+
+
+def apply_step(
+    prep: PreparedStep,
+    state: PairState,
     *,
-    step: int,
-    move: tuple[bool, bool],
-    options: PairOptions,
-    index: PackedIndex,
-    clip_coef: Tensor | float | None,
-    chunk_bytes: int,
-    moved: tuple[list[bool], list[bool]],
+    clip_coef: Tensor | float | None = None,
+    chunk_bytes: int = 4 * 2**20,
     fuse: bool = False,
 ) -> StepResult:
-    """Steps 2-4 for a batch of pairs: updates ``state`` (A side, B side) in place and returns
-    the new factors (see :class:`StepResult`; rebalancing is :func:`rebalance`, after the
-    step). ``step``: the 1-based number of this step (bias correction); ``move``: whether A and
-    B move; ``clip_coef``: the clipping coefficient (``None``: none; a tensor is never read on
-    the host); ``moved``: for each side, which pairs' partner changed since the moments were
-    stored (host booleans: the caller knows which factors it wrote; ignored at step 1);
-    ``fuse``: the rebuild's elementwise passes as one compiled kernel.
+    """Phase 3, steps 2-4 of a prepared batch: updates ``state`` in place (its moments, the
+    partners they are expressed in, and its step count) and returns the new factors (see
+    :class:`StepResult`; rebalancing is :func:`rebalance_steps`, after). ``clip_coef``: the
+    clipping coefficient (``None``: none; a tensor is never read on the host); ``fuse``: the
+    rebuild's elementwise passes as one compiled kernel.
 
     Calibration and the moment updates go a slice of pairs at a time, a quarter of
     ``chunk_bytes`` of grams per slice, so that their chained passes stay in cache.
     """
+    options, step, index = prep.options, prep.step, step_index(prep)
+    state.match_layout(index)
     bc1, bc2 = 1 - options.beta1**step, 1 - options.beta2**step
     new: list[Tensor] = []
-    for side, st, moves, flags in zip(pair, state, move, moved):
+    for side, st, moves, flags in zip(prep.sides, state.sides, prep.move, prep.moved):
         b, k, p = st.exp_avg_sq.shape
         per_slice = max(1, chunk_bytes // (4 * k * p * st.exp_avg_sq.element_size()))
         grad = side.scaled if options.gradient_scaling else side.grad
         if clip_coef is not None:
             grad = grad * (clip_coef.to(grad.dtype) if isinstance(clip_coef, Tensor) else clip_coef)
-        calibration = dict(
-            first_moment=options.first_moment_calibration,
-            second_moment=options.second_moment_calibration,
-            chunk_bytes=chunk_bytes,
-        )
+        calibration = dict(first_moment=options.first_moment_calibration,
+                           second_moment=options.second_moment_calibration, chunk_bytes=chunk_bytes)
         for sl in _slices(b, per_slice):
             exp_avg, exp_avg_sq = st.exp_avg[sl], st.exp_avg_sq[sl]
             # 2. calibration: C = (P^T P)^-1 P^T P_prev; m <- C m; S_j <- C S_j C^T (moved pairs only;
@@ -395,21 +467,18 @@ def loft_step(
             new.append(side.factor)
             continue
         # 4. update: F <- (1 - lr wd) F - lr (P^T P)^-1 P^T D  (or AdamW on the factor itself)
-        common = dict(
-            lr=options.lr,
-            weight_decay=options.weight_decay,
-            eps=options.eps,
-            bias_correction1=bc1,
-            bias_correction2=bc2,
-        )
+        common = dict(lr=options.lr, weight_decay=options.weight_decay, eps=options.eps,
+                      bias_correction1=bc1, bias_correction2=bc2)
         if options.projected_update:
-            new.append(projected_update(side, st.exp_avg, st.exp_avg_sq, index, chunk_bytes=chunk_bytes, fuse=fuse, **common))
+            new.append(projected_update(side, st.exp_avg, st.exp_avg_sq, index, chunk_bytes=chunk_bytes, fuse=fuse,
+                                        **common))
         else:
             new.append(factor_adam_update(side, st.exp_avg, st.exp_avg_sq, index, **common))
+    state.step = step
     return StepResult(new[0], new[1], None)
 
 
-def checks_balance(options: PairOptions, shape: tuple[int, int, int]) -> bool:
+def checks_balance(options: LoFTOptions, shape: tuple[int, int, int]) -> bool:
     """Whether a batch of pairs of ``shape`` ``(m, n, r)`` is ever rebalanced: the option is on,
     the configuration is basis-invariant and ``r`` is not strictly between ``min(m, n)`` and
     ``max(m, n)`` (see :func:`loft.linalg.rank_regime`)."""
@@ -434,7 +503,7 @@ def rebalance(results: list[StepResult], thresholds: list[float]) -> list[StepRe
     return out
 
 
-def basis_invariant(options: PairOptions) -> bool:
+def basis_invariant(options: LoFTOptions) -> bool:
     """Whether the step depends on the product ``dW`` only, not on the factors' basis."""
     return (
         options.gradient_scaling
@@ -442,3 +511,106 @@ def basis_invariant(options: PairOptions) -> bool:
         and options.second_moment_calibration
         and options.projected_update
     )
+
+
+def rebalance_steps(preps: Sequence[PreparedStep], results: list[StepResult],
+                    trainable: Sequence[tuple[bool, bool]] | None = None) -> list[StepResult]:
+    """Phase 4, rebalancing after the step, for every batch with one host sync: the cheap test
+    (:func:`loft.linalg.may_need_rebalancing` on the ``r x r`` grams, copied to the host together)
+    decides which batches need the expensive check (:func:`rebalance`, one more host sync for all
+    of those; their results carry ``rebalanced``). A batch is checked where :func:`checks_balance`
+    allows and both its factors train (``trainable``, per batch; default: both)."""
+    trainable = trainable or [(True, True)] * len(preps)
+    checked = [i for i, prep in enumerate(preps)
+               if checks_balance(prep.options, (prep.sides.b.factor.shape[-1], prep.sides.a.factor.shape[-1],
+                                                prep.sides.a.factor.shape[-2])) and all(trainable[i])]
+    if not checked:
+        return results
+    grams = [factor_grams(results[i].u_t.mT, results[i].a) for i in checked]
+    host = to_host(torch.cat([g.reshape(-1) for g in grams]))
+    out, start = list(results), 0
+    with on_host():
+        need = []
+        for i, g in zip(checked, grams):
+            part = host[start : start + g.numel()].reshape(g.shape)
+            start += g.numel()
+            eps = torch.finfo(results[i].a.dtype).eps
+            need.append(bool(may_need_rebalancing(part, preps[i].options.rebalance_threshold, eps).any()))
+    todo = [i for i, needed in zip(checked, need) if needed]
+    if todo:
+        thresholds = [preps[i].options.rebalance_threshold for i in todo]
+        for i, result in zip(todo, rebalance([results[i] for i in todo], thresholds)):
+            out[i] = result
+    return out
+
+
+def new_factors(prep: PreparedStep, result: StepResult) -> tuple[Tensor | None, Tensor | None]:
+    """``A`` ``(b, r, n)`` and ``B = U / s`` ``(b, m, r)`` after the step, in the compute dtype;
+    ``None`` for a factor that certainly did not change (it did not move and no rebalancing check
+    ran). Where a check ran but re-factored nothing, the factor's old value."""
+    out: list[Tensor | None] = []
+    for side, moves in enumerate(prep.move):
+        if not moves and result.rebalanced is None:
+            out.append(None)
+            continue
+        value = result.a if side == 0 else result.u_t.mT / prep.scaling
+        if not moves:  # the factor's own value where nothing was re-factored
+            value = torch.where(result.rebalanced[:, None, None], value, prep.params[side].to(value.dtype))
+        out.append(value)
+    return out[0], out[1]
+
+
+# ----------------------------------------------------------------------------- the whole step
+class StepOutput(NamedTuple):
+    """What :func:`loft_step` returns: the new ``a`` ``(b, r, n)`` and ``b`` ``(b, m, r)`` (in the
+    inputs' dtype), the batch's ``state`` (updated in place) and ``rebalanced`` (``(b,)`` bool or
+    ``None``: which pairs were re-factored)."""
+
+    a: Tensor
+    b: Tensor
+    state: PairState
+    rebalanced: Tensor | None
+
+
+def loft_step(
+    a: Tensor,
+    b: Tensor,
+    grad_a: Tensor,
+    grad_b: Tensor,
+    state: PairState | None = None,
+    *,
+    scaling: float,
+    options: LoFTOptions = LoFTOptions(),
+    trainable: tuple[bool, bool] = (True, True),
+    clip_coef: Tensor | float | None = None,
+    moved: tuple[Sequence[bool | None], Sequence[bool | None]] | None = None,
+    chunk_bytes: int = 4 * 2**20,
+    fuse: bool = False,
+) -> StepOutput:
+    """One LoFT step of a batch of ``b`` pairs of one shape: the four phases of the module
+    docstring in a row (two or three host syncs), on plain tensors.
+
+    ``a``: ``A`` ``(b, r, n)``; ``b``: ``B`` ``(b, m, r)``; ``grad_a``, ``grad_b``: their gradients
+    (zeros for a factor without one); ``state``: the batch's :class:`PairState` from the previous
+    call (``None``: fresh); ``scaling``: the LoRA scaling ``s``; ``options``: lr, betas, the
+    switches ... (:class:`loft.options.LoFTOptions`; ``options.max_grad_norm`` clips by this
+    batch's projected norm alone, unless ``clip_coef`` gives the coefficient); ``trainable``:
+    whether A and B train; ``moved``: see :func:`prepare_step`.
+
+    ``LoFTAdamW`` does exactly this for each batch of its pairs, its host reads folded across
+    batches and the clipping norm taken over every pair and parameter (tested equal).
+    """
+    if state is None or state.step == 0:
+        cd, (count, r, n), m = compute_dtype(a.dtype), a.shape, b.shape[-2]
+        size = packed_index(r, not options.second_moment_calibration, cd, a.device).size
+        state = PairState.zeros(count, m, n, r, size, cd, a.device)
+    with_norm = clip_coef is None and options.max_grad_norm is not None
+    (prep,) = settle_steps([prepare_step(a, b, grad_a, grad_b, state, scaling=scaling, options=options,
+                                         trainable=trainable, moved=moved, with_norm=with_norm)])
+    if with_norm:
+        clip_coef = clip_coefficient(step_sq_norm(prep).sum().sqrt(), options.max_grad_norm)
+    result = apply_step(prep, state, clip_coef=clip_coef, chunk_bytes=chunk_bytes, fuse=fuse)
+    (result,) = rebalance_steps([prep], [result], [trainable])
+    new_a, new_b = new_factors(prep, result)
+    return StepOutput(a if new_a is None else new_a.to(a.dtype), b if new_b is None else new_b.to(b.dtype), state,
+                      result.rebalanced)

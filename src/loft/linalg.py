@@ -23,6 +23,7 @@ from .syncs import host_values, on_host, to_device, to_host
 
 __all__ = [
     "DampedGram",
+    "PendingGram",
     "balanced_factors",
     "PackedIndex",
     "compute_dtype",
@@ -45,107 +46,114 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-class DampedGram:
-    """A factorisation of ``gram + lam I`` for repeated solves; ``gram``: ``(..., r, r)`` SPSD.
+class PendingGram:
+    """The first half of a :class:`DampedGram`: the Cholesky factorisation of ``gram + lam I``
+    (``gram``: ``(..., r, r)`` SPSD), made without reading on the host whether it succeeded.
+
+    :meth:`failed` gives those flags on the device; :meth:`settle` takes them read on the host
+    and returns the usable :class:`DampedGram`. Splitting the two lets a caller read the flags
+    of many factorisations (and other decisions) in one host sync (:func:`settle_all`).
 
     The damping is relative to the matrix scale, ``lam = damping * trace(gram) / r`` (per matrix
     of a batch), so results do not depend on how the factors are scaled. An all-zero ``gram``
     (LoRA's ``B = 0`` start) gets ``lam = tiny`` and a zero right-hand side solves to exactly
-    zero. Cholesky is used; a matrix for which it still fails (singular to working precision)
-    is solved by an eigen-decomposition pseudo-solve that drops the directions below the damping
-    level instead; the other matrices of a batch keep their Cholesky solve. A matrix that is not
-    finite solves to non-finite values (no exception). No explicit inverse is formed.
+    zero.
     """
 
-    def __init__(self, gram: Tensor, damping: float, *, settle: bool = True) -> None:
+    def __init__(self, gram: Tensor, damping: float) -> None:
         r = gram.shape[-1]
         scale = gram.diagonal(dim1=-2, dim2=-1).sum(-1) / r
-        self._lam = (scale * damping).clamp_min(torch.finfo(gram.dtype).tiny)
-        self._damped = gram + self._lam[..., None, None] * torch.eye(r, dtype=gram.dtype, device=gram.device)
-        self._chol, self._info = torch.linalg.cholesky_ex(self._damped)
-        #: ``(failed, inv, evecs)``: which matrices fell back to the eigen pseudo-solve and, for
-        #: those, the kept inverse eigenvalues ``(..., r)`` and eigenvectors ``(..., r, r)``
-        #: (zeros / identity elsewhere)
-        self._eig: tuple[Tensor, Tensor, Tensor] | None = None
-        self._settled = False
-        if settle:
-            settle_all([self])
+        self.lam = (scale * damping).clamp_min(torch.finfo(gram.dtype).tiny)
+        self.damped = gram + self.lam[..., None, None] * torch.eye(r, dtype=gram.dtype, device=gram.device)
+        self.chol, self.info = torch.linalg.cholesky_ex(self.damped)
 
     @property
-    def settled(self) -> bool:
-        return self._settled
+    def count(self) -> int:
+        """How many matrices (the flattened batch): the length of :meth:`failed`."""
+        return self.damped.shape[:-2].numel()
 
     def failed(self) -> Tensor:
-        """Whether each matrix's Cholesky failed, flattened ``(batch,)`` bool, on the device.
+        """Whether each matrix's Cholesky failed, flattened ``(count,)`` bool, on the device.
 
         A matrix with inf / nan entries (diverged factors) does not count: it is left to
         Cholesky's nan-filled solve, since eigh would raise on it, and the step's finite check
         decides what happens next."""
-        r = self._damped.shape[-1]
-        return (self._info.reshape(-1) != 0) & self._damped.reshape(-1, r * r).isfinite().all(-1)
+        r = self.damped.shape[-1]
+        return (self.info.reshape(-1) != 0) & self.damped.reshape(-1, r * r).isfinite().all(-1)
 
-    def settle(self, failed_flags: list[bool]) -> None:
-        """Switch the matrices whose Cholesky failed (``failed_flags``: :meth:`failed` read on the
-        host) to the eigen pseudo-solve; no sync but ``eigh``'s own (rare)."""
-        self._settled = True
-        bad = [i for i, f in enumerate(failed_flags) if f]
-        damped, lam = self._damped, self._lam
-        self._damped = self._lam = None  # type: ignore[assignment]
+    def settle(self, failed: list[bool]) -> DampedGram:
+        """The solver, given :meth:`failed` read on the host: the matrices whose Cholesky failed
+        (singular to working precision) get an eigen-decomposition pseudo-solve that drops the
+        directions below the damping level; the others keep their Cholesky solve. No sync but
+        ``eigh``'s own (rare)."""
+        bad = [i for i, f in enumerate(failed) if f]
         if not bad:
-            return
-        r = damped.shape[-1]
+            return DampedGram(self.chol, None)
+        damped, r = self.damped, self.damped.shape[-1]
         flat = damped.reshape(-1, r, r)
         index = torch.tensor(bad, device=damped.device)
         evals, evecs = torch.linalg.eigh(flat[index])
-        keep = evals > 2 * lam.reshape(-1)[index][:, None]
+        keep = evals > 2 * self.lam.reshape(-1)[index][:, None]
         inv = flat.new_zeros(flat.shape[:-1])
         vecs = torch.eye(r, dtype=flat.dtype, device=flat.device).expand_as(flat).clone()
         inv[index] = torch.where(keep, evals.reciprocal(), torch.zeros_like(evals))
         vecs[index] = evecs
-        chol = self._chol.reshape(-1, r, r).clone()
+        chol = self.chol.reshape(-1, r, r).clone()
         chol[index] = torch.eye(r, dtype=flat.dtype, device=flat.device)  # finite, unused
-        failed = torch.zeros(flat.shape[0], dtype=torch.bool, device=flat.device)
-        failed[index] = True
+        mask = torch.zeros(flat.shape[0], dtype=torch.bool, device=flat.device)
+        mask[index] = True
         shape = damped.shape[:-2]
-        self._chol = chol.reshape(damped.shape)
-        self._eig = (failed.reshape(shape), inv.reshape(*shape, r), vecs.reshape(damped.shape))
+        return DampedGram(chol.reshape(damped.shape), (mask.reshape(shape), inv.reshape(*shape, r), vecs.reshape(damped.shape)))
+
+
+class DampedGram:
+    """Solves with ``gram + lam I`` (see :class:`PendingGram`, which makes it): Cholesky, or for
+    the matrices where it failed, the eigen pseudo-solve. A matrix that is not finite solves to
+    non-finite values (no exception). No explicit inverse is formed.
+
+    ``DampedGram.of(gram, damping)`` factorises and settles at once (one host sync).
+    """
+
+    def __init__(self, chol: Tensor, eig: tuple[Tensor, Tensor, Tensor] | None) -> None:
+        self.chol = chol
+        #: ``(failed, inv, evecs)``: which matrices fell back to the eigen pseudo-solve and, for
+        #: those, the kept inverse eigenvalues ``(..., r)`` and eigenvectors ``(..., r, r)``
+        #: (zeros / identity elsewhere); ``None`` when none did
+        self.eig = eig
+
+    @classmethod
+    def of(cls, gram: Tensor, damping: float) -> DampedGram:
+        """Factorise ``gram + lam I`` and settle it (one host sync)."""
+        return settle_all([PendingGram(gram, damping)])[0]
 
     def solve(self, rhs: Tensor) -> Tensor:
         """``(gram + lam I)^-1 rhs`` for ``rhs`` of shape ``(..., r, k)``."""
-        assert self._settled, "DampedGram.solve before settle_all()"
-        out = torch.cholesky_solve(rhs, self._chol)
-        if self._eig is None:
+        out = torch.cholesky_solve(rhs, self.chol)
+        if self.eig is None:
             return out
-        failed, inv, evecs = self._eig
+        failed, inv, evecs = self.eig
         pseudo = evecs @ (inv[..., :, None] * (evecs.transpose(-1, -2) @ rhs))
         return torch.where(failed[..., None, None], pseudo, out)
 
-    def select(self, index: Tensor) -> DampedGram:
-        """The factorisations of the matrices ``index`` of a batch (a gather on the first dim)."""
-        assert self._settled, "DampedGram.select before settle_all()"
-        out = DampedGram.__new__(DampedGram)
-        out._settled = True
-        out._chol = self._chol[index]
-        out._eig = None if self._eig is None else tuple(t[index] for t in self._eig)  # type: ignore[assignment]
-        return out
+    def select(self, index: slice | Tensor) -> DampedGram:
+        """The factorisations of the matrices ``index`` of a batch (a slice or gather on the first dim)."""
+        return DampedGram(self.chol[index], None if self.eig is None else tuple(t[index] for t in self.eig))  # type: ignore[arg-type]
 
 
-def settle_all(solvers: list[DampedGram]) -> None:
-    """Settle ``solvers`` with one copy of their failure flags to the host (one sync whatever
-    the number of batches); :class:`loft.LoFTAdamW` folds the same copy into its own."""
-    pending = [s for s in solvers if not s.settled]
-    if pending:
-        settle_with(pending, host_values(torch.cat([s.failed() for s in pending])))
+def settle_all(pending: list[PendingGram]) -> list[DampedGram]:
+    """Settle ``pending`` with one copy of their failure flags to the host (one sync whatever
+    the number of batches). :func:`settle_with` does the same with flags the caller read."""
+    return settle_with(pending, host_values(torch.cat([p.failed() for p in pending])) if pending else [])
 
 
-def settle_with(solvers: list[DampedGram], flags: list[bool]) -> None:
-    """:meth:`DampedGram.settle` each of ``solvers`` with its slice of ``flags`` (their
-    :meth:`~DampedGram.failed` flags, concatenated, read on the host)."""
-    start = 0
-    for s in solvers:
-        size = s._chol.shape[:-2].numel()
-        s.settle(flags[start : start + size])
-        start += size
+def settle_with(pending: list[PendingGram], flags: list[bool]) -> list[DampedGram]:
+    """:meth:`PendingGram.settle` each of ``pending`` with its slice of ``flags`` (their
+    :meth:`~PendingGram.failed` flags, concatenated, read on the host)."""
+    out, start = [], 0
+    for p in pending:
+        out.append(p.settle(flags[start : start + p.count]))
+        start += p.count
+    return out
 
 
 @dataclass(frozen=True)

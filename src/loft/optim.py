@@ -2,18 +2,19 @@
 
 The math is in :mod:`loft.functional` (the step of a batch of pairs, in the paper's order) on
 top of :mod:`loft.linalg`; the pairs' state in :mod:`loft.state`; the options in
-:mod:`loft.options`. This module keeps the bookkeeping: it finds the pairs, groups them into
-batches, stacks their factors and gradients, runs the functional step, writes the factors back,
-translates the state to and from ``state_dict()``, and steps the other parameters with AdamW.
+:mod:`loft.options`. This module keeps the bookkeeping: it groups the pairs (:mod:`loft.registry`
+finds them) into batches, stacks their factors and gradients as its distributor
+(:mod:`loft.distributor`) gives them, runs the functional step's phases, hands the new factors
+back, and steps the other parameters with AdamW; :mod:`loft.checkpoint` translates the state to
+and from ``state_dict()``.
 """
 
 from __future__ import annotations
 
 import difflib
-import inspect
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -21,36 +22,27 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.adamw import adamw as _adamw_functional
 
-from .checkpoint import add_templates, unfold_frozen_sides
-from .rebind import note_layout, rebind_if_swapped
-from .distributed import (
-    UnsupportedDistributedSetup,
-    check_module_supported,
-    check_pair_supported,
-    check_pairs_agree_across_ranks,
-    check_sharding,
-    check_tensor_supported,
-    make_distributor,
-)
-from .distributor import LocalDistributor, OwnerDistributor, Whole, all_finite, is_dtensor, local_part, shard_like
+from .checkpoint import StateDictHooks
+from .distributed import check_pairs_agree_across_ranks, check_sharding, make_distributor
+from .distributor import Distributor, LocalDistributor, Whole, all_finite, is_dtensor, local_part
+from .errors import UnsupportedDistributedSetup
 from .functional import (
-    PairOptions,
-    PreparedPair,
-    SideState,
+    PendingStep,
+    PreparedStep,
     StepResult,
-    checks_balance,
+    apply_step,
     clip_coefficient,
-    loft_step,
-    pair_sq_norm,
-    prepare_pair,
-    rebalance,
-    scale_gradients,
+    new_factors,
+    prepare_step,
+    rebalance_steps,
+    settle_steps,
+    step_sq_norm,
 )
-from .linalg import compute_dtype, factor_grams, may_need_rebalancing, packed_index, settle_with
-from .options import GROUP_DEFAULTS, SWITCHES, Settings, check_group
-from .pairs import LoRAPair, count_lora_layers, split_lora_parameters, warn_about_ranks_between
-from .state import STATE_KEYS, BatchState, PairStates, ParamStateView
-from .syncs import host_values, on_host, to_host
+from .linalg import compute_dtype, packed_index
+from .options import SETTING_KEYS, SWITCHES, LoFTOptions, Settings, check_group, options_doc
+from .pairs import LoRAPair, warn_about_ranks_between
+from .registry import ParamRegistry
+from .state import BatchState, PairStates, ParamStateView
 
 __all__ = ["LoFTAdamW", "SWITCHES"]
 
@@ -58,18 +50,12 @@ __all__ = ["LoFTAdamW", "SWITCHES"]
 @dataclass
 class _Batch:
     """A batch of pairs prepared for this step: same factor shapes, dtype, device, param group,
-    step count and scaling; ``sides`` stacked along a leading batch dimension."""
+    step count and scaling; ``prep`` their stacked, settled preparation; ``state`` their state."""
 
     pairs: list[LoRAPair]
     group: dict[str, Any]
-    step: int  # the step this is (1-based)
-    move: tuple[bool, bool]  # (A moves, B moves)
-    scaling: float
-    sides: PreparedPair
-    wholes: list[Whole]  # the factors and gradients as the distributor gave them
-    #: for the A side and the B side, which pairs' partner changed since the moments were stored
-    #: (host booleans, known from what the optimizer wrote; compared on the device only where not)
-    moved: tuple[list[bool], list[bool]] = field(default_factory=lambda: ([], []))
+    prep: PreparedStep
+    state: BatchState
 
 
 @dataclass
@@ -117,49 +103,15 @@ class LoFTAdamW(Optimizer):
             and tensors. Modules are expanded into their LoRA pairs (LoFT) and their other
             trainable parameters (plain AdamW). A plain iterable of tensors such as
             ``model.parameters()`` is refused: LoFT must know which tensors form a pair.
-        lr, betas, eps, weight_decay: as in :class:`torch.optim.AdamW`. For a pair, ``eps`` is
-            added in the full weight space and weight decay shrinks the adapter's change
-            ``dW`` toward the pretrained weight (``dW <- (1 - lr wd) dW``).
-        max_grad_norm: clip inside the step by the projected full-gradient norm (``None``: no
-            clipping). Clip outside the step with :func:`loft.clip_grad_norm_` instead. The norm
-            is over all groups, so every group must hold the same value.
-        head_lr, head_weight_decay: learning rate and weight decay of the parameters that are
-            not LoRA factors (fresh heads, ``modules_to_save``, biases, norms, DoRA magnitudes).
-            They are put in a param group of their own, next to each group's pairs, so LR
-            schedulers scale both by the same factor. ``None``: the group's ``lr`` /
-            ``weight_decay``. LoFT's good learning rates are full fine-tuning's, often several
-            times lower than a fresh head wants.
-        gradient_scaling, alternating_updates, first_moment_calibration,
-        second_moment_calibration, projected_update, projected_clipping: LoFT's building
-            blocks, each on by default (see :data:`SWITCHES`). Switching
-            ``second_moment_calibration`` between steps converts the state (see
-            :meth:`loft.state.BatchState.match_layout`).
-        rebalance, rebalance_threshold: when the worse of a pair's two grams is more than
-            ``rebalance_threshold`` times worse-conditioned than necessary, re-factor the pair
-            into balanced factors with the same product (see
-            :func:`loft.linalg.balanced_factors`). The moments follow through calibration, so
-            ``dW``'s trajectory is unchanged in exact arithmetic and much more accurate in
-            float32. Only in configurations that are invariant to the factors' basis (scaling,
-            both calibrations and the projected update on); ``A`` and ``B`` themselves change.
-        damping: relative damping of the ``r x r`` solves (``None``: ten machine epsilons of the
-            compute dtype, 1.2e-6 in float32).
-        chunk_bytes, batch_pairs, nonfinite_grads, split_step, fuse_elementwise,
-        complete_state_dict: how the step computes and what a checkpoint holds, not what the
-            step computes;
-            they form ``optimizer.settings`` (:class:`loft.options.Settings`). ``split_step``:
-            under DDP, one owner rank per pair steps it and broadcasts the new factors. FSDP2
-            models (``fully_shard``) always have owners (:mod:`loft.distributor`); with owners,
-            ``step()``, ``grad_norm()``, ``state_dict()`` and ``load_state_dict()`` are
-            collectives: call them on every rank. ``complete_state_dict`` (default ``True``):
-            ``state_dict()`` has an entry for every trainable parameter (zeros at step 0 before
-            its first step) and carries a frozen factor's state in its partner's entry, what
-            torch's ``get_optimizer_state_dict`` / ``set_optimizer_state_dict`` need
-            (:mod:`loft.checkpoint`); its content never depends on who calls it.
+        the options (:class:`loft.options.LoFTOptions` defines each once: its default, whether it
+            is a param-group key or a setting of how the step computes, and this text):
 
-    Every option but the last five is a param-group key (:data:`loft.options.GROUP_DEFAULTS`),
-    so a param-group dict may override any of them. State and solves are float32 for float32 /
-    bfloat16 / float16 parameters and float64 for float64 ones. Parameters that are not LoRA
-    factors follow ``torch.optim.AdamW`` exactly. A pair's state lives in a
+{options}
+
+    Every param-group key may be overridden by a param-group dict, as in torch; the settings form
+    ``optimizer.settings`` (:class:`loft.options.Settings`). State and solves are float32 for
+    float32 / bfloat16 / float16 parameters and float64 for float64 ones. Parameters that are not
+    LoRA factors follow ``torch.optim.AdamW`` exactly. A pair's state lives in a
     :class:`loft.state.BatchState` shared with the pairs it is stepped with;
     ``optimizer.state[param]`` and ``state_dict()`` show it per parameter.
     """
@@ -192,68 +144,43 @@ class LoFTAdamW(Optimizer):
         complete_state_dict: bool = True,
         **unknown: Any,
     ) -> None:
+        given = locals()
+        values = {f.name: given[f.name] for f in fields(LoFTOptions)}
         if unknown:
             name = next(iter(unknown))
-            signature = inspect.signature(LoFTAdamW.__init__).parameters
-            options = [p for p in signature if p not in ("self", "params", "unknown")]
-            close = difflib.get_close_matches(name, options, n=1)
+            close = difflib.get_close_matches(name, list(values), n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise TypeError(f"LoFTAdamW got an unknown option {name!r}.{hint} Options: {', '.join(options)}.")
-        #: how the step computes (batching, memory budget, non-finite policy)
-        self.settings = Settings(
-            chunk_bytes=chunk_bytes,
-            batch_pairs=batch_pairs,
-            nonfinite_grads=nonfinite_grads,
-            split_step=split_step,
-            fuse_elementwise=fuse_elementwise,
-            complete_state_dict=complete_state_dict,
-        )
-        defaults = dict(
-            lr=lr,
-            betas=tuple(betas) if isinstance(betas, (tuple, list)) else betas,
-            eps=eps,
-            weight_decay=weight_decay,
-            gradient_scaling=gradient_scaling,
-            alternating_updates=alternating_updates,
-            first_moment_calibration=first_moment_calibration,
-            second_moment_calibration=second_moment_calibration,
-            projected_update=projected_update,
-            projected_clipping=projected_clipping,
-            max_grad_norm=max_grad_norm,
-            rebalance=rebalance,
-            rebalance_threshold=rebalance_threshold,
-            damping=damping,
-            head_lr=head_lr,
-            head_weight_decay=head_weight_decay,
-        )
-        assert defaults.keys() == GROUP_DEFAULTS.keys()
-        check_group(defaults)
+            raise TypeError(f"LoFTAdamW got an unknown option {name!r}.{hint} Options: {', '.join(values)}.")
+        if isinstance(values["betas"], list):
+            values["betas"] = tuple(values["betas"])
+        options = LoFTOptions(**values)  # validates every option
+        #: how the step computes (batching, memory budget, non-finite policy, split across ranks)
+        self.settings = Settings(**{k: values[k] for k in SETTING_KEYS})
+        defaults = options.group()
         #: total gradient norm (clipping norm) seen by the last step, when clipping is on
         self.last_grad_norm: Tensor | None = None
         #: how many steps were skipped because of non-finite gradients
         self.skipped_steps = 0
-        self._pairs: list[LoRAPair] = []
-        self._pair_by_param: dict[int, tuple[LoRAPair, int]] = {}  # id(param) -> (pair, 0 for A / 1 for B)
-        self._plain_ids: set[int] = set()
-        self._param_names: dict[int, str] = {}
-        self._modules_seen: list[nn.Module] = []
-        self._states = PairStates()
+        #: which tensors are LoRA factors (of which pair, which side) and which are other parameters
+        self.registry = ParamRegistry()
+        #: the LoRA pairs' LoFT state, one :class:`~loft.state.BatchState` per batch
+        self.pair_states = PairStates()
         self._prepared: _Preparation | None = None
         #: pair -> ((A changed, B changed), stamp): what the last step of the pair wrote (0 nothing,
         #: 1 a new factor, 2 maybe: compare) and the factors' version stamp right after it
         self._written: dict[LoRAPair, tuple[tuple[int, int], tuple[Any, ...]]] = {}
-        self._loaded_pairs: list[tuple[LoRAPair, dict[str, Any], dict[str, Any]]] = []
-        self._distributor: LocalDistributor | OwnerDistributor | None = None
-        super().__init__(_as_param_groups(params), defaults)
-        if not self._pairs:
-            raise ValueError(self._no_pairs_message())
-        check_pairs_agree_across_ranks((p.name, p.A.shape, p.B.shape) for p in self._pairs)
-        self._distributor = make_distributor(self._pairs, self.settings.split_step, self._plain_params(), self._param_names)
-        warn_about_ranks_between(self._pairs)
-        self.register_state_dict_pre_hook(rebind_if_swapped)
-        self.register_state_dict_post_hook(_pack_pair_state)
-        self.register_load_state_dict_pre_hook(_unpack_pair_state)
-        self.register_load_state_dict_post_hook(_install_loaded_pair_state)
+        groups = [self._expanded(g) for g in _as_param_groups(params)]
+        pairs = [p for g in groups for p in g["params"] if isinstance(p, LoRAPair)]
+        if not pairs:
+            raise ValueError(self.registry.no_pairs_message())
+        check_pairs_agree_across_ranks((p.name, p.A.shape, p.B.shape) for p in pairs)
+        plain = [t for g in groups for t in g["params"] if isinstance(t, Tensor)]
+        self._distributor: Distributor = make_distributor(pairs, self.settings.split_step, plain, self.registry.names)
+        super().__init__(groups, defaults)
+        warn_about_ranks_between(pairs)
+        self.register_state_dict_pre_hook(LoFTAdamW.follow_swapped_params)
+        StateDictHooks().register(self)
+        self.register_load_state_dict_post_hook(LoFTAdamW._forget_what_was_written)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -268,30 +195,7 @@ class LoFTAdamW(Optimizer):
         if not isinstance(param_group, dict):
             raise TypeError(f"A param group must be a dict, got {type(param_group).__name__}.")
         group = dict(param_group)
-        items = group.get("params", [])
-        items = [items] if isinstance(items, (Tensor, nn.Module, LoRAPair)) else list(items)
-        pairs: list[LoRAPair] = []
-        plain: list[Tensor] = []
-        for item in items:
-            if isinstance(item, nn.Module):
-                check_module_supported(item)
-                found, others = split_lora_parameters(item)
-                pairs += found
-                plain += others
-                self._modules_seen.append(item)
-                self._param_names.update({id(p): n for n, p in item.named_parameters()})
-            elif isinstance(item, LoRAPair):
-                pairs.append(item)
-            elif isinstance(item, Tensor):
-                plain.append(item)
-            else:
-                raise TypeError(
-                    f"LoFTAdamW params must be modules, loft.LoRAPair objects or tensors, got {type(item).__name__}."
-                )
-        for pair in pairs:
-            check_pair_supported(pair)
-        for t in plain:
-            check_tensor_supported(t, self._param_names.get(id(t), f"a parameter of shape {tuple(t.shape)}"))
+        pairs, plain = self.registry.expand(group.get("params", []))
         unknown = set(group) - {"params", *self.defaults}
         if unknown:
             name = sorted(unknown)[0]
@@ -321,76 +225,76 @@ class LoFTAdamW(Optimizer):
             super().add_param_group(head_group)
         else:
             super().add_param_group(group)
-        self._plain_ids.update(id(t) for t in plain)
+        self.registry.add(pairs, plain)
         for pair in pairs:
-            self._pairs.append(pair)
             for side, t in enumerate((pair.A, pair.B)):
-                self._pair_by_param[id(t)] = (pair, side)
-                self.state[t] = ParamStateView(self._states, pair, side)
-            self._param_names.setdefault(id(pair.A), f"{pair.name}.A" if pair.name else "lora A")
-            self._param_names.setdefault(id(pair.B), f"{pair.name}.B" if pair.name else "lora B")
-        if self._distributor is not None:  # (at construction, make_distributor checks the sharding)
-            mesh = check_sharding(self._pairs, self._plain_params(), self._param_names)
-            if (mesh is not None) != bool(getattr(self._distributor, "sharded", False)):
-                raise UnsupportedDistributedSetup(
-                    "add_param_group: the new parameters are sharded (FSDP2) and the optimizer's are not, or the other "
-                    "way round; shard the whole model with fully_shard before constructing LoFTAdamW."
-                )
-            self._distributor.add_pairs(pairs)
-        self._prepared = None
-        note_layout(self)  # which tensor sits where, to follow a wrapper that swaps them (loft/rebind.py)
-
-    def _plain_params(self) -> list[Tensor]:
-        """The parameters that are not LoRA factors, in ``param_groups`` order."""
-        return [p for g in self.param_groups for p in g["params"] if id(p) in self._plain_ids]
-
-    def _no_pairs_message(self) -> str:
-        if self._modules_seen:
-            layers = sum(count_lora_layers(m) for m in self._modules_seen)
-            kinds = ", ".join(sorted({type(m).__name__ for m in self._modules_seen}))
-            if layers:
-                return (
-                    f"{kinds} has {layers} LoRA layer(s) but none with trainable factors. Make the adapter "
-                    "trainable (e.g. peft_model.set_adapter(name) or requires_grad_(True) on lora_A/lora_B)."
-                )
-            return (
-                f"No LoRA layers found in {kinds}. LoFTAdamW trains LoRA adapters: wrap the model first, "
-                "e.g. model = peft.get_peft_model(model, peft.LoraConfig(r=8, target_modules=[...])), "
-                "or pass explicit pairs with loft.LoRAPair(A, B, scaling). For a model without adapters "
-                "use torch.optim.AdamW."
+                self.state[t] = ParamStateView(self.pair_states, pair, side)
+        # (the distributor was chosen from every group before torch's constructor added them here)
+        mesh = check_sharding(self.registry.pairs, self.registry.plain_in(self.param_groups), self.registry.names)
+        if (mesh is not None) != self._distributor.sharded:
+            raise UnsupportedDistributedSetup(
+                "add_param_group: the new parameters are sharded (FSDP2) and the optimizer's are not, or the other "
+                "way round; shard the whole model with fully_shard before constructing LoFTAdamW."
             )
-        return (
-            "LoFTAdamW got tensors but no LoRA pairs. Pass the model itself, LoFTAdamW(model), not "
-            "model.parameters(): LoFT must know which tensors form a LoRA pair (A, B, scaling). For "
-            "your own LoRA modules pass loft.LoRAPair(A, B, scaling) objects (tensors may follow)."
-        )
+        self._distributor.add_pairs(pairs)
+        self._prepared = None
+        self.registry.note_layout(self.param_groups)  # to follow a wrapper that swaps the tensors
+
+    def _expanded(self, group: dict[str, Any]) -> dict[str, Any]:
+        """``group`` with its modules expanded into their pairs and other parameters."""
+        if not isinstance(group, dict):
+            raise TypeError(f"A param group must be a dict, got {type(group).__name__}.")
+        pairs, plain = self.registry.expand(group.get("params", []))
+        return {**group, "params": [*pairs, *plain]}
+
+    def follow_swapped_params(self) -> bool:
+        """Take the tensors a wrapper (Accelerate's or Trainer's FSDP2 ``prepare``) put in
+        ``param_groups`` in place of the ones the optimizer was built with, and choose the
+        distributor again (:meth:`loft.registry.ParamRegistry.follow_swap`). Called before the
+        optimizer uses its tensors; returns whether anything changed."""
+        if not self.registry.swapped(self.param_groups):
+            return False
+        self.registry.follow_swap(self.param_groups, self.state, self.pair_states)
+        plain = self.registry.plain_in(self.param_groups)
+        self._distributor = make_distributor(self.registry.pairs, self.settings.split_step, plain, self.registry.names)
+        if not isinstance(self._distributor, LocalDistributor) and self.pair_states.batches():
+            raise UnsupportedDistributedSetup(
+                "LoFTAdamW's LoRA factors were sharded after it had taken steps; shard the model (or run "
+                "accelerator.prepare) before training, and load a checkpoint after that."
+            )
+        self._prepared = None
+        return True
+
+    def _forget_what_was_written(self) -> None:
+        """After a load: the pairs' partners are compared again, and nothing prepared is kept."""
+        self._written.clear()
+        self._prepared = None
 
     # ----------------------------------------------------------------------------- preparation
     def _fingerprint(self) -> tuple[Any, ...]:
         """What a preparation depends on besides the state: each pair's factors and gradients
-        (their tensor version counters), scalings, and the group options read by preparation."""
+        (their tensor version counters), scalings, and every group option (the prepared step
+        carries them all: :class:`loft.options.LoFTOptions`)."""
         items: list[Any] = []
-        for pair in self._pairs:
+        for pair in self.registry.pairs:
             for t in (pair.A, pair.B):
                 g = t.grad
                 items += (t._version, t.requires_grad, None if g is None else (id(g), g._version))
-        items += [pair.scale() for pair in self._pairs]
-        keys = ("gradient_scaling", "projected_clipping", "alternating_updates", "damping")
-        items += [tuple(group[k] for k in keys) for group in self.param_groups]
+        items += [pair.scale() for pair in self.registry.pairs]
+        items += [LoFTOptions.of_group(group) for group in self.param_groups]
         return tuple(items)
 
     def _prepare(self, with_norm: bool) -> _Preparation:
         """Step 1 for every batch of pairs with gradients, or the preparation :meth:`grad_norm`
         made if nothing changed since. ``with_norm``: a norm will be taken (projected clipping
         needs the scaled gradients even where gradient scaling is off)."""
-        rebind_if_swapped(self)  # Accelerate's FSDP2 prepare swapped the parameters (loft/rebind.py)
+        self.follow_swapped_params()  # Accelerate's FSDP2 prepare swapped the parameters
         fingerprint = self._fingerprint()
         cached = self._prepared
         dist = self._distributor
-        assert dist is not None
         reuse = cached is not None and cached.fingerprint == fingerprint and (cached.with_norm or not with_norm)
-        if not dist.local:  # every rank takes part in each gather: reuse only when all ranks can (one all-reduce)
-            reuse = not bool(dist.sum(torch.tensor(float(not reuse), device=self._device())))
+        # every rank takes part in each gather: reuse only when all ranks can (one all-reduce with owners)
+        reuse = dist.all_agree(reuse, self._device())
         if reuse:
             assert cached is not None
             return cached
@@ -398,72 +302,69 @@ class LoFTAdamW(Optimizer):
             for p in group["params"]:
                 if p.grad is not None and p.grad.is_sparse:
                     raise RuntimeError(
-                        f"LoFTAdamW does not support sparse gradients ({self._name(p)}). Use dense "
+                        f"LoFTAdamW does not support sparse gradients ({self.registry.name(p)}). Use dense "
                         "gradients (e.g. nn.Embedding(..., sparse=False))."
                     )
-                if id(p) not in self._pair_by_param and id(p) not in self._plain_ids:
+                if not self.registry.knows(p):
                     raise UnsupportedDistributedSetup(
                         f"LoFTAdamW's param_groups hold a tensor of shape {tuple(p.shape)} it was not built with. "
                         "Something replaced the optimizer's parameters (DeepSpeed ZeRO and other wrappers that "
                         "flatten or partition them are not supported); add parameters with add_param_group."
                     )
         # the whole factors and gradients of the pairs stepped here (a collective with owners)
-        wholes = dist.gather(self._pairs)
-        batches: list[_Batch] = []
+        wholes = dist.gather(self.registry.pairs)
+        pending: list[tuple[list[LoRAPair], dict[str, Any], BatchState, PendingStep]] = []
         for group in self.param_groups:
-            grouped: dict[tuple[Any, ...], tuple[float, list[LoRAPair]]] = {}
+            options = LoFTOptions.of_group(group)
+            grouped: dict[tuple[Any, ...], list[LoRAPair]] = {}
             for p in group["params"]:
-                held = self._pair_by_param.get(id(p))
+                held = self.registry.held(p)
                 if held is None:
                     continue
                 pair, side = held
                 if side == 0 and pair in wholes:
-                    s = pair.scale()
-                    step = self._states.step_of(pair)
                     trainable = (pair.A.requires_grad, pair.B.requires_grad)
-                    key = (pair.A.shape, pair.B.shape, pair.A.dtype, pair.A.device, step, s, trainable)
-                    grouped.setdefault(key if self.settings.batch_pairs else (id(pair),), (s, []))[1].append(pair)
-            scale_grads = group["gradient_scaling"] or (with_norm and group["projected_clipping"])
-            for s, pairs in grouped.values():
-                batch = self._prepare_batch(group, [wholes[p] for p in pairs], pairs, s)
-                batches.append((batch, scale_grads))
-        self._settle(batches)
-        self._prepared = _Preparation([batch for batch, _ in batches], fingerprint, with_norm)
+                    key = (pair.A.shape, pair.B.shape, pair.A.dtype, pair.A.device, self.pair_states.step_of(pair),
+                           pair.scale(), trainable)
+                    grouped.setdefault(key if self.settings.batch_pairs else (id(pair),), []).append(pair)
+            for pairs in grouped.values():
+                state = self._batch_state(pairs, options)
+                pending.append((pairs, group, state, self._prepare_batch(pairs, [wholes[p] for p in pairs], state,
+                                                                          options, with_norm)))
+        settled = settle_steps([p for *_, p in pending])  # one host sync for every batch
+        batches = [_Batch(pairs, group, prep, state) for (pairs, group, state, _), prep in zip(pending, settled)]
+        self._prepared = _Preparation(batches, fingerprint, with_norm)
         return self._prepared
 
-    def _settle(self, batches: list[tuple[_Batch, bool]]) -> None:
-        """One host sync for the whole preparation: which damped Cholesky factorisations failed
-        (they fall back to the eigen pseudo-solve) and, where the optimizer cannot know it, which
-        pairs' partners changed since their moments were stored (compared on the device). Then
-        the scaled gradients (``scale``: of the batches that need them)."""
-        solvers = [side.solver for batch, _ in batches for side in batch.sides]
-        compared: list[tuple[_Batch, int, list[int]]] = []
-        flags: list[Tensor] = [solver.failed() for solver in solvers]
-        for batch, _ in batches:
-            if batch.step == 1:
-                continue
-            known = [self._partner_flags(pair) for pair in batch.pairs]
-            moved: tuple[list[bool], list[bool]] = ([], [])
-            for side in (0, 1):
-                partner_flag = [k[1 - side] for k in known]  # A's partner is U (B), B's is A^T
-                moved[side].extend(f == 1 for f in partner_flag)
-                unknown = [i for i, f in enumerate(partner_flag) if f == 2]
-                if unknown:
-                    stored = self._states.stored_partners([batch.pairs[i] for i in unknown], side)
-                    current = batch.sides[side].partner[unknown] if len(unknown) < len(known) else batch.sides[side].partner
-                    flags.append((stored != current).flatten(1).any(1))
-                    compared.append((batch, side, unknown))
-            batch.moved = moved
-        values = host_values(torch.cat(flags)) if flags else []
-        settle_with(solvers, values)
-        start = sum(f.numel() for f in flags[: len(solvers)])
-        for batch, side, unknown in compared:
-            for i, changed in zip(unknown, values[start : start + len(unknown)]):
-                batch.moved[side][i] = changed
-            start += len(unknown)
-        for batch, scale in batches:
-            if scale:
-                batch.sides = scale_gradients(batch.sides)
+    def _batch_state(self, pairs: list[LoRAPair], options: LoFTOptions) -> BatchState:
+        """The state of exactly these pairs as one batch (regrouped if needed; fresh before their first step)."""
+        if self.pair_states.step_of(pairs[0]) > 0:
+            return self.pair_states.batch_for(pairs)
+        cd, device = compute_dtype(pairs[0].A.dtype), local_part(pairs[0].A).device
+        size = packed_index(pairs[0].rank, not options.second_moment_calibration, cd, device).size
+        return self.pair_states.batch_for(pairs, fresh=BatchState.for_pairs(pairs, size, cd, device))
+
+    def _prepare_batch(self, pairs: list[LoRAPair], wholes: list[Whole], state: BatchState, options: LoFTOptions,
+                       with_norm: bool) -> PendingStep:
+        """Phase 1 of the step for one batch: its factors and gradients stacked ``(b, ...)`` in the
+        compute dtype, and what the optimizer knows of which partners moved (the rest is compared
+        on the device, in the same host sync)."""
+        cd = compute_dtype(pairs[0].A.dtype)
+        flags = [self._partner_flags(pair) for pair in pairs]
+        known = {0: False, 1: True, 2: None}  # 2: unknown, compare (the A side's partner is U (B), B's is A)
+        moved = ([known[f[1]] for f in flags], [known[f[0]] for f in flags])
+        return prepare_step(
+            _stack([w.a for w in wholes], cd),  # A: (b, r, n)
+            _stack([w.b for w in wholes], cd),  # B: (b, m, r)
+            _stack([w.grad_a for w in wholes], cd),
+            _stack([w.grad_b for w in wholes], cd),
+            state,
+            scaling=pairs[0].scale(),
+            options=options,
+            trainable=(pairs[0].A.requires_grad, pairs[0].B.requires_grad),
+            moved=moved,
+            with_norm=with_norm,
+        )
 
     def _stamp(self, pair: LoRAPair) -> tuple[Any, ...]:
         """What changes when anything writes a factor in place or replaces it, or the scaling changes."""
@@ -478,52 +379,19 @@ class LoFTAdamW(Optimizer):
         known = self._written.get(pair)
         if known is None or known[1] != self._stamp(pair):
             return (2, 2)
-        flags = known[0]
-        assert self._distributor is not None
-        if not self._distributor.local:
-            return (2 if flags[0] == 0 else flags[0], 2 if flags[1] == 0 else flags[1])
-        return flags
-
-    def _prepare_batch(self, group: dict[str, Any], wholes: list[Whole], pairs: list[LoRAPair], s: float) -> _Batch:
-        """Step 1 for one batch up to the solves (grams and their Cholesky factorisations), which
-        :meth:`_settle` finishes for all batches at once."""
-        step = self._states.step_of(pairs[0]) + 1
-        cd = compute_dtype(pairs[0].A.dtype)
-        damping = group["damping"] if group["damping"] is not None else 10 * torch.finfo(cd).eps
-        sides = prepare_pair(
-            _stack([w.a for w in wholes], cd),  # A: (b, r, n)
-            _stack([w.b for w in wholes], cd) * s,  # U = s B: (b, m, r)
-            _stack([w.grad_a for w in wholes], cd),  # dL/dA
-            _stack([w.grad_b for w in wholes], cd) / s,  # dL/dU = dL/dB / s
-            scaling=s,
-            damping=damping,
-            scale_grads=False,
-            settle=False,
-        )
-        trainable = (pairs[0].A.requires_grad, pairs[0].B.requires_grad)
-        if not all(trainable):  # a frozen factor never moves; the other moves at every step
-            move = trainable
-        elif group["alternating_updates"]:  # B moves on odd steps, A on even ones
-            move = (step % 2 == 0, step % 2 == 1)
-        else:
-            move = (True, True)
-        return _Batch(pairs, group, step, move, s, sides, wholes)
+        return self._distributor.known_writes(known[0])
 
     def _plain_with_grads(self) -> list[tuple[dict[str, Any], list[Tensor]]]:
         return [
-            (group, [p for p in group["params"] if id(p) in self._plain_ids and p.grad is not None])
+            (group, [p for p in group["params"] if self.registry.is_plain(p) and p.grad is not None])
             for group in self.param_groups
         ]
 
     def _total_norm(self, prepared: _Preparation, plain: list[tuple[dict[str, Any], list[Tensor]]]) -> Tensor:
         """5: the clipping norm, sqrt of the pairs' projected and the other parameters' plain
         squared norms (float64, on the first parameter's device; one sync)."""
-        terms = [
-            pair_sq_norm(b.sides, move_a=b.move[0], move_b=b.move[1], projected=b.group["projected_clipping"])
-            for b in prepared.batches
-        ]
+        terms = [step_sq_norm(b.prep) for b in prepared.batches]
         dist = self._distributor
-        assert dist is not None
         terms += [local_part(p.grad).double().square().sum() for _, ps in plain for p in ps if dist.counts_plain(p)]
         device = self._device()
         if not terms:
@@ -533,7 +401,7 @@ class LoFTAdamW(Optimizer):
         return dist.sum(total).sqrt()
 
     def _device(self) -> torch.device:
-        return local_part(self._pairs[0].A).device
+        return local_part(self.registry.pairs[0].A).device
 
     def _max_grad_norm(self) -> float | None:
         norms = {group["max_grad_norm"] for group in self.param_groups}
@@ -567,7 +435,6 @@ class LoFTAdamW(Optimizer):
     def _plain_total_norm(self) -> Tensor:
         """The plain norm of all gradients (what torch reports for a non-finite gradient)."""
         dist = self._distributor
-        assert dist is not None
         grads = [local_part(p.grad) for g in self.param_groups for p in g["params"] if p.grad is not None and dist.counts_plain(p)]
         squares = [g.double().square().sum().to(self._device()) for g in grads]
         total = torch.stack(squares).sum() if squares else torch.zeros((), dtype=torch.float64, device=self._device())
@@ -585,7 +452,7 @@ class LoFTAdamW(Optimizer):
         if valid and float(coef_t) != 1.0:
             factor = float(coef_t)
             for batch in prepared.batches:  # before the gradients: a lone pair's stack may be a view of its gradient
-                batch.sides = PreparedPair(*(side.grads_scaled_by(factor) for side in batch.sides))
+                batch.prep = batch.prep.grads_scaled_by(factor)
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
@@ -617,123 +484,41 @@ class LoFTAdamW(Optimizer):
         if max_norm is not None:
             self.last_grad_norm = self._total_norm(prepared, plain)
             coef = clip_coefficient(self.last_grad_norm, max_norm)  # stays on the device
-        results = [self._step_batch(batch, coef) for batch in prepared.batches]
-        results = self._rebalance(prepared.batches, results)
+        fuse = self.settings.fuses(self._device())
+        results = [apply_step(b.prep, b.state, clip_coef=coef, chunk_bytes=self.settings.chunk_bytes, fuse=fuse)
+                   for b in prepared.batches]
+        results = rebalance_steps([b.prep for b in prepared.batches], results,
+                                  [(b.pairs[0].A.requires_grad, b.pairs[0].B.requires_grad) for b in prepared.batches])
         for batch, result in zip(prepared.batches, results):
             self._write_back(batch, result)
-        assert self._distributor is not None
         self._distributor.finish()  # the owners send the new factors (a collective with owners)
         for batch, result in zip(prepared.batches, results):
-            maybe = 2 if result is not None and result.rebalanced is not None else 0
-            flags = (1 if batch.move[0] else maybe, 1 if batch.move[1] else maybe)
+            maybe = 2 if result.rebalanced is not None else 0
+            flags = (1 if batch.prep.move[0] else maybe, 1 if batch.prep.move[1] else maybe)
             for pair in batch.pairs:
                 self._written[pair] = (flags, self._stamp(pair))
         for group, params in plain:
             self._step_plain(group, params, coef)
         return loss
 
-    def _options(self, group: dict[str, Any]) -> PairOptions:
-        beta1, beta2 = group["betas"]
-        return PairOptions(
-            lr=group["lr"],
-            beta1=beta1,
-            beta2=beta2,
-            eps=group["eps"],
-            weight_decay=group["weight_decay"],
-            gradient_scaling=group["gradient_scaling"],
-            first_moment_calibration=group["first_moment_calibration"],
-            second_moment_calibration=group["second_moment_calibration"],
-            projected_update=group["projected_update"],
-            rebalance=group["rebalance"],
-            rebalance_threshold=group["rebalance_threshold"],
-        )
-
-    def _step_batch(self, batch: _Batch, coef: Tensor | None) -> StepResult:
-        """Steps 2-4 of one batch (its state updated in place); the new factors."""
-        group, pairs = batch.group, batch.pairs
-        cd = batch.sides.a.factor.dtype
-        device = pairs[0].A.device
-        index = packed_index(pairs[0].rank, not group["second_moment_calibration"], cd, device)
-        state = self._states.batch_for(
-            pairs, fresh=BatchState.zeros(pairs, index.size, cd, device) if batch.step == 1 else None
-        )
-        state.match_layout(index)
-        result = loft_step(
-            batch.sides,
-            state.sides,
-            step=batch.step,
-            move=batch.move,
-            options=self._options(group),
-            index=index,
-            clip_coef=coef,
-            chunk_bytes=self.settings.chunk_bytes,
-            moved=batch.moved,
-            fuse=self.settings.fuses(device),
-        )
-        state.step = batch.step
-        return result
-
-    def _rebalance(self, batches: list[_Batch], results: list[StepResult]) -> list[StepResult]:
-        """Rebalancing after the step, for every batch with one host sync: the cheap test
-        (:func:`loft.linalg.may_need_rebalancing` on the ``r x r`` grams, copied to the host
-        together) decides which batches need the expensive check (:func:`loft.functional.rebalance`,
-        one more host sync for all of those)."""
-        checked = [
-            i
-            for i, batch in enumerate(batches)
-            if checks_balance(self._options(batch.group), (*batch.pairs[0].shape, batch.pairs[0].rank))
-            and batch.pairs[0].A.requires_grad and batch.pairs[0].B.requires_grad  # never re-factor a frozen factor
-        ]
-        if not checked:
-            return results
-        grams = [factor_grams(results[i].u_t.mT, results[i].a) for i in checked]
-        host = to_host(torch.cat([g.reshape(-1) for g in grams]))
-        start = 0
-        out = list(results)
-        with on_host():
-            need = []
-            for i, g in zip(checked, grams):
-                part = host[start : start + g.numel()].reshape(g.shape)
-                start += g.numel()
-                eps = torch.finfo(results[i].a.dtype).eps
-                need.append(bool(may_need_rebalancing(part, batches[i].group["rebalance_threshold"], eps).any()))
-        todo = [i for i, needed in zip(checked, need) if needed]
-        if todo:
-            thresholds = [batches[i].group["rebalance_threshold"] for i in todo]
-            for i, result in zip(todo, rebalance([results[i] for i in todo], thresholds)):
-                out[i] = result
-        return out
-
     def _write_back(self, batch: _Batch, result: StepResult) -> None:
-        """Write the factors that moved; where a rebalancing check ran, also the other factor of
-        the pairs it re-factored (the parameter's own value for the others: no host sync)."""
-        assert self._distributor is not None
-        for side, moves in enumerate(batch.move):
-            if not moves and result.rebalanced is None:
-                continue
-            values = result.a if side == 0 else result.u_t.mT / batch.scaling
-            for i, (pair, whole) in enumerate(zip(batch.pairs, batch.wholes)):
-                value = values[i]
-                if not moves:
-                    current = (whole.a if side == 0 else whole.b).to(value.dtype)
-                    value = torch.where(result.rebalanced[i], value, current)
-                self._distributor.write(pair, side, value)
+        """Hand the distributor the factors that may have changed (those that moved; where a
+        rebalancing check ran, also the other, with its own value where nothing was re-factored)."""
+        for side, values in enumerate(new_factors(batch.prep, result)):
+            if values is not None:
+                for i, pair in enumerate(batch.pairs):
+                    self._distributor.write(pair, side, values[i])
 
     @staticmethod
     def _grads_finite(prepared: _Preparation, plain: list[tuple[dict[str, Any], list[Tensor]]]) -> bool:
         # the pairs' gradients as stacked for the step: one check per batch and side; one sync
-        grads = [side.grad for b in prepared.batches for side in b.sides]
+        grads = [side.grad for b in prepared.batches for side in b.prep.sides]
         grads += [local_part(p.grad) for _, ps in plain for p in ps]
         return all_finite(grads)
 
     def _finite_everywhere(self, prepared: _Preparation, plain: list[tuple[dict[str, Any], list[Tensor]]]) -> bool:
         """Whether every rank's gradients are finite (one collective with owners)."""
-        dist = self._distributor
-        assert dist is not None
-        finite = self._grads_finite(prepared, plain)
-        if dist.local:
-            return finite
-        return not bool(dist.sum(torch.tensor(float(not finite), device=self._device())))
+        return self._distributor.all_agree(self._grads_finite(prepared, plain), self._device())
 
     def _all_finite(self, prepared: _Preparation, plain: list[tuple[dict[str, Any], list[Tensor]]]) -> bool:
         """Whether the step may go on: warn and skip (or raise) when a gradient is not finite."""
@@ -741,7 +526,7 @@ class LoFTAdamW(Optimizer):
             return True
         params = [t for b in prepared.batches for pair in b.pairs for t in (pair.A, pair.B)]
         params += [p for _, ps in plain for p in ps]
-        bad = [self._name(p) for p in params if p.grad is not None and not bool(torch.isfinite(local_part(p.grad)).all())]
+        bad = [self.registry.name(p) for p in params if p.grad is not None and not bool(torch.isfinite(local_part(p.grad)).all())]
         message = (
             f"Non-finite gradient (inf or NaN) in {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; "
             "the LoFTAdamW step was skipped and no parameter or state changed."
@@ -792,154 +577,23 @@ class LoFTAdamW(Optimizer):
         )
 
     # ----------------------------------------------------------------------------- state
-    def _name(self, p: Tensor) -> str:
-        return self._param_names.get(id(p), f"a parameter of shape {tuple(p.shape)}")
+    @property
+    def distributor(self) -> Distributor:
+        """Where each pair's step runs (:mod:`loft.distributor`): chosen at construction, and
+        again when a wrapper swaps the parameters for FSDP2 shards."""
+        return self._distributor
 
     @property
     def pairs(self) -> list[LoRAPair]:
         """The LoRA pairs this optimizer trains with LoFT."""
-        return list(self._pairs)
+        return list(self.registry.pairs)
 
     def batch_states(self) -> list[BatchState]:
         """The state of the pairs, one :class:`~loft.state.BatchState` per batch."""
-        return self._states.batches()
+        return self.pair_states.batches()
 
 
-# --------------------------------------------------------------------------------- state dict hooks
-def _param_index(optimizer: LoFTAdamW) -> list[Tensor]:
-    """The parameters in ``state_dict()`` order (their position is their id there)."""
-    return [p for group in optimizer.param_groups for p in group["params"]]
-
-
-def _pack_pair_state(optimizer: LoFTAdamW, state_dict: dict[str, Any]) -> dict[str, Any]:
-    """``state_dict()`` post-hook: each LoRA factor's entry becomes a plain per-parameter dict
-    (views of its batch's stacks); with ``complete_state_dict`` (the default) every trainable
-    parameter without state gets its step-0 template and a frozen factor's entry moves into its
-    partner's (:func:`loft.checkpoint.add_templates`), else it is left out before the pair's first step."""
-    state = state_dict["state"]
-    dist = optimizer._distributor
-    assert dist is not None
-    everyone: dict[int, tuple[dict[str, Any], dict[str, Any]]] = {}
-    if not dist.local:
-        # with owners each rank holds only its pairs' state: gather all of it (a collective), so
-        # that the checkpoint has today's per-parameter format and loads on any number of ranks
-        number = {pair: k for k, pair in enumerate(optimizer._pairs)}
-        mine = {
-            number[pair]: tuple(
-                {key: v.detach().to("cpu", copy=True) if isinstance(v, Tensor) else v for key, v in st.items()}
-                for st in (optimizer._states.param_state(pair, 0), optimizer._states.param_state(pair, 1))
-            )
-            for pair in optimizer._pairs
-            if dist.owner(pair) == dist.rank and pair in optimizer._states
-        }
-        everyone = dist.all_states(mine)  # type: ignore[union-attr]
-    for i, p in enumerate(_param_index(optimizer)):
-        held = optimizer._pair_by_param.get(id(p))
-        if held is None:
-            if i in state and any(is_dtensor(v) for v in state[i].values()):  # an FSDP2 shard: the whole state
-                state[i] = {k: v.full_tensor().cpu() if is_dtensor(v) else v for k, v in state[i].items()}
-            continue
-        if dist.local:
-            st = optimizer._states.param_state(*held)
-        else:
-            pair, side = held
-            saved = everyone.get(optimizer._pairs.index(pair))
-            st = {} if saved is None else saved[side]
-        if st:
-            state[i] = st
-        else:
-            state.pop(i, None)
-    if optimizer.settings.complete_state_dict:  # what torch's DCP API needs (loft/checkpoint.py)
-        add_templates(optimizer, state_dict, _param_index(optimizer), None if dist.local else torch.device("cpu"))
-    return state_dict
-
-
-def _unpack_pair_state(optimizer: LoFTAdamW, state_dict: dict[str, Any]) -> dict[str, Any]:
-    """``load_state_dict`` pre-hook: check the saved state against the parameters, and take the
-    LoRA factors' entries out (torch would cast them to the parameters' dtype); the post-hook
-    turns them into batch states."""
-    rebind_if_swapped(optimizer)
-    params = _param_index(optimizer)
-    saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-    if len(saved_ids) != len(params):
-        raise ValueError(
-            f"This optimizer state holds {len(saved_ids)} parameters but the optimizer has {len(params)}: "
-            "it was saved for a different model or adapter configuration (target modules, adapters)."
-        )
-    saved = unfold_frozen_sides(optimizer, state_dict["state"], saved_ids, params)  # loft/checkpoint.py
-    by_pair: dict[LoRAPair, list[dict[str, Any] | None]] = {}
-    for pid, p in zip(saved_ids, params):
-        st = saved.get(pid)
-        held = optimizer._pair_by_param.get(id(p))
-        if held is None:
-            for key in ("exp_avg", "exp_avg_sq"):
-                value = None if not st else st.get(key)
-                if isinstance(value, Tensor) and value.shape != p.shape:
-                    raise ValueError(
-                        f"Saved state for {optimizer._name(p)} has {key} of shape {tuple(value.shape)}, but the "
-                        f"parameter has shape {tuple(p.shape)}: the checkpoint was saved for a different model "
-                        "(another head size or number of labels, say)."
-                    )
-            continue
-        pair, side = held
-        st = st if st and int(st.get("step", 1)) > 0 else None  # step 0: a template, the fresh state
-        by_pair.setdefault(pair, [None, None])[side] = st
-        if st:
-            _check_factor_state(optimizer, p, pair, side, st)
-    loaded = []
-    for pair, (st_a, st_b) in by_pair.items():
-        if (st_a is None) != (st_b is None) or (st_a and st_a["step"] != st_b["step"]):  # type: ignore[index]
-            raise ValueError(f"Saved state for LoRA pair {pair.name or '(unnamed)'} is incomplete or inconsistent.")
-        if st_a is not None:
-            loaded.append((pair, st_a, st_b))
-    optimizer._loaded_pairs = loaded
-    pair_ids = {pid for pid, p in zip(saved_ids, params) if id(p) in optimizer._pair_by_param}
-    return {**state_dict, "state": {k: v for k, v in saved.items() if k not in pair_ids}}
-
-
-def _check_factor_state(optimizer: LoFTAdamW, p: Tensor, pair: LoRAPair, side: int, st: dict[str, Any]) -> None:
-    m, n = pair.shape
-    r = pair.rank
-    k, l = (n, m) if side == 0 else (m, n)
-    expected = {"exp_avg": [(r, k)], "exp_avg_sq": [(k, r * (r + 1) // 2), (k, r)], "partner": [(l, r)]}
-    for key, shapes in expected.items():
-        value = st.get(key)
-        if not isinstance(value, Tensor) or tuple(value.shape) not in shapes:
-            got = tuple(value.shape) if isinstance(value, Tensor) else value
-            raise ValueError(
-                f"Saved state for {optimizer._name(p)} has {key} {got}, expected {shapes[0]}: the checkpoint was "
-                "saved with a different LoRA rank or layer."
-            )
-
-
-def _install_loaded_pair_state(optimizer: LoFTAdamW) -> None:
-    """``load_state_dict`` post-hook: each loaded pair's state becomes a batch of its own (the
-    next step regroups the pairs), in the compute dtype, on the parameters' device."""
-    optimizer._states.clear()
-    optimizer._written.clear()
-    optimizer._prepared = None
-    dist = optimizer._distributor
-    assert dist is not None
-    for pair, st_a, st_b in optimizer._loaded_pairs:
-        if not dist.local and dist.owner(pair) != dist.rank:
-            continue  # another rank owns this pair: it keeps the state
-        cd, device = compute_dtype(pair.A.dtype), pair.A.device
-        sides = tuple(
-            SideState(*(st[key].to(device=device, dtype=cd, copy=True).unsqueeze(0) for key in STATE_KEYS))
-            for st in (st_a, st_b)
-        )
-        optimizer._states.install(BatchState([pair], int(st_a["step"]), sides))  # type: ignore[arg-type]
-    optimizer._loaded_pairs = []
-    for group in optimizer.param_groups:  # FSDP2 shards of other parameters: keep this rank's rows
-        for p in group["params"]:
-            st = optimizer.state.get(p)
-            if is_dtensor(p) and id(p) in optimizer._plain_ids and st:
-                for key, value in list(st.items()):
-                    if isinstance(value, Tensor) and not is_dtensor(value) and tuple(value.shape) == tuple(p.shape):
-                        st[key] = shard_like(value, p)
-    for pair in optimizer._pairs:  # torch's load made a new state dict: show the pairs' state again
-        for side, t in enumerate((pair.A, pair.B)):
-            optimizer.state[t] = ParamStateView(optimizer._states, pair, side)
+LoFTAdamW.__doc__ = (LoFTAdamW.__doc__ or "").replace("{options}", options_doc())
 
 
 # --------------------------------------------------------------------------------- helpers

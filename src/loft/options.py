@@ -1,22 +1,32 @@
-"""The options of :class:`~loft.LoFTAdamW`, in two places.
+"""Every option of :class:`~loft.LoFTAdamW`, defined once: :class:`LoFTOptions`.
 
-* Numerical options (``lr``, ``betas``, the switches, ``damping``, ...) are param-group keys
-  with defaults, as in every ``torch.optim`` optimizer: :data:`GROUP_DEFAULTS` lists them all,
-  :func:`check_group` validates a group. A checkpoint written before an option existed gets its
-  default when loaded.
-* Engineering settings that do not change the result beyond rounding (batching, memory budget,
-  the policy for non-finite gradients) are one :class:`Settings`, ``optimizer.settings``.
+Each field is one constructor option with its default, its documentation and its kind:
+
+* ``group`` options (``lr``, ``betas``, the switches, ``damping``, ...) are param-group keys, as
+  in every ``torch.optim`` optimizer: a param-group dict may override any of them, and the step
+  reads them from the group (:meth:`LoFTOptions.of_group`). A checkpoint written before an option
+  existed gets its default when loaded.
+* ``setting`` options (batching, memory budget, the policy for non-finite gradients, the split
+  across ranks) change how the step computes, not what (the results agree up to rounding):
+  they are the optimizer's, ``optimizer.settings`` (:class:`Settings`).
+
+From the fields come :data:`GROUP_DEFAULTS`, :class:`Settings`, the validation
+(:func:`check_group`), the key of the preparation kept between ``grad_norm()`` and ``step()``
+(every group option: nothing a new option changes can leave it stale) and the ``Args`` section of
+``LoFTAdamW``'s docstring; ``tests/test_optim_options.py`` checks that the constructor's
+signature lists exactly these fields with these defaults.
 """
 
 from __future__ import annotations
 
 import numbers
-from dataclasses import dataclass
+import textwrap
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from torch import Tensor
 
-__all__ = ["GROUP_DEFAULTS", "SWITCHES", "Settings", "check_group"]
+__all__ = ["GROUP_DEFAULTS", "GROUP_KEYS", "SETTING_KEYS", "SWITCHES", "LoFTOptions", "Settings", "check_group", "options_doc"]
 
 #: The building blocks of LoFT, each a boolean option (and param-group key) that is on by default.
 #: With all of them off the optimizer is AdamW on the LoRA factors; with only
@@ -30,26 +40,114 @@ SWITCHES = (
     "projected_clipping",
 )
 
-#: Every param-group option and its default.
-GROUP_DEFAULTS: dict[str, Any] = {
-    "lr": 1e-3,
-    "betas": (0.9, 0.999),
-    "eps": 1e-8,
-    "weight_decay": 0.0,
-    **{name: True for name in SWITCHES},
-    # clipping is by the norm over all groups: every group must hold the same value
-    "max_grad_norm": None,
-    # re-factor (U, A) when the worse gram's condition number exceeds `rebalance_threshold`
-    # times the balanced factors'; see loft.linalg.balanced_factors
-    "rebalance": True,
-    "rebalance_threshold": 10.0,
-    # relative damping of the r x r solves; None: ten machine epsilons of the compute dtype
-    "damping": None,
-    # lr / weight decay of the group's parameters that are not LoRA factors (None: the group's);
-    # read when the group is added, which puts those parameters in a group of their own
-    "head_lr": None,
-    "head_weight_decay": None,
+_SWITCH_DOCS = {
+    "gradient_scaling": "1. scale each factor's gradient by its partner's inverse gram (``g = (P^T P)^-1 P^T G``)",
+    "alternating_updates": "4. move one factor per step (B on odd steps, A on even ones); off: both every step",
+    "first_moment_calibration": "2. carry the first moments into the partner's new basis when it moved",
+    "second_moment_calibration": "2. keep full ``r x r`` second-moment grams and carry them too; off: Adam's "
+    "diagonal ``v`` (the paper's \"LoFT (simple)\"); switching it between steps converts the state",
+    "projected_update": "4. the projected full AdamW direction; off: AdamW on the factor's own parameter",
+    "projected_clipping": "5. clip by the projected full-gradient norm; off: by the factors' plain norm",
 }
+
+
+def _option(default: Any, doc: str, kind: str = "group") -> Any:
+    return field(default=default, metadata={"doc": doc, "kind": kind})
+
+
+@dataclass(frozen=True)
+class LoFTOptions:
+    """Every option of :class:`~loft.LoFTAdamW`, its default and its documentation (see the module)."""
+
+    lr: float = _option(1e-3, "learning rate, as in ``torch.optim.AdamW``; LoFT takes full fine-tuning's rates")
+    betas: tuple[float, float] = _option((0.9, 0.999), "Adam's moment decay rates")
+    eps: float = _option(1e-8, "Adam's epsilon; for a pair it is added in the full weight space")
+    weight_decay: float = _option(
+        0.0, "decoupled weight decay; for a pair it shrinks the adapter's change ``dW`` toward the pretrained "
+        "weight (``dW <- (1 - lr wd) dW``)")
+    max_grad_norm: float | None = _option(
+        None, "clip inside the step by the projected full-gradient norm over all groups (``None``: no clipping; "
+        "every group must hold the same value). Clip outside the step with ``loft.clip_grad_norm_`` instead")
+    head_lr: float | None = _option(
+        None, "learning rate of the parameters that are not LoRA factors (fresh heads, ``modules_to_save``, "
+        "biases, norms, DoRA magnitudes), put in a param group of their own next to each group's pairs "
+        "(``None``: the group's ``lr``)")
+    head_weight_decay: float | None = _option(None, "weight decay of those parameters (``None``: the group's)")
+    gradient_scaling: bool = _option(True, _SWITCH_DOCS["gradient_scaling"])
+    alternating_updates: bool = _option(True, _SWITCH_DOCS["alternating_updates"])
+    first_moment_calibration: bool = _option(True, _SWITCH_DOCS["first_moment_calibration"])
+    second_moment_calibration: bool = _option(True, _SWITCH_DOCS["second_moment_calibration"])
+    projected_update: bool = _option(True, _SWITCH_DOCS["projected_update"])
+    projected_clipping: bool = _option(True, _SWITCH_DOCS["projected_clipping"])
+    rebalance: bool = _option(
+        True, "re-factor a pair into balanced factors with the same product when its worse gram is "
+        "``rebalance_threshold`` times worse-conditioned than necessary (only where the step is basis-invariant; "
+        "``dW``'s trajectory is unchanged in exact arithmetic, much more accurate in float32)")
+    rebalance_threshold: float = _option(10.0, "see ``rebalance`` (at least 1)")
+    damping: float | None = _option(
+        None, "relative damping of the ``r x r`` solves (``None``: ten machine epsilons of the compute dtype, "
+        "1.2e-6 in float32)")
+    chunk_bytes: int = _option(
+        4 * 2**20, "memory budget of the full-direction rebuild's temporaries (for a batch of pairs, of the whole "
+        "batch); calibration and the moment updates take slices of a batch of a quarter of it", "setting")
+    nonfinite_grads: str = _option(
+        "skip", "``'skip'`` (warn, leave parameters and state untouched) or ``'raise'`` when a gradient holds inf "
+        "or NaN", "setting")
+    batch_pairs: bool = _option(
+        True, "step the pairs of equal shapes, dtype, device, param group, step count and scaling together "
+        "(``False``: one at a time, for testing and comparison)", "setting")
+    split_step: bool = _option(
+        False, "under DDP (whole factors on every rank), give each pair one owner rank that keeps its state, "
+        "steps it and broadcasts the new factors. FSDP2 models always have owners; with owners ``step()``, "
+        "``grad_norm()``, ``state_dict()`` and ``load_state_dict()`` are collectives", "setting")
+    fuse_elementwise: bool | None = _option(
+        None, "the rebuild's elementwise passes (clamp, sqrt, ``+ eps``, divide) as one ``torch.compile`` kernel "
+        "(``None``: on CUDA only; eager with a warning where compiling fails)", "setting")
+    complete_state_dict: bool = _option(
+        True, "what ``state_dict()`` holds, whoever calls it (:mod:`loft.checkpoint`): ``True``, an entry for every "
+        "trainable parameter (step-0 zeros before its first step, which loading leaves fresh) and a frozen factor's "
+        "state inside its trainable partner's entry, so that torch's ``get_optimizer_state_dict`` / "
+        "``set_optimizer_state_dict`` (DCP, Accelerate's and Trainer's FSDP2 checkpoints) save and restore "
+        "everything; ``False``, only the entries of parameters that have state, each under its own parameter",
+        "setting")
+
+    def __post_init__(self) -> None:
+        check_group(self.group())
+        Settings(**{k: getattr(self, k) for k in SETTING_KEYS})  # validates the settings
+
+    def group(self) -> dict[str, Any]:
+        """The param-group options, as a group dict holds them."""
+        return {k: getattr(self, k) for k in GROUP_KEYS}
+
+    @classmethod
+    def of_group(cls, group: dict[str, Any]) -> LoFTOptions:
+        """The options a param group holds (settings at their defaults): what the step reads."""
+        return cls(**{k: group[k] for k in GROUP_KEYS})
+
+    @property
+    def beta1(self) -> float:
+        return self.betas[0]
+
+    @property
+    def beta2(self) -> float:
+        return self.betas[1]
+
+
+GROUP_KEYS: tuple[str, ...] = tuple(f.name for f in fields(LoFTOptions) if f.metadata["kind"] == "group")
+SETTING_KEYS: tuple[str, ...] = tuple(f.name for f in fields(LoFTOptions) if f.metadata["kind"] == "setting")
+#: Every param-group option and its default.
+GROUP_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(LoFTOptions) if f.name in GROUP_KEYS}
+
+
+def options_doc(indent: str = "        ", width: int = 100) -> str:
+    """The ``Args`` entries of every option (for ``LoFTAdamW``'s docstring)."""
+    lines = []
+    for f in fields(LoFTOptions):
+        kind = "param-group key" if f.metadata["kind"] == "group" else "setting"
+        text = f"{f.name} (default ``{f.default!r}``, {kind}): {f.metadata['doc']}."
+        lines.append(textwrap.fill(text, width, initial_indent=indent, subsequent_indent=indent + "    ",
+                                   break_on_hyphens=False, break_long_words=False))
+    return "\n".join(lines)
 
 
 def _number(name: str, value: Any, *, allow_none: bool = False) -> float | None:
@@ -95,41 +193,20 @@ def check_group(group: dict[str, Any]) -> None:
 
 @dataclass(frozen=True)
 class Settings:
-    """How :class:`~loft.LoFTAdamW` computes and checkpoints, not what it computes: the results
-    agree up to rounding.
+    """The ``setting`` options of :class:`LoFTOptions` (``optimizer.settings``): how
+    :class:`~loft.LoFTAdamW` computes, not what."""
 
-    ``chunk_bytes``: memory budget of the temporaries of the full-direction rebuild (for a batch
-    of pairs, of the whole batch); calibration and the moment updates take slices of a batch of
-    a quarter of it. ``batch_pairs``: step the pairs of equal shapes, dtype, device, param
-    group, step count and scaling together (``False``: one at a time, for testing and
-    comparison). ``nonfinite_grads``: ``"skip"`` (warn and leave parameters and state untouched)
-    or ``"raise"`` when a gradient holds inf or NaN. ``split_step``: under data parallelism with
-    whole factors on every rank (DDP), give each pair one owner rank that keeps its state and
-    computes its step, and broadcast the new factors (``False``: every rank steps every pair).
-    Sharded factors (FSDP2) always have owners. With owners, ``state_dict()`` and
-    ``load_state_dict()`` are collectives: call them on every rank. ``fuse_elementwise``: the
-    full-direction rebuild's elementwise passes (clamp, sqrt, ``+ eps``, divide) as one
-    ``torch.compile`` kernel (``None``: on CUDA only; eager with a warning where compiling fails).
-    ``complete_state_dict``: what ``state_dict()`` holds, whoever calls it (:mod:`loft.checkpoint`):
-    ``True``, an entry for every trainable parameter (step-0 zeros before its first step, which
-    loading leaves fresh) and a frozen factor's state inside its trainable partner's entry, so
-    that torch's ``get_optimizer_state_dict`` / ``set_optimizer_state_dict`` (DCP, Accelerate's and
-    Trainer's FSDP2 checkpoints) save and restore everything; ``False``, only the entries of
-    parameters that have state, each under its own parameter (a fresh optimizer then offers DCP
-    nothing to load into).
-    """
-
-    chunk_bytes: int = 4 * 2**20
-    batch_pairs: bool = True
-    nonfinite_grads: str = "skip"
-    split_step: bool = False
-    fuse_elementwise: bool | None = None
-    complete_state_dict: bool = True
+    chunk_bytes: int = LoFTOptions.chunk_bytes
+    batch_pairs: bool = LoFTOptions.batch_pairs
+    nonfinite_grads: str = LoFTOptions.nonfinite_grads
+    split_step: bool = LoFTOptions.split_step
+    fuse_elementwise: bool | None = LoFTOptions.fuse_elementwise
+    complete_state_dict: bool = LoFTOptions.complete_state_dict
 
     def fuses(self, device: Any) -> bool:
         """Whether the rebuild's elementwise passes run as one compiled kernel on ``device``:
-        ``fuse_elementwise``, or by default on CUDA only (on the CPU compiling took 47 s to warm up
-        for 8% off those passes: docs/performance.md)."""
+        ``fuse_elementwise``, or by default on CUDA only (on the CPU compiling is slow to warm up
+        for little gain: docs/performance.md)."""
         if self.fuse_elementwise is not None:
             return self.fuse_elementwise
         return getattr(device, "type", device) == "cuda"
@@ -149,3 +226,6 @@ class Settings:
             raise TypeError(f"Invalid split_step: {self.split_step!r} (True or False).")
         if self.nonfinite_grads not in ("skip", "raise"):
             raise ValueError(f"Invalid nonfinite_grads: {self.nonfinite_grads!r} (use 'skip' or 'raise').")
+
+
+assert set(SETTING_KEYS) == {f.name for f in fields(Settings)}

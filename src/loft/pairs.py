@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from .linalg import rank_regime
 
-__all__ = ["LoRAPair", "find_lora_pairs", "split_lora_parameters", "warn_about_ranks_between"]
+__all__ = ["LoRAPair", "adapter_factors", "count_lora_layers", "find_lora_pairs", "split_lora_parameters", "warn_about_ranks_between"]
 
 
 @dataclass(eq=False)
@@ -94,8 +94,12 @@ class LoRAPair:
         return t.reshape(t.shape[0], -1)
 
 
-def _adapter_factors(module: nn.Module) -> list[tuple[str, Tensor, Tensor]]:
-    """``(adapter, A, B)`` for each adapter of a LoRA layer ``module`` (empty if it is none)."""
+def adapter_factors(module: nn.Module) -> list[tuple[str, Tensor, Tensor]]:
+    """``(adapter, A, B)`` for each adapter of a PEFT LoRA layer ``module`` (empty if it is none):
+    the adapter's name and its factors' weights, ``A`` of shape ``(r, in_features)`` and ``B`` of
+    shape ``(out_features, r)`` (a convolution's: its kernels, ``(r, in, *k)`` and ``(out, r, 1, ...)``;
+    an embedding's: ``(r, num_embeddings)`` and ``(embedding_dim, r)``). Raises ``ValueError`` for
+    layers LoFT cannot pair (mixture-of-experts LoRA, grouped convolutions)."""
     found: list[tuple[str, Tensor, Tensor]] = []
     lora_a, lora_b = getattr(module, "lora_A", None), getattr(module, "lora_B", None)
     if isinstance(lora_a, nn.ModuleDict) and isinstance(lora_b, nn.ModuleDict):
@@ -144,7 +148,7 @@ def find_lora_pairs(model: nn.Module) -> list[LoRAPair]:
     pairs: list[LoRAPair] = []
     seen: set[tuple[int, int]] = set()
     for name, module in model.named_modules():
-        for adapter, a, b in _adapter_factors(module):
+        for adapter, a, b in adapter_factors(module):
             if not (a.requires_grad or b.requires_grad) or (id(a), id(b)) in seen:
                 continue
             seen.add((id(a), id(b)))
@@ -164,7 +168,7 @@ def split_lora_parameters(model: nn.Module) -> tuple[list[LoRAPair], list[Tensor
 def count_lora_layers(model: nn.Module) -> int:
     """How many LoRA layers ``model`` holds (trainable or not), each once (see :func:`find_lora_pairs`)."""
     return len({tuple(id(t) for _, a, b in found for t in (a, b)) for _, m in model.named_modules()
-                if (found := _adapter_factors(m))})
+                if (found := adapter_factors(m))})
 
 
 

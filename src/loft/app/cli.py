@@ -20,7 +20,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from .config import FinetuneConfig, OptionSpec, compare_fields, finetune_fields
+from .config import FinetuneConfig, OptionSpec, compare_fields, finetune_fields, option_fields
 from .errors import LoftUsageError, OutputWriteError, RunInterrupted, interruption
 from .signals import sigterm_as_interrupt
 
@@ -49,8 +49,8 @@ def _param(name: str, cli_type: Any, default: Any, flags: tuple[str, ...], help:
                              annotation=Annotated[cli_type, typer.Option(*flags, help=help)])
 
 
-def _field_param(field: dataclasses.Field, spec: OptionSpec) -> inspect.Parameter:
-    hint = spec.cli_type or typing.get_type_hints(FinetuneConfig)[field.name]
+def _field_param(field: dataclasses.Field, spec: OptionSpec, config: type = FinetuneConfig) -> inspect.Parameter:
+    hint = spec.cli_type or typing.get_type_hints(config)[field.name]
     return _param(field.name, _cli_type(hint), field.default, spec.flags, spec.help)
 
 
@@ -112,7 +112,7 @@ def finetune(**options: Any) -> None:
 
     With no options: the MiniLM-L6 encoder on the built-in movie_sentiment data, LoFT at rank 4.
     """
-    from .finetune import default_output_dir
+    from .rundir import default_output_dir
     from .finetune import finetune as run
 
     cfg = FinetuneConfig(**_settings(options, finetune_fields()))
@@ -124,7 +124,7 @@ def finetune(**options: Any) -> None:
 
 
 def _summary(metrics: dict, method: str, rank: int, out) -> None:
-    from .finetune import run_name
+    from .rundir import run_name
 
     def change(key: str, fmt: str) -> str | None:
         after, before = metrics.get(key), metrics.get(key + "_before")
@@ -171,41 +171,24 @@ def compare(**options: Any) -> None:
     print(f"Wrote {output_dir}/compare.md, compare.csv and compare.png ({result['seconds']:.0f} s in all).")
 
 
+def _federate_params() -> list[inspect.Parameter]:
+    from .federated.config import FederateConfig
+
+    quiet = _param("quiet", bool, False, ("--quiet", "-q"), "No progress lines.")
+    return [_field_param(f, spec, FederateConfig) for f, spec in option_fields(FederateConfig)] + [_OVERWRITE, quiet]
+
+
 @app.command()
-def federate(
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="As loft finetune: built-in name, local Hugging Face folder or hub id. Default: minilm-l6.")] = None,
-    data: Annotated[str, typer.Option("--data", "-d", help="Classification data: built-in movie_sentiment or a .jsonl/.csv file of {text, label}.")] = "movie_sentiment",
-    eval_data: Annotated[Optional[str], typer.Option("--eval-data", help="Eval file (the server evaluates the global model each round). Default as loft finetune.")] = None,
-    method: Annotated[str, typer.Option("--method", help="loft | lora | ffa (FFA-LoRA: A frozen) | full.")] = "loft",
-    rank: Annotated[int, typer.Option("--rank", "-r", help="LoRA rank.")] = 4,
-    lr: Annotated[Optional[float], typer.Option("--lr", help="Learning rate (default per method, as loft finetune; ffa: lora's).")] = None,
-    clients: Annotated[int, typer.Option("--clients", help="Clients (Flower nodes); every client trains in every round.")] = 4,
-    rounds: Annotated[int, typer.Option("--rounds", help="Rounds.")] = 10,
-    local_steps: Annotated[int, typer.Option("--local-steps", help="Optimizer steps per client per round.")] = 10,
-    aggregator: Annotated[Optional[str], typer.Option("--aggregator", help="product (mean of B_k A_k re-factored to rank r) | fedavg (means of A and B) | alternating (one factor per round). Default: product for loft, fedavg otherwise.")] = None,
-    residual: Annotated[str, typer.Option("--residual", help="With --aggregator product, the part beyond rank r: drop | carry (into the next round) | fold (into the frozen weights).")] = "drop",
-    state: Annotated[Optional[str], typer.Option("--state", help="keep (each client's optimizer state across rounds, in Flower's context.state) | reset (a fresh optimizer each round). Default: keep for loft, reset otherwise.")] = None,
-    split: Annotated[str, typer.Option("--split", help="even (iid) or dirichlet:ALPHA (label skew, e.g. dirichlet:0.1).")] = "even",
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Examples per local step.")] = 16,
-    max_length: Annotated[Optional[int], typer.Option("--max-length", help="Max tokens per example (default 64).")] = None,
-    max_eval: Annotated[Optional[int], typer.Option("--max-eval", help="Evaluate on the first N eval examples only.")] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Random seed (split, head init, batches).")] = 0,
-    parallel: Annotated[Optional[int], typer.Option("--parallel", help="Clients trained at once (Ray actors of one CPU). Default: min(clients, CPUs).")] = None,
-    output_dir: Annotated[Optional[str], typer.Option("--output-dir", "-o", help="Default: runs/<data>-federated-<method>-r<rank>.")] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace what --output-dir holds.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines.")] = False,
-) -> None:
+@_with_options(_federate_params())
+def federate(**options: Any) -> None:
     """Federated fine-tuning on Flower's simulation engine: clients train locally, a server aggregates
     their adapters each round. With no options: MiniLM-L6 on movie_sentiment, 4 clients, LoFT at rank 4.
     Writes run_config.json, rounds.jsonl (one line per round), metrics.json and accuracy.png."""
     from .federated import FederateConfig
     from .federated.run import federate as run
 
-    cfg = FederateConfig(model=model, data=data, eval_data=eval_data, method=method, rank=rank, lr=lr, clients=clients,
-                         rounds=rounds, local_steps=local_steps, aggregator=aggregator, residual=residual, state=state,
-                         split=split, batch_size=batch_size, max_length=max_length, max_eval=max_eval, seed=seed,
-                         parallel=parallel, output_dir=output_dir)
-    metrics = run(cfg, overwrite=overwrite, progress=not quiet)
+    cfg = FederateConfig(**_settings(options, option_fields(FederateConfig)))
+    metrics = run(cfg, overwrite=options["overwrite"], progress=not options["quiet"])
     out = cfg.default_output_dir()
     _finished(f"the run finished; its results in {out} are complete")
     print(f"\n{metrics['method']} ({metrics['aggregator']}, state {metrics['state']}), {metrics['clients']} clients, "

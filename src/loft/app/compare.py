@@ -21,13 +21,15 @@ from typing import Any
 from .atomic import atomic_write, write_failure, write_json, write_text
 from .errors import LoftUsageError, OutputWriteError, RunInterrupted, interruption
 from .config import ADAPTER_METHODS, check_output_option
-from .finetune import DEFAULT_LR, METHODS, FinetuneConfig, finetune, prepare_inputs, resolve_targets
+from .config import DEFAULT_LR, METHODS, FinetuneConfig
+from .finetune import finetune
+from .load import prepare_inputs, resolve_targets
 from .rundir import (
     CHECKPOINTS,
     METRICS_FILE,
-    _check_writable,
-    _latest_checkpoint,
-    _snapshot,
+    check_writable,
+    latest_checkpoint,
+    folder_snapshot,
     check_output_dir,
     clear_folder,
     is_new_output_dir,
@@ -108,7 +110,7 @@ def _check_folder(out: Path, identity: dict[str, Any], runs: list[tuple[str, Fin
     ``({name: "new" | "done" | "resume" | "restart"}, what out holds now)``. Refuses a folder it
     must not use (another live process's too)."""
     states = _run_states(out, identity, runs, overwrite, resume)
-    return states, _snapshot(out)  # after the checks (which probe each folder for writing)
+    return states, folder_snapshot(out)  # after the checks (which probe each folder for writing)
 
 
 def _run_states(out: Path, identity: dict[str, Any], runs: list[tuple[str, FinetuneConfig]], overwrite: bool,
@@ -120,7 +122,7 @@ def _run_states(out: Path, identity: dict[str, Any], runs: list[tuple[str, Finet
             f"Output directory {str(out)!r} is not empty and holds no loft comparison (no {COMPARE_CONFIG}); nothing "
             "was changed. Choose another --output-dir" + (" (--overwrite only replaces a loft comparison)." if overwrite else ".")
         )
-    _check_writable(out)
+    check_writable(out)
     if overwrite:
         return {name: "new" for name, _ in runs}
     if not resume:
@@ -146,7 +148,7 @@ def _run_states(out: Path, identity: dict[str, Any], runs: list[tuple[str, Finet
         elif (sub / METRICS_FILE).is_file() and not (sub / CHECKPOINTS).exists():
             check_output_dir(sub, cfg.identity(), overwrite=False, resume=False)  # the same settings
             states[name] = "done"
-        elif _latest_checkpoint(sub) is not None:
+        elif latest_checkpoint(sub) is not None:
             check_output_dir(sub, cfg.identity(), overwrite=False, resume=True)  # refuses a damaged checkpoint
             states[name] = "resume"
         else:

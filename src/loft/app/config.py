@@ -31,6 +31,8 @@ __all__ = [
     "compare_fields",
     "finetune_fields",
     "option",
+    "option_fields",
+    "shared_option",
     "split_modules",
 ]
 
@@ -275,9 +277,22 @@ NOT_OPTIONS = ("alpha", "warmup_ratio", "weight_decay", "max_grad_norm", "grad_a
                "eval_before")
 
 
+def option_fields(cls: type) -> list[tuple[dataclasses.Field, OptionSpec]]:
+    """The fields of a config dataclass that are command-line options, in order."""
+    return [(f, f.metadata["option"]) for f in dataclasses.fields(cls) if "option" in f.metadata]
+
+
 def finetune_fields() -> list[tuple[dataclasses.Field, OptionSpec]]:
     """The :class:`FinetuneConfig` fields that are ``loft finetune`` options, in order."""
-    return [(f, f.metadata["option"]) for f in dataclasses.fields(FinetuneConfig) if "option" in f.metadata]
+    return option_fields(FinetuneConfig)
+
+
+def shared_option(name: str, help: str | None = None) -> Any:
+    """A field of another command's config (``loft federate``'s) that is :class:`FinetuneConfig`'s
+    option ``name``: its default, flags and parsing, defined once there (``help``: another text)."""
+    field = {f.name: f for f in dataclasses.fields(FinetuneConfig)}[name]
+    spec: OptionSpec = field.metadata["option"]
+    return option(field.default, *spec.flags, help=help or spec.help, cli_type=spec.cli_type, parse=spec.parse)
 
 
 def compare_fields() -> list[tuple[dataclasses.Field, OptionSpec]]:

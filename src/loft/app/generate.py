@@ -23,19 +23,19 @@ FORMATS = ("auto", "chat", "alpaca", "prompt_completion", "multiple_choice")
 
 def format_prompt(text: str, fmt: str, tokenizer: Any) -> list[int]:
     """Token ids of ``text`` wrapped as a training prompt of format ``fmt``."""
-    from .tasks.instruction import ALPACA_PROMPT, _token_ids
+    from .tasks.instruction import ALPACA_PROMPT, token_ids
     from .tasks.multiple_choice import prompt as mc_prompt
 
     if fmt == "chat":
         if not getattr(tokenizer, "chat_template", None):
             raise LoftUsageError("--format chat: the run's tokenizer has no chat template.")
-        return _token_ids(tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+        return token_ids(tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                                         tokenize=True))
     if fmt == "alpaca":
         text = ALPACA_PROMPT["no_input"].format(instruction=text)
     elif fmt == "multiple_choice":
         text = mc_prompt(text)
-    return _token_ids(tokenizer(text))
+    return token_ids(tokenizer(text))
 
 
 def generate(run: RunModel, text: str, *, fmt: str, max_new_tokens: int, temperature: float,
@@ -45,7 +45,7 @@ def generate(run: RunModel, text: str, *, fmt: str, max_new_tokens: int, tempera
     import torch
     from transformers import GenerationConfig
 
-    from .tasks.instruction import _stop_ids
+    from .tasks.instruction import stop_ids
 
     tokenizer, model = run.tokenizer, run.model
     ids = format_prompt(text, run.prompt_format if fmt == "auto" else fmt, tokenizer)
@@ -54,7 +54,7 @@ def generate(run: RunModel, text: str, *, fmt: str, max_new_tokens: int, tempera
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     sampling = temperature > 0
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=sampling, pad_token_id=pad,
-                              eos_token_id=_stop_ids(model, tokenizer),
+                              eos_token_id=stop_ids(model, tokenizer),
                               **({"temperature": temperature, "top_p": 1.0, "top_k": 0} if sampling else {}))
     streamer = None if stream is None else _streamer_class()(tokenizer, stream)
     with torch.no_grad():
@@ -133,9 +133,9 @@ def run_generate(run_dir: str, *, prompt: str | None, prompt_file: str | None, f
         prompts = list(prompts)  # check them before loading the model
     from transformers import set_seed
 
-    from .finetune import _quiet_libraries
+    from .load import quiet_libraries
 
-    _quiet_libraries()
+    quiet_libraries()
     run = load_run(run_dir, "generate")
     set_seed(seed)
     return [generate(run, text, fmt=fmt, max_new_tokens=max_new_tokens, temperature=temperature, stream=stdout)

@@ -61,9 +61,9 @@ def merge_run(run_dir: str | Path, out: str | Path, *, overwrite: bool = False) 
                              "whole model; load that folder with AutoModelForCausalLM.from_pretrained, nothing to "
                              "merge.")
     check_merge_output(run_dir, out, overwrite=overwrite)
-    from .finetune import _quiet_libraries
+    from .load import quiet_libraries
 
-    _quiet_libraries()
+    quiet_libraries()
     run = load_run(run_dir, "merge")
     merged = run.model.merge_and_unload()
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -80,8 +80,8 @@ def load_quantized(task: Any, model_path: str, spec: str, bits: int) -> tuple[to
     _quiet()
     import peft
 
-    from ..integrations.library_internals import keep_4bit_layers_trainable_on_cpu, linear_layer_types
-    from .finetune import _fresh_modules
+    from ..integrations.library_internals import keep_4bit_layers_trainable_on_cpu
+    from .tasks.base import fresh_modules, linear_layer_types
 
     flag = f"--load-in-{bits}bit"
 
@@ -94,7 +94,7 @@ def load_quantized(task: Any, model_path: str, spec: str, bits: int) -> tuple[to
             raise LoftUsageError(f"Could not load model {spec!r} ({model_path}) with {flag}: {text}") from None
 
     model, missing = load(None)
-    fresh = _fresh_modules(missing)
+    fresh = fresh_modules(missing)
     if any(_inside(name, fresh) for name in quantized_layers(model)):
         quantized = set(quantized_layers(model))
         kept = [name for name, m in model.named_modules() if isinstance(m, linear_layer_types()) and name not in quantized]

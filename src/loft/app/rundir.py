@@ -32,10 +32,17 @@ __all__ = [
     "OutputPlan",
     "apply_output_plan",
     "check_output_dir",
+    "check_writable",
     "checkpoint_damage",
+    "checkpoint_name",
+    "checkpoints_in",
     "clear_folder",
     "default_output_dir",
+    "file_damage",
+    "latest_checkpoint",
+    "read_run_config",
     "run_name",
+    "folder_snapshot",
     "take_output_dir",
 ]
 
@@ -59,19 +66,26 @@ def default_output_dir(cfg: Any) -> Path:
     return Path(cfg.output_dir or Path("runs") / f"{Path(cfg.data).stem}-{run_name(cfg.method, cfg.rank)}")
 
 
-def _checkpoints(out: Path) -> list[Path]:
+def checkpoint_name(step: int) -> str:
+    """``checkpoint-<step>``: the folder name ``transformers.Trainer`` gives the checkpoint of a
+    step (and ``resume_from_checkpoint=True`` looks for); tests/test_library_internals.py checks
+    that a Trainer run writes exactly this name."""
+    return f"checkpoint-{step}"
+
+
+def checkpoints_in(out: Path) -> list[Path]:
     """Published checkpoint folders, newest first (``.incoming`` holds ones being written)."""
     folder = out / CHECKPOINTS
     found = [p for p in folder.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]), reverse=True)
 
 
-def _latest_checkpoint(out: Path) -> Path | None:
-    found = _checkpoints(out)
+def latest_checkpoint(out: Path) -> Path | None:
+    found = checkpoints_in(out)
     return found[0] if found else None
 
 
-def _damage(path: Path) -> str | None:
+def file_damage(path: Path) -> str | None:
     """Why the file ``path`` cannot be loaded (truncated, not valid ...), or ``None``."""
     import zipfile
 
@@ -104,7 +118,7 @@ def checkpoint_damage(checkpoint: Path) -> str | None:
         return "trainer_state.json is missing"
     for path in sorted(checkpoint.iterdir()):
         if path.is_file():
-            why = _damage(path)
+            why = file_damage(path)
             if why:
                 return f"{path.name}: {why}"
     return None
@@ -112,7 +126,7 @@ def checkpoint_damage(checkpoint: Path) -> str | None:
 
 def _complete_checkpoint(out: Path) -> Path | None:
     """The newest checkpoint whose every file loads; a clear error when all are damaged."""
-    found = _checkpoints(out)
+    found = checkpoints_in(out)
     damaged = []
     for checkpoint in found:
         why = checkpoint_damage(checkpoint)
@@ -129,7 +143,7 @@ def _complete_checkpoint(out: Path) -> Path | None:
     return None
 
 
-def _read_run_config(out: Path) -> dict[str, Any]:
+def read_run_config(out: Path) -> dict[str, Any]:
     path = out / CONFIG_FILE
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
@@ -143,7 +157,7 @@ def _read_run_config(out: Path) -> dict[str, Any]:
         ) from None
 
 
-def _check_writable(out: Path) -> None:
+def check_writable(out: Path) -> None:
     """Refuse an output directory this process cannot write, before anything is written."""
     probe = out
     while not probe.exists():
@@ -182,7 +196,7 @@ class OutputPlan:
     snapshot: tuple = ()  # what the folder held when checked (take_output_dir: unchanged since)
 
 
-def _snapshot(out: Path) -> tuple:
+def folder_snapshot(out: Path) -> tuple:
     """The folder's entries and their modification times (the lock file left out)."""
     try:
         return tuple(sorted((p.name, p.stat().st_mtime_ns) for p in listing(out)))
@@ -202,7 +216,7 @@ def take_output_dir(out: Path, snapshot: tuple, flag: str = "--output-dir") -> R
     (``snapshot``: another process used it meanwhile). Nothing is changed when it refuses."""
     existed = out.exists()
     lock = RunLock.acquire(out, flag)
-    if _snapshot(out) != snapshot:
+    if folder_snapshot(out) != snapshot:
         if lock is not None:
             lock.release()
         if not existed:
@@ -232,7 +246,7 @@ def is_new_output_dir(out: Path, *, overwrite: bool, resume: bool, holds: str) -
         return False
     if resume:
         raise LoftUsageError(f"Nothing to resume: {str(out)!r} holds no {holds}. Run without --resume.")
-    _check_writable(out)
+    check_writable(out)
     return True
 
 
@@ -240,7 +254,7 @@ def check_output_dir(out: Path, identity: dict[str, Any], *, overwrite: bool, re
     """Decide what this run does with ``out``, reading only: refuse (``LoftUsageError``) a folder
     the run must not use. Nothing is written here."""
     plan = _decide(out, identity, overwrite=overwrite, resume=resume)
-    return dataclasses.replace(plan, snapshot=_snapshot(out))
+    return dataclasses.replace(plan, snapshot=folder_snapshot(out))
 
 
 def _decide(out: Path, identity: dict[str, Any], *, overwrite: bool, resume: bool) -> OutputPlan:
@@ -256,10 +270,10 @@ def _decide(out: Path, identity: dict[str, Any], *, overwrite: bool, resume: boo
             f"Output directory {str(out)!r} is not empty and holds no loft run; nothing was changed. "
             "Choose another --output-dir."
         )
-    _check_writable(out)
+    check_writable(out)
     if overwrite:
         return OutputPlan("overwrite", existed=True)
-    saved = _read_run_config(out)["settings"]
+    saved = read_run_config(out)["settings"]
     diffs = [f"{k}: {_shown(k, saved.get(k), saved)} there, {_shown(k, v, identity)} now"
              for k, v in identity.items() if saved.get(k) != v]
     if diffs:
@@ -276,7 +290,7 @@ def _decide(out: Path, identity: dict[str, Any], *, overwrite: bool, resume: boo
             return OutputPlan("restart", existed=True)  # stopped before its first checkpoint
         return OutputPlan("resume", checkpoint, existed=True)
     if not finished:
-        if _latest_checkpoint(out) is None:  # stopped before its first checkpoint: nothing to continue or lose
+        if latest_checkpoint(out) is None:  # stopped before its first checkpoint: nothing to continue or lose
             return OutputPlan("restart", existed=True)
         raise LoftUsageError(
             f"Output directory {str(out)!r} holds an unfinished run of these settings; nothing was changed. Continue "

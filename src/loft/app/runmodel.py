@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import LoftUsageError
-from .rundir import CONFIG_FILE, METRICS_FILE, _damage
+from .rundir import CONFIG_FILE, METRICS_FILE, file_damage
 
 __all__ = ["PROMPT_FORMAT_FILE", "RunModel", "check_run_dir", "load_run"]
 
@@ -83,7 +83,7 @@ def check_run_dir(run_dir: str | Path, command: str) -> RunInfo:
                              "the run's files are incomplete. Rerun it with --overwrite.")
     for path in sorted(folder.iterdir()):  # a truncated weight file (a full disk, a copy cut short) would crash loading
         if path.suffix in (".safetensors", ".bin", ".pt") and path.is_file():
-            why = _damage(path)
+            why = file_damage(path)
             if why:
                 raise LoftUsageError(
                     f"{path.name} in the run {str(folder)!r} is damaged ({why}); the run's files are incomplete. Rerun "

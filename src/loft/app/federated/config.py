@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import DEFAULT_LR, FinetuneConfig, check_output_option
+from ..config import DEFAULT_LR, FinetuneConfig, check_output_option, option, shared_option
 from ..errors import LoftUsageError
 
 __all__ = ["AGGREGATORS", "FED_METHODS", "RESIDUALS", "FederateConfig", "parse_split"]
@@ -51,30 +51,48 @@ def parse_split(text: str) -> float | None:
 
 @dataclass
 class FederateConfig:
-    """Settings of one federated run. ``None`` means "the default" (per method)."""
+    """Settings of one federated run. ``None`` means "the default" (per method).
 
-    model: str | None = None
-    data: str = "movie_sentiment"
-    eval_data: str | None = None
-    method: str = "loft"
-    rank: int = 4
-    lr: float | None = None
-    head_lr: float | None = None
-    clients: int = 4
-    rounds: int = 10
-    local_steps: int = 10
-    aggregator: str | None = None  # default: product for loft, fedavg for the others
-    residual: str = "drop"
-    state: str | None = None  # "keep" or "reset"; default: keep for loft, reset for the others
-    split: str = "even"
-    batch_size: int = 16
-    max_length: int | None = None
-    max_eval: int | None = None
-    seed: int = 0
-    output_dir: str | None = None
-    target_modules: list[str] | None = None
+    A field made with :func:`~loft.app.config.option` is a ``loft federate`` option; one made with
+    :func:`~loft.app.config.shared_option` is ``loft finetune``'s option of that name (its default,
+    flags and parsing come from :class:`FinetuneConfig`), so the command line is built from these
+    fields and no default is typed twice.
+    """
+
+    model: str | None = shared_option(
+        "model", help="As loft finetune: built-in name, local Hugging Face folder or hub id. Default: minilm-l6.")
+    data: str = shared_option(
+        "data", help="Classification data: built-in movie_sentiment or a .jsonl/.csv file of {text, label}.")
+    eval_data: str | None = shared_option(
+        "eval_data", help="Eval file (the server evaluates the global model each round). Default as loft finetune.")
+    method: str = option("loft", "--method", help="loft | lora | ffa (FFA-LoRA: A frozen) | full.")
+    rank: int = shared_option("rank")
+    lr: float | None = option(None, "--lr", help="Learning rate (default per method, as loft finetune; ffa: lora's).")
+    clients: int = option(4, "--clients", help="Clients (Flower nodes); every client trains in every round.")
+    rounds: int = option(10, "--rounds", help="Rounds.")
+    local_steps: int = option(10, "--local-steps", help="Optimizer steps per client per round.")
+    aggregator: str | None = option(
+        None, "--aggregator", help="product (mean of B_k A_k re-factored to rank r) | fedavg (means of A and B) | "
+        "alternating (one factor per round). Default: product for loft, fedavg otherwise.")
+    residual: str = option(
+        "drop", "--residual", help="With --aggregator product, the part beyond rank r: drop | carry (into the next "
+        "round) | fold (into the frozen weights).")
+    state: str | None = option(
+        None, "--state", help="keep (each client's optimizer state across rounds, in Flower's context.state) | reset "
+        "(a fresh optimizer each round). Default: keep for loft, reset otherwise.")
+    split: str = option("even", "--split", help="even (iid) or dirichlet:ALPHA (label skew, e.g. dirichlet:0.1).")
+    batch_size: int = shared_option("batch_size", help="Examples per local step.")
+    max_length: int | None = shared_option("max_length", help="Max tokens per example (default 64).")
+    max_eval: int | None = shared_option("max_eval")
+    seed: int = shared_option("seed", help="Random seed (split, head init, batches).")
     #: ClientApps run at once (Ray actors of one CPU each); None: min(clients, CPUs)
-    parallel: int | None = None
+    parallel: int | None = option(
+        None, "--parallel", help="Clients trained at once (Ray actors of one CPU). Default: min(clients, CPUs).")
+    output_dir: str | None = option(
+        None, "--output-dir", "-o", help="Default: runs/<data>-federated-<method>-r<rank>.")
+    # not options of the command line (set from Python)
+    head_lr: float | None = None
+    target_modules: list[str] | None = None
 
     # ------------------------------------------------------------------ resolved values
     @property

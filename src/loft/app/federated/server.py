@@ -27,6 +27,7 @@ Also ``state_steps`` per client and ``seconds``.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 os.environ["FLWR_TELEMETRY_ENABLED"] = "0"  # read when flwr is imported: no usage reports, offline
 
@@ -123,6 +124,15 @@ def _send_and_receive(grid: Grid, messages: list[Message], stop: threading.Event
         time.sleep(PULL_INTERVAL_S)
 
 
+@dataclass
+class _Residual:
+    """What the product aggregation carries between rounds: the part beyond rank r kept for the
+    next mean (``carry``) or folded into the frozen weights, to be folded by the clients (``fold``)."""
+
+    carry: fed.Factors | None = None
+    fold: fed.Factors | None = None
+
+
 def make_server_app(bench: Bench, split: list[list[int]], *, on_round: Callable[[dict[str, Any], dict[str, Any]], None],
                     stop: threading.Event | None = None) -> ServerApp:
     """The ``ServerApp`` of one run. ``bench`` holds the server's copy of the model (the global
@@ -137,78 +147,93 @@ def make_server_app(bench: Bench, split: list[list[int]], *, on_round: Callable[
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         nodes = _wait_for_nodes(grid, cfg.clients, stop)
-        aggregator = cfg.aggregator_name
-        carry: fed.Factors | None = None
-        fold: fed.Factors | None = None  # the residual the clients fold at the next round
+        residual = _Residual()
         start = time.perf_counter()
         on_round({"round": 0, **bench.evaluate(), "seconds": 0.0}, {})
         for rnd in range(1, cfg.rounds + 1):
             _check(stop)
-            trained = fed.trained_factor(rnd) if aggregator == "alternating" else None
-            glob = bench.factors()
-            moving = trained_factors(cfg, trained)  # the factor the clients train and send (None: both)
-            # the factors that changed since the clients last heard (alternating: last round's; the first round: all)
-            changed = fed.trained_factor(rnd - 1) if trained and rnd > 1 else (None if trained else moving)
-            down: dict[str, Any] = {"others": tensors_record(bench.others())}
-            if glob is not None:
-                down["factors"] = factors_record(glob, only=changed)
-            if fold:
-                down["fold"] = factors_record(fold)
-            bytes_down = (factor_bytes(glob, changed) if glob else 0) + tensor_bytes(bench.others()) + (
-                fed.message_bytes(fold) if fold else 0)
-            messages = []
-            for k, node in enumerate(nodes):
-                content = RecordDict({**down, "config": train_message_config(cfg, rnd, k, split[k], trained)})
-                messages.append(Message(content=content, dst_node_id=node, message_type=MessageType.TRAIN))
-            replies = _send_and_receive(grid, messages, stop)
-            by_client: dict[int, Message] = {}
-            for reply in replies:
-                if reply.has_error():
-                    raise RuntimeError(f"a client failed in round {rnd}: {reply.error.reason}")
-                by_client[int(reply.content["metrics"]["client"])] = reply
-            if len(by_client) != len(nodes):
-                raise RuntimeError(f"round {rnd}: {len(by_client)} of {len(nodes)} clients replied")
-            ordered = [by_client[k] for k in range(len(nodes))]
-            weights = [float(r.content["metrics"]["examples"]) for r in ordered]
-            others = _mean([record_tensors(r.content["others"]) for r in ordered], weights)
-            # each client's factors, completed with the global factor it did not train
-            updates = [record_factors(r.content["factors"], glob) for r in ordered] if glob is not None else []
-            residual: fed.Factors = {}
-            used_carry, fold = carry, None
-            if glob is None:
-                new = None
-            elif aggregator == "product":
-                agg = fed.aggregate_products(updates, weights, cfg.rank, carry=carry)
-                new, residual = agg.factors, agg.residual
-                if cfg.residual == "carry":
-                    carry = residual or None
-                elif cfg.residual == "fold" and residual:
-                    fed.fold_residual(bench.model, residual)
-                    fold = residual
-            elif aggregator == "fedavg":
-                new = fed.fedavg(updates, weights)
-            else:
-                new = fed.alternating_aggregate(updates, weights, trained)
-            errors = product_error(updates, weights, new, used_carry) if new is not None else {}
-            if new is not None:
-                fed.set_factors(bench.model, new)
-            bench.set_others(others)
-            up = [(factor_bytes(u, moving) if u else 0) + tensor_bytes(record_tensors(r.content["others"]))
-                  for u, r in zip(updates or [None] * len(ordered), ordered)]
-            metrics = [r.content["metrics"] for r in ordered]
-            record = {
-                "round": rnd,
-                **bench.evaluate(),
-                "train_loss": sum(w * float(m["train_loss"]) for w, m in zip(weights, metrics)) / sum(weights),
-                "aggregation_error": sum(errors.values()) / len(errors) if errors else 0.0,
-                "aggregation_error_max": max(errors.values(), default=0.0),
-                "bytes_up": up,
-                "bytes_down": bytes_down,
-                "state_steps": [int(m["state_steps"]) for m in metrics],
-                "trained_factor": trained,
-                "seconds": round(time.perf_counter() - start, 2),
-            }
-            on_round(record, {"updates": updates, "weights": weights, "factors": new, "residual": residual,
-                              "others": others})
+            record, detail = _round(bench, split, grid, nodes, rnd, residual, stop)
+            on_round({**record, "seconds": round(time.perf_counter() - start, 2)}, detail)
 
     return app
+
+
+def _round(bench: Bench, split: list[list[int]], grid: Grid, nodes: list[int], rnd: int, residual: _Residual,
+           stop: threading.Event | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One round: the global state sent to every client, their replies, the aggregation, the
+    evaluation; returns the round's record (without its time) and its detail (see :func:`make_server_app`)."""
+    cfg = bench.cfg
+    trained = fed.trained_factor(rnd) if cfg.aggregator_name == "alternating" else None
+    glob = bench.factors()
+    moving = trained_factors(cfg, trained)  # the factor the clients train and send (None: both)
+    # the factors that changed since the clients last heard (alternating: last round's; the first round: all)
+    changed = fed.trained_factor(rnd - 1) if trained and rnd > 1 else (None if trained else moving)
+    down: dict[str, Any] = {"others": tensors_record(bench.others())}
+    if glob is not None:
+        down["factors"] = factors_record(glob, only=changed)
+    if residual.fold:
+        down["fold"] = factors_record(residual.fold)
+    bytes_down = (factor_bytes(glob, changed) if glob else 0) + tensor_bytes(bench.others()) + (
+        fed.message_bytes(residual.fold) if residual.fold else 0)
+    messages = [Message(content=RecordDict({**down, "config": train_message_config(cfg, rnd, k, split[k], trained)}),
+                        dst_node_id=node, message_type=MessageType.TRAIN) for k, node in enumerate(nodes)]
+    ordered = _replies_by_client(_send_and_receive(grid, messages, stop), len(nodes), rnd)
+    weights = [float(r.content["metrics"]["examples"]) for r in ordered]
+    others = _mean([record_tensors(r.content["others"]) for r in ordered], weights)
+    # each client's factors, completed with the global factor it did not train
+    updates = [record_factors(r.content["factors"], glob) for r in ordered] if glob is not None else []
+    used_carry = residual.carry
+    new, rest = _aggregate(bench, updates, weights, trained, residual)
+    errors = product_error(updates, weights, new, used_carry) if new is not None else {}
+    if new is not None:
+        fed.set_factors(bench.model, new)
+    bench.set_others(others)
+    up = [(factor_bytes(u, moving) if u else 0) + tensor_bytes(record_tensors(r.content["others"]))
+          for u, r in zip(updates or [None] * len(ordered), ordered)]
+    metrics = [r.content["metrics"] for r in ordered]
+    record = {
+        "round": rnd,
+        **bench.evaluate(),
+        "train_loss": sum(w * float(m["train_loss"]) for w, m in zip(weights, metrics)) / sum(weights),
+        "aggregation_error": sum(errors.values()) / len(errors) if errors else 0.0,
+        "aggregation_error_max": max(errors.values(), default=0.0),
+        "bytes_up": up,
+        "bytes_down": bytes_down,
+        "state_steps": [int(m["state_steps"]) for m in metrics],
+        "trained_factor": trained,
+    }
+    return record, {"updates": updates, "weights": weights, "factors": new, "residual": rest, "others": others}
+
+
+def _replies_by_client(replies: list[Message], clients: int, rnd: int) -> list[Message]:
+    """The round's replies in client order; a failed or missing client stops the run."""
+    by_client: dict[int, Message] = {}
+    for reply in replies:
+        if reply.has_error():
+            raise RuntimeError(f"a client failed in round {rnd}: {reply.error.reason}")
+        by_client[int(reply.content["metrics"]["client"])] = reply
+    if len(by_client) != clients:
+        raise RuntimeError(f"round {rnd}: {len(by_client)} of {clients} clients replied")
+    return [by_client[k] for k in range(clients)]
+
+
+def _aggregate(bench: Bench, updates: list[fed.Factors], weights: list[float], trained: str | None,
+               residual: _Residual) -> tuple[fed.Factors | None, fed.Factors]:
+    """The new global factors (``None`` for full fine-tuning) and the part beyond rank r;
+    ``residual`` updated for the next round (carry, or fold into the server's weights now and the
+    clients' at the next round)."""
+    cfg = bench.cfg
+    residual.fold = None
+    if not updates:
+        return None, {}
+    if cfg.aggregator_name == "product":
+        agg = fed.aggregate_products(updates, weights, cfg.rank, carry=residual.carry)
+        if cfg.residual == "carry":
+            residual.carry = agg.residual or None
+        elif cfg.residual == "fold" and agg.residual:
+            fed.fold_residual(bench.model, agg.residual)
+            residual.fold = agg.residual
+        return agg.factors, agg.residual
+    if cfg.aggregator_name == "fedavg":
+        return fed.fedavg(updates, weights), {}
+    return fed.alternating_aggregate(updates, weights, trained), {}

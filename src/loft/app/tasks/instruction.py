@@ -42,6 +42,8 @@ __all__ = [
     "InstructionTask",
     "detect_format",
     "first_answer",
+    "stop_ids",
+    "token_ids",
     "normalize_answer",
 ]
 
@@ -218,7 +220,7 @@ def _sft_classes() -> tuple[type, type]:
     return SFTTrainer, _LOFT_SFT["loft"]
 
 
-def _token_ids(encoded: Any) -> list[int]:
+def token_ids(encoded: Any) -> list[int]:
     """``input_ids`` from what a tokenizer call or ``apply_chat_template`` returns."""
     if isinstance(encoded, dict) or hasattr(encoded, "keys"):
         encoded = encoded["input_ids"]
@@ -229,8 +231,8 @@ def prompt_ids(tokenizer: Any, example: Example) -> list[int]:
     """The prompt's token ids as TRL tokenizes them (the chat template with the generation
     prompt for conversations)."""
     if example.conversational:
-        return _token_ids(tokenizer.apply_chat_template(example.prompt, add_generation_prompt=True, tokenize=True))
-    return _token_ids(tokenizer(example.prompt))
+        return token_ids(tokenizer.apply_chat_template(example.prompt, add_generation_prompt=True, tokenize=True))
+    return token_ids(tokenizer(example.prompt))
 
 
 @dataclass
@@ -414,7 +416,7 @@ def _generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, b
 
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    stop = _stop_ids(model, tokenizer)
+    stop = stop_ids(model, tokenizer)
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad, eos_token_id=stop)
     out: list[str] = [""] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -433,7 +435,7 @@ def _generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, b
     return out
 
 
-def _stop_ids(model, tokenizer) -> list[int]:
+def stop_ids(model, tokenizer) -> list[int]:
     """Token ids that end a generation: the tokenizer's end-of-sequence token and the model's."""
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
