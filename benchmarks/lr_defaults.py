@@ -72,7 +72,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _sweep  # noqa: E402
 from _protocol import Sweep, lattice, provenance_line, score, tune_grids  # noqa: E402
-from _stats import paired, paired_bootstrap, summarize  # noqa: E402
+from _stats import paired, paired_bootstrap  # noqa: E402
 
 from loft import lr_search  # noqa: E402
 from loft.app.autolr import validation_size  # noqa: E402

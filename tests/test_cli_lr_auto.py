@@ -165,6 +165,17 @@ def test_ctrl_c_in_a_trial_then_resume_chooses_what_an_uninterrupted_search_choo
     assert resumed["eval_loss"] == pytest.approx(straight["eval_loss"], rel=1e-6)
 
 
+def test_ctrl_c_before_the_first_trial_has_a_checkpoint_leaves_the_folder_as_it_was(bert, data, tmp_path, monkeypatch):
+    def ctrl_c_at_once(cfg, **kwargs):
+        raise KeyboardInterrupt  # as a Ctrl-C while the first trial loads its model
+
+    monkeypatch.setattr(loft.app.finetune, "finetune", ctrl_c_at_once)
+    out = tmp_path / "run"
+    with pytest.raises(RunInterrupted) as info:
+        finetune(config(bert, data, out), progress=False)
+    assert "nothing was kept" in str(info.value) and not out.exists()  # the split it had written is gone too
+
+
 def test_a_resumed_run_whose_search_is_complete_does_not_search_again(bert, data, tmp_path, monkeypatch):
     out = tmp_path / "run"
     cfg = config(bert, data, out)

@@ -29,7 +29,8 @@ import json
 import math
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from .. import lr_search as core
 from .atomic import atomic_write, write_failure, write_json, write_text

@@ -13,6 +13,7 @@ from .rundir import (
     CHECKPOINTS,
     CONFIG_FILE,
     EVAL_BEFORE_FILE,
+    LR_SEARCH_DIR,
     LR_SEARCH_FILE,
     STAGING,
     OutputPlan,
@@ -85,7 +86,7 @@ class RunStatus:
             return (f"{where}; the learning-rate search so far is kept ({self.out / LR_SEARCH_FILE}); continue with the "
                     "same command plus --resume.")
         if self.main:  # a new run that never reached a checkpoint: leave the folder as it was
-            for name in (CONFIG_FILE, EVAL_BEFORE_FILE, STAGING, CHECKPOINTS):
+            for name in (CONFIG_FILE, EVAL_BEFORE_FILE, STAGING, CHECKPOINTS, LR_SEARCH_DIR, LR_SEARCH_FILE):
                 path = self.out / name
                 shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
             self.release()

@@ -50,7 +50,7 @@ def _trial_args(args: Any, lr: float, steps: int, run_steps: int, output_dir: st
     trial.learning_rate = lr
     trial.max_steps = steps
     if trial.warmup_steps >= 1:  # an absolute count (below 1 it is a ratio, which scales by itself)
-        trial.warmup_steps = int(round(trial.warmup_steps * steps / run_steps))
+        trial.warmup_steps = round(trial.warmup_steps * steps / run_steps)
     trial.output_dir = output_dir
     trial.set_save(strategy="no")
     trial.set_evaluate(strategy="no")
@@ -62,6 +62,7 @@ def _trial_args(args: Any, lr: float, steps: int, run_steps: int, output_dir: st
 
 def _write_record(path: Path, search: LRSearch) -> None:
     """Write the search's record to ``path`` through a temporary file (a kill leaves the old one)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(search.as_dict(), indent=2))
     os.replace(tmp, path)
