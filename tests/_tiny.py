@@ -85,3 +85,51 @@ def mc_records(n: int, seed: int = 0) -> list[dict]:
 def write_jsonl(path: Path, records: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
+
+
+def make_llama_gguf(folder: Path, seed: int = 0) -> tuple[Path, LlamaForCausalLM]:
+    """A 2-layer, hidden-32 Llama written as an unquantized (float32) GGUF file ``folder/tiny.gguf``
+    with the ``gguf`` package (llama.cpp's tensor names, q/k rows permuted as its converter does),
+    and the model it holds (to compare with what transformers loads from it)."""
+    import gguf
+    import numpy as np
+
+    torch.manual_seed(seed)
+    heads, hidden, layers, vocab = 2, 32, 2, 40
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=64, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=64,
+                         tie_word_embeddings=False, rms_norm_eps=1e-6)
+    model = LlamaForCausalLM(config).eval()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "tiny.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(64)
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(layers)
+    writer.add_feed_forward_length(64)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(heads)
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_rope_dimension_count(hidden // heads)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list([f"t{i}" for i in range(vocab)])
+    writer.add_token_scores([0.0] * vocab)
+    writer.add_token_types([1] * vocab)
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    parts = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    for i in range(layers):
+        names.update({f"model.layers.{i}.{hf}.weight": f"blk.{i}.{gg}.weight" for hf, gg in parts.items()})
+    state = model.state_dict()
+    for hf, gg in names.items():
+        t = state[hf]
+        if gg.endswith(("attn_q.weight", "attn_k.weight")):  # llama.cpp's rotary layout
+            t = t.reshape(heads, 2, t.shape[0] // heads // 2, t.shape[1]).swapaxes(1, 2).reshape(t.shape)
+        writer.add_tensor(gg, t.numpy().astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path, model

@@ -76,10 +76,11 @@ def mc_data(tmp_path_factory):
 
 
 #: the FSDP2 / DDP scenarios of tests/test_owners.py (tests/owner_worker.py), of tests/test_dcp.py
-#: (tests/dcp_worker.py, prefixed ``dcp:``) and of tests/test_fsdp2_setups.py (tests/setups_worker.py,
-#: prefixed ``setups:``) share one launch of 2 ranks and one of 4: starting the processes (importing
-#: torch and peft) costs more than the scenarios. "setups:trainer" and "dcp:accelerate" come last
-#: (each resets, then sets, the process's Accelerate state: tests/owner_worker.run).
+#: (tests/dcp_worker.py, prefixed ``dcp:``), of tests/test_fsdp2_setups.py (tests/setups_worker.py,
+#: prefixed ``setups:``) and of tests/test_library_internals.py (tests/internals_worker.py, prefixed
+#: ``internals:``) share one launch of 2 ranks and one of 4: starting the processes (importing
+#: torch and peft) costs more than the scenarios. The internals, "setups:trainer" and
+#: "dcp:accelerate" come last (each resets, then sets, the process's Accelerate state).
 OWNER_SCENARIOS = ["fsdp2", "fsdp2_default_mesh", "fsdp2_clip_outside", "ddp_split", "fsdp2_mixed_precision", "checkpoint",
                    "mesh_refusals"]
 DCP_SAVES = ["save:fsdp2:dcp", "save:fsdp2:full", "save:ddp:dcp"]
@@ -87,6 +88,8 @@ DCP_SAVES = ["save:fsdp2:dcp", "save:fsdp2:full", "save:ddp:dcp"]
 DCP_FROZEN_SAVES = ["save:fsdp2+B:dcp", "save:ddp+A:dcp"]
 #: the other ways users shard (tests/setups_worker.py), before "setups:trainer"
 SETUPS = ["no_reshard", "bf16", "accumulate", "accumulate_synced", "checkpoint_wrapper", "hf_checkpointing"]
+#: library internals that need several processes (tests/internals_worker.py)
+INTERNALS = ["ddp_after_predict", "fsdp_plugin_on_cpu", "classifier_loss"]
 
 
 def _split(results: list[dict]) -> tuple[list[dict], list[dict], list[dict]]:
@@ -95,19 +98,26 @@ def _split(results: list[dict]) -> tuple[list[dict], list[dict], list[dict]]:
     def part(prefix: str) -> list[dict]:
         return [{k.removeprefix(prefix): v for k, v in r.items() if k.startswith(prefix)} for r in results]
 
-    owners = [{k: v for k, v in r.items() if not k.startswith(("dcp:", "setups:"))} for r in results]
+    owners = [{k: v for k, v in r.items() if not k.startswith(("dcp:", "setups:", "internals:"))} for r in results]
     return owners, part("dcp:"), part("setups:")
 
 
 @pytest.fixture(scope="session")
-def fsdp_two_ranks(tmp_path_factory):
-    """``(owners, dcp, setups)``: every rank's results of the 2-rank launch."""
+def two_rank_launch(tmp_path_factory):
+    """Every rank's results of the 2-rank launch: scenario (with its prefix) -> result."""
     import _ranks
     from owner_worker import worker
 
     scenarios = [*OWNER_SCENARIOS, *(f"dcp:{s}" for s in DCP_SAVES + DCP_FROZEN_SAVES),
-                 *(f"setups:{s}" for s in SETUPS), "setups:trainer", "dcp:accelerate"]
-    return _split(_ranks.run_ranks(worker, 2, scenarios, tmp_path_factory.mktemp("two")))
+                 *(f"setups:{s}" for s in SETUPS), *(f"internals:{s}" for s in INTERNALS), "setups:trainer",
+                 "dcp:accelerate"]
+    return _ranks.run_ranks(worker, 2, scenarios, tmp_path_factory.mktemp("two"))
+
+
+@pytest.fixture(scope="session")
+def fsdp_two_ranks(two_rank_launch):
+    """``(owners, dcp, setups)``: every rank's results of the 2-rank launch."""
+    return _split(two_rank_launch)
 
 
 @pytest.fixture(scope="session")

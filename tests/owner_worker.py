@@ -155,6 +155,11 @@ def run(scenario: str, rank: int, world: int, xs, ys) -> dict[str, object]:
 
         dcp_worker.OUT_DIR = OUT_DIR
         return dcp_worker.run(scenario.removeprefix("dcp:"), rank, world, xs, ys)
+    if scenario.startswith("internals:"):  # a scenario of tests/internals_worker.py, in the same launch
+        import internals_worker
+
+        internals_worker.OUT_DIR = OUT_DIR
+        return internals_worker.run(scenario.removeprefix("internals:"), rank, world)
     if scenario.startswith("setups:"):  # a scenario of tests/setups_worker.py, in the same launch
         import setups_worker
 

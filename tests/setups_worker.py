@@ -209,7 +209,7 @@ def trainer_run(out_dir: str, fsdp: bool, resume: str | None = None) -> tuple[di
     model = build_llama()
     trainer = LoFTTrainer(model=model, args=args, train_dataset=_Tokens(llama_data()))
     trainer.train(resume_from_checkpoint=resume)
-    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # (inside Accelerate's wrapper)
+    optimizer = trainer.loft_optimizer  # (trainer.optimizer holds it inside Accelerate's wrapper)
     sharded = type(optimizer.distributor).__name__ == "FSDP2Owners" and all(
         hasattr(p, "device_mesh") for p in optimizer.param_groups[0]["params"])
     return trainable(trainer.model), sharded

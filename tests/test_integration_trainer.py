@@ -53,7 +53,7 @@ def test_trainer_builds_loft_and_learns(base, dataset, tmp_path):
     trainer = LoFTTrainer(model=model, args=targs(tmp_path, max_steps=20), train_dataset=dataset,
                           loft_options={"head_lr": 2e-2})
     trainer.train()
-    opt = trainer_module._unwrap(trainer.optimizer)
+    opt = trainer.loft_optimizer
     assert isinstance(opt, loft.LoFTAdamW)
     assert len(opt.pairs) == 4  # query + value in 2 layers
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -157,7 +157,7 @@ def test_with_loft_subclass_and_refusals(base, dataset, tmp_path):
     assert issubclass(cls, MyTrainer) and cls.__name__ == "LoFTMyTrainer"
     trainer = cls(model=peft_model(base), args=targs(tmp_path, max_steps=1), train_dataset=dataset)
     trainer.train()
-    assert isinstance(trainer_module._unwrap(trainer.optimizer), loft.LoFTAdamW)
+    assert isinstance(trainer.loft_optimizer, loft.LoFTAdamW)
     model = peft_model(base)
     with pytest.raises(ValueError, match="loft_options"):
         LoFTTrainer(model=model, args=targs(tmp_path), train_dataset=dataset,

@@ -108,7 +108,6 @@ def build_run(plan: RunPlan, inputs: RunInputs, folder: RunFolder, *, callbacks:
     """Build the Trainer of a run whose output directory :func:`prepare_folder` made ready."""
     from transformers import PrinterCallback
 
-    from ..integrations.library_internals import loss_is_per_process_mean
     from .callbacks import InterruptCallback, ProgressBar
 
     cfg, model = plan.cfg, inputs.model
@@ -130,11 +129,13 @@ def build_run(plan: RunPlan, inputs: RunInputs, folder: RunFolder, *, callbacks:
         processing_class=inputs.tokenizer,
         callbacks=[ProgressBar(plan.batch_size, plan.name, plan.progress), interrupt, *(callbacks or [])],
     )
+    # sequence classifiers average their loss over neither accumulation steps nor processes
+    mean_loss = plan.task_kind == "classification"
     if cfg.method == "loft":
-        trainer = trainer_class(inputs.task.trainer_class(loft=True))(
+        trainer = trainer_class(inputs.task.trainer_class(loft=True), per_process_mean_loss=mean_loss)(
             **common, loft_options={"head_lr": plan.head_lr} if has_head else {})
     else:
-        cls = trainer_class(inputs.task.trainer_class(loft=False))
+        cls = trainer_class(inputs.task.trainer_class(loft=False), per_process_mean_loss=mean_loss)
         if cfg.fsdp:  # Trainer refuses a pre-built optimizer under FSDP: it builds this one before sharding
             trainer = cls(**common)
             trainer.optimizer_factory = build_optimizer
@@ -145,8 +146,5 @@ def build_run(plan: RunPlan, inputs: RunInputs, folder: RunFolder, *, callbacks:
         from .quantize import keep_adapter_float32
 
         keep_adapter_float32(model)
-    if plan.task_kind == "classification":
-        # sequence classifiers average their loss over neither accumulation steps nor processes
-        loss_is_per_process_mean(trainer)
     return BuiltRun(trainer=trainer, interrupt=interrupt, checkpoint=checkpoint, before=before,
                     progress=saved_progress, has_head=has_head, trainable_params=trainable, total_params=total)

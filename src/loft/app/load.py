@@ -19,7 +19,7 @@ from .errors import LoftUsageError
 from .methods import lora_options
 from .models import resolve_model
 from .tasks import Task
-from .tasks.base import fresh_modules
+from .tasks.base import fresh_modules, linear_layer_types
 
 def quiet_libraries() -> None:
     import transformers
@@ -116,15 +116,22 @@ def _check_architecture(task, config, spec: str) -> None:
     """Refuse an encoder (BERT, RoBERTa ...) for multiple choice or instruction data, which need a causal LM."""
     if task.kind == "classification":
         return
-    from ..integrations.library_internals import is_encoder_model_type
-
     model_type = getattr(config, "model_type", None)
-    if is_encoder_model_type(config):
+    if is_encoder_config(config):
         raise LoftUsageError(
             f"Model {spec!r} is an encoder ({model_type}); {task.kind.replace('_', '-')} data needs a causal (decoder) "
             "language model such as smollm2-135m or any Llama / GPT-style model. Encoders suit text classification "
             "({\"text\", \"label\"} data)."
         )
+
+
+def is_encoder_config(config: Any) -> bool:
+    """Whether a model config is an encoder (BERT, RoBERTa ...) rather than a causal LM: its class
+    has a masked-LM model (``transformers.MODEL_FOR_MASKED_LM_MAPPING``, the table behind
+    ``AutoModelForMaskedLM``, keyed by config class) and it is not set up as a decoder."""
+    from transformers import MODEL_FOR_MASKED_LM_MAPPING
+
+    return type(config) in MODEL_FOR_MASKED_LM_MAPPING and not getattr(config, "is_decoder", False)
 
 
 def check_max_length(model: nn.Module, max_length: int, spec: str) -> None:
@@ -139,8 +146,6 @@ def check_max_length(model: nn.Module, max_length: int, spec: str) -> None:
 
 def _linear_modules(model: nn.Module, exclude: set[str]) -> dict[str, nn.Module]:
     """Linear layers LoRA can target (not the fresh head, not the output embedding)."""
-    from ..integrations.library_internals import linear_layer_types
-
     kinds = linear_layer_types()
     out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     found = {}

@@ -15,8 +15,10 @@ lorafa     LoRA                                                     ``peft.optim
 ========== ======================================================= =====================================
 
 Every method trains the fresh head (``modules_to_save``) at ``head_lr`` in a param group of its
-own, as LoFT and full fine-tuning do: PEFT's LoRA+ and LoRA-FA optimizers are built on the model
-with the head left out, and the head group is added to what they return.
+own, as LoFT and full fine-tuning do: PEFT's LoRA+ optimizer is built on the model with the head
+left out and the head group added to what it returns; PEFT's LoRA-FA optimizer takes every
+parameter, and the head is moved into a group of its own
+(:func:`loft.integrations.library_internals.lorafa_head_group`).
 
 PiSSA changes the base weights (``W_res = W - scale * B0 A0``), so an adapter saved as trained
 loads only on that residual base. :class:`PissaStart` keeps the initial adapter and converts the
@@ -69,18 +71,18 @@ def make_optimizer(method: str, model: nn.Module, *, lr: float, head_lr: float, 
     elif method == "lorafa":
         from peft.optimizers import create_lorafa_optimizer
 
+        from ..integrations.library_internals import lorafa_head_group
+
         config = model.peft_config["default"]
         optimizer = create_lorafa_optimizer(model, r=config.r, lora_alpha=config.lora_alpha, lr=lr,
                                             weight_decay=weight_decay)  # freezes every lora_A
-        _drop_from_groups(optimizer, {id(p) for _, p in head})
+        lorafa_head_group(optimizer, head, lr=head_lr, weight_decay=weight_decay)  # the head at head_lr
+        return optimizer
     else:
         body = [p for n, p in model.named_parameters() if p.requires_grad and not is_head(n)]
         optimizer = torch.optim.AdamW([{"params": body, "lr": lr}], lr=lr, weight_decay=weight_decay)
     if head:
-        group = {"params": [p for _, p in head], "lr": head_lr, "weight_decay": weight_decay}
-        if method == "lorafa":  # LoRA-FA's step reads these keys in every group (plain AdamW for non-LoRA names)
-            group.update(names=[n for n, _ in head], scaling_factors=[None] * len(head), betas=(0.9, 0.999))
-        optimizer.add_param_group(group)
+        optimizer.add_param_group({"params": [p for _, p in head], "lr": head_lr, "weight_decay": weight_decay})
     return optimizer
 
 
@@ -97,16 +99,6 @@ class _frozen:
     def __exit__(self, *exc: Any) -> None:
         for p in self.params:
             p.requires_grad_(True)
-
-
-def _drop_from_groups(optimizer: torch.optim.Optimizer, drop: set[int]) -> None:
-    """Remove the parameters ``drop`` (ids) from LoRA-FA's groups, keeping each group's parallel
-    ``names`` / ``scaling_factors`` lists aligned with its ``params``."""
-    for group in optimizer.param_groups:
-        keep = [i for i, p in enumerate(group["params"]) if id(p) not in drop]
-        for key in ("params", "names", "scaling_factors"):
-            if key in group:
-                group[key] = [group[key][i] for i in keep]
 
 
 class PissaStart:

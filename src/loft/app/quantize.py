@@ -80,8 +80,8 @@ def load_quantized(task: Any, model_path: str, spec: str, bits: int) -> tuple[to
     _quiet()
     import peft
 
-    from ..integrations.library_internals import keep_4bit_layers_trainable_on_cpu, linear_layer_types
-    from .tasks.base import fresh_modules
+    from ..integrations.library_internals import keep_4bit_layers_trainable_on_cpu
+    from .tasks.base import fresh_modules, linear_layer_types
 
     flag = f"--load-in-{bits}bit"
 

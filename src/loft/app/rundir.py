@@ -36,6 +36,7 @@ __all__ = [
     "check_output_dir",
     "check_writable",
     "checkpoint_damage",
+    "checkpoint_name",
     "checkpoints_in",
     "clear_folder",
     "default_output_dir",
@@ -69,6 +70,13 @@ def run_name(method: str, rank: int) -> str:
 def default_output_dir(cfg: Any) -> Path:
     """``--output-dir``, or ``runs/<data>-<method>-r<rank>``."""
     return Path(cfg.output_dir or Path("runs") / f"{Path(cfg.data).stem}-{run_name(cfg.method, cfg.rank)}")
+
+
+def checkpoint_name(step: int) -> str:
+    """``checkpoint-<step>``: the folder name ``transformers.Trainer`` gives the checkpoint of a
+    step (and ``resume_from_checkpoint=True`` looks for); tests/test_library_internals.py checks
+    that a Trainer run writes exactly this name."""
+    return f"checkpoint-{step}"
 
 
 def checkpoints_in(out: Path) -> list[Path]:

@@ -15,9 +15,11 @@ from .atomic import publish_dir, write_failure, write_json
 from .config import FinetuneConfig
 from .errors import OutputWriteError
 from .launch import any_rank, barrier, cpu_processes
-from .rundir import CHECKPOINTS, PROGRESS_FILE, STAGING, checkpoints_in
+from .rundir import CHECKPOINTS, PROGRESS_FILE, STAGING, checkpoint_name, checkpoints_in
 
-_TRAINER_CLASSES: dict[type, type] = {}
+_TRAINER_CLASSES: dict[tuple[type, bool], type] = {}
+#: what ``Trainer.save_model`` writes beside a model: its ``TrainingArguments`` (``torch.save``)
+TRAINING_ARGS_FILE = "training_args.bin"
 
 def fsdp_args(cfg: FinetuneConfig, model: nn.Module) -> dict[str, Any]:
     """Trainer's FSDP2 arguments for ``--fsdp``: ``fully_shard`` on each transformer block (the
@@ -82,10 +84,10 @@ class RunTrainerMixin:
     optimizer_factory: Any = None
 
     def create_accelerator_and_postprocess(self) -> None:
-        from ..integrations.trainer import use_fsdp_on_cpu
+        from ..integrations.library_internals import shard_trainer_on_cpu
 
         super().create_accelerator_and_postprocess()
-        use_fsdp_on_cpu(self)  # --fsdp on CPU processes: FSDP2 over gloo (see library_internals.fsdp_on_cpu)
+        shard_trainer_on_cpu(self)  # --fsdp on CPU processes: FSDP2 over gloo
 
     def create_optimizer(self, model=None):
         if self.optimizer_factory is not None and self.optimizer is None:
@@ -94,12 +96,18 @@ class RunTrainerMixin:
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Trainer's, except under FSDP2 (``--fsdp``): the whole trainable values gathered by every
-        rank, written by rank 0 (Accelerate's ``get_state_dict`` hands DTensors to PEFT on CPU
-        processes)."""
-        if not getattr(self, "is_fsdp_enabled", False):
+        rank, written by rank 0 with the tokenizer and the arguments, as Trainer writes them
+        (Accelerate's ``get_state_dict`` hands DTensors to PEFT on CPU processes)."""
+        if not self.accelerator.is_fsdp2:
             return super().save_model(output_dir, _internal_call)
         weights = full_trainable_state(self.model)  # a collective
-        self._save(output_dir or self.args.output_dir, state_dict=weights)
+        if self.args.should_save:
+            folder = Path(output_dir or self.args.output_dir)
+            folder.mkdir(parents=True, exist_ok=True)
+            self.model.save_pretrained(folder, state_dict=weights)
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(folder)
+            torch.save(self.args, folder / TRAINING_ARGS_FILE)
 
     def loft_setup(self, progress: dict[str, Any] | None) -> None:
         self._loft_prior_losses = list((progress or {}).get("losses", []))
@@ -142,10 +150,10 @@ class RunTrainerMixin:
 
     # Trainer's private checkpoint hook (library_internals.SAVE_CHECKPOINT_HOOK)
     def _save_checkpoint(self, model, trial):
-        from ..integrations.library_internals import checkpoint_folder_name, saving_checkpoints_into
+        from ..integrations.library_internals import saving_checkpoints_into
 
         root = Path(self.args.output_dir)
-        name = checkpoint_folder_name(self.state.global_step)
+        name = checkpoint_name(self.state.global_step)
         staging = root / STAGING
         if self.args.should_save:
             shutil.rmtree(staging / name, ignore_errors=True)
@@ -182,11 +190,33 @@ class RunTrainerMixin:
         barrier()
 
 
-def trainer_class(base: type) -> type:
-    """``base`` (Trainer or LoFTTrainer) with :class:`RunTrainerMixin`."""
-    if base not in _TRAINER_CLASSES:
-        _TRAINER_CLASSES[base] = type(f"Run{base.__name__}", (RunTrainerMixin, base), {})
-    return _TRAINER_CLASSES[base]
+class PerProcessMeanLoss:
+    """For a model whose loss is a plain mean over one micro-batch of this process's examples
+    (sequence classifiers), what Trainer needs to be told.
+
+    Sequence classifiers take ``**kwargs``, so Trainer would pass them ``num_items_in_batch``
+    (which they ignore) and count their loss as normalised over the whole accumulated batch of
+    every process: not divided by the gradient accumulation steps, and multiplied by the number
+    of processes (which DDP then averages): N times the gradient on N processes. Here
+    ``compute_loss`` passes no ``num_items_in_batch`` (Trainer then leaves the loss as it is) and
+    ``loss_is_scaled_for_ga = False`` (Trainer's documented switch for subclasses) makes
+    ``training_step`` divide it by the accumulation steps. Only public Trainer API.
+    """
+
+    loss_is_scaled_for_ga = False
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=None)
+
+
+def trainer_class(base: type, per_process_mean_loss: bool = False) -> type:
+    """``base`` (Trainer or LoFTTrainer) with :class:`RunTrainerMixin`, and with
+    :class:`PerProcessMeanLoss` where the model's loss is a per-process mean (classification)."""
+    key = (base, per_process_mean_loss)
+    if key not in _TRAINER_CLASSES:
+        mixins = (RunTrainerMixin, PerProcessMeanLoss) if per_process_mean_loss else (RunTrainerMixin,)
+        _TRAINER_CLASSES[key] = type(f"Run{base.__name__}", (*mixins, base), {})
+    return _TRAINER_CLASSES[key]
 
 
 def group_running() -> bool:

@@ -38,9 +38,9 @@ from transformers import Trainer, TrainingArguments
 
 from ..clip import clip_grad_norm_
 from ..optim import LoFTAdamW
-from .library_internals import CLIP_HOOK, clip_hook_missing, fsdp_on_cpu, unwrap_optimizer
+from .library_internals import CLIP_HOOK, clip_hook_missing, shard_trainer_on_cpu
 
-__all__ = ["LoFTTrainer", "LoFTTrainerMixin", "build_loft_optimizer", "use_fsdp_on_cpu", "with_loft"]
+__all__ = ["LoFTTrainer", "LoFTTrainerMixin", "build_loft_optimizer", "with_loft"]
 
 
 def build_loft_optimizer(model: torch.nn.Module, args: TrainingArguments, **loft_options: Any) -> LoFTAdamW:
@@ -60,17 +60,18 @@ def build_loft_optimizer(model: torch.nn.Module, args: TrainingArguments, **loft
     return LoFTAdamW(model, **options)
 
 
-def _unwrap(optimizer: Any) -> Any:
-    """The optimizer inside accelerate's ``AcceleratedOptimizer`` wrapper (if any)."""
-    return unwrap_optimizer(optimizer, LoFTAdamW)
-
-
 class LoFTTrainerMixin:
     """Mix into a ``transformers.Trainer`` subclass to train with :class:`loft.LoFTAdamW`.
 
     Extra keyword argument: ``loft_options`` (dict), passed to ``LoFTAdamW``. Must come before
     the Trainer class in the bases: ``class MyTrainer(LoFTTrainerMixin, SFTTrainer)``.
+
+    ``loft_optimizer``: the :class:`loft.LoFTAdamW` it built (``None`` before
+    ``create_optimizer``); ``trainer.optimizer`` holds it inside Accelerate's wrapper once
+    training starts.
     """
+
+    loft_optimizer: LoFTAdamW | None = None
 
     def __init__(self, *args: Any, loft_options: dict[str, Any] | None = None, **kwargs: Any) -> None:
         optimizers = kwargs.get("optimizers")
@@ -95,41 +96,28 @@ class LoFTTrainerMixin:
     def create_accelerator_and_postprocess(self) -> None:
         """Trainer's own, plus: with ``fsdp`` / ``fsdp_config`` on CPU processes, shard with FSDP2
         over gloo (Accelerate would silently train with DDP there; see
-        :func:`~loft.integrations.library_internals.fsdp_on_cpu`)."""
+        :func:`~loft.integrations.library_internals.shard_trainer_on_cpu`)."""
         super().create_accelerator_and_postprocess()  # type: ignore[misc]
-        use_fsdp_on_cpu(self)
+        shard_trainer_on_cpu(self)
 
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
         """Build the :class:`loft.LoFTAdamW` (once)."""
         if self.optimizer is None:
             opt_model = self.model if model is None else model
-            self.optimizer = build_loft_optimizer(opt_model, self.args, **self.loft_options)
+            self.optimizer = self.loft_optimizer = build_loft_optimizer(opt_model, self.args, **self.loft_options)
         return self.optimizer
 
     # Trainer's private clipping hook (library_internals.CLIP_HOOK, checked in __init__ and by
     # tests/test_library_internals.py)
     def _clip_grad_norm(self, model: torch.nn.Module) -> torch.Tensor:
         """Trainer's clipping hook: clip by LoFT's projected full-gradient norm."""
-        optimizer = _unwrap(self.optimizer)
-        if not isinstance(optimizer, LoFTAdamW):
+        if self.loft_optimizer is None:  # (a subclass built another optimizer)
             return super()._clip_grad_norm(model)
         self.accelerator.unscale_gradients()  # a no-op without an fp16 grad scaler
-        return clip_grad_norm_(optimizer, self.args.max_grad_norm)
+        return clip_grad_norm_(self.loft_optimizer, self.args.max_grad_norm)
 
 
 assert LoFTTrainerMixin._clip_grad_norm.__name__ == CLIP_HOOK
-
-
-def use_fsdp_on_cpu(trainer: Any) -> None:
-    """When ``trainer.args`` ask for FSDP and the processes run on the CPU, make its Accelerator
-    shard with FSDP2 (gloo) instead of ignoring the plugin."""
-    plugin_args = getattr(trainer.args, "fsdp_plugin_args", None)
-    if not trainer.args.fsdp or plugin_args is None or getattr(trainer, "is_fsdp_enabled", False):
-        return
-    from accelerate.utils import FullyShardedDataParallelPlugin
-
-    if fsdp_on_cpu(trainer.accelerator, FullyShardedDataParallelPlugin(**plugin_args)):
-        trainer.is_fsdp_enabled = True
 
 
 class LoFTTrainer(LoFTTrainerMixin, Trainer):

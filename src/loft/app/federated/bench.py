@@ -20,13 +20,14 @@ from torch import nn
 
 from ... import LoFTAdamW, clip_grad_norm_
 from ... import federated as fed
+from ...pairs import adapter_factors
 from ..config import DEFAULT_HEAD_LR
 from ..errors import LoftUsageError
 from ..load import apply_method, load_data, prepare_inputs, quiet_libraries, resolve_targets
 from ..methods import make_optimizer
 from .config import FederateConfig
 
-__all__ = ["Bench", "build_bench"]
+__all__ = ["Bench", "base_weights", "build_bench"]
 
 
 @dataclass
@@ -61,8 +62,8 @@ class Bench:
         return {n: p.detach().clone() for n, p in self._other_params().items()}
 
     def _other_params(self) -> dict[str, nn.Parameter]:
-        return {n: p for n, p in self.model.named_parameters()
-                if p.requires_grad and ".lora_A." not in n and ".lora_B." not in n}
+        factors = {id(t) for m in self.model.modules() for _, a, b in adapter_factors(m) for t in (a, b)}
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad and id(p) not in factors}
 
     def set_others(self, values: dict[str, torch.Tensor]) -> None:
         params = self._other_params()
@@ -76,10 +77,10 @@ class Bench:
         """The adapted layers' base weights as loaded, plus every residual folded so far."""
         if not self.pristine:
             return
-        modules = dict(self.model.named_modules())
+        weights = base_weights(self.model)
         with torch.no_grad():
             for name, weight in self.pristine.items():
-                modules[name].base_layer.weight.copy_(weight)
+                weights[name].copy_(weight)
         for residual in folds:
             fed.fold_residual(self.model, residual)
 
@@ -136,6 +137,13 @@ class Bench:
         return self.task.evaluate(self._trainer, self.tokenizer, self.max_length)
 
 
+def base_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The base weight of every LoRA layer of ``model`` (what :func:`loft.federated.fold_residual`
+    adds to), by module name: the layers found by :func:`loft.pairs.adapter_factors`, their base
+    through PEFT's ``get_base_layer()``."""
+    return {name: m.get_base_layer().weight for name, m in model.named_modules() if adapter_factors(m)}
+
+
 def build_bench(cfg: FederateConfig) -> Bench:
     """Load the data and the model and wrap the model for the method, with ``loft finetune``'s
     own functions (so every check and default is the same); LoftUsageError on bad input."""
@@ -157,9 +165,7 @@ def build_bench(cfg: FederateConfig) -> Bench:
         fed.freeze_factor(model, "A")
     pristine = {}
     if cfg.residual == "fold":
-        modules = dict(model.named_modules())
-        pristine = {n: m.base_layer.weight.detach().clone() for n, m in modules.items()
-                    if hasattr(m, "base_layer") and hasattr(m, "lora_A")}
+        pristine = {name: weight.detach().clone() for name, weight in base_weights(model).items()}
     return Bench(cfg=cfg, task=task, tokenizer=loaded.tokenizer, model=model, max_length=loaded.max_length,
                  train=task.train_dataset(loaded.tokenizer, loaded.max_length), collator=task.collator(loaded.tokenizer),
                  pristine=pristine, start=fed.get_factors(model) if cfg.method != "full" else None)

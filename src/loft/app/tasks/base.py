@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
-__all__ = ["DEFAULT_MEMBERS", "PREDICTIONS_FILE", "CausalLMTask", "Task", "fresh_modules", "prediction_lines"]
+__all__ = ["DEFAULT_MEMBERS", "PREDICTIONS_FILE", "CausalLMTask", "Task", "fresh_modules", "linear_layer_types",
+           "prediction_lines"]
 
 #: members with a working default (the Trainer-facing hooks); a task overrides what it changes
 DEFAULT_MEMBERS = ("check_inputs", "training_arguments", "trainer_class", "trainer_inputs", "result_files")
@@ -35,6 +36,16 @@ def prediction_lines(answers: list[int], predicted: list[int], names: list[str] 
 def fresh_modules(missing_keys: list[str]) -> list[str]:
     """Module names of freshly initialised parameters (e.g. ``classifier``)."""
     return sorted({k.rsplit(".", 1)[0] for k in missing_keys if "." in k})
+
+
+def linear_layer_types() -> tuple[type, ...]:
+    """The layer classes LoRA adapts (and bitsandbytes quantizes): ``torch.nn.Linear`` and
+    transformers' GPT-2 style ``Conv1D`` (weight stored as ``(in, out)``), which PEFT's LoRA also
+    targets."""
+    from torch import nn
+    from transformers import Conv1D
+
+    return nn.Linear, Conv1D
 
 
 @runtime_checkable
