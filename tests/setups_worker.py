@@ -23,7 +23,6 @@ import os
 
 import torch
 from owner_worker import STEPS, build_model, data, loss_fn, make_optimizer, shard, train, trainable
-from torch import nn
 
 import loft
 

@@ -9,7 +9,7 @@ from .clip import clip_grad_norm_
 from .distributed import UnsupportedDistributedSetup
 from .lr_search import LRSearch, find_lr
 from .optim import SWITCHES, LoFTAdamW
-from .pairs import LoRAPair, find_lora_pairs, split_lora_parameters
+from .pairs import LoRAPair, adapter_factors, find_lora_pairs, split_lora_parameters
 from .syncs import HostSyncCounter
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "LoFTAdamW",
     "LoRAPair",
     "UnsupportedDistributedSetup",
+    "adapter_factors",
     "clip_grad_norm_",
     "federated",
     "find_lora_pairs",

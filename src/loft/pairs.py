@@ -95,7 +95,11 @@ class LoRAPair:
 
 
 def adapter_factors(module: nn.Module) -> list[tuple[str, Tensor, Tensor]]:
-    """``(adapter, A, B)`` for each adapter of a LoRA layer ``module`` (empty if it is none)."""
+    """``(adapter, A, B)`` for each adapter of a PEFT LoRA layer ``module`` (empty if it is none):
+    the adapter's name and its factors' weights, ``A`` of shape ``(r, in_features)`` and ``B`` of
+    shape ``(out_features, r)`` (a convolution's: its kernels, ``(r, in, *k)`` and ``(out, r, 1, ...)``;
+    an embedding's: ``(r, num_embeddings)`` and ``(embedding_dim, r)``). Raises ``ValueError`` for
+    layers LoFT cannot pair (mixture-of-experts LoRA, grouped convolutions)."""
     found: list[tuple[str, Tensor, Tensor]] = []
     lora_a, lora_b = getattr(module, "lora_A", None), getattr(module, "lora_B", None)
     if isinstance(lora_a, nn.ModuleDict) and isinstance(lora_b, nn.ModuleDict):

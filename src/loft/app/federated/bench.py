@@ -20,7 +20,7 @@ from torch import nn
 
 from ... import LoFTAdamW, clip_grad_norm_
 from ... import federated as fed
-from ...pairs import adapter_factors
+from ... import adapter_factors
 from ..config import DEFAULT_HEAD_LR
 from ..errors import LoftUsageError
 from ..load import apply_method, load_data, prepare_inputs, quiet_libraries, resolve_targets
@@ -139,7 +139,7 @@ class Bench:
 
 def base_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     """The base weight of every LoRA layer of ``model`` (what :func:`loft.federated.fold_residual`
-    adds to), by module name: the layers found by :func:`loft.pairs.adapter_factors`, their base
+    adds to), by module name: the layers found by :func:`loft.adapter_factors`, their base
     through PEFT's ``get_base_layer()``."""
     return {name: m.get_base_layer().weight for name, m in model.named_modules() if adapter_factors(m)}
 
