@@ -174,6 +174,26 @@ def _prepare_folder(out: Path, identity: dict[str, Any], overwrite: bool, snapsh
         raise LoftUsageError(f"Cannot write to --output-dir {str(out)!r}: {e.strerror or e}.") from None
 
 
+def _check_request(methods: list[str], ranks: list[int], full: bool, output_dir: str, settings: dict[str, Any]) -> bool:
+    """Refuse a comparison that cannot run (unknown method, bad ranks, nothing to compare); whether
+    full fine-tuning is in it (not on a quantized base: said even with ``--quiet``)."""
+    check_output_option(output_dir, "runs/compare")
+    bad = [m for m in methods if m not in ADAPTER_METHODS]
+    if bad:
+        raise LoftUsageError(
+            f"--methods: unknown adapter method {bad[0]!r}; choose from {', '.join(ADAPTER_METHODS)} (full: --full)."
+        )
+    if full and (settings.get("load_in_4bit") or settings.get("load_in_8bit")):
+        full = False  # a quantized base cannot be fully fine-tuned (FinetuneConfig.check_quantization)
+        if is_main_process():  # printed even with --quiet: it changes what is compared
+            print("Full fine-tuning left out: it cannot train a quantized base (--load-in-4bit / --load-in-8bit).")
+    if not ranks or any(r < 1 for r in ranks):
+        raise LoftUsageError(f"--ranks must be positive integers, got {ranks}.")
+    if not methods and not full:
+        raise LoftUsageError("Nothing to compare: give --methods or --full.")
+    return full
+
+
 def run_compare(
     *,
     methods: list[str],
@@ -194,20 +214,7 @@ def run_compare(
     finished, resumes the interrupted one from its checkpoint and runs the rest.
     """
 
-    check_output_option(output_dir, "runs/compare")
-    bad = [m for m in methods if m not in ADAPTER_METHODS]
-    if bad:
-        raise LoftUsageError(
-            f"--methods: unknown adapter method {bad[0]!r}; choose from {', '.join(ADAPTER_METHODS)} (full: --full)."
-        )
-    if full and (settings.get("load_in_4bit") or settings.get("load_in_8bit")):
-        full = False  # a quantized base cannot be fully fine-tuned (FinetuneConfig.check_quantization)
-        if is_main_process():  # printed even with --quiet: it changes what is compared
-            print("Full fine-tuning left out: it cannot train a quantized base (--load-in-4bit / --load-in-8bit).")
-    if not ranks or any(r < 1 for r in ranks):
-        raise LoftUsageError(f"--ranks must be positive integers, got {ranks}.")
-    if not methods and not full:
-        raise LoftUsageError("Nothing to compare: give --methods or --full.")
+    full = _check_request(methods, ranks, full, output_dir, settings)
     lrs = lrs or {}
     out = Path(output_dir)
     plan = list(dict.fromkeys([(m, r) for m in methods for r in ranks] + ([("full", ranks[0])] if full else [])))

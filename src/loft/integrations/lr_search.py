@@ -68,6 +68,37 @@ def _write_record(path: Path, search: LRSearch) -> None:
     os.replace(tmp, path)
 
 
+def _trial_runner(model_init: Callable[[], Any], args: Any, trainer_class: type, train_part: Any, val_part: Any,
+                  run_steps: int, metric: str | None, bar: Any, trainer_kwargs: dict[str, Any]
+                  ) -> Callable[[float, int], dict[str, float | None]]:
+    """``train_and_score(lr, steps)`` for :func:`loft.find_lr`: a fresh ``model_init()`` (after
+    ``set_seed(args.seed)``) trained by ``trainer_class`` on ``train_part`` with the trial's copy of
+    ``args``, then ``trainer.evaluate()`` on ``val_part``; every step advances ``bar``."""
+    from transformers import TrainerCallback, set_seed
+
+    class _Bar(TrainerCallback):
+        def on_step_end(self, a, state, control, **kwargs):
+            bar.update(1)
+
+    def train_and_score(lr: float, steps: int) -> dict[str, float | None]:
+        bar.set_postfix(lr=f"{lr:g}", steps=steps)
+        with tempfile.TemporaryDirectory(prefix="loft-lr-trial-") as folder:
+            set_seed(args.seed)
+            trainer = trainer_class(model=model_init(), args=_trial_args(args, lr, steps, run_steps, folder),
+                                    train_dataset=train_part, eval_dataset=val_part, **trainer_kwargs)
+            trainer.add_callback(_Bar())
+            trainer.train()
+            scores = trainer.evaluate()
+            del trainer
+            gc.collect()
+        if metric is not None and metric not in scores:
+            raise KeyError(f"trainer.evaluate() gave no {metric!r} (it gave {sorted(scores)}); pass compute_metrics "
+                           "that computes it, or metric=None to rank the trials by eval_loss")
+        return {"metric": None if metric is None else scores[metric], "loss": scores["eval_loss"]}
+
+    return train_and_score
+
+
 def find_lr_with_trainer(
     model_init: Callable[[], Any],
     args: Any,
@@ -103,7 +134,6 @@ def find_lr_with_trainer(
     on the whole ``train_dataset`` with ``args.learning_rate = search.lr``), ``.as_dict()`` the record.
     """
     from tqdm.auto import tqdm
-    from transformers import TrainerCallback, set_seed
 
     if trainer_class is None:
         from .trainer import LoFTTrainer as trainer_class
@@ -124,25 +154,8 @@ def find_lr_with_trainer(
     bar = tqdm(total=plan.steps, initial=done.steps_done if done is not None and done.plan == plan else 0,
                desc="lr search", unit="step", disable=not progress)
 
-    class _Bar(TrainerCallback):
-        def on_step_end(self, a, state, control, **kwargs):
-            bar.update(1)
-
-    def train_and_score(lr: float, steps: int) -> dict[str, float | None]:
-        bar.set_postfix(lr=f"{lr:g}", steps=steps)
-        with tempfile.TemporaryDirectory(prefix="loft-lr-trial-") as folder:
-            set_seed(args.seed)
-            trainer = trainer_class(model=model_init(), args=_trial_args(args, lr, steps, run_steps, folder),
-                                    train_dataset=train_part, eval_dataset=val_part, **trainer_kwargs)
-            trainer.add_callback(_Bar())
-            trainer.train()
-            scores = trainer.evaluate()
-            del trainer
-            gc.collect()
-        if metric is not None and metric not in scores:
-            raise KeyError(f"trainer.evaluate() gave no {metric!r} (it gave {sorted(scores)}); pass compute_metrics "
-                           "that computes it, or metric=None to rank the trials by eval_loss")
-        return {"metric": None if metric is None else scores[metric], "loss": scores["eval_loss"]}
+    train_and_score = _trial_runner(model_init, args, trainer_class, train_part, val_part, run_steps, metric, bar,
+                                    trainer_kwargs)
 
     def save(search: LRSearch) -> None:
         if path is not None:
