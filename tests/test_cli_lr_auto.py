@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from _tiny import make_bert, make_llama, sentiment_records, write_jsonl
+from _tiny import sentiment_files, make_llama, sentiment_records, write_jsonl
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
@@ -26,15 +26,9 @@ from loft.app.rundir import CONFIG_FILE, LR_SEARCH_FILE, check_output_dir
 
 
 @pytest.fixture(scope="module")
-def bert(tmp_path_factory):
-    return make_bert(tmp_path_factory.mktemp("bert"))
-
-
-@pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """120 training reviews, 24 eval reviews (other texts: seed 1)."""
-    d = tmp_path_factory.mktemp("data")
-    return write_jsonl(d / "train.jsonl", sentiment_records(120)), write_jsonl(d / "test.jsonl", sentiment_records(24, seed=1))
+    return sentiment_files(tmp_path_factory.mktemp("data"), 120, 24)
 
 
 @pytest.fixture(autouse=True)
