@@ -12,13 +12,15 @@ from typing import Any, Callable, Hashable, TypeVar
 import _sweep
 from _stats import edge_to_extend
 
+from loft import lr_search as _lr_search
+
 Arm = TypeVar("Arm", bound=Hashable)
 
 
-def lattice(k: int) -> float:
-    """The k-th learning rate of the shared lattice ``1e-4 * 2**k`` (3 significant digits, so a
-    run's JSON identity is stable): ..., 5e-5, 1e-4, 2e-4, 4e-4, 8e-4, 1.6e-3, ..."""
-    return float(f"{1e-4 * 2.0 ** k:.3g}")
+#: the k-th learning rate of the shared lattice ``1e-4 * 2**k`` (3 significant digits, so a run's
+#: JSON identity is stable): ..., 5e-5, 1e-4, 2e-4, 4e-4, 8e-4, 1.6e-3, ... The one definition is
+#: loft's own (``loft.lr_search.lattice``, which ``--lr auto`` searches over).
+lattice = _lr_search.lattice
 
 
 def score(rec: dict[str, Any] | list[dict[str, Any]]) -> tuple[float, float]:

@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 KEEP = ("eval_accuracy", "eval_loss", "eval_accuracy_before", "eval_loss_before", "train_loss", "train_loss_last", "steps", "train_seconds", "seconds",
         "trainable_params", "num_train", "num_eval", "lr", "head_lr", "loss_curve", "quantization", "base_model_mb",
-        "peak_memory_mb", "load_peak_memory_mb", "peak_memory_kind", "eval_correct")
+        "peak_memory_mb", "load_peak_memory_mb", "peak_memory_kind", "eval_correct", "lr_search")
 
 
 def key(run: dict[str, Any]) -> str:
@@ -42,13 +42,19 @@ def key(run: dict[str, Any]) -> str:
 
 
 def carve_validation(data: str, n_val: int, folder: Path, seed: int = 1234) -> tuple[str, str, str]:
-    """Split built-in ``data``'s train file into ``folder/train.jsonl`` and ``folder/val.jsonl``
+    """Split built-in ``data``'s train file (or the file ``data``, a path relative to the repository
+    whose test split is ``test.jsonl`` beside it) into ``folder/train.jsonl`` and ``folder/val.jsonl``
     (``n_val`` records, shuffled with ``seed``); return (train, val, test) paths relative to the
     repository root (the result files name them; a user's checkout lives elsewhere)."""
-    from loft.app.data import builtin_path
+    from loft.app.data import BUILTIN_DATASETS, builtin_path
 
     folder.mkdir(parents=True, exist_ok=True)
-    lines = builtin_path(data, "train").read_text().splitlines()
+    if data in BUILTIN_DATASETS:
+        source, test = builtin_path(data, "train"), builtin_path(data, "test")
+    else:
+        source = REPO / data
+        test = source.with_name("test.jsonl")
+    lines = source.read_text().splitlines()
     order = list(range(len(lines)))
     random.Random(seed).shuffle(order)
     val = sorted(order[:n_val])
@@ -58,7 +64,7 @@ def carve_validation(data: str, n_val: int, folder: Path, seed: int = 1234) -> t
         text = "\n".join(lines[i] for i in idx) + "\n"
         if not path.is_file() or path.read_text() != text:
             path.write_text(text)
-    return tuple(str(p.resolve().relative_to(REPO)) for p in (train_path, val_path, builtin_path(data, "test")))
+    return tuple(str(p.resolve().relative_to(REPO)) for p in (train_path, val_path, test))
 
 
 def load_results(path: Path) -> dict[str, dict[str, Any]]:

@@ -87,6 +87,13 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
     return path
 
 
+def sentiment_files(folder: Path, n_train: int, n_test: int) -> tuple[Path, Path]:
+    """``folder/train.jsonl`` (``n_train`` reviews) and ``folder/test.jsonl`` (``n_test`` other
+    reviews: seed 1), for ``--data`` and ``--eval-data``."""
+    return (write_jsonl(folder / "train.jsonl", sentiment_records(n_train)),
+            write_jsonl(folder / "test.jsonl", sentiment_records(n_test, seed=1)))
+
+
 def make_llama_gguf(folder: Path, seed: int = 0) -> tuple[Path, LlamaForCausalLM]:
     """A 2-layer, hidden-32 Llama written as an unquantized (float32) GGUF file ``folder/tiny.gguf``
     with the ``gguf`` package (llama.cpp's tensor names, q/k rows permuted as its converter does),

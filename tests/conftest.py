@@ -59,6 +59,14 @@ def _sigint_per_test(_terminal_sigint):
 
 
 @pytest.fixture(scope="module")
+def bert(tmp_path_factory):
+    """A tiny random BERT (tokenizer included) saved in a folder, once per test module."""
+    from _tiny import make_bert
+
+    return make_bert(tmp_path_factory.mktemp("bert"))
+
+
+@pytest.fixture(scope="module")
 def llama(tmp_path_factory):
     """A tiny random Llama (tokenizer included) saved in a folder, once per test module."""
     from _tiny import make_llama

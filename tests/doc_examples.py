@@ -21,14 +21,15 @@ What the harness adds, so that the examples run in seconds on the built-in data 
 
 * ``loft finetune`` / ``compare``: ``--max-steps 2 --max-eval 8`` appended (typer takes the last
   value of a repeated option; not ``--max-steps`` where the command gives ``--epochs``: its data
-  are then the harness's few rows), and, where the command names no ``--model``, a tiny model built
+  are then the harness's few rows), with ``--lr auto`` also ``--lr-search-budget 12`` (a search
+  takes at least 23 steps), and, where the command names no ``--model``, a tiny model built
   from a config (BERT for classification data, Llama for ``social_iqa`` / ``social_iqa_sft``);
   ``loft federate``: ``--rounds 1 --local-steps 1 --clients 2 --max-eval 8`` and the tiny BERT;
   ``loft generate``: ``--max-new-tokens 4``.
 * Placeholders: ``path/to/...`` is the tiny BERT's folder; ``RUN_DIR`` is the instruction-tuning
   run an earlier command of the document made (``runs/social_iqa_sft-loft-r4``); files a command
   reads that the document does not make (``reviews.csv``, ``test.csv``, ``my.csv``,
-  ``question.txt``) are written into the scratch folder first (a few built-in examples); ``...``
+  ``question.txt``) are written into the scratch folder first (120 built-in reviews); ``...``
   as a ``loft finetune`` argument stands for the arguments of the block's previous ``loft finetune``.
 * A command with ``--resume`` continues after a Ctrl-C: the harness first runs the same command
   without ``--resume`` (with ``--overwrite``) and interrupts it after its first step.

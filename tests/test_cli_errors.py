@@ -6,14 +6,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from _tiny import make_bert, mc_records, sentiment_records, write_jsonl
+from _tiny import mc_records, sentiment_records, write_jsonl
 
 from loft.app.cli import main
-
-
-@pytest.fixture(scope="module")
-def bert(tmp_path_factory):
-    return make_bert(tmp_path_factory.mktemp("bert"))
 
 
 @pytest.fixture(scope="module")

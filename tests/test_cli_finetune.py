@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _tiny import make_bert, mc_records, sentiment_records, write_jsonl
+from _tiny import sentiment_files, mc_records
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
 
@@ -23,14 +23,8 @@ FAST = ["--max-steps", "6", "--batch-size", "8", "--quiet", "--lr", "5e-3", "--h
 
 
 @pytest.fixture(scope="module")
-def bert(tmp_path_factory):
-    return make_bert(tmp_path_factory.mktemp("bert"))
-
-
-@pytest.fixture(scope="module")
 def cls_data(tmp_path_factory):
-    d = tmp_path_factory.mktemp("cls")
-    return write_jsonl(d / "train.jsonl", sentiment_records(48)), write_jsonl(d / "test.jsonl", sentiment_records(24, seed=1))
+    return sentiment_files(tmp_path_factory.mktemp("cls"), 48, 24)
 
 
 def run(*args):

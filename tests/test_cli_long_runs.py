@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _tiny import make_bert, sentiment_records, write_jsonl
+from _tiny import sentiment_files
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
@@ -30,14 +30,8 @@ STEPS = 3
 
 
 @pytest.fixture(scope="module")
-def bert(tmp_path_factory):
-    return make_bert(tmp_path_factory.mktemp("bert"))
-
-
-@pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    return write_jsonl(d / "train.jsonl", sentiment_records(40)), write_jsonl(d / "test.jsonl", sentiment_records(8, seed=1))
+    return sentiment_files(tmp_path_factory.mktemp("data"), 40, 8)
 
 
 @pytest.fixture(autouse=True)

@@ -40,7 +40,7 @@ def test_compare_shares_finetune_options_exactly():
     finetune, compare = _params("finetune"), _params("compare")
     shared = [f.name for f, _ in compare_fields()]
     assert {"model", "data", "eval_data", "target_modules", "max_steps", "epochs", "head_lr", "batch_size",
-            "max_length", "max_eval", "seed", "fsdp", "load_in_4bit", "load_in_8bit"} == set(shared)
+            "max_length", "max_eval", "seed", "fsdp", "load_in_4bit", "load_in_8bit", "lr_search_budget"} == set(shared)
     for name in [*shared, "overwrite", "quiet"]:
         a, b = finetune[name], compare[name]
         # the parsed type as click sees it (typer's own type_descriptor exists only from typer 0.21;

@@ -116,7 +116,7 @@ def _scratch_files(folder: Path) -> None:
     """The input files the examples name without making them: a few built-in reviews as CSV, a prompt."""
     from loft.app.data import builtin_path, read_records
 
-    records = read_records(builtin_path("movie_sentiment", "train"))[:24]
+    records = read_records(builtin_path("movie_sentiment", "train"))[:120]  # enough for --lr auto's validation split
     for name in ("reviews.csv", "test.csv", "my.csv"):
         with open(folder / name, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=["text", "label"])
@@ -149,6 +149,8 @@ def loft_args(cmd: dx.Command, tiny: dict[str, str], previous: list[str] | None)
         args += ["--model", tiny["llama"] if _option(args, "--data", "-d") in LLAMA_DATA else tiny["bert"]]
     if sub in ("finetune", "compare"):  # (--epochs and --max-steps exclude each other: the scratch files are small)
         args += (["--max-steps", "2"] if _option(args, "--epochs") is None else []) + ["--max-eval", "8"]
+        if "auto" in (_option(args, "--lr") or ""):  # 2 steps' 25% cannot pay for a search (23 steps at least)
+            args += ["--lr-search-budget", "12"]
     elif sub == "federate":
         args += ["--rounds", "1", "--local-steps", "1", "--clients", "2", "--max-eval", "8"]
     elif sub == "generate":

@@ -20,7 +20,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from _tiny import make_bert, mc_records, sentiment_records
+from _tiny import mc_records, sentiment_records
 
 import loft.app.build
 import loft.app.compare
@@ -43,11 +43,6 @@ def refuse_to_write(*args, **kwargs):
 @pytest.fixture(autouse=True)
 def offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-
-@pytest.fixture(scope="module")
-def bert(tmp_path_factory):
-    return make_bert(tmp_path_factory.mktemp("bert"))
 
 
 def snapshot(root: Path, skip: Path) -> dict[str, tuple[int, int]]:

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from loft import LoFTAdamW
 from loft.app.cli import main
 from loft.app.data import builtin_path, read_records
-from loft.app.finetune import FinetuneConfig, build_run, finetune, plan_run
+from loft.app.finetune import FinetuneConfig, build_run, finetune, plan_run, prepare_folder
 from loft.app.status import RunStatus
 from loft.app.tasks import InstructionTask, make_task
 from loft.app.tasks.instruction import ALPACA_PROMPT, ANSWER_TOKENS, first_answer, normalize_answer
@@ -102,7 +102,7 @@ def loft_run(llama, data, tmp_path_factory):
 def _plan_and_build(cfg: FinetuneConfig):
     status = RunStatus(cfg, progress=False)
     plan, inputs = plan_run(cfg, overwrite=False, resume=False, status=status)
-    built = build_run(plan, inputs, callbacks=None, status=status)
+    built = build_run(plan, inputs, prepare_folder(plan, status), callbacks=None, status=status)
     return plan, inputs, built
 
 

@@ -172,7 +172,7 @@ def test_no_module_imports_a_private_name_of_another():
 
 
 #: the core as the application may use it (docs/architecture.md, "Two layers")
-PUBLIC_CORE = {"loft", "loft.federated", "loft.integrations", "loft.integrations.trainer",
+PUBLIC_CORE = {"loft", "loft.federated", "loft.lr_search", "loft.integrations", "loft.integrations.trainer",
                "loft.integrations.library_internals", "loft.linalg"}
 
 

@@ -21,7 +21,7 @@ METRICS_KEYS = [
     "rank", "lr", "head_lr", "model", "model_path", "data", "eval_data", "num_train", "num_eval", "batch_size",
     "processes", "max_length", "seed", "trainable_params", "total_params", "fresh_modules", "labels", "loss_curve",
     "loft_version", "torch_threads", "quantization", "base_model_mb", "peak_memory_mb", "load_peak_memory_mb",
-    "peak_memory_kind",
+    "peak_memory_kind", "lr_search",
 ]
 
 
@@ -68,5 +68,6 @@ def test_run_plan_is_frozen():
 
 def test_finetune_is_plan_build_train_save():
     source = inspect.getsource(ft.finetune)
-    order = [source.index(f"{step}(") for step in ("plan_run", "build_run", "train_run", "save_run")]
+    order = [source.index(f"{step}(") for step in ("plan_run", "prepare_folder", "choose_lr", "build_run", "train_run",
+                                                    "save_run")]
     assert order == sorted(order)

@@ -31,7 +31,7 @@ from .rundir import (
 from .status import RunStatus
 from .trainer import count_params, trainer_class
 
-__all__ = ["BuiltRun", "build_run", "start_run"]
+__all__ = ["BuiltRun", "RunFolder", "build_run", "prepare_folder", "start_run"]
 
 def start_run(
     out: Path, cfg: FinetuneConfig, plan: OutputPlan, *, model_path: str, world: int, status: RunStatus
@@ -69,6 +69,27 @@ def start_run(
 
 
 @dataclass
+class RunFolder:
+    """What the output directory held when :func:`prepare_folder` made it ready."""
+
+    checkpoint: str | None  # to resume from
+    before: dict[str, float] | None  # eval metrics before training, saved by an earlier attempt
+    progress: dict[str, Any] | None  # training progress saved in the checkpoint
+
+
+def prepare_folder(plan: RunPlan, status: RunStatus) -> RunFolder:
+    """Make the output directory ready (rank 0, which takes its lock; the others wait): only now,
+    with every input checked, is it touched."""
+    status.phase = "preparing the output directory"
+    if not plan.main:  # rank 0 sets it once it holds the folder's lock
+        status.output = plan.output
+    checkpoint, before, progress = on_main_process(
+        start_run, plan.out, plan.cfg, plan.output, model_path=plan.model_path, world=plan.world, status=status
+    )
+    return RunFolder(checkpoint, before, progress)
+
+
+@dataclass
 class BuiltRun:
     """What :func:`build_run` made: the Trainer and what the output directory held."""
 
@@ -82,20 +103,16 @@ class BuiltRun:
     total_params: int
 
 
-def build_run(plan: RunPlan, inputs: RunInputs, *, callbacks: list[Any] | None, status: RunStatus) -> BuiltRun:
-    """Make the output directory ready (rank 0; the others wait) and build the Trainer."""
+def build_run(plan: RunPlan, inputs: RunInputs, folder: RunFolder, *, callbacks: list[Any] | None,
+              status: RunStatus) -> BuiltRun:
+    """Build the Trainer of a run whose output directory :func:`prepare_folder` made ready."""
     from transformers import PrinterCallback
 
     from .callbacks import InterruptCallback, ProgressBar
 
     cfg, model = plan.cfg, inputs.model
-    # only now, with every input checked, touch the output directory
-    status.phase = "preparing the output directory"
-    if not plan.main:  # rank 0 sets it once it holds the folder's lock
-        status.output = plan.output
-    checkpoint, before, saved_progress = on_main_process(
-        start_run, plan.out, cfg, plan.output, model_path=plan.model_path, world=plan.world, status=status
-    )
+    checkpoint, before, saved_progress = folder.checkpoint, folder.before, folder.progress
+    status.phase = "building the trainer"
     has_head = any(plan.is_head(n) for n, p in model.named_parameters() if p.requires_grad)
 
     def build_optimizer(m: nn.Module) -> torch.optim.Optimizer:

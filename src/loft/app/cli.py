@@ -71,7 +71,8 @@ _COMPARE_OWN = {
     ],
     "rank": [],
     "lr": [_param("lrs", Optional[str], None, ("--lr",),
-                  "Learning rates per method, e.g. 'loft=5e-4,lora=2e-3' (defaults per method).")],
+                  "Learning rates per method, e.g. 'loft=5e-4,lora=2e-3' (defaults per method and task); auto "
+                  "(or loft=auto,...): each method searches its own rate, as loft finetune --lr auto.")],
     "output_dir": [_param("output_dir", str, "runs/compare", ("--output-dir", "-o"), "Folder for the runs, table and plot.")],
 }
 
@@ -143,6 +144,10 @@ def _summary(metrics: dict, method: str, rank: int, out) -> None:
     base = {"4bit": "4-bit base", "8bit": "8-bit base"}.get(metrics.get("quantization"), "full-precision base")
     print(f"Peak memory {metrics['peak_memory_mb']:,.0f} MiB training and evaluating, {metrics['load_peak_memory_mb']:,.0f} "
           f"MiB loading ({metrics['peak_memory_kind']}); {base}, its weights {metrics['base_model_mb']:,.1f} MiB.")
+    search = metrics.get("lr_search")
+    if search:
+        print(f"Learning rate {search['lr']:g} chosen by --lr auto ({search['trials']} trials, {search['steps']} steps of "
+              f"the budget's {search['budget_steps']}, {search['seconds']:.0f} s): {out}/lr_search.json, lr_search.png.")
     print(f"Saved to {out}/ (metrics.json, loss_curve.png, {'model' if method == 'full' else 'adapter'} files).")
 
 

@@ -20,15 +20,17 @@ from typing import Any
 
 from .atomic import atomic_write, write_failure, write_json, write_text
 from .errors import LoftUsageError, OutputWriteError, RunInterrupted, interruption
-from .config import ADAPTER_METHODS, check_output_option
-from .config import DEFAULT_LR, METHODS, FinetuneConfig
+from .autolr import plan_lr_search
+from .config import ADAPTER_METHODS, AUTO_LR, METHODS, FinetuneConfig, check_output_option, default_lr, parse_lr
 from .finetune import finetune
 from .load import prepare_inputs, resolve_targets
+from .plan import run_steps
 from .rundir import (
     CHECKPOINTS,
     METRICS_FILE,
     check_writable,
     latest_checkpoint,
+    search_progress,
     folder_snapshot,
     check_output_dir,
     clear_folder,
@@ -48,11 +50,12 @@ COLUMNS = ("method", "rank", "eval_accuracy", "train_loss", "lr", "head_lr", "tr
 OPTIONAL_COLUMNS = ("eval_perplexity",)
 
 
-def parse_lrs(text: str | None) -> dict[str, float]:
-    """``"loft=5e-4,lora=2e-3"`` (or one number for every method) -> ``{method: lr}``."""
+def parse_lrs(text: str | None) -> dict[str, float | str]:
+    """``"loft=5e-4,lora=2e-3"`` (or one number, or ``auto``, for every method; ``lora=auto``: search
+    that method's rate) -> ``{method: lr or "auto"}``."""
     if not text:
         return {}
-    out: dict[str, float] = {}
+    out: dict[str, float | str] = {}
     for part in text.split(","):
         part = part.strip()
         if not part:
@@ -60,12 +63,12 @@ def parse_lrs(text: str | None) -> dict[str, float]:
         name, sep, value = part.partition("=")
         try:
             if not sep:
-                return {m: float(part) for m in METHODS}
+                return {m: parse_lr(part) for m in METHODS}
             if name.strip() not in METHODS:
                 raise LoftUsageError(f"--lr {part!r}: unknown method {name.strip()!r} (methods: {', '.join(METHODS)}).")
-            out[name.strip()] = float(value)
-        except ValueError:
-            raise LoftUsageError(f"--lr {part!r}: expected method=number, e.g. loft=5e-4.") from None
+            out[name.strip()] = parse_lr(value)
+        except LoftUsageError:
+            raise LoftUsageError(f"--lr {part!r}: expected method=number or method=auto, e.g. loft=5e-4.") from None
     return out
 
 
@@ -148,7 +151,7 @@ def _run_states(out: Path, identity: dict[str, Any], runs: list[tuple[str, Finet
         elif (sub / METRICS_FILE).is_file() and not (sub / CHECKPOINTS).exists():
             check_output_dir(sub, cfg.identity(), overwrite=False, resume=False)  # the same settings
             states[name] = "done"
-        elif latest_checkpoint(sub) is not None:
+        elif latest_checkpoint(sub) is not None or search_progress(sub):  # a checkpoint, or a search (--lr auto)
             check_output_dir(sub, cfg.identity(), overwrite=False, resume=True)  # refuses a damaged checkpoint
             states[name] = "resume"
         else:
@@ -171,6 +174,26 @@ def _prepare_folder(out: Path, identity: dict[str, Any], overwrite: bool, snapsh
         raise LoftUsageError(f"Cannot write to --output-dir {str(out)!r}: {e.strerror or e}.") from None
 
 
+def _check_request(methods: list[str], ranks: list[int], full: bool, output_dir: str, settings: dict[str, Any]) -> bool:
+    """Refuse a comparison that cannot run (unknown method, bad ranks, nothing to compare); whether
+    full fine-tuning is in it (not on a quantized base: said even with ``--quiet``)."""
+    check_output_option(output_dir, "runs/compare")
+    bad = [m for m in methods if m not in ADAPTER_METHODS]
+    if bad:
+        raise LoftUsageError(
+            f"--methods: unknown adapter method {bad[0]!r}; choose from {', '.join(ADAPTER_METHODS)} (full: --full)."
+        )
+    if full and (settings.get("load_in_4bit") or settings.get("load_in_8bit")):
+        full = False  # a quantized base cannot be fully fine-tuned (FinetuneConfig.check_quantization)
+        if is_main_process():  # printed even with --quiet: it changes what is compared
+            print("Full fine-tuning left out: it cannot train a quantized base (--load-in-4bit / --load-in-8bit).")
+    if not ranks or any(r < 1 for r in ranks):
+        raise LoftUsageError(f"--ranks must be positive integers, got {ranks}.")
+    if not methods and not full:
+        raise LoftUsageError("Nothing to compare: give --methods or --full.")
+    return full
+
+
 def run_compare(
     *,
     methods: list[str],
@@ -191,25 +214,12 @@ def run_compare(
     finished, resumes the interrupted one from its checkpoint and runs the rest.
     """
 
-    check_output_option(output_dir, "runs/compare")
-    bad = [m for m in methods if m not in ADAPTER_METHODS]
-    if bad:
-        raise LoftUsageError(
-            f"--methods: unknown adapter method {bad[0]!r}; choose from {', '.join(ADAPTER_METHODS)} (full: --full)."
-        )
-    if full and (settings.get("load_in_4bit") or settings.get("load_in_8bit")):
-        full = False  # a quantized base cannot be fully fine-tuned (FinetuneConfig.check_quantization)
-        if is_main_process():  # printed even with --quiet: it changes what is compared
-            print("Full fine-tuning left out: it cannot train a quantized base (--load-in-4bit / --load-in-8bit).")
-    if not ranks or any(r < 1 for r in ranks):
-        raise LoftUsageError(f"--ranks must be positive integers, got {ranks}.")
-    if not methods and not full:
-        raise LoftUsageError("Nothing to compare: give --methods or --full.")
+    full = _check_request(methods, ranks, full, output_dir, settings)
     lrs = lrs or {}
     out = Path(output_dir)
     plan = list(dict.fromkeys([(m, r) for m in methods for r in ranks] + ([("full", ranks[0])] if full else [])))
     runs = [
-        (run_name(m, r), FinetuneConfig(method=m, rank=r, lr=lrs.get(m, DEFAULT_LR[m]), output_dir=str(out / run_name(m, r)),
+        (run_name(m, r), FinetuneConfig(method=m, rank=r, lr=lrs.get(m), output_dir=str(out / run_name(m, r)),
                                         eval_before=False, **settings))
         for m, r in plan
     ]
@@ -218,14 +228,19 @@ def run_compare(
         cfg.check(processes)
     init_processes()
     # Every input of every run, before anything is written: data and model (loaded once), then
-    # each run's layers and rank.
+    # each run's layers and rank, its default learning rate (per task) or its search (--lr auto).
     inputs = prepare_inputs(runs[0][1], processes)
+    task = inputs.task
     for name, cfg in runs:
         if cfg.method != "full":
             resolve_targets(inputs.model, cfg.target_modules, cfg.rank, set(inputs.fresh))
-    del inputs
+        if cfg.lr is None:
+            cfg.lr = default_lr(cfg.method, task.kind)
+        plan_lr_search(cfg, task.kind, task.num_train, run_steps(cfg, task.num_train)[1], default_lr(cfg.method, task.kind))
+    del inputs, task
+    shared = {k: v for k, v in settings.items() if k != "lr_search_budget" or AUTO_LR in lrs.values()}
     identity = json.loads(json.dumps({"methods": methods, "ranks": ranks, "full": full, "lrs": lrs,
-                                      "settings": settings}, default=str))
+                                      "settings": shared}, default=str))
     states, snapshot = on_main_process(_check_folder, out, identity, runs, overwrite, resume)
     held: list[RunLock] = []
     try:

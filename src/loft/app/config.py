@@ -17,8 +17,11 @@ from typing import Any, Callable, Optional
 from .errors import LoftUsageError
 
 __all__ = [
+    "AUTO_LR",
     "DEFAULT_HEAD_LR",
     "DEFAULT_LR",
+    "DEFAULT_LRS",
+    "TASK_FAMILIES",
     "ADAPTER_METHODS",
     "DEFAULT_MAX_STEPS",
     "METHODS",
@@ -29,9 +32,12 @@ __all__ = [
     "check_output_option",
     "check_fsdp",
     "compare_fields",
+    "default_lr",
     "finetune_fields",
     "option",
     "option_fields",
+    "parse_lr",
+    "parse_rate",
     "shared_option",
     "split_modules",
 ]
@@ -42,11 +48,33 @@ METHODS = ("loft", "lora", "dora", "loraplus", "lorafa", "pissa", "rslora", "ful
 #: the methods that train an adapter (``loft compare --methods``)
 ADAPTER_METHODS = tuple(m for m in METHODS if m != "full")
 
-#: Default learning rate per method (MiniLM-L6 on movie_sentiment; see docs/workflow.md; loft: the
-#: stability runs of docs/results/evidence_sentiment.md, section 4; loraplus, lorafa, pissa, rslora:
-#: docs/results/app_lrs.md).
-DEFAULT_LR = {"loft": 2e-4, "lora": 2e-3, "dora": 2e-3, "loraplus": 2.5e-4, "lorafa": 8e-3, "pissa": 5e-4,
+#: The task families of ``loft finetune`` (a task's ``kind``): an encoder with a fresh head, and a causal LM
+#: scored on multiple-choice answers or trained on instruction data (TRL's SFTTrainer).
+TASK_FAMILIES = ("classification", "multiple_choice", "instruction")
+#: Measured on MiniLM-L6 + movie_sentiment (docs/workflow.md, "Measurements"): loft 2e-4 from the stability
+#: runs of docs/results/evidence_sentiment.md, section 4; lora, dora 2e-3 and full 1e-4 the usual ratios to
+#: loft's first default (5e-4), next to the per-rank tuning of that report's section 1; loraplus, lorafa,
+#: pissa, rslora from docs/results/app_lrs.md (one seed, validation split).
+_SENTIMENT = {"loft": 2e-4, "lora": 2e-3, "dora": 2e-3, "loraplus": 2.5e-4, "lorafa": 8e-3, "pissa": 5e-4,
               "rslora": 2e-3, "full": 1e-4}
+#: Default learning rate per task family and method: ``DEFAULT_LRS[family][method]``. Classification's
+#: come from the measurements above; multiple choice's and instruction's are copies of them, not yet
+#: measured on those families: benchmarks/lr_defaults.py (issue 30, item 1) tunes every method on two
+#: tasks per family and its report gives the numbers that replace them (docs/results.md, "Learning rates").
+DEFAULT_LRS: dict[str, dict[str, float]] = {
+    "classification": dict(_SENTIMENT),
+    "multiple_choice": dict(_SENTIMENT),  # not measured on this family yet (copied from classification)
+    "instruction": dict(_SENTIMENT),  # not measured on this family yet (copied from classification)
+}
+#: Classification's defaults (the default task), by method.
+DEFAULT_LR = DEFAULT_LRS["classification"]
+#: ``--lr auto``: search the learning rate (loft/app/lr_search.py) instead of taking the default.
+AUTO_LR = "auto"
+
+
+def default_lr(method: str, family: str = "classification") -> float:
+    """The default learning rate of ``method`` on a task of ``family`` (:data:`DEFAULT_LRS`)."""
+    return DEFAULT_LRS[family][method]
 #: Default learning rate of fresh head parameters, the same for every method (docs/workflow.md).
 DEFAULT_HEAD_LR = 2e-3
 #: Steps of the default run (and of each ``loft compare`` run) when neither steps nor epochs are given.
@@ -76,6 +104,28 @@ def _sci(value: float) -> str:
     """``0.00025`` -> ``"2.5e-4"`` (for help texts)."""
     mantissa, exponent = f"{value:e}".split("e")
     return f"{float(mantissa):g}e{int(exponent)}"
+
+
+def parse_rate(text: str | float | None, flag: str = "--lr") -> float | None:
+    """A learning rate given on the command line: a number (``None`` when not given). Its range is
+    checked with the other settings; ``auto`` is refused here (a search is loft finetune's and loft
+    compare's)."""
+    if text is None or isinstance(text, (int, float)):
+        return text
+    if text.strip().lower() == AUTO_LR:
+        raise LoftUsageError(f"{flag} auto (a learning-rate search) is for loft finetune and loft compare; give "
+                             f"{flag} a number here, or leave it out for the default.")
+    try:
+        return float(text)
+    except ValueError:
+        raise LoftUsageError(f"{flag} takes a number (e.g. 2e-4) or auto, got {text!r}.") from None
+
+
+def parse_lr(text: str | float | None) -> float | str | None:
+    """``--lr``: a number, or ``auto`` (search it: loft/app/lr_search.py)."""
+    if isinstance(text, str) and text.strip().lower() == AUTO_LR:
+        return AUTO_LR
+    return parse_rate(text)
 
 
 def split_modules(values: list[str] | None) -> list[str] | None:
@@ -112,9 +162,16 @@ class FinetuneConfig:
     )
     max_steps: int | None = option(None, "--max-steps", help="Optimizer steps (default 400 when --epochs is not given).")
     epochs: float | None = option(None, "--epochs", help="Epochs over --data instead of --max-steps.")
-    lr: float | None = option(
-        None, "--lr", help="Learning rate (default per method: " + ", ".join(f"{m} {_sci(v)}" for m, v in DEFAULT_LR.items())
-        + ").", compare=False
+    lr: float | str | None = option(
+        None, "--lr", cli_type=Optional[str], parse=parse_lr,
+        help="Learning rate, or auto: search it (successive halving over 1e-4 * 2**k around the default, on a "
+        "validation split carved from the training data, within --lr-search-budget). Default per method and task "
+        "(classification: " + ", ".join(f"{m} {_sci(v)}" for m, v in DEFAULT_LR.items()) + ").", compare=False
+    )
+    lr_search_budget: float = option(
+        0.25, "--lr-search-budget",
+        help="With --lr auto: the most training steps the search may take, as a fraction of the run's steps "
+        "(0.25: a quarter).",
     )
     head_lr: float | None = option(None, "--head-lr", help="Learning rate of the fresh head (every method). Default 2e-3.")
     batch_size: int = option(
@@ -152,6 +209,8 @@ class FinetuneConfig:
     save_steps: int = 200
     logging_steps: int = 10
     eval_before: bool = True
+    lr_search_points: int = 7  # --lr auto: lattice rates searched (7: 1/8 to 8 times the default)
+    lr_trial: bool = False  # a trial of a learning-rate search: no checkpoints, no result files
 
     def check(self, processes: int = 1) -> None:
         """Refuse impossible settings with a clear message (``processes``: data-parallel processes)."""
@@ -169,8 +228,13 @@ class FinetuneConfig:
             raise LoftUsageError(f"--epochs must be a finite number, got {self.epochs}.")
         for name in ("lr", "head_lr"):
             value = getattr(self, name)
-            if value is not None and not (value > 0 and math.isfinite(value)):
+            if value is not None and value != AUTO_LR and not (value > 0 and math.isfinite(value)):
                 raise LoftUsageError(f"--{name.replace('_', '-')} must be > 0 and finite, got {value}.")
+        if not (self.lr_search_budget > 0 and math.isfinite(self.lr_search_budget)):
+            raise LoftUsageError(
+                f"--lr-search-budget must be a fraction > 0 of the run's steps (0.25: a quarter), got {self.lr_search_budget}.")
+        if self.lr_search_points < 2:
+            raise LoftUsageError(f"FinetuneConfig.lr_search_points must be >= 2, got {self.lr_search_points}.")
         if not 0 <= self.seed < 2**32:
             raise LoftUsageError(f"--seed must be between 0 and {2**32 - 1}, got {self.seed}.")
         if self.batch_size < 1:
@@ -220,9 +284,12 @@ class FinetuneConfig:
         d = dataclasses.asdict(self)
         for key in ("output_dir", "save_steps", "logging_steps"):
             d.pop(key)
-        for key in ("load_in_4bit", "load_in_8bit"):  # absent (False) in runs made before these options
+        for key in ("load_in_4bit", "load_in_8bit", "lr_trial"):  # absent (False) in runs made before these options
             if not d[key]:
                 d.pop(key)
+        if self.lr != AUTO_LR:  # the search's settings matter only to a search
+            d.pop("lr_search_budget")
+            d.pop("lr_search_points")
         return d
 
 
@@ -274,7 +341,7 @@ def check_fsdp(fsdp: bool, method: str, processes: int, quantization: str | None
 
 #: FinetuneConfig fields that are deliberately not command-line options (set from Python).
 NOT_OPTIONS = ("alpha", "warmup_ratio", "weight_decay", "max_grad_norm", "grad_accum", "save_steps", "logging_steps",
-               "eval_before")
+               "eval_before", "lr_search_points", "lr_trial")
 
 
 def option_fields(cls: type) -> list[tuple[dataclasses.Field, OptionSpec]]:

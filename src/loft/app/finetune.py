@@ -14,6 +14,7 @@ Output directory::
     metrics.json                  accuracy before / after, losses, learning rates, timings
     loss_curve.png
     checkpoints/checkpoint-N      while training (Ctrl-C or --save-steps); removed at the end
+    lr_search.json, lr_search.png (--lr auto: the learning-rate search, loft/app/autolr.py)
 
 Under ``torchrun`` / ``accelerate launch`` every process runs :func:`finetune`; Trainer trains
 with DDP, ``batch_size`` is the global batch (split evenly over the processes), and only the
@@ -22,6 +23,7 @@ main process (rank 0) touches the output directory and prints (see :mod:`loft.ap
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,10 +33,11 @@ import torch
 
 from .. import __version__
 from .atomic import write_failure, write_json
+from .autolr import search_lr
 from .config import DEFAULT_HEAD_LR, DEFAULT_LR, METHODS, FinetuneConfig
 from .errors import OutputWriteError, RunInterrupted, Terminated, interruption
 from .launch import barrier, on_main_process
-from .build import BuiltRun, build_run
+from .build import BuiltRun, build_run, prepare_folder
 from .plan import RunInputs, RunPlan, plan_run
 from .results import RunMetrics, eval_summary, save_results
 from .rundir import (
@@ -53,8 +56,10 @@ __all__ = [
     "RunMetrics",
     "RunPlan",
     "build_run",
+    "choose_lr",
     "finetune",
     "plan_run",
+    "prepare_folder",
     "save_run",
     "train_run",
 ]
@@ -79,9 +84,10 @@ def finetune(
 ) -> dict[str, Any]:
     """Run one fine-tuning job; return its metrics (also written to ``metrics.json``).
 
-    Four steps: :func:`plan_run` (check every input, decide everything; nothing written),
-    :func:`build_run` (prepare the output directory, build the Trainer), :func:`train_run`
-    (evaluate before, train) and :func:`save_run` (evaluate after, write the results).
+    The steps: :func:`plan_run` (check every input, decide everything; nothing written),
+    :func:`prepare_folder` (the output directory made ready), with ``--lr auto`` :func:`choose_lr`
+    (the learning-rate search), :func:`build_run` (the Trainer), :func:`train_run` (evaluate
+    before, train) and :func:`save_run` (evaluate after, write the results).
 
     Raises :class:`LoftUsageError` for bad input (before anything is written) and
     :class:`RunInterrupted` when Ctrl-C stopped the run (its message says what was kept).
@@ -91,7 +97,10 @@ def finetune(
     try:
         with sigterm_as_interrupt():  # SIGTERM: as Ctrl-C (a checkpoint during training), exit status 143
             plan, inputs = plan_run(cfg, overwrite=overwrite, resume=resume, status=status)
-            built = build_run(plan, inputs, callbacks=callbacks, status=status)
+            folder = prepare_folder(plan, status)
+            if plan.lr_search is not None:
+                plan = choose_lr(plan, inputs, status=status)
+            built = build_run(plan, inputs, folder, callbacks=callbacks, status=status)
             trained = train_run(plan, inputs, built, status=status)
             return save_run(plan, inputs, built, trained, status=status).as_dict()
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM outside the training steps, or a second one in them
@@ -104,6 +113,18 @@ def finetune(
             inputs.pissa.close()
 
 
+
+
+def choose_lr(plan: RunPlan, inputs: RunInputs, *, status: RunStatus) -> RunPlan:
+    """``--lr auto``: search the learning rate (loft/app/autolr.py; each trial a short
+    :func:`finetune` of its own), or read back the search an earlier attempt finished; return the
+    plan at the chosen rate (the Trainer's arguments set to it)."""
+    status.phase = "searching the learning rate (--lr auto)"
+    search, summary = search_lr(plan.cfg, plan.lr_search, out=plan.out, kind=plan.task_kind, model=plan.model_spec,
+                                progress=status.progress, run=finetune)
+    status.memory.restart()  # the run's peak memory: its own training and evaluations, not the trials'
+    inputs.args.learning_rate = search.lr
+    return dataclasses.replace(plan, method_lr=search.lr, lr_summary=summary)
 
 
 @dataclass
@@ -206,7 +227,11 @@ def save_run(plan: RunPlan, inputs: RunInputs, built: BuiltRun, trained: Trained
         peak_memory_mb=peak_memory_mb,
         load_peak_memory_mb=status.load_peak_mb,
         peak_memory_kind=status.memory.kind,
+        lr_search=plan.lr_summary,
     )
+    if cfg.lr_trial:  # a trial of a learning-rate search: its metrics are all it leaves (autolr.py)
+        metrics.seconds = round(time.perf_counter() - status.t_start, 1)
+        return metrics
     status.phase = "saving the results"
     weights = full_trainable_state(inputs.model) if cfg.fsdp else None  # a collective: every rank
     save = inputs.pissa.save if inputs.pissa is not None else None

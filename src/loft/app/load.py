@@ -31,7 +31,20 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
-def load_data(cfg: FinetuneConfig):
+@dataclass
+class DataSplit:
+    """A run's training and eval records (each with its ``_line``) and where they come from."""
+
+    train_records: list[dict[str, Any]]
+    train_path: Any  # Path
+    eval_records: list[dict[str, Any]]
+    eval_path: Any  # Path
+    eval_note: str
+
+
+def split_data(cfg: FinetuneConfig) -> DataSplit:
+    """The run's training and eval records: ``--data`` and ``--eval-data``, the built-in test split,
+    or 10% of ``--data`` held out (``--seed``). Every record is checked."""
     from .tasks import make_task
 
     train_path = resolve_data(cfg.data, "train")
@@ -54,9 +67,17 @@ def load_data(cfg: FinetuneConfig):
         eval_records, train_records = shuffled[:n_eval], shuffled[n_eval:]
         eval_path = train_path
         eval_note = f"10% of {train_path} held out (seed {cfg.seed})"
-    task = make_task(train_records, train_path, eval_records, eval_path)
+    return DataSplit(train_records, train_path, eval_records, eval_path, eval_note)
+
+
+def load_data(cfg: FinetuneConfig):
+    """``(task, training file, where the eval data come from)`` of the run."""
+    from .tasks import make_task
+
+    split = split_data(cfg)
+    task = make_task(split.train_records, split.train_path, split.eval_records, split.eval_path)
     task.limit_eval(cfg.max_eval)
-    return task, str(train_path), eval_note
+    return task, str(split.train_path), split.eval_note
 
 
 def one_line(e: BaseException) -> str:

@@ -9,7 +9,8 @@ from typing import Any
 
 from torch import nn
 
-from .config import DEFAULT_HEAD_LR, DEFAULT_LR, DEFAULT_MAX_STEPS, FinetuneConfig, check_batch_split
+from .autolr import plan_lr_search
+from .config import AUTO_LR, DEFAULT_HEAD_LR, DEFAULT_MAX_STEPS, FinetuneConfig, check_batch_split, default_lr
 from .errors import LoftUsageError
 from .launch import init_processes, is_main_process, launched_processes, on_main_process
 from .load import apply_method, prepare_inputs, resolve_targets
@@ -46,6 +47,8 @@ class RunPlan:
     batch_size: int  # examples per optimizer step, all processes together
     output: OutputPlan  # new / overwrite / rerun / resume (and the checkpoint)
     base_model_mb: float = 0.0  # the base model's weights and buffers, as loaded
+    lr_search: Any = None  # --lr auto: the search to make (loft.lr_search.SearchPlan); method_lr is its centre until then
+    lr_summary: dict[str, Any] | None = None  # --lr auto: the search made (metrics.json's lr_search)
 
     def is_head(self, name: str) -> bool:
         """Whether parameter ``name`` belongs to the fresh head (trained at ``head_lr``)."""
@@ -94,6 +97,17 @@ def _examples_per_step(cfg: FinetuneConfig, num_train: int, main: bool) -> int:
     return num_train
 
 
+def run_steps(cfg: FinetuneConfig, num_train: int) -> tuple[int, int]:
+    """``(optimizer steps per epoch, steps of the run)`` on ``num_train`` training examples:
+    ``--max-steps``, or ``--epochs`` over the data, or :data:`DEFAULT_MAX_STEPS`."""
+    steps_per_epoch = math.ceil(num_train / (cfg.batch_size * cfg.grad_accum))
+    if cfg.max_steps is not None:
+        return steps_per_epoch, cfg.max_steps
+    if cfg.epochs is not None:
+        return steps_per_epoch, max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    return steps_per_epoch, DEFAULT_MAX_STEPS
+
+
 def plan_run(cfg: FinetuneConfig, *, overwrite: bool, resume: bool, status: RunStatus) -> tuple[RunPlan, RunInputs]:
     """Check every input and decide the run, writing nothing: join the other processes, load
     the data and the model, resolve the layers to adapt and wrap the model for the method,
@@ -110,19 +124,17 @@ def plan_run(cfg: FinetuneConfig, *, overwrite: bool, resume: bool, status: RunS
     status.load_peak_mb = status.memory.read()  # loading the model; from here on, training and evaluating
     status.memory.restart()
     task = loaded.task
-    method_lr = cfg.lr if cfg.lr is not None else DEFAULT_LR[cfg.method]
+    default = default_lr(cfg.method, task.kind)
+    method_lr = default if cfg.lr is None or cfg.lr == AUTO_LR else cfg.lr  # --lr auto: the search's centre, for now
     head_lr = cfg.head_lr if cfg.head_lr is not None else DEFAULT_HEAD_LR
-    steps_per_epoch = math.ceil(task.num_train / (cfg.batch_size * cfg.grad_accum))
-    if cfg.max_steps is not None:
-        max_steps = cfg.max_steps
-    elif cfg.epochs is not None:
-        max_steps = max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    else:
-        max_steps = DEFAULT_MAX_STEPS
+    steps_per_epoch, max_steps = run_steps(cfg, task.num_train)
+    lr_search = plan_lr_search(cfg, task.kind, task.num_train, max_steps, default)  # None without --lr auto
     targets = None if cfg.method == "full" else resolve_targets(loaded.model, cfg.target_modules, cfg.rank, set(loaded.fresh))
     model = apply_method(cfg, task, loaded.model, loaded.fresh, targets)
     args = training_args(cfg, out, max_steps, method_lr, processes, fsdp_args(cfg, loaded.model))
     args = task.training_arguments(args, loaded.max_length)  # TRL's SFTConfig for instruction data
+    if cfg.lr_trial:  # a trial of a learning-rate search: a checkpoint only when interrupted (to resume it)
+        args.set_save(strategy="no")
     world = _check_world(args, processes, cfg)
     output = on_main_process(check_output_dir, out, cfg.identity(), overwrite=overwrite, resume=resume)
     # PiSSA: its initial adapter (untrained), to convert the trained one for the original base when saving
@@ -134,5 +146,6 @@ def plan_run(cfg: FinetuneConfig, *, overwrite: bool, resume: bool, status: RunS
         fresh=tuple(loaded.fresh), targets=None if targets is None else tuple(targets), method_lr=method_lr,
         head_lr=head_lr, steps_per_epoch=steps_per_epoch, max_steps=max_steps,
         batch_size=_examples_per_step(cfg, task.num_train, main), output=output, base_model_mb=loaded.base_model_mb,
+        lr_search=lr_search,
     )
     return plan, RunInputs(task=task, model=model, tokenizer=loaded.tokenizer, args=args, pissa=pissa)

@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-__all__ = ["plot_compare", "plot_loss_curve", "plot_rounds"]
+__all__ = ["plot_compare", "plot_loss_curve", "plot_lr_search", "plot_rounds"]
 
 
 def plot_loss_curve(curve: Sequence[tuple[int, float]], path: str | Path, title: str) -> None:
@@ -87,6 +87,35 @@ def plot_rounds(runs: Mapping[str, Sequence[Mapping]], path: str | Path, title: 
         right.legend(fontsize="small")
     right.grid(alpha=0.3)
     fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_lr_search(record: Mapping, path: str | Path, title: str) -> None:
+    """A learning-rate search (``lr_search.json``'s record, loft/app/autolr.py): the validation
+    accuracy (the loss where no trial has one) of every trial against its learning rate, one line
+    per rung (its steps), the default rate and the chosen one marked."""
+    trials = record["trials"]
+    key = "metric" if any(t.get("metric") is not None for t in trials) else "loss"
+    label = "validation accuracy" if key == "metric" else "validation loss"
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for rung in sorted({t["rung"] for t in trials}):
+        pts = sorted((t["lr"], t[key]) for t in trials if t["rung"] == rung and t.get(key) is not None)
+        if pts:
+            steps = next(t["steps"] for t in trials if t["rung"] == rung)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{steps} step{'' if steps == 1 else 's'}")
+    ax.axvline(record["default_lr"], color="grey", linestyle=":", linewidth=1, label=f"default {record['default_lr']:g}")
+    if record.get("lr") is not None:
+        ax.axvline(record["lr"], color="black", linestyle="--", linewidth=1, label=f"chosen {record['lr']:g}")
+    ax.set_xscale("log")
+    ax.set_xticks(record["lrs"], [f"{lr:g}" for lr in record["lrs"]], rotation=30)
+    ax.minorticks_off()
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel(label)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -63,6 +63,7 @@ class RunMetrics:
     peak_memory_mb: float  # peak memory of this attempt once the model was loaded (loft/app/memory.py), MiB
     load_peak_memory_mb: float | None  # peak memory while loading the data and the model, MiB
     peak_memory_kind: str  # what peak_memory_mb measures: peak RSS (CPU) or torch.cuda.max_memory_allocated
+    lr_search: dict[str, Any] | None = None  # --lr auto: the chosen rate and what the search cost (lr_search.json)
 
     def as_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

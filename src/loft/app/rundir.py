@@ -26,6 +26,8 @@ __all__ = [
     "CHECKPOINTS",
     "CONFIG_FILE",
     "EVAL_BEFORE_FILE",
+    "LR_SEARCH_DIR",
+    "LR_SEARCH_FILE",
     "METRICS_FILE",
     "PROGRESS_FILE",
     "STAGING",
@@ -43,6 +45,7 @@ __all__ = [
     "read_run_config",
     "run_name",
     "folder_snapshot",
+    "search_progress",
     "take_output_dir",
 ]
 
@@ -54,6 +57,9 @@ EVAL_BEFORE_FILE = "eval_before.json"
 STAGING = ".incoming"
 #: In each checkpoint: the per-step training losses and training seconds so far (metrics after --resume).
 PROGRESS_FILE = "loft_progress.json"
+#: ``--lr auto``: the learning-rate search's record, and its scratch folder while it runs (loft/app/autolr.py)
+LR_SEARCH_FILE = "lr_search.json"
+LR_SEARCH_DIR = "lr_search"
 
 
 def run_name(method: str, rank: int) -> str:
@@ -83,6 +89,20 @@ def checkpoints_in(out: Path) -> list[Path]:
 def latest_checkpoint(out: Path) -> Path | None:
     found = checkpoints_in(out)
     return found[0] if found else None
+
+
+def search_progress(out: Path) -> bool:
+    """Whether an unfinished run in ``out`` has a learning-rate search (``--lr auto``) to continue:
+    finished trials in ``lr_search.json``, or a trial's checkpoint. Like a checkpoint, it makes the
+    run one to ``--resume`` rather than to start again."""
+    try:
+        record = json.loads((out / LR_SEARCH_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        record = None
+    if isinstance(record, dict) and record.get("trials"):
+        return True
+    scratch = out / LR_SEARCH_DIR
+    return scratch.is_dir() and any(latest_checkpoint(d) is not None for d in scratch.iterdir() if d.is_dir())
 
 
 def file_damage(path: Path) -> str | None:
@@ -287,10 +307,12 @@ def _decide(out: Path, identity: dict[str, Any], *, overwrite: bool, resume: boo
         if checkpoint is None:
             if finished:
                 raise LoftUsageError(f"The run in {str(out)!r} already finished (metrics.json); nothing to resume.")
+            if search_progress(out):  # stopped in its learning-rate search (or before training): continue it
+                return OutputPlan("resume", None, existed=True)
             return OutputPlan("restart", existed=True)  # stopped before its first checkpoint
         return OutputPlan("resume", checkpoint, existed=True)
     if not finished:
-        if latest_checkpoint(out) is None:  # stopped before its first checkpoint: nothing to continue or lose
+        if latest_checkpoint(out) is None and not search_progress(out):  # nothing to continue or lose
             return OutputPlan("restart", existed=True)
         raise LoftUsageError(
             f"Output directory {str(out)!r} holds an unfinished run of these settings; nothing was changed. Continue "

@@ -9,7 +9,18 @@ import time
 from .config import FinetuneConfig
 from .errors import Terminated, interruption
 from .memory import start_peak_memory
-from .rundir import CHECKPOINTS, CONFIG_FILE, EVAL_BEFORE_FILE, STAGING, OutputPlan, default_output_dir, latest_checkpoint
+from .rundir import (
+    CHECKPOINTS,
+    CONFIG_FILE,
+    EVAL_BEFORE_FILE,
+    LR_SEARCH_DIR,
+    LR_SEARCH_FILE,
+    STAGING,
+    OutputPlan,
+    default_output_dir,
+    latest_checkpoint,
+    search_progress,
+)
 from .runlock import RunLock
 
 class RunStatus:
@@ -71,8 +82,11 @@ class RunStatus:
             return f"{where}; the finished run in {self.out} is unchanged."
         if self.output.action == "resume":
             return f"{where}; the run in {self.out} is unchanged; continue with --resume."
+        if self.out.is_dir() and search_progress(self.out):  # --lr auto: its finished trials are worth keeping
+            return (f"{where}; the learning-rate search so far is kept ({self.out / LR_SEARCH_FILE}); continue with the "
+                    "same command plus --resume.")
         if self.main:  # a new run that never reached a checkpoint: leave the folder as it was
-            for name in (CONFIG_FILE, EVAL_BEFORE_FILE, STAGING, CHECKPOINTS):
+            for name in (CONFIG_FILE, EVAL_BEFORE_FILE, STAGING, CHECKPOINTS, LR_SEARCH_DIR, LR_SEARCH_FILE):
                 path = self.out / name
                 shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
             self.release()

@@ -12,9 +12,9 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
-from ..config import DEFAULT_LR, FinetuneConfig, check_output_option, option, shared_option
+from ..config import DEFAULT_LR, FinetuneConfig, check_output_option, option, parse_rate, shared_option
 from ..errors import LoftUsageError
 
 __all__ = ["AGGREGATORS", "FED_METHODS", "RESIDUALS", "FederateConfig", "parse_split"]
@@ -67,7 +67,8 @@ class FederateConfig:
         "eval_data", help="Eval file (the server evaluates the global model each round). Default as loft finetune.")
     method: str = option("loft", "--method", help="loft | lora | ffa (FFA-LoRA: A frozen) | full.")
     rank: int = shared_option("rank")
-    lr: float | None = option(None, "--lr", help="Learning rate (default per method, as loft finetune; ffa: lora's).")
+    lr: float | None = option(None, "--lr", cli_type=Optional[str], parse=parse_rate,
+                              help="Learning rate (default per method, as loft finetune; ffa: lora's).")
     clients: int = option(4, "--clients", help="Clients (Flower nodes); every client trains in every round.")
     rounds: int = option(10, "--rounds", help="Rounds.")
     local_steps: int = option(10, "--local-steps", help="Optimizer steps per client per round.")

