@@ -205,23 +205,29 @@ def holm(ps: Sequence[float]) -> list[float]:
     return adjusted
 
 
-def claim_rows(tests: Sequence[tuple[str, Any]], margin: float = EQUIVALENCE_MARGIN) -> list[str]:
+def claim_rows(tests: Sequence[tuple[str, Any]], margin: float | None = EQUIVALENCE_MARGIN) -> list[str]:
     """A markdown claims table, after a paragraph saying what its verdicts mean: one row per
     ``(claim, test)`` (a :class:`Paired` or a :class:`Bootstrap`, all of one kind), its own verdict,
     Holm's adjusted p and verdict over every claim of the table as one family (:func:`holm`), and
-    the 90% interval with the :func:`equivalence` verdict at ``+-margin``."""
+    the 90% interval with the :func:`equivalence` verdict at ``+-margin`` (an accuracy margin, said
+    in points). ``margin=None`` leaves the equivalence columns out: for a difference that is not an
+    accuracy (a loss, say), where no margin was set in advance."""
     kind = type(tests[0][1]).DESCRIBES if tests else Paired.DESCRIBES
-    rows = [f"Test: {kind}. Verdict: the claim alone (p < {ALPHA} to hold; 'inconclusive': no difference found, "
+    text = (f"Test: {kind}. Verdict: the claim alone (p < {ALPHA} to hold; 'inconclusive': no difference found, "
             f"which is not evidence that the two are level). Verdict after Holm: every claim of the table taken as "
             f"one family (Holm's step-down correction), which keeps the chance of any false verdict in the table at "
-            f"or below {ALPHA}. Level within +-{margin * 100:g} points: 'equivalent' when the 90% interval of the "
-            f"difference lies inside +-{margin:g} (two one-sided tests at 5%, claim by claim), else 'not shown'.", "",
-            f"| claim | difference [95% interval], p | verdict | Holm p ({len(tests)} claims) | verdict after Holm | "
-            f"90% interval | level within +-{margin * 100:g} points |",
-            "|---|---|---|---|---|---|---|"]
+            f"or below {ALPHA}.")
+    header = f"| claim | difference [95% interval], p | verdict | Holm p ({len(tests)} claims) | verdict after Holm |"
+    if margin is not None:
+        text += (f" Level within +-{margin * 100:g} points: 'equivalent' when the 90% interval of the "
+                 f"difference lies inside +-{margin:g} (two one-sided tests at 5%, claim by claim), else 'not shown'.")
+        header += f" 90% interval | level within +-{margin * 100:g} points |"
+    rows = [text, "", header, "|---" * header.count("|", 1) + "|"]
     for (claim, t), q in zip(tests, holm([t.p for _, t in tests])):
-        rows.append(f"| {claim} | {t.fmt()} | {claim_verdict(t)} | {q:.3g} | {claim_verdict(replace(t, p=q))} | "
-                    f"{t.fmt90()} | {equivalence(t, margin)} |")
+        row = f"| {claim} | {t.fmt()} | {claim_verdict(t)} | {q:.3g} | {claim_verdict(replace(t, p=q))} |"
+        if margin is not None:
+            row += f" {t.fmt90()} | {equivalence(t, margin)} |"
+        rows.append(row)
     return rows
 
 

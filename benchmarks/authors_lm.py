@@ -287,7 +287,7 @@ def report() -> None:
     tests = [(f"lr {lr:g}: LoFT's eval loss below LoRA's", paired(lora, ft)) for lr, ft, lora in comparison(recs)]
     if tests:
         lines += ["", "### LoFT against LoRA (paired over seeds; the difference is LoRA's loss minus LoFT's, so a "
-                  "positive difference favours LoFT, as the authors' 0.124 and 0.079 do)", "", *claim_rows(tests)]
+                  "positive difference favours LoFT, as the authors' 0.124 and 0.079 do)", "", *claim_rows(tests, margin=None)]
     REPORT.parent.mkdir(parents=True, exist_ok=True)
     REPORT.write_text("\n".join(lines) + "\n")
     print(f"wrote {REPORT.relative_to(ROOT)}")

@@ -80,6 +80,10 @@ def test_claim_rows_give_the_claim_alone_and_after_holm():
     assert cells[2][4] == "inconclusive"
     # every row gives the 90% interval and whether it shows the two level (a 2-point gain is not level)
     assert cells[0][5] == clear.fmt90() and cells[0][6] == "not shown"
+    # without a margin (a loss, where none was set in advance) the equivalence columns go, the rest stays
+    bare = _stats.claim_rows([("a beats b", clear), ("c beats b", marginal), ("d beats b", level)], margin=None)
+    assert "points" not in bare[0] and "level within" not in bare[2] and bare[3] == "|" + "---|" * 5
+    assert [row.strip("| ").split(" | ") for row in bare[4:]] == [c[:5] for c in cells]
 
 
 def test_paired_refuses_unpaired_input():
