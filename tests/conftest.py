@@ -51,6 +51,13 @@ def _terminal_sigint():
     signal.signal(signal.SIGINT, previous)
 
 
+@pytest.fixture
+def offline(monkeypatch):
+    """The Hugging Face hub is not asked for anything (``HF_HUB_OFFLINE=1``), as on a machine
+    without internet: the CLI tests use it for every test of their file (``pytestmark``)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
 @pytest.fixture(autouse=True)
 def _sigint_per_test(_terminal_sigint):
     """A test that changes the Ctrl-C handler does not leave it changed for the next one."""

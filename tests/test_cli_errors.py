@@ -16,9 +16,7 @@ def train(tmp_path_factory):
     return write_jsonl(tmp_path_factory.mktemp("d") / "train.jsonl", sentiment_records(40))
 
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+pytestmark = pytest.mark.usefixtures("offline")
 
 
 def fails(capsys, *args, code=2):

@@ -34,9 +34,7 @@ def data(tmp_path_factory):
     return sentiment_files(tmp_path_factory.mktemp("data"), 40, 8)
 
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+pytestmark = pytest.mark.usefixtures("offline")
 
 
 def args(bert, data, out, *extra):

@@ -40,9 +40,7 @@ def refuse_to_write(*args, **kwargs):
     raise Accepted
 
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+pytestmark = pytest.mark.usefixtures("offline")
 
 
 def snapshot(root: Path, skip: Path) -> dict[str, tuple[int, int]]:
