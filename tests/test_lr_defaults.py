@@ -182,7 +182,8 @@ def test_the_report_gives_defaults_transfer_and_auto_verdicts(fake_splits, monke
         sweep = FakeSweep(auto_miss=miss)
         tuned = ld.tune(sweep, tasks, ["loft", "full"])
         finals = ld.final(sweep, tuned, tasks, ["loft", "full"])
-        text = ld.report(tuned, ld.transfer(sweep, tuned, tasks), finals, ["loft", "full"])
+        text = ld.report(tuned, ld.transfer(sweep, tuned, tasks), finals, ["loft", "full"], {}, tasks)
+        assert "In progress" not in text
         assert "## 1. Defaults per task family" in text and '"classification": {' in text
         assert "| classification | loft | 0.0002 |" in text and "**0.0002** |" in text
         assert "## 2. Does full fine-tuning's rate transfer to LoFT?" in text
@@ -192,3 +193,50 @@ def test_the_report_gives_defaults_transfer_and_auto_verdicts(fake_splits, monke
         # the grid: 5 points x 3 seeds x 100 steps = 1500; the search: 92
         assert "| 92 / 1500 (0.06) |" in rows[0]
         assert ("Missed on 0 of 4" in text) == (miss == 0)
+
+
+class PartialSweep(FakeSweep):
+    """A results file part-way through tuning: every run of ``FakeSweep`` except those ``drop`` says."""
+
+    def __init__(self, drop, **kw) -> None:
+        super().__init__(**kw)
+        self.drop, self.have = drop, {}
+
+    def get(self, runs, partial=False):
+        self.asked += runs
+        self.have.update({ld._sweep.key(r): self.record(r) for r in runs if not self.drop(r)})
+        if any(self.drop(r) for r in runs) and not partial:
+            return None
+        return dict(self.have)
+
+    def results(self):
+        return dict(self.have)
+
+
+def test_a_report_written_while_tuning_runs_says_so_and_shows_the_grids_as_they_stand(fake_splits):
+    tasks = [ld.task_named("movie_sentiment"), ld.task_named("trec")]
+    # trec / loft has run its first grid point at one tuning seed only; everything else of the tuning is in
+    lo = ld.centre(tasks[1], "loft") - ld.GRID_POINTS // 2
+    sweep = PartialSweep(lambda r: r["data"].startswith("trec/") and r["method"] == "loft"
+                         and not (r["lr"] == ld.lattice(lo) and r["seed"] == ld.TUNE_SEEDS[0]))
+    tuned = ld.tune(sweep, tasks, ["loft", "full"], partial=True)
+    assert set(tuned) == {("movie_sentiment", "loft"), ("movie_sentiment", "full"), ("trec", "full")}
+    text = ld.report(tuned, ld.transfer(sweep, tuned, tasks), {}, ["loft", "full"], sweep.results(), tasks)
+    assert "**In progress.** Tuning settled for 3 of 4 (task, method) arms (under way or not started: trec / loft)" in text
+    assert "full fine-tuning's rate against LoFT's on 1 of 2 tasks; finals (test) complete for 0 of 4 arms" in text
+    # classification's default for full fine-tuning has settled (both tasks), LoFT's not (trec's grid runs)
+    assert "| classification | full |" in text and "| classification | loft |" not in text
+    assert "no family's default has settled yet" not in text and "## 2. Does full fine-tuning's rate" in text
+    assert "no family's default has settled yet" in ld.report({}, {}, {}, ["loft"], {}, tasks)
+    rows = {tuple(x.split(" | ")[:2]): x for x in text.splitlines() if x.startswith("| trec |")
+            or x.startswith("| movie_sentiment |")}
+    assert rows[("| trec", "loft")].endswith(f"| {ld.lattice(lo):g}: 0.740 (1 of 3 seeds) | - | under way |")
+    full = rows[("| trec", "full")]
+    k = tuned[("trec", "full")]["chosen"]
+    assert full.count(" +- ") == ld.GRID_POINTS and f"**{ld.lattice(k):g}: 0.799 +- 0.001**" in full
+    assert full.endswith(f"| {ld.lattice(k):g} | settled, optimum inside |")
+    # once every stage is complete, no progress paragraph
+    done = FakeSweep()
+    tuned = ld.tune(done, tasks, ["loft", "full"])
+    finals = ld.final(done, tuned, tasks, ["loft", "full"])
+    assert ld.progress(tuned, ld.transfer(done, tuned, tasks), finals, tasks, ["loft", "full"]) is None
