@@ -620,10 +620,10 @@ def report(tuned: dict, moved: dict, finals: dict, methods: list[str], results: 
         lines += [f"## 3. `--lr auto` against the grid and the default (test, seeds {', '.join(map(str, FINAL_SEEDS))})",
                   "", f"Target: auto at most {100 * TARGET_GAP:g} point below the grid's choice at less than "
                   f"{TARGET_COST:g} of the grid's training steps (the grid: every point at {len(TUNE_SEEDS)} tuning "
-                  "seeds); the wall seconds beside them are what a user waits for (a search trial loads the model and "
-                  "evaluates the validation split once, which its steps leave out; a grid's are its runs'). Difference: auto - grid, with its 95% interval "
-                  "(a bootstrap over seeds and test examples; "
-                  "a t test across seeds for instruction data, whose runs record no per-example result); level: "
+                  "seeds); the wall seconds beside them are what a user waits for (a search trial loads the model "
+                  "and evaluates the validation split once, which its steps leave out; a grid's are its runs'). "
+                  "Difference: auto - grid, with its 95% interval (a bootstrap over seeds and test examples; a t test "
+                  "across seeds for instruction data, whose runs record no per-example result); level: "
                   f"the 90% interval inside +-{100 * TARGET_GAP:g} point.", "",
                   "| task | method | default | grid | auto | auto - grid | level within 1 pt | auto's rates | "
                   "search / grid steps | search / grid seconds | target |",
