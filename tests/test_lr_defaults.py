@@ -149,6 +149,8 @@ def test_finals_run_default_grid_and_auto_on_test_at_the_final_seeds(fake_splits
     assert [r["run"]["lr"] for r in arms["grid"]] == [ld.lattice(tuned[("trec", "lora")]["chosen"])] * 3
     assert [r["run"]["lr"] for r in arms["auto"]] == ["auto"] * 3
     assert all(r["run"]["lr_search_budget"] == 0.25 for r in arms["auto"])
+    assert [r["run"]["lr"] for r in arms["auto_long"]] == ["auto"] * 3
+    assert all(r["run"]["lr_search_budget"] == ld.LONG_BUDGET == 1.0 for r in arms["auto_long"])
     assert arms["default"][0]["run"]["lr"] == ld.family_default(tuned, "classification", "lora")["lr"]
     keys = [ld._sweep.key(r) for r in sweep.asked]
     assert len(keys) == len(set(keys))  # a default equal to the grid's choice runs once
@@ -166,7 +168,9 @@ def test_plan_counts_runs_and_time_from_committed_seconds(fake_splits, tmp_path,
     n_tune = 2 * 4 * ld.GRID_POINTS * len(ld.TUNE_SEEDS)
     assert f"tune: {n_tune} runs to run in the grids as they stand (0 of 8 arms settled" in lines[1]
     assert f"at most {2 * 4 * ld.MAX_EXTENSIONS * len(ld.TUNE_SEEDS)} more" in lines[1]
-    assert lines[3].startswith(f"final: {2 * 4 * 2 * len(ld.FINAL_SEEDS)} runs ({2 * 4 * len(ld.FINAL_SEEDS)} of them")
+    n_auto = len(ld.AUTO_ARMS)  # the grid's centre, then auto at each budget
+    assert lines[3].startswith(f"final: {2 * 4 * (1 + n_auto) * len(ld.FINAL_SEEDS)} runs "
+                               f"({2 * 4 * n_auto * len(ld.FINAL_SEEDS)} of them")
     # tuning: 100 steps x 1 s (2 s for full) + 500 eval examples x 0.01 s a run
     tune_hours = 2 * (3 * 105 + 205) * ld.GRID_POINTS * len(ld.TUNE_SEEDS) / 3600
     assert f": {tune_hours:.1f} h (+" in lines[1]
@@ -189,7 +193,10 @@ def test_the_report_gives_defaults_transfer_and_auto_verdicts(fake_splits, monke
         assert "## 2. Does full fine-tuning's rate transfer to LoFT?" in text
         assert "| movie_sentiment | 0.0001 | 0.0002 | 2 |" in text  # the grids' centres: one lattice point apart
         rows = [x for x in text.splitlines() if x.startswith("| trec | loft |")]
-        assert len(rows) == 1 and rows[0].rstrip().endswith(f"| {verdict} |")
+        # one row per searched arm: the default budget's table, then the exploratory long budget's
+        assert len(rows) == len(ld.AUTO_ARMS) and rows[0].rstrip().endswith(f"| {verdict} |")
+        assert text.index("### `--lr auto` at its default budget") < text.index(rows[0])
+        assert text.index("### `--lr auto --lr-search-budget 1` (exploratory") < text.index(rows[1])
         # the grid: 5 points x 3 seeds x 100 steps = 1500; the search: 92
         assert "| 92 / 1500 (0.06) |" in rows[0]
         # wall seconds: the search's 75 against the grid's 15 runs of 10 s
