@@ -50,7 +50,7 @@ class FakeSweep:
             rec["eval_accuracy"] = rec["eval_correct"].count("1") / 200
         if run["lr"] == "auto":
             rec["lr"] = ld.lattice(k)
-            rec["lr_search"] = {"lr": ld.lattice(k), "steps": 92, "trials": 13, "seconds": 75.0}
+            rec["lr_search"] = {"lr": ld.lattice(k), "steps": 92, "trials": 13, "seconds": 75.0, "val_accuracy": 0.61}
         return rec
 
     def get(self, runs, partial=False):
@@ -200,7 +200,7 @@ def test_the_report_gives_defaults_transfer_and_auto_verdicts(fake_splits, monke
         # the grid: 5 points x 3 seeds x 100 steps = 1500; the search: 92
         assert "| 92 / 1500 (0.06) |" in rows[0]
         # wall seconds: the search's 75 against the grid's 15 runs of 10 s
-        assert "| 75 / 150 (0.50) |" in rows[0]
+        assert "| 0.610 | 92 / 1500 (0.06) | 75 / 150 (0.50) |" in rows[0]  # the winning trial's validation accuracy
         assert ("Missed on 0 of 4" in text) == (miss == 0)
 
 
