@@ -223,7 +223,9 @@ def test_a_settings_difference_shows_a_default_as_its_value(tmp_path):
     _fake_run(out, FinetuneConfig(lr=5e-3).identity(), finished=True)
     with pytest.raises(LoftUsageError) as info:
         check_output_dir(out, FinetuneConfig().identity(), overwrite=False, resume=False)
-    assert "lr: 0.005 there, 0.0002 (the default) now" in str(info.value)
+    from loft.app.config import DEFAULT_LR
+
+    assert f"lr: 0.005 there, {DEFAULT_LR['loft']:g} (the default) now" in str(info.value)
     with pytest.raises(LoftUsageError) as info:
         check_output_dir(out, FinetuneConfig(lr=5e-3, max_steps=7).identity(), overwrite=False, resume=False)
     assert "max_steps: 400 (the default) there, 7 now" in str(info.value)

@@ -20,6 +20,7 @@ import loft.app.finetune
 from loft import lr_search
 from loft.app.cli import main
 from loft.app.compare import run_compare
+from loft.app.config import default_lr
 from loft.app.errors import LoftUsageError, RunInterrupted
 from loft.app.finetune import FinetuneConfig, finetune
 from loft.app.rundir import CONFIG_FILE, LR_SEARCH_FILE, check_output_dir
@@ -67,8 +68,10 @@ def test_finetune_lr_auto_states_its_budget_searches_on_training_data_and_trains
     assert main([str(a) for a in args]) == 0
     printed = capsys.readouterr().out
     # the budget is stated before the search starts: 7 rates, 7 -> 4 -> 2 trials of 1, 2, 4 steps, 23 of 24 steps
-    stated = printed.index("7 learning rates 2.5e-05 ... 0.0016 around 0.0002, successive halving 7 -> 4 -> 2 trials "
-                           "of 1, 2, 4 steps: 13 trials, 23 training steps (58% of the run's 40; budget 60% = 24)")
+    default = default_lr("loft", "classification")
+    lowest, highest = (lr_search.lattice(lr_search.lattice_index(default) + d) for d in (-3, 3))  # 1/8 and 8 times it
+    stated = printed.index(f"7 learning rates {lowest:g} ... {highest:g} around {default:g}, successive halving 7 -> 4 "
+                           "-> 2 trials of 1, 2, 4 steps: 13 trials, 23 training steps (58% of the run's 40; budget 60% = 24)")
     assert stated < printed.index("Learning rate ") and "12 validation examples carved from the 120 training" in printed
     record = json.loads((out / LR_SEARCH_FILE).read_text())
     m = json.loads((out / "metrics.json").read_text())
@@ -233,7 +236,7 @@ def test_compare_lr_auto_searches_each_methods_own_rate(bert, data, tmp_path):
                          output_dir=str(out), progress=False, model=str(bert), data=str(data[0]),
                          eval_data=str(data[1]), max_steps=40, batch_size=8, lr_search_budget=0.2, lr_search_points=3)
     rows = {r["method"]: r for r in result["rows"]}
-    for method, default in (("loft", 2e-4), ("lora", 2e-3)):
+    for method, default in ((m, default_lr(m, "classification")) for m in ("loft", "lora")):
         record = json.loads((out / f"{method}-r2" / LR_SEARCH_FILE).read_text())
         assert record["default_lr"] == default and record["lrs"] == [lr_search.lattice(lr_search.lattice_index(default) + d)
                                                                      for d in (-1, 0, 1)]
