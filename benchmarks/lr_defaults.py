@@ -482,7 +482,11 @@ def plan_lines(sweep: Sweep, tasks: list[Task], methods: list[str]) -> list[str]
     lines.append(f"final: {len(finals)} runs ({len(auto)} of them --lr auto)"
                  + ("" if tuned else " once tuning is settled (until then a default equal to the grid's choice: "
                     "up to half as many again if they differ)") + f": {hours(finals):.1f} h")
-    d = family_default(tuned, "classification", "loft") if tuned else None
+    # the main job needs only classification's LoFT grids (the plan's own scope may lack them, or be unsettled)
+    sweep.missing, todo_so_far = [], sweep.missing
+    loft_tuned = tune(sweep, [t for t in TASKS if t.family == "classification"], ["loft"])
+    sweep.missing = todo_so_far
+    d = family_default(loft_tuned, "classification", "loft") if loft_tuned else None
     new_default = d is not None and d["lr"] != OLD_LOFT_DEFAULT
     mains = [r for s in evidence.DEFAULT_SEEDS if new_default
              and _sweep.key(r := evidence.default_run_of(d["lr"], s)) not in have]
