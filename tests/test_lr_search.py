@@ -174,3 +174,65 @@ def test_validation_split():
         train, val = lr_search.split_indices(100, 0.1, 500, seed, labels)
         assert {labels[i] for i in val} <= {labels[i] for i in train}
         assert sorted(train + val) == list(range(100))
+
+
+# ----------------------------------------------------------------------------- the floor
+def test_the_majority_floor_is_the_most_frequent_answers_share_plus_two_standard_errors():
+    floor = lr_search.Floor.majority([0, 1, 1, 0, 1] * 100)  # 500 answers, 60% ones
+    assert floor.metric == pytest.approx(0.6) and floor.margin == pytest.approx(2 * math.sqrt(0.6 * 0.4 / 500))
+    assert floor.threshold == pytest.approx(0.6 + 0.0438178, abs=1e-6) and "500 validation examples" in floor.what
+    assert lr_search.Floor.majority(["b", "a", "b"]).metric == pytest.approx(2 / 3)
+    assert lr_search.Floor.majority([3] * 7).margin == 0.0  # one answer: the floor is 1, nothing beats it
+    with pytest.raises(ValueError, match="at least one"):
+        lr_search.Floor.majority([])
+
+
+class AtChance:
+    """Trials that never leave chance: accuracy 0.5 plus noise that makes 8e-4 the best, and a
+    loss that falls with the rate (as a few steps' loss does)."""
+
+    def __call__(self, lr: float, steps: int) -> dict[str, float]:
+        k = lr_search.lattice_index(lr)
+        return {"metric": 0.5 + (0.02 if k == 3 else 0.0), "loss": 0.7 - 0.001 * k}
+
+
+def test_a_search_whose_best_trial_is_not_above_the_floor_keeps_the_default():
+    floor = lr_search.Floor(0.5, 0.045, "always the majority answer")
+    search = loft.find_lr(AtChance(), default_lr=4e-4, run_steps=400, floor=floor)
+    assert search.best.lr == 8e-4 and search.best.metric == pytest.approx(0.52)  # at chance: not above 0.545
+    assert search.kept_default is True and search.lr == 4e-4
+    record = search.as_dict()
+    assert record["lr"] == 4e-4 and record["best_lr"] == 8e-4 and record["kept_default"] is True
+    assert record["rule"] == lr_search.RULE and record["floor"]["threshold"] == pytest.approx(0.545)
+    back = lr_search.LRSearch.from_dict(json.loads(json.dumps(record)))
+    assert back.floor == floor and back.lr == 4e-4 and back.kept_default
+    # the default is kept as given, off the lattice too (LoRA+'s 2.5e-4 searches around 2e-4)
+    assert loft.find_lr(AtChance(), default_lr=2.5e-4, run_steps=400, floor=floor).lr == 2.5e-4
+    # the same trials without a floor: the best trial, whatever it scored (rule 1)
+    bare = loft.find_lr(AtChance(), default_lr=4e-4, run_steps=400)
+    assert bare.lr == 8e-4 and bare.kept_default is False and bare.as_dict()["floor"] is None
+
+
+def test_a_best_trial_above_the_floor_is_chosen_and_a_loss_only_search_ignores_the_floor():
+    floor = lr_search.Floor(0.5, 0.045, "always the majority answer")
+    search = loft.find_lr(Objective(peak=3), default_lr=2e-4, run_steps=400, floor=floor)  # accuracies near 0.9
+    assert search.lr == 8e-4 and search.kept_default is False
+    just_above = lr_search.Floor(0.9 + 0.001 * 4 - 0.0005, 0.0, "just below the best")  # best: 0.9 + 0.001 log2(16)
+    assert loft.find_lr(Objective(peak=3), default_lr=2e-4, run_steps=400, floor=just_above).lr == 8e-4
+    at = lr_search.Floor(0.9 + 0.001 * 4, 0.0, "the best's own score")  # not above: kept
+    assert loft.find_lr(Objective(peak=3), default_lr=2e-4, run_steps=400, floor=at).lr == 2e-4
+    no_metric = loft.find_lr(Objective(peak=-1, metric=False), default_lr=2e-4, run_steps=400, floor=floor)
+    assert no_metric.lr == 5e-5 and no_metric.kept_default is False
+    assert lr_search.LRSearch(search.plan, [], floor).kept_default is None  # not complete: no decision yet
+
+
+def test_a_record_of_the_first_rule_resumes_and_the_floor_decides_again():
+    first = loft.find_lr(AtChance(), default_lr=4e-4, run_steps=400).as_dict()
+    old = {k: v for k, v in first.items() if k not in ("rule", "floor", "kept_default", "best_lr")}  # rule 1's record
+    done = lr_search.LRSearch.from_dict(old)
+    assert done.floor is None and done.lr == 8e-4
+    calls = []
+    floor = lr_search.Floor(0.5, 0.045, "always the majority answer")
+    again = loft.find_lr(lambda lr, s: calls.append(lr) or AtChance()(lr, s), default_lr=4e-4, run_steps=400,
+                         done=done, floor=floor)
+    assert calls == [] and again.lr == 4e-4 and again.kept_default  # no trial reran; the floor decided

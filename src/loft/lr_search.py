@@ -19,7 +19,13 @@ The search (:func:`plan_search`):
   refused (:class:`SearchTooSmall`);
 * **ranking**: by the metric, ties by the lower loss; by the loss alone when the caller gives no
   metric; a non-finite value ranks last; equal trials by their distance from the default, then
-  the lower rate. So the result is as deterministic as ``train_and_score`` is.
+  the lower rate. So the result is as deterministic as ``train_and_score`` is;
+* **the floor** (optional, :class:`Floor`): what a model that learned nothing scores on the
+  validation split, e.g. always answering its most frequent label (:meth:`Floor.majority`), plus
+  that split's sampling noise. When the best trial of the last rung does not score above it, the
+  trials were too short to tell the rates apart (a fresh classification head can stay at chance
+  for tens of steps) and their ranking is noise: the search keeps the default rate
+  (:attr:`LRSearch.kept_default`) instead of choosing at random.
 
 Finished trials can be handed back (``done``: an :class:`LRSearch`, e.g. from
 :meth:`LRSearch.from_dict` of a saved record) so that an interrupted search continues where it
@@ -31,11 +37,13 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
+    "Floor",
     "LRSearch",
     "Rung",
     "SearchPlan",
@@ -51,6 +59,9 @@ __all__ = [
 
 #: what every record says the search is
 METHOD = "successive halving over the lattice 1e-4 * 2**k"
+#: how the trials become a choice (in every record: records of an earlier rule chose differently). Rule 1
+#: was the best trial of the last rung, whatever it scored; rule 2 adds the floor.
+RULE = 2
 #: the default number of lattice points (1/8 to 8 times the default rate)
 POINTS = 7
 #: the default budget: at most this fraction of the run's steps
@@ -190,12 +201,49 @@ def _finite(x: float | None) -> bool:
     return x is not None and isinstance(x, (int, float)) and math.isfinite(x)
 
 
+@dataclass(frozen=True)
+class Floor:
+    """The metric a trial must beat for the search to trust its ranking: ``metric``, what a model
+    that learned nothing scores on the validation split, plus ``margin``, the split's sampling
+    noise there; ``what`` says in words what ``metric`` is."""
+
+    metric: float
+    margin: float
+    what: str
+
+    @property
+    def threshold(self) -> float:
+        """A trial is trusted when its metric is above this: ``metric + margin``."""
+        return self.metric + self.margin
+
+    @classmethod
+    def majority(cls, answers: Sequence[Any]) -> Floor:
+        """The accuracy of always giving the most frequent of ``answers`` (the validation split's
+        reference answers, any hashable values), with a margin of two standard errors of a
+        proportion, ``2 sqrt(p (1 - p) / n)`` (0.045 at p = 0.5 on 500 examples)."""
+        if not answers:
+            raise ValueError("a floor needs at least one validation answer")
+        n = len(answers)
+        p = max(Counter(answers).values()) / n
+        return cls(metric=p, margin=2 * math.sqrt(p * (1 - p) / n),
+                   what=f"always giving the most frequent answer of the {n} validation examples")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"metric": self.metric, "margin": self.margin, "threshold": self.threshold, "what": self.what}
+
+    @classmethod
+    def from_dict(cls, record: Mapping[str, Any]) -> Floor:
+        return cls(float(record["metric"]), float(record["margin"]), str(record["what"]))
+
+
 @dataclass
 class LRSearch:
-    """A search and its trials so far: :attr:`lr` is its choice once :attr:`complete`."""
+    """A search and its trials so far: :attr:`lr` is its choice once :attr:`complete`; ``floor``
+    (optional) what its best trial must beat to be chosen."""
 
     plan: SearchPlan
     trials: list[Trial] = field(default_factory=list)
+    floor: Floor | None = None
 
     def rank_key(self, trial: Trial) -> tuple:
         """Higher is better: the metric (non-finite last), ties by the lower loss (non-finite
@@ -231,10 +279,24 @@ class LRSearch:
         return max(self.rung_trials(len(self.plan.rungs) - 1), key=self.rank_key)
 
     @property
-    def lr(self) -> float | None:
-        """The chosen learning rate (``None`` until the search is complete)."""
+    def kept_default(self) -> bool | None:
+        """Whether the search keeps the default rate because its best trial did not score above
+        the floor (``None`` until complete; ``False`` without a floor or without a metric)."""
         best = self.best
-        return None if best is None else best.lr
+        if best is None:
+            return None
+        if self.floor is None or best.metric is None:
+            return False
+        return not (_finite(best.metric) and best.metric > self.floor.threshold)
+
+    @property
+    def lr(self) -> float | None:
+        """The chosen learning rate (``None`` until the search is complete): the best trial's, or
+        the plan's default where :attr:`kept_default`."""
+        best = self.best
+        if best is None:
+            return None
+        return self.plan.default_lr if self.kept_default else best.lr
 
     @property
     def scored_by(self) -> str:
@@ -247,9 +309,11 @@ class LRSearch:
 
     def as_dict(self) -> dict[str, Any]:
         """The record of the search (what ``lr_search.json`` holds); :meth:`from_dict` reads it back."""
-        return {"search": METHOD, **self.plan.as_dict(), "trials": [t.as_dict() for t in self.trials],
-                "complete": self.complete, "lr": self.lr, "scored_by": self.scored_by,
-                "seconds": round(sum(t.seconds or 0.0 for t in self.trials), 1)}
+        best = self.best
+        return {"search": METHOD, "rule": RULE, **self.plan.as_dict(), "trials": [t.as_dict() for t in self.trials],
+                "complete": self.complete, "lr": self.lr, "best_lr": None if best is None else best.lr,
+                "kept_default": self.kept_default, "floor": None if self.floor is None else self.floor.as_dict(),
+                "scored_by": self.scored_by, "seconds": round(sum(t.seconds or 0.0 for t in self.trials), 1)}
 
     @classmethod
     def from_dict(cls, record: Mapping[str, Any]) -> LRSearch:
@@ -262,9 +326,10 @@ class LRSearch:
             trials = [Trial(int(t["rung"]), float(t["lr"]), int(t["steps"]),
                             None if t["metric"] is None else float(t["metric"]), float(t["loss"]), t.get("seconds"))
                       for t in record["trials"]]
+            floor = None if record.get("floor") is None else Floor.from_dict(record["floor"])
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"not a learning-rate search record ({type(e).__name__}: {e})") from None
-        return cls(plan, trials)
+        return cls(plan, trials, floor)
 
 
 def _score(result: Any, lr: float, steps: int) -> tuple[float | None, float]:
@@ -285,6 +350,7 @@ def find_lr(
     points: int = POINTS,
     done: LRSearch | None = None,
     on_trial: Callable[[LRSearch], None] | None = None,
+    floor: Floor | None = None,
 ) -> LRSearch:
     """Search a learning rate by successive halving (the module's docstring): returns the
     :class:`LRSearch`, whose ``lr`` is the choice and whose ``as_dict()`` is its record.
@@ -293,12 +359,14 @@ def find_lr(
     ``{"metric": float | None, "loss": float}`` on a validation split (never the test data).
     ``done``: a search of the same plan interrupted earlier; its trials are reused, not rerun
     (``ValueError`` when it was planned differently). ``on_trial(search)`` runs after every new
-    trial (save the record there to make the search resumable)."""
+    trial (save the record there to make the search resumable). ``floor``: what the best trial's
+    metric must beat to be chosen (:class:`Floor`); below it the search keeps ``default_lr``.
+    ``done``'s trials are reused whatever its floor was: the floor decides, it trains nothing."""
     plan = plan_search(default_lr, run_steps, budget, points)
     if done is not None and done.plan != plan:
         raise ValueError(f"the saved search was planned differently ({done.plan.describe()}) from this one "
                          f"({plan.describe()}); start a new record")
-    search = LRSearch(plan, [])
+    search = LRSearch(plan, [], floor)
     earlier = {(t.rung, t.lr, t.steps): t for t in (done.trials if done is not None else [])}
     for i, rung in enumerate(plan.rungs):
         rates = search.rates_of(i)

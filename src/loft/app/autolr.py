@@ -9,6 +9,11 @@ loss (loss alone where the task has no accuracy: instruction data with long answ
 data (``--eval-data``, the built-in test split or the 10% held out) is never seen. The run itself
 then trains on all its training data at the chosen rate, exactly as ``--lr <that rate>`` would.
 
+The floor (:class:`loft.lr_search.Floor`): where the task scores accuracy, the best trial must
+beat always giving the validation split's most frequent answer by two standard errors; otherwise
+the trials did not learn enough to be ranked (short trials with a fresh classification head stay
+at chance) and the run keeps the method's default rate, and says so.
+
 What the run folder holds while it searches::
 
     lr_search.json       the search so far (its plan, budget, validation split, every finished
@@ -115,7 +120,10 @@ def _write(path: Path, write: Callable[[], None]) -> None:
 def summary(search: core.LRSearch, validation: dict[str, Any]) -> dict[str, Any]:
     """The search in ``metrics.json`` (``lr_search``): the choice and its cost (details in lr_search.json)."""
     best = search.best
-    return {"lr": search.lr, "default_lr": search.plan.default_lr, "lrs": search.plan.lrs,
+    return {"lr": search.lr, "rule": core.RULE, "kept_default": search.kept_default,
+            "best_lr": best.lr if best else None,
+            "floor": None if search.floor is None else search.floor.threshold,
+            "default_lr": search.plan.default_lr, "lrs": search.plan.lrs,
             "trials": len(search.trials), "steps": search.steps_done, "budget_steps": search.plan.budget_steps,
             "budget": search.plan.budget, "run_steps": search.plan.run_steps,
             "val_accuracy": best.metric if best else None, "val_loss": best.loss if best else None,
@@ -124,17 +132,24 @@ def summary(search: core.LRSearch, validation: dict[str, Any]) -> dict[str, Any]
 
 
 # ----------------------------------------------------------------------------- the split
-def _split(cfg: FinetuneConfig, kind: str) -> tuple[list[dict[str, Any]], list[int], dict[str, Any]]:
-    """The run's training records, the indices the trials train on, and the validation split's
-    description for the record (its indices among the records): drawn with ``--seed``, so every
-    attempt of the run carves the same split."""
+def _split(cfg: FinetuneConfig, kind: str
+           ) -> tuple[list[dict[str, Any]], list[int], dict[str, Any], core.Floor | None]:
+    """The run's training records, the indices the trials train on, the validation split's
+    description for the record (its indices among the records), drawn with ``--seed`` so that
+    every attempt of the run carves the same split, and the search's floor on that split
+    (``None`` where the task scores no accuracy)."""
     from .load import split_data
+    from .tasks import make_task
 
-    records = split_data(cfg).train_records
+    data = split_data(cfg)
+    records = data.train_records
     labels = [r.get("label") for r in records] if kind == "classification" else None
     train, val = core.split_indices(len(records), VAL_FRACTION, VAL_MOST[kind], cfg.seed, labels)
+    answers = make_task([records[i] for i in train], data.train_path, [records[i] for i in val],
+                        data.train_path).eval_answers()
+    floor = core.Floor.majority(answers) if answers else None
     return records, train, {"examples": len(val), "of": len(records), "seed": cfg.seed, "fraction": VAL_FRACTION,
-                            "from": "the run's training examples (never its eval data)", "indices": val}
+                            "from": "the run's training examples (never its eval data)", "indices": val}, floor
 
 
 def _write_split(scratch: Path, records: list[dict[str, Any]], train: list[int], val: list[int]) -> None:
@@ -160,7 +175,7 @@ def search_lr(cfg: FinetuneConfig, plan: core.SearchPlan, *, out: Path, kind: st
     from tqdm.auto import tqdm
 
     scratch = out / LR_SEARCH_DIR
-    records, train, validation = _split(cfg, kind)
+    records, train, validation, floor = _split(cfg, kind)
     done = _read_record(out, plan, validation)
     finished = done is not None and done.complete
     main = is_main_process()
@@ -169,7 +184,7 @@ def search_lr(cfg: FinetuneConfig, plan: core.SearchPlan, *, out: Path, kind: st
     del records
     barrier()  # the split is written before any rank trains on it
     if main:
-        print(_announcement(cfg, plan, validation, done), flush=True)
+        print(_announcement(cfg, plan, validation, done, floor), flush=True)
     bar = tqdm(total=plan.steps, initial=done.steps_done if done else 0, desc="lr search", unit="step",
                dynamic_ncols=True, disable=not (progress and main) or finished)
 
@@ -196,7 +211,7 @@ def search_lr(cfg: FinetuneConfig, plan: core.SearchPlan, *, out: Path, kind: st
 
     try:
         search = core.find_lr(train_and_score, default_lr=plan.default_lr, run_steps=plan.run_steps,
-                              budget=plan.budget, points=len(plan.indices), done=done, on_trial=keep)
+                              budget=plan.budget, points=len(plan.indices), done=done, on_trial=keep, floor=floor)
     finally:
         bar.close()
     if main:
@@ -206,12 +221,17 @@ def search_lr(cfg: FinetuneConfig, plan: core.SearchPlan, *, out: Path, kind: st
 
 
 def _announcement(cfg: FinetuneConfig, plan: core.SearchPlan, validation: dict[str, Any],
-                  done: core.LRSearch | None) -> str:
+                  done: core.LRSearch | None, floor: core.Floor | None) -> str:
     """The line printed before the search: what it runs and costs (or that it is already done)."""
     if done is not None and done.complete:
+        done = dataclasses.replace(done, floor=floor)
         return f"Learning rate {done.lr:g}: the search an earlier attempt of this run finished ({LR_SEARCH_FILE})."
+    trusted = ("" if floor is None else
+               f" A choice must score above {floor.threshold:.3f} ({floor.what}: {floor.metric:.3f}, plus "
+               f"{floor.margin:.3f} of noise), or the default {plan.default_lr:g} is kept.")
     return (f"Learning-rate search (--lr auto, {cfg.method}): {plan.describe()}; {plan.trials} evaluations on "
             f"{validation['examples']} validation examples carved from the {validation['of']} training examples."
+            + trusted
             + (f" Continuing: {len(done.trials)} trials done." if done is not None and done.trials else ""))
 
 
@@ -240,11 +260,22 @@ def _finish(out: Path, search: core.LRSearch, record: dict[str, Any], announce: 
         _write(out / LR_SEARCH_PLOT, lambda: atomic_write(out / LR_SEARCH_PLOT, lambda tmp: _plot(record, tmp)))
     shutil.rmtree(out / LR_SEARCH_DIR, ignore_errors=True)
     if announce:
-        best = search.best
-        score = (f"validation accuracy {best.metric:.4f}, " if best.metric is not None else "") + f"loss {best.loss:.4f}"
-        print(f"Learning rate {search.lr:g} chosen ({score} at {best.steps} steps; {len(search.trials)} trials, "
-              f"{search.steps_done} steps, {search.as_dict()['seconds']:.0f} s); {LR_SEARCH_FILE}, {LR_SEARCH_PLOT}.",
-              flush=True)
+        print(choice_line(search), flush=True)
+
+
+def choice_line(search: core.LRSearch) -> str:
+    """What the run prints once its search is complete: the rate chosen and why, or that the
+    default is kept because no trial beat the floor."""
+    best = search.best
+    score = (f"validation accuracy {best.metric:.4f}, " if best.metric is not None else "") + f"loss {best.loss:.4f}"
+    cost = f"{len(search.trials)} trials, {search.steps_done} steps, {search.as_dict()['seconds']:.0f} s"
+    if search.kept_default:
+        floor = search.floor
+        return (f"Learning rate {search.lr:g} (the default) kept: no trial scored above {floor.threshold:.3f} "
+                f"({floor.what}, plus noise); the best, {best.lr:g}, reached {score} at {best.steps} steps, so "
+                f"the trials were too short to tell the rates apart ({cost}). A larger --lr-search-budget gives "
+                f"longer trials; or give --lr a number. {LR_SEARCH_FILE}, {LR_SEARCH_PLOT}.")
+    return f"Learning rate {search.lr:g} chosen ({score} at {best.steps} steps; {cost}); {LR_SEARCH_FILE}, {LR_SEARCH_PLOT}."
 
 
 def _plot(record: dict[str, Any], path: Path) -> None:

@@ -95,7 +95,8 @@ def plot_rounds(runs: Mapping[str, Sequence[Mapping]], path: str | Path, title: 
 def plot_lr_search(record: Mapping, path: str | Path, title: str) -> None:
     """A learning-rate search (``lr_search.json``'s record, loft/app/autolr.py): the validation
     accuracy (the loss where no trial has one) of every trial against its learning rate, one line
-    per rung (its steps), the default rate and the chosen one marked."""
+    per rung (its steps), the default rate and the chosen one marked, and the floor a choice must
+    beat (where the record has one)."""
     trials = record["trials"]
     key = "metric" if any(t.get("metric") is not None for t in trials) else "loss"
     label = "validation accuracy" if key == "metric" else "validation loss"
@@ -107,7 +108,11 @@ def plot_lr_search(record: Mapping, path: str | Path, title: str) -> None:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{steps} step{'' if steps == 1 else 's'}")
     ax.axvline(record["default_lr"], color="grey", linestyle=":", linewidth=1, label=f"default {record['default_lr']:g}")
     if record.get("lr") is not None:
-        ax.axvline(record["lr"], color="black", linestyle="--", linewidth=1, label=f"chosen {record['lr']:g}")
+        kept = " (default kept)" if record.get("kept_default") else ""
+        ax.axvline(record["lr"], color="black", linestyle="--", linewidth=1, label=f"chosen {record['lr']:g}{kept}")
+    if key == "metric" and record.get("floor") is not None:
+        ax.axhline(record["floor"]["threshold"], color="tab:red", linestyle=":", linewidth=1,
+                   label=f"floor {record['floor']['threshold']:.3f}")
     ax.set_xscale("log")
     ax.set_xticks(record["lrs"], [f"{lr:g}" for lr in record["lrs"]], rotation=30)
     ax.minorticks_off()

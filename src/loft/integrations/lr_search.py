@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..lr_search import BUDGET, POINTS, LRSearch, find_lr, plan_search, split_indices
+from ..lr_search import BUDGET, POINTS, Floor, LRSearch, find_lr, plan_search, split_indices
 
 __all__ = ["find_lr_with_trainer"]
 
@@ -58,6 +58,24 @@ def _trial_args(args: Any, lr: float, steps: int, run_steps: int, output_dir: st
     trial.report_to = []
     trial.disable_tqdm = True
     return trial
+
+
+def _floor(val_part: Any, label_key: str) -> Floor:
+    """:meth:`Floor.majority` of the validation examples' ``label_key`` values (scalars: an int, a
+    string, a 0-d tensor)."""
+    answers = []
+    for i in range(len(val_part)):
+        row = val_part[i]
+        if label_key not in row:
+            raise KeyError(f"label_key={label_key!r}: validation example {i} has no such field (it has {sorted(row)})")
+        value = row[label_key]
+        if hasattr(value, "ndim") and getattr(value, "ndim") == 0:
+            value = value.item()
+        if not isinstance(value, (int, str, bool, float)):
+            raise TypeError(f"label_key={label_key!r} must name one answer per example (an int or a string), got "
+                            f"{type(value).__name__}; token-level labels have no majority answer: leave label_key out")
+        answers.append(value)
+    return Floor.majority(answers)
 
 
 def _write_record(path: Path, search: LRSearch) -> None:
@@ -112,6 +130,7 @@ def find_lr_with_trainer(
     points: int = POINTS,
     record: str | Path | None = None,
     progress: bool = True,
+    label_key: str | None = None,
     **trainer_kwargs: Any,
 ) -> LRSearch:
     """Search the learning rate of the Trainer run ``args`` describes (:func:`loft.find_lr`).
@@ -128,7 +147,11 @@ def find_lr_with_trainer(
     ``eval_loss``; ``None``: ``eval_loss`` alone. The validation split is ``val_fraction`` of
     ``train_dataset`` (at most ``max_val`` examples, drawn with ``args.seed``); your eval data is
     never used. ``record``: a JSON file that keeps the search as trials finish; an interrupted
-    search given the same file continues from it.
+    search given the same file continues from it. ``label_key``: the field of ``train_dataset``'s
+    examples that holds each one's answer (a classifier's ``"labels"``, say; needs ``metric``): the
+    search then keeps ``args.learning_rate`` unless its best trial's ``metric`` beats always giving
+    the validation split's most frequent answer (:class:`loft.lr_search.Floor`); without it every
+    search ends with its best trial, at chance or not.
 
     Returns the :class:`loft.lr_search.LRSearch`: ``.lr`` is the chosen rate (then train the run
     on the whole ``train_dataset`` with ``args.learning_rate = search.lr``), ``.as_dict()`` the record.
@@ -144,6 +167,9 @@ def find_lr_with_trainer(
     if not val_idx:
         raise ValueError(f"val_fraction={val_fraction} of {len(train_dataset)} examples leaves no validation split")
     train_part, val_part = _subset(train_dataset, train_idx), _subset(train_dataset, val_idx)
+    if label_key is not None and metric is None:
+        raise ValueError("label_key sets a floor for the metric: pass metric (e.g. 'eval_accuracy') too")
+    floor = _floor(val_part, label_key) if label_key is not None else None
     run_steps = _run_steps(args, len(train_dataset))
     path = Path(record) if record is not None else None
     done = LRSearch.from_dict(json.loads(path.read_text())) if path is not None and path.is_file() else None
@@ -163,7 +189,7 @@ def find_lr_with_trainer(
 
     try:
         search = find_lr(train_and_score, default_lr=args.learning_rate, run_steps=run_steps, budget=budget,
-                         points=points, done=done, on_trial=save)
+                         points=points, done=done, on_trial=save, floor=floor)
     finally:
         bar.close()
     save(search)

@@ -128,6 +128,13 @@ class Task(Protocol):
         training. Default: none."""
         return {}
 
+    def eval_answers(self) -> list[Any] | None:
+        """The eval examples' reference answers as ``eval_accuracy`` compares them (one hashable
+        value each: a label, a choice's index, a normalised answer), or ``None`` where no accuracy
+        is scored. ``--lr auto`` takes its floor from them (``loft.lr_search.Floor.majority``).
+        Default: ``None``."""
+        return None
+
 
 class CausalLMTask(Task):
     """What the tasks on a pretrained causal LM share (multiple choice, instruction data): their

@@ -128,6 +128,10 @@ class ClassificationTask(Task):
         if n is not None:
             self.eval_texts, self.eval_labels = self.eval_texts[:n], self.eval_labels[:n]
 
+    def eval_answers(self) -> list[int]:
+        """The eval labels' ids."""
+        return list(self.eval_labels)
+
     def load_model(self, path: str, **kwargs: Any):
         """The pretrained encoder with a fresh head; returns ``(model, names of fresh parameters)``."""
         n = len(self.label_names)

@@ -260,6 +260,10 @@ class InstructionTask(CausalLMTask):
         """Whether every eval reference is a short answer (exact match is scored)."""
         return all(0 < len(normalize_answer(e.reference).split()) <= SHORT_ANSWER_WORDS for e in self.eval_items)
 
+    def eval_answers(self) -> list[str] | None:
+        """The normalised references where exact match is scored (every one short), else ``None``."""
+        return [normalize_answer(e.reference) for e in self.eval_items] if self.short_answers else None
+
     # ------------------------------------------------------------------ model and tokenizer
     def check_inputs(self, tokenizer, max_length: int, max_positions: int | None = None) -> None:
         """Chat data needs a chat template; every prompt must leave room for completion tokens

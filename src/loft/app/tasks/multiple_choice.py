@@ -65,6 +65,10 @@ class MultipleChoiceTask(CausalLMTask):
     def from_records(cls, train: list[dict], train_path: str | Path, eval_: list[dict], eval_path: str | Path):
         return cls([_check(r, train_path) for r in train], [_check(r, eval_path) for r in eval_])
 
+    def eval_answers(self) -> list[int]:
+        """The index of each eval question's correct choice."""
+        return [answer for _, _, answer in self.eval_items]
+
     @staticmethod
     def _example(tokenizer, question: str, choice: str, max_length: int) -> dict[str, list[int]]:
         """Prompt + `` choice`` token ids, with labels -100 on the prompt (cut from the left if long)."""
