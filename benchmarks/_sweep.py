@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 KEEP = ("eval_accuracy", "eval_loss", "eval_accuracy_before", "eval_loss_before", "train_loss", "train_loss_last", "steps", "train_seconds", "seconds",
         "trainable_params", "num_train", "num_eval", "lr", "head_lr", "loss_curve", "quantization", "base_model_mb",
-        "peak_memory_mb", "load_peak_memory_mb", "peak_memory_kind", "eval_correct", "lr_search")
+        "peak_memory_mb", "load_peak_memory_mb", "peak_memory_kind", "eval_correct", "lr_search", "lr_search_trials")
 
 
 def key(run: dict[str, Any]) -> str:
@@ -153,6 +153,9 @@ def _one(run_json: str, out: str) -> None:
     cfg = FinetuneConfig(**settings, output_dir=str(Path(out) / "run"), save_steps=10**9)
     metrics = finetune(cfg, overwrite=True, progress=False)
     check_identity(identity, metrics)
+    search = Path(out) / "run" / "lr_search.json"
+    if search.is_file():  # every trial (rate, steps, validation accuracy and loss): other rules can be read off them
+        metrics["lr_search_trials"] = json.loads(search.read_text())["trials"]
     predictions = Path(out) / "run" / "predictions.jsonl"
     if predictions.is_file():  # which eval examples the run got right, for bootstraps over examples
         metrics["eval_correct"] = "".join("1" if json.loads(line)["correct"] else "0"
