@@ -167,7 +167,8 @@ class FinetuneConfig:
     lr: float | str | None = option(
         None, "--lr", cli_type=Optional[str], parse=parse_lr,
         help="Learning rate, or auto: search it (successive halving over 1e-4 * 2**k around the default, on a "
-        "validation split carved from the training data, within --lr-search-budget). Default per method and task "
+        "validation split carved from the training data, within --lr-search-budget; the default is kept unless the "
+        "best trial beats always giving the most frequent answer). Default per method and task "
         "(classification: " + ", ".join(f"{m} {_sci(v)}" for m, v in DEFAULT_LR.items()) + ").", compare=False
     )
     lr_search_budget: float = option(
