@@ -152,6 +152,7 @@ def test_compare_writes_table_and_plot(bert, cls_data, tmp_path):
     assert all(0 <= float(r["eval_accuracy"]) <= 1 for r in rows)
     assert (out / "compare.png").stat().st_size > 1000
     assert (out / "compare.md").read_text().count("\n") == 2 + len(rows)
+    assert "lr_search" not in rows[0]  # no --lr auto: no column saying how a rate was searched
     assert (out / "loft-r2" / "adapter_model.safetensors").is_file()
     # the same folder again is refused, nothing lost
     assert run("compare", "--model", bert, "--data", cls_data[0], "-o", out, "--quiet") == 2

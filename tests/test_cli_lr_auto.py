@@ -283,7 +283,11 @@ def test_compare_lr_auto_searches_each_methods_own_rate(bert, data, tmp_path):
         assert record["default_lr"] == default and record["lrs"] == [lr_search.lattice(lr_search.lattice_index(default) + d)
                                                                      for d in (-1, 0, 1)]
         assert rows[method]["lr"] == record["lr"] and record["method"] == method
+        # the table says how each rate came about: chosen by the search, or the default kept (rule 2's floor)
+        assert rows[method]["lr_search"] == ("default kept" if record["kept_default"] else "chosen")
     assert json.loads((out / "compare_config.json").read_text())["lrs"] == {"loft": "auto", "lora": "auto"}
+    header = result["markdown"].splitlines()[0]
+    assert header.endswith("| lr_search |") and "lr_search" in result["csv"].splitlines()[0]
 
 
 # ----------------------------------------------------------------------------- the Trainer entry

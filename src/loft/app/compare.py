@@ -46,8 +46,9 @@ __all__ = ["parse_lrs", "run_compare"]
 
 COLUMNS = ("method", "rank", "eval_accuracy", "train_loss", "lr", "head_lr", "trainable_params", "steps", "train_seconds",
            "peak_memory_mb")
-#: columns shown only when some run has a value (instruction data)
-OPTIONAL_COLUMNS = ("eval_perplexity",)
+#: columns shown only when some run has a value: instruction data's perplexity; with --lr auto, how
+#: each searched run got its rate (``chosen`` by its search, or ``default kept``: no trial beat the floor)
+OPTIONAL_COLUMNS = ("eval_perplexity", "lr_search")
 
 
 def parse_lrs(text: str | None) -> dict[str, float | str]:
@@ -70,6 +71,15 @@ def parse_lrs(text: str | None) -> dict[str, float | str]:
         except LoftUsageError:
             raise LoftUsageError(f"--lr {part!r}: expected method=number or method=auto, e.g. loft=5e-4.") from None
     return out
+
+
+def _how_searched(metrics: dict[str, Any]) -> str | None:
+    """The ``lr_search`` cell of a run: ``None`` (its rate was given), ``"chosen"`` (its search
+    chose it) or ``"default kept"`` (no trial beat the search's floor)."""
+    search = metrics.get("lr_search")
+    if not search:
+        return None
+    return "default kept" if search.get("kept_default") else "chosen"
 
 
 def _table(rows: list[dict[str, Any]]) -> tuple[str, str]:
@@ -283,7 +293,7 @@ def _run_all(out: Path, runs, states: dict[str, str], settings: dict[str, Any], 
                     e.checkpoint,
                     e.exit_code,
                 ) from None
-        rows.append({k: metrics.get(k) for k in COLUMNS + OPTIONAL_COLUMNS})
+        rows.append({**{k: metrics.get(k) for k in COLUMNS + OPTIONAL_COLUMNS}, "lr_search": _how_searched(metrics)})
         curves[name] = metrics["loss_curve"]
     seconds = time.perf_counter() - t0
     markdown, csv_text = _table(rows)
