@@ -260,10 +260,10 @@ def _finish(out: Path, search: core.LRSearch, record: dict[str, Any], announce: 
         _write(out / LR_SEARCH_PLOT, lambda: atomic_write(out / LR_SEARCH_PLOT, lambda tmp: _plot(record, tmp)))
     shutil.rmtree(out / LR_SEARCH_DIR, ignore_errors=True)
     if announce:
-        print(choice_line(search), flush=True)
+        print(_choice_line(search), flush=True)
 
 
-def choice_line(search: core.LRSearch) -> str:
+def _choice_line(search: core.LRSearch) -> str:
     """What the run prints once its search is complete: the rate chosen and why, or that the
     default is kept because no trial beat the floor."""
     best = search.best
@@ -274,7 +274,8 @@ def choice_line(search: core.LRSearch) -> str:
         return (f"Learning rate {search.lr:g} (the default) kept: no trial scored above {floor.threshold:.3f} "
                 f"({floor.what}, plus noise); the best, {best.lr:g}, reached {score} at {best.steps} steps, so "
                 f"the trials were too short to tell the rates apart ({cost}). A larger --lr-search-budget gives "
-                f"longer trials; or give --lr a number. {LR_SEARCH_FILE}, {LR_SEARCH_PLOT}.")
+                f"longer trials, but on the tasks measured their choices leaned too high (docs/workflow.md); or give "
+                f"--lr a number. {LR_SEARCH_FILE}, {LR_SEARCH_PLOT}.")
     return f"Learning rate {search.lr:g} chosen ({score} at {best.steps} steps; {cost}); {LR_SEARCH_FILE}, {LR_SEARCH_PLOT}."
 
 
