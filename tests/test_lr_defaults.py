@@ -316,3 +316,12 @@ def test_a_run_whose_identity_says_another_search_is_refused():
         ld._sweep.check_identity({"lr_search_centre": 2e-4}, metrics)
     with pytest.raises(SystemExit, match="lr_search_rule is 2 but its search says rule = None"):
         ld._sweep.check_identity({"lr_search_rule": 2}, {"lr_search": None})
+
+
+def test_tasks_narrow_a_stage_to_some_of_a_familys_tasks_and_an_unknown_one_is_refused():
+    assert [t.name for t in ld.select_tasks(["instruction"], [])] == ["social_iqa_sft", "trec_sft"]
+    assert [t.name for t in ld.select_tasks(["instruction", "classification"], ["trec_sft", "trec"])] == [
+        "trec", "trec_sft"]
+    with pytest.raises(SystemExit, match="unknown task 'trec' for the families instruction: tasks social_iqa_sft, "
+                                         "trec_sft"):
+        ld.select_tasks(["instruction"], ["trec"])
