@@ -135,7 +135,13 @@ def _converted_smollm(package: Path) -> Path:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         tmp.chmod(0o755)  # mkdtemp makes it private
-        os.replace(tmp, target)  # atomic: a half-written folder is never used
+        try:
+            os.replace(tmp, target)  # atomic: a half-written folder is never used
+        except OSError:
+            # another process (a second run, or another rank of the same run) converted it first: theirs
+            # is the same folder, so use it; anything else at the target is an error worth seeing
+            if not (target / "config.json").is_file():
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
