@@ -50,7 +50,7 @@ class FakeSweep:
             rec["eval_accuracy"] = rec["eval_correct"].count("1") / 200
         if run["lr"] == "auto":
             rec["lr"] = ld.lattice(k)
-            rec["lr_search"] = {"lr": ld.lattice(k), "steps": 92, "trials": 13, "seconds": 75.0, "val_accuracy": 0.61,
+            rec["lr_search"] = {"lr": ld.lattice(k), "best_lr": ld.lattice(k), "steps": 92, "trials": 13, "seconds": 75.0, "val_accuracy": 0.61,
                                 "kept_default": run["seed"] == ld.FINAL_SEEDS[0]}
         return rec
 
@@ -212,7 +212,9 @@ def test_the_report_gives_defaults_transfer_and_auto_verdicts(fake_splits, monke
         assert "**0.0002** |" in text
         assert "## 2. Does full fine-tuning's rate transfer to LoFT?" in text
         assert "| movie_sentiment | 0.0001 | 0.0002 | 2 |" in text  # the grids' centres: one lattice point apart
-        rows = [x for x in text.splitlines() if x.startswith("| trec | loft |")]
+        tables, _, post_hoc = text.partition("### Choosing differently from the `auto_x3` searches")
+        assert "| trec | loft |" in post_hoc  # after the searched arms' tables, the post-hoc reading of their searches
+        rows = [x for x in tables.splitlines() if x.startswith("| trec | loft |")]
         # one row per searched arm that has run: the default budget's table, then the exploratory ones'
         assert len(rows) == len(ld.RUN_ARMS) and rows[0].rstrip().endswith(f"| {verdict} |")
         assert text.index("### `--lr auto` at its default budget") < text.index(rows[0])
@@ -325,3 +327,22 @@ def test_tasks_narrow_a_stage_to_some_of_a_familys_tasks_and_an_unknown_one_is_r
     with pytest.raises(SystemExit, match="unknown task 'trec' for the families instruction: tasks social_iqa_sft, "
                                          "trec_sft"):
         ld.select_tasks(["instruction"], ["trec"])
+
+
+def test_choosing_differently_from_the_recorded_searches_is_read_on_the_grids(fake_splits):
+    tasks = [ld.task_named("movie_sentiment"), ld.task_named("trec")]
+    sweep = FakeSweep(auto_miss=1)  # every search's best trial one point above the grid's peak
+    tuned = ld.tune(sweep, tasks, ["loft"])
+    finals = ld.final(sweep, tuned, tasks, ["loft"], arms=["default", "grid", "auto_x3"])
+    text = "\n".join(ld.choice_rules(tuned, finals))
+    assert "post hoc, validation, no new run" in text
+    row = next(x for x in text.splitlines() if x.startswith("| trec | loft |"))
+    # the fake: 0.03 per lattice point off the peak; one point below the search's best is the peak itself,
+    # and the family default is the peak (both tasks peak at the grid's centre)
+    assert row.endswith("| 3.0 | 0.0 | 0.0 |"), row
+    assert "one point below it: mean regret 0.0 points, within 1 point on 2 of 2" in text
+    # a rule whose pick the grid never ran says so instead of guessing
+    far = FakeSweep(auto_miss=3)
+    finals = ld.final(far, tuned, tasks, ["loft"], arms=["default", "grid", "auto_x3"])
+    assert "- (3 of 3 off the grid)" in "\n".join(ld.choice_rules(tuned, finals))
+    assert ld.choice_rules(tuned, {}) == []  # no searched finals: no section
