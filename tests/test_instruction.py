@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from loft import LoFTAdamW
 from loft.app.cli import main
+from loft.app.config import default_lr, default_lr_note
 from loft.app.data import builtin_path, read_records
 from loft.app.finetune import FinetuneConfig, build_run, finetune, plan_run, prepare_folder
 from loft.app.status import RunStatus
@@ -327,13 +328,32 @@ def test_loft_trains_instruction_data_with_loftadamw(llama, data, tmp_path):
     assert isinstance(built.trainer.optimizer, LoFTAdamW)
 
 
-def test_compare_runs_on_instruction_data(llama, data, tmp_path):
+def test_a_run_at_a_default_learning_rate_not_measured_on_its_family_says_so(capsys, llama, data, tmp_path):
+    train, test = data["chat"]
+    for lr, said in ((None, True), (1e-3, False)):
+        cfg = FinetuneConfig(model=str(llama), data=str(train), eval_data=str(test), max_steps=1, batch_size=4,
+                             lr=lr, output_dir=str(tmp_path / f"run-{lr}"))
+        plan_run(cfg, overwrite=False, resume=False, status=RunStatus(cfg, progress=False))
+        printed = capsys.readouterr().out
+        note = (f"Note: the default learning rate (loft {default_lr('loft', 'instruction'):g}) was measured on "
+                "classification tasks, not yet on instruction tasks")
+        assert (note in printed) == said, printed
+        assert ("--lr auto" in printed) == said
+    assert default_lr_note("classification", ["loft"]) is None  # measured there: nothing to say
+    assert "(full 0.0002) was measured on classification tasks, not yet on multiple choice tasks" in default_lr_note(
+        "multiple_choice", ["full"])
+    assert default_lr_note("instruction", []) is None  # every rate given
+
+
+def test_compare_runs_on_instruction_data(capsys, llama, data, tmp_path):
     from loft.app.compare import run_compare
 
     train, test = data["prompt_completion"]
-    result = run_compare(methods=["loft", "lora"], ranks=[2], full=False, lrs={}, output_dir=str(tmp_path / "cmp"),
-                         overwrite=False, resume=False, progress=False, model=str(llama), data=str(train),
-                         eval_data=str(test), max_steps=2, batch_size=4)
+    result = run_compare(methods=["loft", "lora"], ranks=[2], full=False, lrs={"lora": 1e-3},
+                         output_dir=str(tmp_path / "cmp"), overwrite=False, resume=False, progress=False,
+                         model=str(llama), data=str(train), eval_data=str(test), max_steps=2, batch_size=4)
+    # the note names the defaults taken (loft's), not a rate given (lora's)
+    assert "Note: the default learning rate (loft 0.0004) was measured on classification tasks" in capsys.readouterr().out
     assert [(r["method"], r["rank"]) for r in result["rows"]] == [("loft", 2), ("lora", 2)]
     assert all(r["eval_accuracy"] is not None and r["eval_perplexity"] > 1 for r in result["rows"])
     assert "eval_perplexity" in (tmp_path / "cmp" / "compare.csv").read_text().splitlines()[0]

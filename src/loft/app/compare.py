@@ -21,7 +21,7 @@ from typing import Any
 from .atomic import atomic_write, write_failure, write_json, write_text
 from .errors import LoftUsageError, OutputWriteError, RunInterrupted, interruption
 from .autolr import plan_lr_search
-from .config import ADAPTER_METHODS, AUTO_LR, METHODS, FinetuneConfig, check_output_option, default_lr, parse_lr
+from .config import ADAPTER_METHODS, AUTO_LR, METHODS, FinetuneConfig, check_output_option, default_lr, default_lr_note, parse_lr
 from .finetune import finetune
 from .load import prepare_inputs, resolve_targets
 from .plan import run_steps
@@ -241,6 +241,9 @@ def run_compare(
     # each run's layers and rank, its default learning rate (per task) or its search (--lr auto).
     inputs = prepare_inputs(runs[0][1], processes)
     task = inputs.task
+    note = default_lr_note(task.kind, [cfg.method for _, cfg in runs if cfg.lr is None])
+    if note and is_main_process():
+        print(note, flush=True)
     for name, cfg in runs:
         if cfg.method != "full":
             resolve_targets(inputs.model, cfg.target_modules, cfg.rank, set(inputs.fresh))

@@ -24,6 +24,7 @@ __all__ = [
     "TASK_FAMILIES",
     "ADAPTER_METHODS",
     "DEFAULT_MAX_STEPS",
+    "MEASURED_LR_FAMILIES",
     "METHODS",
     "NOT_OPTIONS",
     "FinetuneConfig",
@@ -33,6 +34,7 @@ __all__ = [
     "check_fsdp",
     "compare_fields",
     "default_lr",
+    "default_lr_note",
     "finetune_fields",
     "option",
     "option_fields",
@@ -77,11 +79,33 @@ AUTO_LR = "auto"
 def default_lr(method: str, family: str = "classification") -> float:
     """The default learning rate of ``method`` on a task of ``family`` (:data:`DEFAULT_LRS`)."""
     return DEFAULT_LRS[family][method]
+
+
+#: the task families whose default learning rates were measured on tasks of their own (the others copy them)
+MEASURED_LR_FAMILIES = ("classification",)
+
+
+def default_lr_note(family: str, methods: list[str]) -> str | None:
+    """What a run (or a comparison) taking ``methods``' default learning rates on a ``family`` task
+    should be told before it starts: ``None`` where the defaults were measured on that family, else
+    that they are copies and what to do."""
+    methods = list(dict.fromkeys(methods))
+    if family in MEASURED_LR_FAMILIES or not methods:
+        return None
+    rates = ", ".join(f"{m} {default_lr(m, family):g}" for m in methods)
+    one = len(methods) == 1
+    measured = " and ".join(f.replace("_", " ") for f in MEASURED_LR_FAMILIES)
+    return (f"Note: the default learning rate{'' if one else 's'} ({rates}) {'was' if one else 'were'} measured on "
+            f"{measured} tasks, not yet on {family.replace('_', ' ')} tasks (docs/workflow.md, \"Learning rates\")"
+            + ("" if one else ", so a comparison at them can favour whichever default suits this data")
+            + f". On data of your own, give --lr, or --lr auto to check {'it' if one else 'them'} against a short "
+            "search.")
+
+
 #: Default learning rate of fresh head parameters, the same for every method (docs/workflow.md).
 DEFAULT_HEAD_LR = 2e-3
 #: Steps of the default run (and of each ``loft compare`` run) when neither steps nor epochs are given.
 DEFAULT_MAX_STEPS = 400
-
 
 
 @dataclass(frozen=True)

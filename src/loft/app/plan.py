@@ -10,7 +10,8 @@ from typing import Any
 from torch import nn
 
 from .autolr import plan_lr_search
-from .config import AUTO_LR, DEFAULT_HEAD_LR, DEFAULT_MAX_STEPS, FinetuneConfig, check_batch_split, default_lr
+from .config import (AUTO_LR, DEFAULT_HEAD_LR, DEFAULT_MAX_STEPS, FinetuneConfig, check_batch_split, default_lr,
+                     default_lr_note)
 from .errors import LoftUsageError
 from .launch import init_processes, is_main_process, launched_processes, on_main_process
 from .load import apply_method, prepare_inputs, resolve_targets
@@ -125,6 +126,9 @@ def plan_run(cfg: FinetuneConfig, *, overwrite: bool, resume: bool, status: RunS
     status.memory.restart()
     task = loaded.task
     default = default_lr(cfg.method, task.kind)
+    note = default_lr_note(task.kind, [cfg.method]) if cfg.lr is None and main else None
+    if note:
+        print(note, flush=True)
     method_lr = default if cfg.lr is None or cfg.lr == AUTO_LR else cfg.lr  # --lr auto: the search's centre, for now
     head_lr = cfg.head_lr if cfg.head_lr is not None else DEFAULT_HEAD_LR
     steps_per_epoch, max_steps = run_steps(cfg, task.num_train)
