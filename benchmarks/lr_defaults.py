@@ -851,7 +851,7 @@ def report(tuned: dict, moved: dict, finals: dict, methods: list[str], results: 
                   "seeds); the wall seconds beside them are what a user waits for (a search trial loads the model "
                   "and evaluates the validation split once, which its steps leave out; a grid's are its runs'). "
                   "Difference: auto - grid, with its 95% interval (a bootstrap over seeds and test examples; a t test "
-                  "across seeds for instruction data, whose runs record no per-example result); level: "
+                  "across seeds where a run recorded no per-example result); level: "
                   f"the 90% interval inside +-{100 * TARGET_GAP:g} point.", ""]
         for arm in AUTO_ARMS:
             lines += auto_table(tuned, finals, arm)

@@ -306,6 +306,12 @@ def test_run_writes_metrics_samples_and_prompt_format(loft_run):
     assert all({"reference", "before", "after", "answer_after"} <= set(s) for s in samples)
     assert json.loads((loft_run / "prompt_format.json").read_text()) == {"format": "prompt_completion"}
     assert (loft_run / "adapter_model.safetensors").is_file() and not (loft_run / "checkpoints").exists()
+    # short answers: every eval example's answer, in order, as classification and multiple choice give theirs
+    rows = [json.loads(line) for line in (loft_run / "predictions.jsonl").read_text().splitlines()]
+    assert [r["label"] for r in rows] == [normalize_answer(r["completion"]) for r in test_rows]
+    assert all(r["correct"] == (r["prediction"] == r["label"]) for r in rows)
+    assert [r["prediction"] for r in rows][:len(samples)] == [s["answer_after"] for s in samples]
+    assert sum(r["correct"] for r in rows) / len(rows) == pytest.approx(metrics["eval_accuracy"])
 
 
 @pytest.mark.parametrize("method", ["lora", "dora", "full"])

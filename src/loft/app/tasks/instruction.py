@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from ..errors import LoftUsageError
-from .base import CausalLMTask
+from .base import PREDICTIONS_FILE, CausalLMTask
 
 __all__ = [
     "ALPACA_PROMPT",
@@ -359,23 +359,26 @@ class InstructionTask(CausalLMTask):
                                     batch_size=trainer.args.per_device_eval_batch_size)
         finally:
             model.train(was_training)
-        accuracy = None
+        accuracy, predictions = None, None
         answers = [None] * n_gen
         if short:
-            answer_set = {normalize_answer(e.reference) for e in self.eval_items}
-            answers = [first_answer(g, answer_set) for g in generations]
-            correct = sum(a == normalize_answer(e.reference) for a, e in zip(answers, self.eval_items))
-            accuracy = correct / len(self.eval_items)
+            references = [normalize_answer(e.reference) for e in self.eval_items]
+            answers = [first_answer(g, set(references)) for g in generations]
+            predictions = list(zip(references, answers))
+            accuracy = sum(a == r for r, a in predictions) / len(self.eval_items)
         samples = [
             {"prompt": e.prompt, "reference": e.reference, "generation": g, **({"answer": a} if short else {})}
             for e, g, a in list(zip(self.eval_items, generations, answers))[:NUM_SAMPLES]
         ]
         return {"eval_accuracy": accuracy, "eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700.0)),
-                "samples": samples}
+                "samples": samples, **({"predictions": predictions} if predictions is not None else {})}
 
     def result_files(self, before: dict[str, Any] | None, after: dict[str, Any]) -> dict[str, str]:
-        """``samples.jsonl`` (prompt, reference, and the generation before and after training) and
-        ``prompt_format.json`` (the training data's format, for ``loft generate``)."""
+        """``samples.jsonl`` (prompt, reference, and the generation before and after training),
+        ``prompt_format.json`` (the training data's format, for ``loft generate``) and, where every
+        reference is short (exact match is scored), ``predictions.jsonl``: per eval example, in
+        order, the normalised reference (``label``), the answer read from the generation after
+        training (``prediction``, ``null`` when none) and whether they agree."""
         earlier = (before or {}).get("samples") or []
         lines = []
         for i, s in enumerate(after.get("samples", [])):
@@ -387,8 +390,13 @@ class InstructionTask(CausalLMTask):
             lines.append(json.dumps(row, ensure_ascii=False))
         from ..runmodel import PROMPT_FORMAT_FILE
 
-        return {SAMPLES_FILE: "".join(line + "\n" for line in lines),
-                PROMPT_FORMAT_FILE: json.dumps({"format": self.train_format}) + "\n"}
+        files = {SAMPLES_FILE: "".join(line + "\n" for line in lines),
+                 PROMPT_FORMAT_FILE: json.dumps({"format": self.train_format}) + "\n"}
+        if after.get("predictions") is not None:
+            files[PREDICTIONS_FILE] = "".join(
+                json.dumps({"label": r, "prediction": a, "correct": a == r}, ensure_ascii=False) + "\n"
+                for r, a in after["predictions"])
+        return files
 
 
 def _completion_nll(model, encoded: list[tuple[list[int], list[int]]], collate, batch_size: int) -> tuple[float, int]:
