@@ -454,16 +454,25 @@ def main_job(sweep: Sweep, tuned: dict, partial: bool = False) -> dict[float, li
 
 
 # ----------------------------------------------------------------------------- plan
-def committed_seconds() -> dict[tuple[str, str], dict[str, float]]:
-    """Per (model, method): the median training seconds per step and the median other seconds
-    (loading, evaluation) per eval example, over the committed results (``benchmarks/results/*.jsonl``)."""
-    per: dict[tuple[str, str], dict[str, list[float]]] = {}
+def generates(run: dict[str, Any]) -> bool:
+    """Whether ``run`` is on an instruction task of this protocol (trained with TRL, scored by
+    generation), whose steps and eval examples cost more than the other tasks' of its model."""
+    return any(run.get("data") in (t.data, f"{WORK.relative_to(ROOT)}/{t.name}/train.jsonl")
+               for t in TASKS if t.family == "instruction")
+
+
+def committed_seconds() -> dict[tuple[str, str, bool], dict[str, float]]:
+    """Per (model, method, :func:`generates`): the median training seconds per step and the median
+    other seconds (loading, evaluation) per eval example, over the committed results
+    (``benchmarks/results/*.jsonl``)."""
+    per: dict[tuple[str, str, bool], dict[str, list[float]]] = {}
     for path in sorted((ROOT / "benchmarks" / "results").glob("*.jsonl")):
         for rec in _sweep.load_results(path).values():
             run = rec.get("run", {})
             if not (rec.get("seconds") and rec.get("train_seconds") and rec.get("steps") and rec.get("num_eval")):
                 continue
-            d = per.setdefault((run.get("model", "minilm-l6"), run.get("method", "loft")), {"step": [], "example": []})
+            d = per.setdefault((run.get("model", "minilm-l6"), run.get("method", "loft"), generates(run)),
+                               {"step": [], "example": []})
             d["step"].append(rec["train_seconds"] / rec["steps"])
             d["example"].append((rec["seconds"] - rec["train_seconds"]) / rec["num_eval"])
     return {k: {"step": statistics.median(v["step"]), "example": statistics.median(v["example"])} for k, v in per.items()}
@@ -475,18 +484,24 @@ def _lines(path: str) -> int:
     return len(file.read_text().splitlines()) if file.is_file() else 500
 
 
-def estimate(run: dict[str, Any], table: dict[tuple[str, str], dict[str, float]], notes: set[str]) -> float:
+def estimate(run: dict[str, Any], table: dict[tuple[str, str, bool], dict[str, float]], notes: set[str]) -> float:
     """Seconds of ``run`` from ``table`` (:func:`committed_seconds`): steps x seconds per step plus
     eval examples x seconds per example, plus, for ``--lr auto``, its search (the plan's steps and
     one evaluation of its validation split per trial). A method without committed runs of its
-    model takes ``lora``'s (``notes`` says so)."""
-    model, method = run["model"], run["method"]
-    if (model, method) not in table:
-        if (model, "lora") not in table:
-            raise SystemExit(f"no committed run of {model} in benchmarks/results/*.jsonl: cannot estimate")
-        notes.add(f"{method} on {model}: no committed run, estimated from lora's")
-        method = "lora"
-    cost = table[(model, method)]
+    model takes ``lora``'s, and an instruction run without committed instruction runs of its
+    method the other runs' of its model (``notes`` says which)."""
+    model, method, gen = run["model"], run["method"], generates(run)
+    candidates = [(method, gen), ("lora", gen)] + ([(method, False), ("lora", False)] if gen else [])
+    found = next((c for c in candidates if (model, *c) in table), None)
+    if found is None:
+        raise SystemExit(f"no committed run of {model} in benchmarks/results/*.jsonl: cannot estimate")
+    if found[0] != method:
+        notes.add(f"{method} on {model}{' (instruction)' if gen else ''}: no committed run, estimated from lora's")
+    if found[1] != gen:
+        notes.add(f"{found[0]} on {model}, instruction: no committed instruction run, estimated from its "
+                  "multiple-choice runs (a greedy generation per eval example costs more than scoring the choices, "
+                  "and TRL's step more than a plain one: a lower bound)")
+    cost = table[(model, *found)]
     seconds = run["max_steps"] * cost["step"] + _lines(run["eval_data"]) * cost["example"]
     if run["lr"] == "auto":
         family = next(t.family for t in TASKS if splits(t)[0] == run["data"])
@@ -547,7 +562,7 @@ def plan_lines(sweep: Sweep, tasks: list[Task], methods: list[str]) -> list[str]
     mains = [r for s in evidence.DEFAULT_SEEDS if new_default
              and _sweep.key(r := evidence.default_run_of(d["lr"], s)) not in have]
     # the main job: 400 steps, the built-in test split (2,000 snippets) scored before and after training
-    per = table.get(("minilm-l6", "loft"), {"step": math.nan, "example": math.nan})
+    per = table.get(("minilm-l6", "loft", False), {"step": math.nan, "example": math.nan})
     main_hours = sum(r["max_steps"] * per["step"] + 2 * 2000 * per["example"] for r in mains) / 3600
     lines.append(f"main: {len(mains)} runs" + ("" if d else " (once classification's LoFT default has settled)")
                  + f": {main_hours:.1f} h")
@@ -557,9 +572,6 @@ def plan_lines(sweep: Sweep, tasks: list[Task], methods: list[str]) -> list[str]
                  "examples at the median seconds per step and per example of the committed runs of its model and "
                  "method, benchmarks/results/*.jsonl, which ran two at a time with one thread each)")
     lines += [f"note: {n}" for n in sorted(notes)]
-    if any(t.family == "instruction" for t in tasks):
-        lines.append("note: instruction runs are estimated from the multiple-choice runs of the same model; a greedy "
-                     "generation per eval example costs more than scoring 3 choices: a lower bound")
     return lines
 
 

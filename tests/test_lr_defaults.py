@@ -176,8 +176,9 @@ def test_finals_run_default_grid_and_auto_on_test_at_the_final_seeds(fake_splits
 
 def test_plan_counts_runs_and_time_from_committed_seconds(fake_splits, tmp_path, monkeypatch):
     monkeypatch.setattr(ld, "committed_seconds", lambda: {
-        ("minilm-l6", "loft"): {"step": 1.0, "example": 0.01}, ("minilm-l6", "lora"): {"step": 1.0, "example": 0.01},
-        ("minilm-l6", "full"): {"step": 2.0, "example": 0.01}})
+        ("minilm-l6", "loft", False): {"step": 1.0, "example": 0.01},
+        ("minilm-l6", "lora", False): {"step": 1.0, "example": 0.01},
+        ("minilm-l6", "full", False): {"step": 2.0, "example": 0.01}})
     results = tmp_path / "r.jsonl"
     results.write_text("")
     sweep = Sweep(results, jobs=2, threads=1, dry=True)
@@ -346,3 +347,25 @@ def test_choosing_differently_from_the_recorded_searches_is_read_on_the_grids(fa
     finals = ld.final(far, tuned, tasks, ["loft"], arms=["default", "grid", "auto_x3"])
     assert "- (3 of 3 off the grid)" in "\n".join(ld.choice_rules(tuned, finals))
     assert ld.choice_rules(tuned, {}) == []  # no searched finals: no section
+
+
+def test_instruction_runs_are_estimated_from_instruction_runs_where_there_are_some(monkeypatch):
+    table = {("smollm2-135m", "loft", False): {"step": 3.0, "example": 0.5},
+             ("smollm2-135m", "lora", False): {"step": 2.0, "example": 0.5}}
+    monkeypatch.setattr(ld, "_lines", lambda path: 200)
+    sft = {"model": "smollm2-135m", "method": "loft", "max_steps": 100, "lr": 4e-4, "eval_data": "val.jsonl",
+           "data": f"{ld.WORK.relative_to(ld.ROOT)}/trec_sft/train.jsonl"}
+    mc = {**sft, "data": f"{ld.WORK.relative_to(ld.ROOT)}/trec_mc/train.jsonl"}
+    assert ld.generates(sft) and ld.generates({**sft, "data": "social_iqa_sft"}) and not ld.generates(mc)
+    notes: set[str] = set()
+    assert ld.estimate(mc, table, notes) == 100 * 3.0 + 200 * 0.5 and not notes
+    # no committed instruction run: the multiple-choice runs' costs, said to be a lower bound
+    assert ld.estimate(sft, table, notes) == 100 * 3.0 + 200 * 0.5
+    assert any("no committed instruction run" in n and "a lower bound" in n for n in notes)
+    # once instruction runs are committed, theirs (and another method borrows lora's instruction runs)
+    table[("smollm2-135m", "lora", True)] = {"step": 5.0, "example": 1.0}
+    table[("smollm2-135m", "loft", True)] = {"step": 6.0, "example": 1.0}
+    notes = set()
+    assert ld.estimate(sft, table, notes) == 100 * 6.0 + 200 * 1.0 and not notes
+    assert ld.estimate({**sft, "method": "dora"}, table, notes) == 100 * 5.0 + 200 * 1.0
+    assert notes == {"dora on smollm2-135m (instruction): no committed run, estimated from lora's"}
