@@ -99,7 +99,7 @@ from _stats import paired, paired_bootstrap  # noqa: E402
 
 from loft import lr_search  # noqa: E402
 from loft.app.autolr import validation_size  # noqa: E402
-from loft.app.config import DEFAULT_LRS, METHODS, default_lr  # noqa: E402
+from loft.app.config import DEFAULT_LR_SOURCES, DEFAULT_LRS, METHODS, default_lr  # noqa: E402
 from loft.app.data import BUILTIN_DATASETS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -799,6 +799,22 @@ def choice_rules(tuned: dict, finals: dict, arm: str = "auto_x3") -> list[str]:
     return lines + ["Over the (task, method) pairs the grids cover: " + "; ".join(summary) + ".", ""]
 
 
+def defaults_now_lines(measured: dict[str, dict[str, float]]) -> list[str]:
+    """"The defaults now": every default ``loft finetune`` has (``DEFAULT_LRS``), where it comes
+    from (``DEFAULT_LR_SOURCES``, both in loft/app/config.py) and, where this protocol has settled
+    one, the rate it measured (``measured``: family -> method -> rate)."""
+    lines = ["### The defaults now", "", "Every default learning rate of `loft finetune` (`DEFAULT_LRS` of "
+             "`src/loft/app/config.py`), where it comes from (`DEFAULT_LR_SOURCES` there) and the rate this protocol "
+             "measured for it, where it has.", "", "| family | method | default | this protocol's measurement | source |",
+             "|---|---|---|---|---|"]
+    for family, rates in DEFAULT_LRS.items():
+        for m, lr in rates.items():
+            got = measured.get(family, {}).get(m)
+            lines.append(f"| {family} | {m} | {lr:g} | {'-' if got is None else f'{got:g}'} | "
+                         f"{DEFAULT_LR_SOURCES[family][m]} |")
+    return lines
+
+
 def report(tuned: dict, moved: dict, finals: dict, methods: list[str], results: dict[str, dict[str, Any]],
            tasks: list[Task], main: dict[float, list[dict[str, Any]]] | None = None) -> str:
     """The report's markdown (written to :data:`REPORT` by ``report``): ``results`` (the JSONL's
@@ -839,6 +855,7 @@ def report(tuned: dict, moved: dict, finals: dict, methods: list[str], results: 
     if literal:
         lines += ["", "The measured defaults as `DEFAULT_LRS` of `src/loft/app/config.py` takes them:", "",
                   "```text", json.dumps(literal, indent=1), "```"]
+    lines += ["", *defaults_now_lines(literal)]
     lines += ["", "### The grids", "", f"Every rate each grid ran ({len(TUNE_SEEDS)} tuning seeds a point, "
               "validation split); a grid starts at 5 lattice points around the method's default when the protocol was "
               f"written and grows one point past an edge optimum, at most {MAX_EXTENSIONS} times.", "",

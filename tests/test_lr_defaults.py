@@ -261,7 +261,10 @@ def test_a_report_written_while_tuning_runs_says_so_and_shows_the_grids_as_they_
     assert "**In progress.** Tuning settled for 3 of 4 (task, method) arms (under way or not started: trec / loft)" in text
     assert "full fine-tuning's rate against LoFT's on 1 of 2 tasks; finals (test) complete for 0 of 4 arms" in text
     # classification's default for full fine-tuning has settled (both tasks), LoFT's not (trec's grid runs)
-    assert "| classification | full |" in text and "| classification | loft |" not in text
+    measured = text.partition("### The defaults now")[0]
+    assert "| classification | full |" in measured and "| classification | loft |" not in measured
+    now = text.partition("### The defaults now")[2]  # every default the app has, measured here or not
+    assert f"| classification | loft | {ld.DEFAULT_LRS['classification']['loft']:g} | - |" in now
     assert "no family's default has settled yet" not in text and "## 2. Does full fine-tuning's rate" in text
     assert "no family's default has settled yet" in ld.report({}, {}, {}, ["loft"], {}, tasks)
     rows = {tuple(x.split(" | ")[:2]): x for x in text.splitlines() if x.startswith("| trec |")
@@ -369,3 +372,16 @@ def test_instruction_runs_are_estimated_from_instruction_runs_where_there_are_so
     assert ld.estimate(sft, table, notes) == 100 * 6.0 + 200 * 1.0 and not notes
     assert ld.estimate({**sft, "method": "dora"}, table, notes) == 100 * 5.0 + 200 * 1.0
     assert notes == {"dora on smollm2-135m (instruction): no committed run, estimated from lora's"}
+
+
+def test_the_report_says_where_every_default_comes_from():
+    lines = ld.defaults_now_lines({"classification": {"loft": 4e-4, "lora": 3.2e-3}})
+    rows = [x for x in lines if x.startswith("| ") and not x.startswith("| family")]
+    assert len(rows) == sum(len(rates) for rates in ld.DEFAULT_LRS.values())  # every family and method
+    assert any(x.startswith("| classification | loft | 0.0004 | 0.0004 | measured (benchmarks/lr_defaults.py)")
+               for x in rows)
+    # a measurement the app did not take is shown beside the default it kept, with the reason
+    lora = next(x for x in rows if x.startswith("| classification | lora |"))
+    assert "| 0.002 | 0.0032 |" in lora and "not adopted" in lora
+    assert all(x.endswith("a copy of classification's: not measured on this family yet |") for x in rows
+               if x.startswith(("| multiple_choice", "| instruction")))

@@ -21,6 +21,7 @@ __all__ = [
     "DEFAULT_HEAD_LR",
     "DEFAULT_LR",
     "DEFAULT_LRS",
+    "DEFAULT_LR_SOURCES",
     "TASK_FAMILIES",
     "ADAPTER_METHODS",
     "DEFAULT_MAX_STEPS",
@@ -70,6 +71,24 @@ DEFAULT_LRS: dict[str, dict[str, float]] = {
     "multiple_choice": dict(_CLASSIFICATION),  # not measured on this family yet (copied from classification)
     "instruction": dict(_CLASSIFICATION),  # not measured on this family yet (copied from classification)
 }
+_MEASURED = ("measured (benchmarks/lr_defaults.py): the best mean validation accuracy over movie sentiment and TREC "
+             "question types, 3 tuning seeds, 100 steps, rank 4")
+_APP_LRS = "movie sentiment alone, one seed, validation split (benchmarks/app_methods.py lrs, docs/results/app_lrs.md)"
+_COPY = "a copy of classification's: not measured on this family yet"
+#: Where each default of :data:`DEFAULT_LRS` comes from, by family and method (the table of
+#: docs/results/lr_defaults.md, "The defaults now", is made from it).
+DEFAULT_LR_SOURCES: dict[str, dict[str, str]] = {
+    "classification": {
+        "loft": _MEASURED, "full": _MEASURED,
+        "lora": ("movie sentiment: the usual ratio to LoFT's first default (5e-4), next to the per-rank tuning of "
+                 "benchmarks/evidence.py (1.6e-3 at rank 4). The two-task measurement's 3.2e-3 is not adopted: it is "
+                 "where LoRA first collapsed in the stability runs"),
+        "dora": "LoRA's (the per-rank tuning of benchmarks/evidence.py chose the same rate for both at rank 4)",
+        "loraplus": _APP_LRS, "lorafa": _APP_LRS, "pissa": _APP_LRS, "rslora": _APP_LRS,
+    },
+    "multiple_choice": {m: _COPY for m in _CLASSIFICATION},
+    "instruction": {m: _COPY for m in _CLASSIFICATION},
+}
 #: Classification's defaults (the default task), by method.
 DEFAULT_LR = DEFAULT_LRS["classification"]
 #: ``--lr auto``: search the learning rate (loft/app/lr_search.py) instead of taking the default.
@@ -82,7 +101,7 @@ def default_lr(method: str, family: str = "classification") -> float:
 
 
 #: the task families whose default learning rates were measured on tasks of their own (the others copy them)
-MEASURED_LR_FAMILIES = ("classification",)
+MEASURED_LR_FAMILIES = tuple(f for f, sources in DEFAULT_LR_SOURCES.items() if _COPY not in sources.values())
 
 
 def default_lr_note(family: str, methods: list[str]) -> str | None:
