@@ -303,6 +303,8 @@ def test_server_and_clients_in_process(tiny, tmp_path, flavour, task_identity):
 
     server_mod.make_server_app(bench, split, on_round=on_round)(grid, _context(0))
     assert [r["round"] for r, _ in seen] == [0, 1, 2] and len(grid.rounds) == 2
+    # a round's record holds the evaluation's numbers, not its per-example predictions
+    assert all("predictions" not in r and isinstance(r["eval_accuracy"], float) for r, _ in seen)
     carry = None
     for (record, detail), (sent, replies) in zip(seen[1:], grid.rounds):
         rnd, glob, weights, updates = record["round"], detail["start"], detail["weights"], detail["updates"]

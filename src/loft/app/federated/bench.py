@@ -123,7 +123,8 @@ class Bench:
         return losses
 
     def evaluate(self) -> dict[str, float]:
-        """The task's own evaluation (``Trainer.predict``) of the model as it is now."""
+        """The task's own evaluation (``Trainer.predict``) of the model as it is now: its ``eval_*``
+        numbers only (not the per-example predictions, which would repeat in every round's record)."""
         from transformers import Trainer, TrainingArguments
 
         if self._trainer is None:  # Trainer.predict writes nothing: its output folder is not kept
@@ -134,7 +135,8 @@ class Bench:
                                     processing_class=self.tokenizer)
             shutil.rmtree(folder, ignore_errors=True)
         self.model.eval()
-        return self.task.evaluate(self._trainer, self.tokenizer, self.max_length)
+        result = self.task.evaluate(self._trainer, self.tokenizer, self.max_length)
+        return {k: v for k, v in result.items() if k.startswith("eval_")}
 
 
 def base_weights(model: nn.Module) -> dict[str, torch.Tensor]:
