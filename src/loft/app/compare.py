@@ -21,7 +21,8 @@ from typing import Any
 from .atomic import atomic_write, write_failure, write_json, write_text
 from .errors import LoftUsageError, OutputWriteError, RunInterrupted, interruption
 from .autolr import plan_lr_search
-from .config import ADAPTER_METHODS, AUTO_LR, METHODS, FinetuneConfig, check_output_option, default_lr, default_lr_note, parse_lr
+from .config import (ADAPTER_METHODS, AUTO_LR, METHODS, FinetuneConfig, check_output_option, default_lr,
+                     default_lr_note, parse_lr)
 from .finetune import finetune
 from .load import prepare_inputs, resolve_targets
 from .plan import run_steps

@@ -54,12 +54,7 @@ ADAPTER_METHODS = tuple(m for m in METHODS if m != "full")
 #: The task families of ``loft finetune`` (a task's ``kind``): an encoder with a fresh head, and a causal LM
 #: scored on multiple-choice answers or trained on instruction data (TRL's SFTTrainer).
 TASK_FAMILIES = ("classification", "multiple_choice", "instruction")
-#: Classification (MiniLM-L6 with a fresh head). loft 4e-4 and full 2e-4: measured by benchmarks/lr_defaults.py
-#: (issue 30; docs/results/lr_defaults.md, section 1): the rate with the best mean validation accuracy over
-#: movie_sentiment and TREC question types, 3 tuning seeds, 100 steps, rank 4. Not measured there yet, from
-#: MiniLM-L6 + movie_sentiment alone (docs/workflow.md, "Measurements"): lora, dora 2e-3 (the usual ratio to
-#: loft's first default, 5e-4, next to the per-rank tuning of docs/results/evidence_sentiment.md, section 1);
-#: loraplus, lorafa, pissa, rslora from docs/results/app_lrs.md (one seed, validation split).
+#: Classification (MiniLM-L6 with a fresh head); where each rate comes from: :data:`DEFAULT_LR_SOURCES`.
 _CLASSIFICATION = {"loft": 4e-4, "lora": 2e-3, "dora": 2e-3, "loraplus": 2.5e-4, "lorafa": 8e-3, "pissa": 5e-4,
                    "rslora": 2e-3, "full": 2e-4}
 #: Default learning rate per task family and method: ``DEFAULT_LRS[family][method]``. Multiple choice's and

@@ -21,9 +21,10 @@ DEFAULT_MEMBERS = ("check_inputs", "training_arguments", "trainer_class", "train
 PREDICTIONS_FILE = "predictions.jsonl"
 
 
-def prediction_lines(answers: list[int], predicted: list[int], names: list[str] | None = None) -> str:
+def prediction_lines(answers: list[Any], predicted: list[Any], names: list[str] | None = None) -> str:
     """``predictions.jsonl``'s text: one line per eval example, ``{"label", "prediction",
-    "correct"}`` (class names where ``names`` is given, else indices)."""
+    "correct"}`` (class names where ``names`` is given, else the values themselves: indices, or
+    an instruction task's answers)."""
     import json
 
     def show(i: int) -> Any:

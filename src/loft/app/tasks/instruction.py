@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from ..errors import LoftUsageError
-from .base import PREDICTIONS_FILE, CausalLMTask
+from .base import PREDICTIONS_FILE, CausalLMTask, prediction_lines
 
 __all__ = [
     "ALPACA_PROMPT",
@@ -393,9 +393,8 @@ class InstructionTask(CausalLMTask):
         files = {SAMPLES_FILE: "".join(line + "\n" for line in lines),
                  PROMPT_FORMAT_FILE: json.dumps({"format": self.train_format}) + "\n"}
         if after.get("predictions") is not None:
-            files[PREDICTIONS_FILE] = "".join(
-                json.dumps({"label": r, "prediction": a, "correct": a == r}, ensure_ascii=False) + "\n"
-                for r, a in after["predictions"])
+            references, answers = zip(*after["predictions"]) if after["predictions"] else ((), ())
+            files[PREDICTIONS_FILE] = prediction_lines(list(references), list(answers))
         return files
 
 
