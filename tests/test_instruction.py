@@ -191,13 +191,28 @@ def test_an_encoder_is_refused_for_instruction_data(capsys, data, tmp_path):
 
 # ----------------------------------------------------------------------------- the loss mask
 @pytest.mark.parametrize("fmt", ["chat", "prompt_completion", "alpaca"])
-def test_loss_covers_completion_tokens_only(fmt, llama, data, tmp_path):
+def test_loss_covers_completion_tokens_only(fmt, llama, data, tmp_path, monkeypatch):
+    """...and the LM head projects only the completion's positions (TRL does so on CUDA only), for
+    LoFT and for the other methods' trainer (its base class)."""
+    from trl.trainer import utils
+
+    head_rows = []
+    fused = utils._ChunkedLogProbFunction
+
+    class Spy:
+        @staticmethod
+        def apply(hidden, *args):
+            head_rows.append(hidden.shape[0])
+            return fused.apply(hidden, *args)
+
+    monkeypatch.setattr(utils, "_ChunkedLogProbFunction", Spy)
     train, test = data[fmt]
     cfg = FinetuneConfig(model=str(llama), data=str(train), eval_data=str(test), max_steps=1, batch_size=4,
                          output_dir=str(tmp_path / "run"))
     plan, inputs, built = _plan_and_build(cfg)
     trainer, tok, task = built.trainer, inputs.tokenizer, inputs.task
     assert isinstance(trainer, trl.SFTTrainer) and isinstance(trainer, LoFTTrainerMixin)
+    assert isinstance(trainer, task.trainer_class(loft=False))
     assert len(trainer.train_dataset) == task.num_train
     for row, example in zip(trainer.train_dataset, task.train_items):
         if fmt == "chat":
@@ -222,6 +237,7 @@ def test_loss_covers_completion_tokens_only(fmt, llama, data, tmp_path):
     per_token = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets.clamp(min=0), reduction="none")
     completion = targets != -100
     assert completion.sum() < (batch["attention_mask"][:, 1:] == 1).sum()  # prompt tokens exist and are left out
+    assert head_rows == [int(completion.sum())]
     assert float(loss) == pytest.approx(float(per_token[completion].mean()), rel=1e-5)
     assert float(loss) != pytest.approx(float(per_token[batch["attention_mask"][:, 1:] == 1].mean()), rel=1e-3)
 

@@ -332,6 +332,71 @@ def test_lorafa_head_group_trains_the_head_at_its_own_rate():
                                                          "not head_lr", f"Adapt lorafa_head_group, {PIN}")
 
 
+# ----------------------------------------------------------------------------- TRL's fused LM head
+def _fused_llama():
+    """A tiny float64 Llama with TRL's fused head, a batch of 3 padded rows whose labels cover only a
+    2-3 token completion, and the number of labelled next-token positions."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=97, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    model = LlamaForCausalLM(config).double()
+    add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
+    ids = torch.randint(0, 97, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0
+    mask[2, 7:] = 0
+    labels = torch.full_like(ids, -100)
+    labels[0, 9:12], labels[1, 7:9], labels[2, 5:7] = ids[0, 9:12], ids[1, 7:9], ids[2, 5:7]
+    return model, {"input_ids": ids, "attention_mask": mask, "labels": labels}, 7
+
+
+def test_fused_head_scores_only_labelled_positions_with_the_same_loss_and_gradients(monkeypatch):
+    """Inside fused_head_scores_labelled_positions_only the fused head projects the labelled positions
+    only (7 rows, not 3 x 11) on CPU, and the loss, the per-token outputs and every gradient are those
+    of TRL's own CPU path (float64, to 1e-12). Outside it TRL still projects every position on CPU:
+    when a release does the compact path there itself, this fails, saying to drop the workaround."""
+    pytest.importorskip("trl")
+    from trl.trainer import utils
+
+    model, batch, labelled = _fused_llama()
+    rows = []
+    original = utils._ChunkedLogProbFunction
+
+    class Spy:
+        @staticmethod
+        def apply(hidden, *args):
+            rows.append(hidden.shape[0])
+            return original.apply(hidden, *args)
+
+    monkeypatch.setattr(utils, "_ChunkedLogProbFunction", Spy)
+
+    def run():
+        model.zero_grad()
+        out = model(**batch, fused_lm_head=True, use_cache=False)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        return out, grads
+
+    plain, plain_grads = run()
+    assert rows == [3 * 11], _lib("trl", "add_fused_lm_head", "now scores only the labelled positions on CPU",
+                                  "Remove fused_head_scores_labelled_positions_only and its use in loft/app/tasks/instruction.py")
+    with li.fused_head_scores_labelled_positions_only() as arranged:
+        compact, compact_grads = run()
+    assert arranged and rows[-1] == labelled, _lib("trl", "trl.trainer.utils._use_triton",
+                                                   f"no longer selects the compact path (rows {rows})",
+                                                   f"Adapt fused_head_scores_labelled_positions_only, {PIN}")
+    assert utils._use_triton is not None and utils._use_triton(torch.device("cpu")) is False  # restored
+    torch.testing.assert_close(compact.loss, plain.loss, rtol=0, atol=1e-12)
+    for field in ("log_probs", "entropy", "is_top1"):
+        torch.testing.assert_close(getattr(compact, field), getattr(plain, field), rtol=0, atol=1e-12)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(compact_grads[name], grad, rtol=0, atol=1e-12, msg=name)
+    assert plain_grads["model.layers.0.self_attn.q_proj.weight"].abs().sum() > 0
+
+
 # ----------------------------------------------------------------------------- public APIs that replaced internals
 def _classifier_gradient() -> torch.Tensor:
     """The gradient of the mean loss of internals_worker.classifier over its 4 examples (its classifier's weight)."""

@@ -1,4 +1,4 @@
-"""Every private or undocumented part of transformers, Accelerate, PEFT and bitsandbytes that loft
+"""Every private or undocumented part of transformers, Accelerate, PEFT, TRL and bitsandbytes that loft
 relies on.
 
 Each use is one small function (or hook name) here, its docstring saying what it relies on, why
@@ -24,6 +24,7 @@ __all__ = [
     "CLIP_HOOK",
     "SAVE_CHECKPOINT_HOOK",
     "clip_hook_missing",
+    "fused_head_scores_labelled_positions_only",
     "forget_gguf_quantization",
     "fsdp_on_cpu",
     "keep_4bit_layers_trainable_on_cpu",
@@ -194,6 +195,39 @@ def keep_4bit_layers_trainable_on_cpu(model: Any) -> int:
 
 
 # ----------------------------------------------------------------------------- PEFT
+@contextmanager
+def fused_head_scores_labelled_positions_only() -> Iterator[bool]:
+    """Within this context, TRL's fused LM head projects only the positions that have a label, on
+    every device; yields whether it could arrange that.
+
+    TRL (>= 1.16) computes an SFT loss through ``add_fused_lm_head``: the last hidden states
+    ``(batch, seq - 1, hidden)`` go through the LM head in tiles, yielding one log-probability per
+    position. Its ``trl.trainer.utils._use_triton(device)`` decides whether it scores only the
+    positions whose label is not -100 (``hidden[mask]``, true on CUDA / XPU with Triton) or every
+    position and masks the rest afterwards (elsewhere: compilers such as Neuron's recompile for
+    every new number of positions). Both give the same per-position values (a tile's rows are
+    independent); on CPU the second spends the head, and its backward, on prompt tokens whose loss
+    is zero: with a completion-only loss and one-word answers (SmolLM2-135M: a 49,152 x 576 head)
+    an SFT step took 1.8x as long (``benchmarks/sft_head.py``). No public option chooses the
+    compact path. The swap is undone on exit (the kernels' own choice of Triton is untouched).
+    Guarded by ``test_fused_head_scores_only_labelled_positions_with_the_same_loss_and_gradients``.
+    """
+    try:
+        from trl.trainer import utils
+    except ImportError:
+        yield False
+        return
+    original = getattr(utils, "_use_triton", None)
+    if original is None:
+        yield False
+        return
+    utils._use_triton = lambda device: True
+    try:
+        yield True
+    finally:
+        utils._use_triton = original
+
+
 def lorafa_head_group(optimizer: Any, head: Sequence[tuple[str, Any]], *, lr: float, weight_decay: float) -> None:
     """Move the ``head`` parameters (``(name, param)`` pairs: the fresh classification head) of
     PEFT's LoRA-FA optimizer into a param group of their own at ``lr``.

@@ -205,19 +205,31 @@ _LOFT_SFT: dict[str, type] = {}
 
 
 def _sft_classes() -> tuple[type, type]:
-    """TRL's ``SFTTrainer`` and ``with_loft(SFTTrainer)`` (made once)."""
+    """TRL's ``SFTTrainer`` and ``with_loft`` of it (made once), their LM head scoring only the
+    completion's positions."""
     try:
         from trl import SFTTrainer
     except ImportError:
         raise LoftUsageError(
             "Instruction data is trained with TRL's SFTTrainer; install it: pip install 'torch-loft[app]' "
-            "(or pip install 'trl>=1.0')."
+            "(or pip install 'trl>=1.16')."
         ) from None
-    from ...integrations import with_loft
+    from ...integrations import library_internals, with_loft
 
     if "loft" not in _LOFT_SFT:
-        _LOFT_SFT["loft"] = with_loft(SFTTrainer)
-    return SFTTrainer, _LOFT_SFT["loft"]
+
+        class CompletionHeadSFTTrainer(SFTTrainer):
+            """``SFTTrainer`` whose LM head scores only the completion's positions on every device
+            (TRL does so on CUDA only; the loss and gradients are the same, an SFT step on CPU
+            about 1.8x faster: :func:`fused_head_scores_labelled_positions_only`)."""
+
+            def compute_loss(self, *args, **kwargs):
+                with library_internals.fused_head_scores_labelled_positions_only():
+                    return super().compute_loss(*args, **kwargs)
+
+        _LOFT_SFT["plain"] = CompletionHeadSFTTrainer
+        _LOFT_SFT["loft"] = with_loft(CompletionHeadSFTTrainer)
+    return _LOFT_SFT["plain"], _LOFT_SFT["loft"]
 
 
 def token_ids(encoded: Any) -> list[int]:

@@ -1,0 +1,125 @@
+"""An instruction-tuning training step on CPU with TRL's fused LM head scoring every position (TRL's
+own CPU path) against scoring only the completion's positions (what ``loft finetune`` does,
+``loft.integrations.library_internals.fused_head_scores_labelled_positions_only``).
+
+    .venv/bin/python benchmarks/sft_head.py            # writes benchmarks/results/sft_head.json
+
+The run is what ``loft finetune --model smollm2-135m --data social_iqa_sft --batch-size 8
+--max-length 128`` builds (SmolLM2-135M, rank 4 on the seven projections; LoFT, LoRA and full
+fine-tuning), one thread. One sample is one whole optimizer step (``Trainer.training_step``: the
+forward, the loss, the backward; then ``optimizer.step()`` and ``zero_grad``) on one batch of the
+run's (sample i: the training order's batch i + 1; batch 0 warms up), each path once, in
+alternating order, and the table gives medians and the median of
+the per-pair ratios. The loss of the two paths is checked equal on every pair (the parameters move
+between samples, so each pair starts from a different point; both paths of a pair start from the
+same one: the second path's step is undone by restoring the trainable parameters and the
+optimizer's state).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _provenance import REPO, provenance  # noqa: E402
+
+from loft.app.finetune import FinetuneConfig, build_run, plan_run, prepare_folder  # noqa: E402
+from loft.app.status import RunStatus  # noqa: E402
+from loft.integrations import library_internals  # noqa: E402
+
+OUT = REPO / "benchmarks" / "results" / "sft_head.json"
+
+
+def build(method: str, folder: Path):
+    cfg = FinetuneConfig(model="smollm2-135m", data="social_iqa_sft", method=method, rank=4, batch_size=8,
+                         max_length=128, max_steps=100, seed=0, output_dir=str(folder / method))
+    status = RunStatus(cfg, progress=False)
+    plan, inputs = plan_run(cfg, overwrite=False, resume=False, status=status)
+    built = build_run(plan, inputs, prepare_folder(plan, status), callbacks=None, status=status)
+    trainer = built.trainer
+    trainer.create_optimizer_and_scheduler(num_training_steps=100)
+    trainer.current_gradient_accumulation_steps = 1  # what the training loop sets before a step
+    trainer.loft_setup(None)  # what loft finetune does before training
+    return trainer, trainer.get_train_dataloader()
+
+
+def one_step(trainer, batch, compact: bool) -> tuple[float, float]:
+    """Seconds of one optimizer step on ``batch``, and its loss; TRL's own CPU path unless ``compact``."""
+    saved = library_internals.fused_head_scores_labelled_positions_only
+    if not compact:
+        library_internals.fused_head_scores_labelled_positions_only = contextlib.nullcontext
+    try:
+        start = time.perf_counter()
+        loss = trainer.training_step(trainer.model, dict(batch))
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad(set_to_none=True)
+        seconds = time.perf_counter() - start
+    finally:
+        library_internals.fused_head_scores_labelled_positions_only = saved
+    return seconds, float(loss)
+
+
+def measure(method: str, samples: int, folder: Path) -> dict:
+    trainer, loader = build(method, folder)
+    batches = iter(loader)
+    model = trainer.model
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    times = {"every_position": [], "completion_only": []}
+    losses, labelled, positions = [], [], []
+    one_step(trainer, next(batches), True)  # warm-up (allocations, the optimizer's state)
+    for i in range(samples):
+        batch = next(batches)
+        labelled.append(int((batch["labels"][:, 1:] != -100).sum()))
+        positions.append(batch["labels"][:, 1:].numel())
+        start = [p.detach().clone() for p in trainable]
+        state = copy.deepcopy(trainer.optimizer.state_dict())
+        order = (False, True) if i % 2 == 0 else (True, False)
+        pair = {}
+        for j, compact in enumerate(order):
+            if j == 1:  # both paths of a pair start from the same parameters and optimizer state
+                with torch.no_grad():
+                    for p, s in zip(trainable, start):
+                        p.copy_(s)
+                trainer.optimizer.load_state_dict(state)
+            seconds, loss = one_step(trainer, batch, compact)
+            times["completion_only" if compact else "every_position"].append(seconds)
+            pair[compact] = loss
+        losses.append(abs(pair[True] - pair[False]) / abs(pair[False]))
+    ratios = [a / b for a, b in zip(times["every_position"], times["completion_only"])]
+    return {"method": method, "samples": samples, "labelled_positions": labelled, "positions": positions,
+            "median_seconds": {k: round(statistics.median(v), 3) for k, v in times.items()},
+            "median_ratio_every_over_completion": round(statistics.median(ratios), 3), "ratios": [round(r, 3) for r in ratios],
+            "max_relative_loss_difference": max(losses)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", default="loft,lora,full")
+    parser.add_argument("--samples", type=int, default=6)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="loft-sft-head-") as tmp:
+        for method in args.methods.split(","):
+            rows.append(measure(method, args.samples, Path(tmp)))
+            print(json.dumps(rows[-1]), flush=True)
+    result = {"benchmark": "benchmarks/sft_head.py", "model": "smollm2-135m", "data": "social_iqa_sft", "rank": 4,
+              "batch_size": 8, "max_length": 128, "rows": rows, "provenance": provenance(args.threads)}
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {args.out.relative_to(REPO) if args.out.is_relative_to(REPO) else args.out}")
+
+
+if __name__ == "__main__":
+    main()
