@@ -2,7 +2,8 @@
 own CPU path) against scoring only the completion's positions (what ``loft finetune`` does,
 ``loft.integrations.library_internals.fused_head_scores_labelled_positions_only``).
 
-    .venv/bin/python benchmarks/sft_head.py            # writes benchmarks/results/sft_head.json
+    .venv/bin/python benchmarks/sft_head.py                 # writes benchmarks/results/sft_head.json
+    .venv/bin/python benchmarks/sft_head.py --report-only   # its table in docs/performance.md
 
 The run is what ``loft finetune --model smollm2-135m --data social_iqa_sft --batch-size 8
 --max-length 128`` builds (SmolLM2-135M, rank 4 on the seven projections; LoFT, LoRA and full
@@ -10,10 +11,12 @@ fine-tuning), one thread. One sample is one whole optimizer step (``Trainer.trai
 forward, the loss, the backward; then ``optimizer.step()`` and ``zero_grad``) on one batch of the
 run's (sample i: the training order's batch i + 1; batch 0 warms up), each path once, in
 alternating order, and the table gives medians and the median of
-the per-pair ratios. The loss of the two paths is checked equal on every pair (the parameters move
-between samples, so each pair starts from a different point; both paths of a pair start from the
-same one: the second path's step is undone by restoring the trainable parameters and the
-optimizer's state).
+the per-pair ratios. The loss of the two paths is compared on every pair: the parameters move between
+samples, so each pair starts from a different point, but both paths of a pair start from the same
+one (before each path's step the trainable parameters and the optimizer's state are restored from
+a copy taken at the pair's start, for both paths alike: a first version restored them before the
+second path only, and full fine-tuning's step after the copy ran twice as slow whichever path
+it was).
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ from loft.app.status import RunStatus  # noqa: E402
 from loft.integrations import library_internals  # noqa: E402
 
 OUT = REPO / "benchmarks" / "results" / "sft_head.json"
+PAGE = REPO / "docs" / "performance.md"
+BEGIN, END = "<!-- sft_head.py table: begin -->", "<!-- sft_head.py table: end -->"
 
 
 def build(method: str, folder: Path):
@@ -85,12 +90,11 @@ def measure(method: str, samples: int, folder: Path) -> dict:
         state = copy.deepcopy(trainer.optimizer.state_dict())
         order = (False, True) if i % 2 == 0 else (True, False)
         pair = {}
-        for j, compact in enumerate(order):
-            if j == 1:  # both paths of a pair start from the same parameters and optimizer state
-                with torch.no_grad():
-                    for p, s in zip(trainable, start):
-                        p.copy_(s)
-                trainer.optimizer.load_state_dict(state)
+        for compact in order:  # both paths of a pair start from the same parameters and optimizer state,
+            with torch.no_grad():  # restored the same way before each (the first path's too: symmetric)
+                for p, s in zip(trainable, start):
+                    p.copy_(s)
+            trainer.optimizer.load_state_dict(state)
             seconds, loss = one_step(trainer, batch, compact)
             times["completion_only" if compact else "every_position"].append(seconds)
             pair[compact] = loss
@@ -98,8 +102,40 @@ def measure(method: str, samples: int, folder: Path) -> dict:
     ratios = [a / b for a, b in zip(times["every_position"], times["completion_only"])]
     return {"method": method, "samples": samples, "labelled_positions": labelled, "positions": positions,
             "median_seconds": {k: round(statistics.median(v), 3) for k, v in times.items()},
-            "median_ratio_every_over_completion": round(statistics.median(ratios), 3), "ratios": [round(r, 3) for r in ratios],
+            "median_ratio_every_over_completion": round(statistics.median(ratios), 3),
+            "ratios": [round(r, 3) for r in ratios],
             "max_relative_loss_difference": max(losses)}
+
+
+def table(result: dict) -> str:
+    """The Markdown the page shows between its markers, from a result file only."""
+    p = result["provenance"]
+    v = p["versions"]
+    lines = [f"Measured by `{result['benchmark']}` at commit `{p['commit']}`: torch {v['torch']}, transformers "
+             f"{v['transformers']}, peft {v['peft']}; {p['cpus']} CPUs, {p['threads']} thread, 1-minute load "
+             f"{p['load_1min']} at the end. {result['model']} on `{result['data']}`, rank {result['rank']}, batch "
+             f"{result['batch_size']}, `--max-length {result['max_length']}`. Seconds: medians of one whole optimizer "
+             "step per batch, the two paths alternating; the ratio: median (min-max) of the per-batch ratios.", "",
+             "| method | next-token positions per batch (median) | of them labelled | every position s "
+             "| completion only s | ratio | largest relative loss difference |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for row in result["rows"]:
+        t = row["median_seconds"]
+        lines.append(f"| {row['method']} | {statistics.median(row['positions']):.0f} | "
+                     f"{statistics.median(row['labelled_positions']):.0f} | {t['every_position']:.2f} | "
+                     f"{t['completion_only']:.2f} | {row['median_ratio_every_over_completion']:.2f}x "
+                     f"({min(row['ratios']):.2f}-{max(row['ratios']):.2f}) | "
+                     f"{row['max_relative_loss_difference']:.1g} |")
+    return "\n".join(lines)
+
+
+def render(result: dict, page: Path = PAGE) -> None:
+    text = page.read_text()
+    head, _, rest = text.partition(BEGIN)
+    _, found, tail = rest.partition(END)
+    if not found:
+        raise SystemExit(f"{page.name} has no {BEGIN} ... {END} section")
+    page.write_text(f"{head}{BEGIN}\n{table(result)}\n{END}{tail}")
 
 
 def main() -> None:
@@ -108,7 +144,11 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=6)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--report-only", action="store_true", help="re-render docs/performance.md from --out")
     args = parser.parse_args()
+    if args.report_only:
+        render(json.loads(args.out.read_text()))
+        return
     torch.set_num_threads(args.threads)
     rows = []
     with tempfile.TemporaryDirectory(prefix="loft-sft-head-") as tmp:
@@ -119,6 +159,8 @@ def main() -> None:
               "batch_size": 8, "max_length": 128, "rows": rows, "provenance": provenance(args.threads)}
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.out.relative_to(REPO) if args.out.is_relative_to(REPO) else args.out}")
+    if args.out == OUT:
+        render(result)
 
 
 if __name__ == "__main__":

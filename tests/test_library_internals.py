@@ -382,7 +382,8 @@ def test_fused_head_scores_only_labelled_positions_with_the_same_loss_and_gradie
 
     plain, plain_grads = run()
     assert rows == [3 * 11], _lib("trl", "add_fused_lm_head", "now scores only the labelled positions on CPU",
-                                  "Remove fused_head_scores_labelled_positions_only and its use in loft/app/tasks/instruction.py")
+                                  "Remove fused_head_scores_labelled_positions_only and its use in "
+                                  "loft/app/tasks/instruction.py")
     with li.fused_head_scores_labelled_positions_only() as arranged:
         compact, compact_grads = run()
     assert arranged and rows[-1] == labelled, _lib("trl", "trl.trainer.utils._use_triton",

@@ -207,9 +207,9 @@ def fused_head_scores_labelled_positions_only() -> Iterator[bool]:
     position and masks the rest afterwards (elsewhere: compilers such as Neuron's recompile for
     every new number of positions). Both give the same per-position values (a tile's rows are
     independent); on CPU the second spends the head, and its backward, on prompt tokens whose loss
-    is zero: with a completion-only loss and one-word answers (SmolLM2-135M: a 49,152 x 576 head)
-    an SFT step took 1.8x as long (``benchmarks/sft_head.py``). No public option chooses the
-    compact path. The swap is undone on exit (the kernels' own choice of Triton is untouched).
+    is zero, most of them with a completion-only loss and short answers (SmolLM2-135M's head is
+    49,152 x 576; ``benchmarks/sft_head.py`` times a step both ways, docs/performance.md). No
+    public option chooses the compact path. The swap is undone on exit (the kernels' own choice of Triton is untouched).
     Guarded by ``test_fused_head_scores_only_labelled_positions_with_the_same_loss_and_gradients``.
     """
     try:

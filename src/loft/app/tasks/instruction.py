@@ -220,8 +220,8 @@ def _sft_classes() -> tuple[type, type]:
 
         class CompletionHeadSFTTrainer(SFTTrainer):
             """``SFTTrainer`` whose LM head scores only the completion's positions on every device
-            (TRL does so on CUDA only; the loss and gradients are the same, an SFT step on CPU
-            about 1.8x faster: :func:`fused_head_scores_labelled_positions_only`)."""
+            (TRL does so on CUDA / XPU only): the same loss and gradients, a faster step on CPU
+            (``library_internals.fused_head_scores_labelled_positions_only``)."""
 
             def compute_loss(self, *args, **kwargs):
                 with library_internals.fused_head_scores_labelled_positions_only():
