@@ -95,3 +95,40 @@ def test_report_replaces_only_the_marked_section(perf, tmp_path):
     (tmp_path / "bare.md").write_text("no markers\n")
     with pytest.raises(SystemExit, match="markers"):
         perf.write_report(result(perf, [1.5] * 5, [1.0] * 5, 2.0), tmp_path / "bare.md")
+
+
+# ----------------------------------------------------------------------------- benchmarks/sft_head.py
+def _sft_head():
+    spec = importlib.util.spec_from_file_location("sft_head_bench", ROOT / "benchmarks" / "sft_head.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _sft_result(ratios):
+    row = {"method": "loft", "samples": len(ratios), "labelled_positions": [16] * len(ratios),
+           "positions": [400 + i for i in range(len(ratios))],
+           "median_seconds": {"every_position": 6.0, "completion_only": 4.0},
+           "median_ratio_every_over_completion": sorted(ratios)[len(ratios) // 2], "ratios": ratios,
+           "max_relative_loss_difference": 0.0}
+    provenance = {"commit": "0123456789ab", "versions": {"torch": "t", "transformers": "x", "peft": "p"},
+                  "threads": 1, "jobs": 1, "cpus": 2, "load_1min": 0.5}
+    return {"benchmark": "benchmarks/sft_head.py", "model": "smollm2-135m", "data": "social_iqa_sft", "rank": 4,
+            "batch_size": 8, "max_length": 128, "rows": [row], "provenance": provenance}
+
+
+def test_sft_head_table_comes_from_the_result_and_replaces_only_the_marked_section(tmp_path):
+    bench = _sft_head()
+    result = _sft_result([1.2, 1.5, 1.9])
+    table = bench.table(result)
+    assert "| loft | 401 | 16 | 6.00 | 4.00 | 1.50x (1.20-1.90) | 0 |" in table
+    assert "`0123456789ab`" in table and "--max-length 128" in table
+    page = tmp_path / "page.md"
+    page.write_text(f"intro\n{bench.BEGIN}\nNot measured yet.\n{bench.END}\noutro\n")
+    bench.render(result, page)
+    text = page.read_text()
+    assert text.startswith("intro\n") and text.endswith("\noutro\n") and "Not measured" not in text
+    assert text.count(bench.BEGIN) == 1 and "1.50x" in text
+    (tmp_path / "bare.md").write_text("no markers\n")
+    with pytest.raises(SystemExit, match="section"):
+        bench.render(result, tmp_path / "bare.md")
