@@ -286,6 +286,18 @@ def test_evaluation_matches_a_direct_computation(llama, tmp_path):
     assert 0 < correct < len(rows)
     assert metrics["eval_accuracy"] == correct / len(rows)
     assert [s["generation"] for s in metrics["samples"]] == [generated[r["prompt"]] for r in rows]
+    # the loss projects the vocabulary at the completion's tokens only (a boolean logits_to_keep)
+    from loft.app.tasks.instruction import _completion_nll
+
+    model, head_rows = built.trainer.model.eval(), []
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, a, o: head_rows.append(a[0].shape[:-1].numel()))
+    try:
+        encoded = [(list(r["input_ids"]), list(r["labels"])) for r in built.trainer.eval_dataset]
+        again, tokens = _completion_nll(model, encoded, built.trainer.data_collator, batch_size=4)
+    finally:
+        hook.remove()
+    assert tokens == count and sum(head_rows) == count and len(head_rows) == 2
+    assert again / tokens == pytest.approx(nll / count, rel=1e-5)
 
 
 def test_long_references_get_no_exact_match(llama, tmp_path):

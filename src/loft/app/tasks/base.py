@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
-__all__ = ["DEFAULT_MEMBERS", "PREDICTIONS_FILE", "CausalLMTask", "Task", "fresh_modules", "linear_layer_types",
-           "prediction_lines"]
+__all__ = ["DEFAULT_MEMBERS", "PREDICTIONS_FILE", "CausalLMTask", "Task", "fresh_modules", "label_logprob_sums",
+           "linear_layer_types", "prediction_lines"]
 
 #: members with a working default (the Trainer-facing hooks); a task overrides what it changes
 DEFAULT_MEMBERS = ("check_inputs", "training_arguments", "trainer_class", "trainer_inputs", "result_files")
@@ -32,6 +32,41 @@ def prediction_lines(answers: list[Any], predicted: list[Any], names: list[str] 
 
     return "".join(json.dumps({"label": show(a), "prediction": show(p), "correct": a == p}, ensure_ascii=False) + "\n"
                    for a, p in zip(answers, predicted))
+
+
+def label_logprob_sums(model: Any, batch: dict[str, Any], sliced: bool = True) -> tuple[Any, Any, bool]:
+    """Per sequence, the summed log-probability of its label tokens under a causal LM, and their count.
+
+    ``batch``: ``input_ids``, ``attention_mask`` and ``labels``, each ``(B, T)`` on the model's
+    device, ``labels`` -100 where a position is not a target. Returns ``(sums, counts, sliced)``:
+    ``sums`` ``(B,)`` float32, ``counts`` ``(B,)``, and whether the vocabulary projection ran only at
+    the target positions. With ``sliced`` it first asks the model for the logits there alone (a
+    boolean ``logits_to_keep``, transformers 5 causal LMs, PEFT passes it on); a model that refuses
+    it, or returns other shapes, is run again at every position and ``sliced`` comes back false, so
+    a caller scoring many batches passes it on and asks once. The two paths agree to rounding.
+    """
+    import torch
+
+    labels = batch["labels"][:, 1:]  # (B, T-1): logits at position t predict token t + 1
+    mask = labels != -100
+    rows = torch.arange(len(labels), device=labels.device)[:, None].expand_as(mask)[mask]  # (N,) sequence of each target
+    targets = labels[mask]  # (N,)
+    logits = None
+    if sliced:
+        keep = torch.cat([mask, torch.zeros_like(mask[:, :1])], dim=1)  # (B, T) bool
+        try:
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep)
+            if out.logits.shape[:-1] == targets.shape:
+                logits = out.logits.float()  # (N, V)
+        except (TypeError, ValueError, IndexError, RuntimeError):
+            pass
+        sliced = logits is not None
+    if logits is None:
+        full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = full[:, :-1][mask].float()  # (N, V)
+    token_logp = logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # (N,)
+    sums = torch.zeros(len(labels), dtype=token_logp.dtype, device=token_logp.device).index_add_(0, rows, token_logp)
+    return sums, mask.sum(-1), sliced
 
 
 def fresh_modules(missing_keys: list[str]) -> list[str]:

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from ..errors import LoftUsageError
-from .base import PREDICTIONS_FILE, CausalLMTask, prediction_lines
+from .base import PREDICTIONS_FILE, CausalLMTask, label_logprob_sums, prediction_lines
 
 __all__ = [
     "ALPACA_PROMPT",
@@ -415,20 +415,18 @@ def _completion_nll(model, encoded: list[tuple[list[int], list[int]]], collate, 
 
     ``encoded``: ``(input_ids, labels)`` per example, labels -100 on the prompt; batches of
     similar length, padded by ``collate`` (SFTTrainer's collator: ``input_ids``,
-    ``attention_mask``, ``labels`` of shape ``(B, T)``).
+    ``attention_mask``, ``labels`` of shape ``(B, T)``), the vocabulary projected at the
+    completion's positions only (:func:`~loft.app.tasks.base.label_logprob_sums`).
     """
     device = next(model.parameters()).device
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
-    nll, tokens = 0.0, 0
+    nll, tokens, sliced = 0.0, 0, True
     for start in range(0, len(order), batch_size):
         chunk = [{"input_ids": encoded[i][0], "labels": encoded[i][1]} for i in order[start : start + batch_size]]
-        batch = collate(chunk)
-        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
-        labels = batch["labels"].to(device)[:, 1:]  # (B, T-1): logits at t predict token t + 1
-        logits = logits[:, :-1].float()  # (B, T-1, V)
-        nll += torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100,
-                                                 reduction="sum").item()
-        tokens += int((labels != -100).sum())
+        batch = {k: v.to(device) for k, v in collate(chunk).items() if k in ("input_ids", "attention_mask", "labels")}
+        sums, counts, sliced = label_logprob_sums(model, batch, sliced)
+        nll -= float(sums.sum())
+        tokens += int(counts.sum())
     return nll, tokens
 
 

@@ -15,7 +15,7 @@ import torch
 from transformers import DataCollatorForSeq2Seq
 
 from ..errors import LoftUsageError
-from .base import PREDICTIONS_FILE, CausalLMTask, prediction_lines
+from .base import PREDICTIONS_FILE, CausalLMTask, label_logprob_sums, prediction_lines
 
 __all__ = ["MultipleChoiceTask", "prompt"]
 
@@ -107,26 +107,7 @@ class MultipleChoiceTask(CausalLMTask):
         for start in range(0, len(flat), batch_size):
             chunk = flat[start : start + batch_size]
             batch = {k: v.to(device) for k, v in collate([ex for _, _, ex in chunk]).items()}
-            labels = batch["labels"][:, 1:]  # (B, T-1): logits at position t predict token t + 1
-            mask = labels != -100
-            rows = torch.arange(len(chunk), device=device)[:, None].expand_as(mask)[mask]  # (N,) sequence of each target
-            targets = labels[mask]  # (N,)
-            logits = None
-            if sliced:
-                keep = torch.cat([mask, torch.zeros_like(mask[:, :1])], dim=1)  # (B, T) bool
-                try:
-                    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep)
-                    if out.logits.shape[:-1] == targets.shape:
-                        logits = out.logits.float()  # (N, V)
-                except (TypeError, ValueError, IndexError, RuntimeError):
-                    pass
-                sliced = logits is not None
-            if logits is None:
-                full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                logits = full[:, :-1][mask].float()  # (N, V)
-            token_logp = logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-            sums = torch.zeros(len(chunk), dtype=token_logp.dtype, device=device).index_add_(0, rows, token_logp)
-            counts = mask.sum(-1)
+            sums, counts, sliced = label_logprob_sums(model, batch, sliced)
             for (i, j, _), s, n in zip(chunk, sums.tolist(), counts.tolist()):
                 scores[(i, j)] = (s, n)
         model.train(was_training)
