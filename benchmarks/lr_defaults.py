@@ -59,6 +59,17 @@ rank 4, full fine-tuning; the head's rate 2e-3 (classification), ``lora_alpha`` 
    (:data:`AUTO_ARMS`). Also added then: ``auto_x3``, budget :data:`X3_BUDGET` (trials of 13, 26
    and 52 steps in a 100-step run), to see whether trials long enough to leave chance choose
    better than the default; 299 steps, still under half of any settled classification grid's.
+   Pre-registered in the commit that added it, before any of its runs: ``auto_local``, the
+   search at budget :data:`X3_BUDGET` over :data:`LOCAL_POINTS` lattice rates only (half the
+   default, the default, twice it): trials of 42 steps, then of 84 for the better two, 294 steps.
+   Why: the budget-3 searches' best trials chose rates above the grid's best in most runs (a rate
+   that wins a short trial is not the one that wins the run), while every settled classification
+   grid's best lies within one lattice point of the rate the search centres on; three rates leave
+   room for trials nearly as long as the run. Its analysis is the other arms' (section 3 of the
+   report: auto against the grid's choice on test, the target of item 3); it runs for LoFT, LoRA
+   and full fine-tuning on the classification family first. What would count as success: the
+   target met on every (task, method) pair it runs on; a miss on any says so in the report, and no
+   default of the app changes on it alone.
    The exploratory arms run only when ``final --arms`` names them; ``plan`` counts the plan's
    (:data:`FINAL_ARMS`).
 4. **main** (what a new default does to the main job): the README's default run (``loft
@@ -246,9 +257,12 @@ def arm_settings(method: str) -> dict[str, Any]:
 
 
 def run_of(task: Task, method: str, lr: float | str, seed: int, split: str,
-           budget: float = lr_search.BUDGET, rule: int = lr_search.RULE) -> dict[str, Any]:
+           budget: float = lr_search.BUDGET, rule: int = lr_search.RULE,
+           points: int = lr_search.POINTS) -> dict[str, Any]:
     """One run's settings: ``method`` on ``task`` at ``lr`` (a rate, or ``"auto"``: searched with
-    ``budget``, a fraction of the run's steps, under the search's ``rule``), scored on ``split``
+    ``budget``, a fraction of the run's steps, over ``points`` lattice rates (only a number other
+    than the search's default is written, so earlier runs keep their identity), under the
+    search's ``rule``), scored on ``split``
     (``val`` or ``test``). From rule 2 on, a searched run's identity holds its rule and its
     centre, the app's default for the method (``_sweep`` checks both against what the run did):
     a new rule or a new default is a new run. Rule 1's runs have neither (they searched around
@@ -259,6 +273,8 @@ def run_of(task: Task, method: str, lr: float | str, seed: int, split: str,
            "seed": seed, "eval_before": False}
     if lr == "auto":
         run["lr_search_budget"] = budget
+        if points != lr_search.POINTS:
+            run["lr_search_points"] = points
         if rule >= 2:
             run["lr_search_rule"] = rule
             run["lr_search_centre"] = default_lr(method, task.family)
@@ -274,6 +290,7 @@ class AutoArm:
     budget: float
     rule: int
     title: str
+    points: int = lr_search.POINTS
 
     @property
     def runnable(self) -> bool:
@@ -283,6 +300,8 @@ class AutoArm:
 LONG_BUDGET = 1.0
 #: trials of 13, 26 and 52 steps in a 100-step run (299 steps): long enough to leave chance?
 X3_BUDGET = 3.0
+#: ``auto_local``'s lattice rates: half the default, the default, twice it
+LOCAL_POINTS = 3
 #: stage 3's searched arms. ``auto`` is the plan's; the others are exploratory, added after the first
 #: finals showed trials of a few steps never leave chance; ``*_rule1`` are those first finals (rule 1: the
 #: best trial chosen whatever it scored), kept as the record of that failure.
@@ -292,6 +311,9 @@ AUTO_ARMS = {
                                          "the default budget missed)"),
     "auto_x3": AutoArm(X3_BUDGET, 2, f"`--lr auto --lr-search-budget {X3_BUDGET:g}` (exploratory: trials long enough "
                                      "to leave chance, still under half the grid's steps)"),
+    "auto_local": AutoArm(X3_BUDGET, 2, f"`--lr auto --lr-search-budget {X3_BUDGET:g}` over {LOCAL_POINTS} rates "
+                                        "(pre-registered, exploratory: half the default, the default, twice it; "
+                                        "trials nearly as long as the run)", LOCAL_POINTS),
     "auto_rule1": AutoArm(lr_search.BUDGET, 1, "`--lr auto` at its default budget, rule 1 (superseded: the best "
                                                "trial chosen whatever it scored)"),
     "auto_long_rule1": AutoArm(LONG_BUDGET, 1, f"`--lr auto --lr-search-budget {LONG_BUDGET:g}`, rule 1 (superseded)"),
@@ -392,15 +414,15 @@ def transfer(sweep: Sweep, tuned: dict, tasks: list[Task]) -> dict[str, dict[str
     return out
 
 
-def arms_of_final(tuned: dict, task: Task, method: str) -> dict[str, tuple[float | str, float, int]] | None:
-    """Stage 3's arms of (task, method) as ``(rate, search budget, rule)``: the family default,
+def arms_of_final(tuned: dict, task: Task, method: str) -> dict[str, tuple[float | str, float, int, int]] | None:
+    """Stage 3's arms of (task, method) as ``(rate, search budget, rule, points)``: the family default,
     the grid's choice, and ``--lr auto`` as each arm of :data:`AUTO_ARMS` searches."""
     default = family_default(tuned, task.family, method)
     if default is None or (task.name, method) not in tuned:
         return None
-    fixed = (lr_search.BUDGET, lr_search.RULE)
+    fixed = (lr_search.BUDGET, lr_search.RULE, lr_search.POINTS)
     return {"default": (default["lr"], *fixed), "grid": (lattice(tuned[(task.name, method)]["chosen"]), *fixed),
-            **{arm: ("auto", a.budget, a.rule) for arm, a in AUTO_ARMS.items()}}
+            **{arm: ("auto", a.budget, a.rule, a.points) for arm, a in AUTO_ARMS.items()}}
 
 
 def final(sweep: Sweep, tuned: dict, tasks: list[Task], methods: list[str], partial: bool = False,
@@ -410,8 +432,8 @@ def final(sweep: Sweep, tuned: dict, tasks: list[Task], methods: list[str], part
     arms). ``arms``: run only these (default: :data:`FINAL_ARMS`); arms of an earlier rule are
     only looked up."""
     plan = {(t.name, m): a for t in tasks for m in methods if (a := arms_of_final(tuned, t, m))}
-    runs = {(tm, arm): [run_of(task_named(tm[0]), tm[1], lr, s, "test", budget, rule) for s in FINAL_SEEDS]
-            for tm, a in plan.items() for arm, (lr, budget, rule) in a.items()}
+    runs = {(tm, arm): [run_of(task_named(tm[0]), tm[1], lr, s, "test", budget, rule, points) for s in FINAL_SEEDS]
+            for tm, a in plan.items() for arm, (lr, budget, rule, points) in a.items()}
     wanted = FINAL_ARMS if arms is None else arms
     to_run = list({_sweep.key(r): r for (_, arm), rs in runs.items() if arm in wanted for r in rs}.values())
     res = sweep.get(to_run, partial)  # default == grid: one run
@@ -505,7 +527,8 @@ def estimate(run: dict[str, Any], table: dict[tuple[str, str, bool], dict[str, f
     seconds = run["max_steps"] * cost["step"] + _lines(run["eval_data"]) * cost["example"]
     if run["lr"] == "auto":
         family = next(t.family for t in TASKS if splits(t)[0] == run["data"])
-        plan = lr_search.plan_search(1e-4, run["max_steps"], run["lr_search_budget"])
+        plan = lr_search.plan_search(1e-4, run["max_steps"], run["lr_search_budget"],
+                                     run.get("lr_search_points", lr_search.POINTS))
         seconds += plan.steps * cost["step"] + plan.trials * validation_size(family, _lines(run["data"])) * cost["example"]
     return seconds
 
@@ -718,7 +741,8 @@ def main_job_lines(main: dict[float, list[dict[str, Any]]]) -> list[str]:
 def auto_table(tuned: dict, finals: dict, arm: str) -> list[str]:
     """Section 3's table of one searched arm (:data:`AUTO_ARMS`) against the grid's choice and the default."""
     a = AUTO_ARMS[arm]
-    lines = [f"### {a.title}", "", f"Budget {a.budget:g} of the run's steps; the search's rule {a.rule}. Chosen trial: "
+    lines = [f"### {a.title}", "", f"Budget {a.budget:g} of the run's steps, {a.points} lattice rates; the search's rule "
+             f"{a.rule}. Chosen trial: "
              "the validation accuracy of the search's best trial (mean over the seeds), which shows whether the trials "
              "had learned anything; default kept: the seeds whose best trial did not beat the floor (rule 2), which "
              "then trained at the default.", "",

@@ -157,12 +157,18 @@ def test_finals_run_default_grid_and_auto_on_test_at_the_final_seeds(fake_splits
     assert [r["run"]["lr"] for r in arms["auto_long"]] == ["auto"] * 3
     assert all(r["run"]["lr_search_budget"] == ld.LONG_BUDGET == 1.0 for r in arms["auto_long"])
     assert all(r["run"]["lr_search_budget"] == ld.X3_BUDGET == 3.0 for r in arms["auto_x3"])
+    # auto_local: the same budget over 3 rates (written into its identity); the others write no points
+    assert all(r["run"]["lr_search_budget"] == 3.0 and r["run"]["lr_search_points"] == ld.LOCAL_POINTS == 3
+               for r in arms["auto_local"])
+    assert not any("lr_search_points" in r["run"] for arm in ("auto", "auto_long", "auto_x3") for r in arms[arm])
+    local = ld.lr_search.plan_search(ld.default_lr("lora", "classification"), 100, ld.X3_BUDGET, ld.LOCAL_POINTS)
+    assert [(g.trials, g.steps) for g in local.rungs] == [(3, 42), (2, 84)] and local.steps == 294
     # a searched run's identity: the search's rule and its centre (the app's default now)
     for arm in ld.RUN_ARMS:
         assert all(r["run"]["lr_search_rule"] == ld.lr_search.RULE == 2 for r in arms[arm])
         assert all(r["run"]["lr_search_centre"] == ld.default_lr("lora", "classification") for r in arms[arm])
     # the first rule's arms are never run again (only looked up): their identity has neither
-    assert set(ld.RUN_ARMS) == {"auto", "auto_long", "auto_x3"} and "auto_rule1" not in arms
+    assert set(ld.RUN_ARMS) == {"auto", "auto_long", "auto_x3", "auto_local"} and "auto_rule1" not in arms
     assert not any("lr_search_rule" not in r and r["lr"] == "auto" for r in sweep.asked)
     rule1 = ld.run_of(tasks[0], "loft", "auto", 20, "test", 0.25, rule=1)
     assert "lr_search_rule" not in rule1 and "lr_search_centre" not in rule1 and rule1["lr_search_budget"] == 0.25
