@@ -115,7 +115,9 @@ def table(result: dict) -> str:
              f"{v['transformers']}, peft {v['peft']}; {p['cpus']} CPUs, {p['threads']} thread, 1-minute load "
              f"{p['load_1min']} at the end. {result['model']} on `{result['data']}`, rank {result['rank']}, batch "
              f"{result['batch_size']}, `--max-length {result['max_length']}`. Seconds: medians of one whole optimizer "
-             "step per batch, the two paths alternating; the ratio: median (min-max) of the per-batch ratios.", "",
+             "step per batch, the two paths alternating; the ratio: median (min-max) of the per-batch ratios. Each step "
+             "follows a restore of the parameters and the optimizer's state (for both paths alike), which costs some "
+             "optimizers more than others: compare the two paths within a row, not the rows.", "",
              "| method | next-token positions per batch (median) | of them labelled | every position s "
              "| completion only s | ratio | largest relative loss difference |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
