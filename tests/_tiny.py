@@ -140,3 +140,21 @@ def make_llama_gguf(folder: Path, seed: int = 0) -> tuple[Path, LlamaForCausalLM
     writer.write_tensors_to_file()
     writer.close()
     return path, model
+
+
+def count_fused_head_rows(monkeypatch) -> list[int]:
+    """Spy on TRL's fused LM head (``trl.trainer.utils``): the returned list gets, per call, the
+    number of hidden-state rows it projects (every position, or only the labelled ones)."""
+    from trl.trainer import utils
+
+    rows: list[int] = []
+    fused = utils._ChunkedLogProbFunction
+
+    class Spy:
+        @staticmethod
+        def apply(hidden, *args):
+            rows.append(hidden.shape[0])
+            return fused.apply(hidden, *args)
+
+    monkeypatch.setattr(utils, "_ChunkedLogProbFunction", Spy)
+    return rows

@@ -11,7 +11,7 @@ import random
 
 import pytest
 import torch
-from _tiny import FILLER, MC_WORDS, make_llama, write_jsonl
+from _tiny import FILLER, MC_WORDS, count_fused_head_rows, make_llama, write_jsonl
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -194,18 +194,7 @@ def test_an_encoder_is_refused_for_instruction_data(capsys, data, tmp_path):
 def test_loss_covers_completion_tokens_only(fmt, llama, data, tmp_path, monkeypatch):
     """...and the LM head projects only the completion's positions (TRL does so on CUDA only), for
     LoFT and for the other methods' trainer (its base class)."""
-    from trl.trainer import utils
-
-    head_rows = []
-    fused = utils._ChunkedLogProbFunction
-
-    class Spy:
-        @staticmethod
-        def apply(hidden, *args):
-            head_rows.append(hidden.shape[0])
-            return fused.apply(hidden, *args)
-
-    monkeypatch.setattr(utils, "_ChunkedLogProbFunction", Spy)
+    head_rows = count_fused_head_rows(monkeypatch)
     train, test = data[fmt]
     cfg = FinetuneConfig(model=str(llama), data=str(train), eval_data=str(test), max_steps=1, batch_size=4,
                          output_dir=str(tmp_path / "run"))

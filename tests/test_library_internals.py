@@ -20,6 +20,7 @@ from torch import nn
 transformers = pytest.importorskip("transformers")
 accelerate = pytest.importorskip("accelerate")
 
+from _tiny import count_fused_head_rows
 from internals_worker import Regressor, rows
 
 from loft.integrations import library_internals as li
@@ -362,16 +363,7 @@ def test_fused_head_scores_only_labelled_positions_with_the_same_loss_and_gradie
     from trl.trainer import utils
 
     model, batch, labelled = _fused_llama()
-    rows = []
-    original = utils._ChunkedLogProbFunction
-
-    class Spy:
-        @staticmethod
-        def apply(hidden, *args):
-            rows.append(hidden.shape[0])
-            return original.apply(hidden, *args)
-
-    monkeypatch.setattr(utils, "_ChunkedLogProbFunction", Spy)
+    rows = count_fused_head_rows(monkeypatch)
 
     def run():
         model.zero_grad()
