@@ -78,7 +78,11 @@ DEFAULT_LR_SOURCES: dict[str, dict[str, str]] = {
         "lora": ("movie sentiment: the usual ratio to LoFT's first default (5e-4), next to the per-rank tuning of "
                  "benchmarks/evidence.py (1.6e-3 at rank 4). The two-task measurement's 3.2e-3 is not adopted: it is "
                  "where LoRA first collapsed in the stability runs"),
-        "dora": "LoRA's (the per-rank tuning of benchmarks/evidence.py chose the same rate for both at rank 4)",
+        "dora": ("LoRA's (the per-rank tuning of benchmarks/evidence.py chose the same rate for both at rank 4). The "
+                 "two-task measurement's 3.2e-3 is not adopted: its grids fell towards chance one point above it, and "
+                 "on test it trailed movie sentiment's own best rate by 2.6 points, while --lr auto, which kept 2e-3 in 5 "
+                 "of its 6 runs, came within 1 point of each task's best (benchmarks/lr_defaults.py, docs/results.md "
+                 "section 5)"),
         "loraplus": _APP_LRS, "lorafa": _APP_LRS, "pissa": _APP_LRS, "rslora": _APP_LRS,
     },
     "multiple_choice": {m: _COPY for m in _CLASSIFICATION},
