@@ -24,9 +24,9 @@ __all__ = [
     "CLIP_HOOK",
     "SAVE_CHECKPOINT_HOOK",
     "clip_hook_missing",
-    "fused_head_scores_labelled_positions_only",
     "forget_gguf_quantization",
     "fsdp_on_cpu",
+    "fused_head_scores_labelled_positions_only",
     "keep_4bit_layers_trainable_on_cpu",
     "let_train_wrap_for_ddp",
     "lorafa_head_group",
@@ -194,7 +194,7 @@ def keep_4bit_layers_trainable_on_cpu(model: Any) -> int:
     return len(layers)
 
 
-# ----------------------------------------------------------------------------- PEFT
+# ----------------------------------------------------------------------------- TRL
 @contextmanager
 def fused_head_scores_labelled_positions_only() -> Iterator[bool]:
     """Within this context, TRL's fused LM head projects only the positions that have a label, on
@@ -209,7 +209,8 @@ def fused_head_scores_labelled_positions_only() -> Iterator[bool]:
     independent); on CPU the second spends the head, and its backward, on prompt tokens whose loss
     is zero, most of them with a completion-only loss and short answers (SmolLM2-135M's head is
     49,152 x 576; ``benchmarks/sft_head.py`` times a step both ways, docs/performance.md). No
-    public option chooses the compact path. The swap is undone on exit (the kernels' own choice of Triton is untouched).
+    public option chooses the compact path. The swap is undone on exit (the kernels' own choice of
+    Triton is untouched).
     Guarded by ``test_fused_head_scores_only_labelled_positions_with_the_same_loss_and_gradients``.
     """
     try:
@@ -228,6 +229,7 @@ def fused_head_scores_labelled_positions_only() -> Iterator[bool]:
         utils._use_triton = original
 
 
+# ----------------------------------------------------------------------------- PEFT
 def lorafa_head_group(optimizer: Any, head: Sequence[tuple[str, Any]], *, lr: float, weight_decay: float) -> None:
     """Move the ``head`` parameters (``(name, param)`` pairs: the fresh classification head) of
     PEFT's LoRA-FA optimizer into a param group of their own at ``lr``.
