@@ -368,6 +368,23 @@ def test_a_run_at_a_default_learning_rate_not_measured_on_its_family_says_so(cap
     assert default_lr_note("instruction", []) is None  # every rate given
 
 
+def test_default_lr_note_names_only_the_copied_rates(monkeypatch):
+    """Once some methods' defaults are measured on a family and others are still classification's
+    copies, the note names the copies only, and says nothing when every method run is measured."""
+    from loft.app import config
+
+    sources = {f: dict(s) for f, s in config.DEFAULT_LR_SOURCES.items()}
+    sources["instruction"]["loft"] = "measured on two instruction tasks"
+    monkeypatch.setattr(config, "DEFAULT_LR_SOURCES", sources)
+    assert config.lr_measured("loft", "instruction") and not config.lr_measured("lora", "instruction")
+    assert default_lr_note("instruction", ["loft"]) is None
+    note = default_lr_note("instruction", ["loft", "lora"])
+    assert note.startswith(f"Note: the default learning rate (lora {default_lr('lora', 'instruction'):g}) was measured "
+                           "on classification tasks, not yet on instruction tasks"), note
+    assert "loft" not in note.split("(")[1].split(")")[0]
+    assert "a comparison at them can favour whichever default suits this data" in note  # two methods compared
+
+
 def test_compare_runs_on_instruction_data(capsys, llama, data, tmp_path):
     from loft.app.compare import run_compare
 

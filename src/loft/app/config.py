@@ -37,6 +37,7 @@ __all__ = [
     "default_lr",
     "default_lr_note",
     "finetune_fields",
+    "lr_measured",
     "option",
     "option_fields",
     "parse_lr",
@@ -103,19 +104,25 @@ def default_lr(method: str, family: str = "classification") -> float:
 MEASURED_LR_FAMILIES = tuple(f for f, sources in DEFAULT_LR_SOURCES.items() if _COPY not in sources.values())
 
 
+def lr_measured(method: str, family: str) -> bool:
+    """Whether ``method``'s default learning rate on ``family`` was measured on tasks of that
+    family (:data:`DEFAULT_LR_SOURCES`), not copied from classification's."""
+    return DEFAULT_LR_SOURCES[family][method] != _COPY
+
+
 def default_lr_note(family: str, methods: list[str]) -> str | None:
     """What a run (or a comparison) taking ``methods``' default learning rates on a ``family`` task
-    should be told before it starts: ``None`` where the defaults were measured on that family, else
-    that they are copies and what to do."""
+    should be told before it starts: ``None`` where every one of them was measured on that family
+    (:func:`lr_measured`), else which of them are classification's copies and what to do."""
     methods = list(dict.fromkeys(methods))
-    if family in MEASURED_LR_FAMILIES or not methods:
+    copies = [m for m in methods if not lr_measured(m, family)]
+    if not copies:
         return None
-    rates = ", ".join(f"{m} {default_lr(m, family):g}" for m in methods)
-    one = len(methods) == 1
-    measured = " and ".join(f.replace("_", " ") for f in MEASURED_LR_FAMILIES)
+    rates = ", ".join(f"{m} {default_lr(m, family):g}" for m in copies)
+    one = len(copies) == 1
     return (f"Note: the default learning rate{'' if one else 's'} ({rates}) {'was' if one else 'were'} measured on "
-            f"{measured} tasks, not yet on {family.replace('_', ' ')} tasks (docs/workflow.md, \"Learning rates\")"
-            + ("" if one else ", so a comparison at them can favour whichever default suits this data")
+            f"classification tasks, not yet on {family.replace('_', ' ')} tasks (docs/workflow.md, \"Learning rates\")"
+            + ("" if len(methods) == 1 else ", so a comparison at them can favour whichever default suits this data")
             + f". On data of your own, give --lr, or --lr auto to check {'it' if one else 'them'} against a short "
             "search.")
 
