@@ -45,9 +45,11 @@ PAGE = REPO / "docs" / "performance.md"
 BEGIN, END = "<!-- sft_head.py table: begin -->", "<!-- sft_head.py table: end -->"
 
 
-def build(method: str, folder: Path):
-    cfg = FinetuneConfig(model="smollm2-135m", data="social_iqa_sft", method=method, rank=4, batch_size=8,
-                         max_length=128, max_steps=100, seed=0, output_dir=str(folder / method))
+def build(method: str, folder: Path, rank: int = 4):
+    """The trainer ``loft finetune`` builds for ``method`` at ``rank`` on social_iqa_sft (batch 8,
+    ``--max-length 128``, seed 0), ready to step, and its training batches."""
+    cfg = FinetuneConfig(model="smollm2-135m", data="social_iqa_sft", method=method, rank=rank, batch_size=8,
+                         max_length=128, max_steps=100, seed=0, output_dir=str(folder / f"{method}-r{rank}"))
     status = RunStatus(cfg, progress=False)
     plan, inputs = plan_run(cfg, overwrite=False, resume=False, status=status)
     built = build_run(plan, inputs, prepare_folder(plan, status), callbacks=None, status=status)

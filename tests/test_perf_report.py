@@ -132,3 +132,29 @@ def test_sft_head_table_comes_from_the_result_and_replaces_only_the_marked_secti
     (tmp_path / "bare.md").write_text("no markers\n")
     with pytest.raises(SystemExit, match="section"):
         bench.render(result, tmp_path / "bare.md")
+
+
+# ----------------------------------------------------------------------------- benchmarks/sft_step.py
+def test_sft_step_table_comes_from_the_result_and_replaces_only_the_marked_section(tmp_path):
+    spec = importlib.util.spec_from_file_location("sft_step_bench", ROOT / "benchmarks" / "sft_step.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    seconds = {"loft": {"whole": [4.0, 4.4, 4.8], "forward_backward": [3.5, 3.9, 4.3], "optimizer": [0.4, 0.45, 0.5]},
+               "lora": {"whole": [3.6, 4.0, 4.4], "forward_backward": [3.6, 3.97, 4.4], "optimizer": [0.02, 0.03, 0.04]}}
+    result = {"benchmark": "benchmarks/sft_step.py", "model": "smollm2-135m", "data": "social_iqa_sft", "batch_size": 8,
+              "max_length": 128, "provenance": _sft_result([1.0])["provenance"],
+              "rows": [{"rank": 4, "pairs": 210, "samples": 15, "seconds": seconds,
+                        "ratio_loft_over_lora": [1.05, 1.1, 1.15]}]}
+    table = bench.table(result)
+    assert ("| 4 | 210 | 15 | 4.40 (4.00-4.80) | 4.00 (3.60-4.40) | 1.100 (1.050-1.150)x | 3.90 / 3.97 | "
+            "0.450 / 0.030 |") in table
+    assert "`0123456789ab`" in table and "--max-length 128" in table
+    page = tmp_path / "page.md"
+    page.write_text(f"intro\n{bench.BEGIN}\nNot measured yet.\n{bench.END}\noutro\n")
+    bench.render(result, page)
+    text = page.read_text()
+    assert text.startswith("intro\n") and text.endswith("\noutro\n") and "Not measured" not in text
+    assert text.count(bench.BEGIN) == 1 and "1.100" in text
+    (tmp_path / "bare.md").write_text("no markers\n")
+    with pytest.raises(SystemExit, match="section"):
+        bench.render(result, tmp_path / "bare.md")
