@@ -158,6 +158,27 @@ def test_the_default_is_kept_unless_the_best_trial_beats_the_majority_answer(ber
         assert f"Learning rate {high:g} chosen (validation accuracy 1.0000" in printed
 
 
+@pytest.mark.parametrize("high_scores", [0.905, 0.95])
+def test_rule_3_keeps_the_default_unless_another_rate_gains_min_gain(bert, data, tmp_path, monkeypatch, capsys,
+                                                                     high_scores):
+    default = default_lr("loft", "classification")
+    high = lr_search.lattice(lr_search.lattice_index(default) + 1)
+    fake_trials(monkeypatch, lambda lr: high_scores if lr == high else 0.9 if lr == default else 0.6)
+    out = tmp_path / "run"
+    metrics = finetune(config(bert, data, out, lr_search_min_gain=0.01), progress=False)
+    printed = capsys.readouterr().out
+    record = json.loads((out / LR_SEARCH_FILE).read_text())
+    kept = high_scores < 0.91
+    assert record["rule"] == metrics["lr_search"]["rule"] == 3 and record["min_gain"] == 0.01
+    assert record["best_lr"] == high and metrics["lr"] == (default if kept else high)
+    assert metrics["lr_search"]["kept_because"] == ("gain" if kept else None)
+    assert "must beat the default's trial in the last rung by at least 0.01" in printed  # stated before the search
+    assert (f"Learning rate {default:g} (the default) kept: the best trial, {high:g}" in printed) is kept
+    # the gain is part of the run's identity: the same folder with another gain is another run
+    assert config(bert, data, out).identity() != config(bert, data, out, lr_search_min_gain=0.01).identity()
+    assert "lr_search_min_gain" not in config(bert, data, out).identity()  # rule 2's runs keep their identity
+
+
 class CtrlCInTrial(TrainerCallback):
     """Ctrl-C (SIGINT to this process) at the end of step 1."""
 

@@ -147,7 +147,7 @@ def test_finals_run_default_grid_and_auto_on_test_at_the_final_seeds(fake_splits
     ld.final(sweep, tuned, tasks, ["lora"])
     assert {r.get("lr_search_budget") for r in sweep.asked if r["lr"] == "auto"} == {0.25}
     sweep.asked = []
-    finals = ld.final(sweep, tuned, tasks, ["lora"], arms=list(ld.ARM_CHOICES))
+    finals = ld.final(sweep, tuned, tasks, ["lora"], arms=[a for a in ld.ARM_CHOICES if a != "auto_gain"])
     assert {r["seed"] for r in sweep.asked} == set(ld.FINAL_SEEDS)
     assert all(r["eval_data"].endswith("test.jsonl") for r in sweep.asked)
     arms = finals[("trec", "lora")]
@@ -164,11 +164,13 @@ def test_finals_run_default_grid_and_auto_on_test_at_the_final_seeds(fake_splits
     local = ld.lr_search.plan_search(ld.default_lr("lora", "classification"), 100, ld.X3_BUDGET, ld.LOCAL_POINTS)
     assert [(g.trials, g.steps) for g in local.rungs] == [(3, 42), (2, 84)] and local.steps == 294
     # a searched run's identity: the search's rule and its centre (the app's default now)
-    for arm in ld.RUN_ARMS:
+    for arm in ("auto", "auto_long", "auto_x3", "auto_local"):
         assert all(r["run"]["lr_search_rule"] == ld.lr_search.RULE == 2 for r in arms[arm])
         assert all(r["run"]["lr_search_centre"] == ld.default_lr("lora", "classification") for r in arms[arm])
+        assert not any("lr_search_min_gain" in r["run"] for r in arms[arm])  # rule 2's runs keep their identity
     # the first rule's arms are never run again (only looked up): their identity has neither
-    assert set(ld.RUN_ARMS) == {"auto", "auto_long", "auto_x3", "auto_local"} and "auto_rule1" not in arms
+    assert set(ld.RUN_ARMS) == {"auto", "auto_long", "auto_x3", "auto_local", "auto_gain"} and "auto_rule1" not in arms
+    assert "auto_gain" not in arms and not any(r["seed"] in ld.FRESH_SEEDS for r in sweep.asked)
     assert not any("lr_search_rule" not in r and r["lr"] == "auto" for r in sweep.asked)
     rule1 = ld.run_of(tasks[0], "loft", "auto", 20, "test", 0.25, rule=1)
     assert "lr_search_rule" not in rule1 and "lr_search_centre" not in rule1 and rule1["lr_search_budget"] == 0.25
@@ -178,6 +180,19 @@ def test_finals_run_default_grid_and_auto_on_test_at_the_final_seeds(fake_splits
     assert arms["default"][0]["run"]["lr"] == ld.family_default(tuned, "classification", "lora")["lr"]
     keys = [ld._sweep.key(r) for r in sweep.asked]
     assert len(keys) == len(set(keys))  # a default equal to the grid's choice runs once
+    # auto_gain (pre-registered): auto_local's search under rule 3, at fresh seeds, with its own default and grid arms
+    sweep.asked = []
+    finals = ld.final(sweep, tuned, tasks, ["lora"], arms=["auto_gain"])
+    assert {r["seed"] for r in sweep.asked} == set(ld.FRESH_SEEDS) and not set(ld.FRESH_SEEDS) & {
+        *ld.FINAL_SEEDS, *ld.TUNE_SEEDS}
+    gain = finals[("trec", "lora")]
+    assert {"auto_gain", "default_fresh", "grid_fresh"} <= set(gain)
+    assert all(r["run"]["lr_search_rule"] == 3 and r["run"]["lr_search_min_gain"] == ld.GAIN == 0.01
+               and r["run"]["lr_search_points"] == 3 and r["run"]["lr_search_budget"] == 3.0 for r in gain["auto_gain"])
+    assert [r["run"]["lr"] for r in gain["grid_fresh"]] == [ld.lattice(tuned[("trec", "lora")]["chosen"])] * 3
+    assert [r["run"]["seed"] for r in gain["default_fresh"]] == list(ld.FRESH_SEEDS)
+    # 2 tasks x (3 searched runs + the default's 3 + the grid's 3 where they differ: trec's)
+    assert len(sweep.asked) == 2 * 3 + 2 * 3 + 3
 
 
 def test_plan_counts_runs_and_time_from_committed_seconds(fake_splits, tmp_path, monkeypatch):
@@ -227,6 +242,9 @@ def test_the_report_gives_defaults_transfer_and_auto_verdicts(fake_splits, monke
         assert text.index("### `--lr auto` at its default budget") < text.index(rows[0])
         assert text.index("### `--lr auto --lr-search-budget 1` (exploratory") < text.index(rows[1])
         assert text.index("### `--lr auto --lr-search-budget 3` (exploratory") < text.index(rows[2])
+        gain = text.index("### `auto_local`'s search under rule 3")  # at fresh seeds, against its own grid arm
+        assert gain < text.index(rows[4]) and "Seeds 23, 24, 25, the default and grid arms too." in text[gain:]
+        assert "under rule 3, did not beat the default's trial by 0.01" in text[gain:]
         assert "### `--lr auto` at its default budget, rule 1 (superseded" in text  # no runs of it here:
         assert text.count("Not run yet.") == 2  # the two rule-1 arms
         # the grid: 5 points x 3 seeds x 100 steps = 1500; the search: 92
@@ -391,3 +409,24 @@ def test_the_report_says_where_every_default_comes_from():
     assert "| 0.002 | 0.0032 |" in lora and "not adopted" in lora
     assert all(x.endswith("a copy of classification's: not measured on this family yet |") for x in rows
                if x.startswith(("| multiple_choice", "| instruction")))
+
+
+def test_rule_3_read_off_recorded_searches_decides_them_again_without_a_run(fake_splits):
+    task = ld.task_named("movie_sentiment")
+    trials = [{"rung": 0, "lr": 2e-4, "steps": 42, "metric": 0.766, "loss": 0.54},
+              {"rung": 0, "lr": 4e-4, "steps": 42, "metric": 0.778, "loss": 0.51},
+              {"rung": 0, "lr": 8e-4, "steps": 42, "metric": 0.788, "loss": 0.56},
+              {"rung": 1, "lr": 4e-4, "steps": 84, "metric": 0.818, "loss": 0.43},
+              {"rung": 1, "lr": 8e-4, "steps": 84, "metric": 0.822, "loss": 0.41}]  # a gain of 0.004 over the default
+    search = {"lr": 8e-4, "default_lr": 4e-4, "lrs": [2e-4, 4e-4, 8e-4], "run_steps": 100, "budget": 3.0, "floor": 0.55}
+    searched = {"run": ld.run_of(task, "loft", "auto", 20, "test", 3.0, 2, 3), "lr": 8e-4, "eval_accuracy": 0.496,
+                "lr_search": search, "lr_search_trials": trials}
+    assert ld.rule3_choice(searched) == 4e-4 and ld.rule3_choice(searched, min_gain=0.004) == 8e-4
+    assert ld.rule3_choice({**searched, "lr_search_trials": None}) is None  # an older record without its trials
+    at_default = {"run": ld.run_of(task, "loft", 4e-4, 20, "test"), "eval_accuracy": 0.818}
+    grid = [{"eval_accuracy": 0.81}]
+    results = {ld._sweep.key(at_default["run"]): at_default}
+    text = "\n".join(ld.gain_rule_read({("movie_sentiment", "loft"): {"auto_local": [searched], "grid": grid}}, results))
+    assert "| movie_sentiment | loft | 0.0008 -> 0.0004 (0.818) | 0.496 | 0.818 | 0.810 | +0.008 |" in text
+    assert "no run at that rate" in "\n".join(ld.gain_rule_read(
+        {("movie_sentiment", "loft"): {"auto_local": [searched], "grid": grid}}, {}))

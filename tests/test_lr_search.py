@@ -226,6 +226,62 @@ def test_a_best_trial_above_the_floor_is_chosen_and_a_loss_only_search_ignores_t
     assert lr_search.LRSearch(search.plan, [], floor).kept_default is None  # not complete: no decision yet
 
 
+class Local:
+    """Three rates' trials (half the default 4e-4, the default, twice it), scored ``scores[rate]``
+    in every rung, with a loss that falls with the rate."""
+
+    def __init__(self, scores: dict[float, float]) -> None:
+        self.scores = scores
+
+    def __call__(self, lr: float, steps: int) -> dict[str, float]:
+        return {"metric": self.scores[lr], "loss": 0.5 - 0.01 * lr_search.lattice_index(lr)}
+
+
+def test_rule_3_moves_from_the_default_only_on_a_gain_of_min_gain_in_the_last_rung():
+    floor = lr_search.Floor(0.5, 0.045, "always the majority answer")
+    search = dict(default_lr=4e-4, run_steps=100, budget=3.0, points=3, floor=floor)
+    # twice the default beats it by 0.004 in the last rung (movie sentiment's LoFT searches): kept under rule 3
+    small = loft.find_lr(Local({2e-4: 0.80, 4e-4: 0.818, 8e-4: 0.822}), min_gain=0.01, **search)
+    assert small.best.lr == 8e-4 and small.lr == 4e-4 and small.kept_default and small.kept_because == "gain"
+    assert small.rule == lr_search.GAIN_RULE == 3
+    record = small.as_dict()
+    assert record["rule"] == 3 and record["min_gain"] == 0.01 and record["kept_because"] == "gain"
+    back = lr_search.LRSearch.from_dict(json.loads(json.dumps(record)))
+    assert back.min_gain == 0.01 and back.lr == 4e-4 and back.kept_because == "gain"
+    # the same trials under rule 2 (no gain asked): the best trial
+    rule2 = loft.find_lr(Local({2e-4: 0.80, 4e-4: 0.818, 8e-4: 0.822}), **search)
+    assert rule2.lr == 8e-4 and rule2.rule == lr_search.RULE == 2 and not rule2.kept_default
+    assert rule2.as_dict()["min_gain"] == 0.0 and rule2.kept_because is None
+    # a gain of at least min_gain moves (up or down), exactly min_gain included
+    assert loft.find_lr(Local({2e-4: 0.60, 4e-4: 0.68, 8e-4: 0.69}), min_gain=0.01, **search).lr == 8e-4
+    assert 0.69 - 0.68 < 0.01  # in floating point: five more of 500 examples right is still a gain of 0.01
+    assert loft.find_lr(Local({2e-4: 0.8305, 4e-4: 0.8205, 8e-4: 0.70}), min_gain=0.01, **search).lr == 2e-4
+    # the default's rate lost in an earlier rung: nothing in the last rung to compare with, the best is chosen
+    gone = loft.find_lr(Local({2e-4: 0.70, 4e-4: 0.60, 8e-4: 0.72}), min_gain=0.01, **search)
+    assert gone.lr == 8e-4 and gone.kept_because is None
+    # the floor still comes first; the default's own trial winning keeps it, for no reason to record
+    low = loft.find_lr(Local({2e-4: 0.50, 4e-4: 0.51, 8e-4: 0.52}), min_gain=0.01, **search)
+    assert low.lr == 4e-4 and low.kept_because == "floor"
+    own = loft.find_lr(Local({2e-4: 0.80, 4e-4: 0.83, 8e-4: 0.82}), min_gain=0.01, **search)
+    assert own.lr == 4e-4 and own.kept_because is None and own.kept_default is False
+    # off the lattice (LoRA's 2e-3 searches around 1.6e-3): the default's lattice point's trial is the one compared
+    lora = dict(search, default_lr=2e-3)
+    scores = {8e-4: 0.70, 1.6e-3: 0.80, 3.2e-3: 0.805}
+    assert loft.find_lr(Local(scores), min_gain=0.01, **lora).lr == 2e-3
+    with pytest.raises(ValueError, match="min_gain"):
+        loft.find_lr(Local(scores), min_gain=-0.01, **lora)
+
+
+def test_a_finished_search_resumed_with_a_gain_decides_again_without_training():
+    floor = lr_search.Floor(0.5, 0.045, "always the majority answer")
+    search = dict(default_lr=4e-4, run_steps=100, budget=3.0, points=3, floor=floor)
+    done = loft.find_lr(Local({2e-4: 0.80, 4e-4: 0.818, 8e-4: 0.822}), **search)
+    calls = []
+    again = loft.find_lr(lambda lr, s: calls.append(lr) or {"metric": 0.0, "loss": 1.0}, done=done, min_gain=0.01,
+                         **search)
+    assert calls == [] and again.lr == 4e-4 and again.kept_because == "gain"
+
+
 def test_a_record_of_the_first_rule_resumes_and_the_floor_decides_again():
     first = loft.find_lr(AtChance(), default_lr=4e-4, run_steps=400).as_dict()
     old = {k: v for k, v in first.items() if k not in ("rule", "floor", "kept_default", "best_lr")}  # rule 1's record

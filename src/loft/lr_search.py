@@ -25,7 +25,13 @@ The search (:func:`plan_search`):
   that split's sampling noise. When the best trial of the last rung does not score above it, the
   trials were too short to tell the rates apart (a fresh classification head can stay at chance
   for tens of steps) and their ranking is noise: the search keeps the default rate
-  (:attr:`LRSearch.kept_default`) instead of choosing at random.
+  (:attr:`LRSearch.kept_default`) instead of choosing at random;
+* **the gain** (optional, ``min_gain``, rule 3): a rate other than the default's lattice point
+  is chosen only when its trial in the last rung beats that point's trial there by at least
+  ``min_gain`` (e.g. 0.01, one point of accuracy); otherwise the search keeps the default. One
+  trial of each rate, at one seed, on a validation split of a few hundred examples, cannot tell
+  smaller differences from noise, and a higher rate that wins its trial may still be unstable at
+  another seed. Off (0) by default.
 
 Finished trials can be handed back (``done``: an :class:`LRSearch`, e.g. from
 :meth:`LRSearch.from_dict` of a saved record) so that an interrupted search continues where it
@@ -44,6 +50,7 @@ from typing import Any
 
 __all__ = [
     "Floor",
+    "GAIN_RULE",
     "LRSearch",
     "Rung",
     "SearchPlan",
@@ -60,8 +67,11 @@ __all__ = [
 #: what every record says the search is
 METHOD = "successive halving over the lattice 1e-4 * 2**k"
 #: how the trials become a choice (in every record: records of an earlier rule chose differently). Rule 1
-#: was the best trial of the last rung, whatever it scored; rule 2 adds the floor.
+#: was the best trial of the last rung, whatever it scored; rule 2 adds the floor; rule 3 (a search with a
+#: ``min_gain``, :data:`GAIN_RULE`) adds the gain a move away from the default must show. A search's own
+#: rule is :attr:`LRSearch.rule`; this is the rule of a search without ``min_gain``, ``--lr auto``'s.
 RULE = 2
+GAIN_RULE = 3
 #: the default number of lattice points (1/8 to 8 times the default rate)
 POINTS = 7
 #: the default budget: at most this fraction of the run's steps
@@ -239,11 +249,18 @@ class Floor:
 @dataclass
 class LRSearch:
     """A search and its trials so far: :attr:`lr` is its choice once :attr:`complete`; ``floor``
-    (optional) what its best trial must beat to be chosen."""
+    (optional) what its best trial must beat to be chosen; ``min_gain`` (0: off) how much a trial
+    must beat the default's in the last rung for its rate to be chosen instead (rule 3)."""
 
     plan: SearchPlan
     trials: list[Trial] = field(default_factory=list)
     floor: Floor | None = None
+    min_gain: float = 0.0
+
+    @property
+    def rule(self) -> int:
+        """The rule the choice follows: :data:`GAIN_RULE` with a ``min_gain``, else :data:`RULE`."""
+        return GAIN_RULE if self.min_gain > 0 else RULE
 
     def rank_key(self, trial: Trial) -> tuple:
         """Higher is better: the metric (non-finite last), ties by the lower loss (non-finite
@@ -279,15 +296,32 @@ class LRSearch:
         return max(self.rung_trials(len(self.plan.rungs) - 1), key=self.rank_key)
 
     @property
-    def kept_default(self) -> bool | None:
-        """Whether the search keeps the default rate because its best trial did not score above
-        the floor (``None`` until complete; ``False`` without a floor or without a metric)."""
+    def kept_because(self) -> str | None:
+        """Why the search keeps the default rate: ``"floor"`` (its best trial did not score above
+        the floor), ``"gain"`` (the best trial's rate is not the default's lattice point and beat
+        that point's trial in the last rung by less than ``min_gain``), or ``None`` (it does not
+        keep it, or is not complete). Neither applies without a metric."""
         best = self.best
-        if best is None:
+        if best is None or best.metric is None:
             return None
-        if self.floor is None or best.metric is None:
-            return False
-        return not (_finite(best.metric) and best.metric > self.floor.threshold)
+        if self.floor is not None and not (_finite(best.metric) and best.metric > self.floor.threshold):
+            return "floor"
+        if self.min_gain > 0:
+            centre = lattice_index(self.plan.default_lr)
+            last = self.rung_trials(len(self.plan.rungs) - 1)
+            at_default = [t for t in last if lattice_index(t.lr) == centre and _finite(t.metric)]
+            gain = best.metric - at_default[0].metric if at_default else math.inf
+            if lattice_index(best.lr) != centre and gain < self.min_gain - 1e-9:  # a gain of exactly min_gain moves
+                return "gain"
+        return None
+
+    @property
+    def kept_default(self) -> bool | None:
+        """Whether the search keeps the default rate (:attr:`kept_because` says why; ``None``
+        until complete; ``False`` without a floor and a ``min_gain``, or without a metric)."""
+        if self.best is None:
+            return None
+        return self.kept_because is not None
 
     @property
     def lr(self) -> float | None:
@@ -310,9 +344,11 @@ class LRSearch:
     def as_dict(self) -> dict[str, Any]:
         """The record of the search (what ``lr_search.json`` holds); :meth:`from_dict` reads it back."""
         best = self.best
-        return {"search": METHOD, "rule": RULE, **self.plan.as_dict(), "trials": [t.as_dict() for t in self.trials],
+        return {"search": METHOD, "rule": self.rule, **self.plan.as_dict(),
+                "trials": [t.as_dict() for t in self.trials],
                 "complete": self.complete, "lr": self.lr, "best_lr": None if best is None else best.lr,
-                "kept_default": self.kept_default, "floor": None if self.floor is None else self.floor.as_dict(),
+                "kept_default": self.kept_default, "kept_because": self.kept_because, "min_gain": self.min_gain,
+                "floor": None if self.floor is None else self.floor.as_dict(),
                 "scored_by": self.scored_by, "seconds": round(sum(t.seconds or 0.0 for t in self.trials), 1)}
 
     @classmethod
@@ -327,9 +363,10 @@ class LRSearch:
                             None if t["metric"] is None else float(t["metric"]), float(t["loss"]), t.get("seconds"))
                       for t in record["trials"]]
             floor = None if record.get("floor") is None else Floor.from_dict(record["floor"])
+            min_gain = float(record.get("min_gain") or 0.0)
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"not a learning-rate search record ({type(e).__name__}: {e})") from None
-        return cls(plan, trials, floor)
+        return cls(plan, trials, floor, min_gain)
 
 
 def _score(result: Any, lr: float, steps: int) -> tuple[float | None, float]:
@@ -351,6 +388,7 @@ def find_lr(
     done: LRSearch | None = None,
     on_trial: Callable[[LRSearch], None] | None = None,
     floor: Floor | None = None,
+    min_gain: float = 0.0,
 ) -> LRSearch:
     """Search a learning rate by successive halving (the module's docstring): returns the
     :class:`LRSearch`, whose ``lr`` is the choice and whose ``as_dict()`` is its record.
@@ -361,12 +399,17 @@ def find_lr(
     (``ValueError`` when it was planned differently). ``on_trial(search)`` runs after every new
     trial (save the record there to make the search resumable). ``floor``: what the best trial's
     metric must beat to be chosen (:class:`Floor`); below it the search keeps ``default_lr``.
-    ``done``'s trials are reused whatever its floor was: the floor decides, it trains nothing."""
+    ``min_gain`` (rule 3; 0: off): how much the best trial of the last rung must beat the trial
+    of the default's lattice point there, when both ran, for its rate to be chosen; else the
+    search keeps ``default_lr``. ``done``'s trials are reused whatever its floor and gain were:
+    they decide, they train nothing."""
+    if not (min_gain >= 0 and math.isfinite(min_gain)):
+        raise ValueError(f"min_gain must be >= 0 and finite, got {min_gain!r}")
     plan = plan_search(default_lr, run_steps, budget, points)
     if done is not None and done.plan != plan:
         raise ValueError(f"the saved search was planned differently ({done.plan.describe()}) from this one "
                          f"({plan.describe()}); start a new record")
-    search = LRSearch(plan, [], floor)
+    search = LRSearch(plan, [], floor, min_gain)
     earlier = {(t.rung, t.lr, t.steps): t for t in (done.trials if done is not None else [])}
     for i, rung in enumerate(plan.rungs):
         rates = search.rates_of(i)

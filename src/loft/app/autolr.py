@@ -120,7 +120,8 @@ def _write(path: Path, write: Callable[[], None]) -> None:
 def summary(search: core.LRSearch, validation: dict[str, Any]) -> dict[str, Any]:
     """The search in ``metrics.json`` (``lr_search``): the choice and its cost (details in lr_search.json)."""
     best = search.best
-    return {"lr": search.lr, "rule": core.RULE, "kept_default": search.kept_default,
+    return {"lr": search.lr, "rule": search.rule, "kept_default": search.kept_default,
+            "kept_because": search.kept_because, "min_gain": search.min_gain,
             "best_lr": best.lr if best else None,
             "floor": None if search.floor is None else search.floor.threshold,
             "default_lr": search.plan.default_lr, "lrs": search.plan.lrs,
@@ -211,7 +212,8 @@ def search_lr(cfg: FinetuneConfig, plan: core.SearchPlan, *, out: Path, kind: st
 
     try:
         search = core.find_lr(train_and_score, default_lr=plan.default_lr, run_steps=plan.run_steps,
-                              budget=plan.budget, points=len(plan.indices), done=done, on_trial=keep, floor=floor)
+                              budget=plan.budget, points=len(plan.indices), done=done, on_trial=keep, floor=floor,
+                              min_gain=cfg.lr_search_min_gain)
     finally:
         bar.close()
     if main:
@@ -224,11 +226,14 @@ def _announcement(cfg: FinetuneConfig, plan: core.SearchPlan, validation: dict[s
                   done: core.LRSearch | None, floor: core.Floor | None) -> str:
     """The line printed before the search: what it runs and costs (or that it is already done)."""
     if done is not None and done.complete:
-        done = dataclasses.replace(done, floor=floor)
+        done = dataclasses.replace(done, floor=floor, min_gain=cfg.lr_search_min_gain)
         return f"Learning rate {done.lr:g}: the search an earlier attempt of this run finished ({LR_SEARCH_FILE})."
     trusted = ("" if floor is None else
                f" A choice must score above {floor.threshold:.3f} ({floor.what}: {floor.metric:.3f}, plus "
                f"{floor.margin:.3f} of noise), or the default {plan.default_lr:g} is kept.")
+    if cfg.lr_search_min_gain:
+        trusted += (f" A rate other than the default's must beat the default's trial in the last rung by at least "
+                    f"{cfg.lr_search_min_gain:g}, or the default is kept.")
     return (f"Learning-rate search (--lr auto, {cfg.method}): {plan.describe()}; {plan.trials} evaluations on "
             f"{validation['examples']} validation examples carved from the {validation['of']} training examples."
             + trusted
@@ -269,6 +274,10 @@ def _choice_line(search: core.LRSearch) -> str:
     best = search.best
     score = (f"validation accuracy {best.metric:.4f}, " if best.metric is not None else "") + f"loss {best.loss:.4f}"
     cost = f"{len(search.trials)} trials, {search.steps_done} steps, {search.as_dict()['seconds']:.0f} s"
+    if search.kept_because == "gain":
+        return (f"Learning rate {search.lr:g} (the default) kept: the best trial, {best.lr:g} ({score} at {best.steps} "
+                f"steps), beat the default's by less than {search.min_gain:g} ({cost}). {LR_SEARCH_FILE}, "
+                f"{LR_SEARCH_PLOT}.")
     if search.kept_default:
         floor = search.floor
         return (f"Learning rate {search.lr:g} (the default) kept: no trial scored above {floor.threshold:.3f} "

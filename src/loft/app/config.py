@@ -262,6 +262,7 @@ class FinetuneConfig:
     logging_steps: int = 10
     eval_before: bool = True
     lr_search_points: int = 7  # --lr auto: lattice rates searched (7: 1/8 to 8 times the default)
+    lr_search_min_gain: float = 0.0  # --lr auto: rule 3's gain a move from the default must show (0: off)
     lr_trial: bool = False  # a trial of a learning-rate search: no checkpoints, no result files
 
     def check(self, processes: int = 1) -> None:
@@ -287,6 +288,9 @@ class FinetuneConfig:
                 f"--lr-search-budget must be a fraction > 0 of the run's steps (0.25: a quarter), got {self.lr_search_budget}.")
         if self.lr_search_points < 2:
             raise LoftUsageError(f"FinetuneConfig.lr_search_points must be >= 2, got {self.lr_search_points}.")
+        if not (self.lr_search_min_gain >= 0 and math.isfinite(self.lr_search_min_gain)):
+            raise LoftUsageError(f"FinetuneConfig.lr_search_min_gain must be >= 0 and finite, got "
+                                 f"{self.lr_search_min_gain}.")
         if not 0 <= self.seed < 2**32:
             raise LoftUsageError(f"--seed must be between 0 and {2**32 - 1}, got {self.seed}.")
         if self.batch_size < 1:
@@ -342,6 +346,8 @@ class FinetuneConfig:
         if self.lr != AUTO_LR:  # the search's settings matter only to a search
             d.pop("lr_search_budget")
             d.pop("lr_search_points")
+        if self.lr != AUTO_LR or not self.lr_search_min_gain:  # absent (0) in runs made before rule 3
+            d.pop("lr_search_min_gain")
         return d
 
 
@@ -393,7 +399,7 @@ def check_fsdp(fsdp: bool, method: str, processes: int, quantization: str | None
 
 #: FinetuneConfig fields that are deliberately not command-line options (set from Python).
 NOT_OPTIONS = ("alpha", "warmup_ratio", "weight_decay", "max_grad_norm", "grad_accum", "save_steps", "logging_steps",
-               "eval_before", "lr_search_points", "lr_trial")
+               "eval_before", "lr_search_points", "lr_search_min_gain", "lr_trial")
 
 
 def option_fields(cls: type) -> list[tuple[dataclasses.Field, OptionSpec]]:

@@ -131,6 +131,7 @@ def find_lr_with_trainer(
     record: str | Path | None = None,
     progress: bool = True,
     label_key: str | None = None,
+    min_gain: float = 0.0,
     **trainer_kwargs: Any,
 ) -> LRSearch:
     """Search the learning rate of the Trainer run ``args`` describes (:func:`loft.find_lr`).
@@ -151,7 +152,9 @@ def find_lr_with_trainer(
     examples that holds each one's answer (a classifier's ``"labels"``, say; needs ``metric``): the
     search then keeps ``args.learning_rate`` unless its best trial's ``metric`` beats always giving
     the validation split's most frequent answer (:class:`loft.lr_search.Floor`); without it every
-    search ends with its best trial, at chance or not.
+    search ends with its best trial, at chance or not. ``min_gain`` (0: off): a rate other than
+    ``args.learning_rate``'s lattice point is chosen only when its last trial beats that point's by at
+    least this much of ``metric`` (rule 3 of :mod:`loft.lr_search`).
 
     Returns the :class:`loft.lr_search.LRSearch`: ``.lr`` is the chosen rate (then train the run
     on the whole ``train_dataset`` with ``args.learning_rate = search.lr``), ``.as_dict()`` the record.
@@ -189,7 +192,7 @@ def find_lr_with_trainer(
 
     try:
         search = find_lr(train_and_score, default_lr=args.learning_rate, run_steps=run_steps, budget=budget,
-                         points=points, done=done, on_trial=save, floor=floor)
+                         points=points, done=done, on_trial=save, floor=floor, min_gain=min_gain)
     finally:
         bar.close()
     save(search)
