@@ -360,6 +360,10 @@ def test_find_lr_with_trainer_searches_resumes_from_its_record_and_leaves_eval_d
     assert [(t.lr, t.steps) for t in resumed.trials] == [(t.lr, t.steps) for t in straight.trials]
     assert [t.loss for t in resumed.trials] == pytest.approx([t.loss for t in straight.trials], rel=1e-6)
     assert json.loads(record.read_text())["lr"] == resumed.lr and args.learning_rate == 2e-4  # args untouched
+    built["n"] = 0  # rule 3 on the finished record: no trial reruns; ranked by the loss alone, the gain never applies
+    again = find_lr_with_trainer(model_init(), args, train, record=record, min_gain=0.01, **common)
+    assert built["n"] == 0 and again.min_gain == 0.01 and again.lr == resumed.lr and again.kept_because is None
+    assert json.loads(record.read_text())["rule"] == lr_search.GAIN_RULE
     with pytest.raises(ValueError, match="do not pass eval_dataset"):
         find_lr_with_trainer(model_init(), args, train, eval_dataset=train, **common)
     with pytest.raises(lr_search.SearchTooSmall):
