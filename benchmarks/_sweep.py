@@ -1,13 +1,15 @@
 """Run many :func:`loft.app.finetune.finetune` jobs, each in its own process, and keep their results.
 
-Used by ``real_tasks.py``. Each run is a dict of :class:`loft.app.finetune.FinetuneConfig` fields;
+Used by ``real_tasks.py`` and ``lr_defaults.py``. Each run is a dict of :class:`loft.app.finetune.FinetuneConfig` fields;
 its result (the run's ``metrics.json`` minus the loss curve's bulk, which eval examples it got
 right as a string of 0 and 1 (``eval_correct``, from the run's ``predictions.jsonl``), plus the process's peak
 resident memory from ``os.wait4`` and the :func:`_provenance.provenance` of the run: commit, library
 versions, threads, machine load at its start) is appended to a JSONL file, so an interrupted sweep
 continues where it stopped and a finished run is never repeated. Runs go ``jobs`` at a time,
 each with ``threads`` torch threads (on 2 cores: 2 jobs x 1 thread beats 1 x 2 for these
-small models).
+small models). To stop a sweep without losing the runs under way, send its process SIGUSR1
+(``pkill -USR1 -f "benchmarks/lr_defaults.py tune"``): it starts no new run, waits for the
+running ones, keeps their results and exits (:data:`DRAINED`); the same command continues.
 
 Also: :func:`carve_validation` splits a built-in training set into train / validation files
 once (fixed seed), so learning rates are chosen on data the test split never sees.
@@ -19,6 +21,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -89,15 +92,43 @@ def _launch(run: dict[str, Any], threads: int) -> tuple[subprocess.Popen, Path, 
     return proc, out, time.perf_counter()
 
 
+#: the exit status of a sweep drained by SIGUSR1 (its running runs finished and kept, the rest not started)
+DRAINED = 75
+_draining = False
+
+
+def _drain(signum: int, frame: Any) -> None:
+    global _draining
+    if not _draining:
+        print("SIGUSR1: starting no new run; waiting for the running ones (their results are kept)", flush=True)
+    _draining = True
+
+
 def run_all(runs: list[dict[str, Any]], results: Path, *, jobs: int = 2, threads: int = 1) -> dict[str, dict]:
-    """Run every run not yet in ``results`` (JSONL); return all results by :func:`key`."""
+    """Run every run not yet in ``results`` (JSONL); return all results by :func:`key`. SIGUSR1
+    drains it: no new run starts, the running ones finish and are kept, then ``SystemExit``
+    (:data:`DRAINED`)."""
     done = load_results(results)
     todo = [r for r in runs if key(r) not in done]
     results.parent.mkdir(parents=True, exist_ok=True)
     running: dict[int, tuple[dict, subprocess.Popen, Path, float]] = {}
     total, finished = len(todo), 0
-    while todo or running:
-        while todo and len(running) < jobs:
+    previous = signal.signal(signal.SIGUSR1, _drain)
+    try:
+        _run(todo, running, results, done, jobs, threads, total, finished)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    if _draining:
+        raise SystemExit(DRAINED)
+    return done
+
+
+def _run(todo: list[dict[str, Any]], running: dict, results: Path, done: dict[str, dict], jobs: int, threads: int,
+         total: int, finished: int) -> None:
+    """:func:`run_all`'s loop: start runs while there are free jobs (unless draining), keep each
+    result as its process ends."""
+    while (todo and not _draining) or running:
+        while todo and len(running) < jobs and not _draining:
             run = todo.pop(0)
             origin = provenance(threads, jobs)
             proc, out, t0 = _launch(run, threads)
@@ -123,7 +154,6 @@ def run_all(runs: list[dict[str, Any]], results: Path, *, jobs: int = 2, threads
         short = {k: v for k, v in run.items() if k not in ("data", "eval_data", "model")}
         print(f"[{finished}/{total}] {short}: acc {rec['eval_accuracy']:.4f} loss {rec['eval_loss']:.4f} "
               f"train {rec['train_seconds']} s, peak {rec['peak_rss_mib']} MiB", flush=True)
-    return done
 
 
 #: a run's settings that are not ``FinetuneConfig``'s but part of its identity, and what of the run's
