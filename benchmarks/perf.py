@@ -46,6 +46,9 @@ import loft
 from loft.options import Settings
 from loft.syncs import HostSyncCounter
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _pages import replace_section  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "perf.json"
 DOC = ROOT / "docs" / "performance.md"
@@ -407,12 +410,7 @@ def _layer_label(ly: dict) -> str:
 
 
 def write_report(result: dict, doc: Path = DOC) -> None:
-    text = doc.read_text()
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"{doc} has no '{BEGIN}' ... '{END}' markers to put the tables between.")
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    doc.write_text(f"{head}{BEGIN}\n{render(result)}\n{END}{tail}")
+    replace_section(doc, BEGIN, END, render(result))
 
 
 # ----------------------------------------------------------------------------- main

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _pages import keep_result, replace_section, result_options  # noqa: E402
 from _provenance import REPO, provenance  # noqa: E402
 
 from loft.app.finetune import FinetuneConfig, build_run, plan_run, prepare_folder  # noqa: E402
@@ -134,21 +135,15 @@ def table(result: dict) -> str:
 
 
 def render(result: dict, page: Path = PAGE) -> None:
-    text = page.read_text()
-    head, _, rest = text.partition(BEGIN)
-    _, found, tail = rest.partition(END)
-    if not found:
-        raise SystemExit(f"{page.name} has no {BEGIN} ... {END} section")
-    page.write_text(f"{head}{BEGIN}\n{table(result)}\n{END}{tail}")
+    """Put :func:`table` between the page's markers, leaving the rest of the page as it is."""
+    replace_section(page, BEGIN, END, table(result))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", default="loft,lora,full")
     parser.add_argument("--samples", type=int, default=6)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=OUT)
-    parser.add_argument("--report-only", action="store_true", help="re-render docs/performance.md from --out")
+    result_options(parser, OUT)
     args = parser.parse_args()
     if args.report_only:
         render(json.loads(args.out.read_text()))
@@ -161,10 +156,7 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
     result = {"benchmark": "benchmarks/sft_head.py", "model": "smollm2-135m", "data": "social_iqa_sft", "rank": 4,
               "batch_size": 8, "max_length": 128, "rows": rows, "provenance": provenance(args.threads)}
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {args.out.relative_to(REPO) if args.out.is_relative_to(REPO) else args.out}")
-    if args.out == OUT:
-        render(result)
+    keep_result(result, args.out, OUT, render)
 
 
 if __name__ == "__main__":

@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _pages import keep_result, replace_section, result_options  # noqa: E402
 from _provenance import REPO, provenance  # noqa: E402
-
 from sft_head import build  # noqa: E402  (the run loft finetune builds, ready to step)
 
 OUT = REPO / "benchmarks" / "results" / "sft_step.json"
@@ -105,21 +105,14 @@ def table(result: dict) -> str:
 
 def render(result: dict, page: Path = PAGE) -> None:
     """Put :func:`table` between the page's markers, leaving the rest of the page as it is."""
-    text = page.read_text()
-    head, _, rest = text.partition(BEGIN)
-    _, found, tail = rest.partition(END)
-    if not found:
-        raise SystemExit(f"{page.name} has no {BEGIN} ... {END} section")
-    page.write_text(f"{head}{BEGIN}\n{table(result)}\n{END}{tail}")
+    replace_section(page, BEGIN, END, table(result))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ranks", default="4,16", help="comma-separated LoRA ranks, one row each")
     parser.add_argument("--samples", type=int, default=15, help="batches per rank (after one warm-up batch)")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=OUT)
-    parser.add_argument("--report-only", action="store_true", help="re-render docs/performance.md from --out")
+    result_options(parser, OUT)
     args = parser.parse_args()
     if args.report_only:
         render(json.loads(args.out.read_text()))
@@ -132,10 +125,7 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
     result = {"benchmark": "benchmarks/sft_step.py", "model": "smollm2-135m", "data": "social_iqa_sft",
               "batch_size": BATCH, "max_length": MAX_LENGTH, "rows": rows, "provenance": provenance(args.threads)}
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {args.out.relative_to(REPO) if args.out.is_relative_to(REPO) else args.out}")
-    if args.out == OUT:
-        render(result)
+    keep_result(result, args.out, OUT, render)
 
 
 if __name__ == "__main__":

@@ -11,12 +11,17 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def perf():
-    spec = importlib.util.spec_from_file_location("perf_bench", ROOT / "benchmarks" / "perf.py")
+def _bench(name: str):
+    """benchmarks/<name>.py as a module."""
+    spec = importlib.util.spec_from_file_location(f"{name}_bench", ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def perf():
+    return _bench("perf")
 
 
 def result(perf, loft_times, lora_times, layer_ratio):
@@ -98,11 +103,19 @@ def test_report_replaces_only_the_marked_section(perf, tmp_path):
 
 
 # ----------------------------------------------------------------------------- benchmarks/sft_head.py
-def _sft_head():
-    spec = importlib.util.spec_from_file_location("sft_head_bench", ROOT / "benchmarks" / "sft_head.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def renders_only_its_section(bench, result, tmp_path, expect: str) -> None:
+    """``bench.render`` puts its table (holding ``expect``) between the page's markers, leaving the
+    rest of the page, and refuses a page without them."""
+    page = tmp_path / "page.md"
+    page.write_text(f"intro\n{bench.BEGIN}\nNot measured yet.\n{bench.END}\noutro\n")
+    bench.render(result, page)
+    text = page.read_text()
+    assert text.startswith("intro\n") and text.endswith("\noutro\n") and "Not measured" not in text
+    assert text.count(bench.BEGIN) == 1 and expect in text
+    (tmp_path / "bare.md").write_text("no markers\n")
+    with pytest.raises(SystemExit, match="markers around the section"):
+        bench.render(result, tmp_path / "bare.md")
+    assert (tmp_path / "bare.md").read_text() == "no markers\n"
 
 
 def _sft_result(ratios):
@@ -118,27 +131,17 @@ def _sft_result(ratios):
 
 
 def test_sft_head_table_comes_from_the_result_and_replaces_only_the_marked_section(tmp_path):
-    bench = _sft_head()
+    bench = _bench("sft_head")
     result = _sft_result([1.2, 1.5, 1.9])
     table = bench.table(result)
     assert "| loft | 401 | 16 | 6.00 | 4.00 | 1.50x (1.20-1.90) | 0 |" in table
     assert "`0123456789ab`" in table and "--max-length 128" in table
-    page = tmp_path / "page.md"
-    page.write_text(f"intro\n{bench.BEGIN}\nNot measured yet.\n{bench.END}\noutro\n")
-    bench.render(result, page)
-    text = page.read_text()
-    assert text.startswith("intro\n") and text.endswith("\noutro\n") and "Not measured" not in text
-    assert text.count(bench.BEGIN) == 1 and "1.50x" in text
-    (tmp_path / "bare.md").write_text("no markers\n")
-    with pytest.raises(SystemExit, match="section"):
-        bench.render(result, tmp_path / "bare.md")
+    renders_only_its_section(bench, result, tmp_path, "1.50x")
 
 
 # ----------------------------------------------------------------------------- benchmarks/sft_step.py
 def test_sft_step_table_comes_from_the_result_and_replaces_only_the_marked_section(tmp_path):
-    spec = importlib.util.spec_from_file_location("sft_step_bench", ROOT / "benchmarks" / "sft_step.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _bench("sft_step")
     seconds = {"loft": {"whole": [4.0, 4.4, 4.8], "forward_backward": [3.5, 3.9, 4.3], "optimizer": [0.4, 0.45, 0.5]},
                "lora": {"whole": [3.6, 4.0, 4.4], "forward_backward": [3.6, 3.97, 4.4], "optimizer": [0.02, 0.03, 0.04]}}
     result = {"benchmark": "benchmarks/sft_step.py", "model": "smollm2-135m", "data": "social_iqa_sft", "batch_size": 8,
@@ -149,12 +152,4 @@ def test_sft_step_table_comes_from_the_result_and_replaces_only_the_marked_secti
     assert ("| 4 | 210 | 15 | 4.40 (4.00-4.80) | 4.00 (3.60-4.40) | 1.100 (1.050-1.150)x | 3.90 / 3.97 | "
             "0.450 / 0.030 |") in table
     assert "`0123456789ab`" in table and "--max-length 128" in table
-    page = tmp_path / "page.md"
-    page.write_text(f"intro\n{bench.BEGIN}\nNot measured yet.\n{bench.END}\noutro\n")
-    bench.render(result, page)
-    text = page.read_text()
-    assert text.startswith("intro\n") and text.endswith("\noutro\n") and "Not measured" not in text
-    assert text.count(bench.BEGIN) == 1 and "1.100" in text
-    (tmp_path / "bare.md").write_text("no markers\n")
-    with pytest.raises(SystemExit, match="section"):
-        bench.render(result, tmp_path / "bare.md")
+    renders_only_its_section(bench, result, tmp_path, "1.100")
