@@ -25,7 +25,6 @@ __all__ = [
     "TASK_FAMILIES",
     "ADAPTER_METHODS",
     "DEFAULT_MAX_STEPS",
-    "MEASURED_LR_FAMILIES",
     "METHODS",
     "NOT_OPTIONS",
     "FinetuneConfig",
@@ -98,10 +97,6 @@ AUTO_LR = "auto"
 def default_lr(method: str, family: str = "classification") -> float:
     """The default learning rate of ``method`` on a task of ``family`` (:data:`DEFAULT_LRS`)."""
     return DEFAULT_LRS[family][method]
-
-
-#: the task families whose default learning rates were measured on tasks of their own (the others copy them)
-MEASURED_LR_FAMILIES = tuple(f for f, sources in DEFAULT_LR_SOURCES.items() if _COPY not in sources.values())
 
 
 def lr_measured(method: str, family: str) -> bool:
