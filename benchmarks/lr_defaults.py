@@ -512,7 +512,18 @@ def family_default(tuned: dict, family: str, method: str) -> dict[str, Any] | No
               - score(point(tuned, (t, method), k))[0] for t in voting}
     return {"k": k, "lr": lattice(k), "accuracy": mean_score(k)[0], "regret": regret,
             "own": {t: lattice(tuned[(t, method)]["chosen"]) for t in tasks},
-            "at_chance": [t for t in tasks if t not in voting]}
+            "at_chance": [t for t in tasks if t not in voting],
+            "runs_at_chance": {j: runs_at_chance(tuned, voting, method, j) for j in (k, k + 1)}}
+
+
+def runs_at_chance(tuned: dict, tasks: list[str], method: str, k: int) -> tuple[int, int] | None:
+    """How many of ``method``'s tuning runs at lattice point ``k`` on ``tasks`` scored at or below
+    :func:`chance`'s threshold, of how many (``None`` where a task's grid did not run ``k``)."""
+    points = [point(tuned, (t, method), k) for t in tasks]
+    if any(p is None for p in points):
+        return None
+    return (sum(r["eval_accuracy"] <= chance(task_named(t)).threshold for t, p in zip(tasks, points) for r in p),
+            sum(len(p) for p in points))
 
 
 def transfer_runs(tuned: dict, tasks: list[Task]) -> list[dict[str, Any]]:
@@ -1056,9 +1067,11 @@ def report(tuned: dict, moved: dict, finals: dict, methods: list[str], results: 
               f"{', '.join(map(str, TUNE_SEEDS))})", "",
               "Each cell: the task's best rate (its validation accuracy). Default: the rate with the best mean "
               "accuracy over the family's tasks whose grids left chance (a task at chance does not vote); regret: how "
-              "far below each voting task's own best it is there.", "",
+              "far below each voting task's own best it is there; runs at chance: the voting tasks' tuning runs at the "
+              "default and at twice it that did not beat their task's chance threshold.", "",
               "| family | method | app default now | " + " | ".join(f"task {i + 1}: best (acc)" for i in range(width))
-              + " | measured default | regret per task | optimum inside the grids |", "|---" * (width + 6) + "|"]
+              + " | measured default | regret per task | runs at chance: at it, at twice it | optimum inside the grids |",
+              "|---" * (width + 7) + "|"]
     literal: dict[str, dict[str, float]] = {}
     silent: list[str] = []
     for family in FAMILIES:
@@ -1074,11 +1087,12 @@ def report(tuned: dict, moved: dict, finals: dict, methods: list[str], results: 
             cells += [""] * (width - len(cells))
             inside = all(tuned[(t, m)]["inside"] for t in names)
             lines.append(f"| {family} | {m} | {DEFAULT_LRS[family][m]:g} | {' | '.join(cells)} | **{d['lr']:g}** | "
-                         + ", ".join(f"{t}: {100 * r:.1f} pts" for t, r in d["regret"].items())
+                         + ", ".join(f"{t}: {100 * r:.1f} pts" for t, r in d["regret"].items()) + " | "
+                         + ", ".join("not run" if c is None else f"{c[0]} of {c[1]}" for c in d["runs_at_chance"].values())
                          + f" | {'yes' if inside else 'no'} |")
             literal.setdefault(family, {})[m] = d["lr"]
     if not literal:
-        lines.append("| no family's default has settled yet (all of its tasks' grids) |" + " |" * (width + 5))
+        lines.append("| no family's default has settled yet (all of its tasks' grids) |" + " |" * (width + 6))
     if silent:
         lines += ["", f"Every task's grid settled at chance, so no default is measured, for: {', '.join(silent)}."]
     if literal:

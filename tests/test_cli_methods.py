@@ -9,7 +9,9 @@ import csv
 import json
 import math
 import os
+import re
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -39,6 +41,13 @@ NEW = ["loraplus", "lorafa", "pissa", "rslora"]
 def test_every_method_has_a_default_learning_rate():
     assert set(DEFAULT_LR) == set(METHODS) and set(NEW) <= set(ADAPTER_METHODS)
     assert all(v > 0 for v in DEFAULT_LR.values())
+
+
+def test_the_peers_table_of_the_docs_gives_the_defaults_the_app_uses():
+    text = (Path(__file__).resolve().parents[1] / "docs" / "workflow.md").read_text()
+    rows = dict(re.findall(r"^\| `(\w+)` \| .* \| ([0-9.e-]+) \|$", text, flags=re.M))
+    assert set(NEW) <= set(rows)
+    assert {m: float(rows[m]) for m in NEW} == {m: DEFAULT_LR[m] for m in NEW}
 
 
 # ----------------------------------------------------------------------------- the optimizer each method gets

@@ -163,6 +163,13 @@ def test_a_task_whose_grid_never_left_chance_does_not_vote_in_the_family_default
     d = ld.family_default(tuned, "multiple_choice", "loft")
     assert d["k"] == c - 1 and d["at_chance"] == ["social_iqa"] and set(d["regret"]) == {"trec_mc", "sentiment_mc"}
     assert d["regret"]["sentiment_mc"] == pytest.approx(0.06)
+    assert d["runs_at_chance"] == {c - 1: (0, 6), c: (0, 6)}  # the voting tasks' runs at the default and twice it
+    floors["sentiment_mc"] = Floor(0.76, 0.02, "x")  # its best (0.80) still votes; its runs at c - 1 and c do not beat it
+    assert ld.family_default(tuned, "multiple_choice", "loft")["runs_at_chance"] == {c - 1: (3, 6), c: (3, 6)}
+    row = next(line for line in ld.report(tuned, {}, {}, ["loft"], {}, mc).splitlines()
+               if line.startswith("| multiple_choice | loft |"))
+    assert "| 3 of 6, 3 of 6 |" in row
+    floors["sentiment_mc"] = Floor(0.5, 0.05, "x")
     report = ld.report(tuned, {}, {}, ["loft"], {}, mc)
     row = next(line for line in report.splitlines() if line.startswith("| multiple_choice | loft |"))
     assert f"social_iqa: {ld.lattice(c + 1):g} (0.799) at chance" in row and "trec_mc: 0.0 pts, sentiment_mc: 6.0 pts" in row
