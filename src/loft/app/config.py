@@ -87,7 +87,9 @@ DEFAULT_LR_SOURCES: dict[str, dict[str, str]] = {
                  "on test it trailed movie sentiment's own best rate by 2.6 points, while --lr auto, which kept 2e-3 in 5 "
                  "of its 6 runs, came within 1 point of each task's best (benchmarks/lr_defaults.py, docs/results.md "
                  "section 5)"),
-        "loraplus": _APP_LRS, "pissa": _APP_LRS, "rslora": _MEASURED_PEER,
+        "pissa": _APP_LRS, "rslora": _MEASURED_PEER,
+        "loraplus": (_APP_LRS + ". The two-task measurement's 4e-4 (A's rate) is not adopted: 1 of its 6 tuning runs at "
+                     "twice it (8e-4) fell to chance, on movie sentiment"),
         "lorafa": (_APP_LRS + ". The two-task measurement's 1.28e-2 is not adopted: 2 of its 6 tuning runs at twice it "
                    "(2.56e-2) fell to chance, on movie sentiment; 8e-3 lies between the two tasks' own best rates "
                    "(6.4e-3 and 1.28e-2)"),
