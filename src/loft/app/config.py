@@ -55,7 +55,7 @@ ADAPTER_METHODS = tuple(m for m in METHODS if m != "full")
 #: scored on multiple-choice answers or trained on instruction data (TRL's SFTTrainer).
 TASK_FAMILIES = ("classification", "multiple_choice", "instruction")
 #: Classification (MiniLM-L6 with a fresh head); where each rate comes from: :data:`DEFAULT_LR_SOURCES`.
-_CLASSIFICATION = {"loft": 4e-4, "lora": 2e-3, "dora": 2e-3, "loraplus": 2.5e-4, "lorafa": 8e-3, "pissa": 5e-4,
+_CLASSIFICATION = {"loft": 4e-4, "lora": 2e-3, "dora": 2e-3, "loraplus": 2.5e-4, "lorafa": 8e-3, "pissa": 8e-4,
                    "rslora": 1.6e-3, "full": 2e-4}
 #: Default learning rate per task family and method: ``DEFAULT_LRS[family][method]``. Multiple choice's and
 #: instruction's are copies of classification's, not yet measured on those families: benchmarks/lr_defaults.py
@@ -87,7 +87,7 @@ DEFAULT_LR_SOURCES: dict[str, dict[str, str]] = {
                  "on test it trailed movie sentiment's own best rate by 2.6 points, while --lr auto, which kept 2e-3 in 5 "
                  "of its 6 runs, came within 1 point of each task's best (benchmarks/lr_defaults.py, docs/results.md "
                  "section 5)"),
-        "pissa": _APP_LRS, "rslora": _MEASURED_PEER,
+        "pissa": _MEASURED_PEER, "rslora": _MEASURED_PEER,
         "loraplus": (_APP_LRS + ". The two-task measurement's 4e-4 (A's rate) is not adopted: 1 of its 6 tuning runs at "
                      "twice it (8e-4) fell to chance, on movie sentiment"),
         "lorafa": (_APP_LRS + ". The two-task measurement's 1.28e-2 is not adopted: 2 of its 6 tuning runs at twice it "
