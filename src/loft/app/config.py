@@ -59,7 +59,7 @@ _CLASSIFICATION = {"loft": 4e-4, "lora": 2e-3, "dora": 2e-3, "loraplus": 2.5e-4,
                    "rslora": 1.6e-3, "full": 2e-4}
 #: Default learning rate per task family and method: ``DEFAULT_LRS[family][method]``. Multiple choice's and
 #: instruction's are copies of classification's, not yet measured on those families: benchmarks/lr_defaults.py
-#: tunes every method on two tasks per family and its report gives the numbers that replace them
+#: tunes every method on two or three tasks per family and its report gives the numbers that replace them
 #: (docs/results.md, section 5).
 DEFAULT_LRS: dict[str, dict[str, float]] = {
     "classification": dict(_CLASSIFICATION),
