@@ -326,10 +326,15 @@ def task_named(name: str) -> Task:
 _SPLITS: dict[str, tuple[str, str, str]] = {}
 
 
+def has_data(task: Task) -> bool:
+    """Whether ``task``'s data is here (built in, or derived by ``prepare``)."""
+    return task.data in BUILTIN_DATASETS or (ROOT / task.data).is_file()
+
+
 def splits(task: Task) -> tuple[str, str, str]:
     """(train, validation, test) paths relative to the repository (carved once per process)."""
     if task.name not in _SPLITS:
-        if task.data not in BUILTIN_DATASETS and not (ROOT / task.data).is_file():
+        if not has_data(task):
             raise SystemExit(f"{task.data} is missing: run `.venv/bin/python benchmarks/lr_defaults.py prepare` first")
         _SPLITS[task.name] = _sweep.carve_validation(task.data, task.n_val, WORK / task.name)
     return _SPLITS[task.name]
@@ -483,7 +488,7 @@ def left_chance(tuned: dict, arm: tuple[str, str]) -> bool:
 
 def chance_cell(task: Task) -> str:
     """The report's cell for :func:`chance` (``-`` where ``prepare`` has not made the task's data)."""
-    if task.data not in BUILTIN_DATASETS and not (ROOT / task.data).is_file():
+    if not has_data(task):
         return "- (run `prepare`)"
     f = chance(task)
     return f"{f.metric:.3f} (to beat: {f.threshold:.3f})"
