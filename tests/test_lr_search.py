@@ -185,6 +185,11 @@ def test_the_majority_floor_is_the_most_frequent_answers_share_plus_two_standard
     assert lr_search.Floor.majority([3] * 7).margin == 0.0  # one answer: the floor is 1, nothing beats it
     with pytest.raises(ValueError, match="at least one"):
         lr_search.Floor.majority([])
+    # the same floor from the counts alone (a protocol pins them, so its reports need no data)
+    assert lr_search.Floor.of_majority(300, 500) == floor
+    for count in (0, 501):
+        with pytest.raises(ValueError, match=f"count must be in 1..500 .*not {count}"):
+            lr_search.Floor.of_majority(count, 500)
 
 
 class AtChance:

@@ -233,8 +233,15 @@ class Floor:
         proportion, ``2 sqrt(p (1 - p) / n)`` (0.045 at p = 0.5 on 500 examples)."""
         if not answers:
             raise ValueError("a floor needs at least one validation answer")
-        n = len(answers)
-        p = max(Counter(answers).values()) / n
+        return cls.of_majority(max(Counter(answers).values()), len(answers))
+
+    @classmethod
+    def of_majority(cls, count: int, n: int) -> Floor:
+        """:meth:`majority` from its counts: ``count`` of the ``n`` validation answers are the most
+        frequent one."""
+        if not 0 < count <= n:
+            raise ValueError(f"the most frequent answer's count must be in 1..{n} (the number of answers), not {count}")
+        p = count / n
         return cls(metric=p, margin=2 * math.sqrt(p * (1 - p) / n),
                    what=f"always giving the most frequent answer of the {n} validation examples")
 
