@@ -102,6 +102,22 @@ rank 4, full fine-tuning; the head's rate 2e-3 (classification), ``lora_alpha`` 
    every (task, method) pair it runs on at those seeds; then rule 3 becomes ``--lr auto``'s rule
    (with a gain of 0.01 of accuracy). A miss on any pair says so in the report, and nothing in the
    app changes.
+   Pre-registered in the commit that added it, before any of its runs: ``auto_cap``,
+   ``auto_gain``'s search (the same budget, rates, trials and gain) under rule 4
+   (``loft.lr_search.CAP_RULE``): no rate is chosen at or above the lowest one whose trial
+   *collapsed*, scoring at or below the floor while a lower rate's trial of the same rung scored
+   above it (a rate too high for the run, told apart from one too low to have learned yet).
+   Why: ``auto_gain``'s one miss (movie sentiment, LoFT, seed 23) came from a search whose
+   default's 42-step trial collapsed (0.490) while half the default learned (0.716), and which then
+   took twice the default, whose run collapsed. Read off the 42 recorded searches at budget 3
+   (``auto_x3``'s, ``auto_local``'s and ``auto_gain``'s; report section 3, "Rule 4 read off",
+   exploratory), the cap changes that choice (to 2e-4) and no other, under rule 2 or rule 3.
+   Because it was written after seeing them, it runs at seeds of its own, :data:`CAP_SEEDS`, with
+   the default and grid arms run again there (``default_cap``, ``grid_cap``), for LoFT, LoRA and
+   full fine-tuning on the classification family (``final --families classification --methods
+   loft,lora,full --arms auto_cap``). What would count as success: the target met on every
+   (task, method) pair it runs on at those seeds; then rule 4 (with a gain of 0.01) becomes
+   ``--lr auto``'s rule. A miss on any pair says so in the report, and nothing in the app changes.
    The exploratory arms run only when ``final --arms`` names them; ``plan`` counts the plan's
    (:data:`FINAL_ARMS`).
 4. **main** (what a new default does to the main job): the README's default run (``loft
@@ -225,6 +241,10 @@ TUNE_SEEDS, FINAL_SEEDS = (10, 11, 12), (20, 21, 22)
 #: the seeds of an arm pre-registered after the finals at FINAL_SEEDS were seen (``auto_gain``), with its own
 #: default and grid arms beside it: no tuning or final seed among them
 FRESH_SEEDS = (23, 24, 25)
+#: the seeds of ``auto_cap``, pre-registered after ``auto_gain``'s were seen, with its own default and grid arms
+CAP_SEEDS = (26, 27, 28)
+#: a default or grid arm's name ends with the suffix of its seeds (``default``, ``default_fresh``, ``grid_cap`` ...)
+SEED_SETS = {"": FINAL_SEEDS, "_fresh": FRESH_SEEDS, "_cap": CAP_SEEDS}
 GRID_POINTS, MAX_EXTENSIONS = 5, 2
 #: item 3's target: auto at most this far below the grid's test accuracy, at less than this share of its steps
 TARGET_GAP, TARGET_COST = 0.01, 0.5
@@ -364,11 +384,11 @@ def arm_settings(method: str) -> dict[str, Any]:
 
 def run_of(task: Task, method: str, lr: float | str, seed: int, split: str,
            budget: float = lr_search.BUDGET, rule: int = lr_search.RULE,
-           points: int = lr_search.POINTS, min_gain: float = 0.0) -> dict[str, Any]:
+           points: int = lr_search.POINTS, min_gain: float = 0.0, cap: bool = False) -> dict[str, Any]:
     """One run's settings: ``method`` on ``task`` at ``lr`` (a rate, or ``"auto"``: searched with
     ``budget``, a fraction of the run's steps, over ``points`` lattice rates (only a number other
     than the search's default is written, so earlier runs keep their identity), under the
-    search's ``rule`` (rule 3 with its ``min_gain``)), scored on ``split``
+    search's ``rule`` (rule 3 with its ``min_gain``, rule 4 with ``cap`` too)), scored on ``split``
     (``val`` or ``test``). From rule 2 on, a searched run's identity holds its rule and its
     centre, the app's default for the method (``_sweep`` checks both against what the run did):
     a new rule or a new default is a new run. Rule 1's runs have neither (they searched around
@@ -383,6 +403,8 @@ def run_of(task: Task, method: str, lr: float | str, seed: int, split: str,
             run["lr_search_points"] = points
         if min_gain:
             run["lr_search_min_gain"] = min_gain
+        if cap:
+            run["lr_search_cap"] = True
         if rule >= 2:
             run["lr_search_rule"] = rule
             run["lr_search_centre"] = default_lr(method, task.family)
@@ -403,15 +425,17 @@ class AutoArm:
     points: int = lr_search.POINTS
     min_gain: float = 0.0
     seeds: tuple[int, ...] = FINAL_SEEDS
+    cap: bool = False
 
     @property
     def runnable(self) -> bool:
-        return self.rule in (lr_search.RULE, lr_search.GAIN_RULE)
+        return self.rule in (lr_search.RULE, lr_search.GAIN_RULE, lr_search.CAP_RULE)
 
     @property
     def comparators(self) -> tuple[str, str]:
-        """The names of the default and grid arms at this arm's seeds."""
-        return ("default", "grid") if self.seeds == FINAL_SEEDS else ("default_fresh", "grid_fresh")
+        """The names of the default and grid arms at this arm's seeds (:data:`SEED_SETS`)."""
+        suffix = next(sfx for sfx, seeds in SEED_SETS.items() if seeds == self.seeds)
+        return f"default{suffix}", f"grid{suffix}"
 
 
 LONG_BUDGET = 1.0
@@ -437,6 +461,10 @@ AUTO_ARMS = {
                          f"`auto_local`'s search under rule 3: a move from the default needs a gain of {GAIN:g} "
                          f"(pre-registered, exploratory; fresh seeds {', '.join(map(str, FRESH_SEEDS))})",
                          LOCAL_POINTS, GAIN, FRESH_SEEDS),
+    "auto_cap": AutoArm(X3_BUDGET, lr_search.CAP_RULE,
+                        "`auto_gain`'s search under rule 4: rule 3 and the cap, no rate at or above one whose trial "
+                        f"collapsed (pre-registered, exploratory; fresh seeds {', '.join(map(str, CAP_SEEDS))})",
+                        LOCAL_POINTS, GAIN, CAP_SEEDS, cap=True),
     "auto_rule1": AutoArm(lr_search.BUDGET, 1, "`--lr auto` at its default budget, rule 1 (superseded: the best "
                                                "trial chosen whatever it scored)"),
     "auto_long_rule1": AutoArm(LONG_BUDGET, 1, f"`--lr auto --lr-search-budget {LONG_BUDGET:g}`, rule 1 (superseded)"),
@@ -595,21 +623,22 @@ def transfer(sweep: Sweep, tuned: dict, tasks: list[Task]) -> dict[str, dict[str
 
 def arms_of_final(tuned: dict, task: Task, method: str) -> dict[str, AutoArm | float] | None:
     """Stage 3's arms of (task, method): the family default and the grid's choice (their rates; at
-    :data:`FINAL_SEEDS`, and as ``default_fresh`` / ``grid_fresh`` at :data:`FRESH_SEEDS`), and
-    ``--lr auto`` as each arm of :data:`AUTO_ARMS` searches."""
+    :data:`FINAL_SEEDS`, and as ``default_fresh`` / ``grid_fresh`` ... at the other seeds of
+    :data:`SEED_SETS`), and ``--lr auto`` as each arm of :data:`AUTO_ARMS` searches."""
     default = family_default(tuned, task.family, method)
     if default is None or (task.name, method) not in tuned:
         return None
     rates = {"default": default["lr"], "grid": lattice(tuned[(task.name, method)]["chosen"])}
-    return {**rates, **{f"{arm}_fresh": lr for arm, lr in rates.items()}, **AUTO_ARMS}
+    return {**rates, **{f"{arm}{sfx}": lr for sfx in SEED_SETS if sfx for arm, lr in rates.items()}, **AUTO_ARMS}
 
 
 def final_runs(task: Task, method: str, arm: str, spec: AutoArm | float) -> list[dict[str, Any]]:
     """The runs of one arm of stage 3 (:func:`arms_of_final`), in seed order."""
     if isinstance(spec, AutoArm):
-        return [run_of(task, method, "auto", s, "test", spec.budget, spec.rule, spec.points, spec.min_gain)
+        return [run_of(task, method, "auto", s, "test", spec.budget, spec.rule, spec.points, spec.min_gain, spec.cap)
                 for s in spec.seeds]
-    return [run_of(task, method, spec, s, "test") for s in (FRESH_SEEDS if arm.endswith("_fresh") else FINAL_SEEDS)]
+    suffix = next((sfx for sfx in SEED_SETS if sfx and arm.endswith(sfx)), "")
+    return [run_of(task, method, spec, s, "test") for s in SEED_SETS[suffix]]
 
 
 def final(sweep: Sweep, tuned: dict, tasks: list[Task], methods: list[str], partial: bool = False,
@@ -934,6 +963,7 @@ def auto_table(tuned: dict, finals: dict, arm: str) -> list[str]:
     default_arm, grid_arm = a.comparators
     seeds = "" if a.seeds == FINAL_SEEDS else f" Seeds {', '.join(map(str, a.seeds))}, the default and grid arms too."
     gain = "" if not a.min_gain else f" or, under rule 3, did not beat the default's trial by {a.min_gain:g}"
+    gain += "" if not a.cap else " (under rule 4, the rate below the cap where the default is capped)"
     lines = [f"### {a.title}", "", f"Budget {a.budget:g} of the run's steps, {a.points} lattice rates; the search's rule "
              f"{a.rule}.{seeds} Chosen trial: "
              "the validation accuracy of the search's best trial (mean over the seeds), which shows whether the trials "
@@ -1016,26 +1046,35 @@ def choice_rules(tuned: dict, finals: dict, arm: str = "auto_x3") -> list[str]:
     return lines + ["Over the (task, method) pairs the grids cover: " + "; ".join(summary) + ".", ""]
 
 
-def rule3_choice(rec: dict[str, Any], min_gain: float = GAIN) -> float | None:
-    """The rate rule 3 (``min_gain``) would have chosen from a searched run's recorded trials and
-    floor (``None`` where the record lacks them): the same search, decided again, nothing trained."""
+def rule_choice(rec: dict[str, Any], min_gain: float = GAIN, cap: bool = False) -> float | None:
+    """The rate rule 3 (``min_gain``), or rule 4 (with ``cap``), would have chosen from a searched
+    run's recorded trials and floor (``None`` where the record lacks them): the same search,
+    decided again, nothing trained."""
     search, trials = rec.get("lr_search") or {}, rec.get("lr_search_trials")
     if not trials or "default_lr" not in search:
         return None
     plan = lr_search.plan_search(search["default_lr"], search["run_steps"], search["budget"], len(search["lrs"]))
     floor = None if search.get("floor") is None else lr_search.Floor(search["floor"], 0.0, "the run's floor")
     return lr_search.LRSearch(plan, [lr_search.Trial(t["rung"], t["lr"], t["steps"], t["metric"], t["loss"])
-                                     for t in trials], floor, min_gain).lr
+                                     for t in trials], floor, min_gain, cap and floor is not None).lr
 
 
-def gain_rule_read(finals: dict, results: dict[str, dict[str, Any]], arm: str = "auto_local") -> list[str]:
-    """Post hoc, no run: what rule 3 (:data:`GAIN`) would have chosen from ``arm``'s recorded
-    searches, and the test accuracy of a committed run at that rate and seed where there is one
-    (the default and grid arms ran at the same seeds)."""
-    rows = []
+#: what :func:`rule_read` says of each rule it reads off: the arm that tests it at fresh seeds, and those seeds
+RULE_READS = {3: ("auto_gain", FRESH_SEEDS, f"a move from the default needs a gain of {GAIN:g} in the last rung"),
+              4: ("auto_cap", CAP_SEEDS, "rule 3, and no rate at or above one whose trial collapsed to the floor while "
+                                         "a lower rate's learned")}
+
+
+def rule_read(finals: dict, results: dict[str, dict[str, Any]], arm: str = "auto_local", rule: int = 3) -> list[str]:
+    """Post hoc, no run: what ``rule`` (3: :data:`GAIN`; 4: that and the cap) would have chosen from
+    ``arm``'s recorded searches, and the test accuracy of a committed run at that rate and seed where
+    there is one (the default and grid arms ran at the same seeds)."""
+    tested_by, seeds, what = RULE_READS[rule]
+    ran, rows = AUTO_ARMS[arm], []
+    grid_arm = ran.comparators[1]
     for (task, m), arms in finals.items():
         recs = arms.get(arm) or []
-        choices = [rule3_choice(r) for r in recs]
+        choices = [rule_choice(r, cap=rule == 4) for r in recs]
         if not recs or None in choices:
             continue
         cells, accs = [], []
@@ -1046,18 +1085,19 @@ def gain_rule_read(finals: dict, results: dict[str, dict[str, Any]], arm: str = 
             acc = "no run at that rate" if found is None else f"{found['eval_accuracy']:.3f}"
             cells.append(f"{rec['lr']:g} -> {lr:g} ({acc})" if not same else f"{lr:g} (same)")
         mean = "-" if None in accs else f"{statistics.fmean(accs):.3f}"
-        gap = "-" if None in accs or "grid" not in arms else f"{round(statistics.fmean(accs) - float(_acc(arms['grid'])), 3) + 0.0:+.3f}"
-        rows.append(f"| {task} | {m} | {'; '.join(cells)} | {_acc(recs)} | {mean} | {_acc(arms.get('grid'))} | {gap} |")
+        gap = ("-" if None in accs or grid_arm not in arms
+               else f"{round(statistics.fmean(accs) - float(_acc(arms[grid_arm])), 3) + 0.0:+.3f}")
+        rows.append(f"| {task} | {m} | {'; '.join(cells)} | {_acc(recs)} | {mean} | {_acc(arms.get(grid_arm))} | {gap} |")
     if not rows:
         return []
-    return [f"### Rule 3 read off the `{arm}` searches (post hoc, no new run)", "",
-            f"Each seed's search decided again under rule 3 (a move from the default needs a gain of {GAIN:g} in the "
-            "last rung): its choice as run -> rule 3's, with the test accuracy of the committed run at rule 3's rate "
-            f"and that seed. Exploratory: rule 3 was written after seeing these searches; `auto_gain` tests it at fresh "
-            f"seeds ({', '.join(map(str, FRESH_SEEDS))}). Means: test accuracy over the final seeds; rule 3 - grid: against "
-            "the grid arm's mean (item 3's target: at most 1 point below).", "",
-            f"| task | method | per final seed | {arm} (rule 2) | rule 3 | grid | rule 3 - grid |", "|---|---|---|---|---|---|---|",
-            *rows, ""]
+    return [f"### Rule {rule} read off the `{arm}` searches (post hoc, no new run)", "",
+            f"Each seed's search decided again under rule {rule} ({what}): its choice as run -> rule {rule}'s, with the "
+            f"test accuracy of the committed run at rule {rule}'s rate and that seed. Exploratory: rule {rule} was written "
+            f"after seeing these searches; `{tested_by}` tests it at fresh seeds ({', '.join(map(str, seeds))}). Means: "
+            f"test accuracy over the arm's seeds; rule {rule} - grid: against the grid arm's mean at those seeds (item 3's "
+            "target: at most 1 point below).", "",
+            f"| task | method | per seed | {arm} (rule {ran.rule}) | rule {rule} | grid | rule {rule} - grid |",
+            "|---|---|---|---|---|---|---|", *rows, ""]
 
 
 def defaults_now_lines(measured: dict[str, dict[str, float]]) -> list[str]:
@@ -1162,7 +1202,7 @@ def report(tuned: dict, moved: dict, finals: dict, methods: list[str], results: 
         for arm in AUTO_ARMS:
             lines += auto_table(tuned, finals, arm)
         lines += choice_rules(tuned, finals)
-        lines += gain_rule_read(finals, results)
+        lines += rule_read(finals, results, "auto_local", 3) + rule_read(finals, results, "auto_gain", 4)
     if main:
         lines += main_job_lines(main)
     return "\n".join(lines) + "\n"

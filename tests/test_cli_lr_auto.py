@@ -179,6 +179,25 @@ def test_rule_3_keeps_the_default_unless_another_rate_gains_min_gain(bert, data,
     assert "lr_search_min_gain" not in config(bert, data, out).identity()  # rule 2's runs keep their identity
 
 
+def test_rule_4_never_chooses_a_rate_at_or_above_a_collapsed_trials(bert, data, tmp_path, monkeypatch, capsys):
+    default = default_lr("loft", "classification")
+    low, high = (lr_search.lattice(lr_search.lattice_index(default) + d) for d in (-1, 1))
+    # the default's trial falls to chance while half of it learns; twice it wins (LoFT's seed 23, movie sentiment)
+    fake_trials(monkeypatch, lambda lr: 0.3 if lr == default else 1.0 if lr == high else 0.97)
+    metrics = finetune(config(bert, data, tmp_path / "rule2"), progress=False)
+    assert metrics["lr"] == high and metrics["lr_search"]["cap_lr"] is None
+    out = tmp_path / "run"
+    metrics = finetune(config(bert, data, out, lr_search_cap=True), progress=False)
+    printed = capsys.readouterr().out
+    record = json.loads((out / LR_SEARCH_FILE).read_text())
+    assert record["rule"] == metrics["lr_search"]["rule"] == 4 and record["cap"] is True
+    assert record["cap_lr"] == metrics["lr_search"]["cap_lr"] == default and metrics["lr"] == record["lr"] == low
+    assert "No rate is chosen at or above one whose trial falls to the floor" in printed  # stated before the search
+    assert f"Learning rate {low:g} chosen" in printed and f"Rates from {default:g} up were not chosen" in printed
+    assert "lr_search_cap" not in config(bert, data, out).identity()  # earlier runs keep their identity
+    assert config(bert, data, out, lr_search_cap=True).identity()["lr_search_cap"] is True
+
+
 class CtrlCInTrial(TrainerCallback):
     """Ctrl-C (SIGINT to this process) at the end of step 1."""
 
@@ -364,6 +383,8 @@ def test_find_lr_with_trainer_searches_resumes_from_its_record_and_leaves_eval_d
     again = find_lr_with_trainer(model_init(), args, train, record=record, min_gain=0.01, **common)
     assert built["n"] == 0 and again.min_gain == 0.01 and again.lr == resumed.lr and again.kept_because is None
     assert json.loads(record.read_text())["rule"] == lr_search.GAIN_RULE
+    with pytest.raises(ValueError, match="cap tells a collapsed trial by the floor that label_key sets"):
+        find_lr_with_trainer(model_init(), args, train, record=record, cap=True, **common)  # no floor here
     with pytest.raises(ValueError, match="do not pass eval_dataset"):
         find_lr_with_trainer(model_init(), args, train, eval_dataset=train, **common)
     with pytest.raises(lr_search.SearchTooSmall):
@@ -388,3 +409,21 @@ def test_find_lr_with_trainer_label_key_sets_the_majority_floor(tmp_path):
                                           report_to="none", use_cpu=True)
     with pytest.raises(ValueError, match="pass metric"):  # refused before any trial (model_init is never called)
         find_lr_with_trainer(lambda: 1 / 0, args, _token_rows(60, 0), label_key="labels", progress=False)
+
+
+
+def test_find_lr_with_trainer_hands_its_floor_gain_and_cap_to_the_search(tmp_path, monkeypatch):
+    import transformers
+
+    import loft.integrations.lr_search as integration
+    from loft.integrations import find_lr_with_trainer
+
+    seen = {}
+    monkeypatch.setattr(integration, "find_lr", lambda score, **kw: seen.update(kw) or "searched")
+    rows = [{"input_ids": [1, 2], "labels": i % 3} for i in range(40)]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "out"), learning_rate=2e-4, max_steps=100,
+                                          report_to="none", use_cpu=True, seed=1)
+    got = find_lr_with_trainer(lambda: 1 / 0, args, rows, metric="eval_accuracy", label_key="labels", min_gain=0.01,
+                               cap=True, progress=False)
+    assert got == "searched" and seen["cap"] is True and seen["min_gain"] == 0.01
+    assert seen["floor"].what.endswith("4 validation examples") and seen["default_lr"] == 2e-4

@@ -208,7 +208,7 @@ def test_finals_run_default_grid_and_auto_on_test_at_the_final_seeds(fake_splits
     ld.final(sweep, tuned, tasks, ["lora"])
     assert {r.get("lr_search_budget") for r in sweep.asked if r["lr"] == "auto"} == {0.25}
     sweep.asked = []
-    finals = ld.final(sweep, tuned, tasks, ["lora"], arms=[a for a in ld.ARM_CHOICES if a != "auto_gain"])
+    finals = ld.final(sweep, tuned, tasks, ["lora"], arms=[a for a in ld.ARM_CHOICES if a not in ("auto_gain", "auto_cap")])
     assert {r["seed"] for r in sweep.asked} == set(ld.FINAL_SEEDS)
     assert all(r["eval_data"].endswith("test.jsonl") for r in sweep.asked)
     arms = finals[("trec", "lora")]
@@ -230,7 +230,7 @@ def test_finals_run_default_grid_and_auto_on_test_at_the_final_seeds(fake_splits
         assert all(r["run"]["lr_search_centre"] == ld.default_lr("lora", "classification") for r in arms[arm])
         assert not any("lr_search_min_gain" in r["run"] for r in arms[arm])  # rule 2's runs keep their identity
     # the first rule's arms are never run again (only looked up): their identity has neither
-    assert set(ld.RUN_ARMS) == {"auto", "auto_long", "auto_x3", "auto_local", "auto_gain"} and "auto_rule1" not in arms
+    assert set(ld.RUN_ARMS) == {"auto", "auto_long", "auto_x3", "auto_local", "auto_gain", "auto_cap"} and "auto_rule1" not in arms
     assert "auto_gain" not in arms and not any(r["seed"] in ld.FRESH_SEEDS for r in sweep.asked)
     assert not any("lr_search_rule" not in r and r["lr"] == "auto" for r in sweep.asked)
     rule1 = ld.run_of(tasks[0], "loft", "auto", 20, "test", 0.25, rule=1)
@@ -254,6 +254,20 @@ def test_finals_run_default_grid_and_auto_on_test_at_the_final_seeds(fake_splits
     assert [r["run"]["seed"] for r in gain["default_fresh"]] == list(ld.FRESH_SEEDS)
     # 2 tasks x (3 searched runs + the default's 3 + the grid's 3 where they differ: trec's)
     assert len(sweep.asked) == 2 * 3 + 2 * 3 + 3
+    # auto_cap (pre-registered after auto_gain's runs): rule 3 and the cap, at seeds of its own, with its own arms
+    sweep.asked = []
+    finals = ld.final(sweep, tuned, tasks, ["lora"], arms=["auto_cap"])
+    assert {r["seed"] for r in sweep.asked} == set(ld.CAP_SEEDS) and not set(ld.CAP_SEEDS) & {
+        *ld.FINAL_SEEDS, *ld.TUNE_SEEDS, *ld.FRESH_SEEDS}
+    cap = finals[("trec", "lora")]
+    assert {"auto_cap", "default_cap", "grid_cap"} <= set(cap) and ld.AUTO_ARMS["auto_cap"].comparators == (
+        "default_cap", "grid_cap")
+    assert all(r["run"]["lr_search_rule"] == 4 and r["run"]["lr_search_cap"] is True and r["run"]["lr_search_min_gain"]
+               == ld.GAIN and r["run"]["lr_search_points"] == 3 and r["run"]["lr_search_budget"] == 3.0
+               for r in cap["auto_cap"])
+    assert [r["run"]["seed"] for r in cap["grid_cap"]] == list(ld.CAP_SEEDS)
+    assert len(sweep.asked) == 2 * 3 + 2 * 3 + 3
+    assert not any("lr_search_cap" in r["run"] for arm in ("auto_gain", "auto_local") for r in gain.get(arm, []))
 
 
 def test_plan_counts_runs_and_time_from_committed_seconds(fake_splits, tmp_path, monkeypatch):
@@ -482,15 +496,36 @@ def test_rule_3_read_off_recorded_searches_decides_them_again_without_a_run(fake
     search = {"lr": 8e-4, "default_lr": 4e-4, "lrs": [2e-4, 4e-4, 8e-4], "run_steps": 100, "budget": 3.0, "floor": 0.55}
     searched = {"run": ld.run_of(task, "loft", "auto", 20, "test", 3.0, 2, 3), "lr": 8e-4, "eval_accuracy": 0.496,
                 "lr_search": search, "lr_search_trials": trials}
-    assert ld.rule3_choice(searched) == 4e-4 and ld.rule3_choice(searched, min_gain=0.004) == 8e-4
-    assert ld.rule3_choice({**searched, "lr_search_trials": None}) is None  # an older record without its trials
+    assert ld.rule_choice(searched) == 4e-4 and ld.rule_choice(searched, min_gain=0.004) == 8e-4
+    assert ld.rule_choice({**searched, "lr_search_trials": None}) is None  # an older record without its trials
     at_default = {"run": ld.run_of(task, "loft", 4e-4, 20, "test"), "eval_accuracy": 0.818}
     grid = [{"eval_accuracy": 0.81}]
     results = {ld._sweep.key(at_default["run"]): at_default}
-    text = "\n".join(ld.gain_rule_read({("movie_sentiment", "loft"): {"auto_local": [searched], "grid": grid}}, results))
+    text = "\n".join(ld.rule_read({("movie_sentiment", "loft"): {"auto_local": [searched], "grid": grid}}, results))
     assert "| movie_sentiment | loft | 0.0008 -> 0.0004 (0.818) | 0.496 | 0.818 | 0.810 | +0.008 |" in text
-    assert "no run at that rate" in "\n".join(ld.gain_rule_read(
+    assert "no run at that rate" in "\n".join(ld.rule_read(
         {("movie_sentiment", "loft"): {"auto_local": [searched], "grid": grid}}, {}))
+
+
+def test_rule_4_read_off_a_search_whose_default_collapsed_takes_the_rate_below_it(fake_splits):
+    task = ld.task_named("movie_sentiment")
+    # auto_gain's seed 23: the default's 42-step trial fell to 0.49 while half of it reached 0.716
+    trials = [{"rung": 0, "lr": 2e-4, "steps": 42, "metric": 0.716, "loss": 0.61},
+              {"rung": 0, "lr": 4e-4, "steps": 42, "metric": 0.49, "loss": 0.69},
+              {"rung": 0, "lr": 8e-4, "steps": 42, "metric": 0.69, "loss": 0.60},
+              {"rung": 1, "lr": 2e-4, "steps": 84, "metric": 0.776, "loss": 0.49},
+              {"rung": 1, "lr": 8e-4, "steps": 84, "metric": 0.792, "loss": 0.46}]
+    search = {"lr": 8e-4, "default_lr": 4e-4, "lrs": [2e-4, 4e-4, 8e-4], "run_steps": 100, "budget": 3.0, "floor": 0.555}
+    searched = {"run": ld.run_of(task, "loft", "auto", 23, "test", 3.0, 3, 3, ld.GAIN), "lr": 8e-4,
+                "eval_accuracy": 0.496, "lr_search": search, "lr_search_trials": trials}
+    assert ld.rule_choice(searched) == 8e-4 and ld.rule_choice(searched, cap=True) == 2e-4
+    at_half = {"run": ld.run_of(task, "loft", 2e-4, 23, "test"), "eval_accuracy": 0.80}
+    arms = {"auto_gain": [searched], "grid_fresh": [{"eval_accuracy": 0.79}], "grid": [{"eval_accuracy": 0.5}]}
+    text = "\n".join(ld.rule_read({("movie_sentiment", "loft"): arms}, {ld._sweep.key(at_half["run"]): at_half},
+                                  "auto_gain", 4))
+    assert "### Rule 4 read off the `auto_gain` searches" in text and "`auto_cap` tests it at fresh seeds (26, 27, 28)" in text
+    # against the grid arm at the searches' own seeds (grid_fresh), not the final seeds' grid
+    assert "| movie_sentiment | loft | 0.0008 -> 0.0002 (0.800) | 0.496 | 0.800 | 0.790 | +0.010 |" in text
 
 
 def test_each_tasks_chance_is_pinned_to_the_count_on_its_validation_split(tmp_path):

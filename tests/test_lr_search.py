@@ -277,6 +277,62 @@ def test_rule_3_moves_from_the_default_only_on_a_gain_of_min_gain_in_the_last_ru
         loft.find_lr(Local(scores), min_gain=-0.01, **lora)
 
 
+class ByRung:
+    """Trials scored ``scores[(rate, steps)]`` (each rung its own), a loss that falls with the rate."""
+
+    def __init__(self, scores: dict[tuple[float, int], float]) -> None:
+        self.scores = scores
+
+    def __call__(self, lr: float, steps: int) -> dict[str, float]:
+        return {"metric": self.scores[(lr, steps)], "loss": 0.5 - 0.01 * lr_search.lattice_index(lr)}
+
+
+def test_rule_4_never_chooses_a_rate_at_or_above_one_whose_trial_collapsed():
+    floor = lr_search.Floor(0.5, 0.045, "always the majority answer")
+    search = dict(default_lr=4e-4, run_steps=100, budget=3.0, points=3, floor=floor)  # trials of 42, then 84 steps
+    # LoFT's seed 23 on movie sentiment (auto_gain): the default's 42-step trial collapsed (0.49) while half of it
+    # learned (0.716); twice it went on to win the last rung, and its run collapsed
+    seed23 = ByRung({(2e-4, 42): 0.716, (4e-4, 42): 0.49, (8e-4, 42): 0.69, (2e-4, 84): 0.80, (8e-4, 84): 0.82})
+    for gain in (0.0, 0.01):  # rules 2 and 3 take twice the default (under rule 3 the default left no trial to beat)
+        assert loft.find_lr(seed23, min_gain=gain, **search).lr == 8e-4
+    capped = loft.find_lr(seed23, cap=True, **search)
+    assert capped.cap_lr == 4e-4 and capped.best.lr == 2e-4 and capped.lr == 2e-4 and not capped.kept_default
+    assert capped.rule == lr_search.CAP_RULE == 4
+    record = capped.as_dict()
+    assert record["rule"] == 4 and record["cap"] is True and record["cap_lr"] == 4e-4 and record["lr"] == 2e-4
+    back = lr_search.LRSearch.from_dict(json.loads(json.dumps(record)))
+    assert back.cap and back.cap_lr == 4e-4 and back.lr == 2e-4
+    assert loft.find_lr(seed23, cap=True, min_gain=0.01, **search).lr == 2e-4  # the default is capped: no gain asked
+    # a low rate still at chance is slow, not collapsed: nothing is capped
+    slow = loft.find_lr(ByRung({(2e-4, 42): 0.50, (4e-4, 42): 0.70, (8e-4, 42): 0.72, (4e-4, 84): 0.80,
+                                (8e-4, 84): 0.82}), cap=True, **search)
+    assert slow.cap_lr is None and slow.lr == 8e-4
+    # a collapse in the first rung caps the rates above it that went on to win (7 rates, 1-2-4... step trials)
+    wide = dict(search, budget=0.25, points=7)
+    plan = lr_search.plan_search(4e-4, 100, 0.25, 7)
+    scores = {(lr, r.steps): 0.6 + 0.01 * i for i, lr in enumerate(plan.lrs) for r in plan.rungs}
+    scores[(1.6e-3, plan.rungs[0].steps)] = 0.3  # collapsed; 3.2e-3 above it scores best in every rung
+    assert loft.find_lr(ByRung(scores), **wide).lr == 3.2e-3
+    capped = loft.find_lr(ByRung(scores), cap=True, **wide)
+    assert capped.cap_lr == 1.6e-3 and capped.lr == 8e-4  # the best of the last rung below the cap
+    with pytest.raises(ValueError, match="cap needs a floor"):
+        loft.find_lr(seed23, cap=True, **dict(search, floor=None))
+
+
+def test_under_rule_4_a_search_that_keeps_its_capped_default_keeps_the_rate_below_the_cap():
+    floor = lr_search.Floor(0.5, 0.045, "always the majority answer")
+    plan = lr_search.plan_search(4e-4, 100, 3.0, 3)
+    trials = [lr_search.Trial(0, 2e-4, 42, 0.70, 0.5), lr_search.Trial(0, 4e-4, 42, 0.49, 0.6),
+              lr_search.Trial(0, 8e-4, 42, 0.60, 0.6),
+              lr_search.Trial(1, 2e-4, 84, 0.50, 0.5), lr_search.Trial(1, 8e-4, 84, 0.70, 0.4)]
+    search = lr_search.LRSearch(plan, trials, floor, cap=True)
+    # below the cap, the last rung's best (2e-4) is not above the floor: kept, but the default is capped
+    assert search.cap_lr == 4e-4 and search.best.lr == 2e-4 and search.kept_because == "floor"
+    assert search.fallback_lr == 2e-4 and search.lr == 2e-4
+    assert lr_search.LRSearch(plan, trials, floor).lr == 8e-4  # rule 2: twice the default, which beat the floor
+    assert lr_search.LRSearch(plan, trials[:3], floor, cap=True).lr is None  # incomplete: no choice yet
+
+
 def test_a_finished_search_resumed_with_a_gain_decides_again_without_training():
     floor = lr_search.Floor(0.5, 0.045, "always the majority answer")
     search = dict(default_lr=4e-4, run_steps=100, budget=3.0, points=3, floor=floor)

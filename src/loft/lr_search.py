@@ -32,6 +32,12 @@ The search (:func:`plan_search`):
   trial of each rate, at one seed, on a validation split of a few hundred examples, cannot tell
   smaller differences from noise, and a higher rate that wins its trial may still be unstable at
   another seed. Off (0) by default.
+* **the cap** (optional, ``cap``, rule 4; needs a floor): a trial *collapsed* when it scores at
+  or below the floor although a lower rate's trial in the same rung scores above it (a rate too
+  high for the run, as opposed to one too low to have learned yet). No rate at or above the
+  lowest collapsed rate is chosen: the choice is the best trial below it in the last rung, or in
+  the latest rung that has one; where the search keeps the default and the default is itself at
+  or above the cap, it keeps the rate just below the cap instead. Off by default.
 
 Finished trials can be handed back (``done``: an :class:`LRSearch`, e.g. from
 :meth:`LRSearch.from_dict` of a saved record) so that an interrupted search continues where it
@@ -49,6 +55,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
+    "CAP_RULE",
     "Floor",
     "GAIN_RULE",
     "LRSearch",
@@ -68,10 +75,12 @@ __all__ = [
 METHOD = "successive halving over the lattice 1e-4 * 2**k"
 #: how the trials become a choice (in every record: records of an earlier rule chose differently). Rule 1
 #: was the best trial of the last rung, whatever it scored; rule 2 adds the floor; rule 3 (a search with a
-#: ``min_gain``, :data:`GAIN_RULE`) adds the gain a move away from the default must show. A search's own
-#: rule is :attr:`LRSearch.rule`; this is the rule of a search without ``min_gain``, ``--lr auto``'s.
+#: ``min_gain``, :data:`GAIN_RULE`) adds the gain a move away from the default must show; rule 4 (a search
+#: with ``cap``, :data:`CAP_RULE`) adds the cap, with or without the gain. A search's own rule is
+#: :attr:`LRSearch.rule`; this is the rule of a search without ``min_gain`` or ``cap``, ``--lr auto``'s.
 RULE = 2
 GAIN_RULE = 3
+CAP_RULE = 4
 #: the default number of lattice points (1/8 to 8 times the default rate)
 POINTS = 7
 #: the default budget: at most this fraction of the run's steps
@@ -257,17 +266,20 @@ class Floor:
 class LRSearch:
     """A search and its trials so far: :attr:`lr` is its choice once :attr:`complete`; ``floor``
     (optional) what its best trial must beat to be chosen; ``min_gain`` (0: off) how much a trial
-    must beat the default's in the last rung for its rate to be chosen instead (rule 3)."""
+    must beat the default's in the last rung for its rate to be chosen instead (rule 3); ``cap``
+    whether rates at or above a collapsed trial's are never chosen (rule 4, :attr:`cap_lr`)."""
 
     plan: SearchPlan
     trials: list[Trial] = field(default_factory=list)
     floor: Floor | None = None
     min_gain: float = 0.0
+    cap: bool = False
 
     @property
     def rule(self) -> int:
-        """The rule the choice follows: :data:`GAIN_RULE` with a ``min_gain``, else :data:`RULE`."""
-        return GAIN_RULE if self.min_gain > 0 else RULE
+        """The rule the choice follows: :data:`CAP_RULE` with ``cap``, :data:`GAIN_RULE` with a
+        ``min_gain``, else :data:`RULE`."""
+        return CAP_RULE if self.cap else GAIN_RULE if self.min_gain > 0 else RULE
 
     def rank_key(self, trial: Trial) -> tuple:
         """Higher is better: the metric (non-finite last), ties by the lower loss (non-finite
@@ -295,12 +307,40 @@ class LRSearch:
         last = len(self.plan.rungs) - 1
         return len(self.rung_trials(last)) == self.plan.rungs[last].trials
 
+    def _above_floor(self, trial: Trial) -> bool:
+        return self.floor is not None and _finite(trial.metric) and trial.metric > self.floor.threshold
+
+    @property
+    def cap_lr(self) -> float | None:
+        """With ``cap``: the lowest rate whose trial collapsed (scored at or below the floor while a
+        lower rate's trial of its rung scored above it), in any rung so far; else ``None``."""
+        if not self.cap or self.floor is None:
+            return None
+        collapsed = [t.lr for i in range(len(self.plan.rungs)) for t in self.rung_trials(i) if not self._above_floor(t)
+                     and any(u.lr < t.lr and self._above_floor(u) for u in self.rung_trials(i))]
+        return min(collapsed, default=None)
+
     @property
     def best(self) -> Trial | None:
-        """The chosen trial: the best of the last rung (``None`` until the search is complete)."""
+        """The chosen trial: the best of the last rung (``None`` until the search is complete);
+        under a cap (:attr:`cap_lr`), the best below it of the latest rung that has one."""
         if not self.complete:
             return None
-        return max(self.rung_trials(len(self.plan.rungs) - 1), key=self.rank_key)
+        cap = self.cap_lr
+        for i in reversed(range(len(self.plan.rungs))):
+            allowed = [t for t in self.rung_trials(i) if cap is None or t.lr < cap]
+            if allowed:
+                return max(allowed, key=self.rank_key)
+        return None  # unreachable: a cap needs a lower rate's trial in its rung
+
+    @property
+    def fallback_lr(self) -> float:
+        """The rate a search keeps instead of choosing: the default, or under a cap at or below it
+        the lattice rate just below the cap."""
+        cap = self.cap_lr
+        if cap is None or self.plan.default_lr < cap:
+            return self.plan.default_lr
+        return lattice(lattice_index(cap) - 1)
 
     @property
     def kept_because(self) -> str | None:
@@ -315,8 +355,9 @@ class LRSearch:
             return "floor"
         if self.min_gain > 0:
             centre = lattice_index(self.plan.default_lr)
-            last = self.rung_trials(len(self.plan.rungs) - 1)
-            at_default = [t for t in last if lattice_index(t.lr) == centre and _finite(t.metric)]
+            at_default = [t for t in self.rung_trials(best.rung) if lattice_index(t.lr) == centre and _finite(t.metric)]
+            if self.cap_lr is not None and self.plan.default_lr >= self.cap_lr:
+                at_default = []  # the default is capped: no gain over it is asked
             gain = best.metric - at_default[0].metric if at_default else math.inf
             if lattice_index(best.lr) != centre and gain < self.min_gain - 1e-9:  # a gain of exactly min_gain moves
                 return "gain"
@@ -333,11 +374,11 @@ class LRSearch:
     @property
     def lr(self) -> float | None:
         """The chosen learning rate (``None`` until the search is complete): the best trial's, or
-        the plan's default where :attr:`kept_default`."""
+        where :attr:`kept_default` the plan's default (:attr:`fallback_lr` under a cap at or below it)."""
         best = self.best
         if best is None:
             return None
-        return self.plan.default_lr if self.kept_default else best.lr
+        return self.fallback_lr if self.kept_default else best.lr
 
     @property
     def scored_by(self) -> str:
@@ -355,6 +396,7 @@ class LRSearch:
                 "trials": [t.as_dict() for t in self.trials],
                 "complete": self.complete, "lr": self.lr, "best_lr": None if best is None else best.lr,
                 "kept_default": self.kept_default, "kept_because": self.kept_because, "min_gain": self.min_gain,
+                "cap": self.cap, "cap_lr": self.cap_lr,
                 "floor": None if self.floor is None else self.floor.as_dict(),
                 "scored_by": self.scored_by, "seconds": round(sum(t.seconds or 0.0 for t in self.trials), 1)}
 
@@ -371,9 +413,10 @@ class LRSearch:
                       for t in record["trials"]]
             floor = None if record.get("floor") is None else Floor.from_dict(record["floor"])
             min_gain = float(record.get("min_gain") or 0.0)
+            cap = bool(record.get("cap", False))
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"not a learning-rate search record ({type(e).__name__}: {e})") from None
-        return cls(plan, trials, floor, min_gain)
+        return cls(plan, trials, floor, min_gain, cap)
 
 
 def _score(result: Any, lr: float, steps: int) -> tuple[float | None, float]:
@@ -396,6 +439,7 @@ def find_lr(
     on_trial: Callable[[LRSearch], None] | None = None,
     floor: Floor | None = None,
     min_gain: float = 0.0,
+    cap: bool = False,
 ) -> LRSearch:
     """Search a learning rate by successive halving (the module's docstring): returns the
     :class:`LRSearch`, whose ``lr`` is the choice and whose ``as_dict()`` is its record.
@@ -408,15 +452,18 @@ def find_lr(
     metric must beat to be chosen (:class:`Floor`); below it the search keeps ``default_lr``.
     ``min_gain`` (rule 3; 0: off): how much the best trial of the last rung must beat the trial
     of the default's lattice point there, when both ran, for its rate to be chosen; else the
-    search keeps ``default_lr``. ``done``'s trials are reused whatever its floor and gain were:
-    they decide, they train nothing."""
+    search keeps ``default_lr``. ``cap`` (rule 4; needs ``floor``): never choose a rate at or
+    above the lowest one whose trial collapsed (:attr:`LRSearch.cap_lr`). ``done``'s trials are
+    reused whatever its floor, gain and cap were: they decide, they train nothing."""
     if not (min_gain >= 0 and math.isfinite(min_gain)):
         raise ValueError(f"min_gain must be >= 0 and finite, got {min_gain!r}")
     plan = plan_search(default_lr, run_steps, budget, points)
     if done is not None and done.plan != plan:
         raise ValueError(f"the saved search was planned differently ({done.plan.describe()}) from this one "
                          f"({plan.describe()}); start a new record")
-    search = LRSearch(plan, [], floor, min_gain)
+    if cap and floor is None:
+        raise ValueError("cap needs a floor: a collapse is a trial at or below the floor")
+    search = LRSearch(plan, [], floor, min_gain, cap)
     earlier = {(t.rung, t.lr, t.steps): t for t in (done.trials if done is not None else [])}
     for i, rung in enumerate(plan.rungs):
         rates = search.rates_of(i)

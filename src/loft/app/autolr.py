@@ -121,7 +121,7 @@ def summary(search: core.LRSearch, validation: dict[str, Any]) -> dict[str, Any]
     """The search in ``metrics.json`` (``lr_search``): the choice and its cost (details in lr_search.json)."""
     best = search.best
     return {"lr": search.lr, "rule": search.rule, "kept_default": search.kept_default,
-            "kept_because": search.kept_because, "min_gain": search.min_gain,
+            "kept_because": search.kept_because, "min_gain": search.min_gain, "cap_lr": search.cap_lr,
             "best_lr": best.lr if best else None,
             "floor": None if search.floor is None else search.floor.threshold,
             "default_lr": search.plan.default_lr, "lrs": search.plan.lrs,
@@ -213,7 +213,7 @@ def search_lr(cfg: FinetuneConfig, plan: core.SearchPlan, *, out: Path, kind: st
     try:
         search = core.find_lr(train_and_score, default_lr=plan.default_lr, run_steps=plan.run_steps,
                               budget=plan.budget, points=len(plan.indices), done=done, on_trial=keep, floor=floor,
-                              min_gain=cfg.lr_search_min_gain)
+                              min_gain=cfg.lr_search_min_gain, cap=cfg.lr_search_cap and floor is not None)
     finally:
         bar.close()
     if main:
@@ -226,7 +226,8 @@ def _announcement(cfg: FinetuneConfig, plan: core.SearchPlan, validation: dict[s
                   done: core.LRSearch | None, floor: core.Floor | None) -> str:
     """The line printed before the search: what it runs and costs (or that it is already done)."""
     if done is not None and done.complete:
-        done = dataclasses.replace(done, floor=floor, min_gain=cfg.lr_search_min_gain)
+        done = dataclasses.replace(done, floor=floor, min_gain=cfg.lr_search_min_gain,
+                                   cap=cfg.lr_search_cap and floor is not None)
         return f"Learning rate {done.lr:g}: the search an earlier attempt of this run finished ({LR_SEARCH_FILE})."
     trusted = ("" if floor is None else
                f" A choice must score above {floor.threshold:.3f} ({floor.what}: {floor.metric:.3f}, plus "
@@ -234,6 +235,9 @@ def _announcement(cfg: FinetuneConfig, plan: core.SearchPlan, validation: dict[s
     if cfg.lr_search_min_gain:
         trusted += (f" A rate other than the default's must beat the default's trial in the last rung by at least "
                     f"{cfg.lr_search_min_gain:g}, or the default is kept.")
+    if cfg.lr_search_cap and floor is not None:
+        trusted += (" No rate is chosen at or above one whose trial falls to the floor while a lower rate's "
+                    "learned (a collapse).")
     return (f"Learning-rate search (--lr auto, {cfg.method}): {plan.describe()}; {plan.trials} evaluations on "
             f"{validation['examples']} validation examples carved from the {validation['of']} training examples."
             + trusted
@@ -274,13 +278,22 @@ def _choice_line(search: core.LRSearch) -> str:
     best = search.best
     score = (f"validation accuracy {best.metric:.4f}, " if best.metric is not None else "") + f"loss {best.loss:.4f}"
     cost = f"{len(search.trials)} trials, {search.steps_done} steps, {search.as_dict()['seconds']:.0f} s"
+    capped = ("" if search.cap_lr is None else
+              f" Rates from {search.cap_lr:g} up were not chosen: that rate's trial collapsed to the floor while a lower "
+              "rate's learned.")
+    return _choice_without_cap(search, score, cost) + capped
+
+
+def _choice_without_cap(search: core.LRSearch, score: str, cost: str) -> str:
+    best = search.best
+    kept = "the default" if search.lr == search.plan.default_lr else "the rate below the cap, the default's capped"
     if search.kept_because == "gain":
-        return (f"Learning rate {search.lr:g} (the default) kept: the best trial, {best.lr:g} ({score} at {best.steps} "
+        return (f"Learning rate {search.lr:g} ({kept}) kept: the best trial, {best.lr:g} ({score} at {best.steps} "
                 f"steps), beat the default's by less than {search.min_gain:g} ({cost}). {LR_SEARCH_FILE}, "
                 f"{LR_SEARCH_PLOT}.")
     if search.kept_default:
         floor = search.floor
-        return (f"Learning rate {search.lr:g} (the default) kept: no trial scored above {floor.threshold:.3f} "
+        return (f"Learning rate {search.lr:g} ({kept}) kept: no trial scored above {floor.threshold:.3f} "
                 f"({floor.what}, plus noise); the best, {best.lr:g}, reached {score} at {best.steps} steps, so "
                 f"the trials were too short to tell the rates apart ({cost}). A larger --lr-search-budget gives "
                 f"longer trials, but on the tasks measured their choices leaned too high (docs/workflow.md); or give "

@@ -267,6 +267,7 @@ class FinetuneConfig:
     eval_before: bool = True
     lr_search_points: int = 7  # --lr auto: lattice rates searched (7: 1/8 to 8 times the default)
     lr_search_min_gain: float = 0.0  # --lr auto: rule 3's gain a move from the default must show (0: off)
+    lr_search_cap: bool = False  # --lr auto: rule 4's cap (no rate at or above a collapsed trial's; needs a floor)
     lr_trial: bool = False  # a trial of a learning-rate search: no checkpoints, no result files
 
     def check(self, processes: int = 1) -> None:
@@ -344,7 +345,7 @@ class FinetuneConfig:
         d = dataclasses.asdict(self)
         for key in ("output_dir", "save_steps", "logging_steps"):
             d.pop(key)
-        for key in ("load_in_4bit", "load_in_8bit", "lr_trial"):  # absent (False) in runs made before these options
+        for key in ("load_in_4bit", "load_in_8bit", "lr_trial", "lr_search_cap"):  # absent (False) in earlier runs
             if not d[key]:
                 d.pop(key)
         if self.lr != AUTO_LR:  # the search's settings matter only to a search
@@ -403,7 +404,7 @@ def check_fsdp(fsdp: bool, method: str, processes: int, quantization: str | None
 
 #: FinetuneConfig fields that are deliberately not command-line options (set from Python).
 NOT_OPTIONS = ("alpha", "warmup_ratio", "weight_decay", "max_grad_norm", "grad_accum", "save_steps", "logging_steps",
-               "eval_before", "lr_search_points", "lr_search_min_gain", "lr_trial")
+               "eval_before", "lr_search_points", "lr_search_min_gain", "lr_search_cap", "lr_trial")
 
 
 def option_fields(cls: type) -> list[tuple[dataclasses.Field, OptionSpec]]:

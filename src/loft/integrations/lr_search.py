@@ -132,6 +132,7 @@ def find_lr_with_trainer(
     progress: bool = True,
     label_key: str | None = None,
     min_gain: float = 0.0,
+    cap: bool = False,
     **trainer_kwargs: Any,
 ) -> LRSearch:
     """Search the learning rate of the Trainer run ``args`` describes (:func:`loft.find_lr`).
@@ -154,7 +155,9 @@ def find_lr_with_trainer(
     the validation split's most frequent answer (:class:`loft.lr_search.Floor`); without it every
     search ends with its best trial, at chance or not. ``min_gain`` (0: off): a rate other than
     ``args.learning_rate``'s lattice point is chosen only when its last trial beats that point's by at
-    least this much of ``metric`` (rule 3 of :mod:`loft.lr_search`).
+    least this much of ``metric`` (rule 3 of :mod:`loft.lr_search`). ``cap`` (needs ``label_key``):
+    never choose a rate at or above one whose trial fell to the floor while a lower rate's learned
+    (rule 4).
 
     Returns the :class:`loft.lr_search.LRSearch`: ``.lr`` is the chosen rate (then train the run
     on the whole ``train_dataset`` with ``args.learning_rate = search.lr``), ``.as_dict()`` the record.
@@ -172,6 +175,8 @@ def find_lr_with_trainer(
     train_part, val_part = _subset(train_dataset, train_idx), _subset(train_dataset, val_idx)
     if label_key is not None and metric is None:
         raise ValueError("label_key sets a floor for the metric: pass metric (e.g. 'eval_accuracy') too")
+    if cap and label_key is None:
+        raise ValueError("cap tells a collapsed trial by the floor that label_key sets: pass label_key too")
     floor = _floor(val_part, label_key) if label_key is not None else None
     run_steps = _run_steps(args, len(train_dataset))
     path = Path(record) if record is not None else None
@@ -192,7 +197,7 @@ def find_lr_with_trainer(
 
     try:
         search = find_lr(train_and_score, default_lr=args.learning_rate, run_steps=run_steps, budget=budget,
-                         points=points, done=done, on_trial=save, floor=floor, min_gain=min_gain)
+                         points=points, done=done, on_trial=save, floor=floor, min_gain=min_gain, cap=cap)
     finally:
         bar.close()
     save(search)
