@@ -13,6 +13,7 @@ it, and calls two arms *equivalent* only when the 90% interval of their differen
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 from dataclasses import dataclass, replace
@@ -294,6 +295,48 @@ def _correctness(runs: Sequence[str | Sequence[int]]) -> Any:
     return np.stack(rows).astype(np.float64)
 
 
+#: replicates drawn at a time by :func:`_bootstrap_draws` (part of the random stream: changing it
+#: changes every bootstrap's draws)
+_BOOT_CHUNK = 1000
+
+
+@functools.lru_cache(maxsize=4)
+def _bootstrap_draws(n: int, s: int, n_boot: int, seed: int) -> tuple[Any, Any]:
+    """The random draws of :func:`paired_bootstrap` for ``n`` examples, ``s`` seeds, ``n_boot``
+    replicates and ``seed``: each replicate's count of every example (``(n_boot, n)``, multinomial
+    draws, float32) and the seeds it picks (``(n_boot, s)``), drawn :data:`_BOOT_CHUNK` replicates
+    at a time (the counts of a chunk, then its picks).
+
+    They depend on those four numbers only, never on the runs compared, so every bootstrap of a
+    report (the same examples, seeds and ``seed``) shares one set, drawn once per process: drawing
+    multinomials over thousands of examples is most of a bootstrap's time. Both arrays are
+    read-only; the counts are integers up to ``n``, exact in float32 for ``n < 2**24``."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    counts, picks = [], []
+    for start in range(0, n_boot, _BOOT_CHUNK):
+        k = min(_BOOT_CHUNK, n_boot - start)
+        counts.append(rng.multinomial(n, np.full(n, 1.0 / n), size=k).astype(np.float32))
+        picks.append(rng.integers(0, s, size=(k, s)))
+    out = np.concatenate(counts), np.concatenate(picks)
+    for array in out:
+        array.setflags(write=False)
+    return out
+
+
+def _drawn_sums(counts: Any, d: Any) -> Any:
+    """``counts @ d.T`` in float64 (``(replicates, seeds)``: each seed's summed difference on each
+    replicate's examples). Where ``d`` is a difference of 0/1 correctness (every entry -1, 0 or 1)
+    and ``n < 2**24``, every product and partial sum is an integer below ``2**24`` and float32
+    computes it exactly, in half the memory traffic; otherwise float64."""
+    import numpy as np
+
+    if d.shape[1] < 2**24 and np.isin(d, (-1.0, 0.0, 1.0)).all():
+        return (counts @ d.T.astype(np.float32)).astype(np.float64)
+    return counts.astype(np.float64) @ d.T
+
+
 def paired_bootstrap(a: Sequence[str | Sequence[int]], b: Sequence[str | Sequence[int]], n_boot: int = 10000,
                      seed: int = 0) -> Bootstrap:
     """Paired bootstrap of the accuracy difference ``a - b``, over seeds and eval examples.
@@ -316,14 +359,9 @@ def paired_bootstrap(a: Sequence[str | Sequence[int]], b: Sequence[str | Sequenc
         raise ValueError("paired_bootstrap() needs both arms scored on the same eval examples")
     d = ca - cb  # (seeds, examples)
     s, n = d.shape
-    rng = np.random.default_rng(seed)
-    reps = np.empty(n_boot)
-    for start in range(0, n_boot, 1000):
-        k = min(1000, n_boot - start)
-        weights = rng.multinomial(n, np.full(n, 1.0 / n), size=k).astype(np.float64)  # (k, examples)
-        per_seed = weights @ d.T / n  # (k, seeds): each seed's difference on the drawn examples
-        pick = rng.integers(0, s, size=(k, s))
-        reps[start:start + k] = np.take_along_axis(per_seed, pick, axis=1).mean(1)
+    counts, pick = _bootstrap_draws(n, s, n_boot, seed)
+    per_seed = _drawn_sums(counts, d) / n  # (replicates, seeds): each seed's difference on the drawn examples
+    reps = np.take_along_axis(per_seed, pick, axis=1).mean(1)
     diff = float(d.mean())
     lo, hi, lo90, hi90 = (float(q) for q in np.quantile(reps, [0.025, 0.975, 0.05, 0.95]))
     p = (1 + int(np.sum(np.abs(reps - diff) >= abs(diff)))) / (n_boot + 1)

@@ -75,14 +75,28 @@ def carve_validation(data: str, n_val: int, folder: Path, seed: int = 1234) -> t
     """Split built-in ``data``'s train file (or the file ``data``, a path relative to the repository
     whose test split is ``test.jsonl`` beside it) into ``folder/train.jsonl`` and ``folder/val.jsonl``
     (``n_val`` records, :func:`validation_split`); return (train, val, test) paths relative to the
-    repository root (:func:`split_paths`: the result files name them; a user's checkout lives elsewhere)."""
+    repository root (:func:`split_paths`: the result files name them; a user's checkout lives elsewhere).
+
+    A process carves each (source, ``n_val``, ``folder``, ``seed``) once while both files stay in
+    place: a benchmark names the splits in every run's settings, and each carving reads and
+    shuffles the whole training file."""
+    source = _sources(data)[0]
+    key = (str(source.resolve()), n_val, str(folder.resolve()), seed)
+    files = (folder / "train.jsonl", folder / "val.jsonl")
+    if key in _CARVED and all(path.is_file() for path in files):
+        return _CARVED[key]
     folder.mkdir(parents=True, exist_ok=True)
-    parts = validation_split(_sources(data)[0].read_text().splitlines(), n_val, seed)
-    for path, part in zip((folder / "train.jsonl", folder / "val.jsonl"), parts):
+    parts = validation_split(source.read_text().splitlines(), n_val, seed)
+    for path, part in zip(files, parts):
         text = "\n".join(part) + "\n"
         if not path.is_file() or path.read_text() != text:
             path.write_text(text)
-    return split_paths(data, folder)
+    _CARVED[key] = split_paths(data, folder)
+    return _CARVED[key]
+
+
+#: what :func:`carve_validation` has carved in this process, by its arguments
+_CARVED: dict[tuple[str, int, str, int], tuple[str, str, str]] = {}
 
 
 def load_results(path: Path) -> dict[str, dict[str, Any]]:

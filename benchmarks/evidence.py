@@ -397,11 +397,6 @@ def _finals_section(finals, protocol: Protocol) -> list[str]:  # noqa: ANN001
 
 def _stability_section(stab) -> list[str]:  # noqa: ANN001
     chance = majority_share(splits()[1])
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     lines = [f"## 3. Stability: collapse to chance per learning rate ({len(SEEDS)} seeds, validation)", "",
              f"A run collapses when its accuracy is at most the majority class ({chance:.3f}) + {COLLAPSE_MARGIN}. "
              "Cells: collapsed seeds / seeds (mean accuracy). Last column: the first rate, at or above the arm's best "
@@ -409,17 +404,27 @@ def _stability_section(stab) -> list[str]:  # noqa: ANN001
              "has not yet left chance).", "",
              "| arm | " + " | ".join(f"{lattice(k):g}" for k in STABILITY_GRID) + " | first collapse at or above the best rate |",
              "|---|" + "---|" * (len(STABILITY_GRID) + 1)]
-    fig, ax = plt.subplots(figsize=(7, 4.2))
     for arm, by_k in stab.items():
-        fracs = []
         cells = []
         for k in STABILITY_GRID:
             rs = by_k[k]
-            n = sum(collapsed(r, chance) for r in rs)
-            fracs.append(n / len(rs))
-            cells.append(f"{n}/{len(rs)} ({summarize(_accs(rs)).mean:.3f})")
+            cells.append(f"{sum(collapsed(r, chance) for r in rs)}/{len(rs)} ({summarize(_accs(rs)).mean:.3f})")
         first = first_collapse(by_k, chance)
         lines.append(f"| {_label(arm)} | " + " | ".join(cells) + f" | {'none' if first is None else f'{lattice(first):g}'} |")
+    return lines + ["", f"![stability](../figures/{FIGURE.name})", ""]
+
+
+def _stability_figure(stab) -> None:  # noqa: ANN001
+    """:data:`FIGURE`: the share of seeds collapsed per learning rate, one line per arm."""
+    chance = majority_share(splits()[1])
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for arm, by_k in stab.items():
+        fracs = [sum(collapsed(r, chance) for r in by_k[k]) / len(by_k[k]) for k in STABILITY_GRID]
         ax.plot([lattice(k) for k in STABILITY_GRID], fracs, marker="o", label=_label(arm),
                 ls="--" if arm[0] == "full" else "-")
     ax.set_xscale("log")
@@ -430,7 +435,6 @@ def _stability_section(stab) -> list[str]:  # noqa: ANN001
     fig.tight_layout()
     FIGURE.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(FIGURE, dpi=120)
-    return lines + ["", f"![stability](../figures/{FIGURE.name})", ""]
 
 
 def _default_section(decide, defaults) -> list[str]:  # noqa: ANN001
@@ -465,8 +469,9 @@ def _default_section(decide, defaults) -> list[str]:  # noqa: ANN001
     return lines
 
 
-def report(tuned, finals, stab, decide, defaults, protocol: Protocol = V1) -> None:  # noqa: ANN001 (the stage outputs)
-    """Write the protocol's report (``protocol.report``) from its results file only."""
+def page(tuned, finals, stab, decide, defaults, protocol: Protocol = V1) -> str:  # noqa: ANN001 (the stage outputs)
+    """The protocol's report (its Markdown) from the stage outputs (:func:`report_inputs`), which
+    come from its results file only; nothing is written."""
     seeds = protocol.final_seeds
     if protocol.bootstrap:
         about = (f"**Protocol {protocol.name}:** tuned at seeds {', '.join(map(str, protocol.tune_seeds))} (never a "
@@ -492,9 +497,29 @@ def report(tuned, finals, stab, decide, defaults, protocol: Protocol = V1) -> No
         lines += _stability_section(stab)
     if decide:
         lines += _default_section(decide, defaults)
+    return "\n".join(lines)
+
+
+def report(tuned, finals, stab, decide, defaults, protocol: Protocol = V1) -> None:  # noqa: ANN001 (the stage outputs)
+    """Write the protocol's report (``protocol.report``, :func:`page`) and, with stage 3's runs, its
+    figure (:data:`FIGURE`)."""
+    text = page(tuned, finals, stab, decide, defaults, protocol)
+    if stab:
+        _stability_figure(stab)
     protocol.report.parent.mkdir(parents=True, exist_ok=True)
-    protocol.report.write_text("\n".join(lines))
+    protocol.report.write_text(text)
     print(f"wrote {protocol.report.relative_to(ROOT)}")
+
+
+def report_inputs(sweep: Sweep, protocol: Protocol) -> tuple[dict, dict, dict, dict, dict]:
+    """What ``report`` reads from a dry ``sweep`` of the protocol's results file: the settled
+    tuning, the finals, and (v1 only) the stability, deciding and default runs."""
+    tuned = tune(sweep, True, protocol)
+    finals = final(sweep, tuned, True, protocol) if tuned else {}
+    stab = stability(sweep) if protocol is V1 else {}
+    decide = deciding(sweep) if protocol is V1 else {}
+    defaults = default_runs(sweep, lattice(choose_default(decide))) if decide else {}
+    return tuned, finals, stab, decide, defaults
 
 
 # ----------------------------------------------------------------------------- plan
@@ -586,12 +611,7 @@ def main() -> None:
                 print(f"protocol {protocol.name}: no results yet ({protocol.results.relative_to(ROOT)}), no report")
                 continue
             sweep = Sweep(protocol.results, args.jobs, args.threads, dry=True)
-            tuned = tune(sweep, True, protocol)
-            finals = final(sweep, tuned, True, protocol) if tuned else {}
-            stab = stability(sweep) if protocol is V1 else {}
-            decide = deciding(sweep) if protocol is V1 else {}
-            defaults = default_runs(sweep, lattice(choose_default(decide))) if decide else {}
-            report(tuned, finals, stab, decide, defaults, protocol)
+            report(*report_inputs(sweep, protocol), protocol)
         return
     protocol = V1 if args.stage in ("stability", "default") else PROTOCOLS[args.protocol or "v2"]
     sweep = Sweep(protocol.results, args.jobs, args.threads, dry=dry)

@@ -561,3 +561,27 @@ def test_the_stability_and_default_stages_refuse_protocol_v2(monkeypatch, capsys
         monkeypatch.setattr(sys, "argv", ["evidence.py", stage, "--protocol", "v2"])
         with pytest.raises(SystemExit, match=f"the {stage} stage is protocol v1's .*leave out --protocol"):
             evidence.main()
+
+
+def test_the_bootstrap_replicates_are_those_of_the_float64_reference():
+    """paired_bootstrap draws once per (examples, seeds, replicates, seed) and sums 0/1 differences
+    in float32: the same replicates, bit for bit, as drawing each time and summing in float64."""
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    a = ["".join(rng.choice(list("01"), 300)) for _ in range(3)]
+    b = ["".join(rng.choice(list("01"), 300)) for _ in range(3)]
+    d = _stats._correctness(a) - _stats._correctness(b)
+    draws = np.random.default_rng(7)
+    reference = []
+    for start in range(0, 2500, 1000):
+        k = min(1000, 2500 - start)
+        weights = draws.multinomial(300, np.full(300, 1 / 300), size=k).astype(np.float64)
+        pick = draws.integers(0, 3, size=(k, 3))
+        reference.append(np.take_along_axis(weights @ d.T / 300, pick, axis=1).mean(1))
+    counts, pick = _stats._bootstrap_draws(300, 3, 2500, 7)
+    fast = np.take_along_axis(_stats._drawn_sums(counts, d) / 300, pick, axis=1).mean(1)
+    assert np.array_equal(fast, np.concatenate(reference))
+    halves = d / 2  # not 0/1 differences: float64 throughout
+    assert np.array_equal(_stats._drawn_sums(counts, halves), counts.astype(np.float64) @ halves.T)
+    assert _stats.paired_bootstrap(a, b, n_boot=2500, seed=7) == _stats.paired_bootstrap(a, b, n_boot=2500, seed=7)
