@@ -913,6 +913,15 @@ def grid_lines(results: dict[str, dict[str, Any]], tuned: dict, tasks: list[Task
     return lines
 
 
+def _arms_by_task(arms: list[tuple[str, str]], methods: list[str]) -> str:
+    """``arms`` (task, method) grouped by task, in order: "trec (loft, lora), social_iqa (every method)"."""
+    by_task: dict[str, list[str]] = {}
+    for task, method in arms:
+        by_task.setdefault(task, []).append(method)
+    return ", ".join(f"{task} ({'every method' if len(ms) == len(methods) > 1 else ', '.join(ms)})"
+                     for task, ms in by_task.items())
+
+
 def progress(tuned: dict, moved: dict, finals: dict, tasks: list[Task], methods: list[str]) -> str | None:
     """A paragraph saying what has not run yet (``None`` once every stage is complete for ``tasks`` x ``methods``)."""
     arms = [(t.name, m) for t in tasks for m in methods]
@@ -923,14 +932,15 @@ def progress(tuned: dict, moved: dict, finals: dict, tasks: list[Task], methods:
     if not (unsettled or no_transfer or no_final):
         return None
     said = [f"tuning settled for {len(arms) - len(unsettled)} of {len(arms)} (task, method) arms"
-            + (f" (under way or not started: {', '.join(f'{a[0]} / {a[1]}' for a in unsettled)})" if unsettled else "")]
+            + (f" (under way or not started: {_arms_by_task(unsettled, methods)})" if unsettled else "")]
     if pairs:
         said.append(f"full fine-tuning's rate against LoFT's on {len(pairs) - len(no_transfer)} of {len(pairs)} tasks")
-    said.append(f"finals (test) complete for {len(arms) - len(no_final)} of {len(arms)} arms")
-    said[0] = said[0][0].upper() + said[0][1:]
-    return ("**In progress.** " + "; ".join(said) + f" (tasks {', '.join(t.name for t in tasks)}; methods "
-            f"{', '.join(methods)}). Every table below holds only what has settled, except the grids' table, which "
-            "shows each grid as it stands.")
+    final_done = [a for a in arms if a not in no_final]
+    said.append(f"finals (test) complete for {len(final_done)} of {len(arms)} arms"
+                + (f" ({_arms_by_task(final_done, methods)})" if final_done else ""))
+    return (f"**In progress** (tasks {', '.join(t.name for t in tasks)}; methods {', '.join(methods)}). "
+            + "; ".join(said)[0].upper() + "; ".join(said)[1:] + ". Every table below holds only what has settled, "
+            "except the grids' table, which shows each grid as it stands.")
 
 
 def main_job_lines(main: dict[float, list[dict[str, Any]]]) -> list[str]:

@@ -357,7 +357,8 @@ def test_a_report_written_while_tuning_runs_says_so_and_shows_the_grids_as_they_
     tuned = ld.tune(sweep, tasks, ["loft", "full"], partial=True)
     assert set(tuned) == {("movie_sentiment", "loft"), ("movie_sentiment", "full"), ("trec", "full")}
     text = ld.report(tuned, ld.transfer(sweep, tuned, tasks), {}, ["loft", "full"], sweep.results(), tasks)
-    assert "**In progress.** Tuning settled for 3 of 4 (task, method) arms (under way or not started: trec / loft)" in text
+    assert ("**In progress** (tasks movie_sentiment, trec; methods loft, full). Tuning settled for 3 of 4 (task, "
+            "method) arms (under way or not started: trec (loft))") in text
     assert "full fine-tuning's rate against LoFT's on 1 of 2 tasks; finals (test) complete for 0 of 4 arms" in text
     # classification's default for full fine-tuning has settled (both tasks), LoFT's not (trec's grid runs)
     measured = text.partition("### The defaults now")[0]
@@ -482,8 +483,11 @@ def test_the_report_says_where_every_default_comes_from():
     # a measurement the app did not take is shown beside the default it kept, with the reason
     lora = next(x for x in rows if x.startswith("| classification | lora |"))
     assert "| 0.002 | 0.0032 |" in lora and "not adopted" in lora
-    assert all(x.endswith("a copy of classification's: not measured on this family yet |") for x in rows
-               if x.startswith(("| multiple_choice", "| instruction")))
+    copies = [x for x in rows if x.startswith(("| multiple_choice", "| instruction"))
+              and not config.lr_measured(x.split(" | ")[1], x.split(" | ")[0][2:])]
+    assert copies and all(x.endswith("a copy of classification's: not measured on this family yet |") for x in copies)
+    measured = [x for x in rows if x.startswith("| instruction") and " | measured (benchmarks/lr_defaults.py)" in x]
+    assert [x.split(" | ")[1] for x in measured] == [m for m in ld.METHODS if config.lr_measured(m, "instruction")]
 
 
 def test_rule_3_read_off_recorded_searches_decides_them_again_without_a_run(fake_splits):
