@@ -352,16 +352,20 @@ def test_loft_trains_instruction_data_with_loftadamw(llama, data, tmp_path):
 
 
 def test_a_run_at_a_default_learning_rate_not_measured_on_its_family_says_so(capsys, llama, data, tmp_path):
+    from loft.app import config
+
     train, test = data["chat"]
-    for lr, said in ((None, True), (1e-3, False)):
-        cfg = FinetuneConfig(model=str(llama), data=str(train), eval_data=str(test), max_steps=1, batch_size=4,
-                             lr=lr, output_dir=str(tmp_path / f"run-{lr}"))
+    assert config.lr_measured("loft", "instruction")  # LoFT's instruction default is measured: no note for it
+    copied = next(m for m in ("lora", "dora", "pissa", "rslora") if not config.lr_measured(m, "instruction"))
+    for method, lr, said in ((copied, None, True), (copied, 1e-3, False), ("loft", None, False)):
+        cfg = FinetuneConfig(model=str(llama), data=str(train), eval_data=str(test), method=method, rank=2,
+                             max_steps=1, batch_size=4, lr=lr, output_dir=str(tmp_path / f"run-{method}-{lr}"))
         plan_run(cfg, overwrite=False, resume=False, status=RunStatus(cfg, progress=False))
         printed = capsys.readouterr().out
-        note = (f"Note: the default learning rate (loft {default_lr('loft', 'instruction'):g}) was measured on "
+        note = (f"Note: the default learning rate ({method} {default_lr(method, 'instruction'):g}) was measured on "
                 "classification tasks, not yet on instruction tasks")
-        assert (note in printed) == said, printed
-        assert ("--lr auto" in printed) == said
+        assert (note in printed) == said, (method, lr, printed)
+        assert ("--lr auto" in printed) == said, (method, lr, printed)
     assert default_lr_note("classification", ["loft"]) is None  # measured there: nothing to say
     assert "(full 0.0002) was measured on classification tasks, not yet on multiple choice tasks" in default_lr_note(
         "multiple_choice", ["full"])
@@ -389,12 +393,14 @@ def test_compare_runs_on_instruction_data(capsys, llama, data, tmp_path):
     from loft.app.compare import run_compare
 
     train, test = data["prompt_completion"]
-    result = run_compare(methods=["loft", "lora"], ranks=[2], full=False, lrs={"lora": 1e-3},
+    result = run_compare(methods=["loft", "dora"], ranks=[2], full=False, lrs={"loft": 1e-3},
                          output_dir=str(tmp_path / "cmp"), overwrite=False, resume=False, progress=False,
                          model=str(llama), data=str(train), eval_data=str(test), max_steps=2, batch_size=4)
-    # the note names the defaults taken (loft's), not a rate given (lora's)
-    assert "Note: the default learning rate (loft 0.0004) was measured on classification tasks" in capsys.readouterr().out
-    assert [(r["method"], r["rank"]) for r in result["rows"]] == [("loft", 2), ("lora", 2)]
+    # the note names the defaults taken (dora's, a copy of classification's), not a rate given (loft's)
+    printed = capsys.readouterr().out
+    assert f"Note: the default learning rate (dora {default_lr('dora', 'instruction'):g}) was measured on " in printed
+    assert "(loft " not in printed
+    assert [(r["method"], r["rank"]) for r in result["rows"]] == [("loft", 2), ("dora", 2)]
     assert all(r["eval_accuracy"] is not None and r["eval_perplexity"] > 1 for r in result["rows"])
     assert "eval_perplexity" in (tmp_path / "cmp" / "compare.csv").read_text().splitlines()[0]
     assert (tmp_path / "cmp" / "compare.png").is_file()

@@ -561,7 +561,8 @@ def test_the_committed_report_is_what_the_committed_results_render():
 def test_the_apps_measured_defaults_are_what_the_committed_results_measure():
     """Every default ``DEFAULT_LR_SOURCES`` calls measured is the family default the committed runs
     give; a measured peer's passed the peers' rule there (no tuning run at it or at twice it at
-    chance); and a measurement a source says was not adopted is the one the runs give."""
+    chance); what a source says of the runs at twice the measured rate, and of a task that did not
+    vote, is what they did; and a measurement a source says was not adopted is the one the runs give."""
     tuned = ld.tune(Sweep(ld.RESULTS, 1, 1, dry=True), list(ld.TASKS), list(ld.METHODS), partial=True)
     checked = set()
     for family, sources in config.DEFAULT_LR_SOURCES.items():
@@ -572,9 +573,15 @@ def test_the_apps_measured_defaults_are_what_the_committed_results_measure():
                 checked.add((family, method))
             if "adopted since every tuning run at it and at twice it" in source:
                 assert all(n == 0 for n, _ in measured["runs_at_chance"].values()), (family, method)
+            if "Social IQa's grid did not leave chance" in source:
+                assert measured["at_chance"] == ["social_iqa_sft"], (family, method)
+            twice = re.search(r"(\d+) of its (\d+) tuning runs at twice it", source)
+            if twice:  # what a source says of the runs one lattice point above the measurement
+                assert measured["runs_at_chance"][measured["k"] + 1] == tuple(map(int, twice.groups())), (family, method)
             kept = re.search(r"measurement's ([0-9.e-]+)", source)
             if kept:
                 assert measured["lr"] == pytest.approx(float(kept.group(1).rstrip("."))), (family, method)
                 assert "not adopted" in source
                 checked.add((family, method))
     assert {m for f, m in checked if f == "classification"} == set(ld.METHODS)  # every method there, today
+    assert ("instruction", "loft") in checked
