@@ -64,22 +64,24 @@ _CLASSIFICATION = {"loft": 4e-4, "lora": 2e-3, "dora": 2e-3, "loraplus": 2.5e-4,
 DEFAULT_LRS: dict[str, dict[str, float]] = {
     "classification": dict(_CLASSIFICATION),
     "multiple_choice": dict(_CLASSIFICATION),  # not measured on this family yet (copied from classification)
-    # LoFT's measured (the same rate as classification's); the others copied from classification
-    "instruction": dict(_CLASSIFICATION),
+    # LoFT's and LoRA's measured (LoFT's the same rate as classification's); the others copied from classification
+    "instruction": {**_CLASSIFICATION, "lora": 3.2e-3},
 }
 _MEASURED = ("measured (benchmarks/lr_defaults.py): the best mean validation accuracy over movie sentiment and TREC "
              "question types, 3 tuning seeds, 100 steps, rank 4")
 #: instruction data (SmolLM2-135M, answers of one word): Social IQa's grids stay at chance at 100 steps, so the two
 #: other tasks vote (the protocol's rule)
-_MEASURED_INSTRUCTION = ("measured (benchmarks/lr_defaults.py): the best mean validation accuracy over TREC question "
-                         "types and movie sentiment answered in one word (SmolLM2-135M; Social IQa's grid did not leave "
-                         "chance and does not vote), 3 tuning seeds, 100 steps, rank 4; as classification's, it keeps "
-                         "LoFT's own rule: 1 of its 6 tuning runs at twice it (8e-4) fell to chance, on movie "
-                         "sentiment")
+_INSTRUCTION = ("measured (benchmarks/lr_defaults.py): the best mean validation accuracy over TREC question types "
+                "and movie sentiment answered in one word (SmolLM2-135M; Social IQa's grid did not leave chance and "
+                "does not vote), 3 tuning seeds, 100 steps, rank 4")
+_MEASURED_INSTRUCTION = (_INSTRUCTION + "; as classification's, it keeps LoFT's own rule: 1 of its 6 tuning runs at "
+                         "twice it (8e-4) fell to chance, on movie sentiment")
 #: a peer's measured default is adopted when every tuning run at it and at the next lattice point up left chance
-#: (LoRA's and DoRA's measured 3.2e-3 were not: runs one point above them fell to chance)
+#: (on classification, LoRA's and DoRA's measured 3.2e-3 were not: runs one point above them fell to chance)
 _MEASURED_PEER = (_MEASURED + "; adopted since every tuning run at it and at twice it beat always giving the most "
                   "frequent answer (a margin of one lattice point to where the method fell to chance)")
+_MEASURED_INSTRUCTION_PEER = (_INSTRUCTION + "; adopted since every tuning run at it and at twice it beat always "
+                              "giving the most frequent answer")
 _APP_LRS = "movie sentiment alone, one seed, validation split (benchmarks/app_methods.py lrs, docs/results/app_lrs.md)"
 _COPY = "a copy of classification's: not measured on this family yet"
 #: Where each default of :data:`DEFAULT_LRS` comes from, by family and method (the table of
@@ -104,7 +106,8 @@ DEFAULT_LR_SOURCES: dict[str, dict[str, str]] = {
     },
     "multiple_choice": {m: _COPY for m in _CLASSIFICATION},
     "instruction": {**{m: _COPY for m in _CLASSIFICATION},
-                    "loft": _MEASURED_INSTRUCTION},  # the same rate as the copy, now measured
+                    "loft": _MEASURED_INSTRUCTION,  # the same rate as the copy, now measured
+                    "lora": _MEASURED_INSTRUCTION_PEER},
 }
 #: Classification's defaults (the default task), by method.
 DEFAULT_LR = DEFAULT_LRS["classification"]
