@@ -70,12 +70,12 @@ def llama_reference() -> dict[str, torch.Tensor]:
     return trainable(model)
 
 
-def bf16_reference(world: int) -> dict[str, torch.Tensor]:
+def bf16_reference(world: int, reduce_dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
     """One process running FSDP2's ``MixedPrecisionPolicy(param_dtype=torch.bfloat16)`` by hand:
     float32 parameters and LoFT state; each step, for each rank's rows, a bfloat16 copy of the
     model (inputs cast to bfloat16, as FSDP2 casts them) computes the gradient, and the ranks'
-    bfloat16 gradients are averaged and rounded to bfloat16 (the reduce-scatter in the policy's
-    reduce dtype, bfloat16) before the float32 step."""
+    bfloat16 gradients are averaged and rounded to ``reduce_dtype`` (the reduce-scatter in the
+    policy's reduce dtype, bfloat16 by default) before the float32 step."""
     model = build_model(torch.float32)
     opt, sched = make_optimizer(model)
     x, y = data(torch.float32)
@@ -91,7 +91,7 @@ def bf16_reference(world: int) -> dict[str, torch.Tensor]:
                 if p.grad is not None:
                     grads.setdefault(name, []).append(p.grad.float())
         for name, parts in grads.items():
-            params[name].grad = (sum(parts) / world).to(torch.bfloat16).float()
+            params[name].grad = (sum(parts) / world).to(reduce_dtype).float()
         opt.step()
         sched.step()
     return trainable(model)

@@ -58,16 +58,29 @@ def test_reshard_after_forward_false_equals_one_process(two, reference):
     assert_equals(two, "no_reshard", reference)
 
 
+#: how close a bf16 run must be to one process running its policy by hand (relative, per parameter)
+POLICY_TOL = 1e-5
+
+
 def test_bf16_mixed_precision_equals_one_process_running_the_same_policy(two, reference):
     """MixedPrecisionPolicy(param_dtype=torch.bfloat16): forward and backward in bfloat16 (gradients
     reduced in bfloat16, the policy's default), float32 shards and float32 LoFT state. Exact
-    equality with a float32 run is impossible; the run equals, bit for bit, one process that runs the
-    same policy by hand (setups_worker.bf16_reference: bfloat16 copies per rank's rows, gradients
-    averaged and rounded to bfloat16), and stays within bfloat16's rounding of the float64 run."""
+    equality with a float32 run is impossible; the run equals one process that runs the same policy
+    by hand (setups_worker.bf16_reference: bfloat16 copies per rank's rows, gradients averaged and
+    rounded to bfloat16) to float32 rounding, and stays within bfloat16's rounding of the float64 run.
+
+    Float32 rounding, not bit for bit: the two runs do the same float32 operations, but MKL's
+    AVX-512 GEMMs may round differently for operands at other addresses (its reproducibility
+    mode, ``MKL_CBWR=COMPATIBLE``, makes them bit-identical). Measured on such a CPU: 3.5e-7
+    relative at most, bit-identical on the CPUs before it. ``POLICY_TOL`` still tells the policy
+    from its neighbour: reducing the gradients in float32 instead of bfloat16 moves the result
+    8.5e-5 (checked below)."""
     from setups_worker import bf16_reference
 
     emulated = bf16_reference(world=2)
-    assert_equals(two, "bf16", emulated, tol=None)
+    assert_equals(two, "bf16", emulated, tol=POLICY_TOL)
+    float32_reduce = bf16_reference(world=2, reduce_dtype=torch.float32)
+    assert max(rel_err(float32_reduce[name], emulated[name]) for name in emulated) > POLICY_TOL
     for r in two:
         res = r["bf16"]
         assert res["dtypes"] == ["torch.float32"] and res["state_dtypes"] == ["torch.float32"]
