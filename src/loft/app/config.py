@@ -78,10 +78,9 @@ _MEASURED_INSTRUCTION = (_INSTRUCTION + "; as classification's, it keeps LoFT's 
                          "twice it (8e-4) fell to chance, on movie sentiment")
 #: a peer's measured default is adopted when every tuning run at it and at the next lattice point up left chance
 #: (on classification, LoRA's and DoRA's measured 3.2e-3 were not: runs one point above them fell to chance)
-_MEASURED_PEER = (_MEASURED + "; adopted since every tuning run at it and at twice it beat always giving the most "
-                  "frequent answer (a margin of one lattice point to where the method fell to chance)")
-_MEASURED_INSTRUCTION_PEER = (_INSTRUCTION + "; adopted since every tuning run at it and at twice it beat always "
-                              "giving the most frequent answer")
+_ADOPTED_PEER = "; adopted since every tuning run at it and at twice it beat always giving the most frequent answer"
+_MEASURED_PEER = _MEASURED + _ADOPTED_PEER + " (a margin of one lattice point to where the method fell to chance)"
+_MEASURED_INSTRUCTION_PEER = _INSTRUCTION + _ADOPTED_PEER
 _APP_LRS = "movie sentiment alone, one seed, validation split (benchmarks/app_methods.py lrs, docs/results/app_lrs.md)"
 _COPY = "a copy of classification's: not measured on this family yet"
 #: Where each default of :data:`DEFAULT_LRS` comes from, by family and method (the table of
