@@ -8,8 +8,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import re
 import random
+import re
+import statistics
 import sys
 from pathlib import Path
 
@@ -574,7 +575,8 @@ def test_the_apps_measured_defaults_are_what_the_committed_results_measure():
             if "adopted since every tuning run at it and at twice it" in source:
                 assert all(n == 0 for n, _ in measured["runs_at_chance"].values()), (family, method)
             if "Social IQa's grid did not leave chance" in source:
-                assert measured["at_chance"] == ["social_iqa_sft"], (family, method)
+                assert measured["at_chance"] == [t.name for t in ld.TASKS
+                                                 if t.family == family and t.name.startswith("social_iqa")], (family, method)
             twice = re.search(r"(\d+) of its (\d+) tuning runs at twice it", source)
             if twice:  # what a source says of the runs one lattice point above the measurement
                 assert measured["runs_at_chance"][measured["k"] + 1] == tuple(map(int, twice.groups())), (family, method)
@@ -584,4 +586,15 @@ def test_the_apps_measured_defaults_are_what_the_committed_results_measure():
                 assert "not adopted" in source
                 checked.add((family, method))
     assert {m for f, m in checked if f == "classification"} == set(ld.METHODS)  # every method there, today
-    assert ("instruction", "loft") in checked
+    assert {("instruction", "loft"), ("multiple_choice", "loft")} <= checked
+    # what LoFT's multiple-choice source says in numbers: the margin over classification's rate, and twice it
+    mc, source = ld.family_default(tuned, "multiple_choice", "loft"), config.DEFAULT_LR_SOURCES["multiple_choice"]["loft"]
+    margin = re.search(r"([0-9.]+) points above classification's ([0-9.e-]+) \(the mean over the two tasks\)", source)
+    assert ld.lattice(mc["k"] - 1) == float(margin.group(2)) == config.DEFAULT_LRS["classification"]["loft"]
+    below = statistics.fmean(ld.score(ld.point(tuned, (t, "loft"), mc["k"] - 1))[0] for t in ("trec_mc", "sentiment_mc"))
+    assert f"{100 * (mc['accuracy'] - below):.1f}" == margin.group(1)
+    assert mc["at_chance"] == ["social_iqa"] and mc["runs_at_chance"][mc["k"] + 1] is None
+    assert ld.lattice(mc["k"] + 1) == 1.6e-3 and "none of its 3 tuning runs at twice it (1.6e-3) on TREC fell" in source
+    assert ld.runs_at_chance(tuned, ["trec_mc"], "loft", mc["k"] + 1) == (0, 3)
+    assert "movie sentiment's grid did not run 1.6e-3" in source
+    assert ld.point(tuned, ("sentiment_mc", "loft"), mc["k"] + 1) is None
