@@ -632,6 +632,21 @@ def arms_of_final(tuned: dict, task: Task, method: str) -> dict[str, AutoArm | f
     return {**rates, **{f"{arm}{sfx}": lr for sfx in SEED_SETS if sfx for arm, lr in rates.items()}, **AUTO_ARMS}
 
 
+def with_family_grids(lookup: Sweep, tuned: dict, tasks: list[Task], methods: list[str]) -> dict:
+    """``tuned`` and the grids of the other tasks of ``tasks``' families that ``lookup`` (a dry
+    sweep: nothing runs) has settled: a stage narrowed by ``--tasks`` to part of a family still
+    reads the family's default (:func:`family_default`) off all of its tasks."""
+    families = {t.family for t in tasks}
+    others = [t for t in TASKS if t.family in families and t not in tasks]
+    return {**tune(lookup, others, methods, partial=True), **tuned}
+
+
+def unsettled_defaults(tuned: dict, tasks: list[Task], methods: list[str]) -> list[tuple[str, str]]:
+    """The ``(task, method)`` pairs of ``tasks`` x ``methods`` whose finals cannot run yet: their
+    family's default is not settled (:func:`arms_of_final` is ``None``)."""
+    return [(t.name, m) for t in tasks for m in methods if arms_of_final(tuned, t, m) is None]
+
+
 def final_runs(task: Task, method: str, arm: str, spec: AutoArm | float) -> list[dict[str, Any]]:
     """The runs of one arm of stage 3 (:func:`arms_of_final`), in seed order."""
     if isinstance(spec, AutoArm):
@@ -769,7 +784,7 @@ def plan_lines(sweep: Sweep, tasks: list[Task], methods: list[str]) -> list[str]
         sweep.missing = []
         transfer(sweep, tuned, tasks)
         sweep.missing = []
-        final(sweep, tuned, tasks, methods)
+        final(sweep, with_family_grids(sweep, tuned, tasks, methods), tasks, methods)
         finals = list(sweep.missing)
         moved = transfer_runs(tuned, tasks)
     else:  # rates unknown: the grids' centres stand in (default and grid the same run: 2 arms)
@@ -1289,6 +1304,10 @@ def main() -> None:
     if args.stage == "transfer":
         sweep.get(transfer_runs(tuned, tasks))
     elif args.stage == "final":
+        tuned = with_family_grids(Sweep(RESULTS, args.jobs, args.threads, dry=True), tuned, tasks, methods)
+        for task, method in unsettled_defaults(tuned, tasks, methods):
+            print(f"final: no runs for {task} with {method}: its family's default needs every task's grid settled "
+                  f"(run: tune --families {task_named(task).family} --methods {method})")
         final(sweep, tuned, tasks, methods, arms=arms)
     print(f"stage {args.stage} finished in {(time.perf_counter() - t0) / 60:.1f} min")
 

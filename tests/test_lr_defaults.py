@@ -425,6 +425,33 @@ def test_a_run_whose_identity_says_another_search_is_refused():
         ld._sweep.check_identity({"lr_search_rule": 2}, {"lr_search": None})
 
 
+def test_finals_narrowed_to_some_of_a_familys_tasks_read_its_default_off_every_task(fake_splits):
+    family = [t for t in ld.TASKS if t.family == "multiple_choice"]
+    picked = [ld.task_named("trec_mc")]
+    sweep = FakeSweep({("trec_mc", "loft"): ld.centre(picked[0], "loft") + 1})
+    tuned = ld.tune(sweep, picked, ["loft"])
+    # the picked task's grid alone cannot give the family's default: no final runs, and that is said
+    assert ld.unsettled_defaults(tuned, picked, ["loft"]) == [("trec_mc", "loft")]
+    sweep.asked = []
+    assert ld.final(sweep, tuned, picked, ["loft"]) == {} and sweep.asked == []
+    # the family's other grids, looked up (never run: a dry lookup of what is there), supply it
+    both = ld.with_family_grids(FakeSweep(), tuned, picked, ["loft"])
+    assert set(both) == {(t.name, "loft") for t in family} and both[("trec_mc", "loft")] is tuned[("trec_mc", "loft")]
+    assert ld.unsettled_defaults(both, picked, ["loft"]) == []
+    finals = ld.final(sweep, both, picked, ["loft"])
+    assert set(finals) == {("trec_mc", "loft")}  # only the picked task's finals run
+    assert {r["data"].split("/")[0] for r in sweep.asked} == {"trec_mc"}
+    default = ld.family_default(both, "multiple_choice", "loft")["lr"]
+    assert [r["run"]["lr"] for r in finals[("trec_mc", "loft")]["default"]] == [default] * 3
+    # a task of the family whose grid is not all there leaves the default unsettled
+    class Missing(FakeSweep):
+        def get(self, runs, partial=False):
+            got = super().get([r for r in runs if not r["data"].startswith("social_iqa/")])
+            return got if partial else None
+    assert ld.unsettled_defaults(ld.with_family_grids(Missing(), tuned, picked, ["loft"]), picked, ["loft"]) == [
+        ("trec_mc", "loft")]
+
+
 def test_tasks_narrow_a_stage_to_some_of_a_familys_tasks_and_an_unknown_one_is_refused():
     assert [t.name for t in ld.select_tasks(["instruction"], [])] == ["social_iqa_sft", "trec_sft", "sentiment_sft"]
     assert [t.name for t in ld.select_tasks(["instruction", "classification"], ["trec_sft", "trec"])] == [
