@@ -1244,7 +1244,9 @@ def render(sweep: Sweep, tasks: list[Task], methods: list[str]) -> str:
 
 def select_tasks(families: list[str], names: list[str]) -> list[Task]:
     """The tasks of ``families``, or of those only the ones ``names`` gives (in :data:`TASKS`'s order).
-    A stage on a part of a family runs that part of the protocol: a family default needs both tasks."""
+    A stage on a part of a family runs that part of the protocol; a family's default reads every one of
+    its tasks' grids, so ``final`` looks up the others' (:func:`with_family_grids`), and runs nothing for
+    a method until all of them have settled."""
     tasks = [t for t in TASKS if t.family in families]
     unknown = [n for n in names if n not in {t.name for t in tasks}]
     if unknown:
