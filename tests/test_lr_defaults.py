@@ -295,6 +295,34 @@ def test_plan_counts_runs_and_time_from_committed_seconds(fake_splits, tmp_path,
         ld.plan_lines(sweep, [ld.task_named("social_iqa")], ["loft"])
 
 
+def test_plan_counts_the_finals_of_the_arms_asked_for_once_tuning_has_settled(fake_splits, tmp_path, monkeypatch):
+    monkeypatch.setattr(ld, "committed_seconds", lambda: {("minilm-l6", "loft", False): {"step": 1.0, "example": 0.01}})
+    tasks = [ld.task_named("movie_sentiment"), ld.task_named("trec")]
+    fake = FakeSweep({("trec", "loft"): ld.centre(tasks[1], "loft") + 1})  # trec's best is not the family's
+    ld.tune(fake, tasks, ["loft"])
+    results = tmp_path / "r.jsonl"
+    results.write_text("".join(json.dumps(fake.record(r)) + "\n" for r in fake.asked))
+    sweep = Sweep(results, jobs=2, threads=1, dry=True)
+
+    def final_line(arms):
+        return next(x for x in ld.plan_lines(sweep, tasks, ["loft"], arms) if x.startswith("final:"))
+
+    seeds = len(ld.FINAL_SEEDS)
+    # the plan's arms: default and auto on both tasks, and the grid's own rate on the task where it differs
+    plan = final_line(None)
+    assert plan.startswith(f"final: {5 * seeds} runs ({2 * seeds} of them --lr auto)")
+    assert final_line(list(ld.FINAL_ARMS)) == plan
+    assert final_line(["grid"]).startswith(f"final: {2 * seeds} runs (0 of them")
+    # an exploratory arm brings its own default and grid arms, at its own seeds, and costs its budget
+    cap = final_line(["auto_cap"])
+    assert cap.startswith(f"final: {5 * len(ld.CAP_SEEDS)} runs ({2 * len(ld.CAP_SEEDS)} of them --lr auto)")
+
+    def hours(line):
+        return float(line.rpartition(": ")[2].removesuffix(" h"))
+
+    assert hours(cap) > hours(plan)
+
+
 def test_the_report_gives_defaults_transfer_and_auto_verdicts(fake_splits, monkeypatch):
     monkeypatch.setattr(ld, "N_BOOT", 500)
     tasks = [ld.task_named("movie_sentiment"), ld.task_named("trec")]
