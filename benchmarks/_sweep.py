@@ -200,6 +200,18 @@ def check_identity(identity: dict[str, Any], metrics: dict[str, Any]) -> None:
                              f"{search.get(IDENTITY_ONLY[key])!r}: fix the protocol's run_of")
 
 
+def settings_of(run: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A run's ``FinetuneConfig`` settings and its identity-only ones (:data:`IDENTITY_ONLY`). A
+    searched run's gain and cap are what it names: absent, they are off (the search's rule 2), as
+    they were when the first searched runs ran, whatever ``--lr auto``'s default is now."""
+    settings = dict(run)
+    identity = {k: settings.pop(k) for k in IDENTITY_ONLY if k in settings}
+    if settings.get("lr") == "auto":
+        settings.setdefault("lr_search_min_gain", 0.0)
+        settings.setdefault("lr_search_cap", False)
+    return settings, identity
+
+
 def _one(run_json: str, out: str) -> None:
     """Child process: one finetune run into ``out`` (no progress bars, no checkpoints)."""
     import torch
@@ -207,8 +219,7 @@ def _one(run_json: str, out: str) -> None:
     from loft.app.finetune import FinetuneConfig, finetune
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    settings = json.loads(run_json)
-    identity = {k: settings.pop(k) for k in IDENTITY_ONLY if k in settings}
+    settings, identity = settings_of(json.loads(run_json))
     cfg = FinetuneConfig(**settings, output_dir=str(Path(out) / "run"), save_steps=10**9)
     metrics = finetune(cfg, overwrite=True, progress=False)
     check_identity(identity, metrics)

@@ -19,7 +19,7 @@ from transformers import TrainerCallback
 import loft.app.finetune
 from loft import lr_search
 from loft.app.cli import main
-from loft.app.compare import run_compare
+from loft.app.compare import _how_searched, run_compare
 from loft.app.config import default_lr
 from loft.app.errors import LoftUsageError, RunInterrupted
 from loft.app.finetune import FinetuneConfig, finetune
@@ -141,7 +141,7 @@ def test_the_default_is_kept_unless_the_best_trial_beats_the_majority_answer(ber
     metrics = finetune(config(bert, data, out), progress=False)
     printed = capsys.readouterr().out
     record = json.loads((out / LR_SEARCH_FILE).read_text())
-    assert len(rates) == 5 and record["best_lr"] == high and record["rule"] == lr_search.RULE
+    assert len(rates) == 5 and record["best_lr"] == high and record["rule"] == lr_search.AUTO_RULE
     # the floor: always the most frequent label of the 12 validation examples, plus two standard errors
     labels = [json.loads(line)["label"] for line in lines(data[0])]
     floor = lr_search.Floor.majority([labels[i] for i in record["validation"]["indices"]])
@@ -165,7 +165,7 @@ def test_rule_3_keeps_the_default_unless_another_rate_gains_min_gain(bert, data,
     high = lr_search.lattice(lr_search.lattice_index(default) + 1)
     fake_trials(monkeypatch, lambda lr: high_scores if lr == high else 0.9 if lr == default else 0.6)
     out = tmp_path / "run"
-    metrics = finetune(config(bert, data, out, lr_search_min_gain=0.01), progress=False)
+    metrics = finetune(config(bert, data, out, lr_search_min_gain=0.01, lr_search_cap=False), progress=False)
     printed = capsys.readouterr().out
     record = json.loads((out / LR_SEARCH_FILE).read_text())
     kept = high_scores < 0.91
@@ -175,8 +175,9 @@ def test_rule_3_keeps_the_default_unless_another_rate_gains_min_gain(bert, data,
     assert "must beat the default's trial in the last rung by at least 0.01" in printed  # stated before the search
     assert (f"Learning rate {default:g} (the default) kept: the best trial, {high:g}" in printed) is kept
     # the gain is part of the run's identity: the same folder with another gain is another run
-    assert config(bert, data, out).identity() != config(bert, data, out, lr_search_min_gain=0.01).identity()
-    assert "lr_search_min_gain" not in config(bert, data, out).identity()  # rule 2's runs keep their identity
+    rule2 = dict(lr_search_min_gain=0.0, lr_search_cap=False)
+    assert config(bert, data, out, **rule2).identity() != config(bert, data, out, lr_search_min_gain=0.01).identity()
+    assert "lr_search_min_gain" not in config(bert, data, out, **rule2).identity()  # rule 2's runs keep their identity
 
 
 def test_rule_4_never_chooses_a_rate_at_or_above_a_collapsed_trials(bert, data, tmp_path, monkeypatch, capsys):
@@ -184,18 +185,29 @@ def test_rule_4_never_chooses_a_rate_at_or_above_a_collapsed_trials(bert, data, 
     low, high = (lr_search.lattice(lr_search.lattice_index(default) + d) for d in (-1, 1))
     # the default's trial falls to chance while half of it learns; twice it wins (LoFT's seed 23, movie sentiment)
     fake_trials(monkeypatch, lambda lr: 0.3 if lr == default else 1.0 if lr == high else 0.97)
-    metrics = finetune(config(bert, data, tmp_path / "rule2"), progress=False)
-    assert metrics["lr"] == high and metrics["lr_search"]["cap_lr"] is None
+    rule2 = dict(lr_search_min_gain=0.0, lr_search_cap=False)
+    metrics = finetune(config(bert, data, tmp_path / "rule2", **rule2), progress=False)
+    assert metrics["lr"] == high and metrics["lr_search"]["cap_lr"] is None and metrics["lr_search"]["rule"] == 2
     out = tmp_path / "run"
-    metrics = finetune(config(bert, data, out, lr_search_cap=True), progress=False)
+    metrics = finetune(config(bert, data, out), progress=False)  # --lr auto's rule: 4
     printed = capsys.readouterr().out
     record = json.loads((out / LR_SEARCH_FILE).read_text())
     assert record["rule"] == metrics["lr_search"]["rule"] == 4 and record["cap"] is True
     assert record["cap_lr"] == metrics["lr_search"]["cap_lr"] == default and metrics["lr"] == record["lr"] == low
     assert "No rate is chosen at or above one whose trial falls to the floor" in printed  # stated before the search
     assert f"Learning rate {low:g} chosen" in printed and f"Rates from {default:g} up were not chosen" in printed
-    assert "lr_search_cap" not in config(bert, data, out).identity()  # earlier runs keep their identity
-    assert config(bert, data, out, lr_search_cap=True).identity()["lr_search_cap"] is True
+    assert "lr_search_cap" not in config(bert, data, out, **rule2).identity()  # earlier runs keep their identity
+    assert {k: config(bert, data, out).identity()[k] for k in ("lr_search_cap", "lr_search_min_gain")} == {
+        "lr_search_cap": True, "lr_search_min_gain": lr_search.MIN_GAIN}
+    # a folder of an earlier version's --lr auto run (rule 2: no gain, no cap) is another run, and says why
+    earlier = tmp_path / "earlier"
+    finetune(config(bert, data, earlier, **rule2), progress=False)
+    with pytest.raises(LoftUsageError, match=r"lr_search_min_gain: off \(the --lr auto rule 2 of earlier versions\) "
+                                             r"there, 0.01 now; lr_search_cap: off .* there, True now"):
+        check_output_dir(earlier, config(bert, data, earlier).identity(), overwrite=False, resume=True)
+    # a run at a given rate has no search settings in its identity, whatever they are
+    fixed = config(bert, data, out, lr=1e-3).identity()
+    assert fixed == config(bert, data, out, lr=1e-3, **rule2).identity() and not any("lr_search" in k for k in fixed)
 
 
 class CtrlCInTrial(TrainerCallback):
@@ -323,8 +335,11 @@ def test_compare_lr_auto_searches_each_methods_own_rate(bert, data, tmp_path):
         assert record["default_lr"] == default and record["lrs"] == [lr_search.lattice(lr_search.lattice_index(default) + d)
                                                                      for d in (-1, 0, 1)]
         assert rows[method]["lr"] == record["lr"] and record["method"] == method
-        # the table says how each rate came about: chosen by the search, or the default kept (rule 2's floor)
+        # the table says how each rate came about: chosen by the search, or the default kept (the floor, the gain)
         assert rows[method]["lr_search"] == ("default kept" if record["kept_default"] else "chosen")
+    # a kept default that a collapse capped: the rate below the cap, said as such
+    capped = {"lr_search": {"kept_default": True, "lr": 2e-4, "default_lr": 4e-4, "cap_lr": 4e-4}}
+    assert _how_searched(capped) == "below the cap" and _how_searched({"lr_search": None}) is None
     assert json.loads((out / "compare_config.json").read_text())["lrs"] == {"loft": "auto", "lora": "auto"}
     header = result["markdown"].splitlines()[0]
     assert header.endswith("| lr_search |") and "lr_search" in result["csv"].splitlines()[0]
@@ -427,3 +442,13 @@ def test_find_lr_with_trainer_hands_its_floor_gain_and_cap_to_the_search(tmp_pat
                                cap=True, progress=False)
     assert got == "searched" and seen["cap"] is True and seen["min_gain"] == 0.01
     assert seen["floor"].what.endswith("4 validation examples") and seen["default_lr"] == 2e-4
+    # by default --lr auto's rule (4) as far as the metric and the floor allow; 0 and False: rule 2
+    find_lr_with_trainer(lambda: 1 / 0, args, rows, metric="eval_accuracy", label_key="labels", progress=False)
+    assert (seen["min_gain"], seen["cap"]) == (lr_search.MIN_GAIN, True) and lr_search.AUTO_RULE == 4
+    find_lr_with_trainer(lambda: 1 / 0, args, rows, metric="eval_accuracy", progress=False)  # no floor: no cap
+    assert (seen["min_gain"], seen["cap"], seen["floor"]) == (lr_search.MIN_GAIN, False, None)
+    find_lr_with_trainer(lambda: 1 / 0, args, rows, progress=False)  # ranked by the loss: no gain either
+    assert (seen["min_gain"], seen["cap"]) == (0.0, False)
+    find_lr_with_trainer(lambda: 1 / 0, args, rows, metric="eval_accuracy", label_key="labels", min_gain=0, cap=False,
+                         progress=False)
+    assert (seen["min_gain"], seen["cap"]) == (0, False)

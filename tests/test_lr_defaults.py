@@ -22,6 +22,7 @@ import lr_defaults as ld  # noqa: E402
 from _protocol import Sweep  # noqa: E402
 
 from loft.app import config  # noqa: E402
+from loft.app.config import FinetuneConfig  # noqa: E402
 from loft.app.tasks import make_task  # noqa: E402
 from loft.lr_search import Floor  # noqa: E402
 
@@ -269,6 +270,15 @@ def test_finals_run_default_grid_and_auto_on_test_at_the_final_seeds(fake_splits
     assert [r["run"]["seed"] for r in cap["grid_cap"]] == list(ld.CAP_SEEDS)
     assert len(sweep.asked) == 2 * 3 + 2 * 3 + 3
     assert not any("lr_search_cap" in r["run"] for arm in ("auto_gain", "auto_local") for r in gain.get(arm, []))
+    # each searched run's settings give the rule its identity names, whatever --lr auto's default rule is now
+    for run in [*(r["run"] for arm in ("auto", "auto_x3", "auto_local") for r in arms[arm]),
+                *(r["run"] for r in gain["auto_gain"]), *(r["run"] for r in cap["auto_cap"])]:
+        settings, identity = ld._sweep.settings_of(run)
+        cfg = FinetuneConfig(**settings)
+        search = ld.lr_search.LRSearch(ld.lr_search.plan_search(1e-3, 100, 3.0, 3), [], None,
+                                       cfg.lr_search_min_gain, cfg.lr_search_cap)
+        assert search.rule == identity["lr_search_rule"] and "lr_search_rule" not in settings
+    assert FinetuneConfig(lr="auto").lr_search_cap and ld.lr_search.AUTO_RULE == 4  # the app's own default differs
 
 
 def test_plan_counts_runs_and_time_from_committed_seconds(fake_splits, tmp_path, monkeypatch):

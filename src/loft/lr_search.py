@@ -31,13 +31,16 @@ The search (:func:`plan_search`):
   ``min_gain`` (e.g. 0.01, one point of accuracy); otherwise the search keeps the default. One
   trial of each rate, at one seed, on a validation split of a few hundred examples, cannot tell
   smaller differences from noise, and a higher rate that wins its trial may still be unstable at
-  another seed. Off (0) by default.
+  another seed. Off (0) in :func:`find_lr` unless asked; ``--lr auto`` and
+  :func:`loft.integrations.find_lr_with_trainer` ask for :data:`MIN_GAIN`.
 * **the cap** (optional, ``cap``, rule 4; needs a floor): a trial *collapsed* when it scores at
   or below the floor although a lower rate's trial in the same rung scores above it (a rate too
   high for the run, as opposed to one too low to have learned yet). No rate at or above the
   lowest collapsed rate is chosen: the choice is the best trial below it in the last rung, or in
   the latest rung that has one; where the search keeps the default and the default is itself at
-  or above the cap, it keeps the rate just below the cap instead. Off by default.
+  or above the cap, it keeps the rate just below the cap instead. Off in :func:`find_lr` unless
+  asked; ``--lr auto`` and :func:`loft.integrations.find_lr_with_trainer` ask for it wherever
+  they have a floor. Together with the gain it is rule 4, :data:`AUTO_RULE`.
 
 Finished trials can be handed back (``done``: an :class:`LRSearch`, e.g. from
 :meth:`LRSearch.from_dict` of a saved record) so that an interrupted search continues where it
@@ -55,10 +58,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
+    "AUTO_RULE",
     "CAP_RULE",
     "Floor",
     "GAIN_RULE",
     "LRSearch",
+    "MIN_GAIN",
     "Rung",
     "SearchPlan",
     "SearchTooSmall",
@@ -77,10 +82,18 @@ METHOD = "successive halving over the lattice 1e-4 * 2**k"
 #: was the best trial of the last rung, whatever it scored; rule 2 adds the floor; rule 3 (a search with a
 #: ``min_gain``, :data:`GAIN_RULE`) adds the gain a move away from the default must show; rule 4 (a search
 #: with ``cap``, :data:`CAP_RULE`) adds the cap, with or without the gain. A search's own rule is
-#: :attr:`LRSearch.rule`; this is the rule of a search without ``min_gain`` or ``cap``, ``--lr auto``'s.
+#: :attr:`LRSearch.rule`; this is the rule of a search without ``min_gain`` or ``cap`` (``--lr auto``'s until
+#: rule 4 was adopted).
 RULE = 2
 GAIN_RULE = 3
 CAP_RULE = 4
+#: the rule of ``--lr auto`` and :func:`loft.integrations.find_lr_with_trainer` (where they have a floor): rule 4,
+#: the gain :data:`MIN_GAIN` and the cap. Adopted because its pre-registered test (benchmarks/lr_defaults.py,
+#: arm ``auto_cap``, docs/results.md section 5) met the target on every pair it ran on.
+AUTO_RULE = CAP_RULE
+#: the gain ``--lr auto`` asks of a move from the default (rule 3's ``min_gain``): one point of validation
+#: accuracy, the evidence's own tolerance
+MIN_GAIN = 0.01
 #: the default number of lattice points (1/8 to 8 times the default rate)
 POINTS = 7
 #: the default budget: at most this fraction of the run's steps

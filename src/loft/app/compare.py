@@ -76,11 +76,15 @@ def parse_lrs(text: str | None) -> dict[str, float | str]:
 
 def _how_searched(metrics: dict[str, Any]) -> str | None:
     """The ``lr_search`` cell of a run: ``None`` (its rate was given), ``"chosen"`` (its search
-    chose it) or ``"default kept"`` (no trial beat the search's floor)."""
+    chose it), ``"default kept"`` (no trial beat the search's floor, or another rate's did not beat
+    the default's by the gain: ``kept_because``) or ``"below the cap"`` (kept, and the default was
+    at or above a collapsed trial's rate: the rate just below it)."""
     search = metrics.get("lr_search")
     if not search:
         return None
-    return "default kept" if search.get("kept_default") else "chosen"
+    if not search.get("kept_default"):
+        return "chosen"
+    return "default kept" if search.get("lr") == search.get("default_lr") else "below the cap"
 
 
 def _table(rows: list[dict[str, Any]]) -> tuple[str, str]:

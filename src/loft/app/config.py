@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+from ..lr_search import MIN_GAIN
 from .errors import LoftUsageError
 
 __all__ = [
@@ -118,7 +119,7 @@ DEFAULT_LR_SOURCES: dict[str, dict[str, str]] = {
 }
 #: Classification's defaults (the default task), by method.
 DEFAULT_LR = DEFAULT_LRS["classification"]
-#: ``--lr auto``: search the learning rate (loft/app/lr_search.py) instead of taking the default.
+#: ``--lr auto``: search the learning rate (loft/app/autolr.py) instead of taking the default.
 AUTO_LR = "auto"
 
 
@@ -240,7 +241,9 @@ class FinetuneConfig:
         None, "--lr", cli_type=Optional[str], parse=parse_lr,
         help="Learning rate, or auto: search it (successive halving over 1e-4 * 2**k around the default, on a "
         "validation split carved from the training data, within --lr-search-budget; the default is kept unless the "
-        "best trial beats always giving the most frequent answer). Default per method and task "
+        "best trial beats always giving the most frequent answer and, at another rate, the default's trial by "
+        f"{MIN_GAIN:g}; no rate at or above one whose trial collapsed to that floor is chosen). Default per method "
+        "and task "
         "(classification: " + ", ".join(f"{m} {_sci(v)}" for m, v in DEFAULT_LR.items()) + ").", compare=False
     )
     lr_search_budget: float = option(
@@ -285,8 +288,10 @@ class FinetuneConfig:
     logging_steps: int = 10
     eval_before: bool = True
     lr_search_points: int = 7  # --lr auto: lattice rates searched (7: 1/8 to 8 times the default)
-    lr_search_min_gain: float = 0.0  # --lr auto: rule 3's gain a move from the default must show (0: off)
-    lr_search_cap: bool = False  # --lr auto: rule 4's cap (no rate at or above a collapsed trial's; needs a floor)
+    # --lr auto's rule (loft.lr_search.AUTO_RULE, rule 4): the gain a move from the default must show (0: off) and
+    # the cap (no rate at or above a collapsed trial's; where the data gives a floor). 0 and False: rule 2
+    lr_search_min_gain: float = MIN_GAIN
+    lr_search_cap: bool = True
     lr_trial: bool = False  # a trial of a learning-rate search: no checkpoints, no result files
 
     def check(self, processes: int = 1) -> None:
@@ -364,14 +369,16 @@ class FinetuneConfig:
         d = dataclasses.asdict(self)
         for key in ("output_dir", "save_steps", "logging_steps"):
             d.pop(key)
-        for key in ("load_in_4bit", "load_in_8bit", "lr_trial", "lr_search_cap"):  # absent (False) in earlier runs
+        for key in ("load_in_4bit", "load_in_8bit", "lr_trial"):  # absent (False) in earlier runs
             if not d[key]:
                 d.pop(key)
         if self.lr != AUTO_LR:  # the search's settings matter only to a search
-            d.pop("lr_search_budget")
-            d.pop("lr_search_points")
-        if self.lr != AUTO_LR or not self.lr_search_min_gain:  # absent (0) in runs made before rule 3
-            d.pop("lr_search_min_gain")
+            for key in ("lr_search_budget", "lr_search_points", "lr_search_min_gain", "lr_search_cap"):
+                d.pop(key)
+        else:
+            for key in ("lr_search_min_gain", "lr_search_cap"):  # 0 and False (rule 2): absent, as before rules 3, 4
+                if not d[key]:
+                    d.pop(key)
         return d
 
 

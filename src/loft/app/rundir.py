@@ -333,6 +333,8 @@ def _shown(key: str, value: Any, settings: dict[str, Any]) -> str:
         return f"{DEFAULT_HEAD_LR!r} (the default)"
     if key == "max_steps" and settings.get("epochs") is None:
         return f"{DEFAULT_MAX_STEPS!r} (the default)"
+    if key in ("lr_search_min_gain", "lr_search_cap"):  # absent: off, --lr auto's rule 2 (before rule 4)
+        return "off (the --lr auto rule 2 of earlier versions)"
     return "the default"
 
 

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..lr_search import BUDGET, POINTS, Floor, LRSearch, find_lr, plan_search, split_indices
+from ..lr_search import BUDGET, MIN_GAIN, POINTS, Floor, LRSearch, find_lr, plan_search, split_indices
 
 __all__ = ["find_lr_with_trainer"]
 
@@ -131,8 +131,8 @@ def find_lr_with_trainer(
     record: str | Path | None = None,
     progress: bool = True,
     label_key: str | None = None,
-    min_gain: float = 0.0,
-    cap: bool = False,
+    min_gain: float | None = None,
+    cap: bool | None = None,
     **trainer_kwargs: Any,
 ) -> LRSearch:
     """Search the learning rate of the Trainer run ``args`` describes (:func:`loft.find_lr`).
@@ -155,9 +155,12 @@ def find_lr_with_trainer(
     the validation split's most frequent answer (:class:`loft.lr_search.Floor`); without it every
     search ends with its best trial, at chance or not. ``min_gain`` (0: off): a rate other than
     ``args.learning_rate``'s lattice point is chosen only when its last trial beats that point's by at
-    least this much of ``metric`` (rule 3 of :mod:`loft.lr_search`). ``cap`` (needs ``label_key``):
-    never choose a rate at or above one whose trial fell to the floor while a lower rate's learned
-    (rule 4).
+    least this much of ``metric`` (rule 3 of :mod:`loft.lr_search`); ``None``: ``loft.lr_search.MIN_GAIN``
+    (0.01) with a ``metric``, else 0. ``cap`` (needs ``label_key``): never choose a rate at or above
+    one whose trial fell to the floor while a lower rate's learned (rule 4); ``None``: on with a
+    ``label_key``. So by default the search follows ``loft finetune --lr auto``'s rule
+    (``loft.lr_search.AUTO_RULE``) as far as ``metric`` and ``label_key`` allow; ``min_gain=0,
+    cap=False`` is rule 2.
 
     Returns the :class:`loft.lr_search.LRSearch`: ``.lr`` is the chosen rate (then train the run
     on the whole ``train_dataset`` with ``args.learning_rate = search.lr``), ``.as_dict()`` the record.
@@ -177,6 +180,8 @@ def find_lr_with_trainer(
         raise ValueError("label_key sets a floor for the metric: pass metric (e.g. 'eval_accuracy') too")
     if cap and label_key is None:
         raise ValueError("cap tells a collapsed trial by the floor that label_key sets: pass label_key too")
+    min_gain = (MIN_GAIN if metric is not None else 0.0) if min_gain is None else min_gain
+    cap = label_key is not None if cap is None else cap
     floor = _floor(val_part, label_key) if label_key is not None else None
     run_steps = _run_steps(args, len(train_dataset))
     path = Path(record) if record is not None else None
