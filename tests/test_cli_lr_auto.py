@@ -210,6 +210,16 @@ def test_rule_4_never_chooses_a_rate_at_or_above_a_collapsed_trials(bert, data, 
     assert fixed == config(bert, data, out, lr=1e-3, **rule2).identity() and not any("lr_search" in k for k in fixed)
 
 
+def test_the_gain_and_the_cap_apply_where_the_task_scores_accuracy(bert, data, tmp_path):
+    from loft.app.autolr import _checks
+
+    floor = lr_search.Floor.majority([0, 0, 1])
+    assert _checks(config(bert, data, tmp_path), floor) == {"min_gain": lr_search.MIN_GAIN, "cap": True}
+    assert _checks(config(bert, data, tmp_path), None) == {"min_gain": 0.0, "cap": False}  # ranked by the loss alone
+    rule2 = config(bert, data, tmp_path, lr_search_min_gain=0.0, lr_search_cap=False)
+    assert _checks(rule2, floor) == {"min_gain": 0.0, "cap": False}
+
+
 class CtrlCInTrial(TrainerCallback):
     """Ctrl-C (SIGINT to this process) at the end of step 1."""
 

@@ -213,7 +213,7 @@ def search_lr(cfg: FinetuneConfig, plan: core.SearchPlan, *, out: Path, kind: st
     try:
         search = core.find_lr(train_and_score, default_lr=plan.default_lr, run_steps=plan.run_steps,
                               budget=plan.budget, points=len(plan.indices), done=done, on_trial=keep, floor=floor,
-                              min_gain=cfg.lr_search_min_gain, cap=cfg.lr_search_cap and floor is not None)
+                              **_checks(cfg, floor))
     finally:
         bar.close()
     if main:
@@ -222,20 +222,29 @@ def search_lr(cfg: FinetuneConfig, plan: core.SearchPlan, *, out: Path, kind: st
     return search, summary(search, validation)
 
 
+def _checks(cfg: FinetuneConfig, floor: core.Floor | None) -> dict[str, Any]:
+    """The gain and the cap the search asks for (``find_lr``'s ``min_gain`` and ``cap``): the run's,
+    where the task scores accuracy (it then has a floor: ``Task.eval_answers``); neither where the
+    trials are ranked by their loss alone."""
+    if floor is None:
+        return {"min_gain": 0.0, "cap": False}
+    return {"min_gain": cfg.lr_search_min_gain, "cap": cfg.lr_search_cap}
+
+
 def _announcement(cfg: FinetuneConfig, plan: core.SearchPlan, validation: dict[str, Any],
                   done: core.LRSearch | None, floor: core.Floor | None) -> str:
     """The line printed before the search: what it runs and costs (or that it is already done)."""
+    checks = _checks(cfg, floor)
     if done is not None and done.complete:
-        done = dataclasses.replace(done, floor=floor, min_gain=cfg.lr_search_min_gain,
-                                   cap=cfg.lr_search_cap and floor is not None)
+        done = dataclasses.replace(done, floor=floor, **checks)
         return f"Learning rate {done.lr:g}: the search an earlier attempt of this run finished ({LR_SEARCH_FILE})."
     trusted = ("" if floor is None else
                f" A choice must score above {floor.threshold:.3f} ({floor.what}: {floor.metric:.3f}, plus "
                f"{floor.margin:.3f} of noise), or the default {plan.default_lr:g} is kept.")
-    if cfg.lr_search_min_gain:
+    if checks["min_gain"]:
         trusted += (f" A rate other than the default's must beat the default's trial in the last rung by at least "
-                    f"{cfg.lr_search_min_gain:g}, or the default is kept.")
-    if cfg.lr_search_cap and floor is not None:
+                    f"{checks['min_gain']:g}, or the default is kept.")
+    if checks["cap"]:
         trusted += (" No rate is chosen at or above one whose trial falls to the floor while a lower rate's "
                     "learned (a collapse).")
     return (f"Learning-rate search (--lr auto, {cfg.method}): {plan.describe()}; {plan.trials} evaluations on "
