@@ -379,7 +379,7 @@ def test_default_lr_note_names_only_the_copied_rates(monkeypatch):
 
     sources = {f: dict(s) for f, s in config.DEFAULT_LR_SOURCES.items()}
     sources["instruction"]["loft"] = "measured on two instruction tasks"
-    sources["instruction"]["lora"] = sources["multiple_choice"]["lora"]  # classification's copy, as on a new family
+    sources["instruction"]["lora"] = config._COPY  # classification's copy, as on a new family
     monkeypatch.setattr(config, "DEFAULT_LR_SOURCES", sources)
     assert config.lr_measured("loft", "instruction") and not config.lr_measured("lora", "instruction")
     assert default_lr_note("instruction", ["loft"]) is None
