@@ -202,9 +202,18 @@ def test_rule_4_never_chooses_a_rate_at_or_above_a_collapsed_trials(bert, data, 
     # a folder of an earlier version's --lr auto run (rule 2: no gain, no cap) is another run, and says why
     earlier = tmp_path / "earlier"
     finetune(config(bert, data, earlier, **rule2), progress=False)
-    with pytest.raises(LoftUsageError, match=r"lr_search_min_gain: off \(the --lr auto rule 2 of earlier versions\) "
+    with pytest.raises(LoftUsageError, match=r"lr_search_min_gain: off \(rule 2, the --lr auto of earlier versions\) "
                                              r"there, 0.01 now; lr_search_cap: off .* there, True now"):
         check_output_dir(earlier, config(bert, data, earlier).identity(), overwrite=False, resume=True)
+    # and the other way: a rule-4 run's folder is not continued under rule 2, whose identity leaves both out
+    with pytest.raises(LoftUsageError, match=r"lr_search_min_gain: 0.01 there, off .* now; lr_search_cap: True there"):
+        check_output_dir(out, config(bert, data, out, **rule2).identity(), overwrite=False, resume=True)
+    quantized = tmp_path / "quantized"  # the same for any setting left out where off: a 4-bit run's folder
+    quantized.mkdir()
+    settings = config(bert, data, quantized, lr=1e-3).identity()
+    (quantized / CONFIG_FILE).write_text(json.dumps({"settings": {**settings, "load_in_4bit": True}}))
+    with pytest.raises(LoftUsageError, match=r"load_in_4bit: True there, the default now"):
+        check_output_dir(quantized, settings, overwrite=False, resume=True)
     # a run at a given rate has no search settings in its identity, whatever they are
     fixed = config(bert, data, out, lr=1e-3).identity()
     assert fixed == config(bert, data, out, lr=1e-3, **rule2).identity() and not any("lr_search" in k for k in fixed)

@@ -387,6 +387,11 @@ class FinetuneConfig:
         return d
 
 
+#: identity keys left out where off (False, 0), so that runs made before them keep their identity: a
+#: saved run that has one on and settings that leave it out are different runs
+ABSENT_WHEN_OFF = ("load_in_4bit", "load_in_8bit", "lr_trial", "lr_search_min_gain", "lr_search_cap")
+
+
 def check_output_option(value: str | None, default: str) -> None:
     """Refuse an empty ``--output-dir`` (``-o ''``: it would name the current folder)."""
     if value is not None and not str(value).strip():

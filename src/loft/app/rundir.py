@@ -293,9 +293,13 @@ def _decide(out: Path, identity: dict[str, Any], *, overwrite: bool, resume: boo
     check_writable(out)
     if overwrite:
         return OutputPlan("overwrite", existed=True)
+    from .config import ABSENT_WHEN_OFF
+
     saved = read_run_config(out)["settings"]
-    diffs = [f"{k}: {_shown(k, saved.get(k), saved)} there, {_shown(k, v, identity)} now"
-             for k, v in identity.items() if saved.get(k) != v]
+    # a setting the saved run has on and these settings leave out (off) differs too
+    keys = [*identity, *(k for k in ABSENT_WHEN_OFF if k not in identity and saved.get(k))]
+    diffs = [f"{k}: {_shown(k, saved.get(k), saved)} there, {_shown(k, identity.get(k), identity)} now"
+             for k in keys if saved.get(k) != identity.get(k)]
     if diffs:
         raise LoftUsageError(
             f"Output directory {str(out)!r} already holds a different run ({'; '.join(diffs[:4])}). Nothing was "
@@ -334,7 +338,7 @@ def _shown(key: str, value: Any, settings: dict[str, Any]) -> str:
     if key == "max_steps" and settings.get("epochs") is None:
         return f"{DEFAULT_MAX_STEPS!r} (the default)"
     if key in ("lr_search_min_gain", "lr_search_cap"):  # absent: off, --lr auto's rule 2 (before rule 4)
-        return "off (the --lr auto rule 2 of earlier versions)"
+        return "off (rule 2, the --lr auto of earlier versions)"
     return "the default"
 
 
